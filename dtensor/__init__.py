@@ -1,0 +1,1 @@
+"""A distributed tensor whose public API mirrors ``torch.distributed.tensor`` name for name."""
