@@ -69,10 +69,13 @@ def _worker(rank: int, world_size: int, port: int, conn) -> None:
         LOCAL_RANK=str(rank),
         GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
     )
+    import logging
+
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    logging.getLogger("torch.distributed.tensor").setLevel(logging.ERROR)  # the oracle's advice is noise here
     backend = "gloo"
     if device() == "cuda":
         torch.cuda.set_device(0)

@@ -1,0 +1,51 @@
+"""The checkpoint hooks torch DCP (and shardstore) call to learn what this rank holds.
+
+They only describe: the region of the global tensor this rank has and the tensor to read from or load
+into. Conventions that DCP relies on: an empty shard's offset equals the dim size (so dedup and bounds
+checks hold), the load target is the local tensor itself (loads copy into it), and a rank outside the
+DTensor's mesh contributes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+__all__ = ["create_write_items", "create_chunk_list", "get_tensor_shard"]
+
+
+def _box(dt):
+    if dt._spec.has_partial:
+        raise ValueError(
+            f"cannot checkpoint a DTensor with placements {list(dt._spec.placements)}: a Partial value is a pending "
+            "reduction, not data. Reduce it first, e.g. t.redistribute(placements=[Replicate()] * mesh.ndim)"
+        )
+    return dt._spec.local_box()
+
+
+def create_write_items(dt, fqn: str) -> list[WriteItem]:
+    box = _box(dt)
+    if box is None:
+        return []
+    chunk = ChunkStorageMetadata(offsets=torch.Size(box.offsets), sizes=torch.Size(box.sizes))
+    return [
+        WriteItem(
+            index=MetadataIndex(fqn, chunk.offsets),
+            type=WriteItemType.SHARD,
+            tensor_data=TensorWriteData(
+                chunk=chunk, properties=TensorProperties.create_from_tensor(dt._local_tensor), size=dt._spec.shape
+            ),
+        )
+    ]
+
+
+def create_chunk_list(dt) -> list[ChunkStorageMetadata]:
+    box = _box(dt)
+    if box is None:
+        return []
+    return [ChunkStorageMetadata(offsets=torch.Size(box.offsets), sizes=torch.Size(box.sizes))]
+
+
+def get_tensor_shard(dt, index) -> torch.Tensor:
+    return dt._local_tensor

@@ -1,0 +1,97 @@
+"""The only module of ``dtensor`` that talks to ``torch.distributed``.
+
+Tensor collectives go through ``torch.distributed._functional_collectives`` so torch's ``CommDebugMode``
+counts them and ``torch.compile`` can trace them; they return tensors that wait on first use, which is
+what makes ``redistribute(async_op=True)`` asynchronous. Each collective acts along one mesh dim: the
+group is ``(mesh, mesh_dim)``. Reductions gloo lacks (``avg``) are done as a sum and a division.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+__all__ = [
+    "DeviceMesh",
+    "init_device_mesh",
+    "all_gather",
+    "all_reduce",
+    "reduce_scatter",
+    "all_to_all",
+    "broadcast",
+    "scatter",
+    "gather_shapes",
+    "wait",
+    "is_initialized",
+]
+
+
+# torch renamed all_gather_tensor to all_gather_single; keep working on the older releases we support.
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _divides_avg(op: str) -> tuple[str, bool]:
+    return ("sum", True) if op == "avg" else (op, False)
+
+
+def all_gather(tensor: torch.Tensor, mesh: DeviceMesh, mesh_dim: int, gather_dim: int) -> torch.Tensor:
+    """Concatenate equal-sized pieces from every rank of the mesh dim along ``gather_dim``."""
+    return _all_gather(tensor.contiguous(), gather_dim, (mesh, mesh_dim))
+
+
+def all_reduce(tensor: torch.Tensor, op: str, mesh: DeviceMesh, mesh_dim: int) -> torch.Tensor:
+    """Reduce across the mesh dim; every rank gets the result."""
+    op, divide = _divides_avg(op)
+    out = funcol.all_reduce(tensor.contiguous(), op, (mesh, mesh_dim))
+    return out / mesh.size(mesh_dim) if divide else out
+
+
+def reduce_scatter(tensor: torch.Tensor, op: str, mesh: DeviceMesh, mesh_dim: int, scatter_dim: int) -> torch.Tensor:
+    """Reduce across the mesh dim and leave rank i with the i-th equal piece along ``scatter_dim``."""
+    op, divide = _divides_avg(op)
+    out = funcol.reduce_scatter_tensor(tensor.contiguous(), op, scatter_dim, (mesh, mesh_dim))
+    return out / mesh.size(mesh_dim) if divide else out
+
+
+def all_to_all(tensor: torch.Tensor, mesh: DeviceMesh, mesh_dim: int) -> torch.Tensor:
+    """Send equal slice i of dim 0 to rank i of the mesh dim; receive rank j's slice at position j."""
+    return funcol.all_to_all_single(tensor.contiguous(), None, None, (mesh, mesh_dim))
+
+
+def broadcast(tensor: torch.Tensor, mesh: DeviceMesh, mesh_dim: int, src: int = 0) -> torch.Tensor:
+    """Every rank of the mesh dim gets the tensor of the rank at coordinate ``src`` (in place)."""
+    group = mesh.get_group(mesh_dim)
+    dist.broadcast(tensor, group=group, group_src=src)
+    return tensor
+
+
+def scatter(out: torch.Tensor, pieces: list[torch.Tensor] | None, mesh: DeviceMesh, mesh_dim: int, src: int = 0) -> torch.Tensor:
+    """Rank ``src`` of the mesh dim sends ``pieces[i]`` (equal shapes) to rank i, received into ``out``."""
+    group = mesh.get_group(mesh_dim)
+    if mesh.get_local_rank(mesh_dim) == src:
+        pieces = [p.contiguous() for p in pieces]
+    else:
+        pieces = None
+    dist.scatter(out, pieces, group=group, group_src=src)
+    return out
+
+
+def gather_shapes(shape: torch.Size, mesh: DeviceMesh) -> torch.Tensor:
+    """Every rank's local shape, as an int64 tensor of shape ``mesh.shape + (len(shape),)``."""
+    t = torch.tensor(list(shape), dtype=torch.int64, device=mesh.device_type)
+    for mesh_dim in reversed(range(mesh.ndim)):
+        t = _all_gather(t.unsqueeze(0).contiguous(), 0, (mesh, mesh_dim))
+    return wait(t).cpu()
+
+
+def wait(tensor: torch.Tensor) -> torch.Tensor:
+    """The finished value of a tensor a functional collective returned."""
+    if isinstance(tensor, funcol.AsyncCollectiveTensor):
+        return tensor.wait()
+    return tensor

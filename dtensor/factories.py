@@ -1,0 +1,83 @@
+"""DTensor factories: every rank allocates only its own shard."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from . import random
+from .api import DTensor
+from .placements import Box, Placement
+from .spec import DTensorSpec
+
+__all__ = ["zeros", "ones", "empty", "full", "rand", "randn"]
+
+
+def _size(size: tuple) -> tuple[int, ...]:
+    if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+        return tuple(size[0])
+    return tuple(size)
+
+
+def _make(
+    make_local: Callable[[DTensorSpec, Box], torch.Tensor],
+    size: tuple,
+    device_mesh,
+    placements: Sequence[Placement] | None,
+    dtype: torch.dtype | None,
+    requires_grad: bool,
+) -> DTensor:
+    if device_mesh is None:
+        raise ValueError("DTensor factories need device_mesh=")
+    spec = DTensorSpec.create(device_mesh, placements, _size(size), dtype or torch.get_default_dtype())
+    box = spec.local_box() or Box((0,) * len(spec.shape), (0,) * len(spec.shape))
+    local = make_local(spec, box)
+    return DTensor(local, spec, requires_grad=requires_grad)
+
+
+def _filled(value) -> Callable:
+    def make(spec: DTensorSpec, box: Box) -> torch.Tensor:
+        return torch.full(box.sizes, value, dtype=spec.dtype, device=spec.mesh.device_type)
+
+    return make
+
+
+def zeros(*size, requires_grad=False, dtype=None, layout=torch.strided, device_mesh=None, placements=None) -> DTensor:
+    return _make(_filled(0), size, device_mesh, placements, dtype, requires_grad)
+
+
+def ones(*size, requires_grad=False, dtype=None, layout=torch.strided, device_mesh=None, placements=None) -> DTensor:
+    return _make(_filled(1), size, device_mesh, placements, dtype, requires_grad)
+
+
+def full(size, fill_value, *, requires_grad=False, dtype=None, layout=torch.strided, device_mesh=None, placements=None) -> DTensor:
+    return _make(_filled(fill_value), (size,), device_mesh, placements, dtype, requires_grad)
+
+
+def empty(*size, requires_grad=False, dtype=None, layout=torch.strided, device_mesh=None, placements=None) -> DTensor:
+    def make(spec: DTensorSpec, box: Box) -> torch.Tensor:
+        return torch.empty(box.sizes, dtype=spec.dtype, device=spec.mesh.device_type)
+
+    return _make(make, size, device_mesh, placements, dtype, requires_grad)
+
+
+def _random(draw: Callable) -> Callable:
+    seed = random.draw_seed()
+
+    def make(spec: DTensorSpec, box: Box) -> torch.Tensor:
+        if spec.has_partial:
+            raise ValueError(f"random factories cannot produce Partial placements, got {list(spec.placements)}")
+        return draw(seed, spec.shape, box, spec.dtype, spec.mesh.device_type)
+
+    return make
+
+
+def rand(*size, requires_grad=False, dtype=None, layout=torch.strided, device_mesh=None, placements=None) -> DTensor:
+    """U[0, 1): shards differ, replicas agree, and the full tensor does not depend on the mesh."""
+    return _make(_random(random.uniform), size, device_mesh, placements, dtype, requires_grad)
+
+
+def randn(*size, requires_grad=False, dtype=None, layout=torch.strided, device_mesh=None, placements=None) -> DTensor:
+    """N(0, 1): shards differ, replicas agree, and the full tensor does not depend on the mesh."""
+    return _make(_random(random.normal), size, device_mesh, placements, dtype, requires_grad)
