@@ -188,6 +188,11 @@ def _sum_along_sharded_dims(shapes: dict, spec: DTensorSpec) -> list[int]:
     return shape
 
 
+def _gradient_spec(forward: DTensorSpec) -> DTensorSpec:
+    """Where a gradient goes back to: the forward layout, except that Partial becomes Replicate."""
+    return forward.with_placements([Replicate() if p.is_partial() else p for p in forward.placements])
+
+
 class _FromLocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local: torch.Tensor, spec: DTensorSpec) -> DTensor:
@@ -197,9 +202,11 @@ class _FromLocal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: DTensor):
-        if grad._spec.placements != ctx.spec.placements:
-            grad = _Redistribute.apply(grad, ctx.spec, False)
-        return collectives.wait(grad._local_tensor), None
+        target = _gradient_spec(ctx.spec)
+        local = grad._local_tensor
+        if grad._spec.placements != target.placements:
+            local = redistribute_local(local, grad._spec.mesh, grad._spec.shape, grad._spec.placements, target.placements)
+        return collectives.wait(local), None
 
 
 class _ToLocal(torch.autograd.Function):
@@ -224,7 +231,7 @@ class _Redistribute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: DTensor):
-        back = ctx.source.with_placements([Replicate() if p.is_partial() else p for p in ctx.source.placements])
+        back = _gradient_spec(ctx.source)
         spec = grad._spec
         local = redistribute_local(grad._local_tensor, spec.mesh, spec.shape, spec.placements, back.placements)
         return DTensor(collectives.wait(local), back, requires_grad=False), None, None

@@ -79,6 +79,7 @@ def _worker(rank: int, world_size: int, port: int, conn) -> None:
     backend = "gloo"
     if device() == "cuda":
         torch.cuda.set_device(0)
+        torch.set_default_device("cuda")  # test bodies then build their tensors on the GPU unchanged
         backend = "nccl" if world_size == 1 else "gloo"
     dist.init_process_group(
         backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
