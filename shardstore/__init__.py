@@ -1,1 +1,34 @@
-"""Checkpoints of sharded training state as Zarr v3 arrays through fsspec, resharded on load."""
+"""Checkpoints of sharded training state as Zarr v3 arrays through fsspec, resharded on load.
+
+``save(state_dict, url)`` writes, every rank its own chunks; ``load(state_dict, url)`` fills a state
+dict in place on any mesh; ``open(url)`` reads tensors or slices without a process group.
+"""
+
+from shardstore.api import Checkpoint, LoadResult, SaveResult, load, open, save
+from shardstore.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    MissingChunkError,
+    ShardstoreError,
+    StateDictMismatchError,
+    UnsafeKeyError,
+)
+
+__all__ = [
+    "save",
+    "load",
+    "open",
+    "Checkpoint",
+    "SaveResult",
+    "LoadResult",
+    "ShardstoreError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "IncompleteCheckpointError",
+    "CorruptCheckpointError",
+    "MissingChunkError",
+    "StateDictMismatchError",
+    "UnsafeKeyError",
+]

@@ -1,0 +1,247 @@
+"""``save``, ``load`` and ``open``: the data flow of a checkpoint, top to bottom.
+
+save: flatten the state dict -> each rank plans what it holds -> rank 0 merges (dedup, balance) ->
+      every rank writes its cells -> all agree -> rank 0 writes array and group metadata, then the root
+      ``zarr.json`` last (the commit marker) -> (with overwrite) the staged checkpoint replaces the old.
+load: read the root record -> flatten the target state dict -> plan this rank's reads (validated before
+      any byte moves) -> read and verify the chunks -> copy them in -> all agree.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from dtensor.placements import Box
+from shardstore import format as fmt
+from shardstore.codec import ArrayLayout, choose_inner_chunk_shape
+from shardstore.coordinator import Coordinator
+from shardstore.dtypes import dtype_info_by_name
+from shardstore.errors import CheckpointExistsError, StateDictMismatchError
+from shardstore.execute import layout_of, local_tensor, place, read_runs, write_cells
+from shardstore.flatten import KeyPath, flatten, fqn, is_tensor_like, keypath_from_node, node_path, unflatten
+from shardstore.plan import GlobalSavePlan, LoadRegion, StoredArray, TargetTensor, load_targets, local_save_plan, merge_save_plans, plan_load
+from shardstore.storage import Storage
+
+__all__ = ["save", "load", "open", "Checkpoint", "SaveResult", "LoadResult"]
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What this rank did during a save."""
+
+    url: str
+    bytes_written: int
+    chunks_written: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What this rank did during a load; ``missing``/``unexpected`` are filled only with strict=False."""
+
+    bytes_read: int
+    chunks_read: int
+    elapsed_s: float
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+
+
+def save(
+    state_dict: Mapping[str, Any],
+    url: str,
+    *,
+    storage_options: dict | None = None,
+    process_group=None,
+    overwrite: bool = False,
+    compressor: str | None = None,
+    user_metadata: dict | None = None,
+) -> SaveResult:
+    """Save a (sharded) state dict as a Zarr v3 checkpoint at ``url``; collective over the group."""
+    start = time.perf_counter()
+    coord = Coordinator(process_group)
+    items, skeleton = flatten(state_dict)
+    tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
+    local = coord.agree("planning the save", lambda: local_save_plan(coord.rank, tensors))
+    plans = coord.all_gather(local)
+    plan = coord.decide("merging the save plans", lambda: merge_save_plans(plans, inner_chunks=choose_inner_chunk_shape))
+    target = Storage(url, storage_options)
+    dest_url = coord.decide("choosing where to write", lambda: _destination(target, overwrite))
+    dest = target if dest_url == target.url else Storage(dest_url, storage_options)
+    stats = coord.agree("writing chunks", lambda: write_cells(dest, plan, coord.rank, tensors, compressor))
+    coord.decide("committing", lambda: _commit(dest, target, plan, skeleton, compressor, user_metadata))
+    return SaveResult(url, stats.nbytes, stats.objects, time.perf_counter() - start)
+
+
+def _destination(target: Storage, overwrite: bool) -> str:
+    """Where to write: the target itself when it is empty, else (with overwrite) a staging sibling."""
+    if target.is_empty():
+        return target.url
+    if not overwrite:
+        raise CheckpointExistsError(
+            f"{target.url} already holds data (a checkpoint or an interrupted save); pass overwrite=True "
+            "to replace it (the old checkpoint stays loadable until the new one is complete), or save elsewhere"
+        )
+    return fmt.staging_storage(target).url
+
+
+def _commit(dest: Storage, target: Storage, plan: GlobalSavePlan, skeleton, compressor, user_metadata) -> None:
+    records = {}
+    for array in plan.arrays:
+        layout = layout_of(array, compressor)
+        fmt.write_array(dest, array.node, layout)
+        records[array.node] = fmt.TensorRecord.from_layout(array.node, layout, array.mesh_shape or (), array.placements or ())
+    for group in fmt.group_paths([a.node for a in plan.arrays]):
+        if group:
+            fmt.write_group(dest, group)
+    fmt.write_root(dest, fmt.RootMetadata(skeleton, records, dict(user_metadata or {})))
+    if dest.url != target.url:
+        fmt.commit_staged(dest, target)
+
+
+def load(
+    state_dict: dict,
+    url: str,
+    *,
+    storage_options: dict | None = None,
+    process_group=None,
+    strict: bool = True,
+) -> LoadResult:
+    """Fill ``state_dict`` in place from the checkpoint at ``url``, resharding to its layouts."""
+    start = time.perf_counter()
+    coord = Coordinator(process_group)
+    storage = Storage(url, storage_options)
+    result = coord.agree("loading", lambda: _load_here(state_dict, storage, strict))
+    return LoadResult(*result[:2], time.perf_counter() - start, *result[2:])
+
+
+def _load_here(state_dict: dict, storage: Storage, strict: bool):
+    root = fmt.read_root(storage)
+    items, _ = flatten(state_dict)
+    tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
+    stored, layouts, nodes = _stored_arrays(root)
+    plan = plan_load(load_targets(tensors), stored, strict=strict)
+    pieces = read_runs(storage, plan.runs, layouts, nodes)
+    place(pieces, {k: [local_tensor(k, v)] for k, v in tensors.items()})
+    _replace_plain_values(state_dict, root.tree)
+    nbytes = sum(p.numel() * p.element_size() for _, p in pieces)
+    return nbytes, len(pieces), tuple(fqn(k) for k in plan.missing), tuple(fqn(k) for k in plan.unexpected)
+
+
+def _stored_arrays(root: fmt.RootMetadata):
+    stored, layouts, nodes = {}, {}, {}
+    for node, record in root.tensors.items():
+        key = keypath_from_node(node, root.tree)
+        stored[key] = StoredArray(key, record.shape, _torch_dtype_name(record.dtype), record.chunk_shape, record.inner_chunk_shape)
+        layouts[key] = record.layout
+        nodes[key] = node
+    return stored, layouts, nodes
+
+
+def _torch_dtype_name(zarr_name: str) -> str:
+    return str(dtype_info_by_name(zarr_name).torch_dtype).removeprefix("torch.")
+
+
+def _replace_plain_values(state_dict: dict, tree) -> None:
+    """Plain values (step counters, config) are replaced with the saved ones, container by container."""
+    _merge(state_dict, unflatten(tree, _TensorPlaceholders()))
+
+
+class _TensorPlaceholders(dict):
+    """Stands in for every tensor: plain values are all this walk needs."""
+
+    def __contains__(self, key) -> bool:
+        return True
+
+    def __getitem__(self, key):
+        return _TENSOR
+
+
+_TENSOR = object()
+
+
+def _merge(target, saved) -> None:
+    for k in list(target.keys() if isinstance(target, dict) else range(len(target))):
+        if (k not in saved) if isinstance(target, dict) else (k >= len(saved)):
+            continue
+        value, new = target[k], saved[k]
+        if is_tensor_like(value) or new is _TENSOR:
+            continue
+        if isinstance(value, (dict, list)) and isinstance(new, type(value)) and _holds_tensors(value):
+            _merge(value, new)
+        elif not isinstance(target, tuple):
+            target[k] = new
+
+
+def _holds_tensors(container) -> bool:
+    return bool(flatten({"": container})[0])
+
+
+class Checkpoint:
+    """A read-only view of a complete checkpoint; no process group needed."""
+
+    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        self._storage = Storage(url, storage_options)
+        self._root = fmt.read_root(self._storage)
+        self._stored, self._layouts, self._nodes = _stored_arrays(self._root)
+        self._by_name = {fqn(k): k for k in self._stored}
+
+    @property
+    def url(self) -> str:
+        return self._storage.url
+
+    def keys(self) -> list[str]:
+        """Dotted names of the saved tensors (as in error messages and DCP)."""
+        return list(self._by_name)
+
+    def metadata(self, key: str) -> dict:
+        """Shape, dtype and save-time mesh shape and placements of one tensor."""
+        record = self._root.tensors[self._nodes[self._key(key)]]
+        return {"shape": record.shape, "dtype": record.dtype, "mesh_shape": record.mesh_shape,
+                "placements": record.placements, "chunk_shape": record.chunk_shape}
+
+    @property
+    def user_metadata(self) -> dict:
+        return self._root.user_metadata
+
+    def state_dict_skeleton(self):
+        """The saved state dict with tensors replaced by their dotted names."""
+        return unflatten(self._root.tree, {k: fqn(k) for k in self._stored})
+
+    def read(self, key: str, region: Sequence[slice] | None = None) -> torch.Tensor:
+        """The whole saved tensor, or the part ``region`` (a tuple of slices with step 1) of it."""
+        keypath = self._key(key)
+        array = self._stored[keypath]
+        box = _region_box(array.shape, region, key)
+        out = torch.empty(box.sizes, dtype=self._layouts[keypath].dtype)
+        target = TargetTensor(keypath, array.shape, array.dtype, (LoadRegion(box, 0),))
+        plan = plan_load({keypath: target}, {keypath: array}, strict=False)
+        place(read_runs(self._storage, plan.runs, self._layouts, self._nodes), {keypath: [out]})
+        return out
+
+    def _key(self, key: str) -> KeyPath:
+        if key not in self._by_name:
+            raise KeyError(f"{key!r} is not a tensor of checkpoint {self.url}; it has {self.keys()[:10]}...")
+        return self._by_name[key]
+
+
+def _region_box(shape: tuple[int, ...], region, key: str) -> Box:
+    if region is None:
+        return Box((0,) * len(shape), tuple(shape))
+    region = tuple(region) + (slice(None),) * (len(shape) - len(tuple(region)))
+    offsets, sizes = [], []
+    for s, n in zip(region, shape):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"read({key!r}): region slices must have step 1, got {s}")
+        offsets.append(start)
+        sizes.append(max(0, stop - start))
+    return Box(tuple(offsets), tuple(sizes))
+
+
+def open(url: str, storage_options: dict | None = None) -> Checkpoint:  # noqa: A001 - mirrors zarr.open
+    """Open a complete checkpoint for reading (keys, metadata, whole tensors or slices)."""
+    return Checkpoint(url, storage_options)

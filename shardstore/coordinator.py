@@ -1,0 +1,88 @@
+"""The only module of ``shardstore`` that talks to ``torch.distributed``.
+
+A save or load is a sequence of steps that every rank runs; between steps the ranks agree. ``agree``
+is the heart of it: each rank reports success or its error, and if any rank failed, every rank raises
+the same error naming the failing ranks, so nobody waits forever for a peer that already gave up.
+Without an initialised process group (one process, no ``torch.distributed``), every call is local.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any, Callable, TypeVar
+
+import torch.distributed as dist
+
+from shardstore.errors import ShardstoreError
+
+__all__ = ["Coordinator", "RemoteRankError"]
+
+T = TypeVar("T")
+
+
+class RemoteRankError(ShardstoreError, RuntimeError):
+    """Another rank failed during a collective step; this rank stops too."""
+
+
+class Coordinator:
+    """Collective helpers over one process group (or none)."""
+
+    def __init__(self, process_group=None) -> None:
+        self.active = dist.is_available() and dist.is_initialized()
+        self.group = process_group
+        self.rank = dist.get_rank(process_group) if self.active else 0
+        self.world_size = dist.get_world_size(process_group) if self.active else 1
+
+    def _global(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
+
+    def all_gather(self, obj: Any) -> list:
+        if not self.active:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self._global(0), group=self.group)
+        return box[0]
+
+    def agree(self, step: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` here; raise everywhere if it raised on any rank (the local error itself here)."""
+        try:
+            result, error = fn(), None
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            result, error = None, exc
+        reports = self.all_gather(None if error is None else _describe(error))
+        if error is not None:
+            raise error
+        failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
+        if failed:
+            detail = "\n".join(f"  rank {r}: {msg}" for r, msg in failed)
+            raise RemoteRankError(f"{step} failed on rank(s) {[r for r, _ in failed]}:\n{detail}")
+        return result
+
+    def decide(self, step: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0 only and hand its result (or its error) to every rank."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+                error = exc
+        result, message = self.broadcast((result, None if error is None else _describe(error)))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RemoteRankError(f"{step} failed on rank 0: {message}")
+        return result
+
+
+def _describe(error: BaseException) -> str:
+    last = traceback.extract_tb(error.__traceback__)[-1:] if error.__traceback__ else []
+    where = f" (at {last[0].filename}:{last[0].lineno})" if last else ""
+    return f"{type(error).__name__}: {error}{where}"

@@ -1,0 +1,66 @@
+"""The one exception tree of shardstore.
+
+Every error shardstore raises on purpose is a ``ShardstoreError`` and also the stdlib error that fits,
+so callers can catch either::
+
+    ShardstoreError(Exception)
+    ├── CheckpointNotFoundError(FileNotFoundError)    nothing at all at the checkpoint URL
+    ├── IncompleteCheckpointError(FileNotFoundError)  objects but no root zarr.json: a save was
+    │                                                 interrupted or is still running
+    ├── CorruptCheckpointError(ValueError)            checksum mismatch, truncated object,
+    │   │                                             malformed metadata
+    │   └── MissingChunkError(FileNotFoundError)      an object that should exist does not
+    ├── UnsafeKeyError(ValueError)                    a key that would escape the checkpoint root
+    └── StateDictMismatchError(ValueError)            missing/extra keys, dtype or shape mismatch
+
+Messages say what went wrong, where (key, object URL), what was expected, what arrived, and the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ShardstoreError",
+    "CheckpointNotFoundError",
+    "IncompleteCheckpointError",
+    "CorruptCheckpointError",
+    "MissingChunkError",
+    "UnsafeKeyError",
+    "StateDictMismatchError",
+    "CheckpointExistsError",
+]
+
+
+class ShardstoreError(Exception):
+    """Base of every error shardstore raises on purpose."""
+
+
+class CheckpointNotFoundError(ShardstoreError, FileNotFoundError):
+    """Nothing at all exists at the checkpoint URL."""
+
+
+class IncompleteCheckpointError(ShardstoreError, FileNotFoundError):
+    """Objects exist but the root ``zarr.json`` (the commit marker) does not: the save never finished."""
+
+
+class CorruptCheckpointError(ShardstoreError, ValueError):
+    """Stored bytes or metadata are not what the format promises (checksum, length, JSON fields)."""
+
+
+class MissingChunkError(CorruptCheckpointError, FileNotFoundError):
+    """An object the checkpoint refers to (a shard object, a ``zarr.json``) does not exist.
+
+    Raised by ``Storage`` for any missing key; a ``FileNotFoundError`` too, so generic code that
+    probes for files keeps working.
+    """
+
+
+class UnsafeKeyError(ShardstoreError, ValueError):
+    """A storage key that is empty, absolute, or has ``.``/``..``/empty components, ``\\`` or NUL."""
+
+
+class StateDictMismatchError(ShardstoreError, ValueError):
+    """The state dict to load into does not match the checkpoint (keys, dtypes, shapes)."""
+
+
+class CheckpointExistsError(ShardstoreError, FileExistsError):
+    """A save would replace data at its URL, and ``overwrite=True`` was not given."""

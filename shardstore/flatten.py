@@ -1,0 +1,180 @@
+"""State dict <-> flat tensor items plus a JSON skeleton, and key paths <-> Zarr node names.
+
+A checkpoint stores every tensor as one Zarr array and everything else inline in the root ``zarr.json``.
+``flatten`` walks a nested state dict once and splits it accordingly:
+
+* ``items``: ``{key path: tensor}`` for every tensor leaf (a ``torch.Tensor``, or any object with DCP's
+  checkpoint hooks such as torch's DTensor and ours). A key path is a tuple of ``str`` (dict keys) and
+  ``int`` (list/tuple indices).
+* ``skeleton``: a JSON-serialisable tree that records dicts, lists and tuples, holds plain values
+  (int, float, str, bool, None) inline and refers to tensors by their key path, so ``unflatten`` can
+  rebuild the exact structure around loaded tensors.
+
+Skeleton nodes are one-entry objects: ``{"dict": {key: node}}``, ``{"list": [node]}``,
+``{"tuple": [node]}``, ``{"tensor": [key path]}``, ``{"value": v}`` and, for floats JSON cannot hold,
+``{"float": "nan" | "inf" | "-inf"}``. Mappings come back as plain ``dict`` and tuple subclasses
+(``torch.Size``, named tuples) as plain ``tuple``.
+
+Node names: each key path component is percent-encoded so that no key can name a path outside the
+checkpoint or a name Zarr reserves. See ``node_path``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Union
+
+import torch
+
+__all__ = ["KeyPath", "flatten", "unflatten", "is_tensor_like", "node_path", "keypath_from_node", "fqn"]
+
+KeyPath = tuple[Union[str, int], ...]
+
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_EMPTY = "%"  # a lone '%' never comes out of encoding a non-empty component, so it can stand for ""
+_RESERVED = {".": "%2E", "..": "%2E%2E", "zarr.json": "zarr%2Ejson"}
+_PLAIN = (bool, int, str, type(None))
+
+
+def is_tensor_like(value: Any) -> bool:
+    """True for values saved as arrays: torch tensors and objects with DCP's checkpoint hooks."""
+    return isinstance(value, torch.Tensor) or hasattr(type(value), "__create_write_items__")
+
+
+def flatten(state_dict: Mapping[str, Any]) -> tuple[dict[KeyPath, Any], dict]:
+    """Split a state dict into ``{key path: tensor}`` and a JSON skeleton (see the module docstring)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"a state dict must be a mapping of str keys, got {type(state_dict).__name__}")
+    items: dict[KeyPath, Any] = {}
+    return items, _encode(state_dict, (), items)
+
+
+def _encode(value: Any, path: KeyPath, items: dict[KeyPath, Any]) -> dict:
+    if is_tensor_like(value):
+        items[path] = value
+        return {"tensor": list(path)}
+    if isinstance(value, Mapping):
+        return {"dict": {_dict_key(k, path): _encode(v, path + (k,), items) for k, v in value.items()}}
+    if isinstance(value, (list, tuple)):
+        kind = "list" if isinstance(value, list) else "tuple"
+        return {kind: [_encode(v, path + (i,), items) for i, v in enumerate(value)]}
+    if isinstance(value, float):
+        return {"value": value} if math.isfinite(value) else {"float": repr(value)}
+    if isinstance(value, _PLAIN):
+        return {"value": value}
+    raise TypeError(
+        f"state dict entry {fqn(path)!r} is a {type(value).__name__}; a checkpoint holds tensors, "
+        "int, float, str, bool, None and dicts/lists/tuples of them: convert it (e.g. to a tensor or str) first"
+    )
+
+
+def _dict_key(key: Any, path: KeyPath) -> str:
+    if not isinstance(key, str):
+        raise TypeError(
+            f"state dict key {key!r} under {fqn(path) or '<root>'!r} is a {type(key).__name__}; keys must be str "
+            "(optimizer state keyed by parameter index: convert the keys to str or use parameter names)"
+        )
+    return key
+
+
+def unflatten(skeleton: dict, tensors: Mapping[KeyPath, Any]) -> dict:
+    """Rebuild the state dict that ``flatten`` described, taking each tensor from ``tensors``."""
+    return _decode(skeleton, tensors)
+
+
+def _decode(node: dict, tensors: Mapping[KeyPath, Any]) -> Any:
+    (kind, body), = node.items()
+    if kind == "tensor":
+        key = tuple(body)
+        if key not in tensors:
+            raise KeyError(f"no tensor given for {fqn(key)!r}, which the skeleton refers to")
+        return tensors[key]
+    if kind == "dict":
+        return {k: _decode(v, tensors) for k, v in body.items()}
+    if kind in ("list", "tuple"):
+        seq = [_decode(v, tensors) for v in body]
+        return seq if kind == "list" else tuple(seq)
+    if kind == "float":
+        return float(body)
+    if kind == "value":
+        return body
+    raise ValueError(f"unknown skeleton node kind {kind!r}")
+
+
+def fqn(keypath: KeyPath) -> str:
+    """A dotted display name for messages, like DCP's FQNs.
+
+    ``("model", "layers.0.weight")`` -> ``"model.layers.0.weight"``.
+    """
+    return ".".join(str(c) for c in keypath)
+
+
+def node_path(keypath: KeyPath) -> str:
+    """The Zarr node path of a key path, relative to the checkpoint root: ``"model/layers.0.weight"``.
+
+    Each component is encoded on its own and joined with ``/``: UTF-8 bytes outside ``[A-Za-z0-9._-]``
+    become ``%XX`` (so ``/``, ``\\``, NUL and ``%`` itself can never act as syntax), ``.``/``..``
+    become ``%2E``/``%2E%2E``, a leading ``__`` (reserved by Zarr) becomes ``%5F_``, ``zarr.json``
+    (the metadata object's name) becomes ``zarr%2Ejson``, the empty string becomes ``%``, and list
+    indices are decimal strings. Hence no key can climb out of the checkpoint or collide with Zarr's own
+    names. Not handled: case-insensitive file systems and 255-byte name limits on very long keys.
+    """
+    if not keypath:
+        raise ValueError("an empty key path has no node: the root holds no tensor")
+    return "/".join(_encode_component(c) for c in keypath)
+
+
+def _encode_component(component: str | int) -> str:
+    if isinstance(component, int) and not isinstance(component, bool):
+        return str(component)
+    if not isinstance(component, str):
+        raise TypeError(f"key path components are str or int, got {component!r}")
+    if component == "":
+        return _EMPTY
+    if component in _RESERVED:
+        return _RESERVED[component]
+    out = "".join(ch if ch in _SAFE else "".join(f"%{b:02X}" for b in ch.encode("utf-8")) for ch in component)
+    return "%5F" + out[1:] if out.startswith("__") else out
+
+
+def keypath_from_node(node: str, skeleton: dict | None = None) -> KeyPath:
+    """Invert ``node_path``.
+
+    A node name alone cannot tell list index ``0`` from dict key ``"0"``; given the skeleton, components
+    under lists/tuples come back as ``int``. Without it every component is a ``str``.
+    """
+    parts = node.split("/")
+    out: list[str | int] = []
+    tree = skeleton
+    for part in parts:
+        comp = _decode_component(part, node)
+        kind = next(iter(tree)) if tree is not None else None
+        if kind in ("list", "tuple"):
+            out.append(int(comp))
+            tree = tree[kind][int(comp)]
+        else:
+            out.append(comp)
+            tree = tree["dict"].get(comp) if kind == "dict" else None
+    return tuple(out)
+
+
+def _decode_component(part: str, node: str) -> str:
+    if part == _EMPTY:
+        return ""
+    raw = bytearray()
+    i = 0
+    while i < len(part):
+        if part[i] in _SAFE:
+            raw += part[i].encode()
+            i += 1
+        elif part[i] == "%" and _is_hex(part[i + 1 : i + 3]):
+            raw.append(int(part[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raise ValueError(f"node path {node!r} has {part!r}, which node_path cannot have produced")
+    return raw.decode("utf-8")
+
+
+def _is_hex(s: str) -> bool:
+    return len(s) == 2 and all(c in "0123456789abcdefABCDEF" for c in s)

@@ -1,0 +1,384 @@
+"""The only writer and reader of ``zarr.json``: node metadata, the root record, the commit protocol.
+
+The contract is ``docs/format.md`` (format version 1). Every ``zarr.json`` is produced here as exact
+text (pinned by golden tests) and every one read back is validated here, so a malformed or foreign file
+becomes a ``CorruptCheckpointError`` naming the file instead of a ``KeyError`` deep in a load.
+
+The root ``zarr.json`` is the commit marker: a save writes it last, and a checkpoint without it is
+incomplete. Saving over an existing checkpoint goes through a staging sibling (``commit_staged``).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from shardstore.codec import ZSTD_LEVEL, ArrayLayout
+from shardstore.dtypes import dtype_info, dtype_info_by_name
+from shardstore.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    MissingChunkError,
+)
+from shardstore.storage import Storage
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ZARR_JSON",
+    "RootMetadata",
+    "TensorRecord",
+    "array_json",
+    "chunk_key",
+    "commit_staged",
+    "group_json",
+    "group_paths",
+    "node_key",
+    "parse_array_json",
+    "parse_group_json",
+    "read_array",
+    "read_root",
+    "staging_storage",
+    "write_array",
+    "write_group",
+    "write_root",
+]
+
+FORMAT_NAME = "shardstore"
+FORMAT_VERSION = 1
+ZARR_JSON = "zarr.json"
+_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
+_CRC32C = {"name": "crc32c"}
+_ZSTD = {"name": "zstd", "configuration": {"level": ZSTD_LEVEL, "checksum": False}}
+
+
+def _dumps(node: dict[str, Any], where: str) -> str:
+    try:
+        return json.dumps(node, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{where}: attributes must be plain JSON (str, int, float, bool, None, list, dict "
+                        f"with str keys, no NaN/inf): {exc}") from exc
+
+
+# -- node JSON -----------------------------------------------------------------------------------------
+
+
+def group_json(attributes: dict[str, Any] | None = None) -> str:
+    """Exact ``zarr.json`` text of a group node."""
+    node = {"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}
+    return _dumps(node, "group zarr.json")
+
+
+def _codecs(layout: ArrayLayout) -> list[dict[str, Any]]:
+    inner = [_BYTES] + ([_ZSTD] if layout.compressor == "zstd" else []) + [_CRC32C]
+    config = {
+        "chunk_shape": list(layout.inner_chunk_shape),
+        "codecs": inner,
+        "index_codecs": [_BYTES, _CRC32C],
+        "index_location": "end",
+    }
+    return [{"name": "sharding_indexed", "configuration": config}]
+
+
+def array_json(layout: ArrayLayout, attributes: dict[str, Any] | None = None) -> str:
+    """Exact ``zarr.json`` text of an array node (no ``dimension_names``: tensorstore refuses null)."""
+    info = dtype_info(layout.dtype)
+    node = {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(layout.shape),
+        "data_type": info.zarr_name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(layout.chunk_shape)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": info.fill_value,
+        "codecs": _codecs(layout),
+        "attributes": attributes or {},
+    }
+    return _dumps(node, "array zarr.json")
+
+
+def chunk_key(coords: tuple[int, ...]) -> str:
+    """Key of an outer chunk relative to its array node: ``c/0/1``, ``c`` for a 0-d array."""
+    return "/".join(["c", *(str(int(c)) for c in coords)])
+
+
+def node_key(path: str, name: str = ZARR_JSON) -> str:
+    """Key of ``name`` inside node ``path`` (``""`` is the root)."""
+    return f"{path}/{name}" if path else name
+
+
+def group_paths(array_paths: list[str]) -> list[str]:
+    """Every group that must exist above the given array nodes (root excluded), parents first."""
+    groups = {"/".join(p.split("/")[:i]) for p in array_paths for i in range(1, p.count("/") + 1)}
+    return sorted(groups, key=lambda g: (g.count("/"), g))
+
+
+# -- parsing -------------------------------------------------------------------------------------------
+
+
+def _load(text: bytes | bytearray | str, where: str) -> dict[str, Any]:
+    try:
+        node = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{where}: not valid JSON ({exc}); the file is damaged — load an "
+                                     "earlier checkpoint or re-run the save") from exc
+    if not isinstance(node, dict):
+        raise CorruptCheckpointError(f"{where}: expected a JSON object, got {type(node).__name__}")
+    return node
+
+
+def _get(node: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = node.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CorruptCheckpointError(
+            f"{where}: field {key!r} missing or of the wrong type: expected {kind.__name__}, got {value!r}; "
+            "the file is damaged or was not written by shardstore"
+        )
+    return value
+
+
+def _expect(ok: bool, where: str, what: str, got: Any) -> None:
+    if not ok:
+        raise CorruptCheckpointError(f"{where}: expected {what}, got {got!r}; this array was not written "
+                                     "by shardstore format 1 (or the file is damaged)")
+
+
+def _node(text: bytes | bytearray | str, node_type: str, where: str) -> dict[str, Any]:
+    node = _load(text, where)
+    _expect(node.get("zarr_format") == 3, where, "zarr_format 3", node.get("zarr_format"))
+    _expect(node.get("node_type") == node_type, where, f"node_type {node_type!r}", node.get("node_type"))
+    return node
+
+
+def parse_group_json(text: bytes | bytearray | str, where: str) -> dict[str, Any]:
+    """The attributes of a group ``zarr.json`` read from ``where`` (absent attributes are ``{}``)."""
+    attributes = _node(text, "group", where).get("attributes", {})
+    _expect(isinstance(attributes, dict), where, "attributes as a JSON object", attributes)
+    return attributes
+
+
+def _ints(value: Any, where: str, what: str) -> tuple[int, ...]:
+    ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    _expect(ok, where, f"{what} as a list of integers", value)
+    return tuple(value)
+
+
+def _parse_sharding(codecs: Any, where: str) -> tuple[tuple[int, ...], str | None]:
+    """Inner chunk shape and compressor from the codec list; anything but our one pipeline is refused."""
+    _expect(isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)
+            and codecs[0].get("name") == "sharding_indexed", where, "one sharding_indexed codec", codecs)
+    config = codecs[0].get("configuration") or {}
+    inner = config.get("codecs")
+    compressor = "zstd" if inner and len(inner) == 3 and isinstance(inner[1], dict) and inner[1].get("name") == "zstd" else None
+    expected = [_BYTES, _CRC32C] if compressor is None else [_BYTES, inner[1], _CRC32C]
+    _expect(inner == expected, where, "inner codecs bytes(little), [zstd], crc32c", inner)
+    _expect(config.get("index_codecs") == [_BYTES, _CRC32C], where, "index codecs bytes(little), crc32c",
+            config.get("index_codecs"))
+    _expect(config.get("index_location", "end") == "end", where, "index_location 'end'", config.get("index_location"))
+    return _ints(config.get("chunk_shape"), where, "inner chunk_shape"), compressor
+
+
+def parse_array_json(text: bytes | bytearray | str, where: str) -> ArrayLayout:
+    """The ``ArrayLayout`` of an array ``zarr.json`` read from ``where``, validated."""
+    node = _node(text, "array", where)
+    info = dtype_info_by_name(node.get("data_type"), where)
+    grid = _get(node, "chunk_grid", dict, where)
+    _expect(grid.get("name") == "regular", where, "a regular chunk grid", grid)
+    keys = _get(node, "chunk_key_encoding", dict, where)
+    _expect(keys.get("name") == "default" and (keys.get("configuration") or {}).get("separator") == "/",
+            where, "chunk_key_encoding default with '/'", keys)
+    _expect(node.get("fill_value") == info.fill_value, where, f"fill_value {info.fill_value!r}", node.get("fill_value"))
+    inner, compressor = _parse_sharding(node.get("codecs"), where)
+    try:
+        return ArrayLayout(
+            shape=_ints(node.get("shape"), where, "shape"),
+            dtype=info.torch_dtype,
+            chunk_shape=_ints((grid.get("configuration") or {}).get("chunk_shape"), where, "chunk_shape"),
+            inner_chunk_shape=inner,
+            compressor=compressor,
+        )
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{where}: inconsistent array metadata: {exc}") from exc
+
+
+# -- nodes in storage ----------------------------------------------------------------------------------
+
+
+def write_group(storage: Storage, path: str, attributes: dict[str, Any] | None = None) -> None:
+    storage.write(node_key(path), group_json(attributes).encode())
+
+
+def write_array(storage: Storage, path: str, layout: ArrayLayout) -> None:
+    storage.write(node_key(path), array_json(layout).encode())
+
+
+def read_array(storage: Storage, path: str) -> ArrayLayout:
+    key = node_key(path)
+    return parse_array_json(storage.read(key), storage.key_url(key))
+
+
+# -- the root record -----------------------------------------------------------------------------------
+
+
+def _shardstore_version() -> str:
+    try:
+        return metadata.version("shardstore")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """What the root record says about one saved tensor: where its array is and how it was sharded."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunk_shape: tuple[int, ...]
+    inner_chunk_shape: tuple[int, ...]
+    compressor: str | None
+    mesh_shape: tuple[int, ...]
+    placements: tuple[str, ...]
+
+    @classmethod
+    def from_layout(cls, path: str, layout: ArrayLayout, mesh_shape: tuple[int, ...] = (),
+                    placements: tuple[str, ...] = ()) -> "TensorRecord":
+        return cls(path, layout.shape, dtype_info(layout.dtype).zarr_name, layout.chunk_shape,
+                   layout.inner_chunk_shape, layout.compressor, tuple(mesh_shape), tuple(placements))
+
+    @property
+    def layout(self) -> ArrayLayout:
+        info = dtype_info_by_name(self.dtype, f"tensor at {self.path!r}")
+        return ArrayLayout(self.shape, info.torch_dtype, self.chunk_shape, self.inner_chunk_shape, self.compressor)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, entry: Any, where: str) -> "TensorRecord":
+        _expect(isinstance(entry, dict), where, "a tensor entry object", entry)
+        try:
+            record = cls(
+                path=_get(entry, "path", str, where),
+                shape=_ints(entry.get("shape"), where, "shape"),
+                dtype=_get(entry, "dtype", str, where),
+                chunk_shape=_ints(entry.get("chunk_shape"), where, "chunk_shape"),
+                inner_chunk_shape=_ints(entry.get("inner_chunk_shape"), where, "inner_chunk_shape"),
+                compressor=entry.get("compressor"),
+                mesh_shape=_ints(entry.get("mesh_shape"), where, "mesh_shape"),
+                placements=tuple(_get(entry, "placements", list, where)),
+            )
+            _ = record.layout  # validates dtype, ranks, divisibility, compressor
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"{where}: inconsistent tensor entry: {exc}") from exc
+        return record
+
+
+@dataclass(frozen=True)
+class RootMetadata:
+    """The ``shardstore`` block of the root ``zarr.json``: the checkpoint's table of contents."""
+
+    tree: Any
+    tensors: dict[str, TensorRecord]
+    user_metadata: dict[str, Any] = field(default_factory=dict)
+    torch_version: str = torch.__version__
+    shardstore_version: str = field(default_factory=_shardstore_version)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "tree": self.tree,
+            "tensors": {k: t.to_json() for k, t in self.tensors.items()},
+            "torch_version": self.torch_version,
+            "shardstore_version": self.shardstore_version,
+            "user_metadata": self.user_metadata,
+        }
+
+    @classmethod
+    def from_json(cls, block: Any, where: str) -> "RootMetadata":
+        _expect(isinstance(block, dict) and block.get("format") == FORMAT_NAME, where,
+                "attributes.shardstore.format 'shardstore' (a shardstore checkpoint)", block)
+        version = block.get("version")
+        if version != FORMAT_VERSION:
+            raise CorruptCheckpointError(
+                f"{where}: format version {version!r}, this shardstore reads version {FORMAT_VERSION}; "
+                "upgrade shardstore to load checkpoints written by a newer one"
+            )
+        tensors = _get(block, "tensors", dict, where)
+        return cls(
+            tree=block.get("tree"),
+            tensors={k: TensorRecord.from_json(v, f"{where} tensor {k!r}") for k, v in tensors.items()},
+            user_metadata=_get(block, "user_metadata", dict, where),
+            torch_version=_get(block, "torch_version", str, where),
+            shardstore_version=_get(block, "shardstore_version", str, where),
+        )
+
+
+def write_root(storage: Storage, root: RootMetadata) -> None:
+    """Write the root ``zarr.json``: the commit marker, so call it after every other object is written."""
+    storage.write(ZARR_JSON, group_json({FORMAT_NAME: root.to_json()}).encode())
+
+
+def read_root(storage: Storage) -> RootMetadata:
+    """Read and validate the root record; tells a missing checkpoint from an interrupted save."""
+    try:
+        text = storage.read(ZARR_JSON)
+    except MissingChunkError:
+        if storage.is_empty():
+            raise CheckpointNotFoundError(
+                f"no checkpoint at {storage.url}: nothing is stored there; check the URL (and "
+                "storage_options) or save a checkpoint first"
+            ) from None
+        raise IncompleteCheckpointError(
+            f"checkpoint {storage.url} has no root zarr.json: it is incomplete (a save was interrupted "
+            "or is still running); load an earlier checkpoint or re-run the save"
+        ) from None
+    where = storage.key_url(ZARR_JSON)
+    attributes = parse_group_json(text, where)
+    return RootMetadata.from_json(attributes.get(FORMAT_NAME), where)
+
+
+# -- commit protocol -----------------------------------------------------------------------------------
+
+
+def staging_storage(target: Storage) -> Storage:
+    """A fresh sibling ``<url>.staging-<id>`` to save into when ``target`` may hold a checkpoint."""
+    return target.sibling(f".staging-{uuid.uuid4().hex[:12]}")
+
+
+def commit_staged(staging: Storage, target: Storage) -> None:
+    """Make the complete checkpoint in ``staging`` the one at ``target``, replacing any old one.
+
+    At every instant a complete checkpoint exists somewhere: local filesystems rename the old tree
+    aside, rename staging in (atomic), then delete the old tree. Object stores cannot rename: the old
+    root marker is deleted, then the old objects, then staging is copied in (root marker last) and
+    deleted; until the copy ends, ``target`` reads as incomplete while ``staging`` stays loadable.
+    """
+    if not staging.exists(ZARR_JSON):
+        raise IncompleteCheckpointError(f"cannot commit {staging.url}: it has no root zarr.json (the save "
+                                        "into it did not finish); re-run the save")
+    if target.is_local:
+        old = None if target.is_empty() else target.sibling(f".old-{uuid.uuid4().hex[:12]}")
+        if old is not None:
+            target.rename_to(old)
+        staging.rename_to(target)
+        if old is not None:
+            old.delete_prefix()
+        return
+    _delete_checkpoint(target)
+    for key in [k for k in staging.list() if k != ZARR_JSON] + [ZARR_JSON]:
+        staging.copy_to(key, target)
+    _delete_checkpoint(staging)
+
+
+def _delete_checkpoint(storage: Storage) -> None:
+    """Delete the commit marker first, so a half-deleted checkpoint reads as incomplete, never as valid."""
+    storage.delete(ZARR_JSON)
+    storage.delete_prefix()

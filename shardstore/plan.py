@@ -1,0 +1,435 @@
+"""Save and load plans: which rank writes which chunk, which bytes each rank reads. Pure data, no I/O.
+
+Save, in three steps (the way DCP does it, but over a Zarr chunk grid):
+
+1. every rank describes what it holds: ``local_save_plan(rank, items) -> LocalSavePlan``;
+2. one rank merges them: ``merge_save_plans(plans) -> GlobalSavePlan`` checks that ranks agree on
+   every tensor, picks each array's chunk grid (``grid.choose_chunk_shape``), writes each cell once
+   however many ranks hold it (dedup), and spreads replicated cells over their holders (balance);
+3. every rank executes its own ``WriteTask``\\ s (elsewhere).
+
+Load: ``load_targets(items)`` describes the regions this rank must fill, and
+``plan_load(targets, stored)`` checks them against the checkpoint (before any byte is read) and
+projects each region onto cells and inner chunks, so a rank reads only the inner chunks it needs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dtensor.placements import Box
+from shardstore.errors import StateDictMismatchError
+from shardstore.flatten import KeyPath, fqn, node_path
+from shardstore.grid import cell_box, cells_in_box, cells_overlapping, choose_chunk_shape, grid_shape, linear_index
+
+__all__ = [
+    "HeldTensor", "LocalSavePlan", "ArrayPlan", "WriteTask", "GlobalSavePlan", "local_save_plan", "merge_save_plans",
+    "LoadRegion", "TargetTensor", "StoredArray", "ReadTask", "ReadRun", "LoadPlan", "load_targets", "plan_load",
+    "dtype_name", "DEFAULT_MAX_CELL_BYTES",
+]
+
+Coords = tuple[int, ...]
+InnerChunks = Callable[[tuple[int, ...], int], Sequence[int]]
+
+DEFAULT_MAX_CELL_BYTES = 256 * 2**20
+"""Cells of tensors nobody shards are split (along uncut dims) to at most this size, so a big replicated
+tensor is written by several ranks instead of one; sharded dims are never split further."""
+
+
+# ----------------------------------------------------------------------------------------------- save
+
+
+@dataclass(frozen=True)
+class HeldTensor:
+    """What one rank holds of one tensor: its global shape and dtype and the boxes it has locally."""
+
+    key: KeyPath
+    shape: tuple[int, ...]
+    dtype: str
+    itemsize: int
+    boxes: tuple[Box, ...]
+    mesh_shape: tuple[int, ...] | None = None
+    placements: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class LocalSavePlan:
+    rank: int
+    tensors: tuple[HeldTensor, ...]
+
+
+@dataclass(frozen=True)
+class ArrayPlan:
+    """Everything the metadata of one saved array needs."""
+
+    key: KeyPath
+    node: str
+    shape: tuple[int, ...]
+    dtype: str
+    itemsize: int
+    chunk_shape: tuple[int, ...]
+    inner_chunk_shape: tuple[int, ...]
+    mesh_shape: tuple[int, ...] | None
+    placements: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class WriteTask:
+    """Write cell ``cell`` of array ``key``: the data is ``cell_box``, sliced out of the local piece
+    that holds ``source_box`` (``cell_box.relative_to(source_box)``)."""
+
+    key: KeyPath
+    cell: Coords
+    cell_box: Box
+    source_box: Box
+
+
+@dataclass(frozen=True)
+class GlobalSavePlan:
+    """Every array of the checkpoint and, per rank (by index), the cells that rank writes."""
+
+    arrays: tuple[ArrayPlan, ...]
+    writes: tuple[tuple[WriteTask, ...], ...]
+
+    def bytes_per_rank(self) -> list[int]:
+        itemsize = {a.key: a.itemsize for a in self.arrays}
+        return [sum(t.cell_box.numel * itemsize[t.key] for t in tasks) for tasks in self.writes]
+
+
+def dtype_name(dtype: Any) -> str:
+    """torch's name for a dtype without the module: ``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def local_save_plan(rank: int, items: Mapping[KeyPath, Any]) -> LocalSavePlan:
+    """Describe what this rank holds of every tensor in ``items`` (from ``flatten``)."""
+    return LocalSavePlan(rank, tuple(_held_tensor(key, value) for key, value in items.items()))
+
+
+def _held_tensor(key: KeyPath, value: Any) -> HeldTensor:
+    mesh_shape, placements = _layout(key, value)
+    if not hasattr(type(value), "__create_write_items__"):
+        box = Box((0,) * value.dim(), tuple(value.shape))  # a plain tensor: every rank holds all of it
+        return HeldTensor(key, box.sizes, dtype_name(value.dtype), value.dtype.itemsize, (box,))
+    items = value.__create_write_items__(fqn(key), value)
+    if any(item.tensor_data is None for item in items):
+        raise TypeError(f"{fqn(key)!r}: its checkpoint hooks returned a non-tensor write item; only tensors are saved")
+    data = [item.tensor_data for item in items]  # none: e.g. this rank is outside the DTensor's sub-mesh
+    shape = tuple(data[0].size) if data else tuple(value.shape)
+    dtype = data[0].properties.dtype if data else value.dtype
+    boxes = tuple(b for b in (Box(tuple(d.chunk.offsets), tuple(d.chunk.sizes)) for d in data) if b.numel)
+    return HeldTensor(key, shape, dtype_name(dtype), dtype.itemsize, boxes, mesh_shape, placements)
+
+
+def _layout(key: KeyPath, value: Any) -> tuple[tuple[int, ...] | None, tuple[str, ...] | None]:
+    """Mesh shape and placement strings of a DTensor-like value; refuses Partial placements."""
+    placements = getattr(value, "placements", None)
+    mesh = getattr(value, "device_mesh", None)
+    if placements is None or mesh is None:
+        return None, None
+    if any(p.is_partial() for p in placements):
+        raise ValueError(
+            f"{fqn(key)!r} has Partial placements {tuple(str(p) for p in placements)}: its value is a pending "
+            "reduction, not data; redistribute it to Replicate/Shard (or call full_tensor()) before saving"
+        )
+    return tuple(mesh.shape), tuple(str(p) for p in placements)
+
+
+def merge_save_plans(
+    local_plans: Sequence[LocalSavePlan],
+    *,
+    inner_chunks: InnerChunks | None = None,
+    max_cell_bytes: int | None = DEFAULT_MAX_CELL_BYTES,
+) -> GlobalSavePlan:
+    """Merge every rank's ``LocalSavePlan`` into one plan (run on one rank, broadcast to all).
+
+    ``inner_chunks(chunk_shape, itemsize)`` picks the inner chunk shape of each cell (for the sharding
+    codec; it must divide the chunk shape); without it a cell is one inner chunk. Each cell is written by
+    exactly one of the ranks holding it: cells with one holder go to it, then the rest, largest first, to
+    the holder with the fewest bytes so far (greedy LPT: max load <= mean + one cell when replicas allow).
+    """
+    world = _check_ranks(local_plans)
+    held = _group_by_key(local_plans, world)
+    arrays = tuple(_array_plan(key, hs, inner_chunks, max_cell_bytes) for key, hs in held.items())
+    cells = [cell for array in arrays for cell in _cells_with_holders(array, held[array.key])]
+    return GlobalSavePlan(arrays, _balance(cells, world))
+
+
+def _check_ranks(local_plans: Sequence[LocalSavePlan]) -> int:
+    ranks = [p.rank for p in local_plans]
+    if ranks != list(range(len(ranks))) or not ranks:
+        raise ValueError(f"merge_save_plans needs one plan per rank, in rank order 0..n-1; got ranks {ranks}")
+    return len(ranks)
+
+
+def _group_by_key(local_plans: Sequence[LocalSavePlan], world: int) -> dict[KeyPath, list[HeldTensor]]:
+    held: dict[KeyPath, list[HeldTensor]] = {}
+    for plan in local_plans:
+        for tensor in plan.tensors:
+            held.setdefault(tensor.key, []).append(tensor)
+    for key, hs in held.items():
+        if len(hs) != world:
+            lacking = sorted(set(range(world)) - {p.rank for p in local_plans if any(t.key == key for t in p.tensors)})
+            raise StateDictMismatchError(
+                f"tensor {fqn(key)!r} is in the state dict of some ranks but not of ranks {lacking}: every rank "
+                "must pass the same keys (a rank that holds nothing of a tensor still lists it)"
+            )
+    return held
+
+
+def _array_plan(
+    key: KeyPath, held: list[HeldTensor], inner_chunks: InnerChunks | None, max_cell_bytes: int | None
+) -> ArrayPlan:
+    first = held[0]
+    for rank, h in enumerate(held):
+        if (h.shape, h.dtype) != (first.shape, first.dtype):
+            raise StateDictMismatchError(
+                f"ranks disagree on tensor {fqn(key)!r}: rank 0 has shape {first.shape} dtype {first.dtype}, "
+                f"rank {rank} has shape {h.shape} dtype {h.dtype}; every rank must save the same global tensor"
+            )
+    layouts = {(h.mesh_shape, h.placements) for h in held if h.mesh_shape is not None}
+    if len(layouts) > 1:
+        raise StateDictMismatchError(f"ranks disagree on the mesh/placements of {fqn(key)!r}: {sorted(layouts)}")
+    mesh_shape, placements = layouts.pop() if layouts else (None, None)
+    boxes = [b for h in held for b in h.boxes]
+    chunks = choose_chunk_shape(first.shape, boxes, itemsize=first.itemsize, max_cell_bytes=max_cell_bytes)
+    inner = _inner_chunk_shape(key, chunks, first.itemsize, inner_chunks)
+    return ArrayPlan(
+        key, node_path(key), first.shape, first.dtype, first.itemsize, chunks, inner, mesh_shape, placements
+    )
+
+
+def _inner_chunk_shape(
+    key: KeyPath, chunks: tuple[int, ...], itemsize: int, inner_chunks: InnerChunks | None
+) -> tuple[int, ...]:
+    inner = tuple(inner_chunks(chunks, itemsize)) if inner_chunks else chunks
+    if len(inner) != len(chunks) or any(i < 1 or c % i for i, c in zip(inner, chunks)):
+        raise ValueError(f"inner chunk shape {inner} for {fqn(key)!r} does not evenly divide its chunk shape {chunks}")
+    return inner
+
+
+@dataclass(frozen=True)
+class _Cell:
+    key: KeyPath
+    coords: Coords
+    box: Box
+    nbytes: int
+    holders: tuple[tuple[int, Box], ...]  # (rank, the box of that rank the cell lies in)
+
+
+def _cells_with_holders(array: ArrayPlan, held: list[HeldTensor]) -> list[_Cell]:
+    holders: dict[Coords, list[tuple[int, Box]]] = {}
+    for rank, h in enumerate(held):
+        for box in h.boxes:
+            for coords in cells_in_box(array.chunk_shape, array.shape, box):
+                holders.setdefault(coords, []).append((rank, box))
+    if len(holders) != math.prod(grid_shape(array.chunk_shape, array.shape)):
+        raise StateDictMismatchError(
+            f"the ranks' shards of {fqn(array.key)!r} (shape {array.shape}) do not cover it: "
+            f"{_first_uncovered(array, holders)} is held by no rank; check its placements and local shapes"
+        )
+    cells = []
+    for coords, hs in sorted(holders.items()):
+        box = cell_box(array.chunk_shape, array.shape, coords)
+        cells.append(_Cell(array.key, coords, box, box.numel * array.itemsize, tuple(hs)))
+    return cells
+
+
+def _first_uncovered(array: ArrayPlan, holders: Mapping[Coords, Any]) -> Box:
+    everything = Box((0,) * len(array.shape), array.shape)
+    coords = next(c for c in cells_overlapping(array.chunk_shape, array.shape, everything) if c not in holders)
+    return cell_box(array.chunk_shape, array.shape, coords)
+
+
+def _balance(cells: list[_Cell], world: int) -> tuple[tuple[WriteTask, ...], ...]:
+    load = [0] * world
+    writes: list[list[tuple[int, WriteTask]]] = [[] for _ in range(world)]  # (cell position, task)
+    order = sorted(range(len(cells)), key=lambda i: (len(cells[i].holders) > 1, -cells[i].nbytes, i))
+    for i in order:
+        cell = cells[i]
+        rank, source = min(cell.holders, key=lambda h: (load[h[0]], h[0]))
+        load[rank] += cell.nbytes
+        writes[rank].append((i, WriteTask(cell.key, cell.coords, cell.box, source)))
+    return tuple(tuple(task for _, task in sorted(w, key=lambda pair: pair[0])) for w in writes)
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+
+@dataclass(frozen=True)
+class LoadRegion:
+    """A region of a tensor to fill; ``dest`` says which local piece receives it (its position in the
+    object's ``__create_chunk_list__``, 0 for a plain tensor)."""
+
+    box: Box
+    dest: int
+
+
+@dataclass(frozen=True)
+class TargetTensor:
+    key: KeyPath
+    shape: tuple[int, ...]
+    dtype: str
+    regions: tuple[LoadRegion, ...]
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """What the checkpoint metadata says about one saved array."""
+
+    key: KeyPath
+    shape: tuple[int, ...]
+    dtype: str
+    chunk_shape: tuple[int, ...]
+    inner_chunk_shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:  # metadata read from JSON arrives as lists
+        for name in ("key", "shape", "chunk_shape", "inner_chunk_shape"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """Copy ``overlap`` out of inner chunk ``inner`` (``inner_index`` in the shard index, row-major) of
+    cell ``cell`` into region ``dest_box`` of destination ``dest``. ``inner_box`` is the inner chunk's
+    region, clipped to the array; the decoded inner chunk starts at ``inner_box.offsets``, so the source
+    is ``overlap.relative_to(inner_box)`` and the destination ``overlap.relative_to(dest_box)``."""
+
+    key: KeyPath
+    cell: Coords
+    inner: Coords
+    inner_index: int
+    inner_box: Box
+    overlap: Box
+    dest: int
+    dest_box: Box
+
+
+@dataclass(frozen=True)
+class ReadRun:
+    """Inner chunks ``start..stop-1`` (consecutive in the shard index) of one object, each needed.
+
+    Our writer lays inner chunks out in index order, so a run is one ranged read; the executor must still
+    check the offsets from the shard index (another writer may order them differently, or omit empty
+    ones) and fall back to one read per inner chunk. An inner chunk feeding several regions appears in
+    several tasks but is read once."""
+
+    key: KeyPath
+    cell: Coords
+    start: int
+    stop: int
+    tasks: tuple[ReadTask, ...]
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    runs: tuple[ReadRun, ...]
+    missing: tuple[KeyPath, ...]  # in the state dict, not in the checkpoint (only when strict=False)
+    unexpected: tuple[KeyPath, ...]  # in the checkpoint, not in the state dict (only when strict=False)
+
+
+def load_targets(items: Mapping[KeyPath, Any]) -> dict[KeyPath, TargetTensor]:
+    """Describe the regions this rank must fill, from its flattened state dict's tensors."""
+    return {key: _target(key, value) for key, value in items.items()}
+
+
+def _target(key: KeyPath, value: Any) -> TargetTensor:
+    _layout(key, value)  # refuses Partial placements
+    if hasattr(type(value), "__create_chunk_list__"):
+        chunks = value.__create_chunk_list__()
+        regions = tuple(LoadRegion(Box(tuple(c.offsets), tuple(c.sizes)), i) for i, c in enumerate(chunks))
+    else:
+        regions = (LoadRegion(Box((0,) * value.dim(), tuple(value.shape)), 0),)
+    return TargetTensor(key, tuple(value.shape), dtype_name(value.dtype), regions)
+
+
+def plan_load(
+    targets: Mapping[KeyPath, TargetTensor], stored: Mapping[KeyPath, StoredArray], *, strict: bool = True
+) -> LoadPlan:
+    """Which inner chunks this rank reads and where each part goes.
+
+    Raises ``StateDictMismatchError`` listing every problem when a shape or dtype differs, or (with
+    ``strict``) when a key is missing on either side; with ``strict=False`` those keys are skipped and
+    returned in the plan.
+    """
+    missing = tuple(k for k in targets if k not in stored)
+    unexpected = tuple(k for k in stored if k not in targets)
+    _check_match(targets, stored, missing, unexpected, strict)
+    tasks = [t for key, target in targets.items() if key in stored for t in _read_tasks(target, stored[key])]
+    return LoadPlan(_coalesce(tasks), missing, unexpected)
+
+
+def _check_match(
+    targets: Mapping[KeyPath, TargetTensor],
+    stored: Mapping[KeyPath, StoredArray],
+    missing: tuple[KeyPath, ...],
+    unexpected: tuple[KeyPath, ...],
+    strict: bool,
+) -> None:
+    problems = []
+    if strict and missing:
+        problems.append(f"missing from the checkpoint: {', '.join(fqn(k) for k in missing)}")
+    if strict and unexpected:
+        problems.append(f"in the checkpoint but not in the state dict: {', '.join(fqn(k) for k in unexpected)}")
+    for key in [k for k in targets if k in stored]:
+        for what in ("shape", "dtype"):
+            want, found = getattr(targets[key], what), getattr(stored[key], what)
+            if want != found:
+                problems.append(f"{fqn(key)}: {what} {want} in the state dict, {found} in the checkpoint")
+    if problems:
+        raise StateDictMismatchError(
+            "the state dict does not match the checkpoint:\n  " + "\n  ".join(problems)
+            + "\nload into a state dict built like the saved one (shapes and dtypes must match exactly); "
+            "pass strict=False to skip missing or unexpected keys"
+        )
+
+
+def _read_tasks(target: TargetTensor, array: StoredArray) -> list[ReadTask]:
+    tasks = []
+    inner_shape = array.inner_chunk_shape
+    counts = tuple(c // i for c, i in zip(array.chunk_shape, inner_shape))
+    for region in target.regions:
+        for cell in cells_overlapping(array.chunk_shape, array.shape, region.box):
+            cbox = cell_box(array.chunk_shape, array.shape, cell)
+            part = cbox.intersect(region.box)
+            per_dim = [_spans(*dim) for dim in zip(inner_shape, cbox.offsets, cbox.sizes, part.offsets, part.sizes)]
+            for combo in itertools.product(*per_dim):
+                inner, starts, sizes, lows, extents = tuple(zip(*combo)) or ((),) * 5
+                ibox, overlap = Box(starts, sizes), Box(lows, extents)
+                index = linear_index(inner, counts)
+                tasks.append(ReadTask(target.key, cell, inner, index, ibox, overlap, region.dest, region.box))
+    return tasks
+
+
+def _spans(inner: int, cell_start: int, cell_size: int, low: int, size: int) -> list[tuple[int, int, int, int, int]]:
+    """Along one dim, the inner chunks of a cell that meet [low, low + size): for each, its index in the
+    cell, its start and size (clipped to the cell) and the start and size of the overlap. Per dim, so
+    a task costs one product step instead of a box intersection."""
+    spans = []
+    for j in range((low - cell_start) // inner, -(-(low + size - cell_start) // inner)):
+        start = cell_start + j * inner
+        stop = min(start + inner, cell_start + cell_size)
+        lo, hi = max(start, low), min(stop, low + size)
+        spans.append((j, start, stop - start, lo, hi - lo))
+    return spans
+
+
+def _coalesce(tasks: list[ReadTask]) -> tuple[ReadRun, ...]:
+    groups: dict[tuple[KeyPath, Coords], list[ReadTask]] = {}
+    for task in tasks:
+        groups.setdefault((task.key, task.cell), []).append(task)
+    return tuple(run for group in groups.values() for run in _runs(sorted(group, key=lambda t: t.inner_index)))
+
+
+def _runs(group: list[ReadTask]) -> Iterator[ReadRun]:
+    """Split one object's tasks (sorted by inner index) where the inner indices jump."""
+    start = 0
+    for i in range(1, len(group) + 1):
+        if i == len(group) or group[i].inner_index > group[i - 1].inner_index + 1:
+            first, last = group[start], group[i - 1]
+            yield ReadRun(first.key, first.cell, first.inner_index, last.inner_index + 1, tuple(group[start:i]))
+            start = i

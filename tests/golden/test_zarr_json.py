@@ -1,0 +1,88 @@
+"""Pin the exact ``zarr.json`` text shardstore writes (format version 1, docs/format.md).
+
+A diff here is a format change: update docs/format.md (and the version, if old readers would break)
+before regenerating the files under ``expected/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardstore import format as fmt
+from shardstore.codec import ArrayLayout
+from shardstore.errors import CorruptCheckpointError
+
+EXPECTED = Path(__file__).parent / "expected"
+
+
+def _expected(name: str) -> str:
+    return (EXPECTED / name).read_text().removesuffix("\n")
+
+
+def _root() -> fmt.RootMetadata:
+    layout = ArrayLayout((5, 7), torch.bfloat16, (4, 4), (2, 2))
+    return fmt.RootMetadata(
+        tree={"model": {"w": "@tensor"}, "step": 3},
+        tensors={"model.w": fmt.TensorRecord.from_layout("model/w", layout, (2,), ("S(0)",))},
+        user_metadata={"run": "x"},
+        torch_version="2.13.0",
+        shardstore_version="0.1.0",
+    )
+
+
+def test_array_json_text():
+    layout = ArrayLayout((5, 7), torch.float32, (4, 4), (2, 2))
+    text = fmt.array_json(layout)
+    assert text == _expected("array_float32_5x7.json")
+    assert "dimension_names" not in text  # tensorstore refuses null
+    assert fmt.parse_array_json(text, "x") == layout
+
+
+def test_group_json_text():
+    assert fmt.group_json() == _expected("group_empty.json")
+
+
+def test_root_json_text_and_round_trip():
+    text = fmt.group_json({fmt.FORMAT_NAME: _root().to_json()})
+    assert text == _expected("root.json")
+    block = fmt.parse_group_json(text, "x")[fmt.FORMAT_NAME]
+    assert fmt.RootMetadata.from_json(block, "x") == _root()
+
+
+@pytest.mark.parametrize("dtype,fill", [(torch.bool, "false"), (torch.int32, "0"), (torch.float8_e5m2, "0.0"),
+                                        (torch.complex64, "[\n    0.0,\n    0.0\n  ]")])
+def test_fill_value_per_dtype(dtype, fill):
+    text = fmt.array_json(ArrayLayout((2,), dtype, (2,), (1,)))
+    assert f'"fill_value": {fill},' in text
+
+
+def test_chunk_keys():
+    assert fmt.chunk_key((0, 1)) == "c/0/1"
+    assert fmt.chunk_key(()) == "c"
+    assert fmt.node_key("") == "zarr.json" and fmt.node_key("model/w") == "model/w/zarr.json"
+    assert fmt.group_paths(["a/b/c", "a/d", "e"]) == ["a", "a/b"]
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda t: t[:-3], "not valid JSON"),
+    (lambda t: t.replace('"node_type": "array"', '"node_type": "group"'), "node_type 'array'"),
+    (lambda t: t.replace('"float32"', '"float42"'), "unknown data_type 'float42'"),
+    (lambda t: t.replace('"regular"', '"rectilinear"'), "regular chunk grid"),
+    (lambda t: t.replace('"index_location": "end"', '"index_location": "start"'), "index_location"),
+    (lambda t: t.replace('"fill_value": 0.0', '"fill_value": 1.0'), "fill_value"),
+    (lambda t: t.replace('"shape": [\n    5', '"shape": [\n    "5"'), "shape as a list of integers"),
+])
+def test_malformed_array_json_names_the_file(mutate, match):
+    text = mutate(fmt.array_json(ArrayLayout((5, 7), torch.float32, (4, 4), (2, 2))))
+    with pytest.raises(CorruptCheckpointError, match=match) as info:
+        fmt.parse_array_json(text, "memory://ck/model/w/zarr.json")
+    assert "memory://ck/model/w/zarr.json" in str(info.value)
+
+
+def test_root_from_newer_format_asks_for_an_upgrade():
+    block = _root().to_json() | {"version": 2}
+    with pytest.raises(CorruptCheckpointError, match="upgrade shardstore"):
+        fmt.RootMetadata.from_json(block, "x")

@@ -1,0 +1,128 @@
+"""flatten/unflatten round trips and the key <-> node-name mapping, including hostile keys."""
+
+import json
+import math
+import posixpath
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from shardstore.flatten import flatten, fqn, is_tensor_like, keypath_from_node, node_path, unflatten
+
+HOSTILE = ["..", ".", "/etc/passwd", "a/../../b", "\\", "..\\..\\x", "\x00", "", "é", "日本", "__x", "__",
+           "zarr.json", "%", "%2E", "a b", "~", "c", "-", "___"]
+
+
+class Hooked:
+    """Just enough of a DTensor-like object for flatten: it has DCP's write hook."""
+
+    def __create_write_items__(self, fqn, obj):
+        return []
+
+
+def round_trip(sd):
+    items, skeleton = flatten(sd)
+    return unflatten(json.loads(json.dumps(skeleton, allow_nan=False)), items), items
+
+
+def test_round_trip_keeps_structure_and_plain_values():
+    w, b = torch.ones(2, 3), torch.zeros(())
+    sd = {"model": {"layers.0.weight": w, "b": b}, "opt": {"param_groups": [{"lr": 0.1, "params": ["a", "b"],
+          "betas": (0.9, 0.99), "nesterov": False, "foreach": None}]}, "step": 7, "name": "run", "empty": {}, "nil": []}
+    back, items = round_trip(sd)
+    assert back == {**sd, "model": back["model"]}
+    assert back["model"]["layers.0.weight"] is w and back["model"]["b"] is b
+    assert isinstance(back["opt"]["param_groups"][0]["betas"], tuple)
+    assert set(items) == {("model", "layers.0.weight"), ("model", "b")}
+
+
+def test_items_hold_tensors_only_with_list_indices_as_ints():
+    t = torch.ones(1)
+    items, skeleton = flatten({"xs": [t, 3, {"y": t}]})
+    assert set(items) == {("xs", 0), ("xs", 2, "y")}
+    assert skeleton["dict"]["xs"]["list"][0] == {"tensor": ["xs", 0]}
+
+
+def test_non_finite_floats_survive_strict_json():
+    back, _ = round_trip({"a": math.inf, "b": -math.inf, "c": math.nan, "d": 1.5})
+    assert back["a"] == math.inf and back["b"] == -math.inf and math.isnan(back["c"]) and back["d"] == 1.5
+
+
+def test_mappings_and_tuple_subclasses_come_back_plain():
+    back, _ = round_trip({"od": OrderedDict(x=1), "size": torch.Size([2, 3])})
+    assert type(back["od"]) is dict and back["size"] == (2, 3) and type(back["size"]) is tuple
+
+
+def test_hook_objects_are_tensors():
+    assert is_tensor_like(Hooked()) and is_tensor_like(torch.zeros(1)) and not is_tensor_like([1])
+    items, _ = flatten({"d": Hooked()})
+    assert list(items) == [("d",)]
+
+
+def test_non_str_key_names_its_path():
+    with pytest.raises(TypeError, match=r"key 0 under 'optim.state' is a int"):
+        flatten({"optim": {"state": {0: {"exp_avg": torch.ones(1)}}}})
+
+
+def test_unsupported_leaf_names_its_path():
+    with pytest.raises(TypeError, match=r"'a.1' is a bytes"):
+        flatten({"a": [1, b"raw"]})
+    with pytest.raises(TypeError, match="mapping"):
+        flatten([torch.ones(1)])
+
+
+def test_unflatten_reports_a_missing_tensor():
+    _, skeleton = flatten({"a": {"b": torch.ones(1)}})
+    with pytest.raises(KeyError, match="a.b"):
+        unflatten(skeleton, {})
+
+
+def test_fqn_is_dotted():
+    assert fqn(("model", "layers.0.weight")) == "model.layers.0.weight"
+    assert fqn(("opt", "groups", 0, "lr")) == "opt.groups.0.lr"
+
+
+def test_node_path_examples():
+    assert node_path(("model", "layers.0.weight")) == "model/layers.0.weight"
+    assert node_path(("xs", 3)) == "xs/3"
+    assert node_path(("..", "/etc/passwd")) == "%2E%2E/%2Fetc%2Fpasswd"
+    assert node_path(("__meta",)) == "%5F_meta"
+    assert node_path(("",)) == "%"
+    with pytest.raises(ValueError):
+        node_path(())
+
+
+def assert_safe(path: str, depth: int) -> None:
+    parts = path.split("/")
+    assert len(parts) == depth
+    for part in parts:
+        assert part and part not in (".", "..", "zarr.json") and not part.startswith("__")
+        assert all(c.isascii() and (c.isalnum() or c in "._-%") for c in part)
+    assert posixpath.normpath(path) == path and not path.startswith("/")
+
+
+@pytest.mark.parametrize("key", HOSTILE)
+def test_hostile_keys_stay_inside_and_round_trip(key):
+    path = node_path(("a", key, "b"))
+    assert_safe(path, 3)
+    assert keypath_from_node(path) == ("a", key, "b")
+
+
+def test_hostile_keys_are_distinct():
+    paths = [node_path((k,)) for k in HOSTILE]
+    assert len(set(paths)) == len(HOSTILE)
+
+
+def test_keypath_from_node_uses_the_skeleton_for_list_indices():
+    sd = {"xs": [torch.ones(1), {"0": torch.ones(1)}]}
+    items, skeleton = flatten(sd)
+    for key in items:
+        assert keypath_from_node(node_path(key), skeleton) == key
+    assert keypath_from_node("xs/1/0") == ("xs", "1", "0")
+
+
+@pytest.mark.parametrize("bad", ["a%2", "a%zz", "a b", "a\\b", "é"])
+def test_keypath_from_node_rejects_names_node_path_cannot_make(bad):
+    with pytest.raises(ValueError, match="cannot have produced"):
+        keypath_from_node(bad)
