@@ -50,6 +50,7 @@ ZSTD_LEVEL = 3
 CRC_NBYTES = 4
 _MISSING = 2**64 - 1
 _INDEX_DTYPE = np.dtype("<u8")
+BytesLike = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,9 @@ def _put_index(buf: torch.Tensor, start: int, index: np.ndarray) -> None:
     buf.numpy()[start:] = np.frombuffer(raw + _crc_bytes(raw), dtype=np.uint8)
 
 
-def _encode_compressed(layout: ArrayLayout, coords: tuple[int, ...], data: torch.Tensor, box: Box) -> memoryview:
+def _encode_compressed(
+    layout: ArrayLayout, coords: tuple[int, ...], data: torch.Tensor, box: Box
+) -> memoryview:
     """zstd between ``bytes`` and ``crc32c``: sizes vary, so stored chunks are concatenated."""
     codec = _zstd()
     scratch = torch.empty(layout.inner_chunk_nbytes, dtype=torch.uint8)
@@ -236,7 +239,7 @@ def _zstd():
 # -- decoding ------------------------------------------------------------------------------------------
 
 
-def decode_index(layout: ArrayLayout, index_bytes: bytes | bytearray | memoryview, where: str) -> list[ByteRange | None]:
+def decode_index(layout: ArrayLayout, index_bytes: BytesLike, where: str) -> list[ByteRange | None]:
     """Parse and verify a shard index (the last ``index_nbytes(layout)`` bytes of a shard object)."""
     expected = index_nbytes(layout)
     raw = memoryview(index_bytes).cast("B")
@@ -251,7 +254,7 @@ def decode_index(layout: ArrayLayout, index_bytes: bytes | bytearray | memoryvie
 
 
 def inner_chunk_ranges(
-    layout: ArrayLayout, coords: tuple[int, ...], index_bytes: bytes | bytearray | memoryview | None = None
+    layout: ArrayLayout, coords: tuple[int, ...], index_bytes: BytesLike | None = None
 ) -> list[ByteRange | None]:
     """Byte range of each inner chunk of shard ``coords`` (C order), None for unstored ones.
 
@@ -272,7 +275,7 @@ def inner_chunk_ranges(
     return ranges
 
 
-def decode_inner_chunk(layout: ArrayLayout, raw: bytes | bytearray | memoryview, where: str) -> torch.Tensor:
+def decode_inner_chunk(layout: ArrayLayout, raw: BytesLike, where: str) -> torch.Tensor:
     """Verify one stored inner chunk (bytes + crc32c) and view it as a tensor of the full inner shape.
 
     ``where`` names the chunk in errors (object URL and inner chunk index). The result shares memory
@@ -290,7 +293,7 @@ def decode_inner_chunk(layout: ArrayLayout, raw: bytes | bytearray | memoryview,
     payload = view[:-CRC_NBYTES]
     if layout.compressor is not None:
         payload = _decompress(payload, nbytes, where)
-    flat = torch.frombuffer(payload, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
+    flat = torch.frombuffer(payload, dtype=torch.uint8, count=nbytes)
     return flat.view(layout.dtype).reshape(layout.inner_chunk_shape)
 
 
@@ -309,14 +312,19 @@ def _decompress(payload: memoryview, nbytes: int, where: str) -> memoryview:
     try:
         _zstd().decode(payload, out=out)
     except Exception as exc:  # numcodecs raises RuntimeError/ValueError variants
-        raise CorruptCheckpointError(f"{where}: zstd decompression failed ({exc}); the chunk is damaged") from exc
+        raise CorruptCheckpointError(
+            f"{where}: zstd decompression failed ({exc}) although the crc32c matched; the chunk was written "
+            f"with another layout (expected {nbytes} bytes) — re-run the save"
+        ) from exc
     return memoryview(out)
 
 
 # -- choosing inner chunks -----------------------------------------------------------------------------
 
 
-def choose_inner_chunk_shape(outer_chunk_shape: tuple[int, ...], itemsize: int, target_bytes: int = 4 << 20) -> tuple[int, ...]:
+def choose_inner_chunk_shape(
+    outer_chunk_shape: tuple[int, ...], itemsize: int, target_bytes: int = 4 << 20
+) -> tuple[int, ...]:
     """An inner chunk shape that divides ``outer_chunk_shape`` and holds about ``target_bytes``.
 
     Leading dims shrink first (to 1 if needed); the last two dims are tiled in 2-D, so reading a column
@@ -325,6 +333,8 @@ def choose_inner_chunk_shape(outer_chunk_shape: tuple[int, ...], itemsize: int, 
     instead: a few oversized chunks beat millions of tiny ones.
     """
     outer = tuple(int(n) for n in outer_chunk_shape)
+    if any(n < 1 for n in outer):
+        raise ValueError(f"outer chunk shape {outer}: chunk sizes must be >= 1")
     budget = max(1, target_bytes // max(1, itemsize))  # elements per inner chunk
     if math.prod(outer) <= budget:
         return outer

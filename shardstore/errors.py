@@ -7,6 +7,7 @@ so callers can catch either::
     ├── CheckpointNotFoundError(FileNotFoundError)    nothing at all at the checkpoint URL
     ├── IncompleteCheckpointError(FileNotFoundError)  objects but no root zarr.json: a save was
     │                                                 interrupted or is still running
+    ├── CheckpointExistsError(FileExistsError)        a save would replace data without overwrite=True
     ├── CorruptCheckpointError(ValueError)            checksum mismatch, truncated object,
     │   │                                             malformed metadata
     │   └── MissingChunkError(FileNotFoundError)      an object that should exist does not
@@ -22,6 +23,7 @@ __all__ = [
     "ShardstoreError",
     "CheckpointNotFoundError",
     "IncompleteCheckpointError",
+    "CheckpointExistsError",
     "CorruptCheckpointError",
     "MissingChunkError",
     "UnsafeKeyError",
@@ -40,6 +42,10 @@ class CheckpointNotFoundError(ShardstoreError, FileNotFoundError):
 
 class IncompleteCheckpointError(ShardstoreError, FileNotFoundError):
     """Objects exist but the root ``zarr.json`` (the commit marker) does not: the save never finished."""
+
+
+class CheckpointExistsError(ShardstoreError, FileExistsError):
+    """A save targets a URL that already holds data and was not told to overwrite it."""
 
 
 class CorruptCheckpointError(ShardstoreError, ValueError):

@@ -27,6 +27,8 @@ from typing import Any, Union
 
 import torch
 
+from shardstore.errors import CorruptCheckpointError
+
 __all__ = ["KeyPath", "flatten", "unflatten", "is_tensor_like", "node_path", "keypath_from_node", "fqn"]
 
 KeyPath = tuple[Union[str, int], ...]
@@ -99,7 +101,7 @@ def _decode(node: dict, tensors: Mapping[KeyPath, Any]) -> Any:
         return float(body)
     if kind == "value":
         return body
-    raise ValueError(f"unknown skeleton node kind {kind!r}")
+    raise CorruptCheckpointError(f"the checkpoint's state dict tree has a node of unknown kind {kind!r}: {node!r}")
 
 
 def fqn(keypath: KeyPath) -> str:

@@ -175,12 +175,14 @@ def _parse_sharding(codecs: Any, where: str) -> tuple[tuple[int, ...], str | Non
             and codecs[0].get("name") == "sharding_indexed", where, "one sharding_indexed codec", codecs)
     config = codecs[0].get("configuration") or {}
     inner = config.get("codecs")
-    compressor = "zstd" if inner and len(inner) == 3 and isinstance(inner[1], dict) and inner[1].get("name") == "zstd" else None
-    expected = [_BYTES, _CRC32C] if compressor is None else [_BYTES, inner[1], _CRC32C]
-    _expect(inner == expected, where, "inner codecs bytes(little), [zstd], crc32c", inner)
+    middle = inner[1:-1] if isinstance(inner, list) else None  # the optional compressor
+    compressor = "zstd" if middle and isinstance(middle[0], dict) and middle[0].get("name") == "zstd" else None
+    ok = isinstance(inner, list) and inner[:1] == [_BYTES] and inner[-1:] == [_CRC32C] and len(inner) <= 3
+    _expect(ok and (compressor is not None or len(inner) == 2), where, "inner codecs bytes(little), [zstd], crc32c", inner)
     _expect(config.get("index_codecs") == [_BYTES, _CRC32C], where, "index codecs bytes(little), crc32c",
             config.get("index_codecs"))
-    _expect(config.get("index_location", "end") == "end", where, "index_location 'end'", config.get("index_location"))
+    location = config.get("index_location", "end")
+    _expect(location == "end", where, "index_location 'end'", location)
     return _ints(config.get("chunk_shape"), where, "inner chunk_shape"), compressor
 
 
@@ -193,7 +195,8 @@ def parse_array_json(text: bytes | bytearray | str, where: str) -> ArrayLayout:
     keys = _get(node, "chunk_key_encoding", dict, where)
     _expect(keys.get("name") == "default" and (keys.get("configuration") or {}).get("separator") == "/",
             where, "chunk_key_encoding default with '/'", keys)
-    _expect(node.get("fill_value") == info.fill_value, where, f"fill_value {info.fill_value!r}", node.get("fill_value"))
+    fill = node.get("fill_value")
+    _expect(fill == info.fill_value, where, f"fill_value {info.fill_value!r}", fill)
     inner, compressor = _parse_sharding(node.get("codecs"), where)
     try:
         return ArrayLayout(
@@ -255,7 +258,9 @@ class TensorRecord:
     @property
     def layout(self) -> ArrayLayout:
         info = dtype_info_by_name(self.dtype, f"tensor at {self.path!r}")
-        return ArrayLayout(self.shape, info.torch_dtype, self.chunk_shape, self.inner_chunk_shape, self.compressor)
+        return ArrayLayout(
+            self.shape, info.torch_dtype, self.chunk_shape, self.inner_chunk_shape, self.compressor
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

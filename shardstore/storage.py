@@ -119,13 +119,7 @@ class Storage:
 
     def read(self, key: str) -> bytearray:
         """The whole object at ``key``."""
-        path = self._path(key)
-        try:
-            if self._local:
-                return _read_local(path, 0, None)
-            return bytearray(self._fs.cat_file(path))
-        except FileNotFoundError:
-            raise self._missing(key) from None
+        return self.read_range(key, 0, None)
 
     def read_range(self, key: str, start: int, stop: int | None) -> bytearray:
         """Bytes ``[start, stop)`` of ``key``; a negative ``start`` with ``stop=None`` is a suffix.
@@ -179,7 +173,9 @@ class Storage:
             return [self.read_range(*r) for r in requests]
         return list(_pool().map(lambda r: self.read_range(*r), requests))
 
-    def read_ranges_into(self, requests: list[tuple[str, int, int]], out: bytearray | memoryview) -> list[memoryview]:
+    def read_ranges_into(
+        self, requests: list[tuple[str, int, int]], out: bytearray | memoryview
+    ) -> list[memoryview]:
         """Many ranges at once, concurrently, packed one after another into ``out``; views in order."""
         view = memoryview(out).cast("B")
         jobs, pos = [], 0

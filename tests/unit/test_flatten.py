@@ -8,6 +8,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
+from shardstore.errors import CorruptCheckpointError
 from shardstore.flatten import flatten, fqn, is_tensor_like, keypath_from_node, node_path, unflatten
 
 HOSTILE = ["..", ".", "/etc/passwd", "a/../../b", "\\", "..\\..\\x", "\x00", "", "é", "日本", "__x", "__",
@@ -76,6 +77,11 @@ def test_unflatten_reports_a_missing_tensor():
     _, skeleton = flatten({"a": {"b": torch.ones(1)}})
     with pytest.raises(KeyError, match="a.b"):
         unflatten(skeleton, {})
+
+
+def test_unflatten_refuses_an_unknown_node_kind():
+    with pytest.raises(CorruptCheckpointError, match="'blob'"):
+        unflatten({"dict": {"a": {"blob": 1}}}, {})
 
 
 def test_fqn_is_dotted():
