@@ -175,15 +175,14 @@ def _parse_sharding(codecs: Any, where: str) -> tuple[tuple[int, ...], str | Non
             and codecs[0].get("name") == "sharding_indexed", where, "one sharding_indexed codec", codecs)
     config = codecs[0].get("configuration") or {}
     inner = config.get("codecs")
-    middle = inner[1:-1] if isinstance(inner, list) else None  # the optional compressor
-    compressor = "zstd" if middle and isinstance(middle[0], dict) and middle[0].get("name") == "zstd" else None
-    ok = isinstance(inner, list) and inner[:1] == [_BYTES] and inner[-1:] == [_CRC32C] and len(inner) <= 3
-    _expect(ok and (compressor is not None or len(inner) == 2), where, "inner codecs bytes(little), [zstd], crc32c", inner)
+    zstd = isinstance(inner, list) and len(inner) == 3 and isinstance(inner[1], dict) and inner[1].get("name") == "zstd"
+    expected = [_BYTES, inner[1], _CRC32C] if zstd else [_BYTES, _CRC32C]
+    _expect(inner == expected, where, "inner codecs bytes(little), [zstd], crc32c", inner)
     _expect(config.get("index_codecs") == [_BYTES, _CRC32C], where, "index codecs bytes(little), crc32c",
             config.get("index_codecs"))
     location = config.get("index_location", "end")
     _expect(location == "end", where, "index_location 'end'", location)
-    return _ints(config.get("chunk_shape"), where, "inner chunk_shape"), compressor
+    return _ints(config.get("chunk_shape"), where, "inner chunk_shape"), "zstd" if zstd else None
 
 
 def parse_array_json(text: bytes | bytearray | str, where: str) -> ArrayLayout:

@@ -154,9 +154,32 @@ def merge_save_plans(
     """
     world = _check_ranks(local_plans)
     held = _group_by_key(local_plans, world)
-    arrays = tuple(_array_plan(key, hs, inner_chunks, max_cell_bytes) for key, hs in held.items())
+    cap = _cell_cap(held, world, max_cell_bytes)
+    arrays = tuple(
+        _array_plan(key, hs, inner_chunks, cap if _replicated(hs) else max_cell_bytes) for key, hs in held.items()
+    )
     cells = [cell for array in arrays for cell in _cells_with_holders(array, held[array.key])]
     return GlobalSavePlan(arrays, _balance(cells, world))
+
+
+MIN_CELL_BYTES = 64 * 2**10
+"""Replicated tensors are not split into cells smaller than this (objects have a per-object cost)."""
+
+
+def _cell_cap(held: Mapping[KeyPath, list[HeldTensor]], world: int, max_cell_bytes: int | None) -> int | None:
+    """The largest cell a replicated tensor may keep: small enough that the greedy balance can give every
+    rank about total/world_size bytes even when one tensor dominates the state dict (a replicated
+    embedding), never below ``MIN_CELL_BYTES``; ``max_cell_bytes=None`` turns splitting off."""
+    if max_cell_bytes is None:
+        return None
+    total = sum(math.prod(hs[0].shape) * hs[0].itemsize for hs in held.values())
+    return min(max_cell_bytes, max(MIN_CELL_BYTES, total // (8 * world)))
+
+
+def _replicated(held: list[HeldTensor]) -> bool:
+    """Whether some part of the tensor is held by several ranks (so its writing can be shared)."""
+    boxes = [b for h in held for b in h.boxes]
+    return len(set(boxes)) < len(boxes)
 
 
 def _check_ranks(local_plans: Sequence[LocalSavePlan]) -> int:

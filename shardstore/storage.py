@@ -30,15 +30,15 @@ __all__ = ["Storage", "check_key"]
 # Protocols whose single PUT is atomic: no temporary object and rename needed.
 _ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 _READ_THREADS = 16
-_read_pool: ThreadPoolExecutor | None = None
+_read_pool: tuple[int, ThreadPoolExecutor] | None = None
 
 
 def _pool() -> ThreadPoolExecutor:
-    """One process-wide pool for concurrent range reads (threads are cheap to keep, slow to respawn)."""
+    """One pool per process for concurrent range reads (a forked child gets its own, not dead threads)."""
     global _read_pool
-    if _read_pool is None:
-        _read_pool = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="shardstore-read")
-    return _read_pool
+    if _read_pool is None or _read_pool[0] != os.getpid():
+        _read_pool = (os.getpid(), ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="shardstore-read"))
+    return _read_pool[1]
 
 
 def check_key(key: str, root_url: str) -> str:
@@ -216,7 +216,8 @@ class Storage:
         """Store ``data`` under ``key`` atomically (readers see the old object, the new one, or none)."""
         path = self._path(key)
         if self._atomic_put:
-            self._fs.pipe_file(path, data)
+            # Object store clients (botocore) refuse memoryview bodies; one copy is cheap next to a PUT.
+            self._fs.pipe_file(path, data if isinstance(data, (bytes, bytearray)) else bytes(data))
             return
         self._make_parent(path)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"

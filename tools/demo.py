@@ -88,6 +88,11 @@ def load_phase(args) -> None:
         raise SystemExit("the resharded load differs from what was saved")
 
 
+def save_and_load(args) -> None:
+    save_phase(args)
+    load_phase(args)
+
+
 def verify_phase(url: str) -> None:
     import zarr
 
@@ -114,10 +119,12 @@ def main() -> None:
     args = parser.parse_args()
     torchrun = "RANK" in os.environ
     start = time.perf_counter()
-    launch(save_phase, args)
-    if not torchrun:
+    if torchrun:  # one world size: save and load on different meshes within one process group
+        launch(save_and_load, args)
+    else:
+        launch(save_phase, args)
         args.nproc = max(1, (args.nproc or 4) - 1)  # load on a different number of ranks
-    launch(load_phase, args)
+        launch(load_phase, args)
     if not torchrun or int(os.environ["RANK"]) == 0:
         verify_phase(args.url)
         print(f"total {time.perf_counter() - start:.1f}s")

@@ -86,3 +86,12 @@ def test_root_from_newer_format_asks_for_an_upgrade():
     block = _root().to_json() | {"version": 2}
     with pytest.raises(CorruptCheckpointError, match="upgrade shardstore"):
         fmt.RootMetadata.from_json(block, "x")
+
+
+@pytest.mark.parametrize("layout", [
+    ArrayLayout((), torch.bool, (), (), "zstd"),
+    ArrayLayout((0, 3), torch.complex128, (1, 3), (1, 1)),
+    ArrayLayout((9, 4, 2), torch.float8_e4m3fn, (3, 4, 2), (3, 2, 1), "zstd"),
+])
+def test_parse_inverts_array_json(layout):
+    assert fmt.parse_array_json(fmt.array_json(layout), "x") == layout
