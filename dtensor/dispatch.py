@@ -1,16 +1,25 @@
 """How an aten op on DTensors becomes the same op on local shards (``__torch_dispatch__``).
 
-A rule (``ops/``, one module per op family, collected in ``ops.RULES``) looks at the input specs and
-returns a ``Strategy``: the placements each DTensor input must have and the placements of the output.
-This module carries a strategy out: redistribute inputs, run the op on local tensors, wrap the outputs.
-The global shape and stride of outputs come from running the op on meta tensors. An op without a rule
-still works: every input is replicated, the op runs locally, and a warning names the op once.
+Two kinds of entries, one module per op family under ``ops/``, collected explicitly in ``ops/__init__``:
+
+* a **rule** looks at the input specs (and the op's other arguments) and returns a ``Strategy``: the
+  placements every DTensor input must have, the placements of the outputs, and, where the op's
+  arguments mention global sizes, a function that rewrites them for the local shards. This module
+  carries a strategy out: redistribute inputs, run the op on local tensors, wrap the outputs. The output
+  specs (global shape, stride, dtype) come from running the op once on meta tensors. Strategies and
+  output specs are cached per (op, input specs, other arguments), so the steady state costs a dict
+  lookup.
+* a **handler** does the whole op itself (random ops, ops whose local computation differs).
+
+An op with neither still works: every input is replicated, the op runs locally, and a warning names the
+op once (``fallback_ops`` lists them).
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
@@ -19,30 +28,69 @@ from .placements import Placement, Replicate
 from .redistribute import redistribute_local
 from .spec import DTensorSpec
 
-__all__ = ["Strategy", "dispatch", "fallback_ops"]
+__all__ = ["Strategy", "dispatch", "fallback_ops", "Placements"]
 
+Placements = tuple[Placement, ...]
 fallback_ops: set[str] = set()  # ops that took the replicate-everything path, for tests and users to inspect
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """Placements wanted for each DTensor input (in argument order) and for the output(s)."""
+    """How to run one op call.
 
-    inputs: tuple[tuple[Placement, ...], ...]
-    output: tuple[Placement, ...]
+    ``inputs``: placements wanted for each DTensor argument, in argument (pytree) order.
+    ``output``: placements of every tensor output, or a list with one entry per tensor output.
+    ``local_args``: rewrites (args, kwargs) for the local op, given the local input shapes, when the op's
+    arguments mention global sizes (view shapes, split sizes, ...).
+    """
+
+    inputs: tuple[Placements, ...]
+    output: Placements | list[Placements]
+    local_args: Callable[[tuple, dict], tuple[tuple, dict]] | None = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    strategy: Strategy
+    outputs: list  # one DTensorSpec per flattened output leaf (None for non-tensor leaves)
+
+
+_cache: dict[Any, _Plan] = {}
 
 
 def dispatch(cls, func, args: tuple, kwargs: dict):
+    from .ops import HANDLERS, RULES
+
+    handler = HANDLERS.get(func)
+    if handler is not None:
+        return handler(cls, func, args, kwargs)
     flat, tree = pytree.tree_flatten((args, kwargs))
     specs = [x._spec for x in flat if isinstance(x, cls)]
     _check_inputs(func, flat, specs, cls)
-    from .ops import RULES
+    key = _cache_key(func, flat, cls)
+    plan = _cache.get(key) if key is not None else None
+    if plan is None:
+        plan = _plan(func, args, kwargs, flat, tree, specs, cls, RULES.get(func))
+        if key is not None:
+            _cache[key] = plan
+    return _run(cls, func, flat, tree, specs, plan)
 
-    rule = RULES.get(func)
-    strategy = rule(func, specs, args, kwargs) if rule is not None else None
-    if strategy is None:
-        strategy = _replicate_everything(func, specs)
-    return _run(cls, func, flat, tree, specs, strategy)
+
+def _cache_key(func, flat: list, cls):
+    parts = []
+    for x in flat:
+        if isinstance(x, cls):
+            parts.append(x._spec)
+        elif isinstance(x, torch.Tensor):
+            parts.append(("tensor", x.dtype, x.device, tuple(x.shape)))
+        else:
+            parts.append(x)
+    try:
+        key = (func, tuple(parts))
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _check_inputs(func, flat: list, specs: list[DTensorSpec], cls) -> None:
@@ -57,54 +105,91 @@ def _check_inputs(func, flat: list, specs: list[DTensorSpec], cls) -> None:
         )
 
 
+def _plan(func, args, kwargs, flat, tree, specs, cls, rule) -> _Plan:
+    strategy = rule(func, specs, args, kwargs) if rule is not None else None
+    if strategy is None:
+        strategy = _replicate_everything(func, specs)
+    metas = [_meta(x._spec) if isinstance(x, cls) else _to_meta(x) for x in flat]
+    meta_args, meta_kwargs = pytree.tree_unflatten(metas, tree)
+    meta_out = func(*meta_args, **meta_kwargs)
+    return _Plan(strategy, _output_specs(meta_out, specs[0].mesh, strategy.output))
+
+
+def _meta(spec: DTensorSpec) -> torch.Tensor:
+    return torch.empty_strided(spec.shape, spec.stride, dtype=spec.dtype, device="meta")
+
+
+def _to_meta(x):
+    return x.to("meta") if isinstance(x, torch.Tensor) else x
+
+
 def _replicate_everything(func, specs: list[DTensorSpec]) -> Strategy:
     name = str(func)
     if name not in fallback_ops:
         fallback_ops.add(name)
-        warnings.warn(f"dtensor: no sharding rule for {name}; replicating its inputs (slow, extra memory)", stacklevel=3)
+        warnings.warn(f"dtensor: no sharding rule for {name}; replicating its inputs (slow, extra memory)", stacklevel=4)
     replicate = tuple(Replicate() for _ in range(specs[0].mesh.ndim))
     return Strategy(tuple(replicate for _ in specs), replicate)
 
 
-def _run(cls, func, flat: list, tree, specs: list[DTensorSpec], strategy: Strategy):
+def _output_specs(meta_out, mesh, output: Placements | list[Placements]) -> list[DTensorSpec | None]:
+    """One spec per leaf of the op's (flattened) output; None where the leaf is not a tensor."""
+    flat = pytree.tree_leaves(meta_out)
+    tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+    per_tensor = list(output) if isinstance(output, list) else [output] * len(tensors)
+    if len(per_tensor) != len(tensors):
+        raise RuntimeError(f"a sharding rule gave {len(per_tensor)} output placements for {len(tensors)} outputs")
+    it = iter(per_tensor)
+    return [DTensorSpec(mesh, next(it), x.shape, tuple(x.stride()), x.dtype) if isinstance(x, torch.Tensor) else None for x in flat]
+
+
+def _run(cls, func, flat: list, tree, specs: list[DTensorSpec], plan: _Plan):
+    strategy = plan.strategy
     mesh = specs[0].mesh
-    locals_, metas, it = [], [], iter(zip(specs, strategy.inputs))
+    wanted = iter(strategy.inputs)
+    local_flat = []
     for x in flat:
         if isinstance(x, cls):
-            spec, want = next(it)
+            want = next(wanted)
             local = x._local_tensor
-            if want != spec.placements:
-                local = redistribute_local(local, mesh, spec.shape, spec.placements, want)
-            locals_.append(local)
-            metas.append(torch.empty_strided(spec.shape, spec.stride, dtype=spec.dtype, device="meta"))
+            if want != x._spec.placements:
+                local = redistribute_local(local, mesh, x._spec.shape, x._spec.placements, want)
+            local_flat.append(local)
         else:
-            locals_.append(x)
-            metas.append(x.to("meta") if isinstance(x, torch.Tensor) else x)
-    local_args, local_kwargs = pytree.tree_unflatten(locals_, tree)
+            local_flat.append(x)
+    local_args, local_kwargs = pytree.tree_unflatten(local_flat, tree)
+    if strategy.local_args is not None:
+        local_args, local_kwargs = strategy.local_args(local_args, local_kwargs)
     out = func(*local_args, **local_kwargs)
     if _is_inplace(func):
-        return _inplace_result(cls, flat, strategy)
-    meta_args, meta_kwargs = pytree.tree_unflatten(metas, tree)
-    meta_out = func(*meta_args, **meta_kwargs)
-    return _wrap(cls, out, meta_out, mesh, strategy.output)
+        return _inplace_result(cls, flat, tree, strategy, out)
+    return _wrap(cls, out, plan.outputs)
 
 
 def _is_inplace(func) -> bool:
-    schema = func._schema
-    return bool(schema.arguments) and schema.arguments[0].alias_info is not None and schema.arguments[0].alias_info.is_write
+    first = func._schema.arguments[0].alias_info if func._schema.arguments else None
+    return first is not None and first.is_write
 
 
-def _inplace_result(cls, flat: list, strategy: Strategy):
-    target = flat[0]
-    if strategy.inputs[0] != target._spec.placements:
-        raise RuntimeError(f"in-place op would change the placements of its target from {target._spec.placements}")
-    return target
+def _inplace_result(cls, flat: list, tree, strategy: Strategy, out):
+    """In-place ops return their target (``_foreach_*_`` return nothing); targets keep their layout."""
+    target = pytree.tree_unflatten(flat, tree)[0][0]
+    count = len(pytree.tree_leaves(target))
+    for i, t in enumerate(x for x in flat[:count] if isinstance(x, cls)):
+        if strategy.inputs[i] != t._spec.placements:
+            raise RuntimeError(
+                f"an in-place op would change the placements of its target from {list(t._spec.placements)} "
+                f"to {list(strategy.inputs[i])}; redistribute the target first or use the out-of-place op"
+            )
+    return None if out is None else target
 
 
-def _wrap(cls, out, meta_out, mesh, placements: tuple[Placement, ...]):
-    if isinstance(out, torch.Tensor):
-        spec = DTensorSpec(mesh, placements, meta_out.shape, tuple(meta_out.stride()), meta_out.dtype)
-        return cls(out, spec, requires_grad=False)
-    if isinstance(out, (list, tuple)):
-        return type(out)(_wrap(cls, o, m, mesh, placements) for o, m in zip(out, meta_out))
-    return out
+def _wrap(cls, out, out_specs: list):
+    flat, tree = pytree.tree_flatten(out)
+    wrapped = [cls(o, s, requires_grad=False) if isinstance(o, torch.Tensor) else o for o, s in zip(flat, out_specs)]
+    return pytree.tree_unflatten(wrapped, tree)
+
+
+def replicate(specs: Sequence[DTensorSpec]) -> tuple[Placements, ...]:
+    """Every input fully replicated (a helper for rules)."""
+    return tuple(tuple(Replicate() for _ in s.placements) for s in specs)

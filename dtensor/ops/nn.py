@@ -1,0 +1,4 @@
+"""Sharding rules for the nn op family (see dtensor/dispatch.py for the rule/handler contract)."""
+
+RULES: dict = {}
+HANDLERS: dict = {}
