@@ -4,7 +4,7 @@ save: flatten the state dict -> each rank plans what it holds -> rank 0 merges (
       every rank writes its cells -> all agree -> rank 0 writes array and group metadata, then the root
       ``zarr.json`` last (the commit marker) -> (with overwrite) the staged checkpoint replaces the old.
 load: read the root record -> flatten the target state dict -> plan this rank's reads (validated before
-      any byte moves) -> read and verify the chunks -> copy them in -> all agree.
+      any byte moves) -> read and verify the chunks -> all agree -> copy them in.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from shardstore import format as fmt
 from shardstore.codec import ArrayLayout, choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.dtypes import dtype_info_by_name
-from shardstore.errors import CheckpointExistsError, StateDictMismatchError
+from shardstore.errors import CheckpointExistsError, CorruptCheckpointError
 from shardstore.execute import layout_of, local_tensor, place, read_runs, write_cells
 from shardstore.flatten import KeyPath, flatten, fqn, is_tensor_like, keypath_from_node, node_path, unflatten
 from shardstore.plan import GlobalSavePlan, LoadRegion, StoredArray, TargetTensor, load_targets, local_save_plan, merge_save_plans, plan_load
@@ -114,30 +114,41 @@ def load(
     start = time.perf_counter()
     coord = Coordinator(process_group)
     storage = Storage(url, storage_options)
-    result = coord.agree("loading", lambda: _load_here(state_dict, storage, strict))
+    copy_in, *result = coord.agree("reading and verifying chunks", lambda: _load_here(state_dict, storage, strict))
+    # Only now, with every rank's chunks verified, does any rank touch its tensors: a failed load leaves
+    # every rank's state dict as it was.
+    coord.agree("copying into the state dict", copy_in)
     return LoadResult(*result[:2], time.perf_counter() - start, *result[2:])
 
 
 def _load_here(state_dict: dict, storage: Storage, strict: bool):
+    """Read and verify what this rank needs; returns the step that copies it in (run after all agree)."""
     root = fmt.read_root(storage)
     items, _ = flatten(state_dict)
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     stored, layouts, nodes = _stored_arrays(root)
     plan = plan_load(load_targets(tensors), stored, strict=strict)
     pieces = read_runs(storage, plan.runs, layouts, nodes)
-    place(pieces, {k: [local_tensor(k, v)] for k, v in tensors.items()})
-    _replace_plain_values(state_dict, root.tree)
+
+    def copy_in() -> None:
+        place(pieces, {k: [local_tensor(k, v)] for k, v in tensors.items()})
+        _replace_plain_values(state_dict, root.tree)
+
     nbytes = sum(p.numel() * p.element_size() for _, p in pieces)
-    return nbytes, len(pieces), tuple(fqn(k) for k in plan.missing), tuple(fqn(k) for k in plan.unexpected)
+    missing, unexpected = tuple(fqn(k) for k in plan.missing), tuple(fqn(k) for k in plan.unexpected)
+    return copy_in, nbytes, len(pieces), missing, unexpected
 
 
 def _stored_arrays(root: fmt.RootMetadata):
     stored, layouts, nodes = {}, {}, {}
-    for node, record in root.tensors.items():
-        key = keypath_from_node(node, root.tree)
+    for record in root.tensors.values():
+        try:
+            key = keypath_from_node(record.path, root.tree)
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"the root zarr.json names a tensor node {record.path!r} that no key maps to: {exc}") from exc
         stored[key] = StoredArray(key, record.shape, _torch_dtype_name(record.dtype), record.chunk_shape, record.inner_chunk_shape)
         layouts[key] = record.layout
-        nodes[key] = node
+        nodes[key] = record.path
     return stored, layouts, nodes
 
 
@@ -180,6 +191,14 @@ def _holds_tensors(container) -> bool:
     return bool(flatten({"": container})[0])
 
 
+def _display_names(stored: Mapping[KeyPath, Any], nodes: Mapping[KeyPath, str]) -> dict[str, KeyPath]:
+    """Dotted names for keys; where two key paths share one (``"a.b"`` vs ``a -> b``), their node paths."""
+    counts: dict[str, int] = {}
+    for key in stored:
+        counts[fqn(key)] = counts.get(fqn(key), 0) + 1
+    return {(fqn(k) if counts[fqn(k)] == 1 else nodes[k]): k for k in stored}
+
+
 class Checkpoint:
     """A read-only view of a complete checkpoint; no process group needed."""
 
@@ -187,14 +206,15 @@ class Checkpoint:
         self._storage = Storage(url, storage_options)
         self._root = fmt.read_root(self._storage)
         self._stored, self._layouts, self._nodes = _stored_arrays(self._root)
-        self._by_name = {fqn(k): k for k in self._stored}
+        self._by_name = _display_names(self._stored, self._nodes)
 
     @property
     def url(self) -> str:
         return self._storage.url
 
     def keys(self) -> list[str]:
-        """Dotted names of the saved tensors (as in error messages and DCP)."""
+        """Dotted names of the saved tensors (as in error messages and DCP); node paths where dotted
+        names would be ambiguous."""
         return list(self._by_name)
 
     def metadata(self, key: str) -> dict:

@@ -25,8 +25,9 @@ from shardstore.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     MissingChunkError,
+    UnsafeKeyError,
 )
-from shardstore.storage import Storage
+from shardstore.storage import Storage, check_key
 
 __all__ = [
     "FORMAT_NAME",
@@ -318,11 +319,25 @@ class RootMetadata:
         tensors = _get(block, "tensors", dict, where)
         return cls(
             tree=block.get("tree"),
-            tensors={k: TensorRecord.from_json(v, f"{where} tensor {k!r}") for k, v in tensors.items()},
+            tensors={k: _tensor_entry(k, v, f"{where} tensor {k!r}") for k, v in tensors.items()},
             user_metadata=_get(block, "user_metadata", dict, where),
             torch_version=_get(block, "torch_version", str, where),
             shardstore_version=_get(block, "shardstore_version", str, where),
         )
+
+
+def _tensor_entry(key: str, entry: Any, where: str) -> TensorRecord:
+    """One entry of ``tensors``; its key and its path name a node reads go to, so both must stay inside."""
+    record = TensorRecord.from_json(entry, where)
+    for name in dict.fromkeys((key, record.path)):
+        try:
+            check_key(name, where)
+        except UnsafeKeyError:
+            raise UnsafeKeyError(
+                f"{where}: node path {name!r} would leave the checkpoint root; the root zarr.json was damaged "
+                "or hand-edited, so nothing is read from it — load an earlier checkpoint or re-run the save"
+            ) from None
+    return record
 
 
 def write_root(storage: Storage, root: RootMetadata) -> None:

@@ -1,0 +1,176 @@
+"""Crash acceptance: a save killed mid-write never damages the checkpoint that was there before.
+
+Real processes, not the shared rank pool: each test spawns a 2-rank gloo job that first saves a small
+checkpoint A completely, then saves a 64 MiB state dict with chunk writes slowed a little (so the kill
+surely lands while chunks are being written). The test process watches the directory, SIGKILLs one rank
+as soon as chunk objects appear, gives the other rank a moment to fail on its own, kills it too, and then
+checks from a process with no process group:
+
+* a fresh URL B reads as incomplete (``IncompleteCheckpointError``) through ``load`` and ``open``;
+* with ``overwrite=True`` over A, A still loads with its old values; the leftover staging sibling reads
+  as incomplete and never as A, and a later save over A still works.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import shardstore
+from shardstore.errors import CheckpointExistsError, IncompleteCheckpointError
+
+WORLD = 2
+BIG_TENSORS = 16  # 16 x 4 MiB float32 = 64 MiB
+SMALL_TENSORS = 3
+CHUNK_DELAY_S = 0.1  # per chunk object (written one at a time) during the save that gets killed
+DEADLINE_S = 40.0  # from spawn until chunk objects of the doomed save show up
+GRACE_S = 3.0  # for the surviving rank to fail on its own before it is killed too
+
+
+# -- the spawned job ------------------------------------------------------------------------------------
+
+
+def _values(seed: int, count: int, rows: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"w{i}": torch.randn(rows, 1024, generator=g) for i in range(count)}
+
+
+def _slow_chunk_writes(delay: float) -> None:
+    """Write chunk objects one at a time, each ``delay`` longer (only inside the spawned job).
+
+    A rank's 16 objects then take >= 16 * delay, a window the kill lands in even on a loaded machine;
+    it costs the test no time, since the job is killed right after the first objects appear.
+    """
+    from shardstore.storage import Storage
+
+    write, one_at_a_time = Storage.write, threading.Lock()
+
+    def slow(self, key, data):
+        if "/c/" not in f"/{key}/":
+            return write(self, key, data)
+        with one_at_a_time:
+            write(self, key, data)
+            time.sleep(delay)
+
+    Storage.write = slow
+
+
+def _job(rank: int, port: int, steps: list[tuple[str, int, int, bool, bool]]) -> None:
+    """One rank: for each step (url, seed, count, overwrite, slow) save a DTensor state dict."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    import dtensor
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=20))
+    mesh = DeviceMesh("cpu", list(range(WORLD)))
+    for url, seed, count, overwrite, slow in steps:
+        if slow:
+            _slow_chunk_writes(CHUNK_DELAY_S)
+        model = {k: dtensor.distribute_tensor(v, mesh, [dtensor.Shard(0)], src_data_rank=None)
+                 for k, v in _values(seed, count, 1024 if slow else 64).items()}
+        shardstore.save({"model": model, "step": seed}, url, overwrite=overwrite)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _chunk_objects(root: Path) -> list[Path]:
+    """Finished chunk objects under ``root`` (temporary ``.tmp-`` files excluded)."""
+    return [p for p in root.rglob("*") if p.is_file() and "c" in p.relative_to(root).parts and ".tmp-" not in p.name]
+
+
+def _run_and_kill(steps, watch, victim: int) -> None:
+    """Spawn the job, wait until ``watch()`` finds chunk objects, SIGKILL rank ``victim``, then the rest."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_job, args=(rank, port, steps), daemon=True) for rank in range(WORLD)]
+    for p in procs:
+        p.start()
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while not watch():
+            dead = [(r, p.exitcode) for r, p in enumerate(procs) if not p.is_alive()]
+            assert not dead, f"a rank ended before the save could be killed (rank, exit code): {dead}"
+            assert time.monotonic() < deadline, f"no chunk objects appeared within {DEADLINE_S} s"
+            time.sleep(0.005)
+        os.kill(procs[victim].pid, signal.SIGKILL)
+        procs[victim].join(5)
+        for p in procs:
+            p.join(GRACE_S)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+    assert procs[victim].exitcode == -signal.SIGKILL
+
+
+# -- checks from a process with no process group --------------------------------------------------------
+
+
+def _assert_loads(url: str, seed: int, count: int, rows: int) -> None:
+    expected = _values(seed, count, rows)
+    sd = {"model": {k: torch.zeros_like(v) for k, v in expected.items()}, "step": -1}
+    shardstore.load(sd, url)
+    assert sd["step"] == seed
+    ck = shardstore.open(url)
+    for k, v in expected.items():
+        assert torch.equal(sd["model"][k].view(torch.int32), v.view(torch.int32)), f"{url}: {k} differs"
+        assert torch.equal(ck.read(f"model.{k}").view(torch.int32), v.view(torch.int32)), f"{url}: {k} differs"
+
+
+def _assert_incomplete(url: str) -> None:
+    sd = {"model": {f"w{i}": torch.zeros(1024, 1024) for i in range(BIG_TENSORS)}}
+    with pytest.raises(IncompleteCheckpointError, match="no root zarr.json: it is incomplete"):
+        shardstore.load(sd, url)
+    with pytest.raises(IncompleteCheckpointError, match=f"checkpoint {url} has no root zarr.json"):
+        shardstore.open(url)
+
+
+def test_killed_save_to_a_fresh_url_is_incomplete_and_earlier_checkpoint_loads(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    steps = [(a, 1, SMALL_TENSORS, False, False), (b, 2, BIG_TENSORS, False, True)]
+    _run_and_kill(steps, lambda: (tmp_path / "b").exists() and bool(_chunk_objects(tmp_path / "b")), victim=1)
+    assert not (tmp_path / "b" / "zarr.json").exists()
+    _assert_incomplete(b)
+    _assert_loads(a, 1, SMALL_TENSORS, 64)
+    with pytest.raises(CheckpointExistsError):  # the debris is not silently replaced either
+        shardstore.save({"w": torch.zeros(2)}, b)
+
+
+def test_killed_overwrite_keeps_the_old_checkpoint(tmp_path):
+    a = str(tmp_path / "a")
+    steps = [(a, 1, SMALL_TENSORS, False, False), (a, 2, BIG_TENSORS, True, True)]
+
+    def staging_has_chunks() -> bool:
+        return any(_chunk_objects(s) for s in tmp_path.glob("a.staging-*"))
+
+    _run_and_kill(steps, staging_has_chunks, victim=0)
+    _assert_loads(a, 1, SMALL_TENSORS, 64)
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "a")
+    assert len(leftovers) == 1 and leftovers[0].startswith("a.staging-"), leftovers
+    _assert_incomplete(str(tmp_path / leftovers[0]))
+    # The leftover staging directory blocks nothing: a later save over A replaces A.
+    new = {k: v + 1 for k, v in _values(1, SMALL_TENSORS, 64).items()}
+    with pytest.raises(CheckpointExistsError):
+        shardstore.save({"model": new, "step": 5}, a)
+    shardstore.save({"model": new, "step": 5}, a, overwrite=True)
+    sd = {"model": {k: torch.zeros_like(v) for k, v in new.items()}, "step": -1}
+    shardstore.load(sd, a)
+    assert sd["step"] == 5 and all(torch.equal(sd["model"][k], new[k]) for k in new)
