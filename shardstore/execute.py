@@ -8,14 +8,15 @@ and only then copy anything into the caller's tensors.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
 
-from shardstore.codec import ArrayLayout, decode_index, decode_inner_chunk, encode_shard, index_nbytes, inner_chunk_ranges
+from shardstore.codec import CRC_NBYTES, ArrayLayout, decode_index, decode_inner_chunk, encode_shard, index_nbytes, inner_chunk_ranges
 from shardstore.dtypes import dtype_info_by_name
 from shardstore.errors import CorruptCheckpointError, MissingChunkError
 from shardstore.flatten import KeyPath, fqn
@@ -25,7 +26,8 @@ from shardstore.storage import Storage
 
 __all__ = ["WriteStats", "write_cells", "read_runs", "place", "object_key", "layout_of", "local_tensor"]
 
-_WRITERS = 4  # objects in flight: enough to overlap encoding with I/O, few buffers of memory
+_WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
+_IN_FLIGHT = 6  # encode buffers in the ring: writes in flight plus the one being encoded
 
 
 @dataclass(frozen=True)
@@ -53,26 +55,36 @@ def local_tensor(key: KeyPath, value: Any) -> torch.Tensor:
 def write_cells(
     storage: Storage, plan: GlobalSavePlan, rank: int, items: Mapping[KeyPath, Any], compressor: str | None = None
 ) -> WriteStats:
-    """Encode and write every cell ``plan`` gives this rank; returns what was written."""
+    """Encode and write every cell ``plan`` gives this rank; returns what was written.
+
+    Up to ``_IN_FLIGHT`` objects are being written while the next is encoded, each into a buffer of a
+    small ring that is reused once its write finished (touching fresh memory costs more than encoding).
+    """
     arrays = {a.key: a for a in plan.arrays}
-    tasks = plan.writes[rank]
+    ring: list[tuple[torch.Tensor, Future | None]] = [(torch.empty(0, dtype=torch.uint8), None)] * _IN_FLIGHT
     nbytes = 0
     with ThreadPoolExecutor(_WRITERS) as pool:
-        pending = []
-        for task in tasks:
+        for i, task in enumerate(plan.writes[rank]):
             array = arrays[task.key]
-            source = local_tensor(task.key, items[task.key]).detach()
-            data = source[task.cell_box.relative_to(task.source_box)]
-            if data.device.type != "cpu":
-                data = data.cpu()
-            blob = encode_shard(layout_of(array, compressor), task.cell, data)
+            data = local_tensor(task.key, items[task.key]).detach()[task.cell_box.relative_to(task.source_box)]
+            buffer, busy = ring[i % _IN_FLIGHT]
+            if busy is not None:
+                busy.result()
+            layout = layout_of(array, compressor)
+            if buffer.numel() < encoded_bound(layout):
+                buffer = torch.empty(encoded_bound(layout), dtype=torch.uint8)
+            blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
             nbytes += blob.nbytes
-            pending.append(pool.submit(storage.write, object_key(array.node, task.cell), blob))
-            if len(pending) >= 2 * _WRITERS:
-                pending.pop(0).result()
-        for future in pending:
-            future.result()
-    return WriteStats(nbytes, len(tasks))
+            ring[i % _IN_FLIGHT] = (buffer, pool.submit(storage.write, object_key(array.node, task.cell), blob))
+        for _, busy in ring:
+            if busy is not None:
+                busy.result()
+    return WriteStats(nbytes, len(plan.writes[rank]))
+
+
+def encoded_bound(layout: ArrayLayout) -> int:
+    """The most bytes an uncompressed shard object of ``layout`` can take (every inner chunk stored)."""
+    return math.prod(layout.inner_grid_shape) * (layout.inner_chunk_nbytes + CRC_NBYTES) + index_nbytes(layout)
 
 
 def read_runs(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import warnings
 import statistics
 import sys
 import time
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load as load_bytes, save_file  # noqa: E402
 
 import shardstore  # noqa: E402
 
@@ -47,7 +48,7 @@ def contenders(state: dict, root: Path) -> dict[str, tuple[Callable, Callable]]:
         ),
         "safetensors": (
             lambda: save_file(state, str(_fresh(root / "st.safetensors"))),
-            lambda: load_file(str(root / "st.safetensors")),
+            lambda: load_bytes((root / "st.safetensors").read_bytes()),  # read it all, as the others do
         ),
         "torch DCP": (
             lambda: dcp.save(state, checkpoint_id=str(_fresh(root / "dcp"))),
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", default="/tmp/shardstore-bench")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore")
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     state = make_state(args.gib, args.tensors)
