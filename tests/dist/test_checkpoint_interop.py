@@ -78,3 +78,15 @@ def test_replicated_data_is_written_once_and_balanced(tmp_path):
     total = sum(written)
     assert payload <= total <= payload * 1.01  # each byte once (+ crc32c and indexes)
     assert max(written) <= 1.25 * total / 4, written
+
+
+def test_zstd_compressed_checkpoint_round_trips_and_zarr_reads_it(tmp_path):
+    url = str(tmp_path / "z")
+    state = {"zeros": torch.zeros(300, 200), "noise": torch.randn(1000, generator=torch.Generator().manual_seed(1))}
+    written = shardstore.save(state, url, compressor="zstd").bytes_written
+    assert written < 300 * 200 * 4 / 10  # zeros compress
+    target = {"zeros": torch.ones(300, 200), "noise": torch.zeros(1000)}
+    shardstore.load(target, url)
+    assert all(torch.equal(target[k], state[k]) for k in state)
+    group = zarr.open_group(url, mode="r")
+    assert torch.equal(torch.from_numpy(group["noise"][...]), state["noise"])
