@@ -10,6 +10,7 @@ from .api import DTensor, _rebuild, distribute_tensor
 from .collectives import DeviceMesh, init_device_mesh
 from .convert import from_torch
 from .factories import empty, full, ones, rand, randn, zeros
+from .module import distribute_module
 from .placements import Partial, Placement, Replicate, Shard
 from .spec import DTensorSpec
 
@@ -22,6 +23,7 @@ __all__ = [
     "Replicate",
     "Partial",
     "distribute_tensor",
+    "distribute_module",
     "from_torch",
     "zeros",
     "ones",

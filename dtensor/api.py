@@ -262,15 +262,14 @@ def distribute_tensor(
 
 
 def _scatter_from(tensor: torch.Tensor, spec: DTensorSpec, src_data_rank: int) -> torch.Tensor:
-    """Mesh dim by mesh dim, each group's member on the source's coordinate sends the others their part."""
+    """Mesh dim by mesh dim, each group's member at group rank ``src_data_rank`` sends the others their
+    part (as torch: the source is a group rank on every mesh dim, not a global rank)."""
     mesh = spec.mesh
-    source = (mesh.mesh == src_data_rank).nonzero()
-    if source.numel() == 0:
-        raise ValueError(f"src_data_rank {src_data_rank} is not part of the mesh {mesh}")
-    source_coord = source[0].tolist()
+    if not all(0 <= src_data_rank < n for n in mesh.shape):
+        raise ValueError(f"src_data_rank {src_data_rank} is not a group rank of every dim of the mesh {mesh}")
     local = tensor
     for mesh_dim, p in enumerate(spec.placements):
-        local = _from_source(local, p, spec, mesh_dim, source_coord[mesh_dim])
+        local = _from_source(local, p, spec, mesh_dim, src_data_rank)
     return local
 
 

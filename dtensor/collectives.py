@@ -28,8 +28,9 @@ __all__ = [
 ]
 
 
-# torch renamed all_gather_tensor to all_gather_single; keep working on the older releases we support.
+# torch renamed all_gather_tensor / reduce_scatter_tensor to *_single; keep working on the older releases we support.
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_reduce_scatter = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
 
 
 def is_initialized() -> bool:
@@ -55,7 +56,7 @@ def all_reduce(tensor: torch.Tensor, op: str, mesh: DeviceMesh, mesh_dim: int) -
 def reduce_scatter(tensor: torch.Tensor, op: str, mesh: DeviceMesh, mesh_dim: int, scatter_dim: int) -> torch.Tensor:
     """Reduce across the mesh dim and leave rank i with the i-th equal piece along ``scatter_dim``."""
     op, divide = _divides_avg(op)
-    out = funcol.reduce_scatter_tensor(tensor.contiguous(), op, scatter_dim, (mesh, mesh_dim))
+    out = _reduce_scatter(tensor.contiguous(), op, scatter_dim, (mesh, mesh_dim))
     return out / mesh.size(mesh_dim) if divide else out
 
 

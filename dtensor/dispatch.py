@@ -111,7 +111,8 @@ def _plan(func, args, kwargs, flat, tree, specs, cls, rule) -> _Plan:
         strategy = _replicate_everything(func, specs)
     metas = [_meta(x._spec) if isinstance(x, cls) else _to_meta(x) for x in flat]
     meta_args, meta_kwargs = pytree.tree_unflatten(metas, tree)
-    meta_out = func(*meta_args, **meta_kwargs)
+    # ops that return nothing (in-place _foreach_*/_fused_*) need no output specs; _fused_sgd_ has no meta kernel
+    meta_out = func(*meta_args, **meta_kwargs) if func._schema.returns else None
     return _Plan(strategy, _output_specs(meta_out, specs[0].mesh, strategy.output))
 
 

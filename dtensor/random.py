@@ -24,9 +24,11 @@ _MIX2 = 0x94D049BB133111EB - (1 << 64)
 _STREAM2 = 0x632BE59BD9B4E019
 
 
-def draw_seed() -> int:
-    """One 62-bit seed from torch's default generator (advances it the same way on every rank)."""
-    return int(torch.randint(0, 1 << 62, (), dtype=torch.int64))
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """One 62-bit seed from ``generator`` (default: torch's CPU default generator), advanced the same way
+    on every rank. Drawn on the CPU even when the default device is CUDA, so CPU and GPU runs agree."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 1 << 62, (), dtype=torch.int64, device=device, generator=generator))
 
 
 def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -50,15 +52,20 @@ def _flat_index(global_shape, box: Box, device) -> torch.Tensor:
     return index
 
 
-def _unit(seed: int, index: torch.Tensor) -> torch.Tensor:
-    """Uniform float64 in [0, 1) with 53 random bits per element."""
-    bits = _splitmix(index * _GOLDEN + seed)
-    return _shr(bits, 11).to(torch.float64) * (2.0**-53)
+def _unit(seed: int, index: torch.Tensor, bits: int = 53) -> torch.Tensor:
+    """Uniform float64 in [0, 1) with ``bits`` random bits per element (exact in a float of that many)."""
+    hashed = _splitmix(index * _GOLDEN + seed)
+    return _shr(hashed, 64 - bits).to(torch.float64) * (2.0**-bits)
+
+
+def _mantissa_bits(dtype: torch.dtype) -> int:
+    """Bits a float ``dtype`` holds exactly below 1, so rounding never gives 1.0 (float32: 24)."""
+    return 1 - int(math.log2(torch.finfo(dtype).eps)) if dtype.is_floating_point else 53
 
 
 def uniform(seed: int, global_shape, box: Box, dtype: torch.dtype, device) -> torch.Tensor:
     """The values in ``box`` of a global tensor of U[0, 1) numbers."""
-    return _unit(seed, _flat_index(global_shape, box, device)).to(dtype)
+    return _unit(seed, _flat_index(global_shape, box, device), _mantissa_bits(dtype)).to(dtype)
 
 
 def normal(seed: int, global_shape, box: Box, dtype: torch.dtype, device) -> torch.Tensor:

@@ -100,7 +100,8 @@ def pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 
 
 def _trim(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    return t if t.size(dim) == size else t.narrow(dim, 0, size)
+    """The first ``size`` entries along ``dim``, contiguous (local shards are always contiguous)."""
+    return t if t.size(dim) == size else t.narrow(dim, 0, size).contiguous()
 
 
 def _my_shard(ctx: _Ctx, dim: int) -> tuple[int, int]:
@@ -175,7 +176,9 @@ def _identity_for(op: str, dtype: torch.dtype) -> float | int | bool:
 
 def _shard_to_partial(local, src: Shard, dst: Partial, ctx: _Ctx):
     size, offset = _my_shard(ctx, src.dim)
-    out = torch.full(ctx.logical, _identity_for(dst.reduce_op, local.dtype), dtype=local.dtype, device=local.device)
+    shape = list(local.shape)  # inner mesh dims may cut other tensor dims: only src.dim grows back
+    shape[src.dim] = ctx.logical[src.dim]
+    out = torch.full(shape, _identity_for(dst.reduce_op, local.dtype), dtype=local.dtype, device=local.device)
     out.narrow(src.dim, offset, size).copy_(local)
     return out * ctx.n if dst.reduce_op == "avg" else out
 

@@ -88,13 +88,12 @@ def _worker(rank: int, world_size: int, port: int, conn) -> None:
     while True:
         msg = conn.recv()
         if msg is None:
-            break
+            os._exit(0)  # no destroy_process_group: it waits on peers, and exit frees everything
         fn, args, kwargs = msg
         try:
             conn.send(("ok", fn(*args, **kwargs)))
         except BaseException:  # noqa: BLE001 - the test process shows it
             conn.send(("error", traceback.format_exc()))
-    dist.destroy_process_group()
 
 
 class RankPool:
@@ -159,8 +158,9 @@ class RankPool:
                 conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
+        deadline = time.monotonic() + 5
         for proc in self.procs:
-            proc.join(timeout=5)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
                 proc.join()

@@ -24,7 +24,7 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 import dtensor  # noqa: E402
 import shardstore  # noqa: E402
 from dtensor import Shard  # noqa: E402
-from launch import add_launch_args, launch  # noqa: E402
+from tools.launch import add_launch_args, launch  # noqa: E402
 
 COLS = 4096
 

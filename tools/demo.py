@@ -25,7 +25,7 @@ import torch.distributed as dist  # noqa: E402
 import dtensor  # noqa: E402
 import shardstore  # noqa: E402
 from dtensor import Replicate, Shard  # noqa: E402
-from launch import add_launch_args, launch  # noqa: E402
+from tools.launch import add_launch_args, launch  # noqa: E402
 
 SHAPES = {"embed.weight": (1000, 64), "mlp.up.weight": (256, 64), "mlp.down.weight": (64, 256), "head.weight": (1000, 64), "norm.weight": (64,)}
 SAVE_LAYOUT = {"embed.weight": [Shard(0), Shard(1)], "mlp.up.weight": [Replicate(), Shard(0)], "mlp.down.weight": [Replicate(), Shard(1)], "head.weight": [Shard(0), Shard(0)], "norm.weight": [Replicate(), Replicate()]}

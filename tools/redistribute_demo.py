@@ -17,7 +17,7 @@ from torch.distributed.tensor.debug import CommDebugMode  # noqa: E402
 
 import dtensor  # noqa: E402
 from dtensor import Replicate, Shard  # noqa: E402
-from launch import add_launch_args, launch  # noqa: E402
+from tools.launch import add_launch_args, launch  # noqa: E402
 
 
 def say(*parts) -> None:

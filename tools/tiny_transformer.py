@@ -60,12 +60,14 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def tensor_parallel_plan(colwise, rowwise, replicate, layers: int) -> dict:
     """The Megatron-style plan: q/k/v/up column-wise, o/down row-wise, a vocab-parallel embedding and a
-    column-wise head gathered back to full logits. The style classes and the Replicate placement are
+    column-wise head gathered back to full logits. The embedding and the row-wise layers hand back
+    Replicate DTensors, so the residual stream and layer norms run on DTensors; q/k/v and the MLP's
+    inner activations are local column shards (each rank's heads). The style classes and the Replicate placement are
     passed in, so the same plan serves ``dtensor.parallel`` and torch's own tensor parallel."""
-    plan = {"embed": rowwise(), "head": colwise(output_layouts=replicate)}
+    plan = {"embed": rowwise(input_layouts=replicate, use_local_output=False), "head": colwise(output_layouts=replicate)}
     for i in range(layers):
         plan.update({f"blocks.{i}.{name}": colwise() for name in ("q", "k", "v", "up")})
-        plan.update({f"blocks.{i}.{name}": rowwise() for name in ("o", "down")})
+        plan.update({f"blocks.{i}.{name}": rowwise(use_local_output=False) for name in ("o", "down")})
     return plan
 
 

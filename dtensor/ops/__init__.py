@@ -5,9 +5,9 @@ no rule fits these inputs, use the replicate fallback); ``HANDLERS`` maps an ove
 ``(cls, func, args, kwargs) -> result`` that runs the whole op itself. Each family module exposes both.
 """
 
-from . import matrix, nn, pointwise, random_ops, reductions, tensor_ops, views
+from . import attention, matrix, nn, pointwise, random_ops, reductions, tensor_ops, views
 
-_FAMILIES = (pointwise, tensor_ops, matrix, reductions, views, nn, random_ops)
+_FAMILIES = (pointwise, tensor_ops, matrix, reductions, views, nn, random_ops, attention)
 
 RULES = {op: rule for family in _FAMILIES for op, rule in getattr(family, "RULES", {}).items()}
 HANDLERS = {op: handler for family in _FAMILIES for op, handler in getattr(family, "HANDLERS", {}).items()}

@@ -1,4 +1,252 @@
-"""Sharding rules for the reductions op family (see dtensor/dispatch.py for the rule/handler contract)."""
+"""Reductions: sum, mean, amax/amin, max/min, prod, any/all, argmax/argmin, var/std, vector norms.
 
-RULES: dict = {}
-HANDLERS: dict = {}
+Over a dim that no mesh dim shards, a reduction runs on the shards as they are; the output keeps their
+sharding, with shard dims renumbered when ``keepdim=False`` drops the reduced dims. Over a sharded dim:
+
+* ``sum``/``amax``/``amin``/``max``/``min`` reduce their local piece and leave the combination pending:
+  the output is ``Partial("sum" | "max" | "min")`` on that mesh dim. A rank whose piece of a reduced dim
+  is empty (uneven shards) reduces the op's identity instead, so max/min do not fail on it.
+* ``mean`` is ``sum / count`` (a handler over the sum rule): a mean of uneven shards is not the mean of
+  local means, while a sum of local sums divided by the global count is, so the output is
+  ``Partial("sum")`` (torch says ``Partial("avg")`` for even shards and replicates uneven ones).
+* p-norms (``linalg_vector_norm``, ``norm``, ``_foreach_norm``) are handlers: each rank reduces its piece
+  to sum(|x|^p) (max/min |x| for inf/-inf), one all-reduce per mesh dim that shards a reduced dim combines
+  them (``_foreach_norm`` stacks every tensor's scalar into one all-reduce), and the p-th root is taken
+  locally: the output is replicated where torch leaves a ``_NormPartial``; no gradient is all-gathered.
+* the others (``prod``, ``any``/``all``, ``argmax``/``argmin``, ``max.dim``/``min.dim`` whose indices are
+  local, ``var``/``std``) replicate the reduced dims first, as torch does.
+
+A pending reduction in the input survives only a reduction of the same kind (a sum of ``Partial("sum")``,
+an amax of ``Partial("max")``); any other is resolved first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import collectives
+from ..dispatch import Strategy
+from ..placements import Partial, Placement, Replicate, Shard
+from ..redistribute import redistribute_local
+from ..spec import DTensorSpec, contiguous_strides
+
+aten = torch.ops.aten
+
+_R = Replicate()
+
+
+def _bind(func, args: tuple, kwargs: dict) -> dict:
+    """The op's arguments by schema name, defaults filled in."""
+    named = {}
+    for i, a in enumerate(func._schema.arguments):
+        if i < len(args) and not a.kwarg_only:
+            named[a.name] = args[i]
+        elif a.name in kwargs:
+            named[a.name] = kwargs[a.name]
+        elif a.has_default_value():
+            named[a.name] = a.default_value
+    return named
+
+
+def _reduced_dims(dim, ndim: int) -> tuple[int, ...]:
+    """The dims a reduction folds: None or [] mean all of them (aten's convention)."""
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return tuple(range(ndim))
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return tuple(sorted({d % max(ndim, 1) for d in dims})) if ndim else ()
+
+
+def _dims_and_keepdim(func, args, kwargs, ndim: int) -> tuple[tuple[int, ...], bool]:
+    named = _bind(func, args, kwargs)
+    return _reduced_dims(named.get("dim"), ndim), bool(named.get("keepdim", False))
+
+
+def _renumber(dim: int, reduced: tuple[int, ...], keepdim: bool) -> int:
+    return dim if keepdim else dim - sum(r < dim for r in reduced)
+
+
+def _layout(placements, reduced: tuple[int, ...], keepdim: bool, kind: str | None):
+    """(input placements wanted, output placements) of a reduction of ``kind`` (None: not combinable)."""
+    wanted, out = [], []
+    for p in placements:
+        if isinstance(p, Shard) and p.dim not in reduced:
+            wanted.append(p)
+            out.append(Shard(_renumber(p.dim, reduced, keepdim)))
+        elif kind is not None and (isinstance(p, Shard) or p.is_partial(kind)):
+            wanted.append(p)
+            out.append(Partial(kind))
+        else:
+            wanted.append(_R)
+            out.append(_R)
+    return tuple(wanted), tuple(out)
+
+
+def _identity(kind: str, dtype: torch.dtype):
+    if kind == "sum":
+        return 0
+    if dtype.is_floating_point:
+        return -math.inf if kind == "max" else math.inf
+    info = torch.iinfo(dtype)
+    return info.min if kind == "max" else info.max
+
+
+def _fill_empty_pieces(global_shape: torch.Size, reduced: tuple[int, ...], kind: str):
+    """local_args: a piece that is empty along a reduced dim (while the whole is not) becomes the identity."""
+
+    def local_args(args, kwargs):
+        x = args[0]
+        if all(x.shape[d] > 0 or global_shape[d] == 0 for d in reduced):
+            return args, kwargs
+        shape = [1 if d in reduced else s for d, s in enumerate(x.shape)]
+        return (torch.full(shape, _identity(kind, x.dtype), dtype=x.dtype, device=x.device), *args[1:]), kwargs
+
+    return local_args
+
+
+def _reduction_rule(kind: str | None, outputs: int = 1):
+    """The rule of a reduction that combines as ``kind`` ("sum"/"max"/"min"), or must not combine (None)."""
+
+    def rule(func, specs, args, kwargs):
+        if len(specs) != 1:
+            return None
+        spec = specs[0]
+        reduced, keepdim = _dims_and_keepdim(func, args, kwargs, len(spec.shape))
+        wanted, out = _layout(spec.placements, reduced, keepdim, kind)
+        local_args = None
+        if kind in ("max", "min") and any(isinstance(p, Shard) and p.dim in reduced for p in wanted):
+            local_args = _fill_empty_pieces(spec.shape, reduced, kind)
+        return Strategy((wanted,), out if outputs == 1 else [out] * outputs, local_args)
+
+    return rule
+
+
+# ---- mean: a sum and a division ------------------------------------------------------------------------
+
+
+def _mean(cls, func, args, kwargs):
+    x = args[0]
+    named = _bind(func, args, kwargs)
+    func(torch.empty(x.shape, dtype=x.dtype, device="meta"), *args[1:], **kwargs)  # torch's own argument checks
+    reduced = _reduced_dims(named.get("dim"), x.dim())
+    total = aten.sum.dim_IntList(x, list(reduced), bool(named.get("keepdim", False)), dtype=named.get("dtype"))
+    return aten.div.Scalar(total, math.prod(x.shape[d] for d in reduced))
+
+
+# ---- vector norms: local power sums, one all-reduce, a root ------------------------------------------------
+
+
+def _norm_kind(order: float) -> str:
+    return "max" if order == math.inf else "min" if order == -math.inf else "sum"
+
+
+def _local_stat(local: torch.Tensor, order: float, reduced, dtype, spec: DTensorSpec) -> torch.Tensor:
+    """This rank's term of the norm, reduced dims kept (size 1): sum |x|^p, or max/min |x| for +-inf."""
+    if any(local.shape[d] == 0 and spec.shape[d] > 0 for d in reduced):  # an empty piece: the identity
+        shape = [1 if d in reduced else s for d, s in enumerate(local.shape)]
+        like = torch.linalg.vector_norm(local.new_zeros(shape), order, list(reduced), True, dtype=dtype)
+        return like.fill_(math.inf if order == -math.inf else 0)
+    norm = torch.linalg.vector_norm(local, order, list(reduced), True, dtype=dtype)
+    return norm if order in (0, math.inf, -math.inf) else norm**order
+
+
+def _stat_layout(placements, reduced, order) -> tuple[tuple[Placement, ...], tuple[Placement, ...]]:
+    """(pending, resolved) placements of the local stats: Partial where a mesh dim shards a reduced dim."""
+    kind = _norm_kind(order)
+    pending = tuple(Partial(kind) if isinstance(p, Shard) and p.dim in reduced else p for p in placements)
+    return pending, tuple(_R if p.is_partial() else p for p in pending)
+
+
+def _norms(cls, xs, order, dim, keepdim: bool, dtype) -> list:
+    """Vector norms of DTensors ``xs`` over ``dim``; one all-reduce per group of identically laid out stats."""
+    order = float(order)
+    stats, groups = [], {}
+    for i, x in enumerate(xs):
+        spec = x._spec
+        reduced = _reduced_dims(dim, len(spec.shape))
+        placements = tuple(_R if p.is_partial() else p for p in spec.placements)
+        local = x._local_tensor
+        if placements != spec.placements:
+            local = collectives.wait(redistribute_local(local, spec.mesh, spec.shape, spec.placements, placements))
+        stat = _local_stat(local, order, reduced, dtype, spec)
+        pending, resolved = _stat_layout(placements, reduced, order)
+        stat_shape = tuple(1 if d in reduced else s for d, s in enumerate(spec.shape))
+        stats.append((stat, reduced, resolved))
+        if pending != resolved:
+            whole = not any(isinstance(p, Shard) for p in pending)  # whole stats of any shape share one collective
+            key = (spec.mesh, pending, resolved, stat.dtype, None if whole else stat_shape)
+            groups.setdefault(key, []).append(i)
+    for (mesh, pending, resolved, _, stat_shape), members in groups.items():
+        _combine(stats, members, mesh, pending, resolved, stat_shape)
+    return [_finish(cls, x._spec, stat, order, dims, keepdim, resolved) for x, (stat, dims, resolved) in zip(xs, stats)]
+
+
+def _combine(stats: list, members: list[int], mesh, pending, resolved, stat_shape) -> None:
+    """All-reduce the pending stats of ``members``; unsharded ones (whole on every rank) flattened into one."""
+    if not any(isinstance(p, Shard) for p in pending):
+        flat = torch.cat([stats[i][0].reshape(-1) for i in members])
+        done = collectives.wait(redistribute_local(flat, mesh, flat.shape, pending, resolved))
+        for i, value in zip(members, done.split([stats[i][0].numel() for i in members])):
+            stats[i] = (value.reshape(stats[i][0].shape), *stats[i][1:])
+        return
+    for i in members:
+        done = redistribute_local(stats[i][0], mesh, stat_shape, pending, resolved)
+        stats[i] = (collectives.wait(done), *stats[i][1:])
+
+
+def _finish(cls, spec: DTensorSpec, stat: torch.Tensor, order, reduced, keepdim: bool, resolved):
+    """Root, squeeze and wrap one norm."""
+    value = stat if order in (0, math.inf, -math.inf) else stat ** (1 / order)
+    if not keepdim and reduced:
+        value = value.squeeze(reduced) if value.dim() else value
+    out_shape = [1 if d in reduced else s for d, s in enumerate(spec.shape)]
+    if not keepdim:
+        out_shape = [s for d, s in enumerate(spec.shape) if d not in reduced]
+    placements = tuple(Shard(_renumber(p.dim, reduced, keepdim)) if isinstance(p, Shard) else p for p in resolved)
+    out_spec = DTensorSpec(spec.mesh, placements, torch.Size(out_shape), contiguous_strides(out_shape), value.dtype)
+    return cls(value.contiguous(), out_spec, requires_grad=False)
+
+
+def _vector_norm(cls, func, args, kwargs):
+    named = _bind(func, args, kwargs)
+    order = named.get("ord", named.get("p"))
+    order = 2 if order is None else order
+    return _norms(cls, [args[0]], order, named.get("dim"), bool(named.get("keepdim", False)), named.get("dtype"))[0]
+
+
+def _foreach_norm(cls, func, args, kwargs):
+    named = _bind(func, args, kwargs)
+    return _norms(cls, list(named["self"]), named.get("ord", 2), None, False, named.get("dtype"))
+
+
+RULES = {
+    aten.sum.default: _reduction_rule("sum"),
+    aten.sum.dim_IntList: _reduction_rule("sum"),
+    aten.amax.default: _reduction_rule("max"),
+    aten.amin.default: _reduction_rule("min"),
+    aten.max.default: _reduction_rule("max"),
+    aten.min.default: _reduction_rule("min"),
+    aten.prod.default: _reduction_rule(None),
+    aten.prod.dim_int: _reduction_rule(None),
+    aten.any.default: _reduction_rule(None),
+    aten.any.dim: _reduction_rule(None),
+    aten.any.dims: _reduction_rule(None),
+    aten.all.default: _reduction_rule(None),
+    aten.all.dim: _reduction_rule(None),
+    aten.all.dims: _reduction_rule(None),
+    aten.argmax.default: _reduction_rule(None),
+    aten.argmin.default: _reduction_rule(None),
+    aten.max.dim: _reduction_rule(None, outputs=2),
+    aten.min.dim: _reduction_rule(None, outputs=2),
+    aten.var.correction: _reduction_rule(None),
+    aten.std.correction: _reduction_rule(None),
+}
+HANDLERS = {
+    aten.mean.default: _mean,
+    aten.mean.dim: _mean,
+    aten.linalg_vector_norm.default: _vector_norm,
+    aten.norm.Scalar: _vector_norm,
+    aten.norm.ScalarOpt_dim: _vector_norm,
+    aten._foreach_norm.Scalar: _foreach_norm,
+}

@@ -39,7 +39,7 @@ def from_torch_placements(placements):
 def distribute(full: torch.Tensor, mesh, placements, ours: bool = True):
     """A DTensor of ``full`` laid out as ``placements`` (Partial: rank r holds full * w_r, w summing to 1)."""
     base = [Replicate() if isinstance(p, Partial) else p for p in placements]
-    dt = dtensor.distribute_tensor(full, mesh, base, src_data_rank=None)
+    dt = dtensor.distribute_tensor(full.clone(), mesh, base, src_data_rank=None)  # like torch, may alias its input
     if any(isinstance(p, Partial) for p in placements):
         dt = dtensor.DTensor.from_local(dt.to_local(), mesh, base, shape=full.shape, stride=full.stride())
         dt = dt.redistribute(placements=placements)  # R -> P(sum) splits the value evenly

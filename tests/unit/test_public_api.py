@@ -7,7 +7,7 @@ import shardstore
 
 DTENSOR_API = {
     "DTensor", "DeviceMesh", "init_device_mesh", "Placement", "Shard", "Replicate", "Partial",
-    "distribute_tensor", "from_torch", "zeros", "ones", "empty", "full", "rand", "randn",
+    "distribute_tensor", "distribute_module", "from_torch", "zeros", "ones", "empty", "full", "rand", "randn",
 }
 SHARDSTORE_API = {
     "save", "load", "open", "Checkpoint", "SaveResult", "LoadResult", "ShardstoreError", "CheckpointExistsError",

@@ -1,0 +1,24 @@
+"""Tensor parallelism on our DTensor: ``torch.distributed.tensor.parallel`` name for name.
+
+Switching is one import: ``from dtensor.parallel import parallelize_module, ColwiseParallel, RowwiseParallel``.
+"""
+
+from .api import parallelize_module
+from .style import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+)
+
+__all__ = [
+    "ColwiseParallel",
+    "ParallelStyle",
+    "PrepareModuleInput",
+    "PrepareModuleOutput",
+    "RowwiseParallel",
+    "SequenceParallel",
+    "parallelize_module",
+]
