@@ -49,7 +49,7 @@ def mesh(shape: tuple[int, ...]):
 
     key = tuple(shape)
     if key not in _meshes:
-        ranks = torch.arange(math.prod(shape)).reshape(shape)
+        ranks = torch.arange(math.prod(shape), device="cpu").reshape(shape)
         _meshes[key] = DeviceMesh(device(), ranks)
     return _meshes[key]
 

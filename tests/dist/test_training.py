@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh
 import dtensor
 from dtensor import Replicate
 from dtensor.dispatch import fallback_ops
+from tests.ranks import device
 from tools.tiny_transformer import TinyTransformer, batches, loss_fn, tensor_parallel_plan
 
 STEPS = 20
@@ -21,7 +22,8 @@ _meshes = {}
 
 def _mesh(dp: int, tp: int) -> DeviceMesh:
     if (dp, tp) not in _meshes:
-        _meshes[(dp, tp)] = DeviceMesh("cpu", torch.arange(dp * tp).reshape(dp, tp), mesh_dim_names=("dp", "tp"))
+        ranks = torch.arange(dp * tp, device="cpu").reshape(dp, tp)
+        _meshes[(dp, tp)] = DeviceMesh(device(), ranks, mesh_dim_names=("dp", "tp"))
     return _meshes[(dp, tp)]
 
 
