@@ -17,6 +17,7 @@ op once (``fallback_ops`` lists them).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -64,10 +65,10 @@ def dispatch(cls, func, args: tuple, kwargs: dict):
     handler = HANDLERS.get(func)
     if handler is not None:
         return handler(cls, func, args, kwargs)
-    flat, tree = pytree.tree_flatten((args, kwargs))
+    flat, tree = _flatten(args, kwargs)
     specs = [x._spec for x in flat if isinstance(x, cls)]
     _check_inputs(func, flat, specs, cls)
-    key = _cache_key(func, flat, cls)
+    key = _cache_key(func, flat, tree, cls)
     plan = _cache.get(key) if key is not None else None
     if plan is None:
         plan = _plan(func, args, kwargs, flat, tree, specs, cls, RULES.get(func))
@@ -76,17 +77,40 @@ def dispatch(cls, func, args: tuple, kwargs: dict):
     return _run(cls, func, flat, tree, specs, plan)
 
 
-def _cache_key(func, flat: list, cls):
+def _flatten(args: tuple, kwargs: dict) -> tuple[list, Any]:
+    """The op's arguments as a flat list. The common case (no tensors inside lists or dicts) skips
+    pytree: every argument is one leaf, lists of sizes included."""
+    values = (*args, *kwargs.values())
+    if not any(isinstance(a, (list, tuple, dict)) and _holds_tensor(a) for a in values):
+        return list(values), (len(args), tuple(kwargs))
+    return pytree.tree_flatten((args, kwargs))
+
+
+def _holds_tensor(container) -> bool:
+    items = container.values() if isinstance(container, dict) else container
+    return any(isinstance(x, torch.Tensor) or isinstance(x, (list, tuple, dict)) and _holds_tensor(x) for x in items)
+
+
+def _unflatten(flat: list, tree) -> tuple[tuple, dict]:
+    if isinstance(tree, tuple):
+        count, names = tree
+        return tuple(flat[:count]), dict(zip(names, flat[count:]))
+    return pytree.tree_unflatten(flat, tree)
+
+
+def _cache_key(func, flat: list, tree, cls):
     parts = []
     for x in flat:
         if isinstance(x, cls):
             parts.append(x._spec)
         elif isinstance(x, torch.Tensor):
             parts.append(("tensor", x.dtype, x.device, tuple(x.shape)))
+        elif isinstance(x, list):
+            parts.append(tuple(x))
         else:
             parts.append(x)
     try:
-        key = (func, tuple(parts))
+        key = (func, tuple(parts), tree if isinstance(tree, tuple) else repr(tree))
         hash(key)
     except TypeError:
         return None
@@ -110,7 +134,7 @@ def _plan(func, args, kwargs, flat, tree, specs, cls, rule) -> _Plan:
     if strategy is None:
         strategy = _replicate_everything(func, specs)
     metas = [_meta(x._spec) if isinstance(x, cls) else _to_meta(x) for x in flat]
-    meta_args, meta_kwargs = pytree.tree_unflatten(metas, tree)
+    meta_args, meta_kwargs = _unflatten(metas, tree)
     # ops that return nothing (in-place _foreach_*/_fused_*) need no output specs; _fused_sgd_ has no meta kernel
     meta_out = func(*meta_args, **meta_kwargs) if func._schema.returns else None
     return _Plan(strategy, _output_specs(meta_out, specs[0].mesh, strategy.output))
@@ -158,7 +182,7 @@ def _run(cls, func, flat: list, tree, specs: list[DTensorSpec], plan: _Plan):
             local_flat.append(local)
         else:
             local_flat.append(x)
-    local_args, local_kwargs = pytree.tree_unflatten(local_flat, tree)
+    local_args, local_kwargs = _unflatten(local_flat, tree)
     if strategy.local_args is not None:
         local_args, local_kwargs = strategy.local_args(local_args, local_kwargs)
     out = func(*local_args, **local_kwargs)
@@ -167,6 +191,7 @@ def _run(cls, func, flat: list, tree, specs: list[DTensorSpec], plan: _Plan):
     return _wrap(cls, out, plan.outputs)
 
 
+@functools.cache
 def _is_inplace(func) -> bool:
     first = func._schema.arguments[0].alias_info if func._schema.arguments else None
     return first is not None and first.is_write
@@ -174,7 +199,7 @@ def _is_inplace(func) -> bool:
 
 def _inplace_result(cls, flat: list, tree, strategy: Strategy, out):
     """In-place ops return their target (``_foreach_*_`` return nothing); targets keep their layout."""
-    target = pytree.tree_unflatten(flat, tree)[0][0]
+    target = _unflatten(flat, tree)[0][0]
     count = len(pytree.tree_leaves(target))
     for i, t in enumerate(x for x in flat[:count] if isinstance(x, cls)):
         if strategy.inputs[i] != t._spec.placements:
@@ -186,6 +211,8 @@ def _inplace_result(cls, flat: list, tree, strategy: Strategy, out):
 
 
 def _wrap(cls, out, out_specs: list):
+    if isinstance(out, torch.Tensor):
+        return cls(out, out_specs[0], requires_grad=False)
     flat, tree = pytree.tree_flatten(out)
     wrapped = [cls(o, s, requires_grad=False) if isinstance(o, torch.Tensor) else o for o, s in zip(flat, out_specs)]
     return pytree.tree_unflatten(wrapped, tree)

@@ -31,6 +31,13 @@ class DTensorSpec:
     stride: tuple[int, ...]
     dtype: torch.dtype
 
+    def __post_init__(self) -> None:
+        # specs key the dispatch cache: hash once, not on every op
+        object.__setattr__(self, "_hash", hash((self.mesh, self.placements, self.shape, self.stride, self.dtype)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
     @classmethod
     def create(cls, mesh, placements: Sequence[Placement] | None, shape: Sequence[int], dtype: torch.dtype, stride=None) -> "DTensorSpec":
         shape = torch.Size(shape)

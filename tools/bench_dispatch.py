@@ -29,7 +29,7 @@ OPS = {
     "mul_": lambda a, b: a.mul_(1.0),
     "mm (colwise)": lambda a, b: a @ b,
     "sum(dim)": lambda a, b: a.sum(dim=1),
-    "view+transpose": lambda a, b: a.view(4, 2, 8).transpose(0, 1),
+    "view+transpose": lambda a, b: a.view(4, 2, 16).transpose(0, 1),
 }
 
 

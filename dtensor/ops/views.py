@@ -40,6 +40,8 @@ def view_groups(src: Sequence[int], dst: Sequence[int]) -> list[Group]:
     A size-1 dim facing a non-1 dim forms a group on its own (it appears or vanishes); otherwise dims
     are taken from the smaller side until both products agree. Shapes with no elements are not split.
     """
+    if math.prod(src) != math.prod(dst):
+        raise RuntimeError(f"shape '{list(dst)}' is invalid for input of size {math.prod(src)}")
     if math.prod(src) == 0:
         return [(tuple(range(len(src))), tuple(range(len(dst))))]
     groups: list[Group] = []
