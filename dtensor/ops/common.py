@@ -238,3 +238,16 @@ def is_inplace(func) -> bool:
 def mutable_args(func) -> set[str]:
     """Names of the arguments the op writes into."""
     return {a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+
+
+def bind_args(func, args: tuple, kwargs: dict) -> dict:
+    """The op's arguments by schema name, defaults filled in (None where the schema has no default)."""
+    bound = {}
+    for i, arg in enumerate(func._schema.arguments):
+        if i < len(args) and not arg.kwarg_only:
+            bound[arg.name] = args[i]
+        elif arg.name in kwargs:
+            bound[arg.name] = kwargs[arg.name]
+        else:
+            bound[arg.name] = arg.default_value if arg.has_default_value() else None
+    return bound

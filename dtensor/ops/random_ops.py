@@ -20,22 +20,9 @@ from .. import collectives, random
 from ..placements import Box, Placement, Replicate
 from ..redistribute import redistribute_local
 from ..spec import DTensorSpec
-from .common import replicate_partials
+from .common import bind_args, replicate_partials
 
 aten = torch.ops.aten
-
-
-def _bind(func, args: tuple, kwargs: dict) -> dict:
-    """The op's arguments by schema name, defaults filled in."""
-    bound = {}
-    for i, arg in enumerate(func._schema.arguments):
-        if i < len(args) and not arg.kwarg_only:
-            bound[arg.name] = args[i]
-        elif arg.name in kwargs:
-            bound[arg.name] = kwargs[arg.name]
-        else:
-            bound[arg.name] = arg.default_value if arg.has_default_value() else None
-    return bound
 
 
 def _box(spec: DTensorSpec) -> Box:
@@ -101,7 +88,7 @@ def _bernoulli_values(a, spec, seed, device, cls):
 
 def _fill(values):
     def handler(cls, func, args, kwargs):
-        a = _bind(func, args, kwargs)
+        a = bind_args(func, args, kwargs)
         target = a["self"]
         spec = target._spec
         local = target._local_tensor
@@ -122,7 +109,7 @@ def _like(draw):
     """``rand_like``-style factories: laid out like the input (never Partial), values from ``draw``."""
 
     def handler(cls, func, args, kwargs):
-        a = _bind(func, args, kwargs)
+        a = bind_args(func, args, kwargs)
         src = a["self"]._spec
         dtype = a.get("dtype") or src.dtype
         spec = DTensorSpec.create(src.mesh, replicate_partials(src.placements), src.shape, dtype)
@@ -142,7 +129,7 @@ def _randint(a, spec, seed, device):
 
 def _bernoulli(cls, func, args, kwargs):
     """``bernoulli.p`` (probability p) and ``bernoulli.default`` (the input holds the probabilities)."""
-    a = _bind(func, args, kwargs)
+    a = bind_args(func, args, kwargs)
     src = a["self"]._spec
     placements = replicate_partials(src.placements)
     spec = src.with_placements(placements)
@@ -155,7 +142,7 @@ def _bernoulli(cls, func, args, kwargs):
 def _native_dropout(cls, func, args, kwargs):
     """(input * mask / (1 - p), mask); the output keeps the input's placements (Partial too: the op is
     linear in its input given the mask), the mask drops Partial."""
-    a = _bind(func, args, kwargs)
+    a = bind_args(func, args, kwargs)
     x = a["input"]
     spec = x._spec
     local = x._local_tensor

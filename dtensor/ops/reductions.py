@@ -31,23 +31,11 @@ from ..dispatch import Strategy
 from ..placements import Partial, Placement, Replicate, Shard
 from ..redistribute import redistribute_local
 from ..spec import DTensorSpec, contiguous_strides
+from .common import bind_args
 
 aten = torch.ops.aten
 
 _R = Replicate()
-
-
-def _bind(func, args: tuple, kwargs: dict) -> dict:
-    """The op's arguments by schema name, defaults filled in."""
-    named = {}
-    for i, a in enumerate(func._schema.arguments):
-        if i < len(args) and not a.kwarg_only:
-            named[a.name] = args[i]
-        elif a.name in kwargs:
-            named[a.name] = kwargs[a.name]
-        elif a.has_default_value():
-            named[a.name] = a.default_value
-    return named
 
 
 def _reduced_dims(dim, ndim: int) -> tuple[int, ...]:
@@ -59,7 +47,7 @@ def _reduced_dims(dim, ndim: int) -> tuple[int, ...]:
 
 
 def _dims_and_keepdim(func, args, kwargs, ndim: int) -> tuple[tuple[int, ...], bool]:
-    named = _bind(func, args, kwargs)
+    named = bind_args(func, args, kwargs)
     return _reduced_dims(named.get("dim"), ndim), bool(named.get("keepdim", False))
 
 
@@ -127,7 +115,7 @@ def _reduction_rule(kind: str | None, outputs: int = 1):
 
 def _mean(cls, func, args, kwargs):
     x = args[0]
-    named = _bind(func, args, kwargs)
+    named = bind_args(func, args, kwargs)
     func(torch.empty(x.shape, dtype=x.dtype, device="meta"), *args[1:], **kwargs)  # torch's own argument checks
     reduced = _reduced_dims(named.get("dim"), x.dim())
     total = aten.sum.dim_IntList(x, list(reduced), bool(named.get("keepdim", False)), dtype=named.get("dtype"))
@@ -209,14 +197,14 @@ def _finish(cls, spec: DTensorSpec, stat: torch.Tensor, order, reduced, keepdim:
 
 
 def _vector_norm(cls, func, args, kwargs):
-    named = _bind(func, args, kwargs)
+    named = bind_args(func, args, kwargs)
     order = named.get("ord", named.get("p"))
     order = 2 if order is None else order
     return _norms(cls, [args[0]], order, named.get("dim"), bool(named.get("keepdim", False)), named.get("dtype"))[0]
 
 
 def _foreach_norm(cls, func, args, kwargs):
-    named = _bind(func, args, kwargs)
+    named = bind_args(func, args, kwargs)
     return _norms(cls, list(named["self"]), named.get("ord", 2), None, False, named.get("dtype"))
 
 

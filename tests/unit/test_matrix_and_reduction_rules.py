@@ -1,6 +1,5 @@
 """The matrix-product and reduction rules as pure functions: no processes, a stand-in mesh."""
 
-from dataclasses import dataclass
 
 import torch
 
@@ -8,21 +7,10 @@ from dtensor.ops import matrix, reductions
 from dtensor.ops.common import redistribute_cost
 from dtensor.placements import Partial, Replicate, Shard
 from dtensor.spec import DTensorSpec
+from tests.fakes import FakeMesh
 
 R, P, S0, S1 = Replicate(), Partial(), Shard(0), Shard(1)
 aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class FakeMesh:
-    shape: tuple[int, ...]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def size(self, mesh_dim: int) -> int:
-        return self.shape[mesh_dim]
 
 
 def _spec(shape, placements, mesh=(4,)):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
@@ -11,20 +10,9 @@ from dtensor.ops.common import Operand, broadcast_map, elementwise, redistribute
 from dtensor.ops.pointwise import ADDITIVE, LINEAR, MUL
 from dtensor.placements import Partial, Replicate, Shard
 from dtensor.spec import DTensorSpec
+from tests.fakes import FakeMesh
 
 R, P = Replicate(), Partial()
-
-
-@dataclass(frozen=True)
-class FakeMesh:
-    shape: tuple[int, ...]
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def size(self, mesh_dim: int) -> int:
-        return self.shape[mesh_dim]
 
 
 def op(shape, *placements, mesh=(2,), dtype=torch.float64) -> Operand:
