@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch.utils import _pytree as pytree
@@ -216,8 +216,3 @@ def _wrap(cls, out, out_specs: list):
     flat, tree = pytree.tree_flatten(out)
     wrapped = [cls(o, s, requires_grad=False) if isinstance(o, torch.Tensor) else o for o, s in zip(flat, out_specs)]
     return pytree.tree_unflatten(wrapped, tree)
-
-
-def replicate(specs: Sequence[DTensorSpec]) -> tuple[Placements, ...]:
-    """Every input fully replicated (a helper for rules)."""
-    return tuple(tuple(Replicate() for _ in s.placements) for s in specs)

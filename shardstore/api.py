@@ -19,11 +19,10 @@ from dtensor.placements import Box
 from shardstore import format as fmt
 from shardstore.codec import ArrayLayout, choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
-from shardstore.dtypes import dtype_info_by_name
 from shardstore.errors import CheckpointExistsError, CorruptCheckpointError
 from shardstore.execute import layout_of, local_tensor, place, read_runs, write_cells
 from shardstore.flatten import KeyPath, flatten, fqn, is_tensor_like, keypath_from_node, node_path, unflatten
-from shardstore.plan import GlobalSavePlan, LoadRegion, StoredArray, TargetTensor, load_targets, local_save_plan, merge_save_plans, plan_load
+from shardstore.plan import GlobalSavePlan, LoadRegion, StoredArray, TargetTensor, dtype_name, load_targets, local_save_plan, merge_save_plans, plan_load
 from shardstore.storage import Storage
 
 __all__ = ["save", "load", "open", "Checkpoint", "SaveResult", "LoadResult"]
@@ -146,14 +145,10 @@ def _stored_arrays(root: fmt.RootMetadata):
             key = keypath_from_node(record.path, root.tree)
         except ValueError as exc:
             raise CorruptCheckpointError(f"the root zarr.json names a tensor node {record.path!r} that no key maps to: {exc}") from exc
-        stored[key] = StoredArray(key, record.shape, _torch_dtype_name(record.dtype), record.chunk_shape, record.inner_chunk_shape)
         layouts[key] = record.layout
+        stored[key] = StoredArray(key, record.shape, dtype_name(layouts[key].dtype), record.chunk_shape, record.inner_chunk_shape)
         nodes[key] = record.path
     return stored, layouts, nodes
-
-
-def _torch_dtype_name(zarr_name: str) -> str:
-    return str(dtype_info_by_name(zarr_name).torch_dtype).removeprefix("torch.")
 
 
 def _replace_plain_values(state_dict: dict, tree) -> None:

@@ -1,7 +1,7 @@
 """Carrying plans out: encode and write this rank's cells; read, verify and place the chunks it needs.
 
-The plans (``plan.py``) say what; this module moves bytes. Writes reuse one encode buffer and hand
-each finished object to a small thread pool, so encoding the next cell overlaps writing the last.
+The plans (``plan.py``) say what; this module moves bytes. Writes encode into a small ring of reused
+buffers and hand each finished object to a thread pool, so encoding the next cell overlaps writing.
 Reads fetch each run of consecutive inner chunks with one ranged read, verify every chunk's crc32c
 and only then copy anything into the caller's tensors.
 """
@@ -61,6 +61,7 @@ def write_cells(
     small ring that is reused once its write finished (touching fresh memory costs more than encoding).
     """
     arrays = {a.key: a for a in plan.arrays}
+    layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
     ring: list[tuple[torch.Tensor, Future | None]] = [(torch.empty(0, dtype=torch.uint8), None)] * _IN_FLIGHT
     nbytes = 0
     with ThreadPoolExecutor(_WRITERS) as pool:
@@ -70,9 +71,9 @@ def write_cells(
             buffer, busy = ring[i % _IN_FLIGHT]
             if busy is not None:
                 busy.result()
-            layout = layout_of(array, compressor)
-            if buffer.numel() < encoded_bound(layout):
-                buffer = torch.empty(encoded_bound(layout), dtype=torch.uint8)
+            layout = layouts[task.key]
+            if buffer.numel() < (needed := encoded_bound(layout)):
+                buffer = torch.empty(needed, dtype=torch.uint8)
             blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
             nbytes += blob.nbytes
             ring[i % _IN_FLIGHT] = (buffer, pool.submit(storage.write, object_key(array.node, task.cell), blob))

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 from torch.utils import _pytree as pytree
 
+from ..dispatch import Placements
 from ..placements import Partial, Placement, Replicate, Shard
 from ..spec import DTensorSpec
 
@@ -36,7 +37,6 @@ __all__ = [
     "mutable_args",
 ]
 
-Placements = tuple[Placement, ...]
 # One mesh dim of a Partial rule: (output placement, placement of each tensor operand).
 PartialRule = tuple[Placement, ...]
 
