@@ -12,7 +12,13 @@ Two kinds of entries, one module per op family under ``ops/``, collected explici
 * a **handler** does the whole op itself (random ops, ops whose local computation differs).
 
 An op with neither still works: every input is replicated, the op runs locally, and a warning names the
-op once (``fallback_ops`` lists them).
+op once (``fallback_ops`` lists them). Ops whose output shape depends on the data (``masked_select``,
+``nonzero``) have no meta kernel; on that path their output specs come from the local result.
+
+Plain tensors beside DTensors are refused (a 0-d one is a scalar), except where they are known to hold
+the full value on every rank: inside ``dtensor.experimental.implicit_replication()``, and in a backward
+pass, where autograd itself builds plain zero gradients (the backward of ``split``/``unbind`` for unused
+outputs). There they count as ``Replicate``.
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ from .placements import Placement, Replicate
 from .redistribute import redistribute_local
 from .spec import DTensorSpec
 
-__all__ = ["Strategy", "dispatch", "fallback_ops", "Placements"]
+__all__ = ["Strategy", "dispatch", "fallback_ops", "Placements", "implicit_replication_depth"]
 
 Placements = tuple[Placement, ...]
 fallback_ops: set[str] = set()  # ops that took the replicate-everything path, for tests and users to inspect
+implicit_replication_depth = 0  # > 0 inside dtensor.experimental.implicit_replication()
 
 
 @dataclass(frozen=True)
@@ -53,25 +60,29 @@ class Strategy:
 @dataclass(frozen=True)
 class _Plan:
     strategy: Strategy
-    outputs: list  # one DTensorSpec per flattened output leaf (None for non-tensor leaves)
+    outputs: list | None  # one DTensorSpec per flattened output leaf (None for non-tensor leaves); None: per call
 
 
 _cache: dict[Any, _Plan] = {}
 
 
 def dispatch(cls, func, args: tuple, kwargs: dict):
-    from .ops import HANDLERS, RULES
+    from .ops import HANDLERS, rule_for
 
     handler = HANDLERS.get(func)
     if handler is not None:
         return handler(cls, func, args, kwargs)
     flat, tree = _flatten(args, kwargs)
     specs = [x._spec for x in flat if isinstance(x, cls)]
-    _check_inputs(func, flat, specs, cls)
+    _check_meshes(func, specs)
+    if any(_is_plain(x, cls) for x in flat):
+        flat = _replicate_plain(func, flat, specs[0].mesh, cls)
+        args, kwargs = _unflatten(flat, tree)
+        specs = [x._spec for x in flat if isinstance(x, cls)]
     key = _cache_key(func, flat, tree, cls)
     plan = _cache.get(key) if key is not None else None
     if plan is None:
-        plan = _plan(func, args, kwargs, flat, tree, specs, cls, RULES.get(func))
+        plan = _plan(func, args, kwargs, flat, tree, specs, cls, rule_for(func))
         if key is not None:
             _cache[key] = plan
     return _run(cls, func, flat, tree, specs, plan)
@@ -117,16 +128,31 @@ def _cache_key(func, flat: list, tree, cls):
     return key
 
 
-def _check_inputs(func, flat: list, specs: list[DTensorSpec], cls) -> None:
+def _check_meshes(func, specs: list[DTensorSpec]) -> None:
     meshes = {s.mesh for s in specs}
     if len(meshes) > 1:
         raise ValueError(f"{func}: DTensor inputs live on different meshes {meshes}; redistribute them onto one mesh")
-    plain = [x for x in flat if isinstance(x, torch.Tensor) and not isinstance(x, cls) and x.dim() > 0]
-    if plain:
-        raise TypeError(
-            f"{func}: got a plain torch.Tensor of shape {list(plain[0].shape)} mixed with DTensors; "
-            "convert it with distribute_tensor or DTensor.from_local first"
+
+
+def _is_plain(x, cls) -> bool:
+    """A plain tensor that is not a scalar operand (0-d tensors are scalars, as in torch)."""
+    return isinstance(x, torch.Tensor) and not isinstance(x, cls) and x.dim() > 0
+
+
+def _replicate_plain(func, flat: list, mesh, cls) -> list:
+    """Plain tensors as Replicate DTensors where they are known to be the full value (module docstring)."""
+    if implicit_replication_depth == 0 and torch._C._current_autograd_node() is None:
+        shape = next(list(x.shape) for x in flat if _is_plain(x, cls))
+        raise RuntimeError(  # not TypeError: Python's operators would turn that into "unsupported operand type(s)"
+            f"{func}: got a plain torch.Tensor of shape {shape} mixed with DTensors; convert it with "
+            "distribute_tensor or DTensor.from_local first (or, if it is the same full tensor on every rank, "
+            "run the code inside dtensor.experimental.implicit_replication())"
         )
+    replicate = (Replicate(),) * mesh.ndim
+    return [
+        cls(x.detach(), DTensorSpec(mesh, replicate, x.shape, tuple(x.stride()), x.dtype)) if _is_plain(x, cls) else x
+        for x in flat
+    ]
 
 
 def _plan(func, args, kwargs, flat, tree, specs, cls, rule) -> _Plan:
@@ -136,7 +162,12 @@ def _plan(func, args, kwargs, flat, tree, specs, cls, rule) -> _Plan:
     metas = [_meta(x._spec) if isinstance(x, cls) else _to_meta(x) for x in flat]
     meta_args, meta_kwargs = _unflatten(metas, tree)
     # ops that return nothing (in-place _foreach_*/_fused_*) need no output specs; _fused_sgd_ has no meta kernel
-    meta_out = func(*meta_args, **meta_kwargs) if func._schema.returns else None
+    try:
+        meta_out = func(*meta_args, **meta_kwargs) if func._schema.returns else None
+    except (NotImplementedError, RuntimeError):
+        if rule is not None:
+            raise
+        return _Plan(strategy, None)  # a data-dependent output shape: specs come from each local result
     return _Plan(strategy, _output_specs(meta_out, specs[0].mesh, strategy.output))
 
 
@@ -188,7 +219,7 @@ def _run(cls, func, flat: list, tree, specs: list[DTensorSpec], plan: _Plan):
     out = func(*local_args, **local_kwargs)
     if _is_inplace(func):
         return _inplace_result(cls, flat, tree, strategy, out)
-    return _wrap(cls, out, plan.outputs)
+    return _wrap(cls, out, plan.outputs if plan.outputs is not None else _output_specs(out, mesh, strategy.output))
 
 
 @functools.cache

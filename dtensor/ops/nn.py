@@ -1,4 +1,4 @@
-"""The nn family: softmax, layer norm, embedding, nll loss (forward and backward).
+"""The nn family: softmax, layer norm, embedding, nll and mse losses (forward and backward).
 
 Rules where the local computation is the op itself on the shards:
 
@@ -21,7 +21,10 @@ Handlers where it is not:
 * ``_log_softmax`` (+ backward) along a sharded dim: torch's loss-parallel idea, a max and a sum
   all-reduce instead of gathering the logits; the output stays sharded on that dim.
 * ``nll_loss_forward``: a batch- or class-sharded loss is ``Partial("sum")`` of local sums, divided by
-  the global total weight for ``mean`` (an all-reduce of one scalar), exact for uneven shards.
+  the global total weight for ``mean`` (an all-reduce of one scalar), exact for uneven shards. Plain
+  targets and class weights count as the same full tensor on every rank, as in torch's ``loss_parallel``.
+* ``mse_loss`` (+ backward): written as DTensor ops (a difference, a square, a mean or sum), so any
+  layout works and a mean divides by the global element count.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from ..dispatch import Strategy
 from ..placements import Partial, Placement, Replicate, Shard, local_box
 from ..redistribute import redistribute_local
 from ..spec import DTensorSpec
-from .common import replicate_partials
+from .common import bind_args, replicate_partials
 
 aten = torch.ops.aten
 
@@ -62,6 +65,14 @@ def _local(x, placements: Sequence[Placement]) -> torch.Tensor:
     if placements == spec.placements:
         return x._local_tensor
     return collectives.wait(redistribute_local(x._local_tensor, spec.mesh, spec.shape, spec.placements, placements))
+
+
+def _replicated(cls, t: torch.Tensor | None, mesh):
+    """A plain tensor argument (targets, class weights) as the same full tensor on every rank, as torch's
+    ``loss_parallel`` takes it."""
+    if t is None or isinstance(t, cls):
+        return t
+    return _wrap(cls, t, mesh, (Replicate(),) * mesh.ndim, t.shape)
 
 
 def _wrap(cls, local: torch.Tensor, mesh, placements, shape: Sequence[int]):
@@ -273,6 +284,7 @@ def _nll_loss_forward(cls, func, args, kwargs):
     the global total weight (one all-reduced scalar), which comes back replicated."""
     x, target, weight, reduction, ignore_index = args
     mesh, class_dim = x._spec.mesh, 1 if len(x.shape) == 2 else 0
+    target, weight = _replicated(cls, target, mesh), _replicated(cls, weight, mesh)
     x_p, t_p, batch, classes = _loss_layout(x._spec)
     replicate = (Replicate(),) * mesh.ndim
     local, t = _local(x, x_p), _local(target, t_p)
@@ -318,6 +330,24 @@ def _shift_targets(x: DTensorSpec, x_p):
     return rewrite
 
 
+# ---------------------------------------------------------------- mse loss
+
+
+def _mse_loss(cls, func, args, kwargs):
+    """(x - y)^2, then the mean or sum as DTensor ops (a mean over shards divides by the global count)."""
+    named = bind_args(func, args, kwargs)
+    squared = aten.pow.Tensor_Scalar(aten.sub.Tensor(named["self"], named["target"]), 2)
+    reduction = named["reduction"]
+    return squared if reduction == 0 else aten.mean.default(squared) if reduction == _MEAN else aten.sum.default(squared)
+
+
+def _mse_loss_backward(cls, func, args, kwargs):
+    """2 (x - y) grad, divided by the global element count for ``mean``."""
+    grad, x, y, reduction = (bind_args(func, args, kwargs)[k] for k in ("grad_output", "self", "target", "reduction"))
+    scale = 2.0 / x.numel() if reduction == _MEAN else 2.0
+    return aten.mul.Tensor(aten.mul.Scalar(aten.sub.Tensor(x, y), scale), grad)
+
+
 RULES = {
     aten._softmax.default: _softmax,
     aten._softmax_backward_data.default: _softmax_backward,
@@ -328,6 +358,8 @@ RULES = {
 }
 
 HANDLERS = {
+    aten.mse_loss.default: _mse_loss,
+    aten.mse_loss_backward.default: _mse_loss_backward,
     aten._log_softmax.default: _log_softmax,
     aten._log_softmax_backward_data.default: _log_softmax_backward,
     aten.embedding.default: _embedding,

@@ -35,6 +35,7 @@ MAXIMUM = _MONOTONE2 + ((PMAX, PMAX, PMAX),)
 MINIMUM = _MONOTONE2 + ((PMIN, PMIN, PMIN),)
 COPY = tuple((p, p, p) for p in (PS, PA, PMAX, PMIN))  # dst.copy_(src): a copy of every term
 KEEP = tuple((p, p) for p in (PS, PA, PMAX, PMIN))  # zero_: zeros are a term of every reduction
+SHIFT = KEEP  # x + c, c a number: avg/max/min shift with every term; a sum adds c to one term (_shift_by_scalar)
 
 
 def _ops(names: str) -> list:
@@ -134,8 +135,32 @@ def _to_copy_rule(func, specs, args, kwargs):
     return elementwise_rule(rows)(func, specs, args, kwargs)
 
 
+def _shift_by_scalar(func, specs, args, kwargs):
+    """``x + c`` / ``x - c`` with a number ``c``: a Python number (``add.Scalar``, ``add_.Scalar``) or a
+    plain 0-d tensor (``x.add_(eps)`` wraps ``eps`` into one), as in an RMS norm's ``mean(x*x) + eps``.
+    A pending avg/max/min shifts with every term; a pending sum keeps pending when only the ranks at
+    coordinate 0 of its mesh dims add ``c`` and the others add 0."""
+    operands = tensor_operands(specs, args, kwargs)
+    if operands[0].spec is None or any(o.spec is not None for o in operands[1:]):
+        return _ADDITIVE_RULE(func, specs, args, kwargs)  # DTensors on both sides (or the number first)
+    strategy = _SHIFT_RULE(func, specs, args, kwargs)
+    sums = [m for m, p in enumerate(strategy.output) if p.is_partial("sum")]
+    coordinate = specs[0].mesh.get_coordinate()
+    if not sums or all(coordinate[m] == 0 for m in sums):
+        return strategy
+
+    def add_zero(local_args: tuple, local_kwargs: dict) -> tuple[tuple, dict]:
+        named = "other" in local_kwargs
+        c = local_kwargs["other"] if named else local_args[1]
+        zero = torch.zeros_like(c) if isinstance(c, torch.Tensor) else 0
+        if named:
+            return local_args, {**local_kwargs, "other": zero}
+        return (local_args[0], zero, *local_args[2:]), local_kwargs
+
+    return Strategy(strategy.inputs, strategy.output, add_zero)
+
+
 _TABLE = [
-    ("add.Tensor add_.Tensor sub.Tensor sub_.Tensor", ADDITIVE),
     ("mul.Tensor mul_.Tensor", MUL),
     ("div.Tensor div_.Tensor", DIV),
     ("mul.Scalar mul_.Scalar div.Scalar div_.Scalar", LINEAR),
@@ -190,7 +215,12 @@ _FOREACH_TABLE = [
      "_fused_sgd_.default _fused_sgd_.tensor_lr", ()),
 ]
 
+_SHIFT_RULE = elementwise_rule(SHIFT + ((PS, PS, R), (PA, PA, R), (PMAX, PMAX, R), (PMIN, PMIN, R)))
+_ADDITIVE_RULE = elementwise_rule(ADDITIVE)
+GENERIC = elementwise_rule()  # any op torch tags pointwise and the table leaves out (see ops.rule_for)
 RULES = {op: elementwise_rule(rows) for names, rows in _TABLE for op in _ops(names)}
 RULES.update({op: foreach_rule(rows) for names, rows in _FOREACH_TABLE for op in _ops(names)})
 RULES[aten._to_copy.default] = _to_copy_rule
+RULES.update({op: _shift_by_scalar for op in _ops("add.Scalar add_.Scalar sub.Scalar sub_.Scalar add.Tensor add_.Tensor "
+                                                   "sub.Tensor sub_.Tensor")})
 HANDLERS: dict = {}

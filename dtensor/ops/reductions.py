@@ -13,8 +13,14 @@ sharding, with shard dims renumbered when ``keepdim=False`` drops the reduced di
   to sum(|x|^p) (max/min |x| for inf/-inf), one all-reduce per mesh dim that shards a reduced dim combines
   them (``_foreach_norm`` stacks every tensor's scalar into one all-reduce), and the p-th root is taken
   locally: the output is replicated where torch leaves a ``_NormPartial``; no gradient is all-gathered.
+* ``var``/``std`` (and ``var_mean``/``std_mean``) are handlers: each rank takes its piece's sum and sum of
+  squared deviations from its own mean; one all-reduce of the sums gives the global mean, a second adds
+  the pieces' deviations shifted to it (Chan et al.'s parallel variance, exact and stable). Two
+  all-reduces of output-sized tensors instead of gathering the input; the output is replicated over the
+  reduced dims.
 * the others (``prod``, ``any``/``all``, ``argmax``/``argmin``, ``max.dim``/``min.dim`` whose indices are
-  local, ``var``/``std``) replicate the reduced dims first, as torch does.
+  local, ``median``, ``kthvalue``, ``logsumexp``) replicate the reduced dims first, as torch does; ``aminmax``
+  is ``amin`` and ``amax``.
 
 A pending reduction in the input survives only a reduction of the same kind (a sum of ``Partial("sum")``,
 an amax of ``Partial("max")``); any other is resolved first.
@@ -55,14 +61,15 @@ def _renumber(dim: int, reduced: tuple[int, ...], keepdim: bool) -> int:
     return dim if keepdim else dim - sum(r < dim for r in reduced)
 
 
-def _layout(placements, reduced: tuple[int, ...], keepdim: bool, kind: str | None):
-    """(input placements wanted, output placements) of a reduction of ``kind`` (None: not combinable)."""
+def _layout(placements, reduced: tuple[int, ...], keepdim: bool, kind: str | None, of_partial: bool = True):
+    """(input placements wanted, output placements) of a reduction of ``kind`` (None: not combinable);
+    ``of_partial``: whether a pending reduction of the same kind passes through it."""
     wanted, out = [], []
     for p in placements:
         if isinstance(p, Shard) and p.dim not in reduced:
             wanted.append(p)
             out.append(Shard(_renumber(p.dim, reduced, keepdim)))
-        elif kind is not None and (isinstance(p, Shard) or p.is_partial(kind)):
+        elif kind is not None and (isinstance(p, Shard) or of_partial and p.is_partial(kind)):
             wanted.append(p)
             out.append(Partial(kind))
         else:
@@ -93,15 +100,17 @@ def _fill_empty_pieces(global_shape: torch.Size, reduced: tuple[int, ...], kind:
     return local_args
 
 
-def _reduction_rule(kind: str | None, outputs: int = 1):
-    """The rule of a reduction that combines as ``kind`` ("sum"/"max"/"min"), or must not combine (None)."""
+def _reduction_rule(kind: str | None, outputs: int = 1, of_partial: bool = True):
+    """The rule of a reduction whose pieces combine as ``kind`` ("sum"/"max"/"min"), or must not combine
+    (None). ``of_partial=False``: a pending sum does not pass through (``count_nonzero`` of a sum is not
+    the sum of the counts)."""
 
     def rule(func, specs, args, kwargs):
         if len(specs) != 1:
             return None
         spec = specs[0]
         reduced, keepdim = _dims_and_keepdim(func, args, kwargs, len(spec.shape))
-        wanted, out = _layout(spec.placements, reduced, keepdim, kind)
+        wanted, out = _layout(spec.placements, reduced, keepdim, kind, of_partial)
         local_args = None
         if kind in ("max", "min") and any(isinstance(p, Shard) and p.dim in reduced for p in wanted):
             local_args = _fill_empty_pieces(spec.shape, reduced, kind)
@@ -120,6 +129,56 @@ def _mean(cls, func, args, kwargs):
     reduced = _reduced_dims(named.get("dim"), x.dim())
     total = aten.sum.dim_IntList(x, list(reduced), bool(named.get("keepdim", False)), dtype=named.get("dtype"))
     return aten.div.Scalar(total, math.prod(x.shape[d] for d in reduced))
+
+
+# ---- variance: per-piece moments combined across ranks ------------------------------------------------------
+
+
+def _variance(cls, func, args, kwargs):
+    """var / std / var_mean / std_mean over any dims, sharded ones included (module docstring)."""
+    x = args[0]
+    spec = x._spec
+    func(torch.empty(spec.shape, dtype=spec.dtype, device="meta"), *args[1:], **kwargs)  # torch's own argument checks
+    named = bind_args(func, args, kwargs)
+    reduced, keepdim = _dims_and_keepdim(func, args, kwargs, len(spec.shape))
+    correction = named.get("correction")
+    correction = 1 if correction is None else correction
+    placements = tuple(_R if p.is_partial() else p for p in spec.placements)
+    local = x._local_tensor
+    if placements != spec.placements:
+        local = collectives.wait(redistribute_local(local, spec.mesh, spec.shape, spec.placements, placements))
+    split = [m for m, p in enumerate(placements) if isinstance(p, Shard) and p.dim in reduced]
+    count = math.prod(local.shape[d] for d in reduced)
+    total = math.prod(spec.shape[d] for d in reduced)
+    piece_sum = local.sum(reduced, keepdim=True)
+    piece_mean = piece_sum / max(count, 1)
+    deviations = ((local - piece_mean) ** 2).sum(reduced, keepdim=True)
+    mean = _all_reduce_sum(piece_sum, spec.mesh, split) / total
+    if split:  # each piece's squared deviations, moved from its own mean to the global one
+        deviations = _all_reduce_sum(deviations + count * (piece_mean - mean) ** 2, spec.mesh, split)
+    var = deviations / max(total - correction, 0)
+    first = var.sqrt() if func in _STD else var
+    resolved = tuple(_R if isinstance(p, Shard) and p.dim in reduced else p for p in placements)
+    out = [_reduced_output(cls, spec, v, reduced, keepdim, resolved) for v in (first, mean)]
+    return tuple(out) if func in _WITH_MEAN else out[0]
+
+
+def _all_reduce_sum(t: torch.Tensor, mesh, mesh_dims: list[int]) -> torch.Tensor:
+    for m in mesh_dims:
+        t = collectives.wait(collectives.all_reduce(t, "sum", mesh, m))
+    return t
+
+
+_STD = {aten.std.correction, aten.std_mean.correction}
+_WITH_MEAN = {aten.var_mean.correction, aten.std_mean.correction}
+
+
+def _aminmax(cls, func, args, kwargs):
+    """``aminmax`` is ``amin`` and ``amax``: each pends as its own Partial over sharded dims."""
+    named = bind_args(func, args, kwargs)
+    dim = [] if named.get("dim") is None else [named["dim"]]
+    keepdim = bool(named.get("keepdim", False))
+    return aten.amin.default(args[0], dim, keepdim), aten.amax.default(args[0], dim, keepdim)
 
 
 # ---- vector norms: local power sums, one all-reduce, a root ------------------------------------------------
@@ -186,6 +245,11 @@ def _combine(stats: list, members: list[int], mesh, pending, resolved, stat_shap
 def _finish(cls, spec: DTensorSpec, stat: torch.Tensor, order, reduced, keepdim: bool, resolved):
     """Root, squeeze and wrap one norm."""
     value = stat if order in (0, math.inf, -math.inf) else stat ** (1 / order)
+    return _reduced_output(cls, spec, value, reduced, keepdim, resolved)
+
+
+def _reduced_output(cls, spec: DTensorSpec, value: torch.Tensor, reduced, keepdim: bool, resolved):
+    """A local result with the reduced dims kept (size 1) as the reduction's output DTensor."""
     if not keepdim and reduced:
         value = value.squeeze(reduced) if value.dim() else value
     out_shape = [1 if d in reduced else s for d, s in enumerate(spec.shape)]
@@ -227,10 +291,22 @@ RULES = {
     aten.argmin.default: _reduction_rule(None),
     aten.max.dim: _reduction_rule(None, outputs=2),
     aten.min.dim: _reduction_rule(None, outputs=2),
-    aten.var.correction: _reduction_rule(None),
-    aten.std.correction: _reduction_rule(None),
+    aten.nansum.default: _reduction_rule("sum", of_partial=False),
+    aten.count_nonzero.default: _reduction_rule("sum", of_partial=False),
+    aten.count_nonzero.dim_IntList: _reduction_rule("sum", of_partial=False),
+    aten.logsumexp.default: _reduction_rule(None),
+    aten.median.default: _reduction_rule(None),
+    aten.median.dim: _reduction_rule(None, outputs=2),
+    aten.nanmedian.default: _reduction_rule(None),
+    aten.kthvalue.default: _reduction_rule(None, outputs=2),
+    aten.mode.default: _reduction_rule(None, outputs=2),
 }
 HANDLERS = {
+    aten.aminmax.default: _aminmax,
+    aten.var.correction: _variance,
+    aten.std.correction: _variance,
+    aten.var_mean.correction: _variance,
+    aten.std_mean.correction: _variance,
     aten.mean.default: _mean,
     aten.mean.dim: _mean,
     aten.linalg_vector_norm.default: _vector_norm,

@@ -7,7 +7,8 @@ input placements, many per ``run_ranks`` call. Known, intended differences from 
 for even shards, Replicate for uneven ones); a norm over a sharded dim is already reduced, Replicate
 (torch: a pending ``_NormPartial``); a Partial input not matching the reduction is resolved on its own
 mesh dim only (torch also gathers the reduced dims); torch's DTensor is not asked about empty shards
-(it can hang on them) nor about ``prod``/``all`` (its ``Partial("product")`` has no counterpart here).
+(it can hang on them) nor about ``prod``/``all``/``any`` (its ``Partial("product")`` has no counterpart
+here; it leaves ``any`` a pending sum of bools, where ours replicates the reduced dims).
 """
 
 import math
@@ -36,7 +37,17 @@ OPS = {
     "argmax": lambda x: x.argmax(0),
     "argmin": lambda x: x.argmin(),
     "var": lambda x: x.var(0),
+    "var_all": lambda x: x.var(correction=0),
     "std": lambda x: x.std((0, 1), keepdim=True),
+    "var_mean": lambda x: torch.var_mean(x, (0, 2)),
+    "std_mean": lambda x: torch.std_mean(x, 1, keepdim=True, correction=2),
+    "nansum": lambda x: x.nansum(1),
+    "count_nonzero": lambda x: (x > 0).count_nonzero((0, 2)),
+    "logsumexp": lambda x: x.logsumexp(1),
+    "median": lambda x: x.median(),
+    "median_dim": lambda x: x.median(2),
+    "kthvalue": lambda x: x.kthvalue(1, 0),
+    "aminmax": lambda x: torch.aminmax(x, dim=1),
     "any": lambda x: (x > 1).any(1),
     "prod": lambda x: x.prod(1),
     "all": lambda x: (x > -3).all(),
@@ -50,7 +61,7 @@ OPS = {
     "torch_norm": lambda x: torch.norm(x),
     "foreach_norm": lambda x: torch._foreach_norm([x, x[0], x.sum(0)]),
 }
-_NO_TORCH = {"prod", "all", "mean", "mean_dim", "mean_keepdim"}
+_NO_TORCH = {"prod", "all", "any", "mean", "mean_dim", "mean_keepdim"}
 _NORMS = {"norm", "norm_1_dim", "norm_inf", "norm_3_keepdim", "torch_norm", "foreach_norm"}
 _KEEPS_PARTIAL_SUM = {"sum", "sum_dim", "sum_keepdim"}
 
@@ -182,6 +193,10 @@ def _norm_communication():
     counts["foreach_norm_shapes"] = reduced.shapes
     counts["foreach_values"] = [n.full_tensor().item() for n in norms]
     counts["foreach_expected"] = [g.full_tensor().norm().item() for g in grads]
+    with CommDebugMode() as comm, _AllReduceShapes() as reduced:
+        var = x.var(0)
+    counts["var"], counts["var_shapes"] = _count(comm), reduced.shapes
+    counts["var_close"] = torch.allclose(var.full_tensor(), x.full_tensor().var(0), rtol=1e-12, atol=0)
     return counts
 
 
@@ -192,3 +207,5 @@ def test_norm_of_sharded_tensors_is_one_scalar_all_reduce():
     assert out["vector_norm_shapes"] == [(1,)]  # one number, not the tensor
     assert out["foreach_norm_shapes"] == [(3,)]  # three scalars
     assert out["foreach_values"] == pytest.approx(out["foreach_expected"], rel=1e-12)
+    # a variance over the sharded dim: the sums, then the deviations, each of the output's size
+    assert out["var"] == {"all_reduce": 2} and out["var_shapes"] == [(1, 5), (1, 5)] and out["var_close"]

@@ -1,0 +1,127 @@
+"""Ops that work along some dims and treat every position of the other dims alike: scans (``cumsum``,
+``cummax`` ...), ``sort``/``argsort``/``topk``, ``flip``, ``roll``, ``constant_pad_nd``, and the
+triangles ``tril``/``triu``.
+
+The dims an op works along must be whole on every rank, so a ``Shard`` of one of them is replicated
+first; shards of any other dim stay, and every output (values and indices alike) keeps the input's
+placements. A pending reduction stays where the op commutes with it (``flip``/``roll`` only move data;
+zero padding and the triangles keep a sum or an average); otherwise it is reduce-scattered onto the first
+other dim every rank can hold a piece of, as torch does, and replicated only when there is none.
+``tril`` and ``triu`` keep even their own two dims sharded: a rank holding rows from ``r0`` and columns
+from ``c0`` keeps exactly the global triangle by shifting the diagonal by ``r0 - c0``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..dispatch import Strategy
+from ..placements import Placement, Replicate, Shard, local_box
+from ..spec import DTensorSpec
+from .common import bind_args, is_shardable
+
+aten = torch.ops.aten
+
+__all__ = ["RULES", "HANDLERS"]
+
+# Whether a pending reduction ``p`` passes through the op called with ``named`` arguments.
+Keeps = Callable[[dict, Placement], bool]
+
+
+def _never(named: dict, p: Placement) -> bool:
+    return False
+
+
+def _always(named: dict, p: Placement) -> bool:
+    return True
+
+
+def _sum_or_avg(named: dict, p: Placement) -> bool:
+    return p.is_partial("sum") or p.is_partial("avg")
+
+
+def _zero_pad(named: dict, p: Placement) -> bool:
+    return named.get("value") in (None, 0) and _sum_or_avg(named, p)
+
+
+def _layout(spec: DTensorSpec, active: set[int], keeps: Callable[[Placement], bool]) -> tuple[Placement, ...]:
+    """The placements the op runs in (module docstring)."""
+    out: list[Placement] = [
+        Replicate() if isinstance(p, Shard) and p.dim in active or p.is_partial() and not keeps(p) else p
+        for p in spec.placements
+    ]
+    for m, p in enumerate(spec.placements):
+        if p.is_partial() and not keeps(p):
+            for d in (d for d in range(len(spec.shape)) if d not in active):
+                trial = out[:m] + [Shard(d)] + out[m + 1 :]
+                if is_shardable(spec.shape, trial, spec.mesh.shape):
+                    out = trial
+                    break
+    return tuple(out)
+
+
+def _along(active: Callable[[dict, int], Sequence[int]], outputs: int = 1, keeps: Keeps = _never):
+    """The rule of an op that works along ``active(named_args, ndim)`` dims; it has ``outputs`` tensors."""
+
+    def rule(func, specs, args, kwargs):
+        spec = specs[0]
+        ndim = len(spec.shape)
+        named = bind_args(func, args, kwargs)
+        dims = {d % ndim for d in active(named, ndim)} if ndim else set()
+        placements = _layout(spec, dims, lambda p: keeps(named, p))
+        return Strategy((placements,), placements if outputs == 1 else [placements] * outputs)
+
+    return rule
+
+
+def _dim(named: dict, ndim: int) -> Sequence[int]:
+    return [named["dim"]]
+
+
+def _dims(named: dict, ndim: int) -> Sequence[int]:
+    return named["dims"] or range(ndim)  # roll with no dims rolls the flattened tensor
+
+
+def _padded(named: dict, ndim: int) -> Sequence[int]:
+    return range(ndim - len(named["pad"]) // 2, ndim)
+
+
+def _triangle(func, specs, args, kwargs):
+    """``tril``/``triu`` on any sharding: each rank shifts the diagonal by its piece's offsets."""
+    spec = specs[0]
+    placements = _layout(spec, set(), lambda p: _sum_or_avg({}, p))
+    coordinate = spec.mesh.get_coordinate()
+    if coordinate is None or len(spec.shape) < 2:
+        return Strategy((placements,), placements)
+    box = local_box(spec.shape, spec.mesh.shape, placements, coordinate)
+    shift = box.offsets[-2] - box.offsets[-1]
+    if shift == 0:
+        return Strategy((placements,), placements)
+
+    def shifted(local_args: tuple, local_kwargs: dict) -> tuple[tuple, dict]:
+        named = bind_args(func, local_args, local_kwargs)
+        return (local_args[0], named["diagonal"] + shift), {}
+
+    return Strategy((placements,), placements, shifted)
+
+
+RULES = {
+    aten.cumsum.default: _along(_dim),
+    aten.cumprod.default: _along(_dim),
+    aten.logcumsumexp.default: _along(_dim),
+    aten.cummax.default: _along(_dim, outputs=2),
+    aten.cummin.default: _along(_dim, outputs=2),
+    aten.sort.default: _along(_dim, outputs=2),
+    aten.sort.stable: _along(_dim, outputs=2),
+    aten.argsort.default: _along(_dim),
+    aten.argsort.stable: _along(_dim),
+    aten.topk.default: _along(_dim, outputs=2),
+    aten.flip.default: _along(_dims, keeps=_always),
+    aten.roll.default: _along(_dims, keeps=_always),
+    aten.constant_pad_nd.default: _along(_padded, keeps=_zero_pad),
+    aten.tril.default: _triangle,
+    aten.triu.default: _triangle,
+}
+HANDLERS: dict = {}

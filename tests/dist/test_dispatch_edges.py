@@ -1,0 +1,226 @@
+"""The edges of dispatch on real gloo ranks: ops torch tags pointwise without a table entry, a number added
+to a pending sum, ops whose output shape depends on the data, plain tensors beside DTensors (autograd's own
+zero gradients, ``implicit_replication``), ``local_map``, and the mse and cross-entropy losses with plain
+targets. Results are compared with the same code on full tensors (float64)."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dtensor
+from dtensor import DTensor, Partial, Replicate, Shard
+from dtensor.experimental import implicit_replication, local_map
+from tests.dist.opcheck import check_op, distribute
+from tests.ranks import mesh, run_ranks
+
+aten = torch.ops.aten
+
+# Pointwise ops that only torch's pointwise tag covers (no entry in dtensor/ops/pointwise.py's table).
+TAGGED = {
+    "add_scalar": lambda x, y: aten.add.Scalar(x, 1.5),
+    "sub_scalar_": lambda x, y: aten.sub_.Scalar(x.clone(), 0.5),
+    "rsub": lambda x, y: 2.0 - x,
+    "fmod": torch.fmod,
+    "remainder": torch.remainder,
+    "leaky_relu": lambda x, y: F.leaky_relu(x, 0.1),
+    "hardtanh": lambda x, y: F.hardtanh(x),
+    "softplus": lambda x, y: F.softplus(x),
+    "logaddexp": torch.logaddexp,
+    "copysign": torch.copysign,
+    "xlogy": lambda x, y: torch.xlogy(x, y.abs()),
+    "frexp": lambda x, y: torch.frexp(x),
+    "bitwise_or_": lambda x, y: (x > 0).bitwise_or_(y > 0),
+}
+
+
+def _tagged(mesh_shape):
+    m = mesh(mesh_shape)
+    rng = random.Random(len(mesh_shape))
+    torch.manual_seed(0)
+    differ, fallback = [], []
+    for name, fn in TAGGED.items():
+        shape = rng.choice([(5, 4), (8, 6)])
+        x, y = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64) + 0.1
+        placements = [[rng.choice([Shard(0), Shard(1), Replicate()]) for _ in mesh_shape] for _ in range(2)]
+        record = check_op(m, fn, [x, y], placements)
+        if record["torch"] is not None and record["torch"] != record["placements"]:
+            differ.append((name, placements, record["placements"], record["torch"]))
+    return differ
+
+
+@pytest.mark.parametrize("mesh_shape", [(2,), (2, 2)])
+def test_ops_tagged_pointwise_need_no_table_entry(mesh_shape):
+    assert run_ranks(len(mesh_shape) * 2, _tagged, mesh_shape)[0] == []
+
+
+def _scalar_on_pending():
+    m = mesh((2, 2))
+    torch.manual_seed(1)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    out = {}
+    for kind in ("sum", "avg", "max"):
+        rec = check_op(m, lambda t: aten.add.Scalar(t, 0.25), [x], [[Partial(kind), Shard(0)]], compare_with_torch=False)
+        out[kind] = rec["placements"]
+    inplace = distribute(x, m, [Partial("sum"), Partial("sum")])
+    aten.sub_.Scalar(inplace, 3.0)
+    out["inplace"] = (inplace.placements, torch.allclose(inplace.full_tensor(), x - 3.0))
+    # an RMS norm over the sharded hidden dim: mean() pends, add_(eps) keeps it pending, rsqrt resolves it
+    rms = lambda t: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True).add_(1e-6))  # noqa: E731
+    out["rms"] = check_op(m, rms, [x], [[Shard(1), Shard(0)]], compare_with_torch=False)["placements"]
+    out["rms_module"] = check_op(m, lambda t: F.rms_norm(t, (8,)), [x], [[Shard(1), Replicate()]], compare_with_torch=False)["placements"]
+    return out
+
+
+def test_a_number_added_to_a_pending_reduction_keeps_it_pending():
+    out = run_ranks(4, _scalar_on_pending)[0]
+    assert out["sum"] == [(Partial("sum"), Shard(0))]
+    assert out["avg"] == [(Partial("avg"), Shard(0))]
+    assert out["max"] == [(Partial("max"), Shard(0))]
+    assert out["inplace"] == ((Partial("sum"), Partial("sum")), True)
+    assert out["rms"] == [(Shard(1), Shard(0))]
+    assert out["rms_module"] == [(Shard(1), Replicate())]
+
+
+def _data_dependent():
+    m = mesh((2,))
+    torch.manual_seed(2)
+    x = torch.randn(7, 3, dtype=torch.float64)
+    out = {}
+    for name, fn in {
+        "masked_select": lambda t: t.masked_select(t > 0),
+        "bool_index": lambda t: t[t[:, 0] > 0],
+        "nonzero": lambda t: (t > 0).nonzero(),
+        "unique": lambda t: torch.unique((t * 2).round()),
+    }.items():
+        rec = check_op(m, fn, [x], [[Shard(0)]], allow_fallback=True, compare_with_torch=False)
+        out[name] = rec["placements"]
+    dx = distribute(x, m, [Shard(1)])
+    out["allclose"] = (torch.allclose(dx, dx), torch.allclose(dx, dx + 1))
+    return out
+
+
+def test_ops_with_data_dependent_shapes_run_replicated():
+    out = run_ranks(2, _data_dependent)[0]
+    for name in ("masked_select", "bool_index", "nonzero"):
+        assert out[name] == [(Replicate(),)], name
+    assert out["unique"][0] == (Replicate(),)
+    assert out["allclose"] == (True, False)
+
+
+def _plain_tensors():
+    m = mesh((2,))
+    torch.manual_seed(3)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    bias = torch.randn(4, dtype=torch.float64)
+    dx = distribute(x, m, [Shard(0)])
+    out = {}
+    try:
+        dx + bias
+    except RuntimeError as e:
+        out["refused"] = str(e)
+    with implicit_replication():
+        y = dx + bias
+    out["implicit"] = (y.placements, torch.allclose(y.full_tensor(), x + bias))
+    # autograd's own plain zeros: the gradient of an unused split/unbind output
+    for name, fn in {
+        "split": lambda t: (t.split(2, dim=1)[0] * 2).sum(),
+        "unbind": lambda t: (t.unbind(1)[2] ** 2).sum(),
+        "chunk_max": lambda t: t.chunk(2, dim=0)[1].max(dim=1).values.sum(),
+    }.items():
+        leaf = distribute(x, m, [Shard(0)]).requires_grad_()
+        fn(leaf).backward()
+        ref = x.clone().requires_grad_()
+        fn(ref).backward()
+        out[name] = torch.allclose(leaf.grad.full_tensor(), ref.grad)
+    return out
+
+
+def test_plain_tensors_beside_dtensors():
+    out = run_ranks(2, _plain_tensors)[0]
+    assert "aten.add.Tensor" in out["refused"] and "implicit_replication" in out["refused"]
+    assert out["implicit"] == ((Shard(0),), True)
+    assert out["split"] and out["unbind"] and out["chunk_max"]
+
+
+def _local_map_case():
+    m = mesh((2,))
+    torch.manual_seed(4)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    leaf = distribute(x, m, [Shard(0)]).requires_grad_()
+
+    @local_map(out_placements=[Shard(0)], in_placements=([Shard(0)],), device_mesh=m)
+    def row_softmax(t):
+        assert type(t) is torch.Tensor and t.shape[0] == 3
+        return t.softmax(-1)
+
+    y = row_softmax(leaf)
+    weights = distribute(torch.arange(24.0, dtype=torch.float64).reshape(6, 4), m, [Shard(0)])
+    (y * weights).sum().backward()
+    ref = x.clone().requires_grad_()
+    (ref.softmax(-1) * torch.arange(24.0, dtype=torch.float64).reshape(6, 4)).sum().backward()
+    out = {"value": torch.allclose(y.full_tensor(), x.softmax(-1)), "grad": torch.allclose(leaf.grad.full_tensor(), ref.grad)}
+    moved = local_map(lambda t: t * 2, [Replicate()], ([Replicate()],), redistribute_inputs=True)(distribute(x, m, [Shard(0)]))
+    out["moved"] = (moved.placements, torch.allclose(moved.full_tensor(), x * 2))
+    try:
+        local_map(lambda t: t, [Replicate()], ([Replicate()],))(distribute(x, m, [Shard(0)]))
+    except ValueError as e:
+        out["mismatch"] = str(e)
+    return out
+
+
+def test_local_map_runs_on_shards_with_gradients():
+    out = run_ranks(2, _local_map_case)[0]
+    assert out["value"] and out["grad"]
+    assert out["moved"] == ((Replicate(),), True)
+    assert "redistribute_inputs" in out["mismatch"]
+
+
+def _losses():
+    m = mesh((2,))
+    torch.manual_seed(5)
+    x, target = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    classes = torch.randint(0, 5, (6,))
+    weight = torch.rand(5, dtype=torch.float64) + 0.5
+    out = {}
+    cases = {
+        "mse_mean": lambda z, t: F.mse_loss(z, t),
+        "mse_sum": lambda z, t: F.mse_loss(z, t, reduction="sum"),
+        "mse_none": lambda z, t: F.mse_loss(z, t, reduction="none").sum(),
+    }
+    for name, fn in cases.items():
+        for placements in ([Shard(0)], [Shard(1)], [Replicate()]):
+            leaf = distribute(x, m, placements).requires_grad_()
+            loss = fn(leaf, distribute(target, m, placements))
+            loss.backward()
+            ref = x.clone().requires_grad_()
+            fn(ref, target).backward()
+            out[(name, str(placements))] = torch.allclose(loss.full_tensor(), fn(x, target)) and torch.allclose(
+                leaf.grad.full_tensor(), ref.grad
+            )
+    # cross entropy with plain targets and class weights (the full tensors on every rank), vocab-sharded logits
+    for name, kwargs in {"plain": {}, "weighted": {"weight": weight}}.items():
+        leaf = distribute(x, m, [Shard(1)]).requires_grad_()
+        loss = F.cross_entropy(leaf, classes, **kwargs)
+        loss.backward()
+        ref = x.clone().requires_grad_()
+        F.cross_entropy(ref, classes, **kwargs).backward()
+        out[("ce", name)] = torch.allclose(loss.full_tensor(), F.cross_entropy(x, classes, **kwargs)) and torch.allclose(
+            leaf.grad.full_tensor(), ref.grad
+        )
+    leaf = distribute(x, m, [Shard(0)]).requires_grad_()
+    with implicit_replication():  # label smoothing masks with the plain targets inside torch's composite
+        loss = F.cross_entropy(leaf, classes, label_smoothing=0.1)
+        loss.backward()
+    ref = x.clone().requires_grad_()
+    F.cross_entropy(ref, classes, label_smoothing=0.1).backward()
+    out[("ce", "smoothing")] = torch.allclose(loss.full_tensor(), F.cross_entropy(x, classes, label_smoothing=0.1)) and torch.allclose(
+        leaf.grad.full_tensor(), ref.grad
+    )
+    return out
+
+
+def test_losses_with_plain_targets_and_any_layout():
+    out = run_ranks(2, _losses)[0]
+    assert all(out.values()), [k for k, v in out.items() if not v]
