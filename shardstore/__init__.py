@@ -11,6 +11,7 @@ from shardstore.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     MissingChunkError,
+    PartialLoadError,
     ShardstoreError,
     StateDictMismatchError,
     UnsafeKeyError,
@@ -29,6 +30,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "CorruptCheckpointError",
     "MissingChunkError",
+    "PartialLoadError",
     "StateDictMismatchError",
     "UnsafeKeyError",
 ]

@@ -4,11 +4,15 @@ save: flatten the state dict -> each rank plans what it holds -> rank 0 merges (
       every rank writes its cells -> all agree -> rank 0 writes array and group metadata, then the root
       ``zarr.json`` last (the commit marker) -> (with overwrite) the staged checkpoint replaces the old.
 load: read the root record -> flatten the target state dict -> plan this rank's reads (validated before
-      any byte moves) -> read and verify the chunks -> all agree -> copy them in.
+      any byte moves) -> check every object's shard index -> read and verify the chunks -> all agree ->
+      copy them in. A rank whose share exceeds ``staging_bytes`` reads, verifies and copies batch by
+      batch after the indices are checked (memory stays bounded; a checksum failure then says which
+      tensors were already written).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -20,7 +24,7 @@ from shardstore import format as fmt
 from shardstore.codec import ArrayLayout, choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointExistsError, CorruptCheckpointError
-from shardstore.execute import layout_of, local_tensor, place, read_runs, write_cells
+from shardstore.execute import check_runs, layout_of, local_tensor, place, read_checked, read_runs, stream_runs, write_cells
 from shardstore.flatten import KeyPath, flatten, fqn, is_tensor_like, keypath_from_node, node_path, unflatten
 from shardstore.plan import GlobalSavePlan, LoadRegion, StoredArray, TargetTensor, dtype_name, load_targets, local_save_plan, merge_save_plans, plan_load
 from shardstore.storage import Storage
@@ -40,13 +44,21 @@ class SaveResult:
 
 @dataclass(frozen=True)
 class LoadResult:
-    """What this rank did during a load; ``missing``/``unexpected`` are filled only with strict=False."""
+    """What this rank did during a load; ``missing``/``unexpected`` are filled only with strict=False.
+
+    ``staged_bytes``: host memory the load held for fetched chunks; ``streamed``: whether it went batch by
+    batch (its share exceeded ``staging_bytes``) rather than all-or-nothing."""
 
     bytes_read: int
     chunks_read: int
     elapsed_s: float
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
+    staged_bytes: int
+    streamed: bool
+
+
+DEFAULT_STAGING_BYTES = 2 << 30  # per rank; bigger shares stream (bounded memory, faster, not all-or-nothing)
 
 
 def save(
@@ -108,34 +120,54 @@ def load(
     storage_options: dict | None = None,
     process_group=None,
     strict: bool = True,
+    staging_bytes: int = DEFAULT_STAGING_BYTES,
 ) -> LoadResult:
-    """Fill ``state_dict`` in place from the checkpoint at ``url``, resharding to its layouts."""
+    """Fill ``state_dict`` in place from the checkpoint at ``url``, resharding to its layouts.
+
+    All or nothing while each rank's share fits in ``staging_bytes`` of host memory: every chunk is
+    read and verified on every rank before any tensor changes. A rank with a bigger share checks every
+    object's index first (missing, truncated or rewritten objects still fail before anything changes),
+    then streams through that much memory; a chunk failing its checksum then raises
+    ``PartialLoadError``, which names the tensors already written.
+    """
     start = time.perf_counter()
     coord = Coordinator(process_group)
     storage = Storage(url, storage_options)
-    copy_in, *result = coord.agree("reading and verifying chunks", lambda: _load_here(state_dict, storage, strict))
-    # Only now, with every rank's chunks verified, does any rank touch its tensors: a failed load leaves
-    # every rank's state dict as it was.
-    coord.agree("copying into the state dict", copy_in)
-    return LoadResult(*result[:2], time.perf_counter() - start, *result[2:])
+    step = lambda: _load_here(state_dict, storage, strict, staging_bytes)  # noqa: E731
+    copy_in, nbytes, chunks, missing, unexpected = coord.agree("reading and verifying chunks", step)
+    # Only now, with every rank's chunks verified (or, streaming, its indices), does any rank touch its
+    # tensors: a failed load leaves every rank's state dict as it was.
+    staged, streamed = coord.agree("copying into the state dict", copy_in)
+    return LoadResult(nbytes, chunks, time.perf_counter() - start, missing, unexpected, staged, streamed)
 
 
-def _load_here(state_dict: dict, storage: Storage, strict: bool):
-    """Read and verify what this rank needs; returns the step that copies it in (run after all agree)."""
+def _load_here(state_dict: dict, storage: Storage, strict: bool, staging_bytes: int):
+    """Check (and, when it fits the staging memory, read and verify) what this rank needs; returns the
+    step that copies it in, run once every rank got this far."""
     root = fmt.read_root(storage)
     items, _ = flatten(state_dict)
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     stored, layouts, nodes = _stored_arrays(root)
     plan = plan_load(load_targets(tensors), stored, strict=strict)
-    pieces = read_runs(storage, plan.runs, layouts, nodes)
+    checked = check_runs(storage, plan.runs, layouts, nodes)
+    needed = sum(c.nbytes for c in checked)
+    streamed = needed > staging_bytes
+    pieces = None if streamed else read_checked(storage, checked, layouts)
 
-    def copy_in() -> None:
-        place(pieces, {k: [local_tensor(k, v)] for k, v in tensors.items()})
+    def copy_in() -> tuple[int, bool]:
+        destinations = {k: [local_tensor(k, v)] for k, v in tensors.items()}
+        if streamed:
+            staged = stream_runs(storage, checked, layouts, destinations, staging_bytes)
+        else:
+            place(pieces, destinations)
+            staged = needed
         _replace_plain_values(state_dict, root.tree)
+        return staged, streamed
 
-    nbytes = sum(p.numel() * p.element_size() for _, p in pieces)
+    tasks = [task for run in plan.runs for task in run.tasks]
+    nbytes = sum(math.prod(t.overlap.sizes) * layouts[t.key].dtype.itemsize for t in tasks)
     missing, unexpected = tuple(fqn(k) for k in plan.missing), tuple(fqn(k) for k in plan.unexpected)
-    return copy_in, nbytes, len(pieces), missing, unexpected
+    return copy_in, nbytes, len(tasks), missing, unexpected
 
 
 def _stored_arrays(root: fmt.RootMetadata):

@@ -10,7 +10,9 @@ so callers can catch either::
     ├── CheckpointExistsError(FileExistsError)        a save would replace data without overwrite=True
     ├── CorruptCheckpointError(ValueError)            checksum mismatch, truncated object,
     │   │                                             malformed metadata
-    │   └── MissingChunkError(FileNotFoundError)      an object that should exist does not
+    │   ├── MissingChunkError(FileNotFoundError)      an object that should exist does not
+    │   └── PartialLoadError                          a streamed load failed after copying some
+    │                                                 tensors in (it says which)
     ├── UnsafeKeyError(ValueError)                    a key that would escape the checkpoint root
     └── StateDictMismatchError(ValueError)            missing/extra keys, dtype or shape mismatch
 
@@ -28,7 +30,7 @@ __all__ = [
     "MissingChunkError",
     "UnsafeKeyError",
     "StateDictMismatchError",
-    "CheckpointExistsError",
+    "PartialLoadError",
 ]
 
 
@@ -68,5 +70,6 @@ class StateDictMismatchError(ShardstoreError, ValueError):
     """The state dict to load into does not match the checkpoint (keys, dtypes, shapes)."""
 
 
-class CheckpointExistsError(ShardstoreError, FileExistsError):
-    """A save would replace data at its URL, and ``overwrite=True`` was not given."""
+class PartialLoadError(CorruptCheckpointError):
+    """A streamed load (more data than its staging memory) failed after it had copied some tensors in:
+    the state dict is partly loaded. Its message names the tensors already written."""

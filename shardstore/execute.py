@@ -2,8 +2,11 @@
 
 The plans (``plan.py``) say what; this module moves bytes. Writes encode into a small ring of reused
 buffers and hand each finished object to a thread pool, so encoding the next cell overlaps writing.
-Reads fetch each run of consecutive inner chunks with one ranged read, verify every chunk's crc32c
-and only then copy anything into the caller's tensors.
+Reads first check every object's shard index (``check_runs``: present, long enough, the layout the
+metadata promises, every needed inner chunk stored), then fetch each run of consecutive inner chunks with
+one ranged read and verify every chunk's crc32c before its values are copied anywhere: all of them at
+once (``read_checked``, then ``place``), or batch by batch through two reused buffers of bounded size
+(``stream_runs``), one being filled while the other is verified and copied in.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from shardstore.codec import CRC_NBYTES, ArrayLayout, decode_index, decode_inner_chunk, encode_shard, index_nbytes, inner_chunk_ranges
 from shardstore.dtypes import dtype_info_by_name
-from shardstore.errors import CorruptCheckpointError, MissingChunkError
+from shardstore.errors import CorruptCheckpointError, MissingChunkError, PartialLoadError
 from shardstore.flatten import KeyPath, fqn
 from shardstore.format import chunk_key
 from shardstore.plan import ArrayPlan, GlobalSavePlan, ReadRun, ReadTask
 from shardstore.storage import Storage
 
-__all__ = ["WriteStats", "write_cells", "read_runs", "place", "object_key", "layout_of", "local_tensor"]
+__all__ = [
+    "WriteStats", "write_cells", "CheckedRun", "check_runs", "read_checked", "read_runs", "stream_runs", "place",
+    "object_key", "layout_of", "local_tensor",
+]
 
 _WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
 _IN_FLIGHT = 6  # encode buffers in the ring: writes in flight plus the one being encoded
@@ -88,31 +94,130 @@ def encoded_bound(layout: ArrayLayout) -> int:
     return math.prod(layout.inner_grid_shape) * (layout.inner_chunk_nbytes + CRC_NBYTES) + index_nbytes(layout)
 
 
+@dataclass(frozen=True)
+class CheckedRun:
+    """A read run whose object's shard index was read and checked; ``ranges`` are that index's entries."""
+
+    run: ReadRun
+    key: str  # the object's storage key
+    ranges: tuple
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.ranges[self.run.start].offset, self.ranges[self.run.stop - 1].stop
+
+    @property
+    def nbytes(self) -> int:
+        start, stop = self.span
+        return stop - start
+
+
+def check_runs(
+    storage: Storage, runs: tuple[ReadRun, ...], layouts: Mapping[KeyPath, ArrayLayout], nodes: Mapping[KeyPath, str]
+) -> list[CheckedRun]:
+    """Read (concurrently, small suffix reads) and check the shard index of every object the runs touch.
+
+    A missing, truncated or rewritten object, or a needed inner chunk that is not stored, fails here,
+    before any data is read.
+    """
+    keys = [object_key(nodes[run.key], run.cell) for run in runs]
+    index_reads = {key: (key, -index_nbytes(layouts[run.key]), None) for key, run in zip(keys, runs)}
+    index_blobs = dict(zip(index_reads, storage.read_ranges(list(index_reads.values()))))
+    return [CheckedRun(run, key, tuple(_ranges(storage, layouts[run.key], run, key, index_blobs[key]))) for run, key in zip(runs, keys)]
+
+
+def read_checked(
+    storage: Storage, checked: list[CheckedRun], layouts: Mapping[KeyPath, ArrayLayout], out: bytearray | None = None
+) -> list[tuple[ReadTask, torch.Tensor]]:
+    """Fetch and verify the data of ``checked`` runs (packed into ``out`` when given, else fresh memory);
+    returns (task, source values) pairs, which view the fetched bytes."""
+    requests = [(c.key, *c.span) for c in checked]
+    blobs = storage.read_ranges(requests) if out is None else storage.read_ranges_into(requests, out)
+    pieces = []
+    for c, blob in zip(checked, blobs):
+        pieces.extend(_decode_run(storage, layouts[c.run.key], c.run, c.key, c.ranges, blob))
+    return pieces
+
+
 def read_runs(
     storage: Storage,
     runs: tuple[ReadRun, ...],
     layouts: Mapping[KeyPath, ArrayLayout],
     nodes: Mapping[KeyPath, str],
 ) -> list[tuple[ReadTask, torch.Tensor]]:
-    """Fetch and verify every inner chunk the runs need; returns (task, source values) pairs.
+    """Fetch and verify every inner chunk the runs need (indices first); nothing is copied anywhere."""
+    return read_checked(storage, check_runs(storage, runs, layouts, nodes), layouts)
 
-    Each object's shard index is read too (a small suffix read, fetched concurrently with the data) and
-    checked, so a truncated or rewritten object is caught even when its data ranges look intact.
-    Nothing is copied into the caller's tensors here, so a corrupt or missing chunk fails the load
-    before any destination changes.
+
+def stream_runs(
+    storage: Storage,
+    checked: list[CheckedRun],
+    layouts: Mapping[KeyPath, ArrayLayout],
+    destinations: Mapping[KeyPath, list[torch.Tensor]],
+    budget: int,
+) -> int:
+    """Read, verify and place ``checked`` runs in batches through two reused buffers of about ``budget / 2``
+    bytes each (a single inner chunk may need more); returns the bytes the buffers took.
+
+    The next batch is read while the current one is verified and copied in. A failure after anything
+    was copied raises ``PartialLoadError`` naming the tensors already written.
     """
-    keys = [object_key(nodes[run.key], run.cell) for run in runs]
-    index_reads = {key: (key, -index_nbytes(layouts[run.key]), None) for key, run in zip(keys, runs)}
-    index_blobs = dict(zip(index_reads, storage.read_ranges(list(index_reads.values()))))
-    requests, spans = [], []
-    for run, key in zip(runs, keys):
-        ranges = _ranges(storage, layouts[run.key], run, key, index_blobs[key])
-        requests.append((key, ranges[run.start].offset, ranges[run.stop - 1].stop))
-        spans.append((run, key, ranges))
-    out = []
-    for (run, key, ranges), blob in zip(spans, storage.read_ranges(requests)):
-        out.extend(_decode_run(storage, layouts[run.key], run, key, ranges, blob))
-    return out
+    batches = _batches([part for c in checked for part in _split(c, budget // 2)], budget // 2)
+    if not batches:
+        return 0
+    size = max(sum(c.nbytes for c in batch) for batch in batches)
+    buffers = [bytearray(size) for _ in range(min(2, len(batches)))]
+    written: dict[str, None] = {}  # names of the tensors copied into so far, in order
+    with ThreadPoolExecutor(1) as prefetch:
+        fetching = prefetch.submit(_fetch, storage, batches[0], buffers[0])
+        for i, batch in enumerate(batches):
+            try:
+                blobs = fetching.result()
+                if i + 1 < len(batches):
+                    fetching = prefetch.submit(_fetch, storage, batches[i + 1], buffers[(i + 1) % 2])
+                pieces = [p for c, blob in zip(batch, blobs) for p in _decode_run(storage, layouts[c.run.key], c.run, c.key, c.ranges, blob)]
+            except Exception as exc:
+                if not written:
+                    raise
+                raise PartialLoadError(
+                    f"{exc}\nThis load streamed through {budget} bytes of staging memory and had already copied "
+                    f"{len(written)} tensor(s) in, so the state dict is now partly loaded: {list(written)[:20]}. "
+                    "Load again from an intact checkpoint, or pass a staging_bytes larger than this rank's "
+                    "share to get an all-or-nothing load."
+                ) from exc
+            place(pieces, destinations)
+            written.update(dict.fromkeys(fqn(task.key) for task, _ in pieces))
+    return size * len(buffers)
+
+
+def _fetch(storage: Storage, batch: list[CheckedRun], buffer: bytearray) -> list[memoryview]:
+    return storage.read_ranges_into([(c.key, *c.span) for c in batch], buffer)
+
+
+def _split(checked: CheckedRun, limit: int) -> list[CheckedRun]:
+    """A run as sub-runs of consecutive inner chunks of at most ``limit`` bytes each (at least one chunk)."""
+    run, parts, start = checked.run, [], checked.run.start
+    while start < run.stop:
+        stop = start + 1
+        while stop < run.stop and checked.ranges[stop].stop - checked.ranges[start].offset <= limit:
+            stop += 1
+        tasks = tuple(t for t in run.tasks if start <= t.inner_index < stop)
+        parts.append(CheckedRun(ReadRun(run.key, run.cell, start, stop, tasks), checked.key, checked.ranges))
+        start = stop
+    return parts
+
+
+def _batches(runs: list[CheckedRun], limit: int) -> list[list[CheckedRun]]:
+    """Consecutive runs grouped into batches of at most ``limit`` bytes (a bigger run alone)."""
+    batches: list[list[CheckedRun]] = []
+    total = 0
+    for c in runs:
+        if not batches or total + c.nbytes > limit:
+            batches.append([])
+            total = 0
+        batches[-1].append(c)
+        total += c.nbytes
+    return batches
 
 
 def _ranges(storage: Storage, layout: ArrayLayout, run: ReadRun, key: str, index_blob) -> list:

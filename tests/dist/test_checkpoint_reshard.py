@@ -72,10 +72,11 @@ def check_local(name, value, expected):
     assert torch.equal(local.view(torch.uint8), expected.contiguous().view(torch.uint8)), f"{name} differs"
 
 
-def _load(mesh_shape, url, seed, layout_seed):
+def _load(mesh_shape, url, seed, layout_seed, staging_bytes=None):
     zeros = {k: torch.zeros_like(v) for k, v in expected_tensors(seed).items()}
     state = build_state(mesh_shape, layout_seed, zeros)
-    shardstore.load(state, url)
+    result = shardstore.load(state, url, **({} if staging_bytes is None else {"staging_bytes": staging_bytes}))
+    assert staging_bytes is None or result.streamed or result.bytes_read <= staging_bytes
     for name, expected in expected_tensors(seed).items():
         check_local(name, state["model"][name], expected)
     assert state["step"] == seed and state["extra"] == {"name": "run"}
@@ -88,8 +89,9 @@ def test_saved_on_one_mesh_loads_on_every_other(source, tmp_path):
     url = str(tmp_path / "ckpt")
     written = run_ranks(math.prod(source), _save, source, url, seed)
     assert sum(written) > 0
-    for j, target in enumerate(MESHES):
-        assert all(run_ranks(math.prod(target), _load, target, url, seed, 100 + j)), target
+    for j, target in enumerate(MESHES):  # every other target streams through 2 KiB of staging memory
+        staging = 2048 if j % 2 else None
+        assert all(run_ranks(math.prod(target), _load, target, url, seed, 100 + j, staging)), target
     # and into one process with no process group, plain tensors as targets
     state = {"model": {k: torch.zeros_like(v) for k, v in expected_tensors(seed).items()}, "step": 0, "extra": {}}
     shardstore.load(state, url)

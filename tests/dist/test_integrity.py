@@ -30,6 +30,7 @@ from shardstore.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     MissingChunkError,
+    PartialLoadError,
     StateDictMismatchError,
     UnsafeKeyError,
 )
@@ -336,6 +337,57 @@ def test_corrupt_last_chunk_leaves_tensors_untouched(tmp_path, small_inner_chunk
     with pytest.raises(CorruptCheckpointError, match=f"inner chunk 3 of 'model.{last}'"):
         shardstore.load(sd, url)
     assert _unchanged(before, sd) and sd["step"] == -1
+
+
+# -- streamed loads (a rank's share above staging_bytes) -------------------------------------------------
+
+STAGING = 3000  # bytes: a couple of ~1 KiB inner chunks per buffer, so five 4 KiB tensors take many batches
+
+
+def test_streamed_load_equals_the_saved_values_in_bounded_memory(tmp_path, small_inner_chunks):
+    url = str(tmp_path / "ck")
+    shardstore.save(_state(_many_values()), url)
+    sd = _state({k: torch.zeros_like(v) for k, v in _many_values().items()})
+    result = shardstore.load(sd, url, staging_bytes=STAGING)
+    assert result.streamed and 0 < result.staged_bytes <= STAGING + 2 * 8  # two buffers, each <= half (+crc)
+    assert all(torch.equal(sd["model"][k], v) for k, v in _many_values().items()) and sd["step"] == 3
+    assert result.bytes_read == sum(v.numel() * 4 for v in _many_values().values())
+    whole = shardstore.load(_state({k: torch.zeros_like(v) for k, v in _many_values().items()}), url)
+    assert not whole.streamed and whole.staged_bytes >= result.bytes_read
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "index"])
+def test_streamed_load_checks_every_object_before_copying(tmp_path, small_inner_chunks, damage):
+    url = str(tmp_path / "ck")
+    shardstore.save(_state(_many_values()), url)
+    last = _shard(url, f"model/{sorted(_many_values())[-1]}")
+    if damage == "delete":
+        last.unlink()
+    elif damage == "truncate":
+        _truncate(last, last.stat().st_size - 5)
+    else:
+        _flip(last, last.stat().st_size - 20)
+    sd = _state({k: torch.full_like(v, 7.0) for k, v in _many_values().items()})
+    sd["step"] = -1
+    before = _snapshot(sd)
+    with pytest.raises(CorruptCheckpointError) as info:
+        shardstore.load(sd, url, staging_bytes=STAGING)
+    assert not isinstance(info.value, PartialLoadError), info.value
+    assert _unchanged(before, sd) and sd["step"] == -1
+
+
+def test_streamed_load_names_what_it_wrote_when_a_late_chunk_is_corrupt(tmp_path, small_inner_chunks):
+    url = str(tmp_path / "ck")
+    shardstore.save(_state(_many_values()), url)
+    last = sorted(_many_values())[-1]
+    r, _ = _inner_range(url, f"model/{last}", 3)
+    _flip(_shard(url, f"model/{last}"), r.offset)
+    sd = _state({k: torch.full_like(v, 7.0) for k, v in _many_values().items()})
+    with pytest.raises(PartialLoadError) as info:
+        shardstore.load(sd, url, staging_bytes=STAGING)
+    msg = str(info.value)
+    assert f"inner chunk 3 of 'model.{last}'" in msg and "partly loaded" in msg and "'model.t0'" in msg
+    assert torch.equal(sd["model"]["t0"], _many_values()["t0"])  # written before the damage was reached
 
 
 # -- overwrite protocol --------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ DTENSOR_API = {
 SHARDSTORE_API = {
     "save", "load", "open", "Checkpoint", "SaveResult", "LoadResult", "ShardstoreError", "CheckpointExistsError",
     "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError", "MissingChunkError",
-    "StateDictMismatchError", "UnsafeKeyError",
+    "StateDictMismatchError", "UnsafeKeyError", "PartialLoadError",
 }
 
 
@@ -26,6 +26,14 @@ def test_dtensor_names_mirror_torch():
     assert shared <= set(dir(torch_dt)) | {"DeviceMesh", "init_device_mesh"}
     for method in ("from_local", "to_local", "full_tensor", "redistribute", "device_mesh", "placements"):
         assert hasattr(dtensor.DTensor, method) and hasattr(torch_dt.DTensor, method)
+
+
+def test_dtensor_submodules_mirror_torch():
+    import torch.distributed.tensor.experimental as torch_experimental
+
+    import dtensor.experimental
+
+    assert set(dtensor.experimental.__all__) <= set(dir(torch_experimental))
 
 
 def test_shardstore_public_api_is_locked():
