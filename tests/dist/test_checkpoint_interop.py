@@ -11,7 +11,7 @@ import zarr
 import dtensor
 import shardstore
 from dtensor import Replicate, Shard
-from tests.ranks import mesh, run_ranks
+from tests.ranks import device, mesh, run_ranks
 
 
 def full_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -90,3 +90,40 @@ def test_zstd_compressed_checkpoint_round_trips_and_zarr_reads_it(tmp_path):
     assert all(torch.equal(target[k], state[k]) for k in state)
     group = zarr.open_group(url, mode="r")
     assert torch.equal(torch.from_numpy(group["noise"][...]), state["noise"])
+
+
+
+def _fsdp_tp(url: str):
+    """Torch's FSDP2 over tensor parallel on a (2, 2) mesh: parameters are torch DTensors, the column-wise
+    layer's with ``_StridedShard`` placements. Saved by shardstore, loaded into plain full tensors and
+    back into a zeroed FSDP2 + TP model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    named = init_device_mesh(device(), (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    full = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    parallelize_module(model, named["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=named["dp"])
+    placements = {k: [type(p).__name__ for p in v.placements] for k, v in model.state_dict().items()}
+    shardstore.save(model.state_dict(), url)
+    plain = {k: torch.zeros_like(v) for k, v in full.items()}
+    shardstore.load(plain, url)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    shardstore.load(model.state_dict(), url)
+    reloaded = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    return (
+        placements,
+        all(torch.equal(plain[k], full[k].to(plain[k].device)) for k in full),
+        all(torch.equal(reloaded[k], full[k].to(reloaded[k].device)) for k in full),
+    )
+
+
+def test_fsdp2_over_tensor_parallel_state_dict_round_trips(tmp_path):
+    placements, plain_ok, reloaded_ok = run_ranks(4, _fsdp_tp, str(tmp_path / "ck"))[0]
+    assert placements["0.weight"] == ["_StridedShard", "Shard"], placements
+    assert plain_ok and reloaded_ok
