@@ -61,45 +61,87 @@ class Strategy:
 class _Plan:
     strategy: Strategy
     outputs: list | None  # one DTensorSpec per flattened output leaf (None for non-tensor leaves); None: per call
+    moves: tuple[tuple[int, Placements], ...]  # (position in the flat arguments, placements) of inputs to move
+    inplace: bool
 
 
 _cache: dict[Any, _Plan] = {}
+_handlers: dict[int, Callable | None] = {}  # id(op) -> its handler, None for ops run through a rule
+_UNSEEN = object()
 
 
 def dispatch(cls, func, args: tuple, kwargs: dict):
-    from .ops import HANDLERS, rule_for
+    # Ops are long-lived singletons: keying by id() skips OpOverload's Python-level __hash__ on the hot path.
+    handler = _handlers.get(id(func), _UNSEEN)
+    if handler is _UNSEEN:
+        from .ops import HANDLERS
 
-    handler = HANDLERS.get(func)
+        handler = _handlers[id(func)] = HANDLERS.get(func)
     if handler is not None:
         return handler(cls, func, args, kwargs)
     flat, tree = _flatten(args, kwargs)
-    specs = [x._spec for x in flat if isinstance(x, cls)]
-    _check_meshes(func, specs)
-    if any(_is_plain(x, cls) for x in flat):
+    key, specs, plain = _scan(func, flat, tree, cls)
+    if plain:
         flat = _replicate_plain(func, flat, specs[0].mesh, cls)
         args, kwargs = _unflatten(flat, tree)
-        specs = [x._spec for x in flat if isinstance(x, cls)]
-    key = _cache_key(func, flat, tree, cls)
+        key, specs, _ = _scan(func, flat, tree, cls)
     plan = _cache.get(key) if key is not None else None
     if plan is None:
+        from .ops import rule_for
+
+        _check_meshes(func, specs)
         plan = _plan(func, args, kwargs, flat, tree, specs, cls, rule_for(func))
         if key is not None:
             _cache[key] = plan
-    return _run(cls, func, flat, tree, specs, plan)
+    return _run(cls, func, flat, tree, specs[0].mesh, plan)
+
+
+def _scan(func, flat: list, tree, cls) -> tuple[Any, list[DTensorSpec], bool]:
+    """One pass over the arguments: the plan cache key (None if unhashable), the DTensor specs, and
+    whether a plain tensor that is not a scalar operand is among them."""
+    parts: list = [id(func), tree if isinstance(tree, tuple) else repr(tree)]
+    specs, plain = [], False
+    for x in flat:
+        if isinstance(x, cls):
+            spec = x._spec
+            specs.append(spec)
+            parts.append(spec)
+        elif isinstance(x, torch.Tensor):
+            plain = plain or x.dim() > 0
+            parts.append(("tensor", x.dtype, x.device, tuple(x.shape)))
+        elif isinstance(x, list):
+            parts.append(tuple(x))
+        else:
+            parts.append(x)
+    key = tuple(parts)
+    try:
+        hash(key)
+    except TypeError:
+        key = None
+    return key, specs, plain
 
 
 def _flatten(args: tuple, kwargs: dict) -> tuple[list, Any]:
     """The op's arguments as a flat list. The common case (no tensors inside lists or dicts) skips
     pytree: every argument is one leaf, lists of sizes included."""
-    values = (*args, *kwargs.values())
-    if not any(isinstance(a, (list, tuple, dict)) and _holds_tensor(a) for a in values):
-        return list(values), (len(args), tuple(kwargs))
-    return pytree.tree_flatten((args, kwargs))
+    values = (*args, *kwargs.values()) if kwargs else args
+    for a in values:
+        if type(a) in _CONTAINERS and _holds_tensor(a):
+            return pytree.tree_flatten((args, kwargs))
+    return list(values), (len(args), tuple(kwargs))
+
+
+_CONTAINERS = (list, tuple, dict)
 
 
 def _holds_tensor(container) -> bool:
-    items = container.values() if isinstance(container, dict) else container
-    return any(isinstance(x, torch.Tensor) or isinstance(x, (list, tuple, dict)) and _holds_tensor(x) for x in items)
+    for x in container.values() if type(container) is dict else container:
+        kind = type(x)
+        if kind is int or kind is float:
+            continue
+        if isinstance(x, torch.Tensor) or kind in _CONTAINERS and _holds_tensor(x):
+            return True
+    return False
 
 
 def _unflatten(flat: list, tree) -> tuple[tuple, dict]:
@@ -107,25 +149,6 @@ def _unflatten(flat: list, tree) -> tuple[tuple, dict]:
         count, names = tree
         return tuple(flat[:count]), dict(zip(names, flat[count:]))
     return pytree.tree_unflatten(flat, tree)
-
-
-def _cache_key(func, flat: list, tree, cls):
-    parts = []
-    for x in flat:
-        if isinstance(x, cls):
-            parts.append(x._spec)
-        elif isinstance(x, torch.Tensor):
-            parts.append(("tensor", x.dtype, x.device, tuple(x.shape)))
-        elif isinstance(x, list):
-            parts.append(tuple(x))
-        else:
-            parts.append(x)
-    try:
-        key = (func, tuple(parts), tree if isinstance(tree, tuple) else repr(tree))
-        hash(key)
-    except TypeError:
-        return None
-    return key
 
 
 def _check_meshes(func, specs: list[DTensorSpec]) -> None:
@@ -162,13 +185,18 @@ def _plan(func, args, kwargs, flat, tree, specs, cls, rule) -> _Plan:
     metas = [_meta(x._spec) if isinstance(x, cls) else _to_meta(x) for x in flat]
     meta_args, meta_kwargs = _unflatten(metas, tree)
     # ops that return nothing (in-place _foreach_*/_fused_*) need no output specs; _fused_sgd_ has no meta kernel
+    positions = [i for i, x in enumerate(flat) if isinstance(x, cls)]
+    moves = tuple((i, want) for i, spec, want in zip(positions, specs, strategy.inputs) if want != spec.placements)
+    inplace = _is_inplace(func)
+    if inplace:
+        _check_targets_stay(flat, tree, strategy, cls)
     try:
         meta_out = func(*meta_args, **meta_kwargs) if func._schema.returns else None
     except (NotImplementedError, RuntimeError):
         if rule is not None:
             raise
-        return _Plan(strategy, None)  # a data-dependent output shape: specs come from each local result
-    return _Plan(strategy, _output_specs(meta_out, specs[0].mesh, strategy.output))
+        return _Plan(strategy, None, moves, inplace)  # a data-dependent output shape: specs from each local result
+    return _Plan(strategy, _output_specs(meta_out, specs[0].mesh, strategy.output), moves, inplace)
 
 
 def _meta(spec: DTensorSpec) -> torch.Tensor:
@@ -199,26 +227,18 @@ def _output_specs(meta_out, mesh, output: Placements | list[Placements]) -> list
     return [DTensorSpec(mesh, next(it), x.shape, tuple(x.stride()), x.dtype) if isinstance(x, torch.Tensor) else None for x in flat]
 
 
-def _run(cls, func, flat: list, tree, specs: list[DTensorSpec], plan: _Plan):
-    strategy = plan.strategy
-    mesh = specs[0].mesh
-    wanted = iter(strategy.inputs)
-    local_flat = []
-    for x in flat:
-        if isinstance(x, cls):
-            want = next(wanted)
-            local = x._local_tensor
-            if want != x._spec.placements:
-                local = redistribute_local(local, mesh, x._spec.shape, x._spec.placements, want)
-            local_flat.append(local)
-        else:
-            local_flat.append(x)
+def _run(cls, func, flat: list, tree, mesh, plan: _Plan):
+    local_flat = [x._local_tensor if isinstance(x, cls) else x for x in flat]
+    for i, want in plan.moves:
+        spec = flat[i]._spec
+        local_flat[i] = redistribute_local(local_flat[i], mesh, spec.shape, spec.placements, want)
     local_args, local_kwargs = _unflatten(local_flat, tree)
+    strategy = plan.strategy
     if strategy.local_args is not None:
         local_args, local_kwargs = strategy.local_args(local_args, local_kwargs)
     out = func(*local_args, **local_kwargs)
-    if _is_inplace(func):
-        return _inplace_result(cls, flat, tree, strategy, out)
+    if plan.inplace:  # the target, unless the op returns nothing (``_foreach_*_``)
+        return None if out is None else _unflatten(flat, tree)[0][0]
     return _wrap(cls, out, plan.outputs if plan.outputs is not None else _output_specs(out, mesh, strategy.output))
 
 
@@ -228,8 +248,8 @@ def _is_inplace(func) -> bool:
     return first is not None and first.is_write
 
 
-def _inplace_result(cls, flat: list, tree, strategy: Strategy, out):
-    """In-place ops return their target (``_foreach_*_`` return nothing); targets keep their layout."""
+def _check_targets_stay(flat: list, tree, strategy: Strategy, cls) -> None:
+    """In-place ops keep their targets' layouts (checked before anything runs)."""
     target = _unflatten(flat, tree)[0][0]
     count = len(pytree.tree_leaves(target))
     for i, t in enumerate(x for x in flat[:count] if isinstance(x, cls)):
@@ -238,7 +258,6 @@ def _inplace_result(cls, flat: list, tree, strategy: Strategy, out):
                 f"an in-place op would change the placements of its target from {list(t._spec.placements)} "
                 f"to {list(strategy.inputs[i])}; redistribute the target first or use the out-of-place op"
             )
-    return None if out is None else target
 
 
 def _wrap(cls, out, out_specs: list):
