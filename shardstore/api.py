@@ -1,8 +1,9 @@
 """``save``, ``load`` and ``open``: the data flow of a checkpoint, top to bottom.
 
-save: flatten the state dict -> each rank plans what it holds -> rank 0 merges (dedup, balance) ->
-      every rank writes its cells -> all agree -> rank 0 writes array and group metadata, then the root
-      ``zarr.json`` last (the commit marker) -> (with overwrite) the staged checkpoint replaces the old.
+save: flatten the state dict -> each rank plans what it holds -> rank 0 merges the plans (dedup,
+      balance) and the skeletons (per-rank keys survive) -> every rank writes its cells -> all agree ->
+      rank 0 writes array and group metadata, then the root ``zarr.json`` last (the commit marker) ->
+      (with overwrite) the staged checkpoint replaces the old.
 load: read the root record -> flatten the target state dict -> plan this rank's reads (validated before
       any byte moves) -> check every object's shard index -> read and verify the chunks -> all agree ->
       copy them in. A rank whose share exceeds ``staging_bytes`` reads, verifies and copies batch by
@@ -25,7 +26,7 @@ from shardstore.codec import ArrayLayout, choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointExistsError, CorruptCheckpointError
 from shardstore.execute import check_runs, layout_of, local_tensor, place, read_checked, read_runs, stream_runs, write_cells
-from shardstore.flatten import KeyPath, flatten, fqn, is_tensor_like, keypath_from_node, node_path, unflatten
+from shardstore.flatten import KeyPath, flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, node_path, unflatten
 from shardstore.plan import GlobalSavePlan, LoadRegion, StoredArray, TargetTensor, dtype_name, load_targets, local_save_plan, merge_save_plans, plan_load
 from shardstore.storage import Storage
 
@@ -77,14 +78,18 @@ def save(
     items, skeleton = flatten(state_dict)
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     local = coord.agree("planning the save", lambda: local_save_plan(coord.rank, tensors))
-    plans = coord.all_gather(local)
-    plan = coord.decide("merging the save plans", lambda: merge_save_plans(plans, inner_chunks=choose_inner_chunk_shape))
+    plans, skeletons = zip(*coord.all_gather((local, skeleton)))
+    plan, skeleton = coord.decide("merging the save plans", lambda: _merge_plans(plans, skeletons))
     target = Storage(url, storage_options)
     dest_url = coord.decide("choosing where to write", lambda: _destination(target, overwrite))
     dest = target if dest_url == target.url else Storage(dest_url, storage_options)
     stats = coord.agree("writing chunks", lambda: write_cells(dest, plan, coord.rank, tensors, compressor))
     coord.decide("committing", lambda: _commit(dest, target, plan, skeleton, compressor, user_metadata))
     return SaveResult(url, stats.nbytes, stats.objects, time.perf_counter() - start)
+
+
+def _merge_plans(plans, skeletons) -> tuple[GlobalSavePlan, dict]:
+    return merge_save_plans(plans, inner_chunks=choose_inner_chunk_shape), merge_skeletons(list(skeletons))
 
 
 def _destination(target: Storage, overwrite: bool) -> str:
@@ -133,7 +138,10 @@ def load(
     start = time.perf_counter()
     coord = Coordinator(process_group)
     storage = Storage(url, storage_options)
-    step = lambda: _load_here(state_dict, storage, strict, staging_bytes)  # noqa: E731
+    items = coord.agree("reading the state dict", lambda: flatten(state_dict)[0])
+    tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
+    wanted = {k for keys in coord.all_gather(tuple(tensors)) for k in keys}  # per-rank keys: wanted somewhere
+    step = lambda: _load_here(state_dict, tensors, storage, strict, staging_bytes, wanted)  # noqa: E731
     copy_in, nbytes, chunks, missing, unexpected = coord.agree("reading and verifying chunks", step)
     # Only now, with every rank's chunks verified (or, streaming, its indices), does any rank touch its
     # tensors: a failed load leaves every rank's state dict as it was.
@@ -141,14 +149,12 @@ def load(
     return LoadResult(nbytes, chunks, time.perf_counter() - start, missing, unexpected, staged, streamed)
 
 
-def _load_here(state_dict: dict, storage: Storage, strict: bool, staging_bytes: int):
+def _load_here(state_dict: dict, tensors: dict, storage: Storage, strict: bool, staging_bytes: int, wanted: set):
     """Check (and, when it fits the staging memory, read and verify) what this rank needs; returns the
     step that copies it in, run once every rank got this far."""
     root = fmt.read_root(storage)
-    items, _ = flatten(state_dict)
-    tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     stored, layouts, nodes = _stored_arrays(root)
-    plan = plan_load(load_targets(tensors), stored, strict=strict)
+    plan = plan_load(load_targets(tensors), stored, strict=strict, wanted=wanted)
     checked = check_runs(storage, plan.runs, layouts, nodes)
     needed = sum(c.nbytes for c in checked)
     streamed = needed > staging_bytes

@@ -27,9 +27,11 @@ from typing import Any, Union
 
 import torch
 
-from shardstore.errors import CorruptCheckpointError
+from shardstore.errors import CorruptCheckpointError, StateDictMismatchError
 
-__all__ = ["KeyPath", "flatten", "unflatten", "is_tensor_like", "node_path", "keypath_from_node", "fqn"]
+__all__ = [
+    "KeyPath", "flatten", "unflatten", "merge_skeletons", "is_tensor_like", "node_path", "keypath_from_node", "fqn",
+]
 
 KeyPath = tuple[Union[str, int], ...]
 
@@ -78,6 +80,49 @@ def _dict_key(key: Any, path: KeyPath) -> str:
             "(optimizer state keyed by parameter index: convert the keys to str or use parameter names)"
         )
     return key
+
+
+def merge_skeletons(skeletons: list[dict]) -> dict:
+    """One skeleton for a save from every rank's (in rank order): dicts are united, so per-rank keys
+    (``dataloader.rank3``) all survive; lists, tuples and plain values must agree where ranks share them,
+    since each is saved once."""
+    return _merge([(rank, s) for rank, s in enumerate(skeletons)], ())
+
+
+def _merge(nodes: list[tuple[int, dict]], path: KeyPath) -> dict:
+    (rank, first), *rest = nodes
+    kind = next(iter(first))
+    if kind == "dict":
+        keys: dict[str, list[tuple[int, dict]]] = {}
+        for r, node in nodes:
+            if next(iter(node)) != "dict":
+                _conflict(path, rank, first, r, node)
+            for k, child in node["dict"].items():
+                keys.setdefault(k, []).append((r, child))
+        return {"dict": {k: _merge(children, path + (k,)) for k, children in keys.items()}}
+    for r, node in rest:
+        if next(iter(node)) != kind or (kind not in ("list", "tuple") and node != first):
+            _conflict(path, rank, first, r, node)
+        if kind in ("list", "tuple") and len(node[kind]) != len(first[kind]):
+            _conflict(path, rank, first, r, node)
+    if kind in ("list", "tuple"):
+        return {kind: [_merge([(r, n[kind][i]) for r, n in nodes], path + (i,)) for i in range(len(first[kind]))]}
+    return first
+
+
+def _conflict(path: KeyPath, rank_a: int, a: dict, rank_b: int, b: dict):
+    raise StateDictMismatchError(
+        f"state dict entry {fqn(path) or '<root>'!r} differs across ranks (rank {rank_a}: {_show(a)}, rank "
+        f"{rank_b}: {_show(b)}); plain values are saved once, so all but one would be lost. Give each rank its "
+        f"own key (e.g. '{fqn(path)}.rank{{r}}', which the other ranks leave out), or make them equal"
+    )
+
+
+def _show(node: dict) -> str:
+    (kind, body), = node.items()
+    if kind in ("value", "float"):
+        return repr(body)[:60]
+    return f"a {kind} of {len(body)}" if kind in ("list", "tuple", "dict") else kind
 
 
 def unflatten(skeleton: dict, tensors: Mapping[KeyPath, Any]) -> dict:

@@ -6,6 +6,10 @@ Save, in three steps (the way DCP does it, but over a Zarr chunk grid):
 2. one rank merges them: ``merge_save_plans(plans) -> GlobalSavePlan`` checks that ranks agree on
    every tensor, picks each array's chunk grid (``grid.choose_chunk_shape``), writes each cell once
    however many ranks hold it (dedup), and spreads replicated cells over their holders (balance);
+   a DTensor is listed by every rank (one that holds nothing of it too), while a plain tensor may be
+   held by some ranks only (per-rank state under per-rank keys, like ``dataloader.rank3``); ranks
+   holding the same plain tensor must hold the same value (checked by digest up to
+   ``DIGEST_MAX_BYTES``), since it is saved once;
 3. every rank executes its own ``WriteTask``\\ s (elsewhere).
 
 Load: ``load_targets(items)`` describes the regions this rank must fill, and
@@ -17,9 +21,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
+
+import crc32c
+import torch
 
 from dtensor.placements import Box
 from shardstore.errors import StateDictMismatchError
@@ -29,7 +36,7 @@ from shardstore.grid import cell_box, cells_in_box, cells_overlapping, choose_ch
 __all__ = [
     "HeldTensor", "LocalSavePlan", "ArrayPlan", "WriteTask", "GlobalSavePlan", "local_save_plan", "merge_save_plans",
     "LoadRegion", "TargetTensor", "StoredArray", "ReadTask", "ReadRun", "LoadPlan", "load_targets", "plan_load",
-    "dtype_name", "DEFAULT_MAX_CELL_BYTES",
+    "dtype_name", "DEFAULT_MAX_CELL_BYTES", "DIGEST_MAX_BYTES",
 ]
 
 Coords = tuple[int, ...]
@@ -38,6 +45,11 @@ InnerChunks = Callable[[tuple[int, ...], int], Sequence[int]]
 DEFAULT_MAX_CELL_BYTES = 256 * 2**20
 """Cells of tensors nobody shards are split (along uncut dims) to at most this size, so a big replicated
 tensor is written by several ranks instead of one; sharded dims are never split further."""
+
+DIGEST_MAX_BYTES = 64 * 2**10
+"""Plain tensors up to this size are digested at save, so ranks holding different values under one key
+(a per-rank RNG state, a data loader position) fail loudly instead of one rank's value being kept.
+Bigger ones (a data-parallel replica of a model) are taken to be equal, as DDP keeps them."""
 
 
 # ----------------------------------------------------------------------------------------------- save
@@ -54,6 +66,8 @@ class HeldTensor:
     boxes: tuple[Box, ...]
     mesh_shape: tuple[int, ...] | None = None
     placements: tuple[str, ...] | None = None
+    rank: int = 0
+    digest: int | None = None  # crc32c of a small plain tensor's bytes (``DIGEST_MAX_BYTES``)
 
 
 @dataclass(frozen=True)
@@ -107,14 +121,16 @@ def dtype_name(dtype: Any) -> str:
 
 def local_save_plan(rank: int, items: Mapping[KeyPath, Any]) -> LocalSavePlan:
     """Describe what this rank holds of every tensor in ``items`` (from ``flatten``)."""
-    return LocalSavePlan(rank, tuple(_held_tensor(key, value) for key, value in items.items()))
+    return LocalSavePlan(rank, tuple(replace(_held_tensor(key, value), rank=rank) for key, value in items.items()))
 
 
 def _held_tensor(key: KeyPath, value: Any) -> HeldTensor:
     mesh_shape, placements = _layout(key, value)
     if not hasattr(type(value), "__create_write_items__"):
-        box = Box((0,) * value.dim(), tuple(value.shape))  # a plain tensor: every rank holds all of it
-        return HeldTensor(key, box.sizes, dtype_name(value.dtype), value.dtype.itemsize, (box,))
+        box = Box((0,) * value.dim(), tuple(value.shape))  # a plain tensor: this rank holds all of it
+        itemsize = value.dtype.itemsize
+        digest = _digest(value) if box.numel * itemsize <= DIGEST_MAX_BYTES else None
+        return HeldTensor(key, box.sizes, dtype_name(value.dtype), itemsize, (box,), digest=digest)
     items = value.__create_write_items__(fqn(key), value)
     if any(item.tensor_data is None for item in items):
         raise TypeError(f"{fqn(key)!r}: its checkpoint hooks returned a non-tensor write item; only tensors are saved")
@@ -123,6 +139,11 @@ def _held_tensor(key: KeyPath, value: Any) -> HeldTensor:
     dtype = data[0].properties.dtype if data else value.dtype
     boxes = tuple(b for b in (Box(tuple(d.chunk.offsets), tuple(d.chunk.sizes)) for d in data) if b.numel)
     return HeldTensor(key, shape, dtype_name(dtype), dtype.itemsize, boxes, mesh_shape, placements)
+
+
+def _digest(value: torch.Tensor) -> int:
+    raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return crc32c.crc32c(raw.numpy().tobytes())
 
 
 def _layout(key: KeyPath, value: Any) -> tuple[tuple[int, ...] | None, tuple[str, ...] | None]:
@@ -195,25 +216,40 @@ def _group_by_key(local_plans: Sequence[LocalSavePlan], world: int) -> dict[KeyP
         for tensor in plan.tensors:
             held.setdefault(tensor.key, []).append(tensor)
     for key, hs in held.items():
-        if len(hs) != world:
-            lacking = sorted(set(range(world)) - {p.rank for p in local_plans if any(t.key == key for t in p.tensors)})
+        if len(hs) != world and any(h.mesh_shape is not None for h in hs):
+            lacking = sorted(set(range(world)) - {h.rank for h in hs})
             raise StateDictMismatchError(
-                f"tensor {fqn(key)!r} is in the state dict of some ranks but not of ranks {lacking}: every rank "
-                "must pass the same keys (a rank that holds nothing of a tensor still lists it)"
+                f"DTensor {fqn(key)!r} is in the state dict of some ranks but not of ranks {lacking}: every rank "
+                "must list every DTensor (a rank that holds nothing of it too)"
             )
     return held
+
+
+def _check_same_value(key: KeyPath, held: list[HeldTensor]) -> None:
+    ranks_by_value: dict[int | None, list[int]] = {}
+    for h in held:
+        ranks_by_value.setdefault(h.digest, []).append(h.rank)
+    if len(ranks_by_value) > 1:
+        groups = " vs ".join(f"ranks {ranks}" for ranks in ranks_by_value.values())
+        raise StateDictMismatchError(
+            f"plain tensor {fqn(key)!r} holds different values on different ranks ({groups}); a plain tensor is "
+            f"saved once, as if replicated, so all but one would be lost. Give each rank its own key (e.g. "
+            f"'{fqn(key)}.rank{{r}}', which the other ranks leave out), or make it a DTensor"
+        )
 
 
 def _array_plan(
     key: KeyPath, held: list[HeldTensor], inner_chunks: InnerChunks | None, max_cell_bytes: int | None
 ) -> ArrayPlan:
     first = held[0]
-    for rank, h in enumerate(held):
+    for h in held:
         if (h.shape, h.dtype) != (first.shape, first.dtype):
             raise StateDictMismatchError(
-                f"ranks disagree on tensor {fqn(key)!r}: rank 0 has shape {first.shape} dtype {first.dtype}, "
-                f"rank {rank} has shape {h.shape} dtype {h.dtype}; every rank must save the same global tensor"
+                f"ranks disagree on tensor {fqn(key)!r}: rank {first.rank} has shape {first.shape} dtype "
+                f"{first.dtype}, rank {h.rank} has shape {h.shape} dtype {h.dtype}; every rank must save the same "
+                "global tensor"
             )
+    _check_same_value(key, held)
     layouts = {(h.mesh_shape, h.placements) for h in held if h.mesh_shape is not None}
     if len(layouts) > 1:
         raise StateDictMismatchError(f"ranks disagree on the mesh/placements of {fqn(key)!r}: {sorted(layouts)}")
@@ -246,10 +282,10 @@ class _Cell:
 
 def _cells_with_holders(array: ArrayPlan, held: list[HeldTensor]) -> list[_Cell]:
     holders: dict[Coords, list[tuple[int, Box]]] = {}
-    for rank, h in enumerate(held):
+    for h in held:
         for box in h.boxes:
             for coords in cells_in_box(array.chunk_shape, array.shape, box):
-                holders.setdefault(coords, []).append((rank, box))
+                holders.setdefault(coords, []).append((h.rank, box))
     if len(holders) != math.prod(grid_shape(array.chunk_shape, array.shape)):
         raise StateDictMismatchError(
             f"the ranks' shards of {fqn(array.key)!r} (shape {array.shape}) do not cover it: "
@@ -371,16 +407,22 @@ def _target(key: KeyPath, value: Any) -> TargetTensor:
 
 
 def plan_load(
-    targets: Mapping[KeyPath, TargetTensor], stored: Mapping[KeyPath, StoredArray], *, strict: bool = True
+    targets: Mapping[KeyPath, TargetTensor],
+    stored: Mapping[KeyPath, StoredArray],
+    *,
+    strict: bool = True,
+    wanted: Collection[KeyPath] | None = None,
 ) -> LoadPlan:
     """Which inner chunks this rank reads and where each part goes.
 
     Raises ``StateDictMismatchError`` listing every problem when a shape or dtype differs, or (with
     ``strict``) when a key is missing on either side; with ``strict=False`` those keys are skipped and
-    returned in the plan.
+    returned in the plan. ``wanted``: the keys any rank of the load asks for (default: this rank's); a
+    stored key no rank wants is unexpected, one that only other ranks want (per-rank state) is not.
     """
+    wanted = set(targets) if wanted is None else set(wanted)
     missing = tuple(k for k in targets if k not in stored)
-    unexpected = tuple(k for k in stored if k not in targets)
+    unexpected = tuple(k for k in stored if k not in wanted)
     _check_match(targets, stored, missing, unexpected, strict)
     tasks = [t for key, target in targets.items() if key in stored for t in _read_tasks(target, stored[key])]
     return LoadPlan(_coalesce(tasks), missing, unexpected)

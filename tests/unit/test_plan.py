@@ -125,9 +125,22 @@ def test_ranks_disagreeing_on_shape_are_named():
         save_plan(items)
 
 
-def test_a_key_missing_on_a_rank_is_named():
-    with pytest.raises(StateDictMismatchError, match=r"'b'.*ranks \[1\]"):
-        save_plan([{("a",): torch.zeros(1), ("b",): torch.zeros(1)}, {("a",): torch.zeros(1)}])
+def test_a_dtensor_missing_on_a_rank_is_named():
+    w = lambda c: FakeDTensor((6,), (3,), (Shard(0),), c)  # noqa: E731
+    with pytest.raises(StateDictMismatchError, match=r"DTensor 'b'.*ranks \[1\]"):
+        save_plan([{("a",): torch.zeros(1), ("b",): w((0,))}, {("a",): torch.zeros(1)}])
+
+
+def test_plain_tensors_may_be_per_rank_and_are_written_by_their_holder():
+    plan = save_plan([{("a",): torch.zeros(1), ("r0",): torch.ones(3)}, {("a",): torch.zeros(1), ("r1",): torch.ones(2)}])
+    written = [{t.key for t in tasks} for tasks in plan.writes]
+    assert ("r0",) in written[0] and ("r1",) in written[1]
+
+
+def test_ranks_holding_different_values_of_a_plain_tensor_are_refused():
+    items = [{("rng",): torch.tensor([1, 2, 3])}, {("rng",): torch.tensor([1, 2, 3])}, {("rng",): torch.tensor([9, 2, 3])}]
+    with pytest.raises(StateDictMismatchError, match=r"'rng' holds different values.*ranks \[0, 1\] vs ranks \[2\].*rng.rank\{r\}"):
+        save_plan(items)
 
 
 def test_shards_that_do_not_cover_the_tensor_are_refused():
