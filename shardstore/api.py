@@ -22,11 +22,11 @@ import torch
 
 from dtensor.placements import Box
 from shardstore import format as fmt
-from shardstore.codec import ArrayLayout, choose_inner_chunk_shape
+from shardstore.codec import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointExistsError, CorruptCheckpointError
 from shardstore.execute import check_runs, layout_of, local_tensor, place, read_checked, read_runs, stream_runs, write_cells
-from shardstore.flatten import KeyPath, flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, node_path, unflatten
+from shardstore.flatten import KeyPath, flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, unflatten
 from shardstore.plan import GlobalSavePlan, LoadRegion, StoredArray, TargetTensor, dtype_name, load_targets, local_save_plan, merge_save_plans, plan_load
 from shardstore.storage import Storage
 

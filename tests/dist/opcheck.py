@@ -8,6 +8,7 @@ placements equal torch's. The inputs must be identical on every rank (seed befor
 
 from __future__ import annotations
 
+import random
 import warnings
 from typing import Callable, Sequence
 
@@ -46,6 +47,18 @@ def distribute(full: torch.Tensor, mesh, placements, ours: bool = True):
     if ours:
         return dt
     return dt.to_torch()
+
+
+def seeded_mesh(mesh_shape, seed: int):
+    """The mesh of ``mesh_shape`` with Python's and torch's generators seeded alike on every rank (random
+    cases must be the same everywhere); None on a rank outside the mesh. Every rank must call it."""
+    from tests.ranks import mesh
+
+    m = mesh(mesh_shape)
+    if m.get_coordinate() is None:
+        return None
+    torch.manual_seed(seed)
+    return m, random.Random(seed)
 
 
 def check_op(

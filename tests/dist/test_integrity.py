@@ -325,14 +325,25 @@ def test_failed_validation_leaves_tensors_untouched(tmp_path):
     assert _unchanged(before, sd) and sd["step"] == -1
 
 
-def test_corrupt_last_chunk_leaves_tensors_untouched(tmp_path, small_inner_chunks):
+def _saved_with_corrupt_last_tensor(tmp_path) -> tuple[str, str]:
+    """A checkpoint of ``_many_values`` whose last tensor has a flipped byte in inner chunk 3."""
     url = str(tmp_path / "ck")
     shardstore.save(_state(_many_values()), url)
     last = sorted(_many_values())[-1]
     r, _ = _inner_range(url, f"model/{last}", 3)
     _flip(_shard(url, f"model/{last}"), r.offset)
+    return url, last
+
+
+def _sevens() -> dict:
     sd = _state({k: torch.full_like(v, 7.0) for k, v in _many_values().items()})
     sd["step"] = -1
+    return sd
+
+
+def test_corrupt_last_chunk_leaves_tensors_untouched(tmp_path, small_inner_chunks):
+    url, last = _saved_with_corrupt_last_tensor(tmp_path)
+    sd = _sevens()
     before = _snapshot(sd)
     with pytest.raises(CorruptCheckpointError, match=f"inner chunk 3 of 'model.{last}'"):
         shardstore.load(sd, url)
@@ -367,8 +378,7 @@ def test_streamed_load_checks_every_object_before_copying(tmp_path, small_inner_
         _truncate(last, last.stat().st_size - 5)
     else:
         _flip(last, last.stat().st_size - 20)
-    sd = _state({k: torch.full_like(v, 7.0) for k, v in _many_values().items()})
-    sd["step"] = -1
+    sd = _sevens()
     before = _snapshot(sd)
     with pytest.raises(CorruptCheckpointError) as info:
         shardstore.load(sd, url, staging_bytes=STAGING)
@@ -377,12 +387,8 @@ def test_streamed_load_checks_every_object_before_copying(tmp_path, small_inner_
 
 
 def test_streamed_load_names_what_it_wrote_when_a_late_chunk_is_corrupt(tmp_path, small_inner_chunks):
-    url = str(tmp_path / "ck")
-    shardstore.save(_state(_many_values()), url)
-    last = sorted(_many_values())[-1]
-    r, _ = _inner_range(url, f"model/{last}", 3)
-    _flip(_shard(url, f"model/{last}"), r.offset)
-    sd = _state({k: torch.full_like(v, 7.0) for k, v in _many_values().items()})
+    url, last = _saved_with_corrupt_last_tensor(tmp_path)
+    sd = _sevens()
     with pytest.raises(PartialLoadError) as info:
         shardstore.load(sd, url, staging_bytes=STAGING)
     msg = str(info.value)

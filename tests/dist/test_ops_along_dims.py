@@ -10,14 +10,13 @@ reduce-scattered onto another dim, where torch all-reduces it (it does reduce-sc
 from a replicated or pending input on a 2-d mesh, torch may also chunk a mesh dim that ours leaves whole.
 """
 
-import random
 
 import torch
 import torch.nn.functional as F
 
 from dtensor import Partial, Replicate, Shard
-from tests.dist.opcheck import check_op
-from tests.ranks import mesh, run_ranks
+from tests.dist.opcheck import check_op, seeded_mesh
+from tests.ranks import run_ranks
 
 OPS = {
     "cumsum": lambda x: x.cumsum(1),
@@ -42,11 +41,10 @@ KEEP_SHARDS = {"tril", "triu_1", "tril_-2"}  # sharded in, sharded out
 
 
 def _cases(mesh_shape, count: int, seed: int):
-    m = mesh(mesh_shape)
-    if m.get_coordinate() is None:
+    seeded = seeded_mesh(mesh_shape, seed)
+    if seeded is None:
         return []
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
+    m, rng = seeded
     out = []
     for name, fn in OPS.items():
         for _ in range(count):

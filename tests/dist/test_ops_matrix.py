@@ -11,7 +11,7 @@ import torch
 import dtensor
 from dtensor import Partial, Replicate, Shard
 from dtensor.debug import CommDebugMode
-from tests.dist.opcheck import check_op, distribute
+from tests.dist.opcheck import check_op, seeded_mesh, distribute
 from tests.ranks import mesh, run_ranks
 
 f64 = torch.float64
@@ -47,11 +47,10 @@ def _placements(rng: random.Random, ndim: int, mesh_ndim: int):
 
 
 def _random_products(mesh_shape, count: int, seed: int):
-    m = mesh(mesh_shape)
-    if m.get_coordinate() is None:
+    seeded = seeded_mesh(mesh_shape, seed)
+    if seeded is None:
         return []
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
+    m, rng = seeded
     out = []
     for _ in range(count):
         kind, fn, inputs = _case(rng)

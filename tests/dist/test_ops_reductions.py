@@ -12,14 +12,13 @@ here; it leaves ``any`` a pending sum of bools, where ours replicates the reduce
 """
 
 import math
-import random
 
 import pytest
 import torch
 
 from dtensor import Partial, Replicate, Shard, collectives
 from dtensor.placements import local_box, mesh_coordinates
-from tests.dist.opcheck import check_op, distribute
+from tests.dist.opcheck import check_op, seeded_mesh, distribute
 from dtensor.debug import CommDebugMode
 from tests.ranks import mesh, run_ranks
 
@@ -79,11 +78,10 @@ def _compare_with_torch(name, shape, mesh_shape, placements) -> bool:
 
 
 def _random_reductions(mesh_shape, names, count: int, seed: int):
-    m = mesh(mesh_shape)
-    if m.get_coordinate() is None:
+    seeded = seeded_mesh(mesh_shape, seed)
+    if seeded is None:
         return []
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
+    m, rng = seeded
     out = []
     for name in names:
         for _ in range(count):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 
 from shardstore.errors import CorruptCheckpointError, MissingChunkError, UnsafeKeyError
-from shardstore.storage import Storage
 
 
 def test_write_then_read_round_trips_bytes_and_memoryview(storage):
