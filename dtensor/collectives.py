@@ -18,6 +18,7 @@ __all__ = [
     "init_device_mesh",
     "all_gather",
     "all_reduce",
+    "all_reduce_dims",
     "reduce_scatter",
     "all_to_all",
     "broadcast",
@@ -51,6 +52,13 @@ def all_reduce(tensor: torch.Tensor, op: str, mesh: DeviceMesh, mesh_dim: int) -
     op, divide = _divides_avg(op)
     out = funcol.all_reduce(tensor.contiguous(), op, (mesh, mesh_dim))
     return out / mesh.size(mesh_dim) if divide else out
+
+
+def all_reduce_dims(tensor: torch.Tensor, op: str, mesh: DeviceMesh, mesh_dims) -> torch.Tensor:
+    """Reduce across several mesh dims in turn; the result is ready (waited for)."""
+    for mesh_dim in mesh_dims:
+        tensor = wait(all_reduce(tensor, op, mesh, mesh_dim))
+    return tensor
 
 
 def reduce_scatter(tensor: torch.Tensor, op: str, mesh: DeviceMesh, mesh_dim: int, scatter_dim: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from . import collectives
 from .placements import Partial, Placement, Replicate, Shard, chunk_size, logical_shape, shard_size_and_offset
 
-__all__ = ["Step", "plan_steps", "redistribute_local", "pad_to", "partial_share"]
+__all__ = ["Step", "plan_steps", "redistribute_local", "local_as", "pad_to", "partial_share"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,16 @@ def redistribute_local(
         ctx = _Ctx(mesh, step.mesh_dim, n, coordinate[step.mesh_dim], tuple(logical))
         local = _transition(step.src, step.dst)(local, step.src, step.dst, ctx)
     return local
+
+
+def local_as(x, placements: Sequence[Placement]) -> torch.Tensor:
+    """A DTensor's local tensor under ``placements``, moved (and waited for) when they differ: what a
+    handler computes on."""
+    spec = x._spec
+    placements = tuple(placements)
+    if placements == spec.placements:
+        return x._local_tensor
+    return collectives.wait(redistribute_local(x._local_tensor, spec.mesh, spec.shape, spec.placements, placements))
 
 
 @dataclass(frozen=True)

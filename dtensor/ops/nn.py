@@ -36,7 +36,7 @@ import torch
 from .. import collectives
 from ..dispatch import Strategy
 from ..placements import Partial, Placement, Replicate, Shard, local_box
-from ..redistribute import redistribute_local
+from ..redistribute import local_as
 from ..spec import DTensorSpec
 from .common import bind_args, replicate_partials
 
@@ -56,15 +56,6 @@ def _norm(dim: int, ndim: int) -> int:
 
 def _unshard(placements: Sequence[Placement], dims: Sequence[int]) -> tuple[Placement, ...]:
     return tuple(Replicate() if isinstance(p, Shard) and p.dim in dims else p for p in placements)
-
-
-def _local(x, placements: Sequence[Placement]) -> torch.Tensor:
-    """x's local tensor under ``placements`` (collective when they differ)."""
-    spec = x._spec
-    placements = tuple(placements)
-    if placements == spec.placements:
-        return x._local_tensor
-    return collectives.wait(redistribute_local(x._local_tensor, spec.mesh, spec.shape, spec.placements, placements))
 
 
 def _replicated(cls, t: torch.Tensor | None, mesh):
@@ -90,12 +81,6 @@ def _range(shape: Sequence[int], mesh, placements: Sequence[Placement], dim: int
 
 def _mesh_dims(placements: Sequence[Placement], dim: int) -> list[int]:
     return [m for m, p in enumerate(placements) if p == Shard(dim)]
-
-
-def _all_reduce(t: torch.Tensor, op: str, mesh, mesh_dims: Sequence[int]) -> torch.Tensor:
-    for m in mesh_dims:
-        t = collectives.wait(collectives.all_reduce(t, op, mesh, m))
-    return t
 
 
 # ---------------------------------------------------------------- softmax
@@ -127,7 +112,7 @@ def _log_softmax(cls, func, args, kwargs):
     spec = x._spec
     dim = _norm(dim, len(spec.shape))
     placements = replicate_partials(spec.placements)
-    local = _local(x, placements)
+    local = local_as(x, placements)
     class_dims = _mesh_dims(placements, dim)
     if not class_dims:
         return _wrap(cls, func(local, dim, half_to_float), spec.mesh, placements, spec.shape)
@@ -135,9 +120,9 @@ def _log_softmax(cls, func, args, kwargs):
         top = local.amax(dim, keepdim=True)
     else:
         top = local.new_full(local.shape[:dim] + (1,) + local.shape[dim + 1 :], float("-inf"))
-    top = _all_reduce(top.detach(), "max", spec.mesh, class_dims)
+    top = collectives.all_reduce_dims(top.detach(), "max", spec.mesh, class_dims)
     shifted = local - top
-    total = _all_reduce(shifted.exp().sum(dim, keepdim=True), "sum", spec.mesh, class_dims)
+    total = collectives.all_reduce_dims(shifted.exp().sum(dim, keepdim=True), "sum", spec.mesh, class_dims)
     return _wrap(cls, shifted - total.log(), spec.mesh, placements, spec.shape)
 
 
@@ -149,10 +134,10 @@ def _log_softmax_backward(cls, func, args, kwargs):
     class_dims = _mesh_dims(placements, dim)
     if not class_dims:
         placements = _unshard(placements, [dim])
-    g, y = _local(grad, placements), _local(out, placements)
+    g, y = local_as(grad, placements), local_as(out, placements)
     if not class_dims:
         return _wrap(cls, func(g, y, dim, input_dtype), out._spec.mesh, placements, out.shape)
-    total = _all_reduce(g.sum(dim, keepdim=True), "sum", out._spec.mesh, class_dims)
+    total = collectives.all_reduce_dims(g.sum(dim, keepdim=True), "sum", out._spec.mesh, class_dims)
     return _wrap(cls, g - y.exp() * total, out._spec.mesh, placements, out.shape)
 
 
@@ -222,7 +207,7 @@ def _embedding(cls, func, args, kwargs):
     """Rows outside this rank's range of a row-sharded weight contribute zeros (masked lookup)."""
     weight, indices = args[0], args[1]
     w_p, i_p, out_p = _embedding_placements(weight._spec, indices._spec)
-    w, idx = _local(weight, w_p), _local(indices, i_p)
+    w, idx = local_as(weight, w_p), local_as(indices, i_p)
     shape = tuple(indices.shape) + (weight.shape[1],)
     if not _mesh_dims(w_p, 0):
         return _wrap(cls, func(w, idx, *args[2:], **kwargs), weight._spec.mesh, out_p, shape)
@@ -287,8 +272,8 @@ def _nll_loss_forward(cls, func, args, kwargs):
     target, weight = _replicated(cls, target, mesh), _replicated(cls, weight, mesh)
     x_p, t_p, batch, classes = _loss_layout(x._spec)
     replicate = (Replicate(),) * mesh.ndim
-    local, t = _local(x, x_p), _local(target, t_p)
-    w_full = None if weight is None else _local(weight, replicate)
+    local, t = local_as(x, x_p), local_as(target, t_p)
+    w_full = None if weight is None else local_as(weight, replicate)
     offset, size = _range(x.shape, mesh, x_p, class_dim)
     losses, w = _sample_losses(local, t, w_full, ignore_index, (class_dim, offset, size))
     pending = tuple(Partial("sum") if m in batch or m in classes else Replicate() for m in range(mesh.ndim))
@@ -298,7 +283,7 @@ def _nll_loss_forward(cls, func, args, kwargs):
     if reduction == _SUM:
         tw_p = tuple(Partial("sum") if m in batch else Replicate() for m in range(mesh.ndim))
         return _wrap(cls, losses.sum(), mesh, pending, ()), _wrap(cls, w.sum(), mesh, tw_p, ())
-    total_weight = _all_reduce(w.sum(), "sum", mesh, batch)
+    total_weight = collectives.all_reduce_dims(w.sum(), "sum", mesh, batch)
     loss = _wrap(cls, losses.sum() / total_weight, mesh, pending, ())
     return loss, _wrap(cls, total_weight, mesh, replicate, ())
 

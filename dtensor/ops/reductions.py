@@ -35,7 +35,7 @@ import torch
 from .. import collectives
 from ..dispatch import Strategy
 from ..placements import Partial, Placement, Replicate, Shard
-from ..redistribute import redistribute_local
+from ..redistribute import local_as, redistribute_local
 from ..spec import DTensorSpec, contiguous_strides
 from .common import bind_args
 
@@ -144,29 +144,21 @@ def _variance(cls, func, args, kwargs):
     correction = named.get("correction")
     correction = 1 if correction is None else correction
     placements = tuple(_R if p.is_partial() else p for p in spec.placements)
-    local = x._local_tensor
-    if placements != spec.placements:
-        local = collectives.wait(redistribute_local(local, spec.mesh, spec.shape, spec.placements, placements))
+    local = local_as(x, placements)
     split = [m for m, p in enumerate(placements) if isinstance(p, Shard) and p.dim in reduced]
     count = math.prod(local.shape[d] for d in reduced)
     total = math.prod(spec.shape[d] for d in reduced)
     piece_sum = local.sum(reduced, keepdim=True)
     piece_mean = piece_sum / max(count, 1)
     deviations = ((local - piece_mean) ** 2).sum(reduced, keepdim=True)
-    mean = _all_reduce_sum(piece_sum, spec.mesh, split) / total
+    mean = collectives.all_reduce_dims(piece_sum, "sum", spec.mesh, split) / total
     if split:  # each piece's squared deviations, moved from its own mean to the global one
-        deviations = _all_reduce_sum(deviations + count * (piece_mean - mean) ** 2, spec.mesh, split)
+        deviations = collectives.all_reduce_dims(deviations + count * (piece_mean - mean) ** 2, "sum", spec.mesh, split)
     var = deviations / max(total - correction, 0)
     first = var.sqrt() if func in _STD else var
     resolved = tuple(_R if isinstance(p, Shard) and p.dim in reduced else p for p in placements)
     out = [_reduced_output(cls, spec, v, reduced, keepdim, resolved) for v in (first, mean)]
     return tuple(out) if func in _WITH_MEAN else out[0]
-
-
-def _all_reduce_sum(t: torch.Tensor, mesh, mesh_dims: list[int]) -> torch.Tensor:
-    for m in mesh_dims:
-        t = collectives.wait(collectives.all_reduce(t, "sum", mesh, m))
-    return t
 
 
 _STD = {aten.std.correction, aten.std_mean.correction}
@@ -213,9 +205,7 @@ def _norms(cls, xs, order, dim, keepdim: bool, dtype) -> list:
         spec = x._spec
         reduced = _reduced_dims(dim, len(spec.shape))
         placements = tuple(_R if p.is_partial() else p for p in spec.placements)
-        local = x._local_tensor
-        if placements != spec.placements:
-            local = collectives.wait(redistribute_local(local, spec.mesh, spec.shape, spec.placements, placements))
+        local = local_as(x, placements)
         stat = _local_stat(local, order, reduced, dtype, spec)
         pending, resolved = _stat_layout(placements, reduced, order)
         stat_shape = tuple(1 if d in reduced else s for d, s in enumerate(spec.shape))

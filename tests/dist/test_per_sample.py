@@ -1,5 +1,6 @@
-"""Data-parallel CNN pieces on DTensors: convolution, pooling, upsampling and group norm keep the batch
-split, forward and backward, and match the same network on full tensors (float64), with no fallback."""
+"""Data-parallel CNN pieces on DTensors: convolution, pooling, upsampling, group norm and batch norm (with
+the whole batch's statistics) keep the batch split, forward and backward, in train and eval mode, and
+match the same network on full tensors (float64), running statistics included, with no fallback."""
 
 import pytest
 import torch
@@ -18,25 +19,21 @@ class SmallCNN(nn.Module):
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.norm = nn.GroupNorm(2, 8)
         self.conv2 = nn.Conv2d(8, 4, 3, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(4)
         self.head = nn.Linear(4, 5)
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.norm(self.conv1(x))), 2)
         x = F.interpolate(x, scale_factor=2, mode="nearest")
-        x = F.avg_pool2d(self.conv2(x), 2, ceil_mode=True)
+        x = F.avg_pool2d(self.bn(self.conv2(x)), 2, ceil_mode=True)
         x = F.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False)
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def _train_step(mesh_shape, placements):
-    m = mesh(mesh_shape)
-    torch.manual_seed(0)
-    ref = SmallCNN().double()
-    model = SmallCNN().double()
-    model.load_state_dict(ref.state_dict())
-    dtensor.distribute_module(model, m)  # every parameter replicated
-    x, y = torch.randn(6, 3, 12, 12, dtype=torch.float64), torch.randint(0, 5, (6,))
-    before = set(fallback_ops)
+def _step(model, ref, m, placements, x, y):
+    """One forward/backward of both models; (output placements, losses equal, grads equal)."""
+    for net in (model, ref):
+        net.zero_grad()
     out = model(dtensor.distribute_tensor(x, m, placements))
     loss = F.cross_entropy(out, dtensor.distribute_tensor(y, m, [p if p == Shard(0) else Replicate() for p in placements]))
     loss.backward()
@@ -45,12 +42,23 @@ def _train_step(mesh_shape, placements):
     grads_equal = all(
         torch.allclose(p.grad.full_tensor(), r.grad, atol=1e-10) for p, r in zip(model.parameters(), ref.parameters())
     )
-    return (
-        tuple(out.placements),
-        torch.allclose(loss.full_tensor(), ref_loss, atol=1e-12),
-        grads_equal,
-        sorted(set(fallback_ops) - before),
-    )
+    return tuple(out.placements), torch.allclose(loss.full_tensor(), ref_loss, atol=1e-12), grads_equal
+
+
+def _train_step(mesh_shape, placements):
+    m = mesh(mesh_shape)
+    torch.manual_seed(0)
+    ref = SmallCNN().double()
+    model = SmallCNN().double()
+    model.load_state_dict(ref.state_dict())
+    dtensor.distribute_module(model, m)  # every parameter and buffer replicated
+    x, y = torch.randn(6, 3, 12, 12, dtype=torch.float64), torch.randint(0, 5, (6,))
+    before = set(fallback_ops)
+    train = _step(model, ref, m, placements, x, y)
+    stats = all(torch.allclose(model.bn.get_buffer(k).full_tensor(), ref.bn.get_buffer(k)) for k in ("running_mean", "running_var"))
+    model.eval(), ref.eval()
+    evaluated = _step(model, ref, m, placements, x, y)
+    return train, stats, evaluated, sorted(set(fallback_ops) - before)
 
 
 @pytest.mark.parametrize(
@@ -64,6 +72,6 @@ def _train_step(mesh_shape, placements):
 )
 def test_cnn_trains_data_parallel_without_gathering_the_batch(mesh_shape, placements, out):
     world = 2 * len(mesh_shape)
-    placements_out, loss_ok, grads_ok, fallback = run_ranks(world, _train_step, mesh_shape, placements)[0]
-    assert fallback == [] and loss_ok and grads_ok
-    assert placements_out == out
+    train, running_stats_ok, evaluated, fallback = run_ranks(world, _train_step, mesh_shape, placements)[0]
+    assert fallback == [] and running_stats_ok
+    assert train == (out, True, True) and evaluated == (out, True, True)
