@@ -9,9 +9,9 @@ the ``special_*`` functions ...) gets the plain elementwise rule, so a new point
 
 import torch
 
-from . import along_dims, attention, batch_norm, matrix, nn, per_sample, pointwise, random_ops, reductions, tensor_ops, views
+from . import along_dims, attention, batch_norm, indexing, matrix, nn, per_sample, pointwise, random_ops, reductions, tensor_ops, views
 
-_FAMILIES = (pointwise, tensor_ops, matrix, reductions, views, nn, random_ops, attention, along_dims, per_sample, batch_norm)
+_FAMILIES = (pointwise, tensor_ops, matrix, reductions, views, nn, random_ops, attention, along_dims, per_sample, batch_norm, indexing)
 
 RULES = {op: rule for family in _FAMILIES for op, rule in getattr(family, "RULES", {}).items()}
 HANDLERS = {op: handler for family in _FAMILIES for op, handler in getattr(family, "HANDLERS", {}).items()}

@@ -49,6 +49,16 @@ def distribute(full: torch.Tensor, mesh, placements, ours: bool = True):
     return dt.to_torch()
 
 
+def stays_more_sharded(placements, ours, theirs) -> bool:
+    """Whether our output placements differ from torch's only where torch's are Replicate, or where the
+    input was not sharded on that mesh dim (from a Replicate or pending input, torch's cost model may pick
+    a free local chunk that ours leaves whole): ours never gather what torch keeps split."""
+    return all(
+        b == Replicate() or not placements[m].is_shard()
+        for o, t in zip(ours, theirs) for m, (a, b) in enumerate(zip(o, t)) if a != b
+    )
+
+
 def seeded_mesh(mesh_shape, seed: int):
     """The mesh of ``mesh_shape`` with Python's and torch's generators seeded alike on every rank (random
     cases must be the same everywhere); None on a rank outside the mesh. Every rank must call it."""

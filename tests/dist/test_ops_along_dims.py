@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dtensor import Partial, Replicate, Shard
-from tests.dist.opcheck import check_op, seeded_mesh
+from tests.dist.opcheck import check_op, seeded_mesh, stays_more_sharded
 from tests.ranks import run_ranks
 
 OPS = {
@@ -59,20 +59,11 @@ def _cases(mesh_shape, count: int, seed: int):
     return out
 
 
-def _ours_move_less(name, shape, placements, ours, theirs) -> bool:
-    """Where placements differ, torch's is Replicate, or the input was not sharded on that mesh dim (from a
-    Replicate or a pending sum, torch's cost model may pick a free local chunk that ours leaves whole)."""
-    return all(
-        b == Replicate() or not placements[m].is_shard()
-        for o, t in zip(ours, theirs) for m, (a, b) in enumerate(zip(o, t)) if a != b
-    )
-
-
 def test_along_dims_ops_match_full_tensors_and_torch():
     for mesh_shape in [(2,), (4,), (2, 2)]:
         results = run_ranks(4, _cases, mesh_shape, 3, len(mesh_shape) * 10 + mesh_shape[0])[0]
         assert len(results) == 3 * len(OPS)
-        differ = [r for r in results if r[4] is not None and r[3] != r[4] and not _ours_move_less(*r)]
+        differ = [r for r in results if r[4] is not None and r[3] != r[4] and not stays_more_sharded(r[2], r[3], r[4])]
         assert not differ, "\n".join(map(str, differ))
         kept = [r for r in results if r[0] in KEEP_SHARDS and any(p.is_shard() for p in r[2])]
         assert kept and all(any(p.is_shard() for p in ours[0]) for *_, ours, _ in kept)  # sharded in, sharded out

@@ -1,0 +1,91 @@
+"""Gather/scatter-style ops: ``gather``, ``scatter`` (+ ``scatter_add``, in place too), ``index_select``
+and ``index_add``, the ops MoE routing and embedding-like code (and their backward) run on.
+
+These ops pick positions along one dim (``dim``) and keep every other dim position for position, so a
+mesh dim may split any other dim as long as every tensor operand is split the same way there (same size
+along that dim): ``self``, the index (for gather/scatter, whose index has all of self's dims) and the
+source. The dim the op indexes along is replicated first, as are 1-d indices of ``index_select`` /
+``index_add``. Per mesh dim, the layout comes from ``self``, else (out of place) from the index or source
+(a free local chunk of the others); pending reductions are resolved first. In place, the target's own
+layout must do. ``gather`` may also keep its index split along ``dim`` itself, with ``self`` whole: each
+rank gathers its own output positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dispatch import Strategy
+from ..placements import Placement, Replicate, Shard
+from .common import bind_args, is_inplace
+
+aten = torch.ops.aten
+
+__all__ = ["RULES", "HANDLERS"]
+
+
+def _choose(specs, aligned: list[int], dim: int, candidates: list[int], gather: bool):
+    """(placements of each aligned operand, output placements): per mesh dim, a Shard(d), d != dim, of the
+    first candidate operand, valid for every aligned one; for gather, else the index's Shard(dim), self
+    whole (each rank gathers its own positions); else Replicate."""
+    shapes = [tuple(specs[i].shape) for i in aligned]
+    per_operand: list[list[Placement]] = [[] for _ in aligned]
+    out: list[Placement] = []
+    for m in range(specs[0].mesh.ndim):
+        picks = [p for i in candidates for p in [specs[i].placements[m]]
+                 if isinstance(p, Shard) and p.dim != dim and len({s[p.dim] for s in shapes}) == 1]
+        if picks:
+            chosen = [picks[0]] * len(aligned)
+        elif gather and specs[aligned[1]].placements[m] == Shard(dim):
+            chosen = [Replicate(), Shard(dim)]
+        else:
+            chosen = [Replicate()] * len(aligned)
+        for k, p in enumerate(chosen):
+            per_operand[k].append(p)
+        out.append(chosen[-1] if gather else chosen[0])
+    return [tuple(p) for p in per_operand], tuple(out)
+
+
+def _rule(aligned_args: tuple[str, ...], replicated_args: tuple[str, ...] = (), gather: bool = False):
+    """``aligned_args`` (self first) share the chosen layout; ``replicated_args`` (1-d indices) are whole."""
+
+    def rule(func, specs, args, kwargs):
+        named = bind_args(func, args, kwargs)
+        order = [a.name for a in func._schema.arguments if isinstance(named.get(a.name), torch.Tensor)]
+        if len(order) != len(specs) or any(n not in order for n in aligned_args):
+            return None  # a plain (0-d) tensor among them: replicate
+        ndim = len(specs[0].shape)
+        dim = named["dim"] % ndim if ndim else 0
+        aligned = [order.index(n) for n in aligned_args]
+        if any(len(specs[i].shape) != ndim for i in aligned):
+            return None
+        inplace = is_inplace(func)
+        layouts, out = _choose(specs, aligned, dim, aligned[:1] if inplace else aligned, gather)
+        if inplace and out != specs[0].placements:
+            return None  # the target's own layout cannot run it: the fallback explains
+        replicate = (Replicate(),) * len(out)
+        by_name = dict(zip(aligned_args, layouts))
+        return Strategy(tuple(replicate if n in replicated_args else by_name[n] for n in order), out)
+
+    return rule
+
+
+_GATHER = _rule(("self", "index"), gather=True)
+_SCATTER = _rule(("self", "index", "src"))
+_SCATTER_VALUE = _rule(("self", "index"))
+_INDEX_SELECT = _rule(("self",), ("index",))
+_INDEX_ADD = _rule(("self", "source"), ("index",))
+
+RULES = {
+    aten.gather.default: _GATHER,
+    aten.scatter.src: _SCATTER,
+    aten.scatter_.src: _SCATTER,
+    aten.scatter.value: _SCATTER_VALUE,
+    aten.scatter_.value: _SCATTER_VALUE,
+    aten.scatter_add.default: _SCATTER,
+    aten.scatter_add_.default: _SCATTER,
+    aten.index_select.default: _INDEX_SELECT,
+    aten.index_add.default: _INDEX_ADD,
+    aten.index_add_.default: _INDEX_ADD,
+}
+HANDLERS: dict = {}

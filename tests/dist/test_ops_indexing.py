@@ -1,0 +1,90 @@
+"""gather / scatter / scatter_add / index_select / index_add on real gloo ranks: results equal the op on
+full tensors (float64), no fallback, other dims stay sharded; placements equal torch's DTensor's except
+where ours stay sharded and torch's are replicated (``stays_more_sharded``)."""
+
+import torch
+
+from dtensor import Partial, Replicate, Shard
+from tests.dist.opcheck import check_op, distribute, seeded_mesh, stays_more_sharded
+from tests.ranks import run_ranks
+
+
+def _index(shape, dim, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, size, shape, generator=g)
+
+
+def _cases(rng):
+    """(name, fn, inputs, which inputs get random placements) with shapes drawn per case."""
+    n, c = rng.choice([4, 5, 6]), rng.choice([3, 4, 6])
+    x = torch.randn(n, c, dtype=torch.float64)
+    src = torch.randn(n, c, dtype=torch.float64)
+    idx = _index((n, c), 1, c, rng.randrange(1000))
+    rows = _index((3,), 0, n, rng.randrange(1000))
+    source = torch.randn(3, c, dtype=torch.float64)
+    return [
+        ("gather", lambda a, i: torch.gather(a, 1, i), [x, idx]),
+        ("scatter", lambda a, i, s: torch.scatter(a, 1, i, s), [x, idx, src]),
+        ("scatter_value", lambda a, i: torch.scatter(a, 1, i, 2.5), [x, idx]),
+        ("scatter_add", lambda a, i, s: torch.scatter_add(a, 1, i, s), [x, idx, src]),
+        ("scatter_add_", lambda a, i, s: a.clone().scatter_add_(1, i, s), [x, idx, src]),
+        ("index_select", lambda a, i: a.index_select(0, i), [x, rows]),
+        ("index_add", lambda a, i, s: a.index_add(0, i, s, alpha=0.5), [x, rows, source]),
+    ]
+
+
+def _random(mesh_shape, count, seed):
+    seeded = seeded_mesh(mesh_shape, seed)
+    if seeded is None:
+        return []
+    m, rng = seeded
+    out = []
+    for _ in range(count):
+        for name, fn, inputs in _cases(rng):
+            placements = [
+                [rng.choice([Replicate()] + [Shard(d) for d in range(x.dim())] + ([Partial()] if x.is_floating_point() else []))
+                 for _ in mesh_shape]
+                for x in inputs
+            ]
+            if name.endswith("_"):  # in place: a target split along the scattered dim (or pending) cannot stay
+                placements[0] = [rng.choice([Replicate(), Shard(0)]) for _ in mesh_shape]
+            try:
+                record = check_op(m, fn, inputs, placements)
+            except Exception as e:  # noqa: BLE001 - name the case, keep the cause
+                raise AssertionError(f"{name} on mesh {mesh_shape}: placements {placements}") from e
+            out.append((name, placements[0], record["placements"], record["torch"]))
+    return out
+
+
+def test_indexing_ops_match_full_tensors_and_keep_other_dims_sharded():
+    for mesh_shape in [(2,), (4,), (2, 2)]:
+        results = run_ranks(4, _random, mesh_shape, 3, 7 + len(mesh_shape))[0]
+        differ = [r for r in results if r[3] is not None and r[2] != r[3] and not stays_more_sharded(r[1], r[2], r[3])]
+        assert not differ, "\n".join(map(str, differ))
+        kept = [r for r in results if r[1][0] == Shard(0) and r[0] in ("gather", "scatter", "scatter_add")]
+        assert not kept or any(r[2][0][0] == Shard(0) for r in kept)  # a row split survives gather/scatter
+
+
+def _gradients():
+    seeded = seeded_mesh((2,), 3)
+    m, _ = seeded
+    x = torch.randn(6, 4, dtype=torch.float64)
+    rows, idx = torch.tensor([0, 5, 2, 5]), torch.randint(0, 4, (6, 3))
+    out = {}
+    for name, fn, placements in [
+        ("index_select", lambda t: t.index_select(0, distribute(rows, m, [Replicate()])), [Shard(1)]),
+        ("gather", lambda t: t.gather(1, distribute(idx, m, [Shard(0)])), [Shard(0)]),
+    ]:
+        leaf = distribute(x, m, placements).requires_grad_()
+        (fn(leaf) ** 2).sum().backward()
+        ref = x.clone().requires_grad_()
+        plain = {"index_select": lambda t: t.index_select(0, rows), "gather": lambda t: t.gather(1, idx)}[name]
+        (plain(ref) ** 2).sum().backward()
+        out[name] = (tuple(leaf.grad.placements), torch.allclose(leaf.grad.full_tensor(), ref.grad))
+    return out
+
+
+def test_gradients_of_gather_and_index_select_stay_sharded():
+    out = run_ranks(2, _gradients)[0]
+    assert out["index_select"] == ((Shard(1),), True)
+    assert out["gather"] == ((Shard(0),), True)
