@@ -59,14 +59,22 @@ def stays_more_sharded(placements, ours, theirs) -> bool:
     )
 
 
+def check_case(label: str, mesh, fn: Callable, inputs: Sequence, placements: Sequence, **kwargs) -> dict:
+    """``check_op``, with ``label`` (the op and the drawn case) on any failure."""
+    try:
+        return check_op(mesh, fn, inputs, placements, **kwargs)
+    except Exception as e:  # noqa: BLE001 - name the case, keep the cause
+        raise AssertionError(f"{label} on mesh {tuple(mesh.shape)}: placements {placements}") from e
+
+
 def seeded_mesh(mesh_shape, seed: int):
     """The mesh of ``mesh_shape`` with Python's and torch's generators seeded alike on every rank (random
-    cases must be the same everywhere); None on a rank outside the mesh. Every rank must call it."""
+    cases must be the same everywhere); (None, None) on a rank outside the mesh. Every rank must call it."""
     from tests.ranks import mesh
 
     m = mesh(mesh_shape)
     if m.get_coordinate() is None:
-        return None
+        return None, None
     torch.manual_seed(seed)
     return m, random.Random(seed)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dtensor import Partial, Replicate, Shard
-from tests.dist.opcheck import check_op, seeded_mesh, stays_more_sharded
+from tests.dist.opcheck import check_case, seeded_mesh, stays_more_sharded
 from tests.ranks import run_ranks
 
 OPS = {
@@ -41,20 +41,16 @@ KEEP_SHARDS = {"tril", "triu_1", "tril_-2"}  # sharded in, sharded out
 
 
 def _cases(mesh_shape, count: int, seed: int):
-    seeded = seeded_mesh(mesh_shape, seed)
-    if seeded is None:
+    m, rng = seeded_mesh(mesh_shape, seed)
+    if m is None:
         return []
-    m, rng = seeded
     out = []
     for name, fn in OPS.items():
         for _ in range(count):
             shape = tuple(rng.choice([2, 3, 4, 5, 7]) for _ in range(3))
             x = torch.randn(*shape, dtype=torch.float64)
             placements = [rng.choice([Replicate(), Partial(), Shard(0), Shard(1), Shard(2)]) for _ in mesh_shape]
-            try:
-                record = check_op(m, fn, [x], [placements])
-            except Exception as e:  # noqa: BLE001 - name the case, keep the cause
-                raise AssertionError(f"{name} on mesh {mesh_shape}: shape {shape}, placements {placements}") from e
+            record = check_case(f"{name} of shape {shape}", m, fn, [x], [placements])
             out.append((name, shape, placements, record["placements"], record["torch"]))
     return out
 

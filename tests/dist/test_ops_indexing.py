@@ -5,7 +5,7 @@ where ours stay sharded and torch's are replicated (``stays_more_sharded``)."""
 import torch
 
 from dtensor import Partial, Replicate, Shard
-from tests.dist.opcheck import check_op, distribute, seeded_mesh, stays_more_sharded
+from tests.dist.opcheck import check_case, distribute, seeded_mesh, stays_more_sharded
 from tests.ranks import run_ranks
 
 
@@ -34,10 +34,9 @@ def _cases(rng):
 
 
 def _random(mesh_shape, count, seed):
-    seeded = seeded_mesh(mesh_shape, seed)
-    if seeded is None:
+    m, rng = seeded_mesh(mesh_shape, seed)
+    if m is None:
         return []
-    m, rng = seeded
     out = []
     for _ in range(count):
         for name, fn, inputs in _cases(rng):
@@ -48,10 +47,7 @@ def _random(mesh_shape, count, seed):
             ]
             if name.endswith("_"):  # in place: a target split along the scattered dim (or pending) cannot stay
                 placements[0] = [rng.choice([Replicate(), Shard(0)]) for _ in mesh_shape]
-            try:
-                record = check_op(m, fn, inputs, placements)
-            except Exception as e:  # noqa: BLE001 - name the case, keep the cause
-                raise AssertionError(f"{name} on mesh {mesh_shape}: placements {placements}") from e
+            record = check_case(name, m, fn, inputs, placements)
             out.append((name, placements[0], record["placements"], record["torch"]))
     return out
 
@@ -66,8 +62,7 @@ def test_indexing_ops_match_full_tensors_and_keep_other_dims_sharded():
 
 
 def _gradients():
-    seeded = seeded_mesh((2,), 3)
-    m, _ = seeded
+    m, _ = seeded_mesh((2,), 3)
     x = torch.randn(6, 4, dtype=torch.float64)
     rows, idx = torch.tensor([0, 5, 2, 5]), torch.randint(0, 4, (6, 3))
     out = {}

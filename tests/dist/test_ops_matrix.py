@@ -47,10 +47,9 @@ def _placements(rng: random.Random, ndim: int, mesh_ndim: int):
 
 
 def _random_products(mesh_shape, count: int, seed: int):
-    seeded = seeded_mesh(mesh_shape, seed)
-    if seeded is None:
+    m, rng = seeded_mesh(mesh_shape, seed)
+    if m is None:
         return []
-    m, rng = seeded
     out = []
     for _ in range(count):
         kind, fn, inputs = _case(rng)

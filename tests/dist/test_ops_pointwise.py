@@ -16,7 +16,7 @@ import torch
 import dtensor
 from dtensor import DTensor, Partial, Replicate, Shard
 from dtensor.dispatch import fallback_ops
-from tests.dist.opcheck import check_op, distribute
+from tests.dist.opcheck import check_case, check_op, distribute
 from tests.ranks import mesh, run_ranks
 
 MESHES = {2: [(2,)], 4: [(4,), (2, 2)]}
@@ -93,11 +93,7 @@ def _run_cases(m, rng, ops, shape_sets, per_op: int, target_partial: bool = True
             xs = _inputs(shapes, positive)
             placements = [_random_placements(rng, len(s), m.ndim, k > 0 or target_partial)
                           for k, s in enumerate(shapes)]
-            try:
-                rec = check_op(m, _on_pristine(fn, xs), xs, placements)
-            except Exception as e:  # noqa: BLE001 - name the case, keep the cause
-                where = f"{name} on mesh {tuple(m.shape)}: shapes {shapes}, placements {placements}"
-                raise AssertionError(where) from e
+            rec = check_case(f"{name} of shapes {shapes}", m, _on_pristine(fn, xs), xs, placements)
             if rec["torch"] is not None and rec["torch"] != rec["placements"]:
                 differ.append((name, tuple(m.shape), shapes, placements, rec["placements"], rec["torch"]))
             if not target_partial:  # in place: the target keeps its layout

@@ -78,10 +78,9 @@ def _compare_with_torch(name, shape, mesh_shape, placements) -> bool:
 
 
 def _random_reductions(mesh_shape, names, count: int, seed: int):
-    seeded = seeded_mesh(mesh_shape, seed)
-    if seeded is None:
+    m, rng = seeded_mesh(mesh_shape, seed)
+    if m is None:
         return []
-    m, rng = seeded
     out = []
     for name in names:
         for _ in range(count):
