@@ -59,7 +59,7 @@ class LoadResult:
     streamed: bool
 
 
-DEFAULT_STAGING_BYTES = 2 << 30  # per rank; bigger shares stream (bounded memory, faster, not all-or-nothing)
+DEFAULT_STAGING_BYTES = 2 << 30  # per rank; bigger shares stream (bounded memory, not all-or-nothing)
 
 
 def save(

@@ -12,6 +12,7 @@ once (``read_checked``, then ``place``), or batch by batch through two reused bu
 from __future__ import annotations
 
 import math
+import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -127,12 +128,14 @@ def check_runs(
 
 
 def read_checked(
-    storage: Storage, checked: list[CheckedRun], layouts: Mapping[KeyPath, ArrayLayout], out: bytearray | None = None
+    storage: Storage, checked: list[CheckedRun], layouts: Mapping[KeyPath, ArrayLayout], out=None
 ) -> list[tuple[ReadTask, torch.Tensor]]:
-    """Fetch and verify the data of ``checked`` runs (packed into ``out`` when given, else fresh memory);
-    returns (task, source values) pairs, which view the fetched bytes."""
+    """Fetch and verify the data of ``checked`` runs, packed into ``out`` (by default one fresh staging
+    buffer); returns (task, source values) pairs, which view the fetched bytes."""
     requests = [(c.key, *c.span) for c in checked]
-    blobs = storage.read_ranges(requests) if out is None else storage.read_ranges_into(requests, out)
+    if out is None:
+        out = staging_buffer(sum(c.nbytes for c in checked))
+    blobs = storage.read_ranges_into(requests, out)
     pieces = []
     for c, blob in zip(checked, blobs):
         pieces.extend(_decode_run(storage, layouts[c.run.key], c.run, c.key, c.ranges, blob))
@@ -166,7 +169,7 @@ def stream_runs(
     if not batches:
         return 0
     size = max(sum(c.nbytes for c in batch) for batch in batches)
-    buffers = [bytearray(size) for _ in range(min(2, len(batches)))]
+    buffers = [staging_buffer(size) for _ in range(min(2, len(batches)))]
     written: dict[str, None] = {}  # names of the tensors copied into so far, in order
     with ThreadPoolExecutor(1) as prefetch:
         fetching = prefetch.submit(_fetch, storage, batches[0], buffers[0])
@@ -190,7 +193,19 @@ def stream_runs(
     return size * len(buffers)
 
 
-def _fetch(storage: Storage, batch: list[CheckedRun], buffer: bytearray) -> list[memoryview]:
+def staging_buffer(nbytes: int):
+    """Fresh host memory for fetched bytes, backed by transparent huge pages where the OS has them:
+    touching fresh memory costs a page fault per 4 KiB page, which made filling it ~4x slower than
+    copying (2.2 vs 9.8 GiB/s measured here, 1 GiB)."""
+    if nbytes <= 0:
+        return bytearray(0)
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if hasattr(mmap, "MAP_ANONYMOUS") else bytearray(nbytes)
+    if hasattr(buffer, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    return buffer
+
+
+def _fetch(storage: Storage, batch: list[CheckedRun], buffer) -> list[memoryview]:
     return storage.read_ranges_into([(c.key, *c.span) for c in batch], buffer)
 
 
