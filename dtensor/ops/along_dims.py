@@ -1,6 +1,6 @@
 """Ops that work along some dims and treat every position of the other dims alike: scans (``cumsum``,
-``cummax`` ...), ``sort``/``argsort``/``topk``, ``flip``, ``roll``, ``constant_pad_nd``, and the
-triangles ``tril``/``triu``.
+``cummax`` ...), ``sort``/``argsort``/``topk``, ``flip``, ``roll``, ``constant_pad_nd``, ``repeat`` (along
+the dims it repeats; the new leading dims shift the others), and the triangles ``tril``/``triu``.
 
 The dims an op works along must be whole on every rank, so a ``Shard`` of one of them is replicated
 first; shards of any other dim stay, and every output (values and indices alike) keeps the input's
@@ -88,6 +88,17 @@ def _padded(named: dict, ndim: int) -> Sequence[int]:
     return range(ndim - len(named["pad"]) // 2, ndim)
 
 
+def _repeat(func, specs, args, kwargs):
+    """``repeat`` only copies data: dims repeated once keep their shards (shifted past the new leading
+    dims), repeated dims are replicated first, and every pending reduction passes through."""
+    spec = specs[0]
+    repeats = list(bind_args(func, args, kwargs)["repeats"])
+    lead = len(repeats) - len(spec.shape)
+    placements = _layout(spec, {d for d in range(len(spec.shape)) if repeats[d + lead] != 1}, lambda p: True)
+    out = tuple(Shard(p.dim + lead) if isinstance(p, Shard) else p for p in placements)
+    return Strategy((placements,), out)
+
+
 def _triangle(func, specs, args, kwargs):
     """``tril``/``triu`` on any sharding: each rank shifts the diagonal by its piece's offsets."""
     spec = specs[0]
@@ -121,6 +132,7 @@ RULES = {
     aten.flip.default: _along(_dims, keeps=_always),
     aten.roll.default: _along(_dims, keeps=_always),
     aten.constant_pad_nd.default: _along(_padded, keeps=_zero_pad),
+    aten.repeat.default: _repeat,
     aten.tril.default: _triangle,
     aten.triu.default: _triangle,
 }

@@ -33,6 +33,8 @@ OPS = {
     "roll_flat": lambda x: x.roll(3),
     "pad_last": lambda x: F.pad(x, (1, 2)),
     "pad_two": lambda x: F.pad(x, (1, 1, 2, 0), value=0.5),
+    "repeat": lambda x: x.repeat(1, 2, 1),
+    "repeat_new_dims": lambda x: x.repeat(2, 1, 1, 3),
     "tril": lambda x: x.tril(),
     "triu_1": lambda x: x.triu(1),
     "tril_-2": lambda x: x.tril(-2),

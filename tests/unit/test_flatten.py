@@ -8,8 +8,8 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from shardstore.errors import CorruptCheckpointError
-from shardstore.flatten import flatten, fqn, is_tensor_like, keypath_from_node, node_path, unflatten
+from shardstore.errors import CorruptCheckpointError, StateDictMismatchError
+from shardstore.flatten import flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, node_path, unflatten
 
 HOSTILE = ["..", ".", "/etc/passwd", "a/../../b", "\\", "..\\..\\x", "\x00", "", "é", "日本", "__x", "__",
            "zarr.json", "%", "%2E", "a b", "~", "c", "-", "___"]
@@ -132,3 +132,24 @@ def test_keypath_from_node_uses_the_skeleton_for_list_indices():
 def test_keypath_from_node_rejects_names_node_path_cannot_make(bad):
     with pytest.raises(ValueError, match="cannot have produced"):
         keypath_from_node(bad)
+
+
+def test_merged_skeletons_keep_every_ranks_keys():
+    _, a = flatten({"step": 3, "dl": {"rank0": {"pos": 1}}, "w": torch.zeros(1)})
+    _, b = flatten({"step": 3, "dl": {"rank1": {"pos": 9}}, "w": torch.zeros(1)})
+    merged = unflatten(merge_skeletons([a, b]), {("w",): "W"})
+    assert merged == {"step": 3, "dl": {"rank0": {"pos": 1}, "rank1": {"pos": 9}}, "w": "W"}
+
+
+@pytest.mark.parametrize(
+    "a, b, says",
+    [
+        ({"step": 3}, {"step": 4}, r"'step' differs across ranks \(rank 0: 3, rank 1: 4\)"),
+        ({"xs": [1, 2]}, {"xs": [1, 2, 3]}, r"'xs' differs across ranks \(rank 0: a list of 2, rank 1: a list of 3\)"),
+        ({"x": {"a": 1}}, {"x": 5}, r"'x' differs across ranks"),
+        ({"f": float("nan")}, {"f": 0.5}, r"'f' differs"),
+    ],
+)
+def test_merged_skeletons_refuse_values_that_differ(a, b, says):
+    with pytest.raises(StateDictMismatchError, match=says):
+        merge_skeletons([flatten(a)[1], flatten(b)[1]])
