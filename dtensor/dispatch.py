@@ -110,15 +110,28 @@ def _scan(func, flat: list, tree, cls) -> tuple[Any, list[DTensorSpec], bool]:
             plain = plain or x.dim() > 0
             parts.append(("tensor", x.dtype, x.device, tuple(x.shape)))
         elif isinstance(x, list):
-            parts.append(tuple(x))
+            parts.append(tuple(x) if all(type(e) is int for e in x) else tuple(_scalar_key(e) for e in x))
         else:
-            parts.append(x)
+            parts.append(_scalar_key(x))
     key = tuple(parts)
     try:
         hash(key)
     except TypeError:
         key = None
     return key, specs, plain
+
+
+def _scalar_key(x):
+    """A cache key part for a non-tensor argument. ``2``, ``2.0`` and ``True`` are equal in Python but
+    promote differently, so numbers carry their type; floats go by repr, so that NaN finds itself."""
+    kind = type(x)
+    if kind is int:
+        return x
+    if kind is float:
+        return float, repr(x)
+    if kind is bool or kind is complex:
+        return kind, x
+    return x
 
 
 def _flatten(args: tuple, kwargs: dict) -> tuple[list, Any]:

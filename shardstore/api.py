@@ -4,11 +4,11 @@ save: flatten the state dict -> each rank plans what it holds -> rank 0 merges t
       balance) and the skeletons (per-rank keys survive) -> every rank writes its cells -> all agree ->
       rank 0 writes array and group metadata, then the root ``zarr.json`` last (the commit marker) ->
       (with overwrite) the staged checkpoint replaces the old.
-load: read the root record -> flatten the target state dict -> plan this rank's reads (validated before
-      any byte moves) -> check every object's shard index -> read and verify the chunks -> all agree ->
-      copy them in. A rank whose share exceeds ``staging_bytes`` reads, verifies and copies batch by
-      batch after the indices are checked (memory stays bounded; a checksum failure then says which
-      tensors were already written).
+load: flatten the target state dict -> read the root record -> plan this rank's reads (validated before
+      any byte moves) -> check every object's shard index -> all agree -> read and verify the chunks ->
+      all agree -> copy them in. When some rank's share exceeds ``staging_bytes``, every rank instead
+      reads, verifies and copies batch by batch after the indices are checked (memory stays bounded;
+      a checksum failure then raises ``PartialLoadError`` everywhere).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dtensor.placements import Box
 from shardstore import format as fmt
 from shardstore.codec import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
-from shardstore.errors import CheckpointExistsError, CorruptCheckpointError
+from shardstore.errors import CheckpointExistsError, CorruptCheckpointError, PartialLoadError
 from shardstore.execute import check_runs, layout_of, local_tensor, place, read_checked, read_runs, stream_runs, write_cells
 from shardstore.flatten import KeyPath, flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, unflatten
 from shardstore.plan import GlobalSavePlan, LoadRegion, StoredArray, TargetTensor, dtype_name, load_targets, local_save_plan, merge_save_plans, plan_load
@@ -129,11 +129,12 @@ def load(
 ) -> LoadResult:
     """Fill ``state_dict`` in place from the checkpoint at ``url``, resharding to its layouts.
 
-    All or nothing while each rank's share fits in ``staging_bytes`` of host memory: every chunk is
-    read and verified on every rank before any tensor changes. A rank with a bigger share checks every
-    object's index first (missing, truncated or rewritten objects still fail before anything changes),
-    then streams through that much memory; a chunk failing its checksum then raises
-    ``PartialLoadError``, which names the tensors already written.
+    Every object's shard index is checked first, so missing, truncated or rewritten objects fail before
+    any tensor changes. Then, when every rank's share fits in ``staging_bytes`` of host memory, the load
+    is all or nothing: every chunk is read and verified on every rank before any tensor changes.
+    Otherwise every rank streams through that much memory, copying as it verifies; a chunk failing its
+    checksum then raises ``PartialLoadError`` on every rank (naming, where it failed, the tensors
+    already written), since the state dicts are partly loaded.
     """
     start = time.perf_counter()
     coord = Coordinator(process_group)
@@ -141,39 +142,65 @@ def load(
     items = coord.agree("reading the state dict", lambda: flatten(state_dict)[0])
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     wanted = {k for keys in coord.all_gather(tuple(tensors)) for k in keys}  # per-rank keys: wanted somewhere
-    step = lambda: _load_here(state_dict, tensors, storage, strict, staging_bytes, wanted)  # noqa: E731
-    copy_in, nbytes, chunks, missing, unexpected = coord.agree("reading and verifying chunks", step)
-    # Only now, with every rank's chunks verified (or, streaming, its indices), does any rank touch its
-    # tensors: a failed load leaves every rank's state dict as it was.
-    staged, streamed = coord.agree("copying into the state dict", copy_in)
-    return LoadResult(nbytes, chunks, time.perf_counter() - start, missing, unexpected, staged, streamed)
+    job = coord.agree("checking the checkpoint", lambda: _plan_here(tensors, storage, strict, wanted))
+    streamed = any(coord.all_gather(job.needed > staging_bytes))  # each rank judges by its own staging memory
+    pieces = None if streamed else coord.agree("reading and verifying chunks", lambda: read_checked(storage, job.checked, job.layouts))
+    # Only now, with every rank's chunks verified (all or nothing) or indices checked (streaming), does
+    # any rank touch its tensors.
+    try:
+        staged = coord.agree("copying into the state dict", lambda: _copy_in(state_dict, tensors, storage, job, pieces, staging_bytes))
+    except PartialLoadError:
+        raise
+    except Exception as exc:
+        if not streamed:
+            raise
+        raise PartialLoadError(
+            f"{exc}\nThe load streamed (a rank's share exceeded staging_bytes={staging_bytes}), so ranks copied "
+            "chunks in as they verified them: the state dicts may be partly loaded. Load again from an intact "
+            "checkpoint, or pass a staging_bytes above every rank's share for an all-or-nothing load."
+        ) from exc
+    return LoadResult(job.nbytes, job.chunks, time.perf_counter() - start, job.missing, job.unexpected, staged, streamed)
 
 
-def _load_here(state_dict: dict, tensors: dict, storage: Storage, strict: bool, staging_bytes: int, wanted: set):
-    """Check (and, when it fits the staging memory, read and verify) what this rank needs; returns the
-    step that copies it in, run once every rank got this far."""
+@dataclass(frozen=True)
+class _LoadJob:
+    """What one rank reads: its checked runs, and the numbers it reports."""
+
+    root: fmt.RootMetadata
+    checked: list
+    layouts: dict
+    needed: int  # bytes of the runs it reads
+    nbytes: int  # bytes of tensor data it places
+    chunks: int
+    missing: tuple[str, ...]
+    unexpected: tuple[str, ...]
+
+
+def _plan_here(tensors: dict, storage: Storage, strict: bool, wanted: set) -> _LoadJob:
+    """Plan this rank's reads and check every object's shard index (no data read yet)."""
     root = fmt.read_root(storage)
     stored, layouts, nodes = _stored_arrays(root)
     plan = plan_load(load_targets(tensors), stored, strict=strict, wanted=wanted)
     checked = check_runs(storage, plan.runs, layouts, nodes)
-    needed = sum(c.nbytes for c in checked)
-    streamed = needed > staging_bytes
-    pieces = None if streamed else read_checked(storage, checked, layouts)
-
-    def copy_in() -> tuple[int, bool]:
-        destinations = {k: [local_tensor(k, v)] for k, v in tensors.items()}
-        if streamed:
-            staged = stream_runs(storage, checked, layouts, destinations, staging_bytes)
-        else:
-            place(pieces, destinations)
-            staged = needed
-        _replace_plain_values(state_dict, root.tree)
-        return staged, streamed
-
     tasks = [task for run in plan.runs for task in run.tasks]
     nbytes = sum(math.prod(t.overlap.sizes) * layouts[t.key].dtype.itemsize for t in tasks)
-    missing, unexpected = tuple(fqn(k) for k in plan.missing), tuple(fqn(k) for k in plan.unexpected)
-    return copy_in, nbytes, len(tasks), missing, unexpected
+    return _LoadJob(
+        root, checked, layouts, sum(c.nbytes for c in checked), nbytes, len(tasks),
+        tuple(fqn(k) for k in plan.missing), tuple(fqn(k) for k in plan.unexpected),
+    )
+
+
+def _copy_in(state_dict: dict, tensors: dict, storage: Storage, job: _LoadJob, pieces, staging_bytes: int) -> int:
+    """Place verified pieces (or stream when ``pieces`` is None) and the saved plain values; returns the
+    staging memory used."""
+    destinations = {k: [local_tensor(k, v)] for k, v in tensors.items()}
+    if pieces is None:
+        staged = stream_runs(storage, job.checked, job.layouts, destinations, staging_bytes)
+    else:
+        place(pieces, destinations)
+        staged = job.needed
+    _replace_plain_values(state_dict, job.root.tree)
+    return staged
 
 
 def _stored_arrays(root: fmt.RootMetadata):

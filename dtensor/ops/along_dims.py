@@ -1,6 +1,7 @@
 """Ops that work along some dims and treat every position of the other dims alike: scans (``cumsum``,
 ``cummax`` ...), ``sort``/``argsort``/``topk``, ``flip``, ``roll``, ``constant_pad_nd``, ``repeat`` (along
-the dims it repeats; the new leading dims shift the others), and the triangles ``tril``/``triu``.
+the dims it repeats; the new leading dims shift the others), ``diagonal`` (along its two dims, which
+become one last dim), and the triangles ``tril``/``triu``.
 
 The dims an op works along must be whole on every rank, so a ``Shard`` of one of them is replicated
 first; shards of any other dim stay, and every output (values and indices alike) keeps the input's
@@ -99,6 +100,17 @@ def _repeat(func, specs, args, kwargs):
     return Strategy((placements,), out)
 
 
+def _diagonal(func, specs, args, kwargs):
+    """``diagonal`` views its two dims as one new last dim: shards of the other dims stay (renumbered)."""
+    spec = specs[0]
+    named = bind_args(func, args, kwargs)
+    ndim = len(spec.shape)
+    pair = {named["dim1"] % ndim, named["dim2"] % ndim}
+    placements = _layout(spec, pair, lambda p: True)
+    out = tuple(Shard(p.dim - sum(d < p.dim for d in pair)) if isinstance(p, Shard) else p for p in placements)
+    return Strategy((placements,), out)
+
+
 def _triangle(func, specs, args, kwargs):
     """``tril``/``triu`` on any sharding: each rank shifts the diagonal by its piece's offsets."""
     spec = specs[0]
@@ -133,6 +145,7 @@ RULES = {
     aten.roll.default: _along(_dims, keeps=_always),
     aten.constant_pad_nd.default: _along(_padded, keeps=_zero_pad),
     aten.repeat.default: _repeat,
+    aten.diagonal.default: _diagonal,
     aten.tril.default: _triangle,
     aten.triu.default: _triangle,
 }

@@ -79,7 +79,7 @@ def _normalize(local, params, named, shape, mesh, split):
     if params["running_var"] is not None:
         unbiased = squares / max(count - 1, 1)
         params["running_var"].mul_(1 - momentum).add_(unbiased.to(params["running_var"].dtype), alpha=momentum)
-    return out.to(local.dtype), mean.to(local.dtype), invstd.to(local.dtype)
+    return out.to(local.dtype), mean, invstd  # statistics in the accumulation dtype, as torch keeps them
 
 
 def _batch_norm_backward(cls, func, args, kwargs):
@@ -106,15 +106,18 @@ def _normalize_backward(g, local, tensors, shape, mesh, split, mask):
     dims = [d for d in range(ndim) if d != 1]
     count = math.prod(shape[d] for d in dims)
     mean, invstd = tensors["save_mean"], tensors["save_invstd"]
-    xhat = (local - _channel_view(mean, ndim)) * _channel_view(invstd, ndim)
-    sums = collectives.all_reduce_dims(torch.stack([g.sum(dims), (g * xhat).sum(dims)]), "sum", mesh, split)
+    acc = mean.dtype  # the statistics' dtype (float32 for half inputs): compute in it, return in the inputs'
+    gx = g.to(acc)
+    xhat = (local.to(acc) - _channel_view(mean, ndim)) * _channel_view(invstd, ndim)
+    sums = collectives.all_reduce_dims(torch.stack([gx.sum(dims), (gx * xhat).sum(dims)]), "sum", mesh, split)
     sum_g, sum_gx = sums[0], sums[1]
-    weight = tensors["weight"] if tensors["weight"] is not None else torch.ones_like(invstd)
+    weight = tensors["weight"].to(acc) if tensors["weight"] is not None else torch.ones_like(invstd)
     grad_input = None
     if mask[0]:
         scale = _channel_view(weight * invstd / count, ndim)
-        grad_input = scale * (count * g - _channel_view(sum_g, ndim) - xhat * _channel_view(sum_gx, ndim))
-    return grad_input, sum_gx if mask[1] else None, sum_g if mask[2] else None
+        grad_input = (scale * (count * gx - _channel_view(sum_g, ndim) - xhat * _channel_view(sum_gx, ndim))).to(g.dtype)
+    param_dtype = tensors["weight"].dtype if tensors["weight"] is not None else g.dtype
+    return grad_input, sum_gx.to(param_dtype) if mask[1] else None, sum_g.to(param_dtype) if mask[2] else None
 
 
 RULES: dict = {}

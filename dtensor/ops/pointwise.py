@@ -53,8 +53,9 @@ def elementwise_rule(rules=()):
     def rule(func, specs, args, kwargs):
         operands = tensor_operands(specs, args, kwargs)
         keep = (0,) if is_inplace(func) else ()
-        if isinstance(kwargs.get("out"), torch.Tensor):  # written like a target; its leaf comes last
-            keep, rules_here = (len(operands) - 1,), ()
+        outs = _written_kwargs(func, args, kwargs)
+        if outs:  # out= tensors (``out``, ``grad_input``, ``mantissa`` ...) are written like targets
+            keep, rules_here = outs, ()
         else:
             rules_here = rules
         choice = elementwise(tuple(operands), tuple(rules_here), keep)
@@ -63,6 +64,22 @@ def elementwise_rule(rules=()):
         return Strategy(choice.dtensor_inputs(), choice.output)
 
     return rule
+
+
+def _written_kwargs(func, args: tuple, kwargs: dict) -> tuple[int, ...]:
+    """Operand positions of the tensors an out= overload writes: keyword-only in the schema, so they
+    are keyword arguments, and their leaves come after every positional tensor."""
+    written = mutable_args(func)
+    if not written or is_inplace(func):
+        return ()
+    position = sum(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(args))
+    keep = []
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            if name in written:
+                keep.append(position)
+            position += 1
+    return tuple(keep)
 
 
 def _inplace_error(func, operands) -> str:
@@ -152,7 +169,7 @@ def _shift_by_scalar(func, specs, args, kwargs):
     def add_zero(local_args: tuple, local_kwargs: dict) -> tuple[tuple, dict]:
         named = "other" in local_kwargs
         c = local_kwargs["other"] if named else local_args[1]
-        zero = torch.zeros_like(c) if isinstance(c, torch.Tensor) else 0
+        zero = torch.zeros_like(c) if isinstance(c, torch.Tensor) else type(c)(0)  # same type: same promotion
         if named:
             return local_args, {**local_kwargs, "other": zero}
         return (local_args[0], zero, *local_args[2:]), local_kwargs

@@ -150,15 +150,21 @@ def _variance(cls, func, args, kwargs):
     total = math.prod(spec.shape[d] for d in reduced)
     piece_sum = local.sum(reduced, keepdim=True)
     piece_mean = piece_sum / max(count, 1)
-    deviations = ((local - piece_mean) ** 2).sum(reduced, keepdim=True)
+    deviations = _squared(local - piece_mean).sum(reduced, keepdim=True)
     mean = collectives.all_reduce_dims(piece_sum, "sum", spec.mesh, split) / total
     if split:  # each piece's squared deviations, moved from its own mean to the global one
-        deviations = collectives.all_reduce_dims(deviations + count * (piece_mean - mean) ** 2, "sum", spec.mesh, split)
+        deviations = collectives.all_reduce_dims(deviations + count * _squared(piece_mean - mean), "sum", spec.mesh, split)
     var = deviations / max(total - correction, 0)
     first = var.sqrt() if func in _STD else var
     resolved = tuple(_R if isinstance(p, Shard) and p.dim in reduced else p for p in placements)
     out = [_reduced_output(cls, spec, v, reduced, keepdim, resolved) for v in (first, mean)]
     return tuple(out) if func in _WITH_MEAN else out[0]
+
+
+def _squared(t: torch.Tensor) -> torch.Tensor:
+    """|t|^2, real for complex ``t`` (a complex variance is real). Not ``t.conj() * t``: below
+    ``__torch_dispatch__`` the lazy conjugate bit is not applied."""
+    return torch.view_as_real(t).square().sum(-1) if t.is_complex() else t * t
 
 
 _STD = {aten.std.correction, aten.std_mean.correction}

@@ -101,6 +101,33 @@ def _data_dependent():
     return out
 
 
+def _promotion_and_outputs():
+    m = mesh((2,))
+    rank = torch.distributed.get_rank()
+    out = {}
+    ints = DTensor.from_local(torch.tensor([1, 2]) * (rank + 1), m, [Partial("sum")])  # full value [3, 6]
+    shifted = ints + 0.5  # a float number on an int pending sum: every rank must promote alike
+    out["promoted"] = (shifted.dtype, shifted.full_tensor().tolist())
+    x = distribute(torch.arange(6), m, [Shard(0)])
+    out["cache_by_type"] = [(x * 2).dtype, (x * 2.0).dtype, (x * True).dtype]
+    z = torch.tensor([1 + 1j, 2 - 1j, 3j, -1], dtype=torch.complex128)
+    out["complex_var"] = torch.allclose(distribute(z, m, [Shard(0)]).var().full_tensor(), z.var())
+    full = torch.randn(6, 4, dtype=torch.float64)
+    mantissa, exponent = distribute(torch.zeros(6, 4, dtype=torch.float64), m, [Shard(0)]), distribute(torch.zeros(6, 4, dtype=torch.int32), m, [Shard(0)])
+    torch.frexp(distribute(full, m, [Replicate()]), out=(mantissa, exponent))  # out= tensors keep their layout
+    expected = torch.frexp(full)
+    out["frexp_out"] = (mantissa.placements, torch.equal(mantissa.full_tensor(), expected.mantissa), torch.equal(exponent.full_tensor(), expected.exponent))
+    return out
+
+
+def test_numbers_promote_alike_and_out_tensors_are_written_in_place():
+    out = run_ranks(2, _promotion_and_outputs)[0]
+    assert out["promoted"] == (torch.float32, [3.5, 6.5])
+    assert out["cache_by_type"] == [torch.int64, torch.float32, torch.int64]
+    assert out["complex_var"]
+    assert out["frexp_out"] == ((Shard(0),), True, True)
+
+
 def test_ops_with_data_dependent_shapes_run_replicated():
     out = run_ranks(2, _data_dependent)[0]
     for name in ("masked_select", "bool_index", "nonzero"):

@@ -500,6 +500,27 @@ def test_two_ranks_corrupt_chunk_on_one_rank_leaves_every_rank_untouched(tmp_pat
     assert untouched0, "rank 0 changed its tensors although the load failed on rank 1"
 
 
+def _dist_streamed_load(url: str) -> tuple[str, str, bool]:
+    """Rank 0's staging memory is tiny (so every rank streams); rank 1's would hold its whole share."""
+    sd = _dist_state({k: torch.full_like(v, 7.0) for k, v in _dist_values().items()})
+    staging = 64 if torch.distributed.get_rank() == 0 else 1 << 30
+    try:
+        result = shardstore.load(sd, url, staging_bytes=staging)
+    except Exception as exc:  # noqa: BLE001 - reported to the test process
+        return type(exc).__name__, str(exc), False
+    return "no error", "", result.streamed
+
+
+def test_one_rank_over_its_staging_memory_makes_every_rank_stream(tmp_path):
+    url = str(tmp_path / "ck")
+    run_ranks(2, _dist_save, url)
+    assert [streamed for *_, streamed in run_ranks(2, _dist_streamed_load, url)] == [True, True]
+    _flip(_shard(url, "model/z_last", "c/1/0"), 0)  # the half rank 1 loads
+    (kind0, msg0, _), (kind1, msg1, _) = run_ranks(2, _dist_streamed_load, url)
+    assert kind0 == kind1 == "PartialLoadError", (kind0, msg0, kind1, msg1)
+    assert "partly loaded" in msg0 and "rank(s) [1]" in msg0 and "inner chunk 0 of 'model.z_last'" in msg1
+
+
 @pytest.mark.parametrize("kind", ["ours", "torch"])
 def test_partial_dtensor_is_refused_naming_the_key(tmp_path, kind):
     url = str(tmp_path / "ck")

@@ -35,6 +35,8 @@ OPS = {
     "pad_two": lambda x: F.pad(x, (1, 1, 2, 0), value=0.5),
     "repeat": lambda x: x.repeat(1, 2, 1),
     "repeat_new_dims": lambda x: x.repeat(2, 1, 1, 3),
+    "diagonal": lambda x: x.diagonal(1, 0, 2),
+    "diagonal_last": lambda x: torch.diagonal(x, -1, 1, 2).sum(-1),
     "tril": lambda x: x.tril(),
     "triu_1": lambda x: x.triu(1),
     "tril_-2": lambda x: x.tril(-2),

@@ -75,3 +75,29 @@ def test_cnn_trains_data_parallel_without_gathering_the_batch(mesh_shape, placem
     train, running_stats_ok, evaluated, fallback = run_ranks(world, _train_step, mesh_shape, placements)[0]
     assert fallback == [] and running_stats_ok
     assert train == (out, True, True) and evaluated == (out, True, True)
+
+
+def _bf16_batch_norm():
+    m = mesh((2,))
+    torch.manual_seed(1)
+    x = torch.randn(6, 3, 4, 4).to(torch.bfloat16)
+    weight, bias = torch.rand(3) + 0.5, torch.randn(3)
+    grad = torch.randn(6, 3, 4, 4).to(torch.bfloat16)
+    aten = torch.ops.aten
+    dx, dgrad = dtensor.distribute_tensor(x, m, [Shard(0)]), dtensor.distribute_tensor(grad, m, [Shard(0)])
+    dw, db = (dtensor.distribute_tensor(t, m, [Replicate()]) for t in (weight, bias))
+    out, mean, invstd = aten.native_batch_norm(dx, dw, db, None, None, True, 0.1, 1e-5)
+    ref_out, ref_mean, ref_invstd = aten.native_batch_norm(x, weight, bias, None, None, True, 0.1, 1e-5)
+    grads = aten.native_batch_norm_backward(dgrad, dx, dw, None, None, mean, invstd, True, 1e-5, [True, True, True])
+    ref_grads = aten.native_batch_norm_backward(grad, x, weight, None, None, ref_mean, ref_invstd, True, 1e-5, [True, True, True])
+    return (
+        (mean.dtype, invstd.dtype) == (ref_mean.dtype, ref_invstd.dtype),
+        torch.allclose(out.full_tensor().float(), ref_out.float(), atol=2e-2),
+        [(g.dtype == r.dtype, torch.allclose(g.full_tensor().float(), r.float(), rtol=2e-2, atol=5e-2)) for g, r in zip(grads, ref_grads)],
+    )
+
+
+def test_bf16_batch_norm_keeps_float32_statistics_like_torch():
+    dtypes_ok, out_ok, grads = run_ranks(2, _bf16_batch_norm)[0]
+    assert dtypes_ok and out_ok
+    assert grads == [(True, True)] * 3
