@@ -59,6 +59,7 @@ class Strategy:
 
 @dataclass(frozen=True)
 class _Plan:
+    func: Any  # the op it was made for (keys hold its id, which a new op could reuse once it is gone)
     strategy: Strategy
     outputs: list | None  # one DTensorSpec per flattened output leaf (None for non-tensor leaves); None: per call
     moves: tuple[tuple[int, Placements], ...]  # (position in the flat arguments, placements) of inputs to move
@@ -66,17 +67,19 @@ class _Plan:
 
 
 _cache: dict[Any, _Plan] = {}
-_handlers: dict[int, Callable | None] = {}  # id(op) -> its handler, None for ops run through a rule
-_UNSEEN = object()
+_handlers: dict[int, tuple[Any, Callable | None]] = {}  # id(op) -> (op, its handler or None for a rule)
+_UNSEEN = (None, None)
 
 
 def dispatch(cls, func, args: tuple, kwargs: dict):
-    # Ops are long-lived singletons: keying by id() skips OpOverload's Python-level __hash__ on the hot path.
-    handler = _handlers.get(id(func), _UNSEEN)
-    if handler is _UNSEEN:
+    # Keyed by id(): skips OpOverload's Python-level __hash__ on the hot path; the op itself is kept and
+    # compared, so an id reused by a new op (after a scoped library dropped the old one) is not confused.
+    seen, handler = _handlers.get(id(func), _UNSEEN)
+    if seen is not func:
         from .ops import HANDLERS
 
-        handler = _handlers[id(func)] = HANDLERS.get(func)
+        handler = HANDLERS.get(func)
+        _handlers[id(func)] = (func, handler)
     if handler is not None:
         return handler(cls, func, args, kwargs)
     flat, tree = _flatten(args, kwargs)
@@ -86,7 +89,7 @@ def dispatch(cls, func, args: tuple, kwargs: dict):
         args, kwargs = _unflatten(flat, tree)
         key, specs, _ = _scan(func, flat, tree, cls)
     plan = _cache.get(key) if key is not None else None
-    if plan is None:
+    if plan is None or plan.func is not func:
         from .ops import rule_for
 
         _check_meshes(func, specs)
@@ -208,8 +211,8 @@ def _plan(func, args, kwargs, flat, tree, specs, cls, rule) -> _Plan:
     except (NotImplementedError, RuntimeError):
         if rule is not None:
             raise
-        return _Plan(strategy, None, moves, inplace)  # a data-dependent output shape: specs from each local result
-    return _Plan(strategy, _output_specs(meta_out, specs[0].mesh, strategy.output), moves, inplace)
+        return _Plan(func, strategy, None, moves, inplace)  # a data-dependent output shape: specs from each local result
+    return _Plan(func, strategy, _output_specs(meta_out, specs[0].mesh, strategy.output), moves, inplace)
 
 
 def _meta(spec: DTensorSpec) -> torch.Tensor:
