@@ -65,7 +65,8 @@ def write_cells(
     """Encode and write every cell ``plan`` gives this rank; returns what was written.
 
     Up to ``_IN_FLIGHT`` objects are being written while the next is encoded, each into a buffer of a
-    small ring that is reused once its write finished (touching fresh memory costs more than encoding).
+    small ring that is reused once its write finished (touching fresh memory costs more than encoding;
+    the ring itself is on huge pages, see ``staging_buffer``).
     """
     arrays = {a.key: a for a in plan.arrays}
     layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
@@ -80,7 +81,7 @@ def write_cells(
                 busy.result()
             layout = layouts[task.key]
             if buffer.numel() < (needed := encoded_bound(layout)):
-                buffer = torch.empty(needed, dtype=torch.uint8)
+                buffer = torch.frombuffer(staging_buffer(needed), dtype=torch.uint8)
             blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
             nbytes += blob.nbytes
             ring[i % _IN_FLIGHT] = (buffer, pool.submit(storage.write, object_key(array.node, task.cell), blob))
