@@ -27,7 +27,8 @@ from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointExistsError, CorruptCheckpointError, PartialLoadError
 from shardstore.execute import check_runs, layout_of, local_tensor, place, read_checked, read_runs, stream_runs, write_cells
 from shardstore.flatten import KeyPath, flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, unflatten
-from shardstore.plan import GlobalSavePlan, LoadRegion, StoredArray, TargetTensor, dtype_name, load_targets, local_save_plan, merge_save_plans, plan_load
+from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
+from shardstore.plan import GlobalSavePlan, dtype_name, local_save_plan, merge_save_plans
 from shardstore.storage import Storage
 
 __all__ = ["save", "load", "open", "Checkpoint", "SaveResult", "LoadResult"]

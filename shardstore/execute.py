@@ -25,7 +25,8 @@ from shardstore.dtypes import dtype_info_by_name
 from shardstore.errors import CorruptCheckpointError, MissingChunkError, PartialLoadError
 from shardstore.flatten import KeyPath, fqn
 from shardstore.format import chunk_key
-from shardstore.plan import ArrayPlan, GlobalSavePlan, ReadRun, ReadTask
+from shardstore.load_plan import ReadRun, ReadTask
+from shardstore.plan import ArrayPlan, GlobalSavePlan
 from shardstore.storage import Storage
 
 __all__ = [

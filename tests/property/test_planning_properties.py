@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from dtensor.placements import Box, Replicate, Shard, local_box, mesh_coordinates
 from shardstore.grid import cell_box, cells_in_box, cells_overlapping, choose_chunk_shape, grid_shape
-from shardstore.plan import StoredArray, load_targets, local_save_plan, merge_save_plans, plan_load
+from shardstore.load_plan import StoredArray, load_targets, plan_load
+from shardstore.plan import local_save_plan, merge_save_plans
 from tests.planning import per_rank, read_counts, slices, write_counts
 
 MESHES = [(1,), (2,), (4,), (2, 2), (2, 3), (2, 2, 2)]

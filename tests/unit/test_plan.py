@@ -10,9 +10,8 @@ import torch
 
 from dtensor.placements import Box, Partial, Replicate, Shard
 from shardstore.errors import StateDictMismatchError
-from shardstore.plan import (
-    LoadRegion, StoredArray, TargetTensor, load_targets, local_save_plan, merge_save_plans, plan_load,
-)
+from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
+from shardstore.plan import local_save_plan, merge_save_plans
 from tests.planning import FakeDTensor, per_rank, read_counts, write_counts
 
 

@@ -1,0 +1,203 @@
+"""Load plans: which bytes each rank reads and where they go. Pure data, no I/O.
+
+``load_targets(items)`` describes the regions this rank must fill, and ``plan_load(targets, stored)``
+checks them against the checkpoint (before any byte is read) and projects each region onto cells and
+inner chunks, so a rank reads only the inner chunks it needs; consecutive inner chunks of one object
+become one ranged read (``ReadRun``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dtensor.placements import Box
+from shardstore.errors import StateDictMismatchError
+from shardstore.flatten import KeyPath, fqn
+from shardstore.grid import cell_box, cells_overlapping, linear_index
+from shardstore.plan import Coords, dtype_name, layout_of_value
+
+__all__ = ["LoadRegion", "TargetTensor", "StoredArray", "ReadTask", "ReadRun", "LoadPlan", "load_targets", "plan_load"]
+
+
+@dataclass(frozen=True)
+class LoadRegion:
+    """A region of a tensor to fill; ``dest`` says which local piece receives it (its position in the
+    object's ``__create_chunk_list__``, 0 for a plain tensor)."""
+
+    box: Box
+    dest: int
+
+
+@dataclass(frozen=True)
+class TargetTensor:
+    key: KeyPath
+    shape: tuple[int, ...]
+    dtype: str
+    regions: tuple[LoadRegion, ...]
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """What the checkpoint metadata says about one saved array."""
+
+    key: KeyPath
+    shape: tuple[int, ...]
+    dtype: str
+    chunk_shape: tuple[int, ...]
+    inner_chunk_shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:  # metadata read from JSON arrives as lists
+        for name in ("key", "shape", "chunk_shape", "inner_chunk_shape"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """Copy ``overlap`` out of inner chunk ``inner`` (``inner_index`` in the shard index, row-major) of
+    cell ``cell`` into region ``dest_box`` of destination ``dest``. ``inner_box`` is the inner chunk's
+    region, clipped to the array; the decoded inner chunk starts at ``inner_box.offsets``, so the source
+    is ``overlap.relative_to(inner_box)`` and the destination ``overlap.relative_to(dest_box)``."""
+
+    key: KeyPath
+    cell: Coords
+    inner: Coords
+    inner_index: int
+    inner_box: Box
+    overlap: Box
+    dest: int
+    dest_box: Box
+
+
+@dataclass(frozen=True)
+class ReadRun:
+    """Inner chunks ``start..stop-1`` (consecutive in the shard index) of one object, each needed.
+
+    Our writer lays inner chunks out in index order, so a run is one ranged read; the executor must still
+    check the offsets from the shard index (another writer may order them differently, or omit empty
+    ones) and fall back to one read per inner chunk. An inner chunk feeding several regions appears in
+    several tasks but is read once."""
+
+    key: KeyPath
+    cell: Coords
+    start: int
+    stop: int
+    tasks: tuple[ReadTask, ...]
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    runs: tuple[ReadRun, ...]
+    missing: tuple[KeyPath, ...]  # in the state dict, not in the checkpoint (only when strict=False)
+    unexpected: tuple[KeyPath, ...]  # in the checkpoint, not in the state dict (only when strict=False)
+
+
+def load_targets(items: Mapping[KeyPath, Any]) -> dict[KeyPath, TargetTensor]:
+    """Describe the regions this rank must fill, from its flattened state dict's tensors."""
+    return {key: _target(key, value) for key, value in items.items()}
+
+
+def _target(key: KeyPath, value: Any) -> TargetTensor:
+    layout_of_value(key, value)  # refuses Partial placements
+    if hasattr(type(value), "__create_chunk_list__"):
+        chunks = value.__create_chunk_list__()
+        regions = tuple(LoadRegion(Box(tuple(c.offsets), tuple(c.sizes)), i) for i, c in enumerate(chunks))
+    else:
+        regions = (LoadRegion(Box((0,) * value.dim(), tuple(value.shape)), 0),)
+    return TargetTensor(key, tuple(value.shape), dtype_name(value.dtype), regions)
+
+
+def plan_load(
+    targets: Mapping[KeyPath, TargetTensor],
+    stored: Mapping[KeyPath, StoredArray],
+    *,
+    strict: bool = True,
+    wanted: Collection[KeyPath] | None = None,
+) -> LoadPlan:
+    """Which inner chunks this rank reads and where each part goes.
+
+    Raises ``StateDictMismatchError`` listing every problem when a shape or dtype differs, or (with
+    ``strict``) when a key is missing on either side; with ``strict=False`` those keys are skipped and
+    returned in the plan. ``wanted``: the keys any rank of the load asks for (default: this rank's); a
+    stored key no rank wants is unexpected, one that only other ranks want (per-rank state) is not.
+    """
+    wanted = set(targets) if wanted is None else set(wanted)
+    missing = tuple(k for k in targets if k not in stored)
+    unexpected = tuple(k for k in stored if k not in wanted)
+    _check_match(targets, stored, missing, unexpected, strict)
+    tasks = [t for key, target in targets.items() if key in stored for t in _read_tasks(target, stored[key])]
+    return LoadPlan(_coalesce(tasks), missing, unexpected)
+
+
+def _check_match(
+    targets: Mapping[KeyPath, TargetTensor],
+    stored: Mapping[KeyPath, StoredArray],
+    missing: tuple[KeyPath, ...],
+    unexpected: tuple[KeyPath, ...],
+    strict: bool,
+) -> None:
+    problems = []
+    if strict and missing:
+        problems.append(f"missing from the checkpoint: {', '.join(fqn(k) for k in missing)}")
+    if strict and unexpected:
+        problems.append(f"in the checkpoint but not in the state dict: {', '.join(fqn(k) for k in unexpected)}")
+    for key in [k for k in targets if k in stored]:
+        for what in ("shape", "dtype"):
+            want, found = getattr(targets[key], what), getattr(stored[key], what)
+            if want != found:
+                problems.append(f"{fqn(key)}: {what} {want} in the state dict, {found} in the checkpoint")
+    if problems:
+        raise StateDictMismatchError(
+            "the state dict does not match the checkpoint:\n  " + "\n  ".join(problems)
+            + "\nload into a state dict built like the saved one (shapes and dtypes must match exactly); "
+            "pass strict=False to skip missing or unexpected keys"
+        )
+
+
+def _read_tasks(target: TargetTensor, array: StoredArray) -> list[ReadTask]:
+    tasks = []
+    inner_shape = array.inner_chunk_shape
+    counts = tuple(c // i for c, i in zip(array.chunk_shape, inner_shape))
+    for region in target.regions:
+        for cell in cells_overlapping(array.chunk_shape, array.shape, region.box):
+            cbox = cell_box(array.chunk_shape, array.shape, cell)
+            part = cbox.intersect(region.box)
+            per_dim = [_spans(*dim) for dim in zip(inner_shape, cbox.offsets, cbox.sizes, part.offsets, part.sizes)]
+            for combo in itertools.product(*per_dim):
+                inner, starts, sizes, lows, extents = tuple(zip(*combo)) or ((),) * 5
+                ibox, overlap = Box(starts, sizes), Box(lows, extents)
+                index = linear_index(inner, counts)
+                tasks.append(ReadTask(target.key, cell, inner, index, ibox, overlap, region.dest, region.box))
+    return tasks
+
+
+def _spans(inner: int, cell_start: int, cell_size: int, low: int, size: int) -> list[tuple[int, int, int, int, int]]:
+    """Along one dim, the inner chunks of a cell that meet [low, low + size): for each, its index in the
+    cell, its start and size (clipped to the cell) and the start and size of the overlap. Per dim, so
+    a task costs one product step instead of a box intersection."""
+    spans = []
+    for j in range((low - cell_start) // inner, -(-(low + size - cell_start) // inner)):
+        start = cell_start + j * inner
+        stop = min(start + inner, cell_start + cell_size)
+        lo, hi = max(start, low), min(stop, low + size)
+        spans.append((j, start, stop - start, lo, hi - lo))
+    return spans
+
+
+def _coalesce(tasks: list[ReadTask]) -> tuple[ReadRun, ...]:
+    groups: dict[tuple[KeyPath, Coords], list[ReadTask]] = {}
+    for task in tasks:
+        groups.setdefault((task.key, task.cell), []).append(task)
+    return tuple(run for group in groups.values() for run in _runs(sorted(group, key=lambda t: t.inner_index)))
+
+
+def _runs(group: list[ReadTask]) -> Iterator[ReadRun]:
+    """Split one object's tasks (sorted by inner index) where the inner indices jump."""
+    start = 0
+    for i in range(1, len(group) + 1):
+        if i == len(group) or group[i].inner_index > group[i - 1].inner_index + 1:
+            first, last = group[start], group[i - 1]
+            yield ReadRun(first.key, first.cell, first.inner_index, last.inner_index + 1, tuple(group[start:i]))
+            start = i
