@@ -1,6 +1,6 @@
 """Carrying plans out: encode and write this rank's cells; read, verify and place the chunks it needs.
 
-The plans (``plan.py``) say what; this module moves bytes. Writes encode into a small ring of reused
+The plans (``plan.py``, ``load_plan.py``) say what; this module moves bytes. Writes encode into a small ring of reused
 buffers and hand each finished object to a thread pool, so encoding the next cell overlaps writing.
 Reads first check every object's shard index (``check_runs``: present, long enough, the layout the
 metadata promises, every needed inner chunk stored), then fetch each run of consecutive inner chunks with
