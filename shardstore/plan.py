@@ -8,8 +8,8 @@ In three steps (the way DCP does it, but over a Zarr chunk grid):
    however many ranks hold it (dedup), and spreads replicated cells over their holders (balance);
    a DTensor is listed by every rank (one that holds nothing of it too), while a plain tensor may be
    held by some ranks only (per-rank state under per-rank keys, like ``dataloader.rank3``); ranks
-   holding the same plain tensor must hold the same value (checked by digest up to
-   ``DIGEST_MAX_BYTES``), since it is saved once;
+   holding the same plain tensor must hold the same value (checked by digest, see ``DIGEST_MAX_BYTES``),
+   since it is saved once;
 3. every rank executes its own ``WriteTask``\\ s (elsewhere).
 """
 
@@ -30,7 +30,7 @@ from shardstore.grid import cell_box, cells_in_box, cells_overlapping, choose_ch
 
 __all__ = [
     "HeldTensor", "LocalSavePlan", "ArrayPlan", "WriteTask", "GlobalSavePlan", "local_save_plan", "merge_save_plans",
-    "dtype_name", "layout_of_value", "DEFAULT_MAX_CELL_BYTES", "DIGEST_MAX_BYTES", "Coords",
+    "dtype_name", "layout_of_value", "DEFAULT_MAX_CELL_BYTES", "DIGEST_MAX_BYTES", "DIGEST_SAMPLES", "Coords",
 ]
 
 Coords = tuple[int, ...]
@@ -41,9 +41,11 @@ DEFAULT_MAX_CELL_BYTES = 256 * 2**20
 tensor is written by several ranks instead of one; sharded dims are never split further."""
 
 DIGEST_MAX_BYTES = 64 * 2**10
-"""Plain tensors up to this size are digested at save, so ranks holding different values under one key
-(a per-rank RNG state, a data loader position) fail loudly instead of one rank's value being kept.
-Bigger ones (a data-parallel replica of a model) are taken to be equal, as DDP keeps them."""
+"""Plain tensors are digested at save, so ranks holding different values under one key (a per-rank RNG
+state, a data loader position, a replica that drifted) fail loudly instead of one rank's value being kept:
+up to this size whole, bigger ones by ``DIGEST_SAMPLES`` evenly spaced elements (a data-parallel replica
+of a model costs a few KiB to check, and a difference between the samples goes unseen)."""
+DIGEST_SAMPLES = 4096
 
 
 # ----------------------------------------------------------------------------------------------- save
@@ -61,7 +63,7 @@ class HeldTensor:
     mesh_shape: tuple[int, ...] | None = None
     placements: tuple[str, ...] | None = None
     rank: int = 0
-    digest: int | None = None  # crc32c of a small plain tensor's bytes (``DIGEST_MAX_BYTES``)
+    digest: int | None = None  # of a plain tensor's bytes, or samples of them (``DIGEST_MAX_BYTES``)
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,7 @@ def _held_tensor(key: KeyPath, value: Any) -> HeldTensor:
     if not hasattr(type(value), "__create_write_items__"):
         box = Box((0,) * value.dim(), tuple(value.shape))  # a plain tensor: this rank holds all of it
         itemsize = value.dtype.itemsize
-        digest = _digest(value) if box.numel * itemsize <= DIGEST_MAX_BYTES else None
-        return HeldTensor(key, box.sizes, dtype_name(value.dtype), itemsize, (box,), digest=digest)
+        return HeldTensor(key, box.sizes, dtype_name(value.dtype), itemsize, (box,), digest=_digest(value))
     items = value.__create_write_items__(fqn(key), value)
     if any(item.tensor_data is None for item in items):
         raise TypeError(f"{fqn(key)!r}: its checkpoint hooks returned a non-tensor write item; only tensors are saved")
@@ -135,8 +136,15 @@ def _held_tensor(key: KeyPath, value: Any) -> HeldTensor:
     return HeldTensor(key, shape, dtype_name(dtype), dtype.itemsize, boxes, mesh_shape, placements)
 
 
-def _digest(value: torch.Tensor) -> int:
-    raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+def _digest(value: torch.Tensor) -> int | None:
+    """crc32c of the tensor's bytes, or of ``DIGEST_SAMPLES`` evenly spaced elements of a big one (None
+    for a big non-contiguous tensor, which would have to be copied whole)."""
+    flat = value.detach()
+    if flat.numel() * flat.element_size() > DIGEST_MAX_BYTES:
+        if not flat.is_contiguous():
+            return None
+        flat = flat.reshape(-1)[:: -(-flat.numel() // DIGEST_SAMPLES)]
+    raw = flat.cpu().contiguous().reshape(-1).view(torch.uint8)
     return crc32c.crc32c(raw.numpy().tobytes())
 
 

@@ -136,6 +136,13 @@ def test_plain_tensors_may_be_per_rank_and_are_written_by_their_holder():
     assert ("r0",) in written[0] and ("r1",) in written[1]
 
 
+def test_big_replicas_that_drifted_apart_are_refused_by_their_samples():
+    same = torch.arange(100_000, dtype=torch.float32)
+    save_plan([{("w",): same}, {("w",): same.clone()}])  # equal replicas: fine
+    with pytest.raises(StateDictMismatchError, match=r"'w' holds different values"):
+        save_plan([{("w",): same}, {("w",): same + 1e-3}])
+
+
 def test_ranks_holding_different_values_of_a_plain_tensor_are_refused():
     items = [{("rng",): torch.tensor([1, 2, 3])}, {("rng",): torch.tensor([1, 2, 3])}, {("rng",): torch.tensor([9, 2, 3])}]
     with pytest.raises(StateDictMismatchError, match=r"'rng' holds different values.*ranks \[0, 1\] vs ranks \[2\].*rng.rank\{r\}"):
