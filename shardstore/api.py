@@ -143,8 +143,8 @@ def load(
     items = coord.agree("reading the state dict", lambda: flatten(state_dict)[0])
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     wanted = {k for keys in coord.all_gather(tuple(tensors)) for k in keys}  # per-rank keys: wanted somewhere
-    job = coord.agree("checking the checkpoint", lambda: _plan_here(tensors, storage, strict, wanted))
-    streamed = any(coord.all_gather(job.needed > staging_bytes))  # each rank judges by its own staging memory
+    job = coord.agree("checking the checkpoint", lambda: _plan_here(tensors, storage, strict, wanted, staging_bytes))
+    streamed = any(coord.all_gather(job.over_staging))  # each rank judges by its own staging memory
     pieces = None if streamed else coord.agree("reading and verifying chunks", lambda: read_checked(storage, job.checked, job.layouts))
     # Only now, with every rank's chunks verified (all or nothing) or indices checked (streaming), does
     # any rank touch its tensors.
@@ -156,9 +156,9 @@ def load(
         if not streamed:
             raise
         raise PartialLoadError(
-            f"{exc}\nThe load streamed (a rank's share exceeded staging_bytes={staging_bytes}), so ranks copied "
-            "chunks in as they verified them: the state dicts may be partly loaded. Load again from an intact "
-            "checkpoint, or pass a staging_bytes above every rank's share for an all-or-nothing load."
+            f"{exc}\nThe load streamed (a rank's share exceeded its staging_bytes), so ranks copied chunks in as "
+            "they verified them: the state dicts may be partly loaded. Load again (from an intact checkpoint), "
+            "or pass a staging_bytes above every rank's share for an all-or-nothing load."
         ) from exc
     return LoadResult(job.nbytes, job.chunks, time.perf_counter() - start, job.missing, job.unexpected, staged, streamed)
 
@@ -171,22 +171,26 @@ class _LoadJob:
     checked: list
     layouts: dict
     needed: int  # bytes of the runs it reads
+    over_staging: bool  # needed > this rank's staging_bytes
     nbytes: int  # bytes of tensor data it places
     chunks: int
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
 
 
-def _plan_here(tensors: dict, storage: Storage, strict: bool, wanted: set) -> _LoadJob:
+def _plan_here(tensors: dict, storage: Storage, strict: bool, wanted: set, staging_bytes: int) -> _LoadJob:
     """Plan this rank's reads and check every object's shard index (no data read yet)."""
+    if not isinstance(staging_bytes, int) or isinstance(staging_bytes, bool) or staging_bytes < 0:
+        raise ValueError(f"staging_bytes must be a number of bytes (an int >= 0), got {staging_bytes!r}")
     root = fmt.read_root(storage)
     stored, layouts, nodes = _stored_arrays(root)
     plan = plan_load(load_targets(tensors), stored, strict=strict, wanted=wanted)
     checked = check_runs(storage, plan.runs, layouts, nodes)
     tasks = [task for run in plan.runs for task in run.tasks]
     nbytes = sum(math.prod(t.overlap.sizes) * layouts[t.key].dtype.itemsize for t in tasks)
+    needed = sum(c.nbytes for c in checked)
     return _LoadJob(
-        root, checked, layouts, sum(c.nbytes for c in checked), nbytes, len(tasks),
+        root, checked, layouts, needed, needed > staging_bytes, nbytes, len(tasks),
         tuple(fqn(k) for k in plan.missing), tuple(fqn(k) for k in plan.unexpected),
     )
 

@@ -10,9 +10,9 @@ so callers can catch either::
     ├── CheckpointExistsError(FileExistsError)        a save would replace data without overwrite=True
     ├── CorruptCheckpointError(ValueError)            checksum mismatch, truncated object,
     │   │                                             malformed metadata
-    │   ├── MissingChunkError(FileNotFoundError)      an object that should exist does not
-    │   └── PartialLoadError                          a streamed load failed after copying some
-    │                                                 tensors in (it says which)
+    │   └── MissingChunkError(FileNotFoundError)      an object that should exist does not
+    ├── PartialLoadError(RuntimeError)                a streamed load failed (for any cause, named
+    │                                                 in it) after tensors were copied in
     ├── UnsafeKeyError(ValueError)                    a key that would escape the checkpoint root
     └── StateDictMismatchError(ValueError)            missing/extra keys, dtype or shape mismatch
 
@@ -70,6 +70,7 @@ class StateDictMismatchError(ShardstoreError, ValueError):
     """The state dict to load into does not match the checkpoint (keys, dtypes, shapes)."""
 
 
-class PartialLoadError(CorruptCheckpointError):
-    """A streamed load (more data than its staging memory) failed after it had copied some tensors in:
-    the state dict is partly loaded. Its message names the tensors already written."""
+class PartialLoadError(ShardstoreError, RuntimeError):
+    """A streamed load (more data than some rank's staging memory) failed, for the cause its message
+    gives, after tensors were copied in: the state dicts are partly loaded. Where the failure happened,
+    the message names the tensors already written."""

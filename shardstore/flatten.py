@@ -101,13 +101,19 @@ def _merge(nodes: list[tuple[int, dict]], path: KeyPath) -> dict:
                 keys.setdefault(k, []).append((r, child))
         return {"dict": {k: _merge(children, path + (k,)) for k, children in keys.items()}}
     for r, node in rest:
-        if next(iter(node)) != kind or (kind not in ("list", "tuple") and node != first):
+        if next(iter(node)) != kind or (kind not in ("list", "tuple") and _leaf_key(node) != _leaf_key(first)):
             _conflict(path, rank, first, r, node)
         if kind in ("list", "tuple") and len(node[kind]) != len(first[kind]):
             _conflict(path, rank, first, r, node)
     if kind in ("list", "tuple"):
         return {kind: [_merge([(r, n[kind][i]) for r, n in nodes], path + (i,)) for i in range(len(first[kind]))]}
     return first
+
+
+def _leaf_key(node: dict) -> tuple:
+    """A leaf node compared by type and repr: 1, 1.0 and True differ, and so do 0.0 and -0.0."""
+    (kind, body), = node.items()
+    return kind, type(body).__name__, repr(body)
 
 
 def _conflict(path: KeyPath, rank_a: int, a: dict, rank_b: int, b: dict):

@@ -136,16 +136,21 @@ def _held_tensor(key: KeyPath, value: Any) -> HeldTensor:
     return HeldTensor(key, shape, dtype_name(dtype), dtype.itemsize, boxes, mesh_shape, placements)
 
 
-def _digest(value: torch.Tensor) -> int | None:
-    """crc32c of the tensor's bytes, or of ``DIGEST_SAMPLES`` evenly spaced elements of a big one (None
-    for a big non-contiguous tensor, which would have to be copied whole)."""
-    flat = value.detach()
-    if flat.numel() * flat.element_size() > DIGEST_MAX_BYTES:
-        if not flat.is_contiguous():
-            return None
-        flat = flat.reshape(-1)[:: -(-flat.numel() // DIGEST_SAMPLES)]
-    raw = flat.cpu().contiguous().reshape(-1).view(torch.uint8)
-    return crc32c.crc32c(raw.numpy().tobytes())
+def _digest(value: torch.Tensor) -> int:
+    """crc32c of the tensor's values in logical order, or of ``DIGEST_SAMPLES`` evenly spaced ones of a
+    big tensor (by logical index, so memory layout does not matter); -0.0 counts as 0.0 and every NaN as
+    one NaN, so equal values give equal digests."""
+    values = value.detach().resolve_conj().resolve_neg()
+    n = values.numel()
+    if n * values.element_size() > DIGEST_MAX_BYTES:
+        picks = torch.arange(0, n, -(-n // DIGEST_SAMPLES), device=values.device)
+        values = values[torch.unravel_index(picks, values.shape)]
+    values = values.reshape(-1).cpu()
+    if values.is_complex():
+        values = torch.view_as_real(values)
+    if values.is_floating_point():
+        values = torch.where(torch.isnan(values), float("nan"), values + 0.0)
+    return crc32c.crc32c(values.contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def layout_of_value(key: KeyPath, value: Any) -> tuple[tuple[int, ...] | None, tuple[str, ...] | None]:

@@ -367,6 +367,13 @@ def test_streamed_load_equals_the_saved_values_in_bounded_memory(tmp_path, small
     assert not whole.streamed and whole.staged_bytes >= result.bytes_read
 
 
+@pytest.mark.parametrize("staging", [None, -1, 1.5])
+def test_staging_bytes_must_be_a_byte_count(tmp_path, staging):
+    url = _saved(tmp_path)
+    with pytest.raises(ValueError, match="staging_bytes must be a number of bytes"):
+        shardstore.load(_zeros_state(), url, staging_bytes=staging)
+
+
 @pytest.mark.parametrize("damage", ["delete", "truncate", "index"])
 def test_streamed_load_checks_every_object_before_copying(tmp_path, small_inner_chunks, damage):
     url = str(tmp_path / "ck")

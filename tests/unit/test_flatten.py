@@ -148,6 +148,8 @@ def test_merged_skeletons_keep_every_ranks_keys():
         ({"xs": [1, 2]}, {"xs": [1, 2, 3]}, r"'xs' differs across ranks \(rank 0: a list of 2, rank 1: a list of 3\)"),
         ({"x": {"a": 1}}, {"x": 5}, r"'x' differs across ranks"),
         ({"f": float("nan")}, {"f": 0.5}, r"'f' differs"),
+        ({"step": 1}, {"step": True}, r"'step' differs across ranks \(rank 0: 1, rank 1: True\)"),
+        ({"lr": 1}, {"lr": 1.0}, r"'lr' differs"),
     ],
 )
 def test_merged_skeletons_refuse_values_that_differ(a, b, says):

@@ -143,6 +143,20 @@ def test_big_replicas_that_drifted_apart_are_refused_by_their_samples():
         save_plan([{("w",): same}, {("w",): same + 1e-3}])
 
 
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        (torch.arange(40_000.0).reshape(200, 200), torch.arange(40_000.0).reshape(200, 200).t().contiguous().t()),
+        (torch.arange(96_000.0).reshape(10, 3, 40, 80),
+         torch.arange(96_000.0).reshape(10, 3, 40, 80).to(memory_format=torch.channels_last)),
+        (torch.tensor([0.0, float("nan")]), torch.tensor([-0.0, 0.0]) / torch.tensor([1.0, 0.0])),  # -0.0, 0/0 NaN
+        (torch.tensor([1 + 2j, 3j]), torch.tensor([1 - 2j, -3j]).conj()),  # a lazy conjugate view
+    ],
+)
+def test_equal_values_in_any_memory_layout_are_equal(a, b):
+    save_plan([{("w",): a}, {("w",): b}])
+
+
 def test_ranks_holding_different_values_of_a_plain_tensor_are_refused():
     items = [{("rng",): torch.tensor([1, 2, 3])}, {("rng",): torch.tensor([1, 2, 3])}, {("rng",): torch.tensor([9, 2, 3])}]
     with pytest.raises(StateDictMismatchError, match=r"'rng' holds different values.*ranks \[0, 1\] vs ranks \[2\].*rng.rank\{r\}"):
