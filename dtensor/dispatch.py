@@ -196,7 +196,8 @@ def _replicate_plain(func, flat: list, mesh, cls) -> list:
 
 def _plan(func, args, kwargs, flat, tree, specs, cls, rule) -> _Plan:
     strategy = rule(func, specs, args, kwargs) if rule is not None else None
-    if strategy is None:
+    fell_back = strategy is None
+    if fell_back:
         strategy = _replicate_everything(func, specs)
     metas = [_meta(x._spec) if isinstance(x, cls) else _to_meta(x) for x in flat]
     meta_args, meta_kwargs = _unflatten(metas, tree)
@@ -209,7 +210,7 @@ def _plan(func, args, kwargs, flat, tree, specs, cls, rule) -> _Plan:
     try:
         meta_out = func(*meta_args, **meta_kwargs) if func._schema.returns else None
     except (NotImplementedError, RuntimeError):
-        if rule is not None:
+        if not fell_back:
             raise
         return _Plan(func, strategy, None, moves, inplace)  # a data-dependent output shape: specs from each local result
     return _Plan(func, strategy, _output_specs(meta_out, specs[0].mesh, strategy.output), moves, inplace)

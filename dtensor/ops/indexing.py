@@ -1,5 +1,6 @@
-"""Gather/scatter-style ops: ``gather``, ``scatter`` (+ ``scatter_add``, in place too), ``index_select``
-and ``index_add``, the ops MoE routing and embedding-like code (and their backward) run on.
+"""Gather/scatter-style ops: ``gather``, ``scatter`` (+ ``scatter_add``, in place too), ``index_select``,
+``index_add`` and advanced indexing ``x[idx]`` with one integer index, the ops MoE routing and
+embedding-like code (and their backward) run on.
 
 These ops pick positions along one dim (``dim``) and keep every other dim position for position, so a
 mesh dim may split any other dim as long as every tensor operand is split the same way there (same size
@@ -27,17 +28,22 @@ __all__ = ["RULES", "HANDLERS"]
 def _choose(specs, aligned: list[int], dim: int, candidates: list[int], gather: bool):
     """(placements of each aligned operand, output placements): per mesh dim, a Shard(d), d != dim, of the
     first candidate operand, valid for every aligned one; for gather, else the index's Shard(dim), self
-    whole (each rank gathers its own positions); else Replicate."""
+    whole (each rank gathers its own positions); else (out of place) the first other dim every rank can
+    hold a piece of, as torch picks; else Replicate."""
     shapes = [tuple(specs[i].shape) for i in aligned]
     per_operand: list[list[Placement]] = [[] for _ in aligned]
     out: list[Placement] = []
     for m in range(specs[0].mesh.ndim):
         picks = [p for i in candidates for p in [specs[i].placements[m]]
                  if isinstance(p, Shard) and p.dim != dim and len({s[p.dim] for s in shapes}) == 1]
+        free = [Shard(d) for d in range(len(shapes[0])) if d != dim and len({s[d] for s in shapes}) == 1
+                and shapes[0][d] >= specs[0].mesh.size(m)]
         if picks:
             chosen = [picks[0]] * len(aligned)
         elif gather and specs[aligned[1]].placements[m] == Shard(dim):
             chosen = [Replicate(), Shard(dim)]
+        elif free and len(candidates) > 1:  # nobody split validly here: a free chunk of another dim, as torch
+            chosen = [free[0]] * len(aligned)
         else:
             chosen = [Replicate()] * len(aligned)
         for k, p in enumerate(chosen):
@@ -70,6 +76,29 @@ def _rule(aligned_args: tuple[str, ...], replicated_args: tuple[str, ...] = (), 
     return rule
 
 
+def _index(func, specs, args, kwargs):
+    """``x[..., idx, ...]`` with one integer DTensor index at dim k: x's shards of other dims stay (dims
+    after k shift by idx.ndim - 1), else the index's shards become the output's (x whole there); pending
+    reductions pass (indexing only moves data). Boolean or several indices: the fallback."""
+    indices = args[1]
+    given = [k for k, t in enumerate(indices) if t is not None]
+    if len(given) != 1 or len(specs) != 2 or specs[1].dtype in (torch.bool, torch.uint8):
+        return None
+    k, x, idx = given[0], specs[0], specs[1]
+    shift = len(idx.shape) - 1
+    x_p, idx_p, out = [], [], []
+    for p, q in zip(x.placements, idx.placements):
+        if isinstance(p, Shard) and p.dim != k:
+            x_p.append(p), idx_p.append(Replicate()), out.append(Shard(p.dim + shift if p.dim > k else p.dim))
+        elif isinstance(q, Shard):
+            x_p.append(Replicate()), idx_p.append(q), out.append(Shard(k + q.dim))
+        elif p.is_partial():
+            x_p.append(p), idx_p.append(Replicate()), out.append(p)
+        else:
+            x_p.append(Replicate()), idx_p.append(Replicate()), out.append(Replicate())
+    return Strategy((tuple(x_p), tuple(idx_p)), tuple(out))
+
+
 _GATHER = _rule(("self", "index"), gather=True)
 _SCATTER = _rule(("self", "index", "src"))
 _SCATTER_VALUE = _rule(("self", "index"))
@@ -87,5 +116,6 @@ RULES = {
     aten.index_select.default: _INDEX_SELECT,
     aten.index_add.default: _INDEX_ADD,
     aten.index_add_.default: _INDEX_ADD,
+    aten.index.Tensor: _index,
 }
 HANDLERS: dict = {}
