@@ -1,5 +1,5 @@
 """Gather/scatter-style ops: ``gather``, ``scatter`` (+ ``scatter_add``, in place too), ``index_select``,
-``index_add`` and advanced indexing ``x[idx]`` with one integer index, the ops MoE routing and
+``index_add``, ``index_fill`` and advanced indexing ``x[idx]`` with one integer index, the ops MoE routing and
 embedding-like code (and their backward) run on.
 
 These ops pick positions along one dim (``dim``) and keep every other dim position for position, so a
@@ -104,6 +104,7 @@ _SCATTER = _rule(("self", "index", "src"))
 _SCATTER_VALUE = _rule(("self", "index"))
 _INDEX_SELECT = _rule(("self",), ("index",))
 _INDEX_ADD = _rule(("self", "source"), ("index",))
+_INDEX_FILL = _rule(("self",), ("index", "value"))
 
 RULES = {
     aten.gather.default: _GATHER,
@@ -117,5 +118,9 @@ RULES = {
     aten.index_add.default: _INDEX_ADD,
     aten.index_add_.default: _INDEX_ADD,
     aten.index.Tensor: _index,
+    aten.index_fill.int_Tensor: _INDEX_FILL,
+    aten.index_fill.int_Scalar: _INDEX_FILL,
+    aten.index_fill_.int_Tensor: _INDEX_FILL,
+    aten.index_fill_.int_Scalar: _INDEX_FILL,
 }
 HANDLERS: dict = {}

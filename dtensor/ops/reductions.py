@@ -20,7 +20,7 @@ sharding, with shard dims renumbered when ``keepdim=False`` drops the reduced di
   reduced dims.
 * the others (``prod``, ``any``/``all``, ``argmax``/``argmin``, ``max.dim``/``min.dim`` whose indices are
   local, ``median``, ``kthvalue``, ``logsumexp``) replicate the reduced dims first, as torch does; ``aminmax``
-  is ``amin`` and ``amax``.
+  is ``amin`` and ``amax``, ``trace`` the sum of ``diagonal``.
 
 A pending reduction in the input survives only a reduction of the same kind (a sum of ``Partial("sum")``,
 an amax of ``Partial("max")``); any other is resolved first.
@@ -171,6 +171,11 @@ _STD = {aten.std.correction, aten.std_mean.correction}
 _WITH_MEAN = {aten.var_mean.correction, aten.std_mean.correction}
 
 
+def _trace(cls, func, args, kwargs):
+    """``trace`` is the sum of the diagonal: both are DTensor ops with their own rules."""
+    return aten.sum.default(aten.diagonal.default(args[0]))
+
+
 def _aminmax(cls, func, args, kwargs):
     """``aminmax`` is ``amin`` and ``amax``: each pends as its own Partial over sharded dims."""
     named = bind_args(func, args, kwargs)
@@ -298,6 +303,7 @@ RULES = {
     aten.mode.default: _reduction_rule(None, outputs=2),
 }
 HANDLERS = {
+    aten.trace.default: _trace,
     aten.aminmax.default: _aminmax,
     aten.var.correction: _variance,
     aten.std.correction: _variance,

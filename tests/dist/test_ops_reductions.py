@@ -47,6 +47,7 @@ OPS = {
     "median_dim": lambda x: x.median(2),
     "kthvalue": lambda x: x.kthvalue(1, 0),
     "aminmax": lambda x: torch.aminmax(x, dim=1),
+    "trace": lambda x: x[0].trace(),
     "any": lambda x: (x > 1).any(1),
     "prod": lambda x: x.prod(1),
     "all": lambda x: (x > -3).all(),
