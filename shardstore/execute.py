@@ -131,18 +131,12 @@ def check_runs(
 
 
 def read_checked(
-    storage: Storage, checked: list[CheckedRun], layouts: Mapping[KeyPath, ArrayLayout], out=None
+    storage: Storage, checked: list[CheckedRun], layouts: Mapping[KeyPath, ArrayLayout]
 ) -> list[tuple[ReadTask, torch.Tensor]]:
-    """Fetch and verify the data of ``checked`` runs, packed into ``out`` (by default one fresh staging
-    buffer); returns (task, source values) pairs, which view the fetched bytes."""
-    requests = [(c.key, *c.span) for c in checked]
-    if out is None:
-        out = staging_buffer(sum(c.nbytes for c in checked))
-    blobs = storage.read_ranges_into(requests, out)
-    pieces = []
-    for c, blob in zip(checked, blobs):
-        pieces.extend(_decode_run(storage, layouts[c.run.key], c.run, c.key, c.ranges, blob))
-    return pieces
+    """Fetch the data of ``checked`` runs into one fresh staging buffer and verify it; returns (task,
+    source values) pairs, which view the fetched bytes."""
+    buffer = staging_buffer(sum(c.nbytes for c in checked))
+    return _decode(storage, checked, _fetch(storage, checked, buffer), layouts)
 
 
 def read_runs(
@@ -181,7 +175,7 @@ def stream_runs(
                 blobs = fetching.result()
                 if i + 1 < len(batches):
                     fetching = prefetch.submit(_fetch, storage, batches[i + 1], buffers[(i + 1) % 2])
-                pieces = [p for c, blob in zip(batch, blobs) for p in _decode_run(storage, layouts[c.run.key], c.run, c.key, c.ranges, blob)]
+                pieces = _decode(storage, batch, blobs, layouts)
             except Exception as exc:
                 if not written:
                     raise
@@ -212,7 +206,13 @@ def staging_buffer(nbytes: int):
 
 
 def _fetch(storage: Storage, batch: list[CheckedRun], buffer) -> list[memoryview]:
+    """The runs' bytes, read concurrently and packed one after another into ``buffer``."""
     return storage.read_ranges_into([(c.key, *c.span) for c in batch], buffer)
+
+
+def _decode(storage: Storage, batch: list[CheckedRun], blobs, layouts: Mapping[KeyPath, ArrayLayout]) -> list:
+    """Verify every fetched inner chunk; (task, source values) pairs viewing the fetched bytes."""
+    return [p for c, blob in zip(batch, blobs) for p in _decode_run(storage, layouts[c.run.key], c.run, c.key, c.ranges, blob)]
 
 
 def _split(checked: CheckedRun, limit: int) -> list[CheckedRun]:

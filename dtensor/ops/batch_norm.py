@@ -16,10 +16,11 @@ import math
 import torch
 
 from .. import collectives
-from ..placements import Partial, Replicate, Shard
+from ..placements import Partial, Replicate
 from ..redistribute import local_as
 from ..spec import DTensorSpec
 from .common import bind_args
+from .per_sample import batch_layout
 
 aten = torch.ops.aten
 
@@ -28,7 +29,7 @@ __all__ = ["RULES", "HANDLERS"]
 
 def _layouts(x):
     """(batch layout, replicated, mesh dims that split the batch) for activation ``x``."""
-    batch = tuple(p if p == Shard(0) else Replicate() for p in x._spec.placements)
+    batch = batch_layout(x._spec.placements)
     return batch, (Replicate(),) * len(batch), [m for m, p in enumerate(batch) if p.is_shard()]
 
 

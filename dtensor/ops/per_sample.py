@@ -22,12 +22,13 @@ from .common import bind_args
 
 aten = torch.ops.aten
 
-__all__ = ["RULES", "HANDLERS"]
+__all__ = ["RULES", "HANDLERS", "batch_layout"]
 
 BATCH, PARAM, GRAD = "batch", "param", "grad"  # per tensor: sample-wise, replicated, a parameter's gradient
 
 
-def _batch_layout(placements: Sequence[Placement]) -> tuple[Placement, ...]:
+def batch_layout(placements: Sequence[Placement]) -> tuple[Placement, ...]:
+    """The layout a sample-wise op runs in: the batch (dim 0) split kept, everything else whole."""
     return tuple(p if p == Shard(0) else Replicate() for p in placements)
 
 
@@ -42,7 +43,7 @@ def _rule(inputs: Sequence[str], outputs: Sequence[str], batch_size_arg: str | N
         kinds = _present(func, named, inputs)
         if len(kinds) != len(specs):
             return None
-        batch = _batch_layout(next(s.placements for s, k in zip(specs, kinds) if k == BATCH))
+        batch = batch_layout(next(s.placements for s, k in zip(specs, kinds) if k == BATCH))
         replicate = tuple(Replicate() for _ in batch)
         grad = tuple(Partial("sum") if p.is_shard() else Replicate() for p in batch)
         wanted = tuple(batch if k == BATCH else replicate for k in kinds)
