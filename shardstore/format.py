@@ -5,13 +5,12 @@ text (pinned by golden tests) and every one read back is validated here, so a ma
 becomes a ``CorruptCheckpointError`` naming the file instead of a ``KeyError`` deep in a load.
 
 The root ``zarr.json`` is the commit marker: a save writes it last, and a checkpoint without it is
-incomplete. Saving over an existing checkpoint goes through a staging sibling (``commit_staged``).
+incomplete. How a finished tree becomes the checkpoint at a URL is ``shardstore/commit.py``.
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
@@ -37,7 +36,6 @@ __all__ = [
     "TensorRecord",
     "array_json",
     "chunk_key",
-    "commit_staged",
     "group_json",
     "group_paths",
     "node_key",
@@ -45,7 +43,6 @@ __all__ = [
     "parse_group_json",
     "read_array",
     "read_root",
-    "staging_storage",
     "write_array",
     "write_group",
     "write_root",
@@ -362,42 +359,3 @@ def read_root(storage: Storage) -> RootMetadata:
     where = storage.key_url(ZARR_JSON)
     attributes = parse_group_json(text, where)
     return RootMetadata.from_json(attributes.get(FORMAT_NAME), where)
-
-
-# -- commit protocol -----------------------------------------------------------------------------------
-
-
-def staging_storage(target: Storage) -> Storage:
-    """A fresh sibling ``<url>.staging-<id>`` to save into when ``target`` may hold a checkpoint."""
-    return target.sibling(f".staging-{uuid.uuid4().hex[:12]}")
-
-
-def commit_staged(staging: Storage, target: Storage) -> None:
-    """Make the complete checkpoint in ``staging`` the one at ``target``, replacing any old one.
-
-    At every instant a complete checkpoint exists somewhere: local filesystems rename the old tree
-    aside, rename staging in (atomic), then delete the old tree. Object stores cannot rename: the old
-    root marker is deleted, then the old objects, then staging is copied in (root marker last) and
-    deleted; until the copy ends, ``target`` reads as incomplete while ``staging`` stays loadable.
-    """
-    if not staging.exists(ZARR_JSON):
-        raise IncompleteCheckpointError(f"cannot commit {staging.url}: it has no root zarr.json (the save "
-                                        "into it did not finish); re-run the save")
-    if target.is_local:
-        old = None if target.is_empty() else target.sibling(f".old-{uuid.uuid4().hex[:12]}")
-        if old is not None:
-            target.rename_to(old)
-        staging.rename_to(target)
-        if old is not None:
-            old.delete_prefix()
-        return
-    _delete_checkpoint(target)
-    for key in [k for k in staging.list() if k != ZARR_JSON] + [ZARR_JSON]:
-        staging.copy_to(key, target)
-    _delete_checkpoint(staging)
-
-
-def _delete_checkpoint(storage: Storage) -> None:
-    """Delete the commit marker first, so a half-deleted checkpoint reads as incomplete, never as valid."""
-    storage.delete(ZARR_JSON)
-    storage.delete_prefix()
