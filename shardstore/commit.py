@@ -56,8 +56,6 @@ class Claim:
 def begin(target: Storage, overwrite: bool) -> Claim:
     """Look at ``target``, refuse what must not be replaced, and claim a place for this save to write."""
     nonce = uuid.uuid4().hex[:16]
-    if target.can_rename_trees:
-        _sweep(target)
     expected = _token(target)
     if expected is not None and not overwrite:
         if not target.can_rename_trees and target.exists(CLAIM):
@@ -70,7 +68,12 @@ def begin(target: Storage, overwrite: bool) -> Claim:
         _claim_fresh(target, nonce)
         return Claim(target.url, None, nonce, staged=False)
     staging = _staging(target, nonce)
-    _owners[nonce] = staging.lock(OWNER, timeout=1.0)
+    with _commit_lock(target):  # so that no sweep sees the new tree before its owner holds it
+        if target.can_rename_trees:
+            trash = _sweep(target)
+        _owners[nonce] = staging.lock(OWNER, timeout=0)
+    if target.can_rename_trees:
+        _empty_trash(target, trash)
     return Claim(staging.url, expected, nonce, staged=True)
 
 
@@ -220,18 +223,22 @@ def abandon(dest: Storage, claim: Claim) -> None:
             owner.release()
 
 
-def _sweep(target: Storage) -> None:
-    """Remove the staging siblings of dead saves. Under the commit lock, so that no ``finish`` is halfway:
-    a tree whose owner lock is free (it dies with its process), a complete tree without an owner (an old
-    tree swapped out, or a new one whose ``finish`` was killed before its swap), and an empty-handed tree
-    older than ``YOUNG_S`` are dead. They are renamed to ``<name>.trash-<id>`` under the lock (cheap)
-    and deleted after it."""
+def _sweep(target: Storage) -> list[str]:
+    """Move the staging siblings of dead saves to ``<name>.trash-<id>`` (cheap, under the commit lock, so
+    that no ``finish`` is halfway); returns every trash name for ``_empty_trash``. Dead: a tree whose
+    owner lock is free (it dies with its process), a complete tree without an owner (an old tree swapped
+    out, or a new one whose ``finish`` was killed before its swap), an ownerless tree over ``YOUNG_S``
+    old."""
     parent = target.parent()
-    with _commit_lock(target):
-        for name in parent.list_names(f"{target.name}.staging-"):
-            if _is_dead(parent.child(name)):
-                parent.child(name).rename_tree(parent.child(f"{target.name}.trash-{uuid.uuid4().hex[:16]}"))
-    for name in parent.list_names(f"{target.name}.trash-"):
+    for name in parent.list_names(f"{target.name}.staging-"):
+        if _is_dead(parent.child(name)):
+            parent.child(name).rename_tree(parent.child(f"{target.name}.trash-{uuid.uuid4().hex[:16]}"))
+    return parent.list_names(f"{target.name}.trash-")
+
+
+def _empty_trash(target: Storage, names: list[str]) -> None:
+    parent = target.parent()
+    for name in names:
         parent.child(name).delete_prefix()
 
 

@@ -180,7 +180,7 @@ class LocalStorage(Storage):
         try:
             _write_all(fd, memoryview(data).cast("B"))
             if self.durable:
-                os.fsync(fd)
+                _fsync_file(fd, tmp)
         except BaseException:
             os.close(fd)
             _unlink(tmp)
@@ -237,7 +237,7 @@ class LocalStorage(Storage):
         if os.path.islink(base) or os.path.isfile(base):
             _unlink(base)
         elif os.path.isdir(base):
-            shutil.rmtree(base)  # removes links inside, never what they point to
+            shutil.rmtree(base, onerror=_gone_is_fine)  # removes links inside, never what they point to
 
     # -- derived storages and whole trees --------------------------------------------------------------
 
@@ -256,7 +256,8 @@ class LocalStorage(Storage):
         else:
             os.rename(self._root, dest._root)  # onto a non-empty directory it fails: never a mix
         for directory in dict.fromkeys((os.path.dirname(self._root), os.path.dirname(dest._root))):
-            _fsync_dir(directory)
+            self._touched(directory)
+        self.sync()
 
     def copy_to(self, key: str, dest: "Storage") -> None:
         with self._open_for_read(key) as fd:
@@ -340,11 +341,22 @@ def _write_all(fd: int, view: memoryview) -> None:
         done += os.write(fd, view[done:])
 
 
+def _gone_is_fine(function, path: str, exc_info) -> None:
+    """For ``rmtree``: another process removing the same tree at the same time is not an error."""
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _fsync_file(fd: int, path: str) -> None:
+    """Make a file's bytes durable (``path`` names it, for errors and for tests that record syncs)."""
+    os.fsync(fd)
 
 
 def _fsync_dir(directory: str) -> None:
