@@ -28,7 +28,7 @@ _READ_THREADS = 16
 _read_pool: tuple[int, ThreadPoolExecutor] | None = None
 
 
-def _pool() -> ThreadPoolExecutor:
+def io_pool() -> ThreadPoolExecutor:
     """One pool per process for concurrent range reads (a forked child gets its own, not dead threads)."""
     global _read_pool
     if _read_pool is None or _read_pool[0] != os.getpid():
@@ -152,7 +152,7 @@ class Storage:
         """Many ``read_range`` calls at once, concurrently, results in request order."""
         if len(requests) <= 1:
             return [self.read_range(*r) for r in requests]
-        return list(_pool().map(lambda r: self.read_range(*r), requests))
+        return list(io_pool().map(lambda r: self.read_range(*r), requests))
 
     def read_ranges_into(self, requests: list[tuple[str, int, int]], out: bytearray | memoryview) -> list[memoryview]:
         """Many ranges at once, concurrently, packed one after another into ``out``; views in order."""
@@ -163,7 +163,7 @@ class Storage:
             pos += stop - start
         if pos > len(view):
             raise ValueError(f"read_ranges_into: {pos} bytes requested, the buffer holds {len(view)}")
-        return list(_pool().map(lambda job: self.read_range_into(*job), jobs))
+        return list(io_pool().map(lambda job: self.read_range_into(*job), jobs))
 
     def exists(self, key: str) -> bool:
         raise NotImplementedError
