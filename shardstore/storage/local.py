@@ -24,11 +24,15 @@ import time
 import uuid
 from typing import Any
 
+import numpy as np
+
 from shardstore.errors import CorruptCheckpointError
 from shardstore.storage.base import HeldLock, Storage, check_key, io_pool, strip_trailing_slash
 
 __all__ = ["LocalStorage"]
 
+_DIRECT_ALIGN = 4096  # O_DIRECT needs block-aligned addresses, offsets and lengths
+_DIRECT_MIN = 1 << 20  # below this, O_DIRECT gains nothing over the page cache
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -53,6 +57,7 @@ class LocalStorage(Storage):
         self._dirty: set[str] = set()  # directories whose entries changed since the last sync
         self._checked_dirs: set[str] = set()  # directories known to be real (not symlinks), for reads
         self._lock = threading.Lock()
+        self._direct_ok = hasattr(os, "O_DIRECT")
 
     def _derived(self, root: str, url: str) -> "LocalStorage":
         other = LocalStorage.__new__(LocalStorage)
@@ -176,9 +181,11 @@ class LocalStorage(Storage):
         """Write ``data`` to a fresh temporary next to ``path`` (fsync'd when durable); its path."""
         self._make_dirs(os.path.dirname(path))
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        view = memoryview(data).cast("B")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            _write_all(fd, memoryview(data).cast("B"))
+            done = self._write_direct(tmp, view) if self.durable else 0
+            _write_all(fd, view, done)
             if self.durable:
                 _fsync_file(fd, tmp)
         except BaseException:
@@ -187,6 +194,26 @@ class LocalStorage(Storage):
             raise
         os.close(fd)
         return tmp
+
+    def _write_direct(self, tmp: str, view: memoryview) -> int:
+        """Write the block-aligned head of ``view`` with ``O_DIRECT`` (no page-cache copy, no dirty pages
+        for fsync to flush: ~1.5x the bandwidth of buffered writes plus fsync, FACTS.md); returns the
+        bytes written (0 where the data is small or unaligned, or the filesystem refuses O_DIRECT)."""
+        head = len(view) // _DIRECT_ALIGN * _DIRECT_ALIGN
+        if head < _DIRECT_MIN or _address(view) % _DIRECT_ALIGN or not self._direct_ok:
+            return 0
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._direct_ok = False  # tmpfs and some network filesystems refuse O_DIRECT
+            return 0
+        try:
+            _write_all(fd, view[:head])
+        finally:
+            os.close(fd)
+        return head
 
     def _make_dirs(self, directory: str) -> None:
         """Create ``directory`` and missing parents, remembering each parent whose entries changed."""
@@ -335,10 +362,14 @@ def _pread_into(fd: int, offset: int, view: memoryview) -> int:
     return done
 
 
-def _write_all(fd: int, view: memoryview) -> None:
-    done = 0
+def _write_all(fd: int, view: memoryview, done: int = 0) -> None:
+    """Write ``view[done:]`` at offset ``done``."""
     while done < len(view):
-        done += os.write(fd, view[done:])
+        done += os.pwrite(fd, view[done:], done)
+
+
+def _address(view: memoryview) -> int:
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data if len(view) else 0
 
 
 def _gone_is_fine(function, path: str, exc_info) -> None:

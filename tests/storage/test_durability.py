@@ -5,6 +5,7 @@ not by timing or power cuts."""
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -76,3 +77,30 @@ def test_the_commit_lock_and_claim_files_are_not_left_behind(tmp_path: Path):
     shardstore.save(_state(), str(tmp_path / "ck"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     assert not list((tmp_path / "ck").rglob(".shardstore-*"))
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["o_direct", "o_direct-refused"])
+def test_large_aligned_writes_go_around_the_page_cache_and_round_trip(tmp_path, monkeypatch, refused):
+    """The block-aligned head of a large object is written with O_DIRECT, the tail through the page
+    cache; where the filesystem refuses O_DIRECT (EINVAL) everything goes through the page cache."""
+    opened = []
+    real_open = os.open
+
+    def spy(path, flags, *args):
+        if flags & os.O_DIRECT:
+            opened.append(path)
+            if refused:
+                raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(local.os, "open", spy)
+    buffer = mmap.mmap(-1, 3 << 20)  # page-aligned, as the save's encode ring is
+    data = os.urandom((3 << 20) - 5)
+    buffer[: len(data)] = data
+    storage = local.LocalStorage(str(tmp_path / "s"))
+    storage.write("big", memoryview(buffer)[: len(data)])
+    storage.write("big2", memoryview(buffer)[: len(data)])
+    storage.write("small", data[:1000])
+    assert bytes(storage.read("big")) == data == bytes(storage.read("big2"))
+    assert bytes(storage.read("small")) == data[:1000]
+    assert len(opened) == (1 if refused else 2)  # once refused, not tried again
