@@ -151,7 +151,7 @@ def load(
     """
     start = time.perf_counter()
     coord = Coordinator(process_group)
-    storage = Storage(url, storage_options)
+    storage = Storage(url, storage_options).pinned()
     items = coord.agree("reading the state dict", lambda: flatten(state_dict)[0])
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     wanted = {k for keys in coord.all_gather(tuple(tensors)) for k in keys}  # per-rank keys: wanted somewhere
@@ -280,7 +280,7 @@ class Checkpoint:
     """A read-only view of a complete checkpoint; no process group needed."""
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
-        self._storage = Storage(url, storage_options)
+        self._storage = Storage(url, storage_options).pinned()
         self._root = fmt.read_root(self._storage)
         self._stored, self._layouts, self._nodes = _stored_arrays(self._root)
         self._by_name = _display_names(self._stored, self._nodes)
