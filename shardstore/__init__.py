@@ -15,6 +15,7 @@ from shardstore.errors import (
     ShardstoreError,
     StateDictMismatchError,
     UnsafeKeyError,
+    UnsupportedInputError,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "PartialLoadError",
     "StateDictMismatchError",
     "UnsafeKeyError",
+    "UnsupportedInputError",
 ]
