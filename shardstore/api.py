@@ -27,7 +27,9 @@ from shardstore.codec import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointExistsError, CorruptCheckpointError, PartialLoadError
 from shardstore.execute import check_runs, layout_of, place, read_checked, read_runs, stream_runs, write_cells
-from shardstore.flatten import KeyPath, flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, unflatten
+from shardstore.flatten import (
+    KeyPath, fill_plain_values, flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, unflatten,
+)
 from shardstore.inputs import check_sources, check_targets, check_user_metadata, local_tensor
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
 from shardstore.plan import GlobalSavePlan, dtype_name, local_save_plan, merge_save_plans
@@ -222,7 +224,7 @@ def _copy_in(state_dict: dict, tensors: dict, storage: Storage, job: _LoadJob, p
     else:
         place(pieces, destinations, written)
         staged = job.needed
-    _replace_plain_values(state_dict, job.root.tree)
+    fill_plain_values(state_dict, job.root.tree)
     return staged
 
 
@@ -237,41 +239,6 @@ def _stored_arrays(root: fmt.RootMetadata):
         stored[key] = StoredArray(key, record.shape, dtype_name(layouts[key].dtype), record.chunk_shape, record.inner_chunk_shape)
         nodes[key] = record.path
     return stored, layouts, nodes
-
-
-def _replace_plain_values(state_dict: dict, tree) -> None:
-    """Plain values (step counters, config) are replaced with the saved ones, container by container."""
-    _merge(state_dict, unflatten(tree, _TensorPlaceholders()))
-
-
-class _TensorPlaceholders(dict):
-    """Stands in for every tensor: plain values are all this walk needs."""
-
-    def __contains__(self, key) -> bool:
-        return True
-
-    def __getitem__(self, key):
-        return _TENSOR
-
-
-_TENSOR = object()
-
-
-def _merge(target, saved) -> None:
-    for k in list(target.keys() if isinstance(target, dict) else range(len(target))):
-        if (k not in saved) if isinstance(target, dict) else (k >= len(saved)):
-            continue
-        value, new = target[k], saved[k]
-        if is_tensor_like(value) or new is _TENSOR:
-            continue
-        if isinstance(value, (dict, list)) and isinstance(new, type(value)) and _holds_tensors(value):
-            _merge(value, new)
-        elif not isinstance(target, tuple):
-            target[k] = new
-
-
-def _holds_tensors(container) -> bool:
-    return bool(flatten({"": container})[0])
 
 
 def _display_names(stored: Mapping[KeyPath, Any], nodes: Mapping[KeyPath, str]) -> dict[str, KeyPath]:
