@@ -34,6 +34,7 @@ from shardstore.inputs import check_sources, check_targets, check_user_metadata,
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
 from shardstore.plan import GlobalSavePlan, dtype_name, local_save_plan, merge_save_plans
 from shardstore.storage import Storage
+from shardstore.ties import Destinations
 
 __all__ = ["save", "load", "open", "Checkpoint", "SaveResult", "LoadResult"]
 
@@ -157,12 +158,12 @@ def load(
     wanted = {k for keys in coord.all_gather(tuple(tensors)) for k in keys}  # per-rank keys: wanted somewhere
     job = coord.agree("checking the checkpoint", lambda: _plan_here(tensors, storage, strict, wanted, staging_bytes))
     streamed = any(coord.all_gather(job.over_staging))  # each rank judges by its own staging memory
-    pieces = None if streamed else coord.agree("reading and verifying chunks", lambda: read_checked(storage, job.checked, job.layouts))
+    pieces = None if streamed else coord.agree("reading and verifying chunks", lambda: _read_all(storage, job))
     # Only now, with every rank's chunks verified (all or nothing) or indices checked (streaming), does
     # any rank touch its tensors.
     written: dict[str, None] = {}  # names of the tensors this rank has copied into
     try:
-        staged = coord.agree("copying into the state dict", lambda: _copy_in(state_dict, tensors, storage, job, pieces, staging_bytes, written))
+        staged = coord.agree("copying into the state dict", lambda: _copy_in(state_dict, storage, job, pieces, staging_bytes, written))
     except Exception as exc:
         if not written:
             raise  # this rank's state dict is unchanged: the plain error says why
@@ -183,6 +184,7 @@ class _LoadJob:
     chunks: int
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
+    dests: Destinations  # where the chunks go
 
 
 def _plan_here(tensors: dict, storage: Storage, strict: bool, wanted: set, staging_bytes: int) -> _LoadJob:
@@ -197,9 +199,10 @@ def _plan_here(tensors: dict, storage: Storage, strict: bool, wanted: set, stagi
     tasks = [task for run in plan.runs for task in run.tasks]
     nbytes = sum(math.prod(t.overlap.sizes) * layouts[t.key].dtype.itemsize for t in tasks)
     needed = sum(c.nbytes for c in checked)
+    dests = Destinations.of({k: local_tensor(k, v) for k, v in tensors.items()}, {t.key for t in tasks})
     return _LoadJob(
         root, checked, layouts, needed, needed > staging_bytes, nbytes, len(tasks),
-        tuple(fqn(k) for k in plan.missing), tuple(fqn(k) for k in plan.unexpected),
+        tuple(fqn(k) for k in plan.missing), tuple(fqn(k) for k in plan.unexpected), dests,
     )
 
 
@@ -215,17 +218,35 @@ def _partly_loaded(exc: Exception, written: dict[str, None], streamed: bool) -> 
     )
 
 
-def _copy_in(state_dict: dict, tensors: dict, storage: Storage, job: _LoadJob, pieces, staging_bytes: int, written) -> int:
-    """Place verified pieces (or stream when ``pieces`` is None) and the saved plain values, noting in
-    ``written`` each tensor copied into; returns the staging memory used."""
-    destinations = {k: [local_tensor(k, v)] for k, v in tensors.items()}
+def _read_all(storage: Storage, job: _LoadJob) -> list:
+    """Every verified piece this rank needs; tied targets' pieces are already in their scratch memory and
+    checked, so they are left out."""
+    pieces, scratch = read_checked(storage, job.checked, job.layouts), job.dests.scratch
+    place([p for p in pieces if p[0].key in scratch], job.dests.by_key())
+    job.dests.check_ties()
+    return [p for p in pieces if p[0].key not in scratch]
+
+
+def _copy_in(state_dict: dict, storage: Storage, job: _LoadJob, pieces, staging_bytes: int, written) -> int:
+    """Place verified pieces (or stream when ``pieces`` is None), tied tensors and the saved plain values,
+    noting in ``written`` each tensor copied into; returns the staging memory used."""
     if pieces is None:
-        staged = stream_runs(storage, job.checked, job.layouts, destinations, staging_bytes, written)
+        staged = _stream(storage, job, staging_bytes, written)
+        job.dests.check_ties()
     else:
-        place(pieces, destinations, written)
+        place(pieces, job.dests.by_key(), written)
         staged = job.needed
+    job.dests.write_ties(written)
     fill_plain_values(state_dict, job.root.tree)
     return staged
+
+
+def _stream(storage: Storage, job: _LoadJob, staging_bytes: int, written: dict) -> int:
+    try:
+        return stream_runs(storage, job.checked, job.layouts, job.dests.by_key(), staging_bytes, written)
+    finally:
+        for key in job.dests.scratch:  # tied targets were filled into scratch memory only, so far
+            written.pop(fqn(key), None)
 
 
 def _stored_arrays(root: fmt.RootMetadata):

@@ -32,6 +32,7 @@ from shardstore.storage import Storage
 
 __all__ = [
     "WriteStats", "write_cells", "CheckedRun", "check_runs", "read_checked", "read_runs", "stream_runs", "place",
+    "copy_into",
     "object_key", "layout_of",
 ]
 
@@ -252,19 +253,22 @@ def _decode_run(storage: Storage, layout: ArrayLayout, run: ReadRun, key: str, r
     return out
 
 
+def copy_into(dest: torch.Tensor, values: torch.Tensor) -> None:
+    """``dest.copy_(values)`` outside autograd, so parameters that require grad load as
+    ``load_state_dict`` loads them, and inside inference mode for inference tensors, which no other mode
+    may write."""
+    with torch.inference_mode() if dest.is_inference() else torch.no_grad():
+        dest.copy_(values)
+
+
 def place(
     pieces: list[tuple[ReadTask, torch.Tensor]],
     destinations: Mapping[KeyPath, list[torch.Tensor]],
     written: dict[str, None] | None = None,
 ) -> None:
     """Copy every verified piece into its destination tensor (one host-to-device copy per piece), noting
-    in ``written`` (when given) the name of each tensor as it is first written.
-
-    Copies run outside autograd, so parameters that require grad load as ``load_state_dict`` loads them,
-    and inside inference mode for inference tensors, which no other mode may write."""
+    in ``written`` (when given) the name of each tensor as it is first written."""
     for task, values in pieces:
-        dest = destinations[task.key][task.dest]
-        with torch.inference_mode() if dest.is_inference() else torch.no_grad():
-            dest[task.overlap.relative_to(task.dest_box)].copy_(values)
+        copy_into(destinations[task.key][task.dest][task.overlap.relative_to(task.dest_box)], values)
         if written is not None:
             written.setdefault(fqn(task.key))

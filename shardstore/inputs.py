@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from shardstore.dtypes import DTYPES
 from shardstore.errors import UnsupportedInputError
 from shardstore.flatten import KeyPath, fqn
+from shardstore.plan import layout_of_value
 
 __all__ = ["local_tensor", "check_sources", "check_targets", "check_user_metadata"]
 
@@ -60,6 +61,7 @@ def check_targets(items: Mapping[KeyPath, Any]) -> None:
 
 
 def _check_kind(key: KeyPath, value: Any, verb: str) -> None:
+    layout_of_value(key, value)  # Partial placements first: such a local tensor is a pending sum, not data
     problem = _unsupported(value) or _unsupported(local_tensor(key, value))
     if problem is None and value.dtype not in _STORABLE:
         problem = (
