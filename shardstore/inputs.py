@@ -30,10 +30,12 @@ _STORABLE = frozenset(info.torch_dtype for info in DTYPES)
 
 
 def local_tensor(key: KeyPath, value: Any) -> torch.Tensor:
-    """The tensor this rank holds of a state dict entry: a DTensor's local shard, or the tensor itself."""
+    """The tensor this rank holds of a state dict entry (a DTensor's local shard, or the tensor itself),
+    detached: the same memory without autograd, since torch's DTensor hands out its shard as the view
+    output of an autograd function, which refuses in-place copies into its slices."""
     if hasattr(type(value), "__get_tensor_shard__"):
-        return value.__get_tensor_shard__(MetadataIndex(fqn(key)))
-    return value
+        value = value.__get_tensor_shard__(MetadataIndex(fqn(key)))
+    return value.detach()
 
 
 def check_sources(items: Mapping[KeyPath, Any]) -> None:

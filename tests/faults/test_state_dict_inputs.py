@@ -192,3 +192,168 @@ def test_tied_targets_with_different_saved_values_are_refused(tmp_path, world):
     kind, message, _ = run_ranks(world, _target_body, url + "2", "tied_but_saved_different", STREAMED)[-1]
     assert kind == "PartialLoadError" and "are one tensor (tied)" in message and "partly loaded" in message
     assert "'model.w'" in message and "'model.a'" not in message.split("partly loaded")[1]
+
+
+# -- DTensor targets (ours and torch's) on a (2, 2) mesh ----------------------------------------------------
+
+FULL = torch.arange(24.0).reshape(4, 6)
+
+
+def _dtensors(full: torch.Tensor, placements, case: str = "plain") -> dict:
+    """Our DTensor and torch's holding ``full``; on the last rank ``case`` makes ours odd."""
+    m = mesh((2, 2))
+    ours = dtensor.distribute_tensor(full, m, placements, src_data_rank=None)
+    theirs = dtensor.distribute_tensor(full, m, placements, src_data_rank=None).to_torch()
+    if case == "parameter":
+        ours, theirs = torch.nn.Parameter(ours), torch.nn.Parameter(theirs)
+    elif _rank() == _world() - 1 and case in ("meta", "expanded"):
+        local = ours.to_local()
+        odd = torch.empty(local.shape, device="meta") if case == "meta" else torch.zeros(local.shape[-1]).expand(local.shape)
+        ours = dtensor.DTensor.from_local(odd, m, placements, shape=full.shape, stride=full.stride())
+    return {"model": {"ours": ours, "theirs": theirs}, "step": -1}
+
+
+def _dtensor_body(url: str, case: str, staging: int | None):
+    saved = _dtensors(FULL, [dtensor.Shard(0), dtensor.Shard(1)])
+    saved["step"] = 3
+    shardstore.save(saved, url)
+    sd = _dtensors(torch.zeros(4, 6), [dtensor.Shard(1), dtensor.Replicate()], case)
+    before = {k: v.to_local().clone() for k, v in sd["model"].items() if not v.to_local().is_meta}
+    try:
+        shardstore.load(sd, url, **({} if staging is None else {"staging_bytes": staging}))
+    except Exception as exc:  # noqa: BLE001 - reported to the test process
+        unchanged = all(torch.equal(sd["model"][k].to_local(), v) for k, v in before.items()) and sd["step"] == -1
+        return type(exc).__name__, str(exc), unchanged
+    full = {k: torch.equal(v.full_tensor().detach(), FULL) for k, v in sd["model"].items()}
+    return "ok", full, (sd["step"], all(isinstance(v, torch.nn.Parameter) for v in sd["model"].values()))
+
+
+@pytest.mark.parametrize("staging", [None, STREAMED], ids=["all_or_nothing", "streamed"])
+def test_dtensor_parameters_that_require_grad_load(tmp_path, staging):
+    out = run_ranks(4, _dtensor_body, str(tmp_path / "ck"), "parameter", staging)
+    assert out == [("ok", {"ours": True, "theirs": True}, (3, True))] * 4
+
+
+@pytest.mark.parametrize("staging", [None, STREAMED], ids=["all_or_nothing", "streamed"])
+@pytest.mark.parametrize("case", ["meta", "expanded"])
+def test_dtensor_with_an_unloadable_local_shard_is_refused_before_any_tensor_changes(tmp_path, case, staging):
+    out = run_ranks(4, _dtensor_body, str(tmp_path / "ck"), case, staging)
+    assert out[-1][0] == "UnsupportedInputError" and "'model.ours'" in out[-1][1], out[-1]
+    assert all(kind == "RemoteRankError" and "'model.ours'" in msg for kind, msg, _ in out[:-1]), out
+    assert all(unchanged for *_, unchanged in out)
+
+
+# -- dtypes and tensor kinds on save ------------------------------------------------------------------------
+
+FLOAT8 = [d for d in (getattr(torch, n, None) for n in (
+    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")) if d is not None]
+
+
+def _every_bit_pattern(dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(256, dtype=torch.uint8).view(dtype).reshape(16, 16)
+
+
+def _float8_body(url: str, dtype: torch.dtype):
+    """A plain (replicated, digested) tensor and a sharded DTensor of every bit pattern of ``dtype``."""
+    values = _every_bit_pattern(dtype)
+    m = mesh((_world(),))
+    state = {"plain": values.clone(), "sharded": dtensor.distribute_tensor(values, m, [dtensor.Shard(0)], src_data_rank=None)}
+    shardstore.save(state, url)
+    zeros = torch.zeros(16, 16, dtype=torch.uint8).view(dtype)
+    target = {"plain": zeros.clone(), "sharded": dtensor.distribute_tensor(zeros, m, [dtensor.Shard(1)], src_data_rank=None)}
+    shardstore.load(target, url)
+    got = [target["plain"], shardstore.open(url).read("plain")]
+    ok = [torch.equal(t.view(torch.uint8), values.view(torch.uint8)) for t in got]
+    mine = values.view(torch.uint8).chunk(_world(), dim=1)[_rank()]  # gloo cannot gather float8: compare shards
+    return ok + [torch.equal(target["sharded"].to_local().view(torch.uint8), mine)]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("dtype", FLOAT8, ids=str)
+def test_every_float8_round_trips_bit_for_bit(tmp_path, dtype, world):
+    assert run_ranks(world, _float8_body, str(tmp_path / "ck"), dtype) == [[True, True, True]] * world
+
+
+def test_conjugate_and_negative_views_are_saved_as_the_values_they_show(tmp_path):
+    z = torch.tensor([1 + 2j, -3 + 4j, 5 - 6j])
+    state = {"conj": z.conj(), "neg": z.conj().imag, "conj_t": torch.stack([z, z]).conj().t()}
+    assert state["conj"].is_conj() and state["neg"].is_neg()
+    url = str(tmp_path / "ck")
+    shardstore.save(state, url)
+    target = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in state.items()}
+    shardstore.load(target, url)
+    assert all(torch.equal(target[k], v.resolve_conj().resolve_neg()) for k, v in state.items())
+
+
+def _unstorable(case: str) -> torch.Tensor:
+    if case == "sparse":
+        return torch.eye(3).to_sparse()
+    if case == "sparse_csr":
+        return torch.eye(3).to_sparse_csr()
+    if case == "meta":
+        return torch.empty(3, device="meta")
+    if case == "nested":
+        return torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    if case == "quantized":
+        return torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8)
+    return torch.zeros(4, dtype=torch.uint8).view(getattr(torch, case)) if case != "complex32" else torch.zeros(3, dtype=torch.complex32)
+
+
+UNSTORABLE = ["sparse", "sparse_csr", "meta", "nested", "quantized", "complex32", "bits8", "float4_e2m1fn_x2", "uint4"]
+
+
+def _refused_save_body(url: str, case: str):
+    """Every rank saves a fine state dict; the last rank's also holds an unstorable entry of its own."""
+    state = {"w": torch.ones(4), "step": 1}
+    if _rank() == _world() - 1:
+        state[f"extra.rank{_rank()}"] = _unstorable(case)
+    try:
+        shardstore.save(state, url, overwrite=True)
+    except Exception as exc:  # noqa: BLE001 - reported to the test process
+        return type(exc).__name__, str(exc)
+    return "ok", ""
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("case", UNSTORABLE)
+def test_unstorable_tensor_is_refused_before_any_byte_is_written(tmp_path, case, world):
+    old = str(tmp_path / "old")
+    run_ranks(world, _save_plain, old)
+    files = _files(str(tmp_path))
+    out = run_ranks(world, _refused_save_body, old, case)
+    key = repr(f"extra.rank{world - 1}")
+    assert out[-1][0] == "UnsupportedInputError" and key in out[-1][1] and "cannot be saved" in out[-1][1], out[-1]
+    assert all(kind == "RemoteRankError" and key in msg for kind, msg in out[:-1]), out
+    assert _files(str(tmp_path)) == files  # the old checkpoint, and nothing else, is there byte for byte
+
+
+def _save_plain(url: str, user_metadata=None):
+    try:
+        shardstore.save({"w": torch.ones(4), "step": 1}, url, overwrite=True, user_metadata=user_metadata)
+    except Exception as exc:  # noqa: BLE001 - reported to the test process
+        return type(exc).__name__, str(exc)
+    return "ok", ""
+
+
+NOT_JSON = {
+    "object": ({"a": object()}, "user_metadata['a'] is of type object"),
+    "nan": ({"loss": float("nan")}, "user_metadata['loss'] is nan"),
+    "tuple": ({"shape": (1, 2)}, "user_metadata['shape'] is of type tuple"),
+    "int_key": ({"by_step": {3: "x"}}, "user_metadata['by_step'] has the key 3 of type int"),
+    "tensor": ({"t": torch.ones(1)}, "user_metadata['t'] is of type Tensor"),
+    "not_a_dict": (["run"], "user_metadata is not a dict"),
+}
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("case", sorted(NOT_JSON))
+def test_non_json_user_metadata_is_refused_before_any_byte_is_written(tmp_path, case, world):
+    metadata, says = NOT_JSON[case]
+    fresh, old = str(tmp_path / "fresh"), str(tmp_path / "old")
+    run_ranks(world, _save_plain, old)
+    files = _files(str(tmp_path))
+    for url in (fresh, old):
+        for kind, message in run_ranks(world, _save_plain, url, metadata):
+            assert kind == "UnsupportedInputError" and says in message, (kind, message)
+    assert _files(str(tmp_path)) == files and not os.path.exists(fresh)
+    assert shardstore.open(old).user_metadata == {}
