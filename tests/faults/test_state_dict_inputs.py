@@ -6,7 +6,6 @@ Multi-rank bodies put the odd entry on the last rank only: one bad rank must fai
 
 from __future__ import annotations
 
-import json
 import os
 from collections import namedtuple
 from pathlib import Path
@@ -16,8 +15,6 @@ import torch
 
 import dtensor
 import shardstore
-from shardstore.errors import CorruptCheckpointError, PartialLoadError, UnsupportedInputError
-from shardstore.flatten import MAX_NAME_BYTES, keypath_from_node, node_path
 from tests.ranks import mesh, run_ranks
 
 STREAMED = 64  # staging_bytes small enough that every load streams batch by batch
