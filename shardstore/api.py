@@ -142,9 +142,9 @@ def load(
 ) -> LoadResult:
     """Fill ``state_dict`` in place from the checkpoint at ``url``, resharding to its layouts.
 
-    Every target (``inputs.check_targets``: kind, dtype, memory overlap) and every object's shard index
-    is checked first, so an unloadable target or a missing, truncated or rewritten object fails before
-    any tensor changes. Then, when every rank's share fits in ``staging_bytes`` of host memory, the load
+    Every target the checkpoint fills (``inputs.check_targets``: kind, dtype, memory overlap) and every
+    object's shard index are checked first, so an unloadable target or a missing, truncated or rewritten
+    object fails before any tensor changes. Then, when every rank's share fits in ``staging_bytes`` of host memory, the load
     is all or nothing: every chunk is read and verified on every rank before any tensor changes.
     Otherwise every rank streams through that much memory, copying as it verifies. A failure after a
     rank copied tensors in raises ``PartialLoadError`` there, naming them; a rank whose state dict is
@@ -191,9 +191,9 @@ def _plan_here(tensors: dict, storage: Storage, strict: bool, wanted: set, stagi
     """Check this rank's targets, plan its reads and check every object's shard index (no data read yet)."""
     if not isinstance(staging_bytes, int) or isinstance(staging_bytes, bool) or staging_bytes < 0:
         raise ValueError(f"staging_bytes must be a number of bytes (an int >= 0), got {staging_bytes!r}")
-    check_targets(tensors)
     root = fmt.read_root(storage)
     stored, layouts, nodes = _stored_arrays(root)
+    check_targets({k: v for k, v in tensors.items() if k in stored})  # the rest is left as it is
     plan = plan_load(load_targets(tensors), stored, strict=strict, wanted=wanted)
     checked = check_runs(storage, plan.runs, layouts, nodes)
     tasks = [task for run in plan.runs for task in run.tasks]

@@ -32,8 +32,7 @@ from shardstore.storage import Storage
 
 __all__ = [
     "WriteStats", "write_cells", "CheckedRun", "check_runs", "read_checked", "read_runs", "stream_runs", "place",
-    "copy_into",
-    "object_key", "layout_of",
+    "copy_into", "object_key", "layout_of",
 ]
 
 _WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
@@ -90,7 +89,7 @@ def write_cells(
 def _source(local: torch.Tensor, task) -> torch.Tensor:
     """The values of one cell, with any lazy conjugate or negative bit applied (the bytes written are the
     values the tensor shows, never its raw storage)."""
-    return local.detach()[task.cell_box.relative_to(task.source_box)].resolve_conj().resolve_neg()
+    return local[task.cell_box.relative_to(task.source_box)].resolve_conj().resolve_neg()
 
 
 def encoded_bound(layout: ArrayLayout) -> int:

@@ -354,3 +354,12 @@ def test_non_json_user_metadata_is_refused_before_any_byte_is_written(tmp_path, 
             assert kind == "UnsupportedInputError" and says in message, (kind, message)
     assert _files(str(tmp_path)) == files and not os.path.exists(fresh)
     assert shardstore.open(old).user_metadata == {}
+
+
+def test_targets_the_checkpoint_does_not_fill_are_left_alone(tmp_path):
+    """strict=False: a meta or expanded target the checkpoint has no data for is reported missing, not refused."""
+    url = str(tmp_path / "ck")
+    shardstore.save({"w": _t(1)}, url)
+    target = {"w": _t(0), "meta": torch.empty(3, device="meta"), "expanded": torch.zeros(3).expand(2, 3)}
+    result = shardstore.load(target, url, strict=False)
+    assert torch.equal(target["w"], _t(1)) and sorted(result.missing) == ["expanded", "meta"]
