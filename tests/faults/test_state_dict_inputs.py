@@ -363,3 +363,25 @@ def test_targets_the_checkpoint_does_not_fill_are_left_alone(tmp_path):
     target = {"w": _t(0), "meta": torch.empty(3, device="meta"), "expanded": torch.zeros(3).expand(2, 3)}
     result = shardstore.load(target, url, strict=False)
     assert torch.equal(target["w"], _t(1)) and sorted(result.missing) == ["expanded", "meta"]
+
+
+ALL_DTYPES = sorted({d for d in vars(torch).values() if isinstance(d, torch.dtype)}, key=str)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # complex32 and quantized dtypes warn when made
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_every_torch_dtype_round_trips_or_is_refused_before_any_byte_is_written(tmp_path, dtype):
+    try:
+        value = torch.arange(6).to(dtype)
+    except (RuntimeError, TypeError):  # sub-byte, packed, bits and quantized dtypes: raw storage bytes
+        value = torch.zeros(6, dtype=torch.uint8).view(dtype) if dtype.itemsize == 1 else torch.empty(6, dtype=dtype)
+    url = tmp_path / "ck"
+    try:
+        shardstore.save({"x": value}, str(url))
+    except shardstore.UnsupportedInputError as exc:
+        assert "'x' cannot be saved" in str(exc) and str(dtype) in str(exc) or "quantized" in str(exc), exc
+        assert not url.exists()
+        return
+    target = {"x": torch.zeros(6, dtype=torch.uint8 if dtype.itemsize == 1 else dtype).view(dtype)}
+    shardstore.load(target, str(url))
+    assert torch.equal(target["x"].view(torch.uint8), value.view(torch.uint8))
