@@ -29,7 +29,7 @@ from typing import Any, Union
 
 import torch
 
-from shardstore.errors import CorruptCheckpointError, StateDictMismatchError
+from shardstore.errors import CorruptCheckpointError, StateDictMismatchError, UnsupportedInputError
 
 __all__ = [
     "KeyPath", "flatten", "unflatten", "fill_plain_values", "merge_skeletons", "is_tensor_like", "node_path",
@@ -70,7 +70,7 @@ def _encode(value: Any, path: KeyPath, items: dict[KeyPath, Any]) -> dict:
         return {"value": value} if math.isfinite(value) else {"float": repr(value)}
     if isinstance(value, _PLAIN):
         return {"value": value}
-    raise TypeError(
+    raise UnsupportedInputError(
         f"state dict entry {fqn(path)!r} is a {type(value).__name__}; a checkpoint holds tensors, "
         "int, float, str, bool, None and dicts/lists/tuples of them: convert it (e.g. to a tensor or str) first"
     )
