@@ -17,6 +17,7 @@ from shardstore.errors import (
     ShardstoreError,
     StateDictMismatchError,
     UnsafeKeyError,
+    UnsupportedInputError,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "PartialLoadError",
     "StateDictMismatchError",
     "UnsafeKeyError",
+    "UnsupportedInputError",
 ]

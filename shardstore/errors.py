@@ -18,6 +18,8 @@ so callers can catch either::
     ├── PartialLoadError(RuntimeError)                a streamed load failed (for any cause, named
     │                                                 in it) after tensors were copied in
     ├── UnsafeKeyError(ValueError)                    a key that would escape the checkpoint root
+    ├── UnsupportedInputError(TypeError)              a state dict entry or user_metadata a checkpoint
+    │                                                 cannot hold, or a tensor a load cannot fill
     └── StateDictMismatchError(ValueError)            missing/extra keys, dtype or shape mismatch
 
 Messages say what went wrong, where (key, object URL), what was expected, what arrived, and the fix.
@@ -35,6 +37,7 @@ __all__ = [
     "CorruptCheckpointError",
     "MissingChunkError",
     "UnsafeKeyError",
+    "UnsupportedInputError",
     "StateDictMismatchError",
     "PartialLoadError",
 ]
@@ -79,6 +82,12 @@ class MissingChunkError(CorruptCheckpointError, FileNotFoundError):
 
 class UnsafeKeyError(ShardstoreError, ValueError):
     """A storage key that is empty, absolute, or has ``.``/``..``/empty components, ``\\`` or NUL."""
+
+
+class UnsupportedInputError(ShardstoreError, TypeError):
+    """What a caller handed to save or load cannot be stored or filled: a dtype with no Zarr type, a sparse,
+    nested, quantized or meta tensor, an overlapping target, non-JSON ``user_metadata``. Raised while
+    planning, before any byte is written or any tensor changes, naming the key."""
 
 
 class StateDictMismatchError(ShardstoreError, ValueError):

@@ -142,7 +142,10 @@ class LocalStorage(Storage):
         one in (an open directory follows its tree through renames): a load never mixes two
         checkpoints. Once the swapped-out tree is deleted, its reads fail as missing objects."""
         view = self._derived(self._root, self.url)
-        view._pin = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            view._pin = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return view  # nothing there to pin: reads report what is missing
         weakref.finalize(view, os.close, view._pin)
         return view
 
