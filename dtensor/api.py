@@ -44,6 +44,7 @@ class DTensor(torch.Tensor):
         )
         out._local_tensor = local_tensor
         out._spec = spec
+        _copy_lazy_bits(local_tensor, out)
         return out
 
     def __repr__(self) -> str:  # type: ignore[override]
@@ -137,6 +138,16 @@ class DTensor(torch.Tensor):
 
     def __get_tensor_shard__(self, index):
         return checkpoint.get_tensor_shard(self, index)
+
+
+def _copy_lazy_bits(local: torch.Tensor, out: torch.Tensor) -> None:
+    """The wrapper carries the local tensor's lazy conjugate/negative bits, as torch's DTensor does: torch's
+    Conjugate/Negative fallbacks run above ``__torch_dispatch__`` and resolve them before ops that ignore
+    them (``mul``, ``matmul`` ...); a wrapper without the bits would let ``a * b.conj()`` compute ``a * b``."""
+    if local.is_conj():
+        torch._C._set_conj(out, True)
+    if local.is_neg():
+        torch._C._set_neg(out, True)
 
 
 def _rebuild(local_tensor: torch.Tensor, spec: DTensorSpec, requires_grad: bool) -> DTensor:
@@ -249,6 +260,7 @@ def distribute_tensor(
         raise ValueError("distribute_tensor needs a device_mesh")
     if isinstance(tensor, DTensor):
         raise ValueError("distribute_tensor got a DTensor; use redistribute to change its placements")
+    requires_grad = tensor.requires_grad  # as torch: a leaf that requires grad when the input does
     tensor = tensor.detach() if tensor.device.type == device_mesh.device_type else tensor.detach().to(device_mesh.device_type)
     spec = DTensorSpec.create(device_mesh, placements, tensor.shape, tensor.dtype)
     if device_mesh.get_coordinate() is None:
@@ -258,7 +270,7 @@ def distribute_tensor(
         local = redistribute_local(tensor, device_mesh, spec.shape, replicated, spec.placements)
     else:
         local = _scatter_from(tensor, spec, src_data_rank)
-    return DTensor(local.contiguous(), spec, requires_grad=tensor.requires_grad)
+    return DTensor(local.contiguous(), spec, requires_grad=requires_grad)
 
 
 def _scatter_from(tensor: torch.Tensor, spec: DTensorSpec, src_data_rank: int) -> torch.Tensor:

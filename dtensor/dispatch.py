@@ -221,7 +221,14 @@ def _meta(spec: DTensorSpec) -> torch.Tensor:
 
 
 def _to_meta(x):
-    return x.to("meta") if isinstance(x, torch.Tensor) else x
+    """An argument for the planning call on meta tensors: tensors, and devices (``_to_copy(device=)``,
+    ``new_empty(device=)``), move to meta, or the op would try to copy a meta tensor's data."""
+    if isinstance(x, torch.Tensor):
+        return x.to("meta")
+    return _META if isinstance(x, torch.device) else x
+
+
+_META = torch.device("meta")
 
 
 def _replicate_everything(func, specs: list[DTensorSpec]) -> Strategy:

@@ -72,6 +72,7 @@ def redistribute_local(
     coordinate = mesh.get_coordinate()
     if coordinate is None:  # not part of the mesh: holds nothing, takes part in nothing
         return local
+    local = local.resolve_conj().resolve_neg()  # collectives move raw memory: apply lazy bits first
     for step in plan_steps(tuple(src), tuple(dst)):
         logical = logical_shape(global_shape, mesh.shape, step.before, coordinate, step.mesh_dim)
         n = mesh.size(step.mesh_dim)

@@ -228,6 +228,18 @@ def _expand(func, specs, args, kwargs):
     return Strategy((inputs,), output, _with_arg(1, _local_shape(spec.mesh, shape, output)))
 
 
+def _view_as_complex(func, specs, args, kwargs):
+    """float ``[..., 2]`` -> complex ``[...]``: the pair dim goes (a split pair cannot stay split)."""
+    spec = specs[0]
+    inputs = _unshard(spec.placements, [len(spec.shape) - 1])
+    return Strategy((inputs,), inputs)
+
+
+def _view_as_real(func, specs, args, kwargs):
+    """complex ``[...]`` -> float ``[..., 2]``: every dim keeps its place, the pair dim is new and whole."""
+    return Strategy((specs[0].placements,), specs[0].placements)
+
+
 _DIM_ARG = {  # op -> position of its ``dim`` argument (every default is 0)
     aten.slice.Tensor: 1,
     aten.select.int: 1,
@@ -300,6 +312,8 @@ RULES = {
     aten.unsqueeze.default: _unsqueeze,
     aten.squeeze.dims: _squeeze_dims,
     aten.expand.default: _expand,
+    aten.view_as_complex.default: _view_as_complex,
+    aten.view_as_real.default: _view_as_real,
     aten.slice.Tensor: _along_unsharded,
     aten.select.int: _along_unsharded,
     aten.split.Tensor: _along_unsharded,
