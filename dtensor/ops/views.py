@@ -240,6 +240,21 @@ def _view_as_real(func, specs, args, kwargs):
     return Strategy((specs[0].placements,), specs[0].placements)
 
 
+def _as_strided(func, specs, args, kwargs):
+    """``x.as_strided(x.size(), x.stride(), x.storage_offset())``, the identity view torch's DTensor
+    allows, keeps the layout (each rank views its own shard the same way); other strides fall back."""
+    spec = specs[0]
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset")
+    if tuple(args[1]) != tuple(spec.shape) or tuple(args[2]) != spec.stride or offset not in (None, 0):
+        return None
+
+    def rewrite(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        t = args[0]
+        return (t, t.size(), t.stride(), t.storage_offset()), {}
+
+    return Strategy((spec.placements,), spec.placements, rewrite)
+
+
 _DIM_ARG = {  # op -> position of its ``dim`` argument (every default is 0)
     aten.slice.Tensor: 1,
     aten.select.int: 1,
@@ -314,6 +329,7 @@ RULES = {
     aten.expand.default: _expand,
     aten.view_as_complex.default: _view_as_complex,
     aten.view_as_real.default: _view_as_real,
+    aten.as_strided.default: _as_strided,
     aten.slice.Tensor: _along_unsharded,
     aten.select.int: _along_unsharded,
     aten.split.Tensor: _along_unsharded,
