@@ -212,6 +212,34 @@ def _squeeze_to_dims(cls, func, args, kwargs):
     return aten.squeeze.dims(x, dims)
 
 
+_OUT_OF_PLACE = {
+    aten.squeeze_.default: aten.squeeze.default,
+    aten.squeeze_.dim: aten.squeeze.dim,
+    aten.squeeze_.dims: aten.squeeze.dims,
+    aten.unsqueeze_.default: aten.unsqueeze.default,
+    aten.transpose_.default: aten.transpose.int,
+    aten.t_.default: aten.t.default,
+}
+
+
+def _inplace_view(cls, func, args, kwargs):
+    """``squeeze_``, ``unsqueeze_``, ``transpose_``, ``t_`` (matmul of a 1-D tensor squeezes its Partial
+    result in place): the out-of-place view's layout, applied to the target itself. The local data does
+    not move; the target's spec and the wrapper's sizes and strides change, as in torch."""
+    from torch.utils._python_dispatch import return_and_correct_aliasing
+
+    target = args[0]
+    view = _OUT_OF_PLACE[func](*args, **kwargs)
+    if view._local_tensor.data_ptr() != target._local_tensor.data_ptr() and target._local_tensor.numel():
+        raise RuntimeError(
+            f"{func}: the view needs the target moved from {list(target.placements)} to another layout, which "
+            "an in-place view cannot do; redistribute the target first or use the out-of-place op"
+        )
+    func(target._local_tensor, *args[1:], **kwargs)
+    target._spec = view._spec
+    return return_and_correct_aliasing(func, args, kwargs, target)
+
+
 def _reshape_alias_to_view(cls, func, args, kwargs):
     """``_reshape_alias`` is only emitted where a view is possible, with the view's strides."""
     return aten.view.default(args[0], args[1])
@@ -345,4 +373,5 @@ HANDLERS = {
     aten.squeeze.default: _squeeze_to_dims,
     aten.squeeze.dim: _squeeze_to_dims,
     aten._reshape_alias.default: _reshape_alias_to_view,
+    **{op: _inplace_view for op in _OUT_OF_PLACE},
 }
