@@ -20,6 +20,7 @@ __all__ = [
     "init_device_mesh",
     "MeshDims",
     "group_size",
+    "can_flatten",
     "all_gather",
     "all_reduce",
     "all_reduce_dims",
@@ -60,22 +61,31 @@ def _divides_avg(op: str) -> tuple[str, bool]:
 
 MeshDims = int | tuple[int, ...]  # one mesh dim, or several acting as one flattened group (outer first)
 
-_flat_groups: dict[tuple[DeviceMesh, tuple[int, ...]], dist.ProcessGroup] = {}
+_flat_groups: dict[tuple[DeviceMesh, tuple[int, ...]], dist.ProcessGroup] = {}  # this rank's group per (mesh, dims)
+
+
+def can_flatten(mesh: DeviceMesh) -> bool:
+    """Whether collectives over several mesh dims of ``mesh`` may use one flattened group: the mesh must
+    span the whole world, since creating groups is collective over every rank (the same on all ranks)."""
+    return mesh.mesh.numel() == dist.get_world_size()
 
 
 def _group(mesh: DeviceMesh, mesh_dims: MeshDims):
     """What functional collectives take for ``mesh_dims``: ``(mesh, dim)`` for one mesh dim, else this
     rank's group over the flattened mesh dims (ranks in row-major order, so the outer mesh dim's pieces
-    come first, as nested sharding lays them out), created on first use and cached. Creation is
-    collective over the group's members only (``use_local_synchronization``), which every member reaches
-    at the same step of the same redistribute."""
+    come first, as nested sharding lays them out). Every rank creates every such group of the mesh, in
+    the same order, on first use (``can_flatten`` meshes only), and keeps its own."""
     if isinstance(mesh_dims, int) or len(mesh_dims) == 1:
         return mesh, mesh_dims if isinstance(mesh_dims, int) else mesh_dims[0]
     key = (mesh, tuple(mesh_dims))
     if key not in _flat_groups:
-        index = tuple(slice(None) if d in mesh_dims else c for d, c in enumerate(mesh.get_coordinate()))
-        ranks = mesh.mesh[index].flatten().tolist()
-        _flat_groups[key] = dist.new_group(ranks, use_local_synchronization=True)
+        others = [d for d in range(mesh.ndim) if d not in mesh_dims]
+        grid = mesh.mesh.permute(*others, *mesh_dims).reshape(-1, group_size(mesh, mesh_dims))
+        mine = dist.get_rank()
+        for ranks in grid.tolist():
+            group = dist.new_group(ranks)
+            if mine in ranks:
+                _flat_groups[key] = group
     return _flat_groups[key]
 
 
@@ -99,6 +109,10 @@ def all_reduce(tensor: torch.Tensor, op: str, mesh: DeviceMesh, mesh_dims: MeshD
 def all_reduce_dims(tensor: torch.Tensor, op: str, mesh: DeviceMesh, mesh_dims) -> torch.Tensor:
     """Reduce across several mesh dims (one collective over them all); the result is ready (waited for)."""
     mesh_dims = tuple(mesh_dims)
+    if len(mesh_dims) > 1 and not can_flatten(mesh):
+        for mesh_dim in mesh_dims:
+            tensor = wait(all_reduce(tensor, op, mesh, mesh_dim))
+        return tensor
     return wait(all_reduce(tensor, op, mesh, mesh_dims)) if mesh_dims else tensor
 
 

@@ -9,8 +9,9 @@ Each step is one transition with the cheapest collective along its mesh dim: S->
 all-reduce, P->S reduce-scatter, S(i)->S(j) all-to-all, and R->S, R->P, S->P local work only.
 ``merge_steps`` then fuses consecutive steps that are the same collective on several mesh dims (P->R
 with one reduce op; S(d)->R of one tensor dim cut by nested mesh dims) into one collective over the
-flattened group of those mesh dims. Uneven
-shards (``torch.chunk`` layout) are padded to the common chunk size for the collective and trimmed after.
+flattened group of those mesh dims (on meshes that span the world, where every rank can create the
+groups). Uneven shards (``torch.chunk`` layout) are padded to the common chunk size for the collective
+and trimmed after.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def redistribute_local(
     if coordinate is None:  # not part of the mesh: holds nothing, takes part in nothing
         return local
     local = local.resolve_conj().resolve_neg()  # collectives move raw memory: apply lazy bits first
-    for step in merged_plan(tuple(src), tuple(dst)):
+    plan = merged_plan if collectives.can_flatten(mesh) else plan_steps
+    for step in plan(tuple(src), tuple(dst)):
         logical = logical_shape(global_shape, mesh.shape, step.before, coordinate, step.mesh_dim)
         if step.group:
             local = _over_group(local, step, mesh, logical)
