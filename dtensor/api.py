@@ -44,6 +44,7 @@ class DTensor(torch.Tensor):
         )
         out._local_tensor = local_tensor
         out._spec = spec
+        _copy_lazy_bits(local_tensor, out)
         return out
 
     def __repr__(self) -> str:  # type: ignore[override]
@@ -87,9 +88,14 @@ class DTensor(torch.Tensor):
         shape: Sequence[int] | None = None,
         stride: Sequence[int] | None = None,
     ) -> "DTensor":
-        """Wrap every rank's local shard into one DTensor (collective only with ``run_check``)."""
-        if device_mesh is None:
-            raise ValueError("from_local needs a device_mesh")
+        """Wrap every rank's local shard into one DTensor (collective only with ``run_check``). Without
+        ``stride`` the global strides follow the local tensor's dim order, as torch's."""
+        if isinstance(local_tensor, DTensor):
+            raise RuntimeError(
+                "DTensor.from_local takes this rank's plain torch.Tensor, got a DTensor; use it as it is, "
+                "or .redistribute() it, or pass its .to_local()"
+            )
+        device_mesh = collectives.current_mesh(device_mesh, "DTensor.from_local")
         if local_tensor.device.type != device_mesh.device_type and local_tensor.device.type != "meta":
             local_tensor = local_tensor.to(device_mesh.device_type)
         spec = DTensorSpec.create(device_mesh, placements, local_tensor.shape, local_tensor.dtype)
@@ -97,6 +103,8 @@ class DTensor(torch.Tensor):
             global_shape = _checked_global_shape(local_tensor, spec, shape)
         else:
             global_shape = torch.Size(shape) if shape is not None else _even_global_shape(local_tensor.shape, spec)
+        if stride is None:
+            stride = _global_stride(local_tensor, spec, global_shape)
         spec = DTensorSpec.create(device_mesh, spec.placements, global_shape, local_tensor.dtype, stride)
         return _FromLocal.apply(local_tensor, spec)
 
@@ -107,16 +115,29 @@ class DTensor(torch.Tensor):
         grad_spec = self._spec if grad_placements is None else self._spec.with_placements(grad_placements)
         return _ToLocal.apply(self, grad_spec)
 
-    def redistribute(self, device_mesh=None, placements: Sequence[Placement] | None = None, *, async_op: bool = False) -> "DTensor":
-        """The same global tensor with other placements on the same mesh (differentiable)."""
+    def redistribute(
+        self,
+        device_mesh=None,
+        placements: Sequence[Placement] | None = None,
+        *,
+        async_op: bool = False,
+        forward_dtype: torch.dtype | None = None,
+        backward_dtype: torch.dtype | None = None,
+    ) -> "DTensor":
+        """The same global tensor with other placements on the same mesh (differentiable).
+
+        ``forward_dtype``: cast before the collective (the result has that dtype), to move fewer bytes;
+        ``backward_dtype``: the gradient's collective runs in that dtype, then the gradient is cast back to
+        this tensor's dtype (as torch)."""
         if device_mesh is not None and device_mesh != self._spec.mesh:
             raise NotImplementedError("redistribute across different meshes is not supported; use the same mesh")
         if placements is None:
             raise ValueError("redistribute needs placements")
         target = self._spec.with_placements(placements)
-        if target.placements == self._spec.placements:
+        dtypes = (forward_dtype or self.dtype, backward_dtype or self.dtype)
+        if target.placements == self._spec.placements and dtypes == (self.dtype, self.dtype):
             return self
-        return _Redistribute.apply(self, target, async_op)
+        return _Redistribute.apply(self, target, async_op, dtypes)
 
     def full_tensor(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
         """The whole global tensor on every rank (an all-gather/all-reduce as needed)."""
@@ -139,6 +160,16 @@ class DTensor(torch.Tensor):
         return checkpoint.get_tensor_shard(self, index)
 
 
+def _copy_lazy_bits(local: torch.Tensor, out: torch.Tensor) -> None:
+    """The wrapper carries the local tensor's lazy conjugate/negative bits, as torch's DTensor does: torch's
+    Conjugate/Negative fallbacks run above ``__torch_dispatch__`` and resolve them before ops that ignore
+    them (``mul``, ``matmul`` ...); a wrapper without the bits would let ``a * b.conj()`` compute ``a * b``."""
+    if local.is_conj():
+        torch._C._set_conj(out, True)
+    if local.is_neg():
+        torch._C._set_neg(out, True)
+
+
 def _rebuild(local_tensor: torch.Tensor, spec: DTensorSpec, requires_grad: bool) -> DTensor:
     return DTensor(local_tensor, spec, requires_grad=requires_grad)
 
@@ -150,6 +181,24 @@ def _even_global_shape(local_shape: torch.Size, spec: DTensorSpec) -> torch.Size
         if isinstance(p, Shard):
             shape[p.dim] *= spec.mesh.size(mesh_dim)
     return torch.Size(shape)
+
+
+def _global_stride(local: torch.Tensor, spec: DTensorSpec, global_shape: Sequence[int]) -> tuple[int, ...]:
+    """The global strides torch derives from a local tensor: its strides, where each sharded dim grows
+    every stride at least as large as its own by the number of pieces (the local dim order is kept).
+    With a given (uneven) global shape, strides are contiguous in the local dim order instead."""
+    if tuple(global_shape) != tuple(_even_global_shape(local.shape, spec)):
+        order = sorted(range(local.dim()), key=lambda d: (local.stride(d), local.size(d)))
+        stride, acc = [0] * local.dim(), 1
+        for d in order:
+            stride[d], acc = acc, acc * max(global_shape[d], 1)
+        return tuple(stride)
+    stride = list(local.stride())
+    for mesh_dim, p in enumerate(spec.placements):
+        if isinstance(p, Shard):
+            own = stride[p.dim]
+            stride = [s * spec.mesh.size(mesh_dim) if d != p.dim and s >= own else s for d, s in enumerate(stride)]
+    return tuple(stride)
 
 
 def _checked_global_shape(local: torch.Tensor, spec: DTensorSpec, shape: Sequence[int] | None) -> torch.Size:
@@ -222,19 +271,21 @@ class _ToLocal(torch.autograd.Function):
 
 class _Redistribute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dt: DTensor, target: DTensorSpec, async_op: bool) -> DTensor:
-        ctx.source = dt._spec
-        local = redistribute_local(dt._local_tensor, dt._spec.mesh, dt._spec.shape, dt._spec.placements, target.placements)
+    def forward(ctx, dt: DTensor, target: DTensorSpec, async_op: bool, dtypes: tuple[torch.dtype, torch.dtype]) -> DTensor:
+        ctx.source, ctx.backward_dtype = dt._spec, dtypes[1]
+        local = dt._local_tensor.to(dtypes[0])
+        local = redistribute_local(local, dt._spec.mesh, dt._spec.shape, dt._spec.placements, target.placements)
         if not async_op:
             local = collectives.wait(local)
-        return DTensor(local, replace(target, stride=dt._spec.stride), requires_grad=dt.requires_grad)
+        return DTensor(local, replace(target, stride=dt._spec.stride, dtype=dtypes[0]), requires_grad=dt.requires_grad)
 
     @staticmethod
     def backward(ctx, grad: DTensor):
         back = _gradient_spec(ctx.source)
         spec = grad._spec
-        local = redistribute_local(grad._local_tensor, spec.mesh, spec.shape, spec.placements, back.placements)
-        return DTensor(collectives.wait(local), back, requires_grad=False), None, None
+        local = grad._local_tensor.to(ctx.backward_dtype)
+        local = redistribute_local(local, spec.mesh, spec.shape, spec.placements, back.placements)
+        return DTensor(collectives.wait(local).to(back.dtype), back, requires_grad=False), None, None, None
 
 
 def distribute_tensor(
@@ -244,21 +295,24 @@ def distribute_tensor(
     *,
     src_data_rank: int | None = 0,
 ) -> DTensor:
-    """Split a full tensor over the mesh: scattered from ``src_data_rank``, or, with None, sliced locally."""
-    if device_mesh is None:
-        raise ValueError("distribute_tensor needs a device_mesh")
+    """Split a full tensor over the mesh: scattered from ``src_data_rank``, or, with None (or a tensor on
+    the meta device, which stays there), sliced locally."""
+    device_mesh = collectives.current_mesh(device_mesh, "distribute_tensor")
     if isinstance(tensor, DTensor):
         raise ValueError("distribute_tensor got a DTensor; use redistribute to change its placements")
-    tensor = tensor.detach() if tensor.device.type == device_mesh.device_type else tensor.detach().to(device_mesh.device_type)
+    requires_grad = tensor.requires_grad  # as torch: a leaf that requires grad when the input does
+    tensor = tensor.detach()
+    if tensor.device.type not in (device_mesh.device_type, "meta"):
+        tensor = tensor.to(device_mesh.device_type)
     spec = DTensorSpec.create(device_mesh, placements, tensor.shape, tensor.dtype)
     if device_mesh.get_coordinate() is None:
         local = tensor.new_empty(0)
-    elif src_data_rank is None:
+    elif src_data_rank is None or tensor.is_meta:
         replicated = tuple(Replicate() for _ in spec.placements)
         local = redistribute_local(tensor, device_mesh, spec.shape, replicated, spec.placements)
     else:
         local = _scatter_from(tensor, spec, src_data_rank)
-    return DTensor(local.contiguous(), spec, requires_grad=tensor.requires_grad)
+    return DTensor(local.contiguous(), spec, requires_grad=requires_grad)
 
 
 def _scatter_from(tensor: torch.Tensor, spec: DTensorSpec, src_data_rank: int) -> torch.Tensor:

@@ -8,6 +8,8 @@ group is ``(mesh, mesh_dim)``. Reductions gloo lacks (``avg``) are done as a sum
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -16,6 +18,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 __all__ = [
     "DeviceMesh",
     "init_device_mesh",
+    "MeshDims",
+    "group_size",
+    "can_flatten",
     "all_gather",
     "all_reduce",
     "all_reduce_dims",
@@ -26,6 +31,7 @@ __all__ = [
     "gather_shapes",
     "wait",
     "is_initialized",
+    "current_mesh",
 ]
 
 
@@ -38,27 +44,76 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def current_mesh(mesh: DeviceMesh | None, what: str) -> DeviceMesh:
+    """``mesh``, else the one of the innermost ``with mesh:`` block (torch's default mesh)."""
+    if mesh is not None:
+        return mesh
+    from torch.distributed.device_mesh import _mesh_resources
+
+    if not _mesh_resources.mesh_stack:
+        raise ValueError(f"{what} needs a device_mesh: pass device_mesh=, or call it inside a `with mesh:` block")
+    return _mesh_resources.mesh_stack[-1]
+
+
 def _divides_avg(op: str) -> tuple[str, bool]:
     return ("sum", True) if op == "avg" else (op, False)
 
 
-def all_gather(tensor: torch.Tensor, mesh: DeviceMesh, mesh_dim: int, gather_dim: int) -> torch.Tensor:
-    """Concatenate equal-sized pieces from every rank of the mesh dim along ``gather_dim``."""
-    return _all_gather(tensor.contiguous(), gather_dim, (mesh, mesh_dim))
+MeshDims = int | tuple[int, ...]  # one mesh dim, or several acting as one flattened group (outer first)
+
+_flat_groups: dict[tuple[DeviceMesh, tuple[int, ...]], dist.ProcessGroup] = {}  # this rank's group per (mesh, dims)
 
 
-def all_reduce(tensor: torch.Tensor, op: str, mesh: DeviceMesh, mesh_dim: int) -> torch.Tensor:
-    """Reduce across the mesh dim; every rank gets the result."""
+def can_flatten(mesh: DeviceMesh) -> bool:
+    """Whether collectives over several mesh dims of ``mesh`` may use one flattened group: the mesh must
+    span the whole world, since creating groups is collective over every rank (the same on all ranks)."""
+    return mesh.mesh.numel() == dist.get_world_size()
+
+
+def _group(mesh: DeviceMesh, mesh_dims: MeshDims):
+    """What functional collectives take for ``mesh_dims``: ``(mesh, dim)`` for one mesh dim, else this
+    rank's group over the flattened mesh dims (ranks in row-major order, so the outer mesh dim's pieces
+    come first, as nested sharding lays them out). Every rank creates every such group of the mesh, in
+    the same order, on first use (``can_flatten`` meshes only), and keeps its own."""
+    if isinstance(mesh_dims, int) or len(mesh_dims) == 1:
+        return mesh, mesh_dims if isinstance(mesh_dims, int) else mesh_dims[0]
+    key = (mesh, tuple(mesh_dims))
+    if key not in _flat_groups:
+        others = [d for d in range(mesh.ndim) if d not in mesh_dims]
+        grid = mesh.mesh.permute(*others, *mesh_dims).reshape(-1, group_size(mesh, mesh_dims))
+        mine = dist.get_rank()
+        for ranks in grid.tolist():
+            group = dist.new_group(ranks)
+            if mine in ranks:
+                _flat_groups[key] = group
+    return _flat_groups[key]
+
+
+def group_size(mesh: DeviceMesh, mesh_dims: MeshDims) -> int:
+    dims = (mesh_dims,) if isinstance(mesh_dims, int) else mesh_dims
+    return math.prod(mesh.size(d) for d in dims)
+
+
+def all_gather(tensor: torch.Tensor, mesh: DeviceMesh, mesh_dims: MeshDims, gather_dim: int) -> torch.Tensor:
+    """Concatenate equal-sized pieces from every rank of the mesh dim(s) along ``gather_dim``."""
+    return _all_gather(tensor.contiguous(), gather_dim, _group(mesh, mesh_dims))
+
+
+def all_reduce(tensor: torch.Tensor, op: str, mesh: DeviceMesh, mesh_dims: MeshDims) -> torch.Tensor:
+    """Reduce across the mesh dim(s), in one collective; every rank gets the result."""
     op, divide = _divides_avg(op)
-    out = funcol.all_reduce(tensor.contiguous(), op, (mesh, mesh_dim))
-    return out / mesh.size(mesh_dim) if divide else out
+    out = funcol.all_reduce(tensor.contiguous(), op, _group(mesh, mesh_dims))
+    return out / group_size(mesh, mesh_dims) if divide else out
 
 
 def all_reduce_dims(tensor: torch.Tensor, op: str, mesh: DeviceMesh, mesh_dims) -> torch.Tensor:
-    """Reduce across several mesh dims in turn; the result is ready (waited for)."""
-    for mesh_dim in mesh_dims:
-        tensor = wait(all_reduce(tensor, op, mesh, mesh_dim))
-    return tensor
+    """Reduce across several mesh dims (one collective over them all); the result is ready (waited for)."""
+    mesh_dims = tuple(mesh_dims)
+    if len(mesh_dims) > 1 and not can_flatten(mesh):
+        for mesh_dim in mesh_dims:
+            tensor = wait(all_reduce(tensor, op, mesh, mesh_dim))
+        return tensor
+    return wait(all_reduce(tensor, op, mesh, mesh_dims)) if mesh_dims else tensor
 
 
 def reduce_scatter(tensor: torch.Tensor, op: str, mesh: DeviceMesh, mesh_dim: int, scatter_dim: int) -> torch.Tensor:

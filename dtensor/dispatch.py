@@ -16,9 +16,10 @@ op once (``fallback_ops`` lists them). Ops whose output shape depends on the dat
 ``nonzero``) have no meta kernel; on that path their output specs come from the local result.
 
 Plain tensors beside DTensors are refused (a 0-d one is a scalar), except where they are known to hold
-the full value on every rank: inside ``dtensor.experimental.implicit_replication()``, and in a backward
-pass, where autograd itself builds plain zero gradients (the backward of ``split``/``unbind`` for unused
-outputs). There they count as ``Replicate``.
+the full value on every rank: one-element tensors (``d * torch.tensor([3.0])``, as torch), inside
+``dtensor.experimental.implicit_replication()``, and in a backward pass, where autograd itself builds
+plain zero gradients (the backward of ``split``/``unbind`` for unused outputs). There they count as
+``Replicate``.
 """
 
 from __future__ import annotations
@@ -180,8 +181,9 @@ def _is_plain(x, cls) -> bool:
 
 def _replicate_plain(func, flat: list, mesh, cls) -> list:
     """Plain tensors as Replicate DTensors where they are known to be the full value (module docstring)."""
-    if implicit_replication_depth == 0 and torch._C._current_autograd_node() is None:
-        shape = next(list(x.shape) for x in flat if _is_plain(x, cls))
+    implicit = implicit_replication_depth > 0 or torch._C._current_autograd_node() is not None
+    if not implicit and any(_is_plain(x, cls) and x.numel() != 1 for x in flat):
+        shape = next(list(x.shape) for x in flat if _is_plain(x, cls) and x.numel() != 1)
         raise RuntimeError(  # not TypeError: Python's operators would turn that into "unsupported operand type(s)"
             f"{func}: got a plain torch.Tensor of shape {shape} mixed with DTensors; convert it with "
             "distribute_tensor or DTensor.from_local first (or, if it is the same full tensor on every rank, "
@@ -221,7 +223,14 @@ def _meta(spec: DTensorSpec) -> torch.Tensor:
 
 
 def _to_meta(x):
-    return x.to("meta") if isinstance(x, torch.Tensor) else x
+    """An argument for the planning call on meta tensors: tensors, and devices (``_to_copy(device=)``,
+    ``new_empty(device=)``), move to meta, or the op would try to copy a meta tensor's data."""
+    if isinstance(x, torch.Tensor):
+        return x.to("meta")
+    return _META if isinstance(x, torch.device) else x
+
+
+_META = torch.device("meta")
 
 
 def _replicate_everything(func, specs: list[DTensorSpec]) -> Strategy:

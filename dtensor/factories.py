@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import random
+from . import collectives, random
 from .api import DTensor
 from .placements import Box, Placement
 from .spec import DTensorSpec
@@ -28,11 +28,13 @@ def _make(
     dtype: torch.dtype | None,
     requires_grad: bool,
 ) -> DTensor:
-    if device_mesh is None:
-        raise ValueError("DTensor factories need device_mesh=")
+    device_mesh = collectives.current_mesh(device_mesh, "DTensor factories")
     spec = DTensorSpec.create(device_mesh, placements, _size(size), dtype or torch.get_default_dtype())
-    box = spec.local_box() or Box((0,) * len(spec.shape), (0,) * len(spec.shape))
-    local = make_local(spec, box)
+    box = spec.local_box()
+    if box is None:  # a rank outside the mesh holds an empty 1-D tensor, as torch's
+        local = torch.empty(0, dtype=spec.dtype, device=device_mesh.device_type)
+    else:
+        local = make_local(spec, box)
     return DTensor(local, spec, requires_grad=requires_grad)
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "logical_shape",
     "mesh_coordinates",
     "normalize_placements",
+    "PlacementError",
 ]
 
 REDUCE_OPS = ("sum", "avg", "max", "min")
@@ -138,10 +139,18 @@ def shard_size_and_offset(dim_size: int, num_chunks: int, index: int) -> tuple[i
     return stop - start, start
 
 
+class PlacementError(ValueError, AssertionError):
+    """Placements that do not fit the mesh or the tensor. A ``ValueError``; also an ``AssertionError``
+    because torch's DTensor raises that for some of these cases and code written for it catches it."""
+
+
 def normalize_placements(placements: Sequence[Placement], mesh_ndim: int, tensor_ndim: int) -> tuple[Placement, ...]:
     """Check placements against mesh and tensor ranks; turn negative shard dims positive."""
     if len(placements) != mesh_ndim:
-        raise ValueError(f"expected {mesh_ndim} placements (one per mesh dim), got {len(placements)}: {placements}")
+        raise PlacementError(
+            f"`placements` must have the same length as `device_mesh.ndim`! the mesh has {mesh_ndim} dims, got "
+            f"{len(placements)} placements {list(placements)}; pass one placement per mesh dim"
+        )
     out = []
     for p in placements:
         if not isinstance(p, Placement):
@@ -149,7 +158,7 @@ def normalize_placements(placements: Sequence[Placement], mesh_ndim: int, tensor
         if isinstance(p, Shard):
             dim = p.dim + tensor_ndim if p.dim < 0 else p.dim
             if not 0 <= dim < tensor_ndim:
-                raise ValueError(f"{p!r} is out of range for a tensor of {tensor_ndim} dims")
+                raise PlacementError(f"{p!r} is out of range for a tensor of {tensor_ndim} dims; shard one of dims 0..{tensor_ndim - 1}")
             p = Shard(dim)
         out.append(p)
     return tuple(out)

@@ -6,8 +6,12 @@ same tensor dim as an outer one that changes must be undone (gathered) before, a
 walks inner to outer undoing those; phase 2 walks outer to inner moving every mesh dim to its target.
 
 Each step is one transition with the cheapest collective along its mesh dim: S->R all-gather, P->R
-all-reduce, P->S reduce-scatter, S(i)->S(j) all-to-all, and R->S, R->P, S->P local work only. Uneven
-shards (``torch.chunk`` layout) are padded to the common chunk size for the collective and trimmed after.
+all-reduce, P->S reduce-scatter, S(i)->S(j) all-to-all, and R->S, R->P, S->P local work only.
+``merge_steps`` then fuses consecutive steps that are the same collective on several mesh dims (P->R
+with one reduce op; S(d)->R of one tensor dim cut by nested mesh dims) into one collective over the
+flattened group of those mesh dims (on meshes that span the world, where every rank can create the
+groups). Uneven shards (``torch.chunk`` layout) are padded to the common chunk size for the collective
+and trimmed after.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from . import collectives
 from .placements import Partial, Placement, Replicate, Shard, chunk_size, logical_shape, shard_size_and_offset
 
-__all__ = ["Step", "plan_steps", "redistribute_local", "local_as", "pad_to", "partial_share"]
+__all__ = ["Step", "plan_steps", "merge_steps", "merged_plan", "nested_pieces", "redistribute_local", "local_as", "pad_to", "partial_share"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class Step:
     src: Placement
     dst: Placement
     before: tuple[Placement, ...]
+    group: tuple[int, ...] = ()  # set by merge_steps: one collective over these mesh dims (ascending)
 
 
 def _must_undo(current: list[Placement], target: Sequence[Placement], mesh_dim: int) -> bool:
@@ -61,6 +66,60 @@ def plan_steps(src: tuple[Placement, ...], dst: tuple[Placement, ...]) -> tuple[
     return tuple(steps)
 
 
+def _mergeable(done: Step, step: Step) -> bool:
+    """Whether ``step`` repeats ``done``'s collective on another mesh dim: the same all-reduce, or an
+    all-gather of the same tensor dim from a mesh dim outside ``done``'s, with nobody else cutting it."""
+    if not (done.dst.is_replicate() and step.dst.is_replicate() and step.src == done.src):
+        return False
+    if step.src.is_partial():
+        return True
+    dims = done.group or (done.mesh_dim,)
+    others = [p for k, p in enumerate(step.before) if k > step.mesh_dim and k not in dims]
+    return isinstance(step.src, Shard) and step.mesh_dim < min(dims) and step.src not in others
+
+
+def merge_steps(steps: Sequence[Step]) -> tuple[Step, ...]:
+    """Consecutive steps that are the same collective on different mesh dims become one step over the
+    flattened group of those mesh dims (one latency instead of one per mesh dim)."""
+    out: list[Step] = []
+    for step in steps:
+        if out and _mergeable(out[-1], step):
+            dims = tuple(sorted({*(out[-1].group or (out[-1].mesh_dim,)), step.mesh_dim}))
+            step = Step(step.mesh_dim, step.src, step.dst, step.before, dims)
+            out[-1] = step
+        else:
+            out.append(step)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def merged_plan(src: tuple[Placement, ...], dst: tuple[Placement, ...]) -> tuple[Step, ...]:
+    return merge_steps(plan_steps(src, dst))
+
+
+def nested_pieces(size: int, counts: Sequence[int]) -> list[int]:
+    """Sizes of the pieces of a dim of ``size`` cut by mesh dims of ``counts`` (outer first), in
+    row-major order of their coordinates: each cut is ``torch.chunk`` of the piece above."""
+    pieces = [size]
+    for n in counts:
+        pieces = [shard_size_and_offset(p, n, i)[0] for p in pieces for i in range(n)]
+    return pieces
+
+
+def _over_group(local: torch.Tensor, step: Step, mesh, logical: Sequence[int]) -> torch.Tensor:
+    """A merged step: one all-reduce, or one all-gather trimmed piece by piece when uneven."""
+    if step.src.is_partial():
+        return collectives.all_reduce(local, step.src.reduce_op, mesh, step.group)
+    dim = step.src.dim
+    pieces = nested_pieces(logical[dim], [mesh.size(k) for k in step.group])
+    c = pieces[0]
+    full = collectives.all_gather(pad_to(local, dim, c), mesh, step.group, dim)
+    if all(p == c for p in pieces):
+        return full
+    parts = collectives.wait(full).split(c, dim) if c else [full] * len(pieces)
+    return torch.cat([x.narrow(dim, 0, p) for x, p in zip(parts, pieces)], dim)
+
+
 def redistribute_local(
     local: torch.Tensor,
     mesh,
@@ -72,8 +131,13 @@ def redistribute_local(
     coordinate = mesh.get_coordinate()
     if coordinate is None:  # not part of the mesh: holds nothing, takes part in nothing
         return local
-    for step in plan_steps(tuple(src), tuple(dst)):
+    local = local.resolve_conj().resolve_neg()  # collectives move raw memory: apply lazy bits first
+    plan = merged_plan if collectives.can_flatten(mesh) else plan_steps
+    for step in plan(tuple(src), tuple(dst)):
         logical = logical_shape(global_shape, mesh.shape, step.before, coordinate, step.mesh_dim)
+        if step.group:
+            local = _over_group(local, step, mesh, logical)
+            continue
         n = mesh.size(step.mesh_dim)
         ctx = _Ctx(mesh, step.mesh_dim, n, coordinate[step.mesh_dim], tuple(logical))
         local = _transition(step.src, step.dst)(local, step.src, step.dst, ctx)

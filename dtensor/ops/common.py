@@ -124,7 +124,7 @@ def is_shardable(shape: Sequence[int], placements: Placements, mesh_shape: Seque
     for mesh_dim, p in enumerate(placements):
         if isinstance(p, Shard):
             pieces[p.dim] *= mesh_shape[mesh_dim]
-    return all(size >= k for size, k in zip(shape, pieces))
+    return all(size >= k for size, k in zip(shape, pieces) if k > 1)  # unsharded dims may be empty
 
 
 @dataclass(frozen=True)

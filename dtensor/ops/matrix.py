@@ -103,7 +103,10 @@ def _product_rule(equation: str, with_bias: bool):
             return None
         bias = specs[0] if with_bias else None
         lhs, rhs = specs[-2:]
-        out, a, b, c = _cheapest(options, lhs, rhs, bias, out_ndim)
+        choice = _cheapest(options, lhs, rhs, bias, out_ndim)
+        if choice is None:  # no option keeps every shard non-empty: the replicate fallback
+            return None
+        out, a, b, c = choice
         inputs = (c, a, b) if with_bias else (a, b)
         return Strategy(inputs, out)
 

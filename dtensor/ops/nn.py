@@ -20,8 +20,10 @@ Handlers where it is not:
   indices in its row range, the rest give zero rows; the output is ``Partial("sum")``.
 * ``_log_softmax`` (+ backward) along a sharded dim: torch's loss-parallel idea, a max and a sum
   all-reduce instead of gathering the logits; the output stays sharded on that dim.
-* ``nll_loss_forward``: a batch- or class-sharded loss is ``Partial("sum")`` of local sums, divided by
-  the global total weight for ``mean`` (an all-reduce of one scalar), exact for uneven shards. Plain
+* ``nll_loss_forward``: each rank picks the losses of the targets in its class range, all-reduced over
+  the mesh dims that shard the classes (Replicate there, as torch's ``loss_parallel``); a batch-sharded
+  loss is ``Partial("sum")`` of local sums, divided by the global total weight for ``mean`` (an
+  all-reduce of one scalar), exact for uneven shards. Plain
   targets and class weights count as the same full tensor on every rank, as in torch's ``loss_parallel``.
 * ``mse_loss`` (+ backward): written as DTensor ops (a difference, a square, a mean or sum), so any
   layout works and a mean divides by the global element count.
@@ -276,7 +278,8 @@ def _nll_loss_forward(cls, func, args, kwargs):
     w_full = None if weight is None else local_as(weight, replicate)
     offset, size = _range(x.shape, mesh, x_p, class_dim)
     losses, w = _sample_losses(local, t, w_full, ignore_index, (class_dim, offset, size))
-    pending = tuple(Partial("sum") if m in batch or m in classes else Replicate() for m in range(mesh.ndim))
+    losses = collectives.all_reduce_dims(losses, "sum", mesh, classes)  # torch's loss_parallel: Replicate on them
+    pending = tuple(Partial("sum") if m in batch else Replicate() for m in range(mesh.ndim))
     if reduction == 0:
         out_p = tuple(Shard(0) if m in batch else pending[m] for m in range(mesh.ndim))
         return _wrap(cls, losses, mesh, out_p, target.shape), _wrap(cls, local.new_zeros(()), mesh, replicate, ())

@@ -181,7 +181,9 @@ _TABLE = [
     ("mul.Tensor mul_.Tensor", MUL),
     ("div.Tensor div_.Tensor", DIV),
     ("mul.Scalar mul_.Scalar div.Scalar div_.Scalar", LINEAR),
-    ("neg.default neg_.default", NEG),
+    ("neg.default neg_.default _neg_view.default", NEG),
+    # conjugation is linear over the reals; resolving a lazy bit changes no value
+    ("_conj.default _conj_physical.default conj_physical.default conj_physical_.default resolve_conj.default resolve_neg.default", KEEP),
     ("exp.default exp_.default relu.default relu_.default sigmoid.default sigmoid_.default tanh.default "
      "tanh_.default erf.default erf_.default sign.default sign_.default", MONOTONE),
     ("maximum.default clamp_min.Tensor clamp_min_.Tensor", MAXIMUM),

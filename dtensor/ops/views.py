@@ -212,6 +212,34 @@ def _squeeze_to_dims(cls, func, args, kwargs):
     return aten.squeeze.dims(x, dims)
 
 
+_OUT_OF_PLACE = {
+    aten.squeeze_.default: aten.squeeze.default,
+    aten.squeeze_.dim: aten.squeeze.dim,
+    aten.squeeze_.dims: aten.squeeze.dims,
+    aten.unsqueeze_.default: aten.unsqueeze.default,
+    aten.transpose_.default: aten.transpose.int,
+    aten.t_.default: aten.t.default,
+}
+
+
+def _inplace_view(cls, func, args, kwargs):
+    """``squeeze_``, ``unsqueeze_``, ``transpose_``, ``t_`` (matmul of a 1-D tensor squeezes its Partial
+    result in place): the out-of-place view's layout, applied to the target itself. The local data does
+    not move; the target's spec and the wrapper's sizes and strides change, as in torch."""
+    from torch.utils._python_dispatch import return_and_correct_aliasing
+
+    target = args[0]
+    view = _OUT_OF_PLACE[func](*args, **kwargs)
+    if view._local_tensor.data_ptr() != target._local_tensor.data_ptr() and target._local_tensor.numel():
+        raise RuntimeError(
+            f"{func}: the view needs the target moved from {list(target.placements)} to another layout, which "
+            "an in-place view cannot do; redistribute the target first or use the out-of-place op"
+        )
+    func(target._local_tensor, *args[1:], **kwargs)
+    target._spec = view._spec
+    return return_and_correct_aliasing(func, args, kwargs, target)
+
+
 def _reshape_alias_to_view(cls, func, args, kwargs):
     """``_reshape_alias`` is only emitted where a view is possible, with the view's strides."""
     return aten.view.default(args[0], args[1])
@@ -226,6 +254,33 @@ def _expand(func, specs, args, kwargs):
     inputs = _unshard(spec.placements, broadcast)
     output = _moved(inputs, lambda d: d + lead)
     return Strategy((inputs,), output, _with_arg(1, _local_shape(spec.mesh, shape, output)))
+
+
+def _view_as_complex(func, specs, args, kwargs):
+    """float ``[..., 2]`` -> complex ``[...]``: the pair dim goes (a split pair cannot stay split)."""
+    spec = specs[0]
+    inputs = _unshard(spec.placements, [len(spec.shape) - 1])
+    return Strategy((inputs,), inputs)
+
+
+def _view_as_real(func, specs, args, kwargs):
+    """complex ``[...]`` -> float ``[..., 2]``: every dim keeps its place, the pair dim is new and whole."""
+    return Strategy((specs[0].placements,), specs[0].placements)
+
+
+def _as_strided(func, specs, args, kwargs):
+    """``x.as_strided(x.size(), x.stride(), x.storage_offset())``, the identity view torch's DTensor
+    allows, keeps the layout (each rank views its own shard the same way); other strides fall back."""
+    spec = specs[0]
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset")
+    if tuple(args[1]) != tuple(spec.shape) or tuple(args[2]) != spec.stride or offset not in (None, 0):
+        return None
+
+    def rewrite(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        t = args[0]
+        return (t, t.size(), t.stride(), t.storage_offset()), {}
+
+    return Strategy((spec.placements,), spec.placements, rewrite)
 
 
 _DIM_ARG = {  # op -> position of its ``dim`` argument (every default is 0)
@@ -300,6 +355,9 @@ RULES = {
     aten.unsqueeze.default: _unsqueeze,
     aten.squeeze.dims: _squeeze_dims,
     aten.expand.default: _expand,
+    aten.view_as_complex.default: _view_as_complex,
+    aten.view_as_real.default: _view_as_real,
+    aten.as_strided.default: _as_strided,
     aten.slice.Tensor: _along_unsharded,
     aten.select.int: _along_unsharded,
     aten.split.Tensor: _along_unsharded,
@@ -315,4 +373,5 @@ HANDLERS = {
     aten.squeeze.default: _squeeze_to_dims,
     aten.squeeze.dim: _squeeze_to_dims,
     aten._reshape_alias.default: _reshape_alias_to_view,
+    **{op: _inplace_view for op in _OUT_OF_PLACE},
 }

@@ -23,7 +23,7 @@ from torch import nn
 from ..api import DTensor, distribute_tensor
 from ..convert import _placement_from_torch
 from ..module import distribute_module
-from ..placements import Placement, Replicate, Shard
+from ..placements import Placement, PlacementError, Replicate, Shard
 
 __all__ = [
     "ParallelStyle",
@@ -191,6 +191,23 @@ def _layouts(value) -> tuple | None:
     return tuple(_placement(p) for p in (value if isinstance(value, (tuple, list)) else (value,)))
 
 
+def _same_length(style: str, name: str, layouts, desired) -> None:
+    """torch's check (and its words, which its tests match) that every layout has a desired one."""
+    if layouts is not None and len(layouts) != len(desired or ()):
+        raise PlacementError(
+            f"{style}: {name} and desired_{name} should have same length! Got {len(layouts)} layouts "
+            f"{layouts} and {len(desired or ())} desired {desired}; give one desired layout (or None) per layout"
+        )
+
+
+def _count_matches(style: str, what: str, name: str, values, layouts) -> None:
+    if len(values) != len(layouts):
+        raise ValueError(
+            f"{style}: module {what} and {name} should have same length! The module got {len(values)} {what}, "
+            f"{name} has {len(layouts)} entries; give one layout (or None) per {what[:-1]}"
+        )
+
+
 class PrepareModuleInput(ParallelStyle):
     """Annotate positional inputs (and keyword inputs) with layouts and move them to desired ones;
     ``None`` leaves an input as it is."""
@@ -206,10 +223,11 @@ class PrepareModuleInput(ParallelStyle):
     ):
         self.input_layouts = _layouts(input_layouts)
         self.desired_input_layouts = _layouts(desired_input_layouts)
-        if self.input_layouts is not None and len(self.input_layouts) != len(self.desired_input_layouts or ()):
-            raise ValueError("PrepareModuleInput: input_layouts and desired_input_layouts must have the same length")
+        _same_length("PrepareModuleInput", "input_layouts", self.input_layouts, self.desired_input_layouts)
         self.input_kwarg_layouts = {k: _placement(v) for k, v in (input_kwarg_layouts or {}).items()}
         self.desired_input_kwarg_layouts = {k: _placement(v) for k, v in (desired_input_kwarg_layouts or {}).items()}
+        if input_kwarg_layouts is not None:
+            _same_length("PrepareModuleInput", "input_kwarg_layouts", self.input_kwarg_layouts, self.desired_input_kwarg_layouts)
         self.use_local_output = use_local_output
 
     def _prepare(self, x, mesh, layout, desired):
@@ -221,8 +239,7 @@ class PrepareModuleInput(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         def pre_hook(mod, args, kwargs):
             if self.input_layouts is not None:
-                if len(args) < len(self.input_layouts):
-                    raise ValueError(f"PrepareModuleInput expects {len(self.input_layouts)} inputs, got {len(args)}")
+                _count_matches("PrepareModuleInput", "inputs", "input_layouts", args, self.input_layouts)
                 pairs = zip(args, self.input_layouts, self.desired_input_layouts)
                 prepared = tuple(self._prepare(a, device_mesh, layout, want) for a, layout, want in pairs)
                 args = prepared + tuple(args[len(prepared) :])
@@ -241,14 +258,14 @@ class PrepareModuleOutput(ParallelStyle):
     def __init__(self, *, output_layouts, desired_output_layouts, use_local_output: bool = True):
         self.output_layouts = _layouts(output_layouts)
         self.desired_output_layouts = _layouts(desired_output_layouts)
-        if len(self.output_layouts) != len(self.desired_output_layouts):
-            raise ValueError("PrepareModuleOutput: output_layouts and desired_output_layouts must have the same length")
+        _same_length("PrepareModuleOutput", "output_layouts", self.output_layouts, self.desired_output_layouts)
         self.use_local_output = use_local_output
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         def hook(mod, inputs, outputs):
             single = not isinstance(outputs, tuple)
             outs = (outputs,) if single else outputs
+            _count_matches("PrepareModuleOutput", "outputs", "output_layouts", outs, self.output_layouts)
             done = []
             for out, layout, desired in zip(outs, self.output_layouts, self.desired_output_layouts):
                 if layout is not None:

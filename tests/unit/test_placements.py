@@ -57,7 +57,7 @@ def test_normalize_placements_checks_and_fixes_dims():
     assert normalize_placements([Shard(-1)], 1, 3) == (Shard(2),)
     with pytest.raises(ValueError, match="out of range"):
         normalize_placements([Shard(3)], 1, 3)
-    with pytest.raises(ValueError, match="expected 2 placements"):
+    with pytest.raises(ValueError, match="the mesh has 2 dims, got 1 placements"):
         normalize_placements([Shard(0)], 2, 3)
     with pytest.raises(ValueError):
         Partial("prod")
@@ -90,3 +90,17 @@ def test_single_dim_transitions_take_one_step():
     assert len(plan_steps((Shard(0),), (Shard(1),))) == 1
     assert len(plan_steps((Partial(),), (Shard(0),))) == 1
     assert plan_steps((Shard(0),), (Shard(0),)) == ()
+
+
+def test_merge_steps_fuses_the_same_collective_on_several_mesh_dims():
+    from dtensor.redistribute import merged_plan, nested_pieces
+
+    S0, R = Shard(0), Replicate()
+    reduce_both = merged_plan((Partial(), Partial()), (R, R))
+    assert [(s.src, s.dst, s.group) for s in reduce_both] == [(Partial(), R, (0, 1))]
+    gather_both = merged_plan((S0, S0, S0), (S0, R, R))
+    assert [(s.src, s.dst, s.group) for s in gather_both] == [(S0, R, (1, 2))]
+    assert len(merged_plan((S0, Shard(1)), (R, R))) == 2  # different tensor dims: two all-gathers
+    assert len(merged_plan((Partial("sum"), Partial("max")), (R, R))) == 2  # different reductions
+    assert [s.group for s in merged_plan((Partial(), S0), (R, R))] == [(), ()]  # different collectives
+    assert nested_pieces(10, [2, 2]) == [3, 2, 3, 2] and nested_pieces(3, [2, 2]) == [1, 1, 1, 0]

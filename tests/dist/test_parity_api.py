@@ -1,0 +1,260 @@
+"""The DTensor API against torch's DTensor, scenario by scenario (tests/parity.py runs each on both):
+leaves that require grad, meta tensors and meta-initialised modules, ``from_local`` checks and derived
+strides, ``as_strided``, one-element plain tensors, ``with mesh:``, redistribute in another dtype,
+bf16 casts, sub-mesh factories, and the error types torch raises for wrong layouts."""
+
+import pytest
+import torch
+import torch.distributed.tensor as tdt
+from torch import nn
+
+import dtensor
+from dtensor.dispatch import fallback_ops
+from tests.parity import assert_same, both, placement_names
+from tests.ranks import mesh, run_ranks
+
+
+def _parallel(lib):
+    if lib is dtensor:
+        import dtensor.parallel as parallel
+    else:
+        import torch.distributed.tensor.parallel as parallel
+    return parallel
+
+
+def _no_fallback(body, *args):
+    """``body(*args)`` on every rank, plus the ops that fell back while it ran (must be none)."""
+    seen = set(fallback_ops)
+    out = body(*args)
+    return out, sorted(fallback_ops - seen)
+
+
+def _run(body, *args, world: int = 2):
+    results = run_ranks(world, _no_fallback, body, *args)
+    for out, fell_back in results:
+        assert fell_back == [], f"ops took the replicate fallback: {fell_back}"
+    return [out for out, _ in results]
+
+
+# ---------------------------------------------------------------- leaves and autograd
+
+
+def _leaf(lib, full: torch.Tensor):
+    x = full.clone().requires_grad_()
+    d = lib.distribute_tensor(x, mesh((2,)), [lib.Shard(0)])
+    (d * d).sum().backward()
+    return d.is_leaf, d.requires_grad, d.grad, x.grad
+
+
+def _leaf_case():
+    torch.manual_seed(0)
+    ours, theirs = both(_leaf, torch.randn(4, 6, dtype=torch.float64))
+    assert_same(ours, theirs, what="distribute_tensor(requires_grad)")
+    assert ours[:2] == (True, True)
+    return True
+
+
+def test_distribute_tensor_of_a_tensor_that_requires_grad_is_a_leaf_that_requires_grad():
+    assert all(_run(_leaf_case))
+
+
+# ---------------------------------------------------------------- meta device
+
+
+def _meta_tensor(lib):
+    d = lib.distribute_tensor(torch.empty(5, 6, device="meta"), mesh((2,)), [lib.Shard(0)])
+    return d.device.type, d.to_local().device.type, tuple(d.shape), tuple(d.to_local().shape), placement_names(d.placements)
+
+
+def _meta_module(lib):
+    """FSDP2/torchtitan initialisation: build on meta, parallelize, ``to_empty``, ``reset_parameters``."""
+    parallel = _parallel(lib)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    parallel.parallelize_module(model, mesh((2,)), {"0": parallel.ColwiseParallel(), "2": parallel.RowwiseParallel()})
+    on_meta = [p.device.type for p in model.parameters()]
+    model.to_empty(device="cpu")
+    torch.manual_seed(7)
+    for layer in (model[0], model[2]):
+        layer.reset_parameters()
+    layout = [(tuple(p.shape), p.device.type, tuple(p.to_local().shape), placement_names(p.placements)) for p in model.parameters()]
+    return on_meta, layout, model
+
+
+def _meta_case():
+    ours, theirs = both(_meta_tensor)
+    assert_same(ours, theirs, what="distribute_tensor(meta)")
+    ours, theirs = both(_meta_module)
+    assert_same(ours[:2], theirs[:2], what="meta module layout")
+    model = ours[2]  # our values: initialised like nn.Linear, and the forward is the plain one
+    full = [p.full_tensor() for p in model.parameters()]
+    for w, fan_in in ((full[0], 6), (full[2], 8)):
+        assert 0 < w.abs().max() <= fan_in ** -0.5 and w.std() > 0
+    x = torch.randn(3, 6)
+    plain = torch.relu(x @ full[0].T + full[1]) @ full[2].T + full[3]
+    assert torch.allclose(model(x), plain, atol=1e-6)
+    return True
+
+
+def test_meta_tensors_stay_on_meta_and_meta_modules_initialise_after_to_empty():
+    assert all(_run(_meta_case))
+
+
+# ---------------------------------------------------------------- from_local
+
+
+def _from_local_strides(lib, local: torch.Tensor, mesh_shape, placements):
+    d = lib.DTensor.from_local(local, mesh(mesh_shape), [lib.Shard(p) if p is not None else lib.Replicate() for p in placements])
+    return tuple(d.shape), tuple(d.stride()), d.is_contiguous()
+
+
+def _strides_case(mesh_shape, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(12):
+        ndim = int(torch.randint(2, 4, (), generator=gen))
+        shape = [int(s) for s in torch.randint(1, 4, (ndim,), generator=gen)]
+        local = torch.randn(shape).permute(*torch.randperm(ndim, generator=gen).tolist())
+        if bool(torch.randint(0, 2, (), generator=gen)):
+            local = local[..., ::2]  # a gap: not dense
+        placements = [int(d) if d < ndim else None for d in torch.randint(0, ndim + 1, (len(mesh_shape),), generator=gen)]
+        ours, theirs = both(_from_local_strides, local, mesh_shape, placements)
+        assert ours == theirs, f"local {tuple(local.shape)} strides {local.stride()} placements {placements}: {ours} vs {theirs}"
+    return True
+
+
+@pytest.mark.parametrize("mesh_shape", [(2,), (2, 2)])
+def test_from_local_derives_global_strides_like_torch(mesh_shape):
+    assert all(_run(_strides_case, mesh_shape, 5, world=4))
+
+
+def _from_dtensor(lib):
+    d = lib.distribute_tensor(torch.ones(4, 2), mesh((2,)), [lib.Shard(0)])
+    with pytest.raises(RuntimeError) as err:
+        lib.DTensor.from_local(d, mesh((2,)), [lib.Shard(0)])
+    return str(err.value)
+
+
+def _from_dtensor_case():
+    ours, _ = both(_from_dtensor)
+    assert "from_local takes this rank's plain torch.Tensor, got a DTensor" in ours
+    return True
+
+
+def test_from_local_of_a_dtensor_raises_like_torch():
+    assert all(_run(_from_dtensor_case))
+
+
+# ---------------------------------------------------------------- ops with plain and odd arguments
+
+
+def _ops(lib, x: torch.Tensor):
+    m = mesh((2,))
+    d = lib.distribute_tensor(x, m, [lib.Shard(0)])
+    same = d.as_strided(d.size(), d.stride(), d.storage_offset())
+    return (
+        same, same.to_local().shape, d * torch.tensor([3.0], dtype=x.dtype), d + torch.tensor([[2.0]], dtype=x.dtype),
+        torch.tensor([2.0], dtype=x.dtype) - d,
+    )
+
+
+def _casts(lib, x: torch.Tensor):
+    """bf16 training's casts: ``type_as``, ``to(device, dtype)``, ``to(non_blocking=True)``, softmax dtype=."""
+    m = mesh((2,))
+    d = lib.distribute_tensor(x.clone().requires_grad_(), m, [lib.Shard(0)])
+    half = d.to("cpu", torch.bfloat16)
+    outs = (
+        half, d.float().type_as(half), d.to(torch.float32, non_blocking=True), torch.softmax(half, -1, dtype=torch.float32),
+        torch.log_softmax(half, 1, dtype=torch.float64), torch.softmax(half, 0, dtype=torch.float32),
+    )
+    sum(o.double().sum() for o in outs).backward()
+    return outs, d.grad
+
+
+def _ops_case():
+    torch.manual_seed(1)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    assert_same(*both(_ops, x), what="ops")
+    assert_same(*both(_casts, x), what="casts")
+    return True
+
+
+def test_as_strided_one_element_tensors_and_dtype_casts_match_torch():
+    assert all(_run(_ops_case))
+
+
+# ---------------------------------------------------------------- default mesh, dtypes, sub-meshes
+
+
+def _default_mesh(lib):
+    with mesh((2,)):
+        d = lib.distribute_tensor(torch.arange(8.0).reshape(4, 2), placements=[lib.Shard(0)])
+        e = lib.DTensor.from_local(torch.ones(2, 3), placements=[lib.Shard(0)])
+        z = lib.zeros(4, 3)
+    return d, e, z
+
+
+def _redistribute_dtypes(lib, x: torch.Tensor):
+    d = lib.distribute_tensor(x.clone().requires_grad_(), mesh((2,)), [lib.Shard(0)])
+    r = d.redistribute(mesh((2,)), [lib.Replicate()], forward_dtype=torch.bfloat16, backward_dtype=torch.float16)
+    (r.float() ** 2).sum().backward()
+    return r, d.grad
+
+
+def _sub_mesh(lib):
+    sub = mesh((1,))  # rank 0 only
+    z = lib.zeros(4, 3, device_mesh=sub, placements=[lib.Shard(0)])
+    d = lib.distribute_tensor(torch.ones(4, 3), sub, [lib.Shard(0)])
+    return tuple(z.to_local().shape), tuple(d.to_local().shape), tuple(z.shape)
+
+
+def _mesh_case():
+    torch.manual_seed(2)
+    assert_same(*both(_default_mesh), what="with mesh")
+    assert_same(*both(_redistribute_dtypes, torch.randn(4, 6)), what="redistribute dtypes")
+    ours, theirs = both(_sub_mesh)
+    assert ours == theirs, (ours, theirs)
+    with pytest.raises(ValueError, match="needs a device_mesh: pass device_mesh=, or call it inside a `with mesh:` block"):
+        dtensor.distribute_tensor(torch.ones(2), placements=[dtensor.Replicate()])
+    return ours
+
+
+def test_default_mesh_redistribute_dtypes_and_sub_mesh_factories_match_torch():
+    assert _run(_mesh_case) == [((4, 3), (4, 3), (4, 3)), ((0,), (0,), (4, 3))]
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _error(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the type is what is compared
+        return e
+    raise AssertionError("no error raised")
+
+
+def _errors(lib):
+    parallel, m = _parallel(lib), mesh((2,))
+    x = torch.ones(4, 6)
+    return [
+        _error(lambda: lib.distribute_tensor(x, m, [lib.Shard(0), lib.Shard(1)])),
+        _error(lambda: lib.distribute_tensor(x, m, [lib.Shard(3)])),
+        _error(lambda: parallel.PrepareModuleInput(input_layouts=(lib.Shard(0),), desired_input_layouts=(lib.Replicate(),) * 2)),
+        _error(lambda: parallel.PrepareModuleInput(input_kwarg_layouts={"a": lib.Shard(0)}, desired_input_kwarg_layouts={})),
+        _error(lambda: parallel.PrepareModuleOutput(output_layouts=(lib.Shard(0),), desired_output_layouts=(lib.Replicate(),) * 2)),
+    ]
+
+
+def _errors_case():
+    ours, theirs = both(_errors)
+    for mine, torchs in zip(ours, theirs):
+        assert isinstance(mine, type(torchs)), f"{mine!r} is not a {type(torchs).__name__} like torch's {torchs!r}"
+        assert isinstance(mine, ValueError), repr(mine)
+    assert "`placements` must have the same length as `device_mesh.ndim`!" in str(ours[0])
+    for e, phrase in zip(ours[2:], ("input_layouts", "input_kwarg_layouts", "output_layouts")):
+        assert f"{phrase} and desired_{phrase} should have same length!" in str(e)
+    return True
+
+
+def test_layout_errors_have_torch_types_and_name_the_fix():
+    assert all(_run(_errors_case))
