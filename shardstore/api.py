@@ -14,6 +14,7 @@ load: flatten the target state dict -> read the root record -> plan this rank's 
 from __future__ import annotations
 
 import math
+import operator
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -24,9 +25,9 @@ from dtensor.placements import Box
 from shardstore import format as fmt
 from shardstore.codec import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
-from shardstore.errors import CheckpointExistsError, CorruptCheckpointError, PartialLoadError
-from shardstore.execute import check_runs, layout_of, local_tensor, place, read_checked, read_runs, stream_runs, write_cells
-from shardstore.flatten import KeyPath, flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, unflatten
+from shardstore.errors import CheckpointChangedError, CheckpointExistsError, MissingChunkError, PartialLoadError, ShardstoreError
+from shardstore.execute import check_runs, layout_of, local_tensor, place, read_checked, stream_runs, write_cells
+from shardstore.flatten import KeyPath, flatten, fqn, is_tensor_like, merge_skeletons, unflatten
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
 from shardstore.plan import GlobalSavePlan, dtype_name, local_save_plan, merge_save_plans
 from shardstore.storage import Storage
@@ -61,6 +62,7 @@ class LoadResult:
 
 
 DEFAULT_STAGING_BYTES = 2 << 30  # per rank; bigger shares stream (bounded memory, not all-or-nothing)
+DEFAULT_MAX_READ_BYTES = 4 << 30  # one Checkpoint.read; bigger regions are read in parts
 
 
 def save(
@@ -185,6 +187,7 @@ def _plan_here(tensors: dict, storage: Storage, strict: bool, wanted: set, stagi
     root = fmt.read_root(storage)
     stored, layouts, nodes = _stored_arrays(root)
     plan = plan_load(load_targets(tensors), stored, strict=strict, wanted=wanted)
+    fmt.check_arrays(storage, [root.tensors[nodes[k]] for k in tensors if k in stored])
     checked = check_runs(storage, plan.runs, layouts, nodes)
     tasks = [task for run in plan.runs for task in run.tasks]
     nbytes = sum(math.prod(t.overlap.sizes) * layouts[t.key].dtype.itemsize for t in tasks)
@@ -209,12 +212,11 @@ def _copy_in(state_dict: dict, tensors: dict, storage: Storage, job: _LoadJob, p
 
 
 def _stored_arrays(root: fmt.RootMetadata):
+    """What the (validated) root record says of each tensor, by key path: planning view, layout, node."""
     stored, layouts, nodes = {}, {}, {}
+    keys = root.key_paths()
     for record in root.tensors.values():
-        try:
-            key = keypath_from_node(record.path, root.tree)
-        except ValueError as exc:
-            raise CorruptCheckpointError(f"the root zarr.json names a tensor node {record.path!r} that no key maps to: {exc}") from exc
+        key = keys[record.path]
         layouts[key] = record.layout
         stored[key] = StoredArray(key, record.shape, dtype_name(layouts[key].dtype), record.chunk_shape, record.inner_chunk_shape)
         nodes[key] = record.path
@@ -265,17 +267,37 @@ def _display_names(stored: Mapping[KeyPath, Any], nodes: Mapping[KeyPath, str]) 
 
 
 class Checkpoint:
-    """A read-only view of a complete checkpoint; no process group needed."""
+    """A read-only view of a complete checkpoint; no process group needed.
 
-    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+    The handle plans reads from the root record it read when opened. Should another save later commit at
+    its URL, decoding the new bytes with the old record could return wrong values, so every ``read``
+    first compares a cheap fingerprint of the root ``zarr.json`` (one stat or HEAD, see
+    ``Storage.fingerprint``) and, when that changed, the record's ``commit_id``: another commit, or no
+    valid root record at all, raises ``CheckpointChangedError``. The handle refuses rather than re-opens
+    so that what ``keys()`` and ``metadata()`` told the caller stays true for its whole life; open the
+    URL again to read the new checkpoint. The check is repeated after the bytes are fetched, so a
+    replacement racing a read is refused too.
+    """
+
+    def __init__(self, url: str, storage_options: dict | None = None, *, max_read_bytes: int = DEFAULT_MAX_READ_BYTES) -> None:
+        if not isinstance(max_read_bytes, int) or isinstance(max_read_bytes, bool) or max_read_bytes < 0:
+            raise ValueError(f"max_read_bytes must be a number of bytes (an int >= 0), got {max_read_bytes!r}")
         self._storage = Storage(url, storage_options)
+        self._max_read_bytes = max_read_bytes
+        self._fingerprint = self._root_fingerprint()  # before the record: a commit in between is then noticed
         self._root = fmt.read_root(self._storage)
         self._stored, self._layouts, self._nodes = _stored_arrays(self._root)
         self._by_name = _display_names(self._stored, self._nodes)
+        self._agreeing: set[KeyPath] = set()  # arrays whose zarr.json was found to agree with the root record
 
     @property
     def url(self) -> str:
         return self._storage.url
+
+    @property
+    def commit_id(self) -> str:
+        """The id of the save this handle reads (fresh for every save)."""
+        return self._root.commit_id
 
     def keys(self) -> list[str]:
         """Dotted names of the saved tensors (as in error messages and DCP); node paths where dotted
@@ -296,37 +318,122 @@ class Checkpoint:
         """The saved state dict with tensors replaced by their dotted names."""
         return unflatten(self._root.tree, {k: fqn(k) for k in self._stored})
 
-    def read(self, key: str, region: Sequence[slice] | None = None) -> torch.Tensor:
-        """The whole saved tensor, or the part ``region`` (a tuple of slices with step 1) of it."""
+    def read(self, key: str, region: Sequence[slice | int] | slice | int | None = None) -> torch.Tensor:
+        """The whole saved tensor, or the part ``region`` selects, as torch indexing would: slices (step 1)
+        and ints for the leading dims, an int dropping its dim.
+
+        A region over ``max_read_bytes`` is refused (the message says how to read it in parts), and no
+        memory is allocated before the objects' indices show that they hold the bytes it needs.
+        """
         keypath = self._key(key)
-        array = self._stored[keypath]
-        box = _region_box(array.shape, region, key)
-        out = torch.empty(box.sizes, dtype=self._layouts[keypath].dtype)
+        array, layout = self._stored[keypath], self._layouts[keypath]
+        box, shape = _region(array.shape, region, key)
+        _check_read_size(key, box, layout.dtype, self._max_read_bytes)
+        self._check_unchanged()
+        self._check_array(keypath)
         target = TargetTensor(keypath, array.shape, array.dtype, (LoadRegion(box, 0),))
         plan = plan_load({keypath: target}, {keypath: array}, strict=False)
-        place(read_runs(self._storage, plan.runs, self._layouts, self._nodes), {keypath: [out]})
-        return out
+        checked = check_runs(self._storage, plan.runs, self._layouts, self._nodes)
+        pieces = read_checked(self._storage, checked, self._layouts)
+        self._check_unchanged()
+        out = torch.empty(box.sizes, dtype=layout.dtype)
+        place(pieces, {keypath: [out]})
+        return out.reshape(shape)
 
     def _key(self, key: str) -> KeyPath:
         if key not in self._by_name:
             raise KeyError(f"{key!r} is not a tensor of checkpoint {self.url}; it has {self.keys()[:10]}...")
         return self._by_name[key]
 
+    def _check_array(self, keypath: KeyPath) -> None:
+        """The array's own zarr.json must agree with the root record (once per array and handle)."""
+        if keypath not in self._agreeing:
+            fmt.check_arrays(self._storage, [self._root.tensors[self._nodes[keypath]]])
+            self._agreeing.add(keypath)
 
-def _region_box(shape: tuple[int, ...], region, key: str) -> Box:
-    if region is None:
-        return Box((0,) * len(shape), tuple(shape))
-    region = tuple(region) + (slice(None),) * (len(shape) - len(tuple(region)))
-    offsets, sizes = [], []
-    for s, n in zip(region, shape):
-        start, stop, step = s.indices(n)
-        if step != 1:
-            raise ValueError(f"read({key!r}): region slices must have step 1, got {s}")
+    def _root_fingerprint(self) -> str | None:
+        try:
+            return self._storage.fingerprint(fmt.ZARR_JSON)
+        except MissingChunkError:
+            return None
+
+    def _check_unchanged(self) -> None:
+        """Refuse to read on when the checkpoint at the URL is no longer the one this handle opened."""
+        now = self._root_fingerprint()
+        if now == self._fingerprint:
+            return
+        try:
+            commit = fmt.read_root(self._storage).commit_id
+        except ShardstoreError as exc:
+            raise self._changed(f"its root zarr.json is now unreadable ({type(exc).__name__}: {exc})") from exc
+        if commit != self._root.commit_id:
+            raise self._changed(f"another save committed there (commit {commit})")
+        self._fingerprint = now  # the same commit's record, rewritten or copied
+
+    def _changed(self, what: str) -> CheckpointChangedError:
+        return CheckpointChangedError(
+            f"checkpoint {self.url} changed after it was opened: {what}; this handle read commit "
+            f"{self._root.commit_id}, whose metadata no longer describes the bytes there, so it reads nothing "
+            f"more — call shardstore.open({self.url!r}) again to read the checkpoint now at that URL"
+        )
+
+
+def _region(shape: tuple[int, ...], region, key: str) -> tuple[Box, tuple[int, ...]]:
+    """The box ``region`` selects and the shape of the result (an int index drops its dim, as in torch)."""
+    indices = () if region is None else tuple(region) if isinstance(region, (tuple, list)) else (region,)
+    if len(indices) > len(shape):
+        raise IndexError(f"read({key!r}): too many indices for a tensor of dimension {len(shape)}: got "
+                         f"{len(indices)} ({indices!r}); give at most one slice or int per dim")
+    offsets, sizes, kept = [], [], []
+    for dim, (index, n) in enumerate(zip(indices + (slice(None),) * (len(shape) - len(indices)), shape)):
+        if isinstance(index, slice):
+            start, size = _slice_span(index, n, key)
+            kept.append(size)
+        else:
+            start, size = _int_index(index, dim, n, key), 1
         offsets.append(start)
-        sizes.append(max(0, stop - start))
-    return Box(tuple(offsets), tuple(sizes))
+        sizes.append(size)
+    return Box(tuple(offsets), tuple(sizes)), tuple(kept)
 
 
-def open(url: str, storage_options: dict | None = None) -> Checkpoint:  # noqa: A001 - mirrors zarr.open
-    """Open a complete checkpoint for reading (keys, metadata, whole tensors or slices)."""
-    return Checkpoint(url, storage_options)
+def _slice_span(s: slice, n: int, key: str) -> tuple[int, int]:
+    start, stop, step = s.indices(n)
+    if step != 1:
+        raise ValueError(f"read({key!r}): region slices must have step 1, got {s}")
+    return start, max(0, stop - start)
+
+
+def _int_index(index, dim: int, n: int, key: str) -> int:
+    if isinstance(index, bool) or not hasattr(type(index), "__index__"):
+        raise TypeError(f"read({key!r}): an index must be a slice (step 1) or an int, got {index!r} for dim {dim}")
+    i = operator.index(index)
+    if not -n <= i < n:
+        raise IndexError(f"read({key!r}): index {i} is out of bounds for dimension {dim} with size {n}")
+    return i + n if i < 0 else i
+
+
+def _check_read_size(key: str, box: Box, dtype: torch.dtype, limit: int) -> None:
+    """Refuse regions over ``limit`` bytes, saying how to read them in parts."""
+    itemsize = dtype.itemsize
+    nbytes = math.prod(box.sizes) * itemsize
+    if nbytes <= limit:
+        return
+    dim = next((d for d in range(len(box.sizes)) if math.prod(box.sizes[d + 1 :]) * itemsize <= limit), None)
+    if dim is None:
+        parts = "raise max_read_bytes to at least one element"
+    else:
+        step = limit // (math.prod(box.sizes[dim + 1 :]) * itemsize)
+        lo = box.offsets[dim]
+        before = f"an int for each of dims 0..{dim - 1} and " if dim else ""
+        parts = (f"read it in parts: {before}slices of at most {step} along dim {dim}, e.g. "
+                 f"read({key!r}, ({'0, ' * dim}slice({lo}, {lo + step}))), then slice({lo + step}, {lo + 2 * step}), ...")
+    raise ValueError(
+        f"read({key!r}): the region at {list(box.offsets)} of shape {list(box.sizes)} ({dtype}) is {nbytes} bytes, over "
+        f"this handle's max_read_bytes of {limit}; {parts}; or pass a larger max_read_bytes to shardstore.open()"
+    )
+
+
+def open(url: str, storage_options: dict | None = None, *, max_read_bytes: int = DEFAULT_MAX_READ_BYTES) -> Checkpoint:  # noqa: A001 - mirrors zarr.open
+    """Open a complete checkpoint for reading (keys, metadata, whole tensors or slices); one ``read`` returns
+    at most ``max_read_bytes`` (4 GiB by default)."""
+    return Checkpoint(url, storage_options, max_read_bytes=max_read_bytes)

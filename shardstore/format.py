@@ -6,6 +6,11 @@ becomes a ``CorruptCheckpointError`` naming the file instead of a ``KeyError`` d
 
 The root ``zarr.json`` is the commit marker: a save writes it last, and a checkpoint without it is
 incomplete. Saving over an existing checkpoint goes through a staging sibling (``commit_staged``).
+
+Nothing read back is trusted before it is checked: the root record carries a checksum of itself and a
+fresh ``commit_id`` per save, its tree and tensor table are validated in full (``shardstore.validate``),
+and every array ``zarr.json`` a read uses must describe the layout the root record gives
+(``check_arrays``), so zarr-python and shardstore can never read different data from one checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +32,15 @@ from shardstore.errors import (
     MissingChunkError,
     UnsafeKeyError,
 )
+from shardstore.flatten import KeyPath, node_path
 from shardstore.storage import Storage, check_key
+from shardstore.validate import (
+    check_sane_grid,
+    check_tensors_match_tree,
+    root_checksum,
+    tree_tensor_keys,
+    verify_root_checksum,
+)
 
 __all__ = [
     "FORMAT_NAME",
@@ -36,6 +49,7 @@ __all__ = [
     "RootMetadata",
     "TensorRecord",
     "array_json",
+    "check_arrays",
     "chunk_key",
     "commit_staged",
     "group_json",
@@ -44,7 +58,9 @@ __all__ = [
     "parse_array_json",
     "parse_group_json",
     "read_array",
+    "read_arrays",
     "read_root",
+    "root_checksum",
     "staging_storage",
     "write_array",
     "write_group",
@@ -123,10 +139,14 @@ def group_paths(array_paths: list[str]) -> list[str]:
 # -- parsing -------------------------------------------------------------------------------------------
 
 
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not JSON (shardstore writes with allow_nan=False)")
+
+
 def _load(text: bytes | bytearray | str, where: str) -> dict[str, Any]:
     try:
-        node = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as exc:
+        node = json.loads(text, parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{where}: not valid JSON ({exc}); the file is damaged — load an "
                                      "earlier checkpoint or re-run the save") from exc
     if not isinstance(node, dict):
@@ -226,6 +246,34 @@ def read_array(storage: Storage, path: str) -> ArrayLayout:
     return parse_array_json(storage.read(key), storage.key_url(key))
 
 
+def read_arrays(storage: Storage, paths: list[str]) -> list[ArrayLayout]:
+    """``read_array`` for many nodes, read concurrently (a 1000-tensor load must not wait 1000 round trips)."""
+    keys = [node_key(p) for p in paths]
+    blobs = storage.read_ranges([(key, 0, None) for key in keys])
+    return [parse_array_json(blob, storage.key_url(key)) for key, blob in zip(keys, blobs)]
+
+
+def check_arrays(storage: Storage, records: list["TensorRecord"]) -> None:
+    """Refuse arrays whose ``zarr.json`` disagrees with the root record.
+
+    shardstore plans reads from the root record while zarr-python and tensorstore read each array's own
+    ``zarr.json``; were they to differ, the same checkpoint would give different values to each.
+    """
+    for record, layout in zip(records, read_arrays(storage, [r.path for r in records])):
+        if layout != record.layout:
+            where = storage.key_url(node_key(record.path))
+            raise CorruptCheckpointError(
+                f"{where}: describes {_describe(layout)}, but the root zarr.json says {_describe(record.layout)}; "
+                "one of the two was damaged or hand-edited, and other Zarr readers would read other values "
+                "than shardstore — load an earlier checkpoint or re-run the save"
+            )
+
+
+def _describe(layout: ArrayLayout) -> str:
+    return (f"shape {list(layout.shape)} {dtype_info(layout.dtype).zarr_name}, chunks {list(layout.chunk_shape)}, "
+            f"inner chunks {list(layout.inner_chunk_shape)}, compressor {layout.compressor}")
+
+
 # -- the root record -----------------------------------------------------------------------------------
 
 
@@ -279,7 +327,9 @@ class TensorRecord:
                 mesh_shape=_ints(entry.get("mesh_shape"), where, "mesh_shape"),
                 placements=tuple(_get(entry, "placements", list, where)),
             )
-            _ = record.layout  # validates dtype, ranks, divisibility, compressor
+            check_sane_grid(record.layout, where)  # also validates dtype, ranks, divisibility, compressor
+        except CorruptCheckpointError:
+            raise
         except ValueError as exc:
             raise CorruptCheckpointError(f"{where}: inconsistent tensor entry: {exc}") from exc
         return record
@@ -294,17 +344,26 @@ class RootMetadata:
     user_metadata: dict[str, Any] = field(default_factory=dict)
     torch_version: str = torch.__version__
     shardstore_version: str = field(default_factory=_shardstore_version)
+    commit_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """Fresh per save: tells one commit at a URL from the next (an ``open()`` handle checks it)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """The block, sealed with a checksum of itself (so one flipped bit in it is detected)."""
+        block = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
+            "commit_id": self.commit_id,
             "tree": self.tree,
             "tensors": {k: t.to_json() for k, t in self.tensors.items()},
             "torch_version": self.torch_version,
             "shardstore_version": self.shardstore_version,
             "user_metadata": self.user_metadata,
         }
+        return block | {"checksum": root_checksum(block)}
+
+    def key_paths(self) -> dict[str, KeyPath]:
+        """The state-dict key path of every tensor, by node path (the tree keeps the original keys)."""
+        return {node_path(key): key for key in tree_tensor_keys(self.tree, "the root record")}
 
     @classmethod
     def from_json(cls, block: Any, where: str) -> "RootMetadata":
@@ -314,16 +373,28 @@ class RootMetadata:
         if version != FORMAT_VERSION:
             raise CorruptCheckpointError(
                 f"{where}: format version {version!r}, this shardstore reads version {FORMAT_VERSION}; "
-                "upgrade shardstore to load checkpoints written by a newer one"
+                "upgrade shardstore to load checkpoints written by a newer one (if none wrote it, the file is damaged)"
             )
+        verify_root_checksum(block, where)
         tensors = _get(block, "tensors", dict, where)
-        return cls(
+        root = cls(
             tree=block.get("tree"),
             tensors={k: _tensor_entry(k, v, f"{where} tensor {k!r}") for k, v in tensors.items()},
             user_metadata=_get(block, "user_metadata", dict, where),
             torch_version=_get(block, "torch_version", str, where),
             shardstore_version=_get(block, "shardstore_version", str, where),
+            commit_id=_commit_id(block, where),
         )
+        check_tensors_match_tree(root.tree, root.tensors, where)
+        return root
+
+
+def _commit_id(block: dict[str, Any], where: str) -> str:
+    value = _get(block, "commit_id", str, where)
+    if len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
+        raise CorruptCheckpointError(f"{where}: commit_id {value!r} is not 32 lower-case hex digits; the root "
+                                     "zarr.json was damaged or hand-edited — load an earlier checkpoint or re-run the save")
+    return value
 
 
 def _tensor_entry(key: str, entry: Any, where: str) -> TensorRecord:

@@ -30,6 +30,8 @@ __all__ = ["Storage", "check_key"]
 # Protocols whose single PUT is atomic: no temporary object and rename needed.
 _ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 _READ_THREADS = 16
+# What fsspec backends report in ``info`` that changes when an object is replaced (s3fs, gcsfs, adlfs, memory).
+_FINGERPRINT_FIELDS = ("size", "ETag", "etag", "generation", "LastModified", "last_modified", "mtime", "created")
 _read_pool: tuple[int, ThreadPoolExecutor] | None = None
 
 
@@ -196,6 +198,21 @@ class Storage:
             return int(self._fs.size(path))
         except FileNotFoundError:
             raise self._missing(key) from None
+
+    def fingerprint(self, key: str) -> str:
+        """A token that changes when the object at ``key`` is replaced, from metadata alone (one stat or
+        HEAD, no data read): size, mtime and inode locally (writes rename a new inode in), else whatever
+        the backend reports of size, etag, generation and modification time."""
+        path = self._path(key)
+        try:
+            if self._local:
+                st = os.stat(path)
+                return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+            self._fs.invalidate_cache(path)
+            info = self._fs.info(path)
+        except FileNotFoundError:
+            raise self._missing(key) from None
+        return repr([(k, str(info[k])) for k in _FINGERPRINT_FIELDS if k in info])
 
     def list(self, prefix: str = "") -> list[str]:
         """Every key under ``prefix`` (recursive), relative to the root, sorted."""
