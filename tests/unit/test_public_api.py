@@ -12,7 +12,7 @@ DTENSOR_API = {
 SHARDSTORE_API = {
     "save", "load", "open", "Checkpoint", "SaveResult", "LoadResult", "ShardstoreError", "CheckpointExistsError",
     "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError", "MissingChunkError",
-    "StateDictMismatchError", "UnsafeKeyError", "PartialLoadError",
+    "StateDictMismatchError", "UnsafeKeyError", "PartialLoadError", "CheckpointChangedError",
 }
 
 

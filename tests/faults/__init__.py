@@ -1,0 +1,1 @@
+"""Fault-injection tests: hostile inputs, damaged checkpoints, racing and killed writers."""
