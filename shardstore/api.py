@@ -424,7 +424,7 @@ def _check_read_size(key: str, box: Box, dtype: torch.dtype, limit: int) -> None
     else:
         step = limit // (math.prod(box.sizes[dim + 1 :]) * itemsize)
         lo = box.offsets[dim]
-        before = f"an int for each of dims 0..{dim - 1} and " if dim else ""
+        before = "" if not dim else "an int for dim 0 and " if dim == 1 else f"an int for each of dims 0..{dim - 1} and "
         parts = (f"read it in parts: {before}slices of at most {step} along dim {dim}, e.g. "
                  f"read({key!r}, ({'0, ' * dim}slice({lo}, {lo + step}))), then slice({lo + step}, {lo + 2 * step}), ...")
     raise ValueError(
