@@ -13,7 +13,8 @@ from shardstore.storage import Storage
 
 def _root(step: int) -> fmt.RootMetadata:
     layout = ArrayLayout((4,), torch.float32, (4,), (2,))
-    return fmt.RootMetadata(tree={"step": step}, tensors={"w": fmt.TensorRecord.from_layout("w", layout)})
+    tree = {"dict": {"step": {"value": step}, "w": {"tensor": ["w"]}}}
+    return fmt.RootMetadata(tree, {"w": fmt.TensorRecord.from_layout("w", layout)}, commit_id=f"{step:032x}")
 
 
 def _save(storage: Storage, step: int) -> None:
@@ -48,7 +49,7 @@ def test_commit_into_empty_target(storage):
     staging = fmt.staging_storage(storage)
     _save(staging, 1)
     fmt.commit_staged(staging, storage)
-    assert fmt.read_root(storage).tree == {"step": 1}
+    assert fmt.read_root(storage).tree == _root(1).tree
     assert staging.is_empty()
 
 
@@ -58,7 +59,7 @@ def test_commit_replaces_an_existing_checkpoint(storage):
     staging = fmt.staging_storage(storage)
     _save(staging, 2)
     fmt.commit_staged(staging, storage)
-    assert fmt.read_root(storage).tree == {"step": 2}
+    assert fmt.read_root(storage).tree == _root(2).tree
     assert storage.read("w/c/0") == bytes([2]) * 8
     assert "stale/only/in/old" not in storage.list()
     assert staging.is_empty()
@@ -90,8 +91,8 @@ def test_interrupted_commit_leaves_a_loadable_checkpoint(storage, monkeypatch):
     with pytest.raises(OSError, match="simulated crash"):
         fmt.commit_staged(staging, storage)
     monkeypatch.undo()
-    assert fmt.read_root(staging).tree == {"step": 2}  # new still complete in staging
+    assert fmt.read_root(staging).tree == _root(2).tree  # new still complete in staging
     with pytest.raises((IncompleteCheckpointError, CheckpointNotFoundError)):
         fmt.read_root(storage)  # never a half-copied checkpoint that claims to be complete
     fmt.commit_staged(staging, storage)  # recovery: re-run the commit
-    assert fmt.read_root(storage).tree == {"step": 2}
+    assert fmt.read_root(storage).tree == _root(2).tree
