@@ -4,8 +4,6 @@ absurd grids, claimed shapes no object holds, and reads over ``max_read_bytes``.
 from __future__ import annotations
 
 import functools
-import json
-import math
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from shardstore.codec import ArrayLayout, ByteRange, check_index_bounds, choose_
 from shardstore.errors import CorruptCheckpointError, MissingChunkError
 from shardstore.storage import Storage
 from shardstore.validate import MIN_AVERAGE_CHUNK_BYTES, SMALL_GRID_CHUNKS, check_sane_grid
-from tests.faults.damage import READERS, edit_json, edit_root, files, forge_index, refused, saved, values
+from tests.faults.damage import READERS, edit_root, files, forge_index, refused, saved, values
 
 MISSING = 2**64 - 1
 
