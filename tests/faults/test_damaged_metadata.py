@@ -9,11 +9,13 @@ import math
 import pytest
 import torch
 
+import dtensor
 import shardstore
 from shardstore import format as fmt
 from shardstore.errors import CorruptCheckpointError
 from shardstore.storage import Storage
-from tests.faults.damage import READERS, STEP, edit_json, edit_root, flip_bit, refused, root_file, saved, values
+from tests.faults.damage import READERS, STEP, edit_json, edit_root, files, flip_bit, refused, root_file, saved, values
+from tests.ranks import mesh, run_ranks
 
 FIX = "load an earlier checkpoint or re-run the save"
 
@@ -229,3 +231,29 @@ def test_a_load_reads_the_array_zarr_jsons_it_needs_concurrently(tmp_path, monke
     sd = {f"t{i}": torch.zeros(3) for i in range(n)}
     shardstore.load(sd, url)
     assert n in calls and all(math.isclose(sd[f"t{i}"][0].item(), i) for i in range(n))
+
+
+# -- on several ranks, every rank refuses and none changes its tensors ---------------------------------
+
+
+def _dist_load_outcome(url: str) -> tuple[str, bool]:
+    m = mesh((2,))
+    sd = {"model": {k: dtensor.distribute_tensor(torch.full_like(v, 5), m, [dtensor.Shard(0)], src_data_rank=None)
+                    for k, v in values().items()}, "layers": [torch.full((10,), 5, dtype=torch.int64)], "step": -1}
+    before = {k: v.to_local().clone() for k, v in sd["model"].items()}
+    try:
+        shardstore.load(sd, url)
+    except Exception as exc:  # noqa: BLE001 - reported to the test process
+        name = type(exc).__name__
+    else:
+        name = "no error"
+    return name, all(torch.equal(before[k], v.to_local()) for k, v in sd["model"].items()) and sd["step"] == -1
+
+
+def test_two_ranks_refuse_a_flipped_bit_in_the_root_record(tmp_path):
+    url = saved(tmp_path)
+    old, new = FLIPS["step-7-to-5"]
+    root_file(url).write_text(root_file(url).read_text().replace(old, new))
+    before = files(tmp_path)
+    assert run_ranks(2, _dist_load_outcome, url) == [("CorruptCheckpointError", True)] * 2
+    assert files(tmp_path) == before
