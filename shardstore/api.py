@@ -2,8 +2,10 @@
 
 save: flatten the state dict -> each rank plans what it holds -> rank 0 merges the plans (dedup,
       balance) and the skeletons (per-rank keys survive) -> every rank writes its cells -> all agree ->
-      rank 0 writes array and group metadata, then the root ``zarr.json`` last (the commit marker) ->
-      (with overwrite) the staged checkpoint replaces the old.
+      rank 0 claims a place to write (``commit.begin``) -> every rank writes and syncs its cells -> all
+      agree -> rank 0 writes and syncs array and group metadata, then the root ``zarr.json`` (the
+      commit marker) -> ``commit.finish`` makes it the checkpoint at the URL, only if no other save
+      committed there meanwhile.
 load: flatten the target state dict -> read the root record -> plan this rank's reads (validated before
       any byte moves) -> check every object's shard index -> all agree -> read and verify the chunks ->
       all agree -> copy them in. When some rank's share exceeds ``staging_bytes``, every rank instead
@@ -20,10 +22,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from shardstore import commit
 from shardstore import format as fmt
 from shardstore.codec import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
-from shardstore.errors import CheckpointChangedError, CheckpointExistsError, MissingChunkError, PartialLoadError, ShardstoreError
+from shardstore.errors import CheckpointChangedError, MissingChunkError, PartialLoadError, ShardstoreError
 from shardstore.execute import check_runs, layout_of, local_tensor, place, read_checked, stream_runs, write_cells
 from shardstore.flatten import KeyPath, flatten, fqn, is_tensor_like, merge_skeletons, unflatten
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
@@ -73,8 +76,14 @@ def save(
     overwrite: bool = False,
     compressor: str | None = None,
     user_metadata: dict | None = None,
+    durable: bool = True,
 ) -> SaveResult:
-    """Save a (sharded) state dict as a Zarr v3 checkpoint at ``url``; collective over the group."""
+    """Save a (sharded) state dict as a Zarr v3 checkpoint at ``url``; collective over the group.
+
+    When it returns, the checkpoint is complete, durable (unless ``durable=False``: nothing is fsync'd)
+    and the only one at ``url``: of saves racing for one URL at most one succeeds
+    (``ConcurrentSaveError`` for the others), and ``overwrite=True`` replaces only a shardstore
+    checkpoint, atomically (docs/format.md §5)."""
     start = time.perf_counter()
     coord = Coordinator(process_group)
     items, skeleton = flatten(state_dict)
@@ -82,11 +91,16 @@ def save(
     local = coord.agree("planning the save", lambda: local_save_plan(coord.rank, tensors))
     plans, skeletons = zip(*coord.all_gather((local, skeleton)))
     plan, skeleton = coord.decide("merging the save plans", lambda: _merge_plans(plans, skeletons))
-    target = Storage(url, storage_options)
-    dest_url = coord.decide("choosing where to write", lambda: _destination(target, overwrite))
-    dest = target if dest_url == target.url else Storage(dest_url, storage_options)
-    stats = coord.agree("writing chunks", lambda: write_cells(dest, plan, coord.rank, tensors, compressor))
-    coord.decide("committing", lambda: _commit(dest, target, plan, skeleton, compressor, user_metadata))
+    target = Storage(url, storage_options, durable=durable)
+    claim = coord.decide("claiming the checkpoint URL", lambda: commit.begin(target, overwrite))
+    dest = target if claim.dest_url == target.url else Storage(claim.dest_url, storage_options, durable=durable)
+    try:
+        stats = coord.agree("writing chunks", lambda: _write(dest, plan, coord.rank, tensors, compressor))
+        coord.decide("committing", lambda: _commit(dest, target, claim, plan, skeleton, compressor, user_metadata))
+    except BaseException:
+        if coord.rank == 0:
+            commit.abandon(dest, claim)
+        raise
     return SaveResult(url, stats.nbytes, stats.objects, time.perf_counter() - start)
 
 
@@ -94,19 +108,16 @@ def _merge_plans(plans, skeletons) -> tuple[GlobalSavePlan, dict]:
     return merge_save_plans(plans, inner_chunks=choose_inner_chunk_shape), merge_skeletons(list(skeletons))
 
 
-def _destination(target: Storage, overwrite: bool) -> str:
-    """Where to write: the target itself when it is empty, else (with overwrite) a staging sibling."""
-    if target.is_empty():
-        return target.url
-    if not overwrite:
-        raise CheckpointExistsError(
-            f"{target.url} already holds data (a checkpoint or an interrupted save); pass overwrite=True "
-            "to replace it (the old checkpoint stays loadable until the new one is complete), or save elsewhere"
-        )
-    return fmt.staging_storage(target).url
+def _write(dest: Storage, plan: GlobalSavePlan, rank: int, tensors: dict, compressor: str | None):
+    """This rank's chunk objects, durable (with their directories) before any rank reports done."""
+    stats = write_cells(dest, plan, rank, tensors, compressor)
+    dest.sync()
+    return stats
 
 
-def _commit(dest: Storage, target: Storage, plan: GlobalSavePlan, skeleton, compressor, user_metadata) -> None:
+def _commit(dest: Storage, target: Storage, claim: commit.Claim, plan: GlobalSavePlan, skeleton, compressor,
+            user_metadata) -> None:
+    """Metadata, durable, then the root marker, durable, then the commit protocol makes it the checkpoint."""
     records = {}
     for array in plan.arrays:
         layout = layout_of(array, compressor)
@@ -115,9 +126,10 @@ def _commit(dest: Storage, target: Storage, plan: GlobalSavePlan, skeleton, comp
     for group in fmt.group_paths([a.node for a in plan.arrays]):
         if group:
             fmt.write_group(dest, group)
+    dest.sync()
     fmt.write_root(dest, fmt.RootMetadata(skeleton, records, dict(user_metadata or {})))
-    if dest.url != target.url:
-        fmt.commit_staged(dest, target)
+    dest.sync()
+    commit.finish(target, dest, claim)
 
 
 def load(

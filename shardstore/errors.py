@@ -8,6 +8,10 @@ so callers can catch either::
     ├── IncompleteCheckpointError(FileNotFoundError)  objects but no root zarr.json: a save was
     │                                                 interrupted or is still running
     ├── CheckpointExistsError(FileExistsError)        a save would replace data without overwrite=True
+    │   └── ConcurrentSaveError                       another save to the same URL committed first, or
+    │                                                 is committing, or took this save's claim
+    ├── NotACheckpointError(FileExistsError)          the URL holds files that are not a checkpoint:
+    │                                                 never replaced, even with overwrite=True
     ├── CorruptCheckpointError(ValueError)            checksum mismatch, truncated object,
     │   │                                             malformed metadata
     │   └── MissingChunkError(FileNotFoundError)      an object that should exist does not
@@ -28,6 +32,8 @@ __all__ = [
     "CheckpointNotFoundError",
     "IncompleteCheckpointError",
     "CheckpointExistsError",
+    "ConcurrentSaveError",
+    "NotACheckpointError",
     "CorruptCheckpointError",
     "MissingChunkError",
     "UnsafeKeyError",
@@ -51,6 +57,15 @@ class IncompleteCheckpointError(ShardstoreError, FileNotFoundError):
 
 class CheckpointExistsError(ShardstoreError, FileExistsError):
     """A save targets a URL that already holds data and was not told to overwrite it."""
+
+
+class ConcurrentSaveError(CheckpointExistsError):
+    """Another save to the same URL won: it committed while this one was writing, holds the commit
+    lock too long, or removed this save's claim. This save committed nothing."""
+
+
+class NotACheckpointError(ShardstoreError, FileExistsError):
+    """The URL holds files that are not part of a shardstore checkpoint; a save never deletes them."""
 
 
 class CorruptCheckpointError(ShardstoreError, ValueError):

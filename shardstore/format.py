@@ -1,4 +1,4 @@
-"""The only writer and reader of ``zarr.json``: node metadata, the root record, the commit protocol.
+"""The only writer and reader of ``zarr.json``: node metadata and the root record.
 
 The contract is ``docs/format.md`` (format version 1). Every ``zarr.json`` is produced here as exact
 text (pinned by golden tests) and every one read back is parsed by ``shardstore.parse`` (re-exported
@@ -6,7 +6,7 @@ here), so a malformed or foreign file becomes a ``CorruptCheckpointError`` namin
 ``KeyError`` deep in a load.
 
 The root ``zarr.json`` is the commit marker: a save writes it last, and a checkpoint without it is
-incomplete. Saving over an existing checkpoint goes through a staging sibling (``commit_staged``).
+incomplete. How a finished tree becomes the checkpoint at a URL is ``shardstore/commit.py``.
 
 Nothing read back is trusted before it is checked: the root record carries a checksum of itself and a
 fresh ``commit_id`` per save, its tree and tensor table are validated in full (``shardstore.validate``),
@@ -62,7 +62,6 @@ __all__ = [
     "array_json",
     "check_arrays",
     "chunk_key",
-    "commit_staged",
     "group_json",
     "group_paths",
     "node_key",
@@ -72,7 +71,6 @@ __all__ = [
     "read_arrays",
     "read_root",
     "root_checksum",
-    "staging_storage",
     "write_array",
     "write_group",
     "write_root",
@@ -347,42 +345,3 @@ def read_root(storage: Storage) -> RootMetadata:
     where = storage.key_url(ZARR_JSON)
     attributes = parse_group_json(text, where)
     return RootMetadata.from_json(attributes.get(FORMAT_NAME), where)
-
-
-# -- commit protocol -----------------------------------------------------------------------------------
-
-
-def staging_storage(target: Storage) -> Storage:
-    """A fresh sibling ``<url>.staging-<id>`` to save into when ``target`` may hold a checkpoint."""
-    return target.sibling(f".staging-{uuid.uuid4().hex[:12]}")
-
-
-def commit_staged(staging: Storage, target: Storage) -> None:
-    """Make the complete checkpoint in ``staging`` the one at ``target``, replacing any old one.
-
-    At every instant a complete checkpoint exists somewhere: local filesystems rename the old tree
-    aside, rename staging in (atomic), then delete the old tree. Object stores cannot rename: the old
-    root marker is deleted, then the old objects, then staging is copied in (root marker last) and
-    deleted; until the copy ends, ``target`` reads as incomplete while ``staging`` stays loadable.
-    """
-    if not staging.exists(ZARR_JSON):
-        raise IncompleteCheckpointError(f"cannot commit {staging.url}: it has no root zarr.json (the save "
-                                        "into it did not finish); re-run the save")
-    if target.is_local:
-        old = None if target.is_empty() else target.sibling(f".old-{uuid.uuid4().hex[:12]}")
-        if old is not None:
-            target.rename_to(old)
-        staging.rename_to(target)
-        if old is not None:
-            old.delete_prefix()
-        return
-    _delete_checkpoint(target)
-    for key in [k for k in staging.list() if k != ZARR_JSON] + [ZARR_JSON]:
-        staging.copy_to(key, target)
-    _delete_checkpoint(staging)
-
-
-def _delete_checkpoint(storage: Storage) -> None:
-    """Delete the commit marker first, so a half-deleted checkpoint reads as incomplete, never as valid."""
-    storage.delete(ZARR_JSON)
-    storage.delete_prefix()

@@ -5,9 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shardstore import commit
 from shardstore import format as fmt
 from shardstore.codec import ArrayLayout
-from shardstore.errors import CheckpointNotFoundError, IncompleteCheckpointError
+from shardstore.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ConcurrentSaveError,
+    IncompleteCheckpointError,
+    NotACheckpointError,
+)
 from shardstore.storage import Storage
 
 
@@ -45,54 +52,111 @@ def test_objects_without_root_marker_are_incomplete(storage):
     )
 
 
+def _commit(storage: Storage, step: int, overwrite: bool = False) -> None:
+    """A whole save through the commit protocol: claim, write where told, finish."""
+    claim = commit.begin(storage, overwrite)
+    _save(Storage(claim.dest_url), step)
+    commit.finish(storage, Storage(claim.dest_url), claim)
+
+
+def _siblings(storage: Storage) -> list[str]:
+    return storage.parent().list_names(storage.name + ".")
+
+
 def test_commit_into_empty_target(storage):
-    staging = fmt.staging_storage(storage)
-    _save(staging, 1)
-    fmt.commit_staged(staging, storage)
+    _commit(storage, 1)
     assert fmt.read_root(storage).tree == _root(1).tree
-    assert staging.is_empty()
+    assert _siblings(storage) == [] and sorted(storage.list()) == ["w/c/0", "w/zarr.json", "zarr.json"]
 
 
-def test_commit_replaces_an_existing_checkpoint(storage):
-    _save(storage, 1)
-    storage.write("stale/only/in/old", b"x")
-    staging = fmt.staging_storage(storage)
-    _save(staging, 2)
-    fmt.commit_staged(staging, storage)
+def test_commit_into_an_existing_empty_directory(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    storage = Storage(str(tmp_path / "ckpt"))
+    _commit(storage, 1)
+    assert fmt.read_root(storage).tree == _root(1).tree
+
+
+def test_overwrite_replaces_an_existing_checkpoint(storage):
+    _commit(storage, 1)
+    storage.write("w/c/1", b"only in the old one")
+    _commit(storage, 2, overwrite=True)
     assert fmt.read_root(storage).tree == _root(2).tree
     assert storage.read("w/c/0") == bytes([2]) * 8
-    assert "stale/only/in/old" not in storage.list()
-    assert staging.is_empty()
+    assert "w/c/1" not in storage.list() and _siblings(storage) == []
 
 
-def test_commit_refuses_an_unfinished_staging(storage):
-    staging = fmt.staging_storage(storage)
-    staging.write("w/c/0", b"x")
-    with pytest.raises(IncompleteCheckpointError, match="did not finish"):
-        fmt.commit_staged(staging, storage)
+def test_without_overwrite_an_existing_checkpoint_is_refused(storage):
+    _commit(storage, 1)
+    with pytest.raises(CheckpointExistsError, match="pass overwrite=True"):
+        commit.begin(storage, overwrite=False)
+    assert fmt.read_root(storage).tree == _root(1).tree and _siblings(storage) == []
 
 
-def test_interrupted_commit_leaves_a_loadable_checkpoint(storage, monkeypatch):
-    """Crash in the middle of the switch: the old or the new checkpoint must still load from somewhere."""
-    _save(storage, 1)
-    staging = fmt.staging_storage(storage)
-    _save(staging, 2)
-    step = "rename_to" if storage.is_local else "copy_to"
-    calls = []
+@pytest.mark.parametrize("layout", ["notes", "runs", "notes-in-checkpoint", "foreign-root"])
+def test_overwrite_never_replaces_what_is_not_a_checkpoint(storage, layout):
+    files = {
+        "notes": {"notes.txt": b"mine"},
+        "runs": {"run1/zarr.json": b"{}", "run1/w/c/0": b"x", "run2/notes.md": b"x"},
+        "notes-in-checkpoint": {"w/c/0": b"x", "w/zarr.json": b"{}", "README": b"mine"},
+        "foreign-root": {"zarr.json": b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'},
+    }[layout]
+    for key, data in files.items():
+        storage.write(key, data)
+    with pytest.raises(NotACheckpointError, match="not part of a shardstore checkpoint") as info:
+        commit.begin(storage, overwrite=True)
+    assert storage.url in str(info.value)
+    assert {k: bytes(storage.read(k)) for k in storage.list()} == files and _siblings(storage) == []
 
-    def crash(self, *args):
-        calls.append(args)
-        if len(calls) == 2:  # local: old moved aside, staging not yet in; object store: mid-copy
-            raise OSError("simulated crash")
-        return original(self, *args)
 
-    original = getattr(Storage, step)
-    monkeypatch.setattr(Storage, step, crash)
-    with pytest.raises(OSError, match="simulated crash"):
-        fmt.commit_staged(staging, storage)
+def test_an_interrupted_save_may_be_overwritten(storage):
+    storage.write("w/zarr.json", b"{}")
+    storage.write("w/c/0", b"half")
+    with pytest.raises(CheckpointExistsError):
+        commit.begin(storage, overwrite=False)
+    _commit(storage, 3, overwrite=True)
+    assert fmt.read_root(storage).tree == _root(3).tree
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_of_two_racing_saves_exactly_one_commits(storage, overwrite):
+    if overwrite:
+        _commit(storage, 1)
+    first = commit.begin(storage, overwrite)
+    try:
+        second = commit.begin(storage, overwrite)
+    except ConcurrentSaveError:
+        assert not storage.can_rename_trees and not overwrite  # object stores refuse at the claim
+        return
+    for claim, step in ((first, 5), (second, 6)):
+        _save(Storage(claim.dest_url), step)
+    commit.finish(storage, Storage(second.dest_url), second)
+    with pytest.raises(ConcurrentSaveError, match="another save committed"):
+        commit.finish(storage, Storage(first.dest_url), first)
+    commit.abandon(Storage(first.dest_url), first)
+    assert fmt.read_root(storage).tree == _root(6).tree and storage.read("w/c/0") == bytes([6]) * 8
+    assert _siblings(storage) == []
+
+
+def test_a_failed_swap_leaves_the_old_checkpoint_and_no_blocking_litter(tmp_path, monkeypatch):
+    storage = Storage(str(tmp_path / "ckpt"))
+    _commit(storage, 1)
+    claim = commit.begin(storage, overwrite=True)
+    dest = Storage(claim.dest_url)
+    _save(dest, 2)
+    monkeypatch.setattr(type(storage), "rename_tree", lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(OSError, match="disk gone"):
+        commit.finish(storage, dest, claim)
     monkeypatch.undo()
-    assert fmt.read_root(staging).tree == _root(2).tree  # new still complete in staging
-    with pytest.raises((IncompleteCheckpointError, CheckpointNotFoundError)):
-        fmt.read_root(storage)  # never a half-copied checkpoint that claims to be complete
-    fmt.commit_staged(staging, storage)  # recovery: re-run the commit
-    assert fmt.read_root(storage).tree == _root(2).tree
+    assert fmt.read_root(storage).tree == _root(1).tree
+    assert len(_siblings(storage)) == 1  # the new tree, complete but never committed
+    _commit(storage, 3, overwrite=True)  # a later save sweeps it
+    assert fmt.read_root(storage).tree == _root(3).tree and _siblings(storage) == []
+
+
+def test_a_live_save_is_not_swept_but_a_dead_ones_tree_is(tmp_path):
+    storage = Storage(str(tmp_path / "ckpt"))
+    live = commit.begin(storage, overwrite=False)
+    _commit(storage, 1)  # another save commits first; the live one keeps its staging tree
+    assert Storage(live.dest_url).exists(commit.OWNER)
+    commit.abandon(Storage(live.dest_url), live)
+    assert _siblings(storage) == []

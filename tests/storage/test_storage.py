@@ -113,14 +113,31 @@ def test_child_is_rooted_under_the_prefix(storage):
         storage.child("../escape")
 
 
-def test_sibling_and_copy(storage):
+def test_parent_and_copy(storage):
     storage.write("k", b"v")
-    sib = storage.sibling(".staging-1")
+    sib = storage.parent().child(storage.name + ".staging-1")
     assert sib.url == storage.url + ".staging-1"
     storage.copy_to("k", sib)
     assert sib.read("k") == b"v" and storage.list() == ["k"]
-    with pytest.raises(UnsafeKeyError):
-        storage.sibling("/x")
+    assert storage.parent().list_names(storage.name) == [storage.name, storage.name + ".staging-1"]
+
+
+def test_create_exclusive_has_one_winner(storage):
+    storage.create_exclusive("claim", b"first")
+    with pytest.raises(FileExistsError):
+        storage.create_exclusive("claim", b"second")
+    assert storage.read("claim") == b"first" and storage.list() == ["claim"]
+
+
+def test_lock_excludes_and_is_removed_on_release(storage):
+    held = storage.lock("x.lock", timeout=0)
+    with pytest.raises(TimeoutError, match="x.lock"):
+        storage.lock("x.lock", timeout=0.05)
+    assert held.held()
+    held.release()
+    assert not storage.exists("x.lock")
+    with storage.lock("x.lock", timeout=0) as again:
+        assert again.held()
 
 
 def test_read_ranges_into_one_reused_buffer(storage):

@@ -12,7 +12,8 @@ DTENSOR_API = {
 SHARDSTORE_API = {
     "save", "load", "open", "Checkpoint", "SaveResult", "LoadResult", "ShardstoreError", "CheckpointExistsError",
     "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError", "MissingChunkError",
-    "StateDictMismatchError", "UnsafeKeyError", "PartialLoadError", "CheckpointChangedError",
+    "StateDictMismatchError", "UnsafeKeyError", "PartialLoadError", "ConcurrentSaveError", "NotACheckpointError",
+    "CheckpointChangedError",
 }
 
 
@@ -41,3 +42,5 @@ def test_shardstore_public_api_is_locked():
     assert all(hasattr(shardstore, name) for name in SHARDSTORE_API)
     assert issubclass(shardstore.IncompleteCheckpointError, FileNotFoundError)
     assert issubclass(shardstore.CorruptCheckpointError, ValueError)
+    assert issubclass(shardstore.ConcurrentSaveError, shardstore.CheckpointExistsError)
+    assert issubclass(shardstore.NotACheckpointError, FileExistsError)

@@ -1,14 +1,19 @@
-"""Crash acceptance: a save killed mid-write never damages the checkpoint that was there before.
+"""Crash acceptance: a save killed at any stage never damages the checkpoint that was there before, and
+its litter never blocks a later save.
 
-Real processes, not the shared rank pool: each test spawns a 2-rank gloo job that first saves a small
+Real processes, not the shared rank pool. The 2-rank tests spawn a gloo job that first saves a small
 checkpoint A completely, then saves a 64 MiB state dict with chunk writes slowed a little (so the kill
 surely lands while chunks are being written). The test process watches the directory, SIGKILLs one rank
 as soon as chunk objects appear, gives the other rank a moment to fail on its own, kills it too, and then
 checks from a process with no process group:
 
-* a fresh URL B reads as incomplete (``IncompleteCheckpointError``) through ``load`` and ``open``;
+* a fresh URL B holds nothing (``CheckpointNotFoundError``): saves write into a staging sibling;
 * with ``overwrite=True`` over A, A still loads with its old values; the leftover staging sibling reads
-  as incomplete and never as A, and a later save over A still works.
+  as incomplete and never as A, and a later save sweeps it.
+
+The single-process tests kill the saving process at each stage of the commit (after its chunks, after
+its root marker, inside the commit lock before the swap, right after the swap): A or the new checkpoint
+loads at the URL every time, and the next save leaves no sibling behind.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import pytest
 import torch
 
 import shardstore
-from shardstore.errors import CheckpointExistsError, IncompleteCheckpointError
+from shardstore.errors import CheckpointExistsError, CheckpointNotFoundError, IncompleteCheckpointError
 
 WORLD = 2
 BIG_TENSORS = 16  # 16 x 4 MiB float32 = 64 MiB
@@ -50,9 +55,9 @@ def _slow_chunk_writes(delay: float) -> None:
     A rank's 16 objects then take >= 16 * delay, a window the kill lands in even on a loaded machine;
     it costs the test no time, since the job is killed right after the first objects appear.
     """
-    from shardstore.storage import Storage
+    from shardstore.storage.local import LocalStorage
 
-    write, one_at_a_time = Storage.write, threading.Lock()
+    write, one_at_a_time = LocalStorage.write, threading.Lock()
 
     def slow(self, key, data):
         if "/c/" not in f"/{key}/":
@@ -61,7 +66,7 @@ def _slow_chunk_writes(delay: float) -> None:
             write(self, key, data)
             time.sleep(delay)
 
-    Storage.write = slow
+    LocalStorage.write = slow
 
 
 def _job(rank: int, port: int, steps: list[tuple[str, int, int, bool, bool]]) -> None:
@@ -143,30 +148,38 @@ def _assert_incomplete(url: str) -> None:
         shardstore.open(url)
 
 
-def test_killed_save_to_a_fresh_url_is_incomplete_and_earlier_checkpoint_loads(tmp_path):
+def _chunks_in_staging(tmp_path: Path, name: str):
+    return lambda: any(_chunk_objects(s) for s in tmp_path.glob(f"{name}.staging-*"))
+
+
+def _siblings(tmp_path: Path, name: str) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f"{name}."))
+
+
+def test_killed_save_to_a_fresh_url_leaves_nothing_there_and_blocks_nothing(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     steps = [(a, 1, SMALL_TENSORS, False, False), (b, 2, BIG_TENSORS, False, True)]
-    _run_and_kill(steps, lambda: (tmp_path / "b").exists() and bool(_chunk_objects(tmp_path / "b")), victim=1)
-    assert not (tmp_path / "b" / "zarr.json").exists()
-    _assert_incomplete(b)
+    _run_and_kill(steps, _chunks_in_staging(tmp_path, "b"), victim=1)
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(CheckpointNotFoundError, match=f"no checkpoint at {b}"):
+        shardstore.open(b)
     _assert_loads(a, 1, SMALL_TENSORS, 64)
-    with pytest.raises(CheckpointExistsError):  # the debris is not silently replaced either
-        shardstore.save({"w": torch.zeros(2)}, b)
+    assert len(_siblings(tmp_path, "b")) <= 1  # rank 0 survived the kill of rank 1 and may have cleaned up
+    shardstore.save({"model": _values(3, SMALL_TENSORS, 64), "step": 3}, b)  # no overwrite needed
+    _assert_loads(b, 3, SMALL_TENSORS, 64)
+    assert _siblings(tmp_path, "b") == []  # the dead save's staging tree was swept
 
 
 def test_killed_overwrite_keeps_the_old_checkpoint(tmp_path):
     a = str(tmp_path / "a")
     steps = [(a, 1, SMALL_TENSORS, False, False), (a, 2, BIG_TENSORS, True, True)]
-
-    def staging_has_chunks() -> bool:
-        return any(_chunk_objects(s) for s in tmp_path.glob("a.staging-*"))
-
-    _run_and_kill(steps, staging_has_chunks, victim=0)
+    committed, staging_has_chunks = (tmp_path / "a" / "zarr.json").exists, _chunks_in_staging(tmp_path, "a")
+    _run_and_kill(steps, lambda: committed() and staging_has_chunks(), victim=0)
     _assert_loads(a, 1, SMALL_TENSORS, 64)
-    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name != "a")
+    leftovers = _siblings(tmp_path, "a")
     assert len(leftovers) == 1 and leftovers[0].startswith("a.staging-"), leftovers
     _assert_incomplete(str(tmp_path / leftovers[0]))
-    # The leftover staging directory blocks nothing: a later save over A replaces A.
+    # The leftover staging directory blocks nothing: a later save over A replaces A and sweeps it.
     new = {k: v + 1 for k, v in _values(1, SMALL_TENSORS, 64).items()}
     with pytest.raises(CheckpointExistsError):
         shardstore.save({"model": new, "step": 5}, a)
@@ -174,3 +187,57 @@ def test_killed_overwrite_keeps_the_old_checkpoint(tmp_path):
     sd = {"model": {k: torch.zeros_like(v) for k, v in new.items()}, "step": -1}
     shardstore.load(sd, a)
     assert sd["step"] == 5 and all(torch.equal(sd["model"][k], new[k]) for k in new)
+    assert _siblings(tmp_path, "a") == []
+
+
+# -- one process killed at each stage of the commit -----------------------------------------------------
+
+# Where the saving process kills itself: (function patched, kill before or after calling it).
+STAGES = {
+    "chunks written": ("shardstore.api", "_commit", "before"),
+    "root marker written": ("shardstore.commit", "finish", "before"),
+    "inside the commit lock": ("shardstore.commit", "_swap_in", "before"),
+    "swapped, old tree not deleted": ("shardstore.storage.local.LocalStorage", "rename_tree", "after"),
+}
+
+
+def _killed_at(stage: str, url: str, seed: int, overwrite: bool) -> None:
+    """Save in this (spawned) process, SIGKILLing itself at ``stage``."""
+    import importlib
+
+    module_name, name, when = STAGES[stage]
+    owner_path, _, cls = module_name.rpartition(".") if module_name.endswith("Storage") else (module_name, "", "")
+    owner = getattr(importlib.import_module(owner_path), cls) if cls else importlib.import_module(module_name)
+    original = getattr(owner, name)
+
+    def die(*args, **kwargs):
+        if when == "after":
+            original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    setattr(owner, name, die)
+    shardstore.save({"model": _values(seed, SMALL_TENSORS, 64), "step": seed}, url, overwrite=overwrite)
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite"])
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_save_killed_at_any_stage_leaves_old_or_new(tmp_path, stage, overwrite):
+    url = str(tmp_path / "ck")
+    if overwrite:
+        shardstore.save({"model": _values(1, SMALL_TENSORS, 64), "step": 1}, url)
+    proc = mp.get_context("spawn").Process(target=_killed_at, args=(stage, url, 2, overwrite))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == -signal.SIGKILL, f"the save did not reach stage {stage!r} (exit {proc.exitcode})"
+    swapped = stage.startswith("swapped")
+    if swapped:
+        _assert_loads(url, 2, SMALL_TENSORS, 64)
+    elif overwrite:
+        _assert_loads(url, 1, SMALL_TENSORS, 64)
+    else:
+        with pytest.raises(CheckpointNotFoundError):
+            shardstore.open(url)
+    # The next save goes through (overwrite only where a checkpoint is there) and sweeps every sibling.
+    shardstore.save({"model": _values(3, SMALL_TENSORS, 64), "step": 3}, url, overwrite=swapped or overwrite)
+    _assert_loads(url, 3, SMALL_TENSORS, 64)
+    assert _siblings(tmp_path, "ck") == []

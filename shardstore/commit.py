@@ -1,0 +1,252 @@
+"""The commit protocol: of writers racing for one URL at most one commits, a checkpoint is never a mix of
+two saves, and a crash at any point leaves the old or the new checkpoint loadable at the URL.
+
+A save is ``begin`` (rank 0: look at what the URL holds, refuse what must not be replaced, claim a place
+to write), every rank writes there, then ``finish`` (rank 0: make it the checkpoint at the URL, only if
+the URL still holds what ``begin`` saw). docs/format.md §5 is the contract.
+
+Where the backend renames whole trees (local filesystems), every save writes into a fresh staging
+sibling ``<url>.staging-<id>`` that nobody else writes to, owned through a lock file inside it that
+rank 0 holds for the whole save (``flock``: it dies with the process). ``finish`` takes a short lock
+(``<url>.lock``), checks it still owns its staging tree and that the URL still holds what ``begin``
+saw (nothing, or the same root record), then moves the staging tree in with one atomic rename (onto
+nothing or an empty directory) or one atomic exchange with the old tree, which it then deletes.
+Object stores cannot rename: a fresh save claims the URL with an exclusively created claim object
+(``If-None-Match: *``); an overwrite stages in a sibling and copies in (the window where the URL reads
+as incomplete is documented).
+
+Litter from killed saves never blocks: ``begin`` removes staging siblings whose owner lock is free
+(their save is dead), and locks die with their process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+
+from shardstore.errors import CheckpointExistsError, ConcurrentSaveError, MissingChunkError, NotACheckpointError
+from shardstore.format import FORMAT_NAME, ZARR_JSON
+from shardstore.storage import HeldLock, Storage
+
+__all__ = ["Claim", "begin", "finish", "abandon"]
+
+OWNER = ".shardstore-owner"  # in a staging tree: locked by the saving process (removed before the swap)
+CLAIM = ".shardstore-claim"  # object stores: a fresh save's claim on the URL itself
+LOCK_WAIT_S = 30.0  # how long ``finish`` waits for another save's commit (which takes milliseconds)
+YOUNG_S = 60.0  # a staging tree without an owner this recent may be one whose owner is being created
+
+_owners: dict[str, HeldLock] = {}  # nonce -> the owner lock rank 0 holds until finish/abandon
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What ``begin`` decided: where the ranks write, and what the URL must still hold at ``finish``."""
+
+    dest_url: str
+    expected: str | None  # token of what was at the URL (None: nothing)
+    nonce: str
+    staged: bool  # written into a staging sibling (else straight into the URL)
+
+
+# -- begin ---------------------------------------------------------------------------------------------
+
+
+def begin(target: Storage, overwrite: bool) -> Claim:
+    """Look at ``target``, refuse what must not be replaced, and claim a place for this save to write."""
+    nonce = uuid.uuid4().hex[:16]
+    expected = _token(target)
+    if expected is not None and not overwrite:
+        if not target.can_rename_trees and target.exists(CLAIM):
+            _claim_fresh(target, nonce)  # raises: another fresh save holds the URL
+        raise CheckpointExistsError(
+            f"{target.url} already holds a checkpoint (or an interrupted save); pass overwrite=True to "
+            "replace it (the old checkpoint stays loadable until the new one is complete), or save elsewhere"
+        )
+    if not target.can_rename_trees and expected is None:
+        _claim_fresh(target, nonce)
+        return Claim(target.url, None, nonce, staged=False)
+    staging = _staging(target, nonce)
+    with _commit_lock(target):  # so that no sweep sees the new tree before its owner holds it
+        if target.can_rename_trees:
+            trash = _sweep(target)
+        _owners[nonce] = staging.lock(OWNER, timeout=0)
+    if target.can_rename_trees:
+        _empty_trash(target, trash)
+    return Claim(staging.url, expected, nonce, staged=True)
+
+
+def _staging(target: Storage, nonce: str) -> Storage:
+    return target.parent().child(f"{target.name}.staging-{nonce}")
+
+
+def _token(target: Storage) -> str | None:
+    """What the URL holds: None when nothing, else a token that changes whenever a save commits there.
+
+    Refuses (even with overwrite) anything that is neither a shardstore checkpoint nor an interrupted
+    shardstore save, so an overwrite never deletes other files."""
+    if target.is_empty():
+        return None
+    try:
+        root = target.read(ZARR_JSON)
+    except MissingChunkError:
+        root = None
+    _refuse_foreign(target, root_is_foreign=root is not None and not _is_shardstore_root(root))
+    return "incomplete" if root is None else hashlib.sha256(root).hexdigest()
+
+
+def _is_shardstore_root(text: bytes | bytearray) -> bool:
+    try:
+        node = json.loads(text)
+    except ValueError:
+        return b'"shardstore"' in text  # a damaged checkpoint is still ours to replace
+    return isinstance(node, dict) and isinstance(node.get("attributes"), dict) and FORMAT_NAME in node["attributes"]
+
+
+def _refuse_foreign(target: Storage, root_is_foreign: bool = False) -> None:
+    """A checkpoint, or an interrupted save, holds only node ``zarr.json`` files, chunk objects and
+    temporaries; anything else (notes, other runs' checkpoints in sub-directories) is not ours to delete."""
+    foreign = ([ZARR_JSON] if root_is_foreign else []) + [
+        k for k in target.list() if k != ZARR_JSON and not _looks_like_ours(k)]
+    if foreign:
+        raise NotACheckpointError(
+            f"{target.url} holds files that are not part of a shardstore checkpoint (e.g. {foreign[:5]}); "
+            "refusing to save there, even with overwrite=True, since replacing it would delete them. "
+            "Save to a path of its own (e.g. a sub-directory per step)"
+        )
+
+
+def _looks_like_ours(key: str) -> bool:
+    parts = key.split("/")
+    name = parts[-1]
+    return name in (ZARR_JSON, CLAIM, "c") or ".tmp-" in name or "c" in parts[:-1]
+
+
+def _claim_fresh(target: Storage, nonce: str) -> None:
+    try:
+        target.create_exclusive(CLAIM, nonce.encode())
+    except FileExistsError:
+        raise ConcurrentSaveError(
+            f"another save is writing to {target.url} ({target.key_url(CLAIM)} exists); wait for it, or, if "
+            "no save is running, that one was interrupted: pass overwrite=True to replace it"
+        ) from None
+
+
+# -- finish --------------------------------------------------------------------------------------------
+
+
+def finish(target: Storage, dest: Storage, claim: Claim) -> None:
+    """Make the complete checkpoint in ``dest`` the one at ``target``, if ``target`` still holds what
+    ``begin`` saw; otherwise raise ``ConcurrentSaveError`` and leave ``target`` as it is."""
+    if not claim.staged:
+        return _finish_in_place(target, claim)
+    owner = _owners[claim.nonce]  # on failure ``abandon`` releases it and removes the tree
+    with _commit_lock(target):
+        if not owner.held():
+            raise _taken_over(target, dest.key_url(OWNER))
+        _check_unchanged(target, claim)
+        owner.release()  # removes the owner file: the tree becomes exactly the checkpoint
+        dest.sync()
+        _swap_in(target, dest, claim) if target.can_rename_trees else _copy_in(target, dest)
+    del _owners[claim.nonce]
+
+
+def _finish_in_place(target: Storage, claim: Claim) -> None:
+    try:
+        owner = target.read(CLAIM).decode()
+    except (MissingChunkError, UnicodeDecodeError):
+        owner = None
+    if owner != claim.nonce:
+        raise _taken_over(target, target.key_url(CLAIM))
+    target.delete(CLAIM)
+    target.sync()
+
+
+def _taken_over(target: Storage, what: str) -> ConcurrentSaveError:
+    return ConcurrentSaveError(
+        f"this save's claim {what} was removed or taken over while it was writing (another save to "
+        f"{target.url} replaced it); nothing was committed — re-run the save"
+    )
+
+
+def _commit_lock(target: Storage) -> HeldLock:
+    try:
+        return target.parent().lock(f"{target.name}.lock", timeout=LOCK_WAIT_S)
+    except TimeoutError:
+        raise ConcurrentSaveError(
+            f"another save has been committing to {target.url} for over {LOCK_WAIT_S:.0f} s "
+            f"({target.url}.lock is held); re-run the save once it is done"
+        ) from None
+
+
+def _check_unchanged(target: Storage, claim: Claim) -> None:
+    if _token(target) != claim.expected:
+        raise ConcurrentSaveError(
+            f"another save committed to {target.url} while this one was writing; this save did not commit "
+            "and its data was discarded, so the URL holds exactly one writer's checkpoint — re-run the save "
+            "(with overwrite=True to replace that checkpoint)"
+        )
+
+
+def _swap_in(target: Storage, dest: Storage, claim: Claim) -> None:
+    if claim.expected is None:
+        dest.rename_tree(target)  # onto nothing or an empty directory; never onto a checkpoint
+        return
+    dest.rename_tree(target, exchange=True)  # one atomic step: old or new at the URL, never neither
+    dest.delete_prefix()  # ``dest`` now names the old tree
+
+
+def _copy_in(target: Storage, staging: Storage) -> None:
+    """Object stores: the old marker goes first (the URL reads as incomplete, never as a mix), then the
+    old objects, then staging's objects with its marker last."""
+    target.delete(ZARR_JSON)
+    target.delete_prefix()
+    for key in [k for k in staging.list() if k != ZARR_JSON] + [ZARR_JSON]:
+        staging.copy_to(key, target)
+    staging.delete_prefix()
+
+
+def abandon(dest: Storage, claim: Claim) -> None:
+    """Remove what a failed save wrote (best effort: a later save's ``begin`` sweeps what remains)."""
+    owner = _owners.pop(claim.nonce, None)
+    try:
+        if claim.staged:
+            if owner is not None and (owner.held() or not dest.exists(OWNER)):
+                dest.delete_prefix()
+        else:
+            dest.delete(CLAIM)
+    except OSError:
+        pass
+    finally:
+        if owner is not None:
+            owner.release()
+
+
+def _sweep(target: Storage) -> list[str]:
+    """Move the staging siblings of dead saves to ``<name>.trash-<id>`` (cheap, under the commit lock, so
+    that no ``finish`` is halfway); returns every trash name for ``_empty_trash``. Dead: a tree whose
+    owner lock is free (it dies with its process), a complete tree without an owner (an old tree swapped
+    out, or a new one whose ``finish`` was killed before its swap), an ownerless tree over ``YOUNG_S``
+    old."""
+    parent = target.parent()
+    for name in parent.list_names(f"{target.name}.staging-"):
+        if _is_dead(parent.child(name)):
+            parent.child(name).rename_tree(parent.child(f"{target.name}.trash-{uuid.uuid4().hex[:16]}"))
+    return parent.list_names(f"{target.name}.trash-")
+
+
+def _empty_trash(target: Storage, names: list[str]) -> None:
+    parent = target.parent()
+    for name in names:
+        parent.child(name).delete_prefix()
+
+
+def _is_dead(staging: Storage) -> bool:
+    if staging.exists(OWNER):
+        try:
+            staging.lock(OWNER, timeout=0).release()
+        except TimeoutError:
+            return False  # a live save holds it
+        return True
+    return staging.exists(ZARR_JSON) or staging.age() > YOUNG_S

@@ -1,0 +1,254 @@
+"""The storage seam: bytes by key under one root URL, and what the commit protocol needs of a backend.
+
+Like zarr-python's ``Store``, a ``Storage`` is a handful of methods (read, range read, write, list,
+delete) so that every backend behaves the same and one conformance suite tests them all. A backend adds
+what the commit protocol (``shardstore/commit.py``) builds on: an exclusive create (a claim only one
+writer can make: ``O_EXCL``/``link`` locally, ``If-None-Match: *`` on object stores), ``sync`` (what
+was written is durable), and, where the backend has them, atomic renames of whole trees.
+
+``Storage(url)`` returns the backend for the URL, as ``pathlib.Path`` returns a ``PosixPath``: a plain
+path or ``file://`` URL gets ``LocalStorage`` (``os`` calls: fsync, atomic renames, no symlinks
+followed), anything else ``FsspecStorage``.
+
+Keys are relative POSIX paths (``model/w/c/0/1``). Every key is validated before use, so no key can
+escape the root (``..``, absolute paths, backslashes, NUL, empty components raise ``UnsafeKeyError``).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from shardstore.errors import CorruptCheckpointError, MissingChunkError, UnsafeKeyError
+
+__all__ = ["Storage", "HeldLock", "check_key"]
+
+_READ_THREADS = 16
+_read_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def io_pool() -> ThreadPoolExecutor:
+    """One pool per process for concurrent range reads (a forked child gets its own, not dead threads)."""
+    global _read_pool
+    if _read_pool is None or _read_pool[0] != os.getpid():
+        _read_pool = (os.getpid(), ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="shardstore-read"))
+    return _read_pool[1]
+
+
+def check_key(key: str, root_url: str) -> str:
+    """Return ``key`` if it is a safe relative POSIX path, else raise ``UnsafeKeyError``."""
+    problem = None
+    if not isinstance(key, str) or not key:
+        problem = "it is empty or not a string"
+    elif key.startswith("/"):
+        problem = "it is absolute (leading '/')"
+    elif "\\" in key or "\0" in key:
+        problem = "it contains a backslash or NUL"
+    elif any(part in ("", ".", "..") for part in key.split("/")):
+        problem = "it has an empty, '.' or '..' component"
+    if problem:
+        raise UnsafeKeyError(
+            f"unsafe key {key!r} under {root_url}: {problem}; expected a relative POSIX path like "
+            "'model/w/c/0/1' that stays inside the checkpoint. Fix the key (state-dict keys are "
+            "percent-encoded by shardstore.flatten)"
+        )
+    return key
+
+
+def strip_trailing_slash(url: str) -> str:
+    while url.endswith("/") and not url.endswith("://"):
+        url = url[:-1]
+    return url
+
+
+def is_local_url(url: str) -> bool:
+    """A plain path or a ``file://`` URL (no chained or remote protocol)."""
+    return "://" not in url or (url.startswith("file://") and "::" not in url)
+
+
+class HeldLock:
+    """A lock ``Storage.lock`` handed out; ``release`` removes it. A context manager too."""
+
+    def held(self) -> bool:
+        """Whether the lock file is still the one this holder locked (nobody removed or replaced it)."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> "HeldLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class Storage:
+    """Bytes by key under one root URL. ``Storage(url, storage_options)`` picks the backend.
+
+    ``durable`` (default True): ``sync`` makes everything written so far survive a power cut. With
+    False, ``sync`` does nothing (scratch checkpoints, tests that do not need it).
+    """
+
+    can_rename_trees = False  # whole trees move atomically (local filesystems)
+
+    def __new__(cls, url: str = "", storage_options: dict[str, Any] | None = None, *, durable: bool = True):
+        if cls is Storage:
+            if is_local_url(url):
+                from shardstore.storage.local import LocalStorage as cls  # noqa: N813 - the backend class
+            else:
+                from shardstore.storage.remote import FsspecStorage as cls  # noqa: N813
+        return super().__new__(cls)
+
+    url: str  # the root URL, as given (without a trailing slash)
+    durable: bool
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    def key_url(self, key: str) -> str:
+        """The full URL of ``key``, for messages."""
+        return f"{self.url}/{key}"
+
+    def _missing(self, key: str) -> MissingChunkError:
+        return MissingChunkError(
+            f"object {self.key_url(key)} does not exist: expected it under {self.url} (a complete save "
+            "writes every object its metadata names); the checkpoint is damaged or the key is wrong — "
+            "load an earlier checkpoint or re-run the save"
+        )
+
+    # -- reads (backends implement read_range, read_range_into, exists, size, list, is_empty) ---------
+
+    def read(self, key: str) -> bytearray:
+        """The whole object at ``key``."""
+        return self.read_range(key, 0, None)
+
+    def read_range(self, key: str, start: int, stop: int | None) -> bytearray:
+        """Bytes ``[start, stop)`` of ``key``; a negative ``start`` with ``stop=None`` is a suffix.
+
+        Raises ``CorruptCheckpointError`` when the object is shorter than the range: a truncated object
+        must never pass as data.
+        """
+        raise NotImplementedError
+
+    def read_range_into(self, key: str, start: int, out: bytearray | memoryview) -> memoryview:
+        """Fill ``out`` with bytes ``[start, start + len(out))`` of ``key``; returns ``out`` as bytes.
+
+        Reading into one reused buffer is much faster than into fresh memory (see FACTS.md), and the
+        result stays writable, so a tensor can view it.
+        """
+        raise NotImplementedError
+
+    def _check_length(self, key: str, start: int, stop: int | None, expected: int | None, got: int) -> None:
+        if expected is not None and got != expected:
+            raise CorruptCheckpointError(
+                f"object {self.key_url(key)} is truncated: expected {expected} bytes at range "
+                f"[{start}, {stop}), got {got}; the save was cut short or the object was "
+                "overwritten — load an earlier checkpoint or re-run the save"
+            )
+
+    def read_ranges(self, requests: list[tuple[str, int, int | None]]) -> list[bytearray]:
+        """Many ``read_range`` calls at once, concurrently, results in request order."""
+        if len(requests) <= 1:
+            return [self.read_range(*r) for r in requests]
+        return list(io_pool().map(lambda r: self.read_range(*r), requests))
+
+    def read_ranges_into(self, requests: list[tuple[str, int, int]], out: bytearray | memoryview) -> list[memoryview]:
+        """Many ranges at once, concurrently, packed one after another into ``out``; views in order."""
+        view = memoryview(out).cast("B")
+        jobs, pos = [], 0
+        for key, start, stop in requests:
+            jobs.append((key, start, view[pos : pos + stop - start]))
+            pos += stop - start
+        if pos > len(view):
+            raise ValueError(f"read_ranges_into: {pos} bytes requested, the buffer holds {len(view)}")
+        return list(io_pool().map(lambda job: self.read_range_into(*job), jobs))
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def size(self, key: str) -> int:
+        """Size of the object at ``key`` in bytes."""
+        raise NotImplementedError
+
+    def fingerprint(self, key: str) -> str:
+        """A token that changes when the object at ``key`` is replaced, from metadata alone (one stat or
+        HEAD, no data read), so an open checkpoint can notice cheaply that another save committed."""
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Every key under ``prefix`` (recursive), relative to the root, sorted."""
+        raise NotImplementedError
+
+    def list_names(self, prefix: str) -> list[str]:
+        """Names of the entries directly under the root that start with ``prefix`` (one level)."""
+        raise NotImplementedError
+
+    def is_empty(self) -> bool:
+        """True when nothing at all is stored under the root."""
+        raise NotImplementedError
+
+    # -- writes --------------------------------------------------------------------------------------
+
+    def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """Store ``data`` under ``key`` atomically (readers see the old object, the new one, or none).
+        Durable once ``sync`` returns."""
+        raise NotImplementedError
+
+    def create_exclusive(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key`` only if nothing is there (``FileExistsError`` otherwise), atomically
+        and durably: of writers racing for one key, exactly one succeeds."""
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """Make every object written through this ``Storage`` so far, and its name, durable."""
+        raise NotImplementedError
+
+    def lock(self, key: str, timeout: float) -> "HeldLock":
+        """Hold an exclusive lock named ``key`` (created, and removed on release); waits up to ``timeout``
+        seconds for another holder, then raises ``TimeoutError``. Locally a lock dies with its process
+        (``flock``), so a killed save never leaves one that blocks."""
+        raise NotImplementedError
+
+    def age(self) -> float:
+        """Seconds since the root's entries last changed (how long ago a tree was last written to)."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error, so cleanup can be retried."""
+        raise NotImplementedError
+
+    def delete_prefix(self, prefix: str = "") -> None:
+        """Remove every object under ``prefix`` (all of the root when ``prefix`` is empty)."""
+        raise NotImplementedError
+
+    # -- derived storages and whole trees (the commit protocol) ---------------------------------------
+
+    def child(self, prefix: str) -> "Storage":
+        """A ``Storage`` rooted at ``prefix`` under this one."""
+        raise NotImplementedError
+
+    def parent(self) -> "Storage":
+        """The ``Storage`` of the directory (or prefix) holding this root; ``name`` is this root in it."""
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        """The last component of the root (``step-100`` for ``.../run/step-100``)."""
+        name = self.url.rstrip("/").rsplit("/", 1)[-1]
+        if not name or name.endswith(":"):
+            raise UnsafeKeyError(f"{self.url} is a filesystem or bucket root: a checkpoint needs a directory of its own")
+        return name
+
+    def rename_tree(self, dest: "Storage", *, exchange: bool = False) -> None:
+        """Move this whole tree to ``dest`` atomically, durably (backends with ``can_rename_trees``).
+
+        Without ``exchange``, ``dest`` must be absent or an empty directory (``OSError`` otherwise);
+        with it, ``dest`` must exist and the two trees trade places in one step.
+        """
+        raise NotImplementedError(f"{self.url}: this backend cannot rename whole trees atomically")
+
+    def copy_to(self, key: str, dest: "Storage") -> None:
+        """Copy one object to the same key under ``dest`` (server-side where the backend can)."""
+        raise NotImplementedError

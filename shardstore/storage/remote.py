@@ -1,0 +1,189 @@
+"""``FsspecStorage``: any other fsspec URL (``memory://``, ``s3://``, ``gs://``, ``az://``...); the only
+module of shardstore that imports fsspec.
+
+Object stores have no directories and no renames, but a single PUT is atomic and, once answered,
+durable; an exclusive create is a conditional PUT (``If-None-Match: *``, fsspec's ``"xb"`` mode).
+Backends that are neither (another fsspec filesystem with rename support) write through a temporary
+object renamed over the key.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fsspec.core import url_to_fs
+
+from shardstore.storage.base import HeldLock, Storage, check_key, strip_trailing_slash
+
+__all__ = ["FsspecStorage"]
+
+# Protocols whose single PUT is atomic: no temporary object and rename needed.
+_ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
+# What fsspec backends report in ``info`` that changes when an object is replaced (s3fs, gcsfs, adlfs, memory).
+_FINGERPRINT_FIELDS = ("size", "ETag", "etag", "generation", "LastModified", "last_modified", "mtime", "created")
+
+
+class _ObjectLock(HeldLock):
+    def __init__(self, storage: "FsspecStorage", key: str) -> None:
+        self.storage, self.key, self.released = storage, key, False
+
+    def held(self) -> bool:
+        return not self.released and self.storage.exists(self.key)
+
+    def release(self) -> None:
+        if not self.released:
+            self.storage.delete(self.key)
+            self.released = True
+
+
+class FsspecStorage(Storage):
+    """Bytes by key under one fsspec URL."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, durable: bool = True) -> None:
+        fs, root = url_to_fs(url, **(storage_options or {}))
+        self._setup(fs, root, strip_trailing_slash(url), durable)
+
+    def _setup(self, fs: Any, root: str, url: str, durable: bool) -> None:
+        self._fs = fs
+        self._root = root.rstrip("/")
+        self.url = url
+        self.durable = durable
+        protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        self._atomic_put = bool(protocols & _ATOMIC_PUT_PROTOCOLS)
+
+    def _derived(self, root: str, url: str) -> "FsspecStorage":
+        other = FsspecStorage.__new__(FsspecStorage)
+        other._setup(self._fs, root, url, self.durable)
+        return other
+
+    def _path(self, key: str) -> str:
+        return f"{self._root}/{check_key(key, self.url)}"
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    def read_range(self, key: str, start: int, stop: int | None) -> bytearray:
+        try:
+            data = bytearray(self._fs.cat_file(self._path(key), start=start, end=stop))
+        except FileNotFoundError:
+            raise self._missing(key) from None
+        expected = -start if start < 0 else (None if stop is None else stop - start)
+        self._check_length(key, start, stop, expected, len(data))
+        return data
+
+    def read_range_into(self, key: str, start: int, out: bytearray | memoryview) -> memoryview:
+        view = memoryview(out).cast("B")
+        try:
+            data = self._fs.cat_file(self._path(key), start=start, end=start + len(view))
+        except FileNotFoundError:
+            raise self._missing(key) from None
+        view[: len(data)] = data
+        self._check_length(key, start, start + len(view), len(view), len(data))
+        return view
+
+    def exists(self, key: str) -> bool:
+        return self._fs.isfile(self._path(key))
+
+    def size(self, key: str) -> int:
+        try:
+            return int(self._fs.size(self._path(key)))
+        except FileNotFoundError:
+            raise self._missing(key) from None
+
+    def fingerprint(self, key: str) -> str:
+        """What the backend reports of size, etag, generation and modification time (fresh, not cached)."""
+        path = self._path(key)
+        try:
+            self._fs.invalidate_cache(path)
+            info = self._fs.info(path)
+        except FileNotFoundError:
+            raise self._missing(key) from None
+        return repr([(k, str(info[k])) for k in _FINGERPRINT_FIELDS if k in info])
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix) if prefix else self._root
+        start = len(self._root) + 1
+        return sorted(p[start:] for p in self._fs.find(base))
+
+    def list_names(self, prefix: str) -> list[str]:
+        try:
+            entries = self._fs.ls(self._root or "/", detail=False)
+        except FileNotFoundError:
+            return []
+        names = (e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        return sorted(n for n in names if n.startswith(prefix))
+
+    def is_empty(self) -> bool:
+        try:
+            return not self._fs.ls(self._root or "/", detail=False)
+        except FileNotFoundError:
+            return True
+
+    # -- writes --------------------------------------------------------------------------------------
+
+    def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        path = self._path(key)
+        if self._atomic_put:
+            # Object store clients (botocore) refuse memoryview bodies; one copy is cheap next to a PUT.
+            self._fs.pipe_file(path, data if isinstance(data, (bytes, bytearray)) else bytes(data))
+            return
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            self._fs.pipe_file(tmp, data)
+            self._fs.mv(tmp, path)
+        except BaseException:
+            if self._fs.exists(tmp):
+                self._fs.rm_file(tmp)
+            raise
+
+    def create_exclusive(self, key: str, data: bytes) -> None:
+        with self._fs.open(self._path(key), "xb") as f:
+            f.write(data)
+
+    def lock(self, key: str, timeout: float) -> "_ObjectLock":
+        """An exclusively created object. Unlike a local lock it outlives a killed holder: delete it
+        by hand if no save is running."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.create_exclusive(key, b"")
+                return _ObjectLock(self, key)
+            except FileExistsError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{self.key_url(key)} is held by another save") from None
+                time.sleep(0.01)
+
+    def age(self) -> float:
+        return 0.0
+
+    def sync(self) -> None:
+        """A finished PUT is already durable on object stores; ``memory://`` has nothing to sync."""
+
+    def delete(self, key: str) -> None:
+        try:
+            self._fs.rm_file(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def delete_prefix(self, prefix: str = "") -> None:
+        base = self._path(prefix) if prefix else (self._root or "/")
+        if self._fs.exists(base):
+            self._fs.rm(base, recursive=True)
+
+    # -- derived storages ------------------------------------------------------------------------------
+
+    def child(self, prefix: str) -> "FsspecStorage":
+        return self._derived(self._path(prefix), self.key_url(prefix))
+
+    def parent(self) -> "FsspecStorage":
+        name = self.name
+        return self._derived(self._root[: -len(name) - 1], self.url[: -len(name) - 1])
+
+    def copy_to(self, key: str, dest: "Storage") -> None:
+        if not isinstance(dest, FsspecStorage) or dest._fs is not self._fs:
+            raise NotImplementedError(f"copy from {self.url} to {dest.url} crosses filesystems")
+        try:
+            self._fs.copy(self._path(key), dest._path(key))
+        except FileNotFoundError:
+            raise self._missing(key) from None

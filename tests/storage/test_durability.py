@@ -1,0 +1,106 @@
+"""A returned save is durable: every object and every directory whose entries changed is fsync'd, in an
+order that makes the root marker durable only after everything it names, and the commit (the rename
+into the URL) durable before ``save`` returns. Checked by recording the sync calls of the local backend,
+not by timing or power cuts."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import shardstore
+from shardstore.storage import local
+
+
+@pytest.fixture()
+def syncs(monkeypatch) -> list[tuple[str, str]]:
+    """Every fsync the local backend makes, in order: ("file", path) or ("dir", path)."""
+    events: list[tuple[str, str]] = []
+    file_sync, dir_sync = local._fsync_file, local._fsync_dir
+    monkeypatch.setattr(local, "_fsync_file", lambda fd, path: (events.append(("file", path)), file_sync(fd, path)))
+    monkeypatch.setattr(local, "_fsync_dir", lambda path: (events.append(("dir", path)), dir_sync(path)))
+    return events
+
+
+def _state() -> dict:
+    return {"model": {"layers": [{"w": torch.randn(16, 8)}, {"w": torch.randn(16, 8)}], "b": torch.zeros(3)}, "step": 4}
+
+
+def _relative(path: str, roots: list[str]) -> str | None:
+    """``path`` relative to whichever save tree it lies in (staging or final), temporaries folded."""
+    for root in roots:
+        if path == root:
+            return "."
+        if path.startswith(root + "/"):
+            rel = path[len(root) + 1 :]
+            return rel.split(".tmp-")[0]
+    return None
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite"])
+def test_every_file_and_directory_is_synced_marker_after_contents_commit_last(tmp_path, syncs, overwrite):
+    url = tmp_path / "ck"
+    if overwrite:
+        shardstore.save(_state(), str(url))
+        syncs.clear()
+    shardstore.save(_state(), str(url), overwrite=overwrite)
+    stagings = sorted({p.split(".staging-")[0] + ".staging-" + p.split(".staging-")[1].split("/")[0]
+                       for _, p in syncs if ".staging-" in p})
+    assert len(stagings) == 1, syncs
+    roots = stagings + [str(url)]
+    files = [_relative(p, roots) for kind, p in syncs if kind == "file"]
+    dirs = [_relative(p, roots) for kind, p in syncs if kind == "dir"]
+    tree_files = {str(p.relative_to(url)) for p in url.rglob("*") if p.is_file()}
+    tree_dirs = {str(p.relative_to(url)) for p in url.rglob("*") if p.is_dir()} | {"."}
+    assert tree_files <= set(files), tree_files - set(files)
+    assert tree_dirs <= set(dirs), tree_dirs - set(dirs)
+    marker = max(i for i, (kind, p) in enumerate(syncs) if kind == "file" and _relative(p, roots) == "zarr.json")
+    contents = [i for i, (kind, p) in enumerate(syncs) if _relative(p, roots) not in ("zarr.json", ".", None)]
+    assert max(contents) < marker, "a file or directory was synced after the root marker"
+    assert syncs[-1] == ("dir", str(tmp_path)), "the rename into the URL is not the last thing made durable"
+    assert ("dir", os.path.join(stagings[0])) in syncs[marker:], "the marker's name was not made durable"
+
+
+def test_durable_false_syncs_nothing(tmp_path, syncs):
+    shardstore.save(_state(), str(tmp_path / "ck"), durable=False)
+    assert syncs == []
+    target = {"model": {"layers": [{"w": torch.zeros(16, 8)}, {"w": torch.zeros(16, 8)}], "b": torch.ones(3)}, "step": 0}
+    shardstore.load(target, str(tmp_path / "ck"))
+    assert target["step"] == 4 and not target["model"]["b"].any()
+
+
+def test_the_commit_lock_and_claim_files_are_not_left_behind(tmp_path: Path):
+    shardstore.save(_state(), str(tmp_path / "ck"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert not list((tmp_path / "ck").rglob(".shardstore-*"))
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["o_direct", "o_direct-refused"])
+def test_large_aligned_writes_go_around_the_page_cache_and_round_trip(tmp_path, monkeypatch, refused):
+    """The block-aligned head of a large object is written with O_DIRECT, the tail through the page
+    cache; where the filesystem refuses O_DIRECT (EINVAL) everything goes through the page cache."""
+    opened = []
+    real_open = os.open
+
+    def spy(path, flags, *args):
+        if flags & os.O_DIRECT:
+            opened.append(path)
+            if refused:
+                raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(local.os, "open", spy)
+    buffer = mmap.mmap(-1, 3 << 20)  # page-aligned, as the save's encode ring is
+    data = os.urandom((3 << 20) - 5)
+    buffer[: len(data)] = data
+    storage = local.LocalStorage(str(tmp_path / "s"))
+    storage.write("big", memoryview(buffer)[: len(data)])
+    storage.write("big2", memoryview(buffer)[: len(data)])
+    storage.write("small", data[:1000])
+    assert bytes(storage.read("big")) == data == bytes(storage.read("big2"))
+    assert bytes(storage.read("small")) == data[:1000]
+    assert len(opened) == (1 if refused else 2)  # once refused, not tried again
