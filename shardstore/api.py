@@ -152,7 +152,7 @@ def load(
     """
     start = time.perf_counter()
     coord = Coordinator(process_group)
-    storage = Storage(url, storage_options)
+    storage = Storage(url, storage_options).pinned()
     items = coord.agree("reading the state dict", lambda: flatten(state_dict)[0])
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     wanted = {k for keys in coord.all_gather(tuple(tensors)) for k in keys}  # per-rank keys: wanted somewhere
@@ -287,15 +287,17 @@ class Checkpoint:
     valid root record at all, raises ``CheckpointChangedError``. The handle refuses rather than re-opens
     so that what ``keys()`` and ``metadata()`` told the caller stays true for its whole life; open the
     URL again to read the new checkpoint. The check is repeated after the bytes are fetched, so a
-    replacement racing a read is refused too.
+    replacement racing a read is refused too; where the backend can pin the tree (``Storage.pinned``),
+    the bytes of a read in flight are this commit's even while another one is swapped in.
     """
 
     def __init__(self, url: str, storage_options: dict | None = None, *, max_read_bytes: int = DEFAULT_MAX_READ_BYTES) -> None:
         if not isinstance(max_read_bytes, int) or isinstance(max_read_bytes, bool) or max_read_bytes < 0:
             raise ValueError(f"max_read_bytes must be a number of bytes (an int >= 0), got {max_read_bytes!r}")
-        self._storage = Storage(url, storage_options)
+        self._at_url = Storage(url, storage_options)  # where another save would commit
         self._max_read_bytes = max_read_bytes
         self._fingerprint = self._root_fingerprint()  # before the record: a commit in between is then noticed
+        self._storage = self._at_url.pinned()  # what reads go through
         self._root = fmt.read_root(self._storage)
         self._stored, self._layouts, self._nodes = _stored_arrays(self._root)
         self._by_name = _display_names(self._stored, self._nodes)
@@ -364,7 +366,7 @@ class Checkpoint:
 
     def _root_fingerprint(self) -> str | None:
         try:
-            return self._storage.fingerprint(fmt.ZARR_JSON)
+            return self._at_url.fingerprint(fmt.ZARR_JSON)
         except MissingChunkError:
             return None
 
@@ -374,7 +376,7 @@ class Checkpoint:
         if now == self._fingerprint:
             return
         try:
-            commit = fmt.read_root(self._storage).commit_id
+            commit = fmt.read_root(self._at_url).commit_id
         except ShardstoreError as exc:
             raise self._changed(f"its root zarr.json is now unreadable ({type(exc).__name__}: {exc})") from exc
         if commit != self._root.commit_id:

@@ -165,6 +165,11 @@ class Storage:
             raise ValueError(f"read_ranges_into: {pos} bytes requested, the buffer holds {len(view)}")
         return list(io_pool().map(lambda job: self.read_range_into(*job), jobs))
 
+    def pinned(self) -> "Storage":
+        """A read-only view of the checkpoint now at the root that a concurrent commit cannot change under
+        it, where the backend can (local trees); else this storage itself."""
+        return self
+
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 

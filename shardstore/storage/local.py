@@ -22,6 +22,7 @@ import stat
 import threading
 import time
 import uuid
+import weakref
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,7 @@ class LocalStorage(Storage):
         self._checked_dirs: set[str] = set()  # directories known to be real (not symlinks), for reads
         self._lock = threading.Lock()
         self._direct_ok = hasattr(os, "O_DIRECT")
+        self._pin: int | None = None  # an open directory: reads resolve from it (``pinned``)
 
     def _derived(self, root: str, url: str) -> "LocalStorage":
         other = LocalStorage.__new__(LocalStorage)
@@ -92,7 +94,8 @@ class LocalStorage(Storage):
         path = self._path(key)
         self._check_dirs(key)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            name, dir_fd = self._locate(path)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
         except FileNotFoundError:
             raise self._missing(key) from None
         except OSError as exc:
@@ -114,7 +117,8 @@ class LocalStorage(Storage):
             if rel in self._checked_dirs:
                 continue
             try:
-                mode = os.lstat(f"{self._root}/{rel}").st_mode
+                name, dir_fd = self._locate(f"{self._root}/{rel}")
+                mode = os.lstat(name, dir_fd=dir_fd).st_mode
             except FileNotFoundError:
                 raise self._missing(key) from None
             if not stat.S_ISDIR(mode):
@@ -127,8 +131,27 @@ class LocalStorage(Storage):
             "checkpoint's own files and never follows links out of it; remove it or re-run the save"
         )
 
+    def _locate(self, path: str) -> tuple[str, int | None]:
+        """``path`` as (name, dir_fd) for ``os`` calls: relative to the pinned tree when there is one."""
+        if self._pin is None:
+            return path, None
+        return (path[len(self._root) + 1 :] or "."), self._pin
+
+    def pinned(self) -> "LocalStorage":
+        """A read-only view that keeps reading the tree now at the root even after a save swaps another
+        one in (an open directory follows its tree through renames): a load never mixes two
+        checkpoints. Once the swapped-out tree is deleted, its reads fail as missing objects."""
+        view = self._derived(self._root, self.url)
+        view._pin = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        weakref.finalize(view, os.close, view._pin)
+        return view
+
     def exists(self, key: str) -> bool:
-        return os.path.isfile(self._path(key)) and not os.path.islink(self._path(key))
+        name, dir_fd = self._locate(self._path(key))
+        try:
+            return stat.S_ISREG(os.lstat(name, dir_fd=dir_fd).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
 
     def size(self, key: str) -> int:
         with self._open_for_read(key) as fd:

@@ -76,3 +76,16 @@ def test_a_symlink_to_the_checkpoint_root_is_followed(pair, tmp_path):
     target = {"model": {"w": torch.zeros(8, 4), "b": torch.zeros(4)}, "step": -1}
     shardstore.load(target, str(tmp_path / "latest"))
     assert target["step"] == 2 and torch.all(target["model"]["w"] == 2)
+
+
+def test_a_load_never_mixes_the_checkpoint_it_started_with_and_one_swapped_in(tmp_path):
+    """A commit that swaps a new checkpoint in after a handle opened (same layout, valid checksums: mixing
+    would be silent): the handle refuses to read on (CheckpointChangedError), never the new bytes under the
+    old metadata; a read already in flight keeps reading the tree it pinned."""
+    url = str(tmp_path / "ck")
+    shardstore.save(_state(1.0), url)
+    handle = shardstore.open(url)
+    shardstore.save(_state(2.0), url, overwrite=True)
+    assert shardstore.open(url).read("model.w").eq(2).all()
+    with pytest.raises(shardstore.CheckpointChangedError, match="another save committed there"):
+        handle.read("model.w")

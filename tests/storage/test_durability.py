@@ -86,12 +86,12 @@ def test_large_aligned_writes_go_around_the_page_cache_and_round_trip(tmp_path, 
     opened = []
     real_open = os.open
 
-    def spy(path, flags, *args):
+    def spy(path, flags, *args, **kwargs):
         if flags & os.O_DIRECT:
             opened.append(path)
             if refused:
                 raise OSError(22, "Invalid argument")
-        return real_open(path, flags, *args)
+        return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(local.os, "open", spy)
     buffer = mmap.mmap(-1, 3 << 20)  # page-aligned, as the save's encode ring is
