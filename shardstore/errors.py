@@ -94,7 +94,6 @@ class PartialLoadError(ShardstoreError, RuntimeError):
     the message names the tensors already written."""
 
 
-
 class CheckpointChangedError(ShardstoreError, RuntimeError):
     """The checkpoint at an ``open()`` handle's URL was replaced (another commit id) or deleted since the
     handle read its root record: decoding the new bytes with the old metadata could return wrong values,

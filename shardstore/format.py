@@ -237,7 +237,7 @@ class TensorRecord:
                 inner_chunk_shape=int_list(entry.get("inner_chunk_shape"), where, "inner_chunk_shape"),
                 compressor=entry.get("compressor"),
                 mesh_shape=int_list(entry.get("mesh_shape"), where, "mesh_shape"),
-                placements=tuple(get_field(entry, "placements", list, where)),
+                placements=_strings(get_field(entry, "placements", list, where), where, "placements"),
             )
             check_sane_grid(record.layout, where)  # also validates dtype, ranks, divisibility, compressor
         except CorruptCheckpointError:
@@ -299,6 +299,11 @@ class RootMetadata:
         )
         check_tensors_match_tree(root.tree, root.tensors, where)
         return root
+
+
+def _strings(values: list, where: str, what: str) -> tuple[str, ...]:
+    expect(all(isinstance(v, str) for v in values), where, f"{what} as a list of strings", values)
+    return tuple(values)
 
 
 def _commit_id(block: dict[str, Any], where: str) -> str:

@@ -140,9 +140,14 @@ class LocalStorage(Storage):
     def pinned(self) -> "LocalStorage":
         """A read-only view that keeps reading the tree now at the root even after a save swaps another
         one in (an open directory follows its tree through renames): a load never mixes two
-        checkpoints. Once the swapped-out tree is deleted, its reads fail as missing objects."""
+        checkpoints. Once the swapped-out tree is deleted, its reads fail as missing objects. Nothing at
+        the root: nothing to pin, and reads report what is (not) there."""
+        try:
+            pin = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return self
         view = self._derived(self._root, self.url)
-        view._pin = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        view._pin = pin
         weakref.finalize(view, os.close, view._pin)
         return view
 

@@ -129,6 +129,8 @@ TREE_EDITS = {
     "entry-not-in-tree": (lambda b: _tree(b)["model"]["dict"].pop("b"), "'model/b'", "is not in the tree"),
     "entry-path-differs": (lambda b: b["tensors"]["model/w"].update(path="model/x"), "'model/w' has path 'model/x'",
                            "expected the two to be equal"),
+    "placements-not-strings": (lambda b: b["tensors"]["model/w"].update(placements=[{"S": 0}]), "tensor 'model/w'",
+                               "placements as a list of strings"),
     "node-path-not-the-key-encoding": (lambda b: b["tensors"].update({"model/W": dict(b["tensors"].pop("model/w"),
                                                                                      path="model/W")}),
                                        "'model.w' (node 'model/w')", "has no entry for it"),
