@@ -18,6 +18,7 @@ from shardstore.errors import (
     ShardstoreError,
     StateDictMismatchError,
     UnsafeKeyError,
+    UnsupportedInputError,
 )
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "PartialLoadError",
     "StateDictMismatchError",
     "UnsafeKeyError",
+    "UnsupportedInputError",
 ]

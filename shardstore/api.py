@@ -1,16 +1,17 @@
 """``save``, ``load`` and ``open``: the data flow of a checkpoint, top to bottom.
 
-save: flatten the state dict -> each rank plans what it holds -> rank 0 merges the plans (dedup,
-      balance) and the skeletons (per-rank keys survive) -> every rank writes its cells -> all agree ->
-      rank 0 claims a place to write (``commit.begin``) -> every rank writes and syncs its cells -> all
-      agree -> rank 0 writes and syncs array and group metadata, then the root ``zarr.json`` (the
-      commit marker) -> ``commit.finish`` makes it the checkpoint at the URL, only if no other save
-      committed there meanwhile.
-load: flatten the target state dict -> read the root record -> plan this rank's reads (validated before
-      any byte moves) -> check every object's shard index -> all agree -> read and verify the chunks ->
-      all agree -> copy them in. When some rank's share exceeds ``staging_bytes``, every rank instead
-      reads, verifies and copies batch by batch after the indices are checked (memory stays bounded;
-      a checksum failure then raises ``PartialLoadError`` everywhere).
+save: flatten the state dict, check it is storable -> each rank plans what it holds -> rank 0 merges
+      the plans (dedup, balance) and the skeletons (per-rank keys survive) -> rank 0 claims a place to
+      write (``commit.begin``) -> every rank writes and syncs its cells -> all agree -> rank 0 writes and
+      syncs array and group metadata, then the root ``zarr.json`` (the commit marker) ->
+      ``commit.finish`` makes it the checkpoint at the URL, only if no other save committed there
+      meanwhile.
+load: flatten the target state dict, check every target can be filled -> read the root record -> plan
+      this rank's reads (validated before any byte moves) -> check every object's shard index -> all
+      agree -> read and verify the chunks -> all agree -> copy them in. When some rank's share exceeds
+      ``staging_bytes``, every rank instead reads, verifies and copies batch by batch after the indices
+      are checked (memory stays bounded; a checksum failure then raises ``PartialLoadError`` on the
+      ranks that had copied tensors in).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from shardstore import format as fmt
 from shardstore.codec import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointChangedError, MissingChunkError, PartialLoadError, ShardstoreError
-from shardstore.execute import check_runs, layout_of, local_tensor, place, read_checked, stream_runs, write_cells
-from shardstore.flatten import KeyPath, flatten, fqn, is_tensor_like, merge_skeletons, unflatten
+from shardstore.execute import check_runs, layout_of, place, read_checked, stream_runs, write_cells
+from shardstore.flatten import KeyPath, fill_plain_values, flatten, fqn, is_tensor_like, merge_skeletons, unflatten
+from shardstore.inputs import check_sources, check_targets, check_user_metadata, local_tensor
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
 from shardstore.plan import GlobalSavePlan, dtype_name, local_save_plan, merge_save_plans
 from shardstore.regions import check_read_size, region_box
 from shardstore.storage import Storage
+from shardstore.ties import Destinations
 
 __all__ = ["save", "load", "open", "Checkpoint", "SaveResult", "LoadResult"]
 
@@ -86,9 +89,7 @@ def save(
     checkpoint, atomically (docs/format.md §5)."""
     start = time.perf_counter()
     coord = Coordinator(process_group)
-    items, skeleton = flatten(state_dict)
-    tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
-    local = coord.agree("planning the save", lambda: local_save_plan(coord.rank, tensors))
+    tensors, skeleton, local = coord.agree("planning the save", lambda: _plan_save(coord.rank, state_dict, user_metadata))
     plans, skeletons = zip(*coord.all_gather((local, skeleton)))
     plan, skeleton = coord.decide("merging the save plans", lambda: _merge_plans(plans, skeletons))
     target = Storage(url, storage_options, durable=durable)
@@ -102,6 +103,15 @@ def save(
             commit.abandon(dest, claim)
         raise
     return SaveResult(url, stats.nbytes, stats.objects, time.perf_counter() - start)
+
+
+def _plan_save(rank: int, state_dict: Mapping[str, Any], user_metadata: dict | None) -> tuple[dict, dict, Any]:
+    """This rank's tensors, skeleton and save plan, once everything it was handed is known to be storable."""
+    check_user_metadata(user_metadata)
+    items, skeleton = flatten(state_dict)
+    tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
+    check_sources(tensors)
+    return tensors, skeleton, local_save_plan(rank, tensors)
 
 
 def _merge_plans(plans, skeletons) -> tuple[GlobalSavePlan, dict]:
@@ -143,12 +153,13 @@ def load(
 ) -> LoadResult:
     """Fill ``state_dict`` in place from the checkpoint at ``url``, resharding to its layouts.
 
-    Every object's shard index is checked first, so missing, truncated or rewritten objects fail before
-    any tensor changes. Then, when every rank's share fits in ``staging_bytes`` of host memory, the load
+    Every target the checkpoint fills (``inputs.check_targets``: kind, dtype, memory overlap) and every
+    object's shard index are checked first, so an unloadable target or a missing, truncated or rewritten
+    object fails before any tensor changes. Then, when every rank's share fits in ``staging_bytes`` of host memory, the load
     is all or nothing: every chunk is read and verified on every rank before any tensor changes.
-    Otherwise every rank streams through that much memory, copying as it verifies; a chunk failing its
-    checksum then raises ``PartialLoadError`` on every rank (naming, where it failed, the tensors
-    already written), since the state dicts are partly loaded.
+    Otherwise every rank streams through that much memory, copying as it verifies. A failure after a
+    rank copied tensors in raises ``PartialLoadError`` there, naming them; a rank whose state dict is
+    unchanged raises the plain error. Parameters that require grad load (copied outside autograd).
     """
     start = time.perf_counter()
     coord = Coordinator(process_group)
@@ -158,21 +169,16 @@ def load(
     wanted = {k for keys in coord.all_gather(tuple(tensors)) for k in keys}  # per-rank keys: wanted somewhere
     job = coord.agree("checking the checkpoint", lambda: _plan_here(tensors, storage, strict, wanted, staging_bytes))
     streamed = any(coord.all_gather(job.over_staging))  # each rank judges by its own staging memory
-    pieces = None if streamed else coord.agree("reading and verifying chunks", lambda: read_checked(storage, job.checked, job.layouts))
+    pieces = None if streamed else coord.agree("reading and verifying chunks", lambda: _read_all(storage, job))
     # Only now, with every rank's chunks verified (all or nothing) or indices checked (streaming), does
     # any rank touch its tensors.
+    written: dict[str, None] = {}  # names of the tensors this rank has copied into
     try:
-        staged = coord.agree("copying into the state dict", lambda: _copy_in(state_dict, tensors, storage, job, pieces, staging_bytes))
-    except PartialLoadError:
-        raise
+        staged = coord.agree("copying into the state dict", lambda: _copy_in(state_dict, storage, job, pieces, staging_bytes, written))
     except Exception as exc:
-        if not streamed:
-            raise
-        raise PartialLoadError(
-            f"{exc}\nThe load streamed (a rank's share exceeded its staging_bytes), so ranks copied chunks in as "
-            "they verified them: the state dicts may be partly loaded. Load again (from an intact checkpoint), "
-            "or pass a staging_bytes above every rank's share for an all-or-nothing load."
-        ) from exc
+        if not written:
+            raise  # this rank's state dict is unchanged: the plain error says why
+        raise PartialLoadError(_partly_loaded(exc, written, streamed)) from exc
     return LoadResult(job.nbytes, job.chunks, time.perf_counter() - start, job.missing, job.unexpected, staged, streamed)
 
 
@@ -189,37 +195,70 @@ class _LoadJob:
     chunks: int
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
+    dests: Destinations  # where the chunks go
 
 
 def _plan_here(tensors: dict, storage: Storage, strict: bool, wanted: set, staging_bytes: int) -> _LoadJob:
-    """Plan this rank's reads and check every object's shard index (no data read yet)."""
+    """Check this rank's targets, plan its reads and check every object's shard index (no data read yet)."""
     if not isinstance(staging_bytes, int) or isinstance(staging_bytes, bool) or staging_bytes < 0:
         raise ValueError(f"staging_bytes must be a number of bytes (an int >= 0), got {staging_bytes!r}")
     root = fmt.read_root(storage)
     stored, layouts, nodes = _stored_arrays(root)
+    check_targets({k: v for k, v in tensors.items() if k in stored})  # the rest is left as it is
     plan = plan_load(load_targets(tensors), stored, strict=strict, wanted=wanted)
     fmt.check_arrays(storage, [root.tensors[nodes[k]] for k in tensors if k in stored])
     checked = check_runs(storage, plan.runs, layouts, nodes)
     tasks = [task for run in plan.runs for task in run.tasks]
     nbytes = sum(math.prod(t.overlap.sizes) * layouts[t.key].dtype.itemsize for t in tasks)
     needed = sum(c.nbytes for c in checked)
+    dests = Destinations.of({k: local_tensor(k, v) for k, v in tensors.items()}, {t.key for t in tasks})
     return _LoadJob(
         root, checked, layouts, needed, needed > staging_bytes, nbytes, len(tasks),
-        tuple(fqn(k) for k in plan.missing), tuple(fqn(k) for k in plan.unexpected),
+        tuple(fqn(k) for k in plan.missing), tuple(fqn(k) for k in plan.unexpected), dests,
     )
 
 
-def _copy_in(state_dict: dict, tensors: dict, storage: Storage, job: _LoadJob, pieces, staging_bytes: int) -> int:
-    """Place verified pieces (or stream when ``pieces`` is None) and the saved plain values; returns the
-    staging memory used."""
-    destinations = {k: [local_tensor(k, v)] for k, v in tensors.items()}
+def _partly_loaded(exc: Exception, written: dict[str, None], streamed: bool) -> str:
+    fix = (
+        "The load streamed (a rank's share exceeded its staging_bytes), so ranks copied chunks in as they verified "
+        "them; pass a staging_bytes above every rank's share for an all-or-nothing load, or load again from an "
+        "intact checkpoint." if streamed else "Load again (from an intact checkpoint)."
+    )
+    return (
+        f"{exc}\nThis rank had already copied {len(written)} tensor(s) in, so its state dict is now partly loaded: "
+        f"{list(written)[:20]}. {fix}"
+    )
+
+
+def _read_all(storage: Storage, job: _LoadJob) -> list:
+    """Every verified piece this rank needs; tied targets' pieces are already in their scratch memory and
+    checked, so they are left out."""
+    pieces, scratch = read_checked(storage, job.checked, job.layouts), job.dests.scratch
+    place([p for p in pieces if p[0].key in scratch], job.dests.by_key())
+    job.dests.check_ties()
+    return [p for p in pieces if p[0].key not in scratch]
+
+
+def _copy_in(state_dict: dict, storage: Storage, job: _LoadJob, pieces, staging_bytes: int, written) -> int:
+    """Place verified pieces (or stream when ``pieces`` is None), tied tensors and the saved plain values,
+    noting in ``written`` each tensor copied into; returns the staging memory used."""
     if pieces is None:
-        staged = stream_runs(storage, job.checked, job.layouts, destinations, staging_bytes)
+        staged = _stream(storage, job, staging_bytes, written)
+        job.dests.check_ties()
     else:
-        place(pieces, destinations)
+        place(pieces, job.dests.by_key(), written)
         staged = job.needed
-    _replace_plain_values(state_dict, job.root.tree)
+    job.dests.write_ties(written)
+    fill_plain_values(state_dict, job.root.tree)
     return staged
+
+
+def _stream(storage: Storage, job: _LoadJob, staging_bytes: int, written: dict) -> int:
+    try:
+        return stream_runs(storage, job.checked, job.layouts, job.dests.by_key(), staging_bytes, written)
+    finally:
+        for key in job.dests.scratch:  # tied targets were filled into scratch memory only, so far
+            written.pop(fqn(key), None)
 
 
 def _stored_arrays(root: fmt.RootMetadata):
@@ -232,41 +271,6 @@ def _stored_arrays(root: fmt.RootMetadata):
         stored[key] = StoredArray(key, record.shape, dtype_name(layouts[key].dtype), record.chunk_shape, record.inner_chunk_shape)
         nodes[key] = record.path
     return stored, layouts, nodes
-
-
-def _replace_plain_values(state_dict: dict, tree) -> None:
-    """Plain values (step counters, config) are replaced with the saved ones, container by container."""
-    _merge(state_dict, unflatten(tree, _TensorPlaceholders()))
-
-
-class _TensorPlaceholders(dict):
-    """Stands in for every tensor: plain values are all this walk needs."""
-
-    def __contains__(self, key) -> bool:
-        return True
-
-    def __getitem__(self, key):
-        return _TENSOR
-
-
-_TENSOR = object()
-
-
-def _merge(target, saved) -> None:
-    for k in list(target.keys() if isinstance(target, dict) else range(len(target))):
-        if (k not in saved) if isinstance(target, dict) else (k >= len(saved)):
-            continue
-        value, new = target[k], saved[k]
-        if is_tensor_like(value) or new is _TENSOR:
-            continue
-        if isinstance(value, (dict, list)) and isinstance(new, type(value)) and _holds_tensors(value):
-            _merge(value, new)
-        elif not isinstance(target, tuple):
-            target[k] = new
-
-
-def _holds_tensors(container) -> bool:
-    return bool(flatten({"": container})[0])
 
 
 def _display_names(stored: Mapping[KeyPath, Any], nodes: Mapping[KeyPath, str]) -> dict[str, KeyPath]:

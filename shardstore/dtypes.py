@@ -42,9 +42,10 @@ class DTypeInfo:
 
 
 def _info(torch_name: str, zarr_name: str, numpy_dtype: object) -> DTypeInfo | None:
-    """An entry when this torch build has the dtype (float8 variants come and go across versions)."""
+    """An entry when this torch build and ml_dtypes both have the dtype (float8 variants come and go
+    across versions)."""
     torch_dtype = getattr(torch, torch_name, None)
-    if not isinstance(torch_dtype, torch.dtype):
+    if not isinstance(torch_dtype, torch.dtype) or numpy_dtype is None:
         return None
     return DTypeInfo(torch_dtype, zarr_name, np.dtype(numpy_dtype).newbyteorder("<"))
 
@@ -69,6 +70,7 @@ _TABLE = [
     ("float8_e5m2", "float8_e5m2", ml_dtypes.float8_e5m2),
     ("float8_e4m3fnuz", "float8_e4m3fnuz", ml_dtypes.float8_e4m3fnuz),
     ("float8_e5m2fnuz", "float8_e5m2fnuz", ml_dtypes.float8_e5m2fnuz),
+    ("float8_e8m0fnu", "float8_e8m0fnu", getattr(ml_dtypes, "float8_e8m0fnu", None)),
 ]
 
 DTYPES: tuple[DTypeInfo, ...] = tuple(i for i in (_info(*row) for row in _TABLE) if i is not None)

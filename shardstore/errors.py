@@ -20,6 +20,8 @@ so callers can catch either::
     ├── CheckpointChangedError(RuntimeError)          the checkpoint behind an ``open()`` handle was
     │                                                 replaced or deleted: re-open it
     ├── UnsafeKeyError(ValueError)                    a key that would escape the checkpoint root
+    ├── UnsupportedInputError(TypeError)              a state dict entry or user_metadata a checkpoint
+    │                                                 cannot hold, or a tensor a load cannot fill
     └── StateDictMismatchError(ValueError)            missing/extra keys, dtype or shape mismatch
 
 Messages say what went wrong, where (key, object URL), what was expected, what arrived, and the fix.
@@ -37,6 +39,7 @@ __all__ = [
     "CorruptCheckpointError",
     "MissingChunkError",
     "UnsafeKeyError",
+    "UnsupportedInputError",
     "StateDictMismatchError",
     "PartialLoadError",
     "CheckpointChangedError",
@@ -82,6 +85,12 @@ class MissingChunkError(CorruptCheckpointError, FileNotFoundError):
 
 class UnsafeKeyError(ShardstoreError, ValueError):
     """A storage key that is empty, absolute, or has ``.``/``..``/empty components, ``\\`` or NUL."""
+
+
+class UnsupportedInputError(ShardstoreError, TypeError):
+    """What a caller handed to save or load cannot be stored or filled: a dtype with no Zarr type, a sparse,
+    nested, quantized or meta tensor, an overlapping target, non-JSON ``user_metadata``. Raised while
+    planning, before any byte is written or any tensor changes, naming the key."""
 
 
 class StateDictMismatchError(ShardstoreError, ValueError):

@@ -20,20 +20,20 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from shardstore.codec import CRC_NBYTES, ArrayLayout, decode_index, decode_inner_chunk, encode_shard, index_nbytes, inner_chunk_ranges
 from shardstore.dtypes import dtype_info_by_name
-from shardstore.errors import CorruptCheckpointError, MissingChunkError, PartialLoadError
+from shardstore.errors import CorruptCheckpointError, MissingChunkError
 from shardstore.flatten import KeyPath, fqn
 from shardstore.format import chunk_key
+from shardstore.inputs import local_tensor
 from shardstore.load_plan import ReadRun, ReadTask
 from shardstore.plan import ArrayPlan, GlobalSavePlan
 from shardstore.storage import Storage
 
 __all__ = [
     "WriteStats", "write_cells", "CheckedRun", "check_runs", "read_checked", "read_runs", "stream_runs", "place",
-    "object_key", "layout_of", "local_tensor",
+    "copy_into", "object_key", "layout_of",
 ]
 
 _WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
@@ -56,13 +56,6 @@ def layout_of(array: ArrayPlan, compressor: str | None) -> ArrayLayout:
     return ArrayLayout(array.shape, dtype, array.chunk_shape, array.inner_chunk_shape, compressor)
 
 
-def local_tensor(key: KeyPath, value: Any) -> torch.Tensor:
-    """The tensor this rank holds of a state dict entry: a DTensor's local shard, or the tensor itself."""
-    if hasattr(type(value), "__get_tensor_shard__"):
-        return value.__get_tensor_shard__(MetadataIndex(fqn(key)))
-    return value
-
-
 def write_cells(
     storage: Storage, plan: GlobalSavePlan, rank: int, items: Mapping[KeyPath, Any], compressor: str | None = None
 ) -> WriteStats:
@@ -79,7 +72,7 @@ def write_cells(
     with ThreadPoolExecutor(_WRITERS) as pool:
         for i, task in enumerate(plan.writes[rank]):
             array = arrays[task.key]
-            data = local_tensor(task.key, items[task.key]).detach()[task.cell_box.relative_to(task.source_box)]
+            data = _source(local_tensor(task.key, items[task.key]), task)
             buffer, busy = ring[i % _IN_FLIGHT]
             if busy is not None:
                 busy.result()
@@ -93,6 +86,12 @@ def write_cells(
             if busy is not None:
                 busy.result()
     return WriteStats(nbytes, len(plan.writes[rank]))
+
+
+def _source(local: torch.Tensor, task) -> torch.Tensor:
+    """The values of one cell, with any lazy conjugate or negative bit applied (the bytes written are the
+    values the tensor shows, never its raw storage)."""
+    return local[task.cell_box.relative_to(task.source_box)].resolve_conj().resolve_neg()
 
 
 def encoded_bound(layout: ArrayLayout) -> int:
@@ -171,38 +170,26 @@ def stream_runs(
     layouts: Mapping[KeyPath, ArrayLayout],
     destinations: Mapping[KeyPath, list[torch.Tensor]],
     budget: int,
+    written: dict[str, None],
 ) -> int:
     """Read, verify and place ``checked`` runs in batches through two reused buffers of about ``budget / 2``
     bytes each (a single inner chunk may need more); returns the bytes the buffers took.
 
-    The next batch is read while the current one is verified and copied in. A failure after anything
-    was copied raises ``PartialLoadError`` naming the tensors already written.
+    The next batch is read while the current one is verified and copied in; ``written`` gets the name of
+    every tensor copied into, so a caller whose load fails part way can say what already changed.
     """
     batches = _batches([part for c in checked for part in _split(c, budget // 2)], budget // 2)
     if not batches:
         return 0
     size = max(sum(c.nbytes for c in batch) for batch in batches)
     buffers = [staging_buffer(size) for _ in range(min(2, len(batches)))]
-    written: dict[str, None] = {}  # names of the tensors copied into so far, in order
     with ThreadPoolExecutor(1) as prefetch:
         fetching = prefetch.submit(_fetch, storage, batches[0], buffers[0])
         for i, batch in enumerate(batches):
-            try:
-                blobs = fetching.result()
-                if i + 1 < len(batches):
-                    fetching = prefetch.submit(_fetch, storage, batches[i + 1], buffers[(i + 1) % 2])
-                pieces = _decode(storage, batch, blobs, layouts)
-            except Exception as exc:
-                if not written:
-                    raise
-                raise PartialLoadError(
-                    f"{exc}\nThis load streamed through {budget} bytes of staging memory and had already copied "
-                    f"{len(written)} tensor(s) in, so the state dict is now partly loaded: {list(written)[:20]}. "
-                    "Load again from an intact checkpoint, or pass a staging_bytes larger than this rank's "
-                    "share to get an all-or-nothing load."
-                ) from exc
-            place(pieces, destinations)
-            written.update(dict.fromkeys(fqn(task.key) for task, _ in pieces))
+            blobs = fetching.result()
+            if i + 1 < len(batches):
+                fetching = prefetch.submit(_fetch, storage, batches[i + 1], buffers[(i + 1) % 2])
+            place(_decode(storage, batch, blobs, layouts), destinations, written)
     return size * len(buffers)
 
 
@@ -307,8 +294,22 @@ def _decode_run(storage: Storage, layout: ArrayLayout, run: ReadRun, key: str, r
     return out
 
 
-def place(pieces: list[tuple[ReadTask, torch.Tensor]], destinations: Mapping[KeyPath, list[torch.Tensor]]) -> None:
-    """Copy every verified piece into its destination tensor (one host-to-device copy per piece)."""
+def copy_into(dest: torch.Tensor, values: torch.Tensor) -> None:
+    """``dest.copy_(values)`` outside autograd, so parameters that require grad load as
+    ``load_state_dict`` loads them, and inside inference mode for inference tensors, which no other mode
+    may write."""
+    with torch.inference_mode() if dest.is_inference() else torch.no_grad():
+        dest.copy_(values)
+
+
+def place(
+    pieces: list[tuple[ReadTask, torch.Tensor]],
+    destinations: Mapping[KeyPath, list[torch.Tensor]],
+    written: dict[str, None] | None = None,
+) -> None:
+    """Copy every verified piece into its destination tensor (one host-to-device copy per piece), noting
+    in ``written`` (when given) the name of each tensor as it is first written."""
     for task, values in pieces:
-        dest = destinations[task.key][task.dest]
-        dest[task.overlap.relative_to(task.dest_box)].copy_(values)
+        copy_into(destinations[task.key][task.dest][task.overlap.relative_to(task.dest_box)], values)
+        if written is not None:
+            written.setdefault(fqn(task.key))

@@ -16,21 +16,24 @@ Skeleton nodes are one-entry objects: ``{"dict": {key: node}}``, ``{"list": [nod
 (``torch.Size``, named tuples) as plain ``tuple``.
 
 Node names: each key path component is percent-encoded so that no key can name a path outside the
-checkpoint or a name Zarr reserves. See ``node_path``.
+checkpoint or a name Zarr reserves, and one too long for a file name gets a stable short form. See
+``node_path``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from typing import Any, Union
 
 import torch
 
-from shardstore.errors import CorruptCheckpointError, StateDictMismatchError
+from shardstore.errors import CorruptCheckpointError, StateDictMismatchError, UnsupportedInputError
 
 __all__ = [
-    "KeyPath", "flatten", "unflatten", "merge_skeletons", "is_tensor_like", "node_path", "keypath_from_node", "fqn",
+    "KeyPath", "flatten", "unflatten", "fill_plain_values", "merge_skeletons", "is_tensor_like", "node_path",
+    "keypath_from_node", "fqn",
 ]
 
 KeyPath = tuple[Union[str, int], ...]
@@ -67,7 +70,7 @@ def _encode(value: Any, path: KeyPath, items: dict[KeyPath, Any]) -> dict:
         return {"value": value} if math.isfinite(value) else {"float": repr(value)}
     if isinstance(value, _PLAIN):
         return {"value": value}
-    raise TypeError(
+    raise UnsupportedInputError(
         f"state dict entry {fqn(path)!r} is a {type(value).__name__}; a checkpoint holds tensors, "
         "int, float, str, bool, None and dicts/lists/tuples of them: convert it (e.g. to a tensor or str) first"
     )
@@ -155,12 +158,65 @@ def _decode(node: dict, tensors: Mapping[KeyPath, Any]) -> Any:
     raise CorruptCheckpointError(f"the checkpoint's state dict tree has a node of unknown kind {kind!r}: {node!r}")
 
 
+def fill_plain_values(target: dict, skeleton: dict) -> None:
+    """Put the saved plain values (step counters, config) into a state dict being loaded, in place.
+
+    The target keeps its structure: its tensors are loaded elsewhere and stay the same objects; dicts and
+    lists are updated in place, tuples holding tensors are rebuilt around the same tensors (a tuple cannot
+    change). An entry is replaced by the saved one only where neither holds a tensor; where both are the
+    same kind of container the walk descends; anything else (a saved tensor where the target has none,
+    which ``strict=False`` reports as unexpected) leaves the target as it was.
+    """
+    _filled(target, skeleton)
+
+
+def _filled(value: Any, node: dict) -> Any:
+    """``value`` with ``node``'s plain values put in (see ``fill_plain_values``)."""
+    (kind, body), = node.items()
+    if not _has_tensor(value) and not _node_has_tensor(node):
+        return _decode(node, {})
+    if kind == "dict" and isinstance(value, dict):
+        for k in [k for k in value if k in body]:
+            value[k] = _filled(value[k], body[k])
+    elif kind in ("list", "tuple") and isinstance(value, (list, tuple)):
+        items = [_filled(v, body[i]) if i < len(body) else v for i, v in enumerate(value)]
+        if isinstance(value, list):
+            value[:] = items
+        elif any(new is not old for new, old in zip(items, value)):
+            return type(value)._make(items) if hasattr(type(value), "_make") else type(value)(items)
+    return value
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return any(_has_tensor(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_tensor(v) for v in value)
+    return is_tensor_like(value)
+
+
+def _node_has_tensor(node: dict) -> bool:
+    (kind, body), = node.items()
+    if kind == "dict":
+        return any(_node_has_tensor(v) for v in body.values())
+    if kind in ("list", "tuple"):
+        return any(_node_has_tensor(v) for v in body)
+    return kind == "tensor"
+
+
 def fqn(keypath: KeyPath) -> str:
     """A dotted display name for messages, like DCP's FQNs.
 
     ``("model", "layers.0.weight")`` -> ``"model.layers.0.weight"``.
     """
     return ".".join(str(c) for c in keypath)
+
+
+MAX_NAME_BYTES = 200
+"""The longest node name a key component becomes. File systems allow 255 bytes a name, and atomic writes
+add a ``.tmp-<uuid>`` suffix (37 bytes) to object names; longer encoded components get a short form."""
+_HASH_CHARS = 32  # hex digits of the sha256 of the component: 128 bits, collisions out of reach
+_SHORT_MARK = "~"  # never in an encoded name (it would be %7E), so short forms collide with none
 
 
 def node_path(keypath: KeyPath) -> str:
@@ -171,7 +227,9 @@ def node_path(keypath: KeyPath) -> str:
     become ``%2E``/``%2E%2E``, a leading ``__`` (reserved by Zarr) becomes ``%5F_``, ``zarr.json``
     (the metadata object's name) becomes ``zarr%2Ejson``, the empty string becomes ``%``, and list
     indices are decimal strings. Hence no key can climb out of the checkpoint or collide with Zarr's own
-    names. Not handled: case-insensitive file systems and 255-byte name limits on very long keys.
+    names. An encoded component over ``MAX_NAME_BYTES`` becomes a readable prefix of it, ``~`` and a
+    hash of the component (stable across runs); the root record's tree keeps the original key, so
+    ``keypath_from_node`` maps it back given the tree. Not handled: case-insensitive file systems.
     """
     if not keypath:
         raise ValueError("an empty key path has no node: the root holds no tensor")
@@ -187,22 +245,42 @@ def _encode_component(component: str | int) -> str:
         return _EMPTY
     if component in _RESERVED:
         return _RESERVED[component]
-    out = "".join(ch if ch in _SAFE else "".join(f"%{b:02X}" for b in ch.encode("utf-8")) for ch in component)
-    return "%5F" + out[1:] if out.startswith("__") else out
+    pieces = [ch if ch in _SAFE else "".join(f"%{b:02X}" for b in ch.encode("utf-8")) for ch in component]
+    if component.startswith("__"):
+        pieces[0] = "%5F"
+    out = "".join(pieces)
+    return out if len(out) <= MAX_NAME_BYTES else _short_form(component, pieces)
+
+
+def _short_form(component: str, pieces: list[str]) -> str:
+    """``<prefix of the encoded name>~<hash>``, at most ``MAX_NAME_BYTES``; the prefix ends on a whole
+    character (``pieces``: the encoded characters)."""
+    budget = MAX_NAME_BYTES - len(_SHORT_MARK) - _HASH_CHARS
+    prefix = ""
+    for piece in pieces:
+        if len(prefix) + len(piece) > budget:
+            break
+        prefix += piece
+    digest = hashlib.sha256(component.encode("utf-8")).hexdigest()[:_HASH_CHARS]
+    return f"{prefix}{_SHORT_MARK}{digest}"
 
 
 def keypath_from_node(node: str, skeleton: dict | None = None) -> KeyPath:
     """Invert ``node_path``.
 
     A node name alone cannot tell list index ``0`` from dict key ``"0"``; given the skeleton, components
-    under lists/tuples come back as ``int``. Without it every component is a ``str``.
+    under lists/tuples come back as ``int``. Without it every component is a ``str``, and a short form
+    (a key too long for a file name) cannot be decoded: the skeleton's dict keys are searched for it.
     """
     parts = node.split("/")
     out: list[str | int] = []
     tree = skeleton
     for part in parts:
-        comp = _decode_component(part, node)
         kind = next(iter(tree)) if tree is not None else None
+        if _SHORT_MARK in part and kind == "dict":
+            comp = _long_key(part, tree["dict"], node)
+        else:
+            comp = _decode_component(part, node)
         if kind in ("list", "tuple"):
             out.append(int(comp))
             tree = tree[kind][int(comp)]
@@ -210,6 +288,14 @@ def keypath_from_node(node: str, skeleton: dict | None = None) -> KeyPath:
             out.append(comp)
             tree = tree["dict"].get(comp) if kind == "dict" else None
     return tuple(out)
+
+
+def _long_key(part: str, keys: Mapping[str, Any], node: str) -> str:
+    """The dict key whose short form ``part`` is."""
+    found = next((k for k in keys if 12 * len(k) > MAX_NAME_BYTES and _encode_component(k) == part), None)
+    if found is None:
+        raise ValueError(f"node path {node!r} has the short form {part!r}, which no key of the tree at that level has")
+    return found
 
 
 def _decode_component(part: str, node: str) -> str:

@@ -146,6 +146,8 @@ def _digest(value: torch.Tensor) -> int:
         picks = torch.arange(0, n, -(-n // DIGEST_SAMPLES), device=values.device)
         values = values[torch.unravel_index(picks, values.shape)]
     values = values.reshape(-1).cpu()
+    if values.is_floating_point() and values.element_size() == 1:
+        values = values.float()  # exact for every float8; torch has no arithmetic on them
     if values.is_complex():
         values = torch.view_as_real(values)
     if values.is_floating_point():

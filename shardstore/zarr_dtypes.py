@@ -26,7 +26,7 @@ from zarr.core.buffer.cpu import Buffer
 from zarr.core.dtype.npy.float import BaseFloat
 from zarr.dtype import data_type_registry
 
-__all__ = ["Buffer", "BFloat16", "Float8E4M3FN", "Float8E5M2", "Float8E4M3FNUZ", "Float8E5M2FNUZ"]
+__all__ = ["Buffer", "BFloat16", "Float8E4M3FN", "Float8E5M2", "Float8E4M3FNUZ", "Float8E5M2FNUZ", "Float8E8M0FNU"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,5 +83,13 @@ class Float8E5M2FNUZ(_MLDtypesFloat):
     _zarr_v3_name = "float8_e5m2fnuz"
 
 
-for _cls in (BFloat16, Float8E4M3FN, Float8E5M2, Float8E4M3FNUZ, Float8E5M2FNUZ):
+@dataclass(frozen=True, kw_only=True)
+class Float8E8M0FNU(_MLDtypesFloat):
+    """float8 e8m0, unsigned powers of two only (the MX block scale; NaN is 0xff, no zero)."""
+
+    dtype_cls = type(np.dtype(ml_dtypes.float8_e8m0fnu))
+    _zarr_v3_name = "float8_e8m0fnu"
+
+
+for _cls in (BFloat16, Float8E4M3FN, Float8E5M2, Float8E4M3FNUZ, Float8E5M2FNUZ, Float8E8M0FNU):
     data_type_registry.register(_cls._zarr_v3_name, _cls)

@@ -140,14 +140,12 @@ class LocalStorage(Storage):
     def pinned(self) -> "LocalStorage":
         """A read-only view that keeps reading the tree now at the root even after a save swaps another
         one in (an open directory follows its tree through renames): a load never mixes two
-        checkpoints. Once the swapped-out tree is deleted, its reads fail as missing objects. Nothing at
-        the root: nothing to pin, and reads report what is (not) there."""
-        try:
-            pin = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return self
+        checkpoints. Once the swapped-out tree is deleted, its reads fail as missing objects."""
         view = self._derived(self._root, self.url)
-        view._pin = pin
+        try:
+            view._pin = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return view  # nothing there to pin: reads report what is missing
         weakref.finalize(view, os.close, view._pin)
         return view
 
