@@ -6,6 +6,7 @@ dict in place on any mesh; ``open(url)`` reads tensors or slices without a proce
 
 from shardstore.api import Checkpoint, LoadResult, SaveResult, load, open, save
 from shardstore.errors import (
+    CheckpointChangedError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     ConcurrentSaveError,
@@ -28,6 +29,7 @@ __all__ = [
     "SaveResult",
     "LoadResult",
     "ShardstoreError",
+    "CheckpointChangedError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "ConcurrentSaveError",

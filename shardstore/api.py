@@ -23,19 +23,17 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from dtensor.placements import Box
 from shardstore import commit
 from shardstore import format as fmt
 from shardstore.codec import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
-from shardstore.errors import CorruptCheckpointError, PartialLoadError
-from shardstore.execute import check_runs, layout_of, place, read_checked, read_runs, stream_runs, write_cells
-from shardstore.flatten import (
-    KeyPath, fill_plain_values, flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, unflatten,
-)
+from shardstore.errors import CheckpointChangedError, MissingChunkError, PartialLoadError, ShardstoreError
+from shardstore.execute import check_runs, layout_of, place, read_checked, stream_runs, write_cells
+from shardstore.flatten import KeyPath, fill_plain_values, flatten, fqn, is_tensor_like, merge_skeletons, unflatten
 from shardstore.inputs import check_sources, check_targets, check_user_metadata, local_tensor
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
 from shardstore.plan import GlobalSavePlan, dtype_name, local_save_plan, merge_save_plans
+from shardstore.regions import check_read_size, region_box
 from shardstore.storage import Storage
 from shardstore.ties import Destinations
 
@@ -69,6 +67,7 @@ class LoadResult:
 
 
 DEFAULT_STAGING_BYTES = 2 << 30  # per rank; bigger shares stream (bounded memory, not all-or-nothing)
+DEFAULT_MAX_READ_BYTES = 4 << 30  # one Checkpoint.read; bigger regions are read in parts
 
 
 def save(
@@ -207,6 +206,7 @@ def _plan_here(tensors: dict, storage: Storage, strict: bool, wanted: set, stagi
     stored, layouts, nodes = _stored_arrays(root)
     check_targets({k: v for k, v in tensors.items() if k in stored})  # the rest is left as it is
     plan = plan_load(load_targets(tensors), stored, strict=strict, wanted=wanted)
+    fmt.check_arrays(storage, [root.tensors[nodes[k]] for k in tensors if k in stored])
     checked = check_runs(storage, plan.runs, layouts, nodes)
     tasks = [task for run in plan.runs for task in run.tasks]
     nbytes = sum(math.prod(t.overlap.sizes) * layouts[t.key].dtype.itemsize for t in tasks)
@@ -262,12 +262,11 @@ def _stream(storage: Storage, job: _LoadJob, staging_bytes: int, written: dict) 
 
 
 def _stored_arrays(root: fmt.RootMetadata):
+    """What the (validated) root record says of each tensor, by key path: planning view, layout, node."""
     stored, layouts, nodes = {}, {}, {}
+    keys = root.key_paths()
     for record in root.tensors.values():
-        try:
-            key = keypath_from_node(record.path, root.tree)
-        except ValueError as exc:
-            raise CorruptCheckpointError(f"the root zarr.json names a tensor node {record.path!r} that no key maps to: {exc}") from exc
+        key = keys[record.path]
         layouts[key] = record.layout
         stored[key] = StoredArray(key, record.shape, dtype_name(layouts[key].dtype), record.chunk_shape, record.inner_chunk_shape)
         nodes[key] = record.path
@@ -283,17 +282,39 @@ def _display_names(stored: Mapping[KeyPath, Any], nodes: Mapping[KeyPath, str]) 
 
 
 class Checkpoint:
-    """A read-only view of a complete checkpoint; no process group needed."""
+    """A read-only view of a complete checkpoint; no process group needed.
 
-    def __init__(self, url: str, storage_options: dict | None = None) -> None:
-        self._storage = Storage(url, storage_options).pinned()
+    The handle plans reads from the root record it read when opened. Should another save later commit at
+    its URL, decoding the new bytes with the old record could return wrong values, so every ``read``
+    first compares a cheap fingerprint of the root ``zarr.json`` (one stat or HEAD, see
+    ``Storage.fingerprint``) and, when that changed, the record's ``commit_id``: another commit, or no
+    valid root record at all, raises ``CheckpointChangedError``. The handle refuses rather than re-opens
+    so that what ``keys()`` and ``metadata()`` told the caller stays true for its whole life; open the
+    URL again to read the new checkpoint. The check is repeated after the bytes are fetched, so a
+    replacement racing a read is refused too; where the backend can pin the tree (``Storage.pinned``),
+    the bytes of a read in flight are this commit's even while another one is swapped in.
+    """
+
+    def __init__(self, url: str, storage_options: dict | None = None, *, max_read_bytes: int = DEFAULT_MAX_READ_BYTES) -> None:
+        if not isinstance(max_read_bytes, int) or isinstance(max_read_bytes, bool) or max_read_bytes < 0:
+            raise ValueError(f"max_read_bytes must be a number of bytes (an int >= 0), got {max_read_bytes!r}")
+        self._at_url = Storage(url, storage_options)  # where another save would commit
+        self._max_read_bytes = max_read_bytes
+        self._fingerprint = self._root_fingerprint()  # before the record: a commit in between is then noticed
+        self._storage = self._at_url.pinned()  # what reads go through
         self._root = fmt.read_root(self._storage)
         self._stored, self._layouts, self._nodes = _stored_arrays(self._root)
         self._by_name = _display_names(self._stored, self._nodes)
+        self._agreeing: set[KeyPath] = set()  # arrays whose zarr.json was found to agree with the root record
 
     @property
     def url(self) -> str:
         return self._storage.url
+
+    @property
+    def commit_id(self) -> str:
+        """The id of the save this handle reads (fresh for every save)."""
+        return self._root.commit_id
 
     def keys(self) -> list[str]:
         """Dotted names of the saved tensors (as in error messages and DCP); node paths where dotted
@@ -314,37 +335,67 @@ class Checkpoint:
         """The saved state dict with tensors replaced by their dotted names."""
         return unflatten(self._root.tree, {k: fqn(k) for k in self._stored})
 
-    def read(self, key: str, region: Sequence[slice] | None = None) -> torch.Tensor:
-        """The whole saved tensor, or the part ``region`` (a tuple of slices with step 1) of it."""
+    def read(self, key: str, region: Sequence[slice | int] | slice | int | None = None) -> torch.Tensor:
+        """The whole saved tensor, or the part ``region`` selects, as torch indexing would: slices (step 1)
+        and ints for the leading dims, an int dropping its dim.
+
+        A region over ``max_read_bytes`` is refused (the message says how to read it in parts), and no
+        memory is allocated before the objects' indices show that they hold the bytes it needs.
+        """
         keypath = self._key(key)
-        array = self._stored[keypath]
-        box = _region_box(array.shape, region, key)
-        out = torch.empty(box.sizes, dtype=self._layouts[keypath].dtype)
+        array, layout = self._stored[keypath], self._layouts[keypath]
+        box, shape = region_box(array.shape, region, key)
+        check_read_size(key, box, layout.dtype, self._max_read_bytes)
+        self._check_unchanged()
+        self._check_array(keypath)
         target = TargetTensor(keypath, array.shape, array.dtype, (LoadRegion(box, 0),))
         plan = plan_load({keypath: target}, {keypath: array}, strict=False)
-        place(read_runs(self._storage, plan.runs, self._layouts, self._nodes), {keypath: [out]})
-        return out
+        checked = check_runs(self._storage, plan.runs, self._layouts, self._nodes)
+        pieces = read_checked(self._storage, checked, self._layouts)
+        self._check_unchanged()
+        out = torch.empty(box.sizes, dtype=layout.dtype)
+        place(pieces, {keypath: [out]})
+        return out.reshape(shape)
 
     def _key(self, key: str) -> KeyPath:
         if key not in self._by_name:
             raise KeyError(f"{key!r} is not a tensor of checkpoint {self.url}; it has {self.keys()[:10]}...")
         return self._by_name[key]
 
+    def _check_array(self, keypath: KeyPath) -> None:
+        """The array's own zarr.json must agree with the root record (once per array and handle)."""
+        if keypath not in self._agreeing:
+            fmt.check_arrays(self._storage, [self._root.tensors[self._nodes[keypath]]])
+            self._agreeing.add(keypath)
 
-def _region_box(shape: tuple[int, ...], region, key: str) -> Box:
-    if region is None:
-        return Box((0,) * len(shape), tuple(shape))
-    region = tuple(region) + (slice(None),) * (len(shape) - len(tuple(region)))
-    offsets, sizes = [], []
-    for s, n in zip(region, shape):
-        start, stop, step = s.indices(n)
-        if step != 1:
-            raise ValueError(f"read({key!r}): region slices must have step 1, got {s}")
-        offsets.append(start)
-        sizes.append(max(0, stop - start))
-    return Box(tuple(offsets), tuple(sizes))
+    def _root_fingerprint(self) -> str | None:
+        try:
+            return self._at_url.fingerprint(fmt.ZARR_JSON)
+        except MissingChunkError:
+            return None
+
+    def _check_unchanged(self) -> None:
+        """Refuse to read on when the checkpoint at the URL is no longer the one this handle opened."""
+        now = self._root_fingerprint()
+        if now == self._fingerprint:
+            return
+        try:
+            commit = fmt.read_root(self._at_url).commit_id
+        except ShardstoreError as exc:
+            raise self._changed(f"its root zarr.json is now unreadable ({type(exc).__name__}: {exc})") from exc
+        if commit != self._root.commit_id:
+            raise self._changed(f"another save committed there (commit {commit})")
+        self._fingerprint = now  # the same commit's record, rewritten or copied
+
+    def _changed(self, what: str) -> CheckpointChangedError:
+        return CheckpointChangedError(
+            f"checkpoint {self.url} changed after it was opened: {what}; this handle read commit "
+            f"{self._root.commit_id}, whose metadata no longer describes the bytes there, so it reads nothing "
+            f"more — call shardstore.open({self.url!r}) again to read the checkpoint now at that URL"
+        )
 
 
-def open(url: str, storage_options: dict | None = None) -> Checkpoint:  # noqa: A001 - mirrors zarr.open
-    """Open a complete checkpoint for reading (keys, metadata, whole tensors or slices)."""
-    return Checkpoint(url, storage_options)
+def open(url: str, storage_options: dict | None = None, *, max_read_bytes: int = DEFAULT_MAX_READ_BYTES) -> Checkpoint:  # noqa: A001 - mirrors zarr.open
+    """Open a complete checkpoint for reading (keys, metadata, whole tensors or slices); one ``read`` returns
+    at most ``max_read_bytes`` (4 GiB by default)."""
+    return Checkpoint(url, storage_options, max_read_bytes=max_read_bytes)

@@ -37,6 +37,7 @@ __all__ = [
     "ByteRange",
     "COMPRESSORS",
     "ZSTD_LEVEL",
+    "check_index_bounds",
     "choose_inner_chunk_shape",
     "decode_index",
     "decode_inner_chunk",
@@ -49,6 +50,7 @@ COMPRESSORS = (None, "zstd")
 ZSTD_LEVEL = 3
 CRC_NBYTES = 4
 _MISSING = 2**64 - 1
+_ZSTD_MAX_RATIO = 32768  # a zstd block decodes to at most 128 KiB and takes at least 4 bytes
 _INDEX_DTYPE = np.dtype("<u8")
 BytesLike = bytes | bytearray | memoryview
 
@@ -239,8 +241,14 @@ def _zstd():
 # -- decoding ------------------------------------------------------------------------------------------
 
 
-def decode_index(layout: ArrayLayout, index_bytes: BytesLike, where: str) -> list[ByteRange | None]:
-    """Parse and verify a shard index (the last ``index_nbytes(layout)`` bytes of a shard object)."""
+def decode_index(
+    layout: ArrayLayout, index_bytes: BytesLike, where: str, object_nbytes: int | None = None
+) -> list[ByteRange | None]:
+    """Parse and verify a shard index (the last ``index_nbytes(layout)`` bytes of a shard object).
+
+    Given the object's size, every entry is also checked to lie inside it (``check_index_bounds``), so no
+    read or allocation is ever sized by an entry the object's bytes do not back.
+    """
     expected = index_nbytes(layout)
     raw = memoryview(index_bytes).cast("B")
     if len(raw) != expected:
@@ -250,7 +258,41 @@ def decode_index(layout: ArrayLayout, index_bytes: BytesLike, where: str) -> lis
         )
     _verify_crc(raw, f"{where} (shard index)")
     pairs = np.frombuffer(raw[:-CRC_NBYTES], dtype=_INDEX_DTYPE).reshape(-1, 2).tolist()
-    return [None if o == _MISSING and n == _MISSING else ByteRange(o, n) for o, n in pairs]
+    ranges = [None if o == _MISSING and n == _MISSING else ByteRange(o, n) for o, n in pairs]
+    if object_nbytes is not None:
+        check_index_bounds(layout, ranges, object_nbytes - expected, where)
+    return ranges
+
+
+def check_index_bounds(layout: ArrayLayout, ranges: list[ByteRange | None], data_nbytes: int, where: str) -> None:
+    """Refuse index entries outside the object's first ``data_nbytes`` bytes (its chunk data), overlapping
+    one another, or claiming sizes no inner chunk of ``layout`` has; a forged index then cannot make a
+    reader fetch, allocate or decompress more than the object holds."""
+    end = 0
+    for i, r in sorted(((i, r) for i, r in enumerate(ranges) if r is not None), key=lambda pair: pair[1].offset):
+        problem = _range_problem(layout, r, end, data_nbytes)
+        if problem:
+            raise CorruptCheckpointError(
+                f"{where}: index entry {i} (offset {r.offset}, {r.nbytes} bytes) {problem}; the object was "
+                "damaged or forged — load an earlier checkpoint or re-run the save"
+            )
+        end = r.stop
+
+
+def _range_problem(layout: ArrayLayout, r: ByteRange, end: int, data_nbytes: int) -> str | None:
+    stride = layout.inner_chunk_nbytes + CRC_NBYTES
+    if r.offset < end:
+        return f"overlaps the inner chunk stored before it (which ends at {end})"
+    if r.stop > data_nbytes:
+        return f"reaches past the object's {data_nbytes} bytes of chunk data"
+    if layout.compressor is None and r.nbytes != stride:
+        return f"is not the {stride} bytes every uncompressed inner chunk takes (data + crc32c)"
+    if r.nbytes <= CRC_NBYTES:
+        return "is too short to hold any data and its crc32c"
+    if layout.inner_chunk_nbytes > (r.nbytes - CRC_NBYTES) * _ZSTD_MAX_RATIO:
+        return (f"cannot decompress to the {layout.inner_chunk_nbytes} bytes of an inner chunk (zstd expands "
+                f"at most {_ZSTD_MAX_RATIO}x)")
+    return None
 
 
 def inner_chunk_ranges(

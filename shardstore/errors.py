@@ -17,6 +17,8 @@ so callers can catch either::
     │   └── MissingChunkError(FileNotFoundError)      an object that should exist does not
     ├── PartialLoadError(RuntimeError)                a streamed load failed (for any cause, named
     │                                                 in it) after tensors were copied in
+    ├── CheckpointChangedError(RuntimeError)          the checkpoint behind an ``open()`` handle was
+    │                                                 replaced or deleted: re-open it
     ├── UnsafeKeyError(ValueError)                    a key that would escape the checkpoint root
     ├── UnsupportedInputError(TypeError)              a state dict entry or user_metadata a checkpoint
     │                                                 cannot hold, or a tensor a load cannot fill
@@ -40,6 +42,7 @@ __all__ = [
     "UnsupportedInputError",
     "StateDictMismatchError",
     "PartialLoadError",
+    "CheckpointChangedError",
 ]
 
 
@@ -98,3 +101,9 @@ class PartialLoadError(ShardstoreError, RuntimeError):
     """A streamed load (more data than some rank's staging memory) failed, for the cause its message
     gives, after tensors were copied in: the state dicts are partly loaded. Where the failure happened,
     the message names the tensors already written."""
+
+
+class CheckpointChangedError(ShardstoreError, RuntimeError):
+    """The checkpoint at an ``open()`` handle's URL was replaced (another commit id) or deleted since the
+    handle read its root record: decoding the new bytes with the old metadata could return wrong values,
+    so the handle refuses; ``shardstore.open(url)`` again reads the new checkpoint."""

@@ -4,7 +4,8 @@ The plans (``plan.py``, ``load_plan.py``) say what; this module moves bytes. Wri
 ring of reused buffers and hand each finished object to a thread pool, so encoding the next cell overlaps
 writing.
 Reads first check every object's shard index (``check_runs``: present, long enough, the layout the
-metadata promises, every needed inner chunk stored), then fetch each run of consecutive inner chunks with
+metadata promises, every entry inside the object, every needed inner chunk stored), then fetch each run of
+inner chunks lying back to back in the object with
 one ranged read and verify every chunk's crc32c before its values are copied anywhere: all of them at
 once (``read_checked``, then ``place``), or batch by batch through two reused buffers of bounded size
 (``stream_runs``), one being filled while the other is verified and copied in.
@@ -37,6 +38,7 @@ __all__ = [
 
 _WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
 _IN_FLIGHT = 6  # encode buffers in the ring: writes in flight plus the one being encoded
+_INDEX_READERS = 16  # concurrent (size, index) reads of shard objects
 
 
 @dataclass(frozen=True)
@@ -118,15 +120,29 @@ class CheckedRun:
 def check_runs(
     storage: Storage, runs: tuple[ReadRun, ...], layouts: Mapping[KeyPath, ArrayLayout], nodes: Mapping[KeyPath, str]
 ) -> list[CheckedRun]:
-    """Read (concurrently, small suffix reads) and check the shard index of every object the runs touch.
+    """Read (concurrently: its size, then a small read at its end) and check the shard index of every
+    object the runs touch; runs come back split where their inner chunks are not back to back.
 
-    A missing, truncated or rewritten object, or a needed inner chunk that is not stored, fails here,
-    before any data is read.
+    A missing, truncated, rewritten or forged object, or a needed inner chunk that is not stored, fails
+    here, before any data is read or any memory for it is allocated: every index entry lies inside its
+    object, so the bytes the runs need are backed by the objects.
     """
     keys = [object_key(nodes[run.key], run.cell) for run in runs]
-    index_reads = {key: (key, -index_nbytes(layouts[run.key]), None) for key, run in zip(keys, runs)}
-    index_blobs = dict(zip(index_reads, storage.read_ranges(list(index_reads.values()))))
-    return [CheckedRun(run, key, tuple(_ranges(storage, layouts[run.key], run, key, index_blobs[key]))) for run, key in zip(runs, keys)]
+    objects = {key: run for key, run in zip(keys, runs)}
+    indices = _concurrently(lambda item: _object_index(storage, layouts[item[1].key], *item), list(objects.items()))
+    ranges = dict(zip(objects, indices))
+    checked = []
+    for run, key in zip(runs, keys):
+        _check_stored(storage, run, key, ranges[key])
+        checked += _back_to_back(CheckedRun(run, key, ranges[key]))
+    return checked
+
+
+def _concurrently(fn, items: list) -> list:
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(_INDEX_READERS, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def read_checked(
@@ -209,10 +225,24 @@ def _split(checked: CheckedRun, limit: int) -> list[CheckedRun]:
         stop = start + 1
         while stop < run.stop and checked.ranges[stop].stop - checked.ranges[start].offset <= limit:
             stop += 1
-        tasks = tuple(t for t in run.tasks if start <= t.inner_index < stop)
-        parts.append(CheckedRun(ReadRun(run.key, run.cell, start, stop, tasks), checked.key, checked.ranges))
+        parts.append(_sub_run(checked, start, stop))
         start = stop
     return parts
+
+
+def _back_to_back(checked: CheckedRun) -> list[CheckedRun]:
+    """A run as sub-runs whose inner chunks lie back to back in the object, each then one ranged read of
+    exactly its chunks (shardstore writes them so; another writer may order them otherwise)."""
+    run, ranges = checked.run, checked.ranges
+    cuts = [i for i in range(run.start + 1, run.stop) if ranges[i].offset != ranges[i - 1].stop]
+    bounds = [run.start, *cuts, run.stop]
+    return [checked] if not cuts else [_sub_run(checked, a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _sub_run(checked: CheckedRun, start: int, stop: int) -> CheckedRun:
+    run = checked.run
+    tasks = tuple(t for t in run.tasks if start <= t.inner_index < stop)
+    return CheckedRun(ReadRun(run.key, run.cell, start, stop, tasks), checked.key, checked.ranges)
 
 
 def _batches(runs: list[CheckedRun], limit: int) -> list[list[CheckedRun]]:
@@ -228,15 +258,27 @@ def _batches(runs: list[CheckedRun], limit: int) -> list[list[CheckedRun]]:
     return batches
 
 
-def _ranges(storage: Storage, layout: ArrayLayout, run: ReadRun, key: str, index_blob) -> list:
+def _object_index(storage: Storage, layout: ArrayLayout, key: str, run: ReadRun) -> tuple:
+    """The checked index of one object: its size first, so the index read and every entry stay inside it."""
     where = f"{storage.key_url(key)} (shard index of {fqn(run.key)!r})"
-    stored = decode_index(layout, index_blob, where)
+    size, need = storage.size(key), index_nbytes(layout)
+    if size < need:
+        raise CorruptCheckpointError(
+            f"{where}: the object is {size} bytes, but the index of {math.prod(layout.inner_grid_shape)} inner "
+            f"chunks alone takes {need}; the object is truncated or the metadata was damaged — load an earlier "
+            "checkpoint or re-run the save"
+        )
+    stored = decode_index(layout, storage.read_range(key, size - need, size), where, size)
     if layout.compressor is None and stored != inner_chunk_ranges(layout, run.cell):
-        raise CorruptCheckpointError(f"{where}: the index does not match the array's layout; the object was damaged or rewritten")
+        raise CorruptCheckpointError(f"{where}: the index does not match the array's layout; the object was damaged or "
+                                     "rewritten — load an earlier checkpoint or re-run the save")
+    return tuple(stored)
+
+
+def _check_stored(storage: Storage, run: ReadRun, key: str, ranges: tuple) -> None:
     for i in range(run.start, run.stop):
-        if stored[i] is None:
+        if ranges[i] is None:
             raise MissingChunkError(f"{storage.key_url(key)}: inner chunk {i} of {fqn(run.key)!r} is not stored")
-    return stored
 
 
 def _decode_run(storage: Storage, layout: ArrayLayout, run: ReadRun, key: str, ranges, blob) -> list:

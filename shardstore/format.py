@@ -1,23 +1,30 @@
-"""The only writer and reader of ``zarr.json``: node metadata, the root record, the commit protocol.
+"""The only writer and reader of ``zarr.json``: node metadata and the root record.
 
 The contract is ``docs/format.md`` (format version 1). Every ``zarr.json`` is produced here as exact
-text (pinned by golden tests) and every one read back is validated here, so a malformed or foreign file
-becomes a ``CorruptCheckpointError`` naming the file instead of a ``KeyError`` deep in a load.
+text (pinned by golden tests) and every one read back is parsed by ``shardstore.parse`` (re-exported
+here), so a malformed or foreign file becomes a ``CorruptCheckpointError`` naming the file instead of a
+``KeyError`` deep in a load.
 
 The root ``zarr.json`` is the commit marker: a save writes it last, and a checkpoint without it is
 incomplete. How a finished tree becomes the checkpoint at a URL is ``shardstore/commit.py``.
+
+Nothing read back is trusted before it is checked: the root record carries a checksum of itself and a
+fresh ``commit_id`` per save, its tree and tensor table are validated in full (``shardstore.validate``),
+and every array ``zarr.json`` a read uses must describe the layout the root record gives
+(``check_arrays``), so zarr-python and shardstore can never read different data from one checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any
 
 import torch
 
-from shardstore.codec import ZSTD_LEVEL, ArrayLayout
+from shardstore.codec import ArrayLayout
 from shardstore.dtypes import dtype_info, dtype_info_by_name
 from shardstore.errors import (
     CheckpointNotFoundError,
@@ -26,7 +33,25 @@ from shardstore.errors import (
     MissingChunkError,
     UnsafeKeyError,
 )
+from shardstore.flatten import KeyPath, node_path
+from shardstore.parse import (
+    BYTES_CODEC,
+    CRC32C_CODEC,
+    ZSTD_CODEC,
+    expect,
+    get_field,
+    int_list,
+    parse_array_json,
+    parse_group_json,
+)
 from shardstore.storage import Storage, check_key
+from shardstore.validate import (
+    check_sane_grid,
+    check_tensors_match_tree,
+    root_checksum,
+    tree_tensor_keys,
+    verify_root_checksum,
+)
 
 __all__ = [
     "FORMAT_NAME",
@@ -35,6 +60,7 @@ __all__ = [
     "RootMetadata",
     "TensorRecord",
     "array_json",
+    "check_arrays",
     "chunk_key",
     "group_json",
     "group_paths",
@@ -42,7 +68,9 @@ __all__ = [
     "parse_array_json",
     "parse_group_json",
     "read_array",
+    "read_arrays",
     "read_root",
+    "root_checksum",
     "write_array",
     "write_group",
     "write_root",
@@ -51,9 +79,6 @@ __all__ = [
 FORMAT_NAME = "shardstore"
 FORMAT_VERSION = 1
 ZARR_JSON = "zarr.json"
-_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
-_CRC32C = {"name": "crc32c"}
-_ZSTD = {"name": "zstd", "configuration": {"level": ZSTD_LEVEL, "checksum": False}}
 
 
 def _dumps(node: dict[str, Any], where: str) -> str:
@@ -74,11 +99,11 @@ def group_json(attributes: dict[str, Any] | None = None) -> str:
 
 
 def _codecs(layout: ArrayLayout) -> list[dict[str, Any]]:
-    inner = [_BYTES] + ([_ZSTD] if layout.compressor == "zstd" else []) + [_CRC32C]
+    inner = [BYTES_CODEC] + ([ZSTD_CODEC] if layout.compressor == "zstd" else []) + [CRC32C_CODEC]
     config = {
         "chunk_shape": list(layout.inner_chunk_shape),
         "codecs": inner,
-        "index_codecs": [_BYTES, _CRC32C],
+        "index_codecs": [BYTES_CODEC, CRC32C_CODEC],
         "index_location": "end",
     }
     return [{"name": "sharding_indexed", "configuration": config}]
@@ -117,96 +142,6 @@ def group_paths(array_paths: list[str]) -> list[str]:
     return sorted(groups, key=lambda g: (g.count("/"), g))
 
 
-# -- parsing -------------------------------------------------------------------------------------------
-
-
-def _load(text: bytes | bytearray | str, where: str) -> dict[str, Any]:
-    try:
-        node = json.loads(text)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{where}: not valid JSON ({exc}); the file is damaged — load an "
-                                     "earlier checkpoint or re-run the save") from exc
-    if not isinstance(node, dict):
-        raise CorruptCheckpointError(f"{where}: expected a JSON object, got {type(node).__name__}")
-    return node
-
-
-def _get(node: dict[str, Any], key: str, kind: type, where: str) -> Any:
-    value = node.get(key)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise CorruptCheckpointError(
-            f"{where}: field {key!r} missing or of the wrong type: expected {kind.__name__}, got {value!r}; "
-            "the file is damaged or was not written by shardstore"
-        )
-    return value
-
-
-def _expect(ok: bool, where: str, what: str, got: Any) -> None:
-    if not ok:
-        raise CorruptCheckpointError(f"{where}: expected {what}, got {got!r}; this array was not written "
-                                     "by shardstore format 1 (or the file is damaged)")
-
-
-def _node(text: bytes | bytearray | str, node_type: str, where: str) -> dict[str, Any]:
-    node = _load(text, where)
-    _expect(node.get("zarr_format") == 3, where, "zarr_format 3", node.get("zarr_format"))
-    _expect(node.get("node_type") == node_type, where, f"node_type {node_type!r}", node.get("node_type"))
-    return node
-
-
-def parse_group_json(text: bytes | bytearray | str, where: str) -> dict[str, Any]:
-    """The attributes of a group ``zarr.json`` read from ``where`` (absent attributes are ``{}``)."""
-    attributes = _node(text, "group", where).get("attributes", {})
-    _expect(isinstance(attributes, dict), where, "attributes as a JSON object", attributes)
-    return attributes
-
-
-def _ints(value: Any, where: str, what: str) -> tuple[int, ...]:
-    ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    _expect(ok, where, f"{what} as a list of integers", value)
-    return tuple(value)
-
-
-def _parse_sharding(codecs: Any, where: str) -> tuple[tuple[int, ...], str | None]:
-    """Inner chunk shape and compressor from the codec list; anything but our one pipeline is refused."""
-    _expect(isinstance(codecs, list) and len(codecs) == 1 and isinstance(codecs[0], dict)
-            and codecs[0].get("name") == "sharding_indexed", where, "one sharding_indexed codec", codecs)
-    config = codecs[0].get("configuration") or {}
-    inner = config.get("codecs")
-    zstd = isinstance(inner, list) and len(inner) == 3 and isinstance(inner[1], dict) and inner[1].get("name") == "zstd"
-    expected = [_BYTES, inner[1], _CRC32C] if zstd else [_BYTES, _CRC32C]
-    _expect(inner == expected, where, "inner codecs bytes(little), [zstd], crc32c", inner)
-    _expect(config.get("index_codecs") == [_BYTES, _CRC32C], where, "index codecs bytes(little), crc32c",
-            config.get("index_codecs"))
-    location = config.get("index_location", "end")
-    _expect(location == "end", where, "index_location 'end'", location)
-    return _ints(config.get("chunk_shape"), where, "inner chunk_shape"), "zstd" if zstd else None
-
-
-def parse_array_json(text: bytes | bytearray | str, where: str) -> ArrayLayout:
-    """The ``ArrayLayout`` of an array ``zarr.json`` read from ``where``, validated."""
-    node = _node(text, "array", where)
-    info = dtype_info_by_name(node.get("data_type"), where)
-    grid = _get(node, "chunk_grid", dict, where)
-    _expect(grid.get("name") == "regular", where, "a regular chunk grid", grid)
-    keys = _get(node, "chunk_key_encoding", dict, where)
-    _expect(keys.get("name") == "default" and (keys.get("configuration") or {}).get("separator") == "/",
-            where, "chunk_key_encoding default with '/'", keys)
-    fill = node.get("fill_value")
-    _expect(fill == info.fill_value, where, f"fill_value {info.fill_value!r}", fill)
-    inner, compressor = _parse_sharding(node.get("codecs"), where)
-    try:
-        return ArrayLayout(
-            shape=_ints(node.get("shape"), where, "shape"),
-            dtype=info.torch_dtype,
-            chunk_shape=_ints((grid.get("configuration") or {}).get("chunk_shape"), where, "chunk_shape"),
-            inner_chunk_shape=inner,
-            compressor=compressor,
-        )
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{where}: inconsistent array metadata: {exc}") from exc
-
-
 # -- nodes in storage ----------------------------------------------------------------------------------
 
 
@@ -221,6 +156,34 @@ def write_array(storage: Storage, path: str, layout: ArrayLayout) -> None:
 def read_array(storage: Storage, path: str) -> ArrayLayout:
     key = node_key(path)
     return parse_array_json(storage.read(key), storage.key_url(key))
+
+
+def read_arrays(storage: Storage, paths: list[str]) -> list[ArrayLayout]:
+    """``read_array`` for many nodes, read concurrently (a 1000-tensor load must not wait 1000 round trips)."""
+    keys = [node_key(p) for p in paths]
+    blobs = storage.read_ranges([(key, 0, None) for key in keys])
+    return [parse_array_json(blob, storage.key_url(key)) for key, blob in zip(keys, blobs)]
+
+
+def check_arrays(storage: Storage, records: list["TensorRecord"]) -> None:
+    """Refuse arrays whose ``zarr.json`` disagrees with the root record.
+
+    shardstore plans reads from the root record while zarr-python and tensorstore read each array's own
+    ``zarr.json``; were they to differ, the same checkpoint would give different values to each.
+    """
+    for record, layout in zip(records, read_arrays(storage, [r.path for r in records])):
+        if layout != record.layout:
+            where = storage.key_url(node_key(record.path))
+            raise CorruptCheckpointError(
+                f"{where}: describes {_describe(layout)}, but the root zarr.json says {_describe(record.layout)}; "
+                "one of the two was damaged or hand-edited, and other Zarr readers would read other values "
+                "than shardstore — load an earlier checkpoint or re-run the save"
+            )
+
+
+def _describe(layout: ArrayLayout) -> str:
+    return (f"shape {list(layout.shape)} {dtype_info(layout.dtype).zarr_name}, chunks {list(layout.chunk_shape)}, "
+            f"inner chunks {list(layout.inner_chunk_shape)}, compressor {layout.compressor}")
 
 
 # -- the root record -----------------------------------------------------------------------------------
@@ -264,19 +227,21 @@ class TensorRecord:
 
     @classmethod
     def from_json(cls, entry: Any, where: str) -> "TensorRecord":
-        _expect(isinstance(entry, dict), where, "a tensor entry object", entry)
+        expect(isinstance(entry, dict), where, "a tensor entry object", entry)
         try:
             record = cls(
-                path=_get(entry, "path", str, where),
-                shape=_ints(entry.get("shape"), where, "shape"),
-                dtype=_get(entry, "dtype", str, where),
-                chunk_shape=_ints(entry.get("chunk_shape"), where, "chunk_shape"),
-                inner_chunk_shape=_ints(entry.get("inner_chunk_shape"), where, "inner_chunk_shape"),
+                path=get_field(entry, "path", str, where),
+                shape=int_list(entry.get("shape"), where, "shape"),
+                dtype=get_field(entry, "dtype", str, where),
+                chunk_shape=int_list(entry.get("chunk_shape"), where, "chunk_shape"),
+                inner_chunk_shape=int_list(entry.get("inner_chunk_shape"), where, "inner_chunk_shape"),
                 compressor=entry.get("compressor"),
-                mesh_shape=_ints(entry.get("mesh_shape"), where, "mesh_shape"),
-                placements=tuple(_get(entry, "placements", list, where)),
+                mesh_shape=int_list(entry.get("mesh_shape"), where, "mesh_shape"),
+                placements=_strings(get_field(entry, "placements", list, where), where, "placements"),
             )
-            _ = record.layout  # validates dtype, ranks, divisibility, compressor
+            check_sane_grid(record.layout, where)  # also validates dtype, ranks, divisibility, compressor
+        except CorruptCheckpointError:
+            raise
         except ValueError as exc:
             raise CorruptCheckpointError(f"{where}: inconsistent tensor entry: {exc}") from exc
         return record
@@ -291,36 +256,62 @@ class RootMetadata:
     user_metadata: dict[str, Any] = field(default_factory=dict)
     torch_version: str = torch.__version__
     shardstore_version: str = field(default_factory=_shardstore_version)
+    commit_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """Fresh per save: tells one commit at a URL from the next (an ``open()`` handle checks it)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """The block, sealed with a checksum of itself (so one flipped bit in it is detected)."""
+        block = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
+            "commit_id": self.commit_id,
             "tree": self.tree,
             "tensors": {k: t.to_json() for k, t in self.tensors.items()},
             "torch_version": self.torch_version,
             "shardstore_version": self.shardstore_version,
             "user_metadata": self.user_metadata,
         }
+        return block | {"checksum": root_checksum(block)}
+
+    def key_paths(self) -> dict[str, KeyPath]:
+        """The state-dict key path of every tensor, by node path (the tree keeps the original keys)."""
+        return {node_path(key): key for key in tree_tensor_keys(self.tree, "the root record")}
 
     @classmethod
     def from_json(cls, block: Any, where: str) -> "RootMetadata":
-        _expect(isinstance(block, dict) and block.get("format") == FORMAT_NAME, where,
+        expect(isinstance(block, dict) and block.get("format") == FORMAT_NAME, where,
                 "attributes.shardstore.format 'shardstore' (a shardstore checkpoint)", block)
         version = block.get("version")
         if version != FORMAT_VERSION:
             raise CorruptCheckpointError(
                 f"{where}: format version {version!r}, this shardstore reads version {FORMAT_VERSION}; "
-                "upgrade shardstore to load checkpoints written by a newer one"
+                "upgrade shardstore to load checkpoints written by a newer one (if none wrote it, the file is damaged)"
             )
-        tensors = _get(block, "tensors", dict, where)
-        return cls(
+        verify_root_checksum(block, where)
+        tensors = get_field(block, "tensors", dict, where)
+        root = cls(
             tree=block.get("tree"),
             tensors={k: _tensor_entry(k, v, f"{where} tensor {k!r}") for k, v in tensors.items()},
-            user_metadata=_get(block, "user_metadata", dict, where),
-            torch_version=_get(block, "torch_version", str, where),
-            shardstore_version=_get(block, "shardstore_version", str, where),
+            user_metadata=get_field(block, "user_metadata", dict, where),
+            torch_version=get_field(block, "torch_version", str, where),
+            shardstore_version=get_field(block, "shardstore_version", str, where),
+            commit_id=_commit_id(block, where),
         )
+        check_tensors_match_tree(root.tree, root.tensors, where)
+        return root
+
+
+def _strings(values: list, where: str, what: str) -> tuple[str, ...]:
+    expect(all(isinstance(v, str) for v in values), where, f"{what} as a list of strings", values)
+    return tuple(values)
+
+
+def _commit_id(block: dict[str, Any], where: str) -> str:
+    value = get_field(block, "commit_id", str, where)
+    if len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
+        raise CorruptCheckpointError(f"{where}: commit_id {value!r} is not 32 lower-case hex digits; the root "
+                                     "zarr.json was damaged or hand-edited — load an earlier checkpoint or re-run the save")
+    return value
 
 
 def _tensor_entry(key: str, entry: Any, where: str) -> TensorRecord:

@@ -177,6 +177,11 @@ class Storage:
         """Size of the object at ``key`` in bytes."""
         raise NotImplementedError
 
+    def fingerprint(self, key: str) -> str:
+        """A token that changes when the object at ``key`` is replaced, from metadata alone (one stat or
+        HEAD, no data read), so an open checkpoint can notice cheaply that another save committed."""
+        raise NotImplementedError
+
     def list(self, prefix: str = "") -> list[str]:
         """Every key under ``prefix`` (recursive), relative to the root, sorted."""
         raise NotImplementedError

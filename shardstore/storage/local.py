@@ -160,6 +160,12 @@ class LocalStorage(Storage):
         with self._open_for_read(key) as fd:
             return os.fstat(fd).st_size
 
+    def fingerprint(self, key: str) -> str:
+        """Size, mtime and inode: every write renames a new inode in, so a rewrite shows even at equal size."""
+        with self._open_for_read(key) as fd:
+            st = os.fstat(fd)
+        return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self._root
         start = len(self._root) + 1

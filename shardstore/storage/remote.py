@@ -21,6 +21,8 @@ __all__ = ["FsspecStorage"]
 
 # Protocols whose single PUT is atomic: no temporary object and rename needed.
 _ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
+# What fsspec backends report in ``info`` that changes when an object is replaced (s3fs, gcsfs, adlfs, memory).
+_FINGERPRINT_FIELDS = ("size", "ETag", "etag", "generation", "LastModified", "last_modified", "mtime", "created")
 
 
 class _ObjectLock(HeldLock):
@@ -88,6 +90,16 @@ class FsspecStorage(Storage):
             return int(self._fs.size(self._path(key)))
         except FileNotFoundError:
             raise self._missing(key) from None
+
+    def fingerprint(self, key: str) -> str:
+        """What the backend reports of size, etag, generation and modification time (fresh, not cached)."""
+        path = self._path(key)
+        try:
+            self._fs.invalidate_cache(path)
+            info = self._fs.info(path)
+        except FileNotFoundError:
+            raise self._missing(key) from None
+        return repr([(k, str(info[k])) for k in _FINGERPRINT_FIELDS if k in info])
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self._root

@@ -25,11 +25,12 @@ def _expected(name: str) -> str:
 def _root() -> fmt.RootMetadata:
     layout = ArrayLayout((5, 7), torch.bfloat16, (4, 4), (2, 2))
     return fmt.RootMetadata(
-        tree={"model": {"w": "@tensor"}, "step": 3},
-        tensors={"model.w": fmt.TensorRecord.from_layout("model/w", layout, (2,), ("S(0)",))},
+        tree={"dict": {"model": {"dict": {"w": {"tensor": ["model", "w"]}}}, "step": {"value": 3}}},
+        tensors={"model/w": fmt.TensorRecord.from_layout("model/w", layout, (2,), ("S(0)",))},
         user_metadata={"run": "x"},
         torch_version="2.13.0",
         shardstore_version="0.1.0",
+        commit_id="0123456789abcdef0123456789abcdef",
     )
 
 

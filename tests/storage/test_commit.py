@@ -20,7 +20,8 @@ from shardstore.storage import Storage
 
 def _root(step: int) -> fmt.RootMetadata:
     layout = ArrayLayout((4,), torch.float32, (4,), (2,))
-    return fmt.RootMetadata(tree={"step": step}, tensors={"w": fmt.TensorRecord.from_layout("w", layout)})
+    tree = {"dict": {"step": {"value": step}, "w": {"tensor": ["w"]}}}
+    return fmt.RootMetadata(tree, {"w": fmt.TensorRecord.from_layout("w", layout)}, commit_id=f"{step:032x}")
 
 
 def _save(storage: Storage, step: int) -> None:
@@ -64,7 +65,7 @@ def _siblings(storage: Storage) -> list[str]:
 
 def test_commit_into_empty_target(storage):
     _commit(storage, 1)
-    assert fmt.read_root(storage).tree == {"step": 1}
+    assert fmt.read_root(storage).tree == _root(1).tree
     assert _siblings(storage) == [] and sorted(storage.list()) == ["w/c/0", "w/zarr.json", "zarr.json"]
 
 
@@ -72,14 +73,14 @@ def test_commit_into_an_existing_empty_directory(tmp_path):
     (tmp_path / "ckpt").mkdir()
     storage = Storage(str(tmp_path / "ckpt"))
     _commit(storage, 1)
-    assert fmt.read_root(storage).tree == {"step": 1}
+    assert fmt.read_root(storage).tree == _root(1).tree
 
 
 def test_overwrite_replaces_an_existing_checkpoint(storage):
     _commit(storage, 1)
     storage.write("w/c/1", b"only in the old one")
     _commit(storage, 2, overwrite=True)
-    assert fmt.read_root(storage).tree == {"step": 2}
+    assert fmt.read_root(storage).tree == _root(2).tree
     assert storage.read("w/c/0") == bytes([2]) * 8
     assert "w/c/1" not in storage.list() and _siblings(storage) == []
 
@@ -88,7 +89,7 @@ def test_without_overwrite_an_existing_checkpoint_is_refused(storage):
     _commit(storage, 1)
     with pytest.raises(CheckpointExistsError, match="pass overwrite=True"):
         commit.begin(storage, overwrite=False)
-    assert fmt.read_root(storage).tree == {"step": 1} and _siblings(storage) == []
+    assert fmt.read_root(storage).tree == _root(1).tree and _siblings(storage) == []
 
 
 @pytest.mark.parametrize("layout", ["notes", "runs", "notes-in-checkpoint", "foreign-root"])
@@ -113,7 +114,7 @@ def test_an_interrupted_save_may_be_overwritten(storage):
     with pytest.raises(CheckpointExistsError):
         commit.begin(storage, overwrite=False)
     _commit(storage, 3, overwrite=True)
-    assert fmt.read_root(storage).tree == {"step": 3}
+    assert fmt.read_root(storage).tree == _root(3).tree
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -132,7 +133,7 @@ def test_of_two_racing_saves_exactly_one_commits(storage, overwrite):
     with pytest.raises(ConcurrentSaveError, match="another save committed"):
         commit.finish(storage, Storage(first.dest_url), first)
     commit.abandon(Storage(first.dest_url), first)
-    assert fmt.read_root(storage).tree == {"step": 6} and storage.read("w/c/0") == bytes([6]) * 8
+    assert fmt.read_root(storage).tree == _root(6).tree and storage.read("w/c/0") == bytes([6]) * 8
     assert _siblings(storage) == []
 
 
@@ -146,10 +147,10 @@ def test_a_failed_swap_leaves_the_old_checkpoint_and_no_blocking_litter(tmp_path
     with pytest.raises(OSError, match="disk gone"):
         commit.finish(storage, dest, claim)
     monkeypatch.undo()
-    assert fmt.read_root(storage).tree == {"step": 1}
+    assert fmt.read_root(storage).tree == _root(1).tree
     assert len(_siblings(storage)) == 1  # the new tree, complete but never committed
     _commit(storage, 3, overwrite=True)  # a later save sweeps it
-    assert fmt.read_root(storage).tree == {"step": 3} and _siblings(storage) == []
+    assert fmt.read_root(storage).tree == _root(3).tree and _siblings(storage) == []
 
 
 def test_a_live_save_is_not_swept_but_a_dead_ones_tree_is(tmp_path):

@@ -69,6 +69,17 @@ def test_exists_size_list_delete(storage):
     assert storage.list() == [] and storage.is_empty()
 
 
+def test_fingerprint_changes_when_an_object_is_replaced(storage):
+    storage.write("k", b"abc")
+    first = storage.fingerprint("k")
+    assert storage.fingerprint("k") == first  # stable while nothing changes
+    storage.write("k", b"abc")  # same bytes, but replaced
+    assert storage.fingerprint("k") != first
+    storage.delete("k")
+    with pytest.raises(MissingChunkError, match="does not exist"):
+        storage.fingerprint("k")
+
+
 def test_is_empty(storage):
     assert storage.is_empty()
     storage.write("deep/down/k", b"1")
