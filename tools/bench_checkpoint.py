@@ -5,7 +5,7 @@ same layout, each first call in freshly spawned ranks (median over --fresh start
 measured in one set of processes (--repeat). World size 1 is plain tensors in one process without a
 process group: shardstore, torch DCP, torch.save and safetensors. Larger worlds hold our DTensors with
 Shard(0): shardstore and torch DCP. Also prints the disk's raw O_DIRECT bandwidth from the same run,
-peak RSS per rank and bytes read against bytes needed. Methods: tools/bench_common.py.
+peak RSS per rank and bytes read against bytes needed. How it measures: tools/bench_common.py.
 
 Run on a quiet machine (needs ~3x --gib of free memory at world size 1, 2x --gib of disk):
     python tools/bench_checkpoint.py                     # 2 GiB, world sizes 1 2 4
@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.bench_common import Job, Layout, State, checkpoint_path, measure, remove, systems_for  # noqa: E402
-from tools.bench_report import METHOD, Report, add_common_args, raw_bandwidth, states  # noqa: E402
+from tools.bench_common import Job, checkpoint_path, measure, remove, systems_for  # noqa: E402
+from tools.bench_state import Layout, State  # noqa: E402
+from tools.bench_report import METHOD, Report, add_common_args, positive_int, raw_bandwidth, states  # noqa: E402
 
 
 def run_world(report: Report, args: argparse.Namespace, state: State, world: int) -> None:
@@ -44,10 +45,10 @@ def run_world(report: Report, args: argparse.Namespace, state: State, world: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4],
+    parser.add_argument("--worlds", type=positive_int, nargs="+", default=[1, 2, 4],
                         help="world sizes; 1 is plain tensors without a process group (default 1 2 4)")
     args = parser.parse_args()
-    chosen = states(args)
+    chosen = states(parser, args)
     report = Report(args, raw_bandwidth(args.dir, max(s.nbytes for s in chosen)))
     report.header(METHOD)
     try:

@@ -20,10 +20,18 @@ from dataclasses import asdict
 import safetensors
 import torch
 
-from tools.bench_common import GIB, MIB, Layout, Measurement, Record, State, evict, mixed_state, remove, small_state
+from tools.bench_common import Measurement, Record, evict, remove
+from tools.bench_state import GIB, MIB, Layout, State, mixed_state, small_state
 
 BLOCK = 64 * MIB  # the raw disk measurement's aligned, reused buffer
 READ_THREADS = 4
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -31,10 +39,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="size of the mixed state (fp32/bf16 tensors of 1-256 MiB), GiB (default 2)")
     parser.add_argument("--small", action="store_true",
                         help="also run the small-tensor state (--small-tensors tensors of 64 KiB-1 MiB)")
-    parser.add_argument("--small-tensors", type=int, default=1000, help="tensors in the small state (default 1000)")
-    parser.add_argument("--fresh", type=int, default=3,
+    parser.add_argument("--small-tensors", type=positive_int, default=1000, help="tensors in the small state (default 1000)")
+    parser.add_argument("--fresh", type=positive_int, default=3,
                         help="fresh starts of new ranks per measurement; the first call's median (default 3)")
-    parser.add_argument("--repeat", type=int, default=3,
+    parser.add_argument("--repeat", type=positive_int, default=3,
                         help="calls in the last start's processes; steady state = median after the first (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of tensor sizes, dtypes and values (default 0)")
     parser.add_argument("--dir", default="/tmp/shardstore-bench",
@@ -42,9 +50,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write every number (every rank, every call) here")
 
 
-def states(args: argparse.Namespace) -> list[State]:
+def states(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[State]:
+    """The states asked for: the mixed one unless --gib is 0, the small one with --small."""
     chosen = [mixed_state(args.gib, args.seed)] if args.gib > 0 else []
-    return chosen + ([small_state(args.small_tensors, args.seed + 1)] if args.small else [])
+    chosen += [small_state(args.small_tensors, args.seed + 1)] if args.small else []
+    if not chosen:
+        parser.error("nothing to measure: pass --gib above 0, or --small")
+    return chosen
 
 
 # --- the machine ------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ shardstore against torch DCP in the same run, both from checkpoints saved (untim
 ranks. DCP reads whole saved items and narrows them (pytorch issue 76331); shardstore reads only the
 inner chunks each rank needs: the read/needed column shows it. Each first load runs in freshly spawned
 ranks (median over --fresh starts), the steady state in one set of processes (--repeat). Also prints the
-disk's raw O_DIRECT bandwidth from the same run and peak RSS per rank. Methods: tools/bench_common.py.
+disk's raw O_DIRECT bandwidth from the same run and peak RSS per rank. How it measures: tools/bench_common.py.
 
 Run on a quiet machine:
     python tools/bench_reshard.py                         # 2 GiB, Shard(0) on 2 -> Shard(1) on 4
@@ -23,8 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.bench_common import Job, Layout, State, checkpoint_path, measure, remove, systems_for  # noqa: E402
-from tools.bench_report import METHOD, Report, add_common_args, raw_bandwidth, states  # noqa: E402
+from tools.bench_common import Job, checkpoint_path, measure, remove, systems_for  # noqa: E402
+from tools.bench_state import Layout, State  # noqa: E402
+from tools.bench_report import METHOD, Report, add_common_args, positive_int, raw_bandwidth, states  # noqa: E402
 
 
 def run_state(report: Report, args: argparse.Namespace, state: State) -> None:
@@ -45,12 +46,12 @@ def run_state(report: Report, args: argparse.Namespace, state: State) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--save-ranks", type=int, default=2, help="ranks saving with Shard(0) (default 2)")
-    parser.add_argument("--load-ranks", type=int, default=4, help="ranks of the resharded load (default 4)")
+    parser.add_argument("--save-ranks", type=positive_int, default=2, help="ranks saving with Shard(0) (default 2)")
+    parser.add_argument("--load-ranks", type=positive_int, default=4, help="ranks of the resharded load (default 4)")
     parser.add_argument("--load-dim", type=int, default=1, choices=[0, 1],
                         help="tensor dim the resharded load shards (default 1)")
     args = parser.parse_args()
-    chosen = states(args)
+    chosen = states(parser, args)
     report = Report(args, raw_bandwidth(args.dir, max(s.nbytes for s in chosen)))
     report.header(METHOD)
     try:
