@@ -173,7 +173,7 @@ def _worst_read(records: list[Record]) -> str:
     """Bytes read against bytes needed (the rank's targets), worst rank: read calls, disk, self-reported."""
     parts = [("rchar", [r.rchar / r.held for r in records if r.held]),
              ("disk", [r.disk_read / r.held for r in records if r.held]),
-             ("own", [r.reported_read / r.held for r in records if r.held and r.reported_read is not None])]
+             ("reported", [r.reported_read / r.held for r in records if r.held and r.reported_read is not None])]
     return " ".join(f"{name} {max(values):.2f}x" for name, values in parts if values)
 
 
