@@ -1,96 +1,63 @@
-"""Single-process checkpoint benchmark: shardstore against torch.save, safetensors and torch DCP,
-measured in the same run on the same state dict (medians of --repeat runs; ratios are what count).
+"""Checkpoint benchmark as users meet it: durable saves and cold same-layout loads in fresh processes.
 
-Run: ``python tools/bench_checkpoint.py --gib 1 --tensors 31 --repeat 3 --dir /tmp/bench``
+For each world size (default 1, 2 and 4) and each state, every system saves, then loads back onto the
+same layout, each first call in freshly spawned ranks (median over --fresh starts), and the steady state
+measured in one set of processes (--repeat). World size 1 is plain tensors in one process without a
+process group: shardstore, torch DCP, torch.save and safetensors. Larger worlds hold our DTensors with
+Shard(0): shardstore and torch DCP. Also prints the disk's raw O_DIRECT bandwidth from the same run,
+peak RSS per rank and bytes read against bytes needed. How it measures: tools/bench_common.py.
+
+Run on a quiet machine (needs ~3x --gib of free memory at world size 1, 2x --gib of disk):
+    python tools/bench_checkpoint.py                     # 2 GiB, world sizes 1 2 4
+    python tools/bench_checkpoint.py --small --json out.json
+Smoke test (numbers meaningless): python tools/bench_checkpoint.py --gib 0.05 --fresh 1 --repeat 2
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
-import warnings
-import statistics
 import sys
-import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
-from safetensors.torch import load as load_bytes, save_file  # noqa: E402
-
-import shardstore  # noqa: E402
+from tools.bench_common import Job, checkpoint_path, measure, remove, systems_for  # noqa: E402
+from tools.bench_state import Layout, State  # noqa: E402
+from tools.bench_report import METHOD, Report, add_common_args, positive_int, raw_bandwidth, states  # noqa: E402
 
 
-def make_state(gib: float, count: int) -> dict[str, torch.Tensor]:
-    per = int(gib * 2**30 / 4 / count)
-    cols = 1024
-    return {f"layer{i}.weight": torch.randn(max(1, per // cols), cols) for i in range(count)}
-
-
-def _fresh(path: Path) -> Path:
-    shutil.rmtree(path, ignore_errors=True)
-    return path
-
-
-def contenders(state: dict, root: Path) -> dict[str, tuple[Callable, Callable]]:
-    zeros = {k: torch.empty_like(v) for k, v in state.items()}
-    return {
-        "shardstore": (
-            lambda: shardstore.save(state, str(_fresh(root / "ss"))),
-            lambda: shardstore.load(zeros, str(root / "ss")),
-        ),
-        "shardstore streamed": (  # the same checkpoint, loaded through 256 MiB of staging memory
-            lambda: None,
-            lambda: shardstore.load(zeros, str(root / "ss"), staging_bytes=256 << 20),
-        ),
-        "torch.save": (
-            lambda: torch.save(state, _fresh(root / "ts.pt")),
-            lambda: torch.load(root / "ts.pt", weights_only=True),
-        ),
-        "safetensors": (
-            lambda: save_file(state, str(_fresh(root / "st.safetensors"))),
-            lambda: load_bytes((root / "st.safetensors").read_bytes()),  # read it all, as the others do
-        ),
-        "torch DCP": (
-            lambda: dcp.save(state, checkpoint_id=str(_fresh(root / "dcp"))),
-            lambda: dcp.load(zeros, checkpoint_id=str(root / "dcp")),
-        ),
-    }
-
-
-def timed(fn: Callable, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def run_world(report: Report, args: argparse.Namespace, state: State, world: int) -> None:
+    """Save then same-layout load of ``state`` on ``world`` ranks, every system, two tables."""
+    layout = Layout(world, None if world == 1 else 0)
+    saves, loads = {}, {}
+    for system in systems_for(layout):
+        job = Job(system, "save", state, layout, checkpoint_path(args.dir, system), repeats=1)
+        saves[system] = measure(job, args.fresh, args.repeat)
+        loads[system] = measure(replace(job, op="load"), args.fresh, args.repeat)
+        remove(job.path)
+    baselines = ["torch DCP"] + (["torch.save", "safetensors"] if layout.shard_dim is None else [])
+    report.case(f"durable save, world size {world}", "save", state, layout, saves, baselines)
+    report.case(f"cold same-layout load, world size {world}", "load", state, layout, loads, baselines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--gib", type=float, default=1.0)
-    parser.add_argument("--tensors", type=int, default=31)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--dir", default="/tmp/shardstore-bench")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--worlds", type=positive_int, nargs="+", default=[1, 2, 4],
+                        help="world sizes; 1 is plain tensors without a process group (default 1 2 4)")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    root = Path(args.dir)
-    root.mkdir(parents=True, exist_ok=True)
-    state = make_state(args.gib, args.tensors)
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    print(f"{len(state)} float32 tensors, {nbytes / 2**30:.2f} GiB, median of {args.repeat} (warm page cache)")
-    results = {}
-    for name, (save, load) in contenders(state, root).items():
-        results[name] = (timed(save, args.repeat), timed(load, args.repeat))
-    base_save, base_load = results["shardstore"]
-    for name, (s, l) in results.items():
-        saved = "(saved above)" if name == "shardstore streamed" else f"{nbytes / 2**30 / s:5.2f} GiB/s ({s / base_save:4.2f}x shardstore's time)"
-        print(f"  {name:19} save {saved:40}   load {nbytes / 2**30 / l:5.2f} GiB/s ({l / base_load:4.2f}x)")
-    shutil.rmtree(root, ignore_errors=True)
+    chosen = states(parser, args)
+    report = Report(args, raw_bandwidth(args.dir, max(s.nbytes for s in chosen)))
+    report.header(METHOD)
+    try:
+        for state in chosen:
+            for world in args.worlds:
+                run_world(report, args, state, world)
+    finally:
+        shutil.rmtree(args.dir, ignore_errors=True)
+    report.write_json(args.json)
 
 
 if __name__ == "__main__":

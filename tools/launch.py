@@ -32,11 +32,16 @@ def _init(device: str) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=120))
 
 
-def _rank_main(rank: int, world_size: int, port: int, main: Callable, args) -> None:
-    os.environ.update(
+def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The environment torchrun gives a rank on one machine (env:// rendezvous on loopback ``port``)."""
+    return dict(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
+
+
+def _rank_main(rank: int, world_size: int, port: int, main: Callable, args) -> None:
+    os.environ.update(rank_env(rank, world_size, port))
     _run(main, args)
 
 
@@ -50,7 +55,8 @@ def _run(main: Callable, args) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port free right now, for the rendezvous of ranks spawned here."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -63,16 +69,17 @@ def launch(main: Callable, args) -> None:
         return
     nproc = args.nproc or 1
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, nproc, port, main, args)) for r in range(nproc)]
     for p in procs:
         p.start()
-    failed = _wait_all(procs)
+    failed = wait_all(procs)
     if failed:
         sys.exit(f"ranks {failed} failed")
 
 
-def _wait_all(procs) -> list[int]:
+def wait_all(procs) -> list[int]:
+    """Wait for every process; once one fails, kill the rest (nobody hangs) and return the failed ranks."""
     from multiprocessing.connection import wait
 
     pending = {p.sentinel: (rank, p) for rank, p in enumerate(procs)}
