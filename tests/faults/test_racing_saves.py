@@ -1,15 +1,19 @@
 """Exclusive commits: real processes racing to save to one URL, many trials.
 
 Four spawned processes (no process group: each is its own single-rank save) meet at a barrier, then all
-save to the same URL at once, each a state dict whose every tensor and value says who wrote it. For
-every trial: exactly one save succeeds, every other raises ``ConcurrentSaveError`` (or, for a fresh URL,
-``CheckpointExistsError`` when it started after the winner committed), and what loads is entirely the
-winner's. Nothing is left beside the URL. Once fresh, once with ``overwrite=True`` over a checkpoint.
+save to the same URL at once, each a state dict whose every tensor and value says who wrote it. Each
+racer records when its save claimed the URL and when it committed (``CLOCK_MONOTONIC``, shared by the
+processes). For every trial: the saves that succeeded never overlapped (each began after the previous
+one committed: a later ``overwrite=True`` save legitimately replaces an earlier one), so at most one of
+the truly concurrent ones won; every other raises ``ConcurrentSaveError`` (or, for a fresh URL,
+``CheckpointExistsError`` when it began after the winner committed); and what loads is entirely the
+last winner's. Nothing is left beside the URL. Once fresh, once with ``overwrite=True``.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 from pathlib import Path
 
 import pytest
@@ -26,9 +30,27 @@ def _state(writer: int) -> dict:
     return {"model": {f"w{i}": torch.full((64, 32), float(writer)) for i in range(TENSORS)}, "step": writer}
 
 
+def _timed(times: dict, name: str, fn):
+    """``fn`` recording when it returned (the moment a claim or a commit took effect) in ``times``."""
+
+    def wrapper(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        times[name] = time.monotonic()
+        return result
+
+    return wrapper
+
+
 def _racer(writer: int, root: str, overwrite: bool, barrier, results) -> None:
+    from shardstore import commit
+
     torch.set_num_threads(1)
+    shardstore.save(_state(writer), f"{root}/warm-up-{writer}")  # first-call costs out of the race
+    times: dict[str, float] = {}
+    commit.begin = _timed(times, "claimed", commit.begin)
+    commit.finish = _timed(times, "committed", commit.finish)
     for trial in range(TRIALS):
+        times.clear()
         barrier.wait()
         try:
             shardstore.save(_state(writer), f"{root}/t{trial}", overwrite=overwrite)
@@ -37,19 +59,19 @@ def _racer(writer: int, root: str, overwrite: bool, barrier, results) -> None:
             outcome = type(exc).__name__
         except Exception as exc:  # noqa: BLE001 - reported to the test as a failure
             outcome = f"unexpected {type(exc).__name__}: {exc}"
-        results.put((trial, writer, outcome))
+        results.put((trial, writer, outcome, dict(times)))
 
 
-def _race(root: Path, overwrite: bool) -> dict[int, dict[int, str]]:
+def _race(root: Path, overwrite: bool) -> dict[int, dict[int, tuple[str, dict]]]:
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(WRITERS), ctx.Queue()
     procs = [ctx.Process(target=_racer, args=(w, str(root), overwrite, barrier, results)) for w in range(WRITERS)]
     for p in procs:
         p.start()
-    outcomes: dict[int, dict[int, str]] = {}
+    outcomes: dict[int, dict[int, tuple[str, dict]]] = {}
     for _ in range(WRITERS * TRIALS):
-        trial, writer, outcome = results.get(timeout=240)
-        outcomes.setdefault(trial, {})[writer] = outcome
+        trial, writer, outcome, times = results.get(timeout=240)
+        outcomes.setdefault(trial, {})[writer] = (outcome, times)
     for p in procs:
         p.join(30)
     return outcomes
@@ -62,13 +84,17 @@ def test_racing_saves_one_wins_and_the_checkpoint_is_all_its_own(tmp_path, overw
             shardstore.save(_state(99), str(tmp_path / f"t{trial}"))
     outcomes = _race(tmp_path, overwrite)
     for trial, by_writer in sorted(outcomes.items()):
-        winners = [w for w, outcome in by_writer.items() if outcome == "ok"]
-        losers = {outcome for outcome in by_writer.values() if outcome != "ok"}
-        assert len(winners) == 1, f"trial {trial}: {by_writer}"
+        winners = sorted((times["committed"], w, times["claimed"]) for w, (outcome, times) in by_writer.items() if outcome == "ok")
+        losers = {outcome for outcome, _ in by_writer.values() if outcome != "ok"}
+        assert winners, f"trial {trial}: nobody committed: {by_writer}"
         assert losers <= {"ConcurrentSaveError", "CheckpointExistsError"}, f"trial {trial}: {by_writer}"
+        for (committed, _, _), (_, writer, claimed) in zip(winners, winners[1:]):
+            assert claimed > committed, f"trial {trial}: writer {writer} committed over a save it raced: {by_writer}"
+        last = winners[-1][1]
         loaded = {"model": {f"w{i}": torch.zeros(64, 32) for i in range(TENSORS)}, "step": -1}
         shardstore.load(loaded, str(tmp_path / f"t{trial}"))
-        assert loaded["step"] == winners[0], f"trial {trial}"
+        assert loaded["step"] == last, f"trial {trial}"
         for name, t in loaded["model"].items():
-            assert torch.all(t == winners[0]), f"trial {trial}: {name} mixes writers"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"t{t}" for t in range(TRIALS))
+            assert torch.all(t == last), f"trial {trial}: {name} mixes writers"
+    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("warm-up-"))
+    assert names == sorted(f"t{t}" for t in range(TRIALS))
