@@ -16,8 +16,10 @@ load: flatten the target state dict, check every target can be filled -> read th
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -66,6 +68,7 @@ class LoadResult:
     streamed: bool
 
 
+_METADATA_WRITERS = 8
 DEFAULT_STAGING_BYTES = 2 << 30  # per rank; bigger shares stream (bounded memory, not all-or-nothing)
 DEFAULT_MAX_READ_BYTES = 4 << 30  # one Checkpoint.read; bigger regions are read in parts
 
@@ -129,13 +132,14 @@ def _commit(dest: Storage, target: Storage, claim: commit.Claim, plan: GlobalSav
             user_metadata) -> None:
     """Metadata, durable, then the root marker, durable, then the commit protocol makes it the checkpoint."""
     records = {}
+    writes = []
     for array in plan.arrays:
         layout = layout_of(array, compressor)
-        fmt.write_array(dest, array.node, layout)
+        writes.append(functools.partial(fmt.write_array, dest, array.node, layout))
         records[array.node] = fmt.TensorRecord.from_layout(array.node, layout, array.mesh_shape or (), array.placements or ())
-    for group in fmt.group_paths([a.node for a in plan.arrays]):
-        if group:
-            fmt.write_group(dest, group)
+    writes += [functools.partial(fmt.write_group, dest, g) for g in fmt.group_paths([a.node for a in plan.arrays]) if g]
+    with ThreadPoolExecutor(_METADATA_WRITERS) as pool:  # each write waits on its fsync: overlap them
+        list(pool.map(lambda write: write(), writes))
     dest.sync()
     fmt.write_root(dest, fmt.RootMetadata(skeleton, records, dict(user_metadata or {})))
     dest.sync()
