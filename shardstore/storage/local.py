@@ -13,9 +13,7 @@ way is a real directory, and refuse anything but a regular file.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
 import os
 import shutil
 import stat
@@ -25,17 +23,15 @@ import uuid
 import weakref
 from typing import Any
 
-import numpy as np
 
 from shardstore.errors import CorruptCheckpointError
-from shardstore.storage.base import HeldLock, Storage, check_key, io_pool, strip_trailing_slash
+from shardstore.storage import posix
+from shardstore.storage.base import Storage, check_key, io_pool, strip_trailing_slash
 
 __all__ = ["LocalStorage"]
 
 _DIRECT_ALIGN = 4096  # O_DIRECT needs block-aligned addresses, offsets and lengths
 _DIRECT_MIN = 1 << 20  # below this, O_DIRECT gains nothing over the page cache
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
 
 
 class LocalStorage(Storage):
@@ -77,7 +73,7 @@ class LocalStorage(Storage):
             lo = max(0, size + start) if start < 0 else min(start, size)
             hi = size if stop is None else min(max(stop, lo), size)
             data = bytearray(hi - lo)
-            got = _pread_into(fd, lo, memoryview(data))
+            got = posix.pread_into(fd, lo, memoryview(data))
         expected = -start if start < 0 else (None if stop is None else stop - start)
         self._check_length(key, start, stop, expected, got)
         return data
@@ -85,11 +81,11 @@ class LocalStorage(Storage):
     def read_range_into(self, key: str, start: int, out: bytearray | memoryview) -> memoryview:
         view = memoryview(out).cast("B")
         with self._open_for_read(key) as fd:
-            got = _pread_into(fd, start, view)
+            got = posix.pread_into(fd, start, view)
         self._check_length(key, start, start + len(view), len(view), got)
         return view
 
-    def _open_for_read(self, key: str) -> "_Fd":
+    def _open_for_read(self, key: str) -> "posix.Fd":
         """Open ``key`` for reading: no symlink on the way, and a regular file (a FIFO would block)."""
         path = self._path(key)
         self._check_dirs(key)
@@ -105,8 +101,8 @@ class LocalStorage(Storage):
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             os.close(fd)
-            raise self._not_regular(key, _kind(mode))
-        return _Fd(fd)
+            raise self._not_regular(key, posix.kind_of(mode))
+        return posix.Fd(fd)
 
     def _check_dirs(self, key: str) -> None:
         """Every directory between the root and ``key`` must be a real directory, not a symlink that
@@ -122,7 +118,7 @@ class LocalStorage(Storage):
             except FileNotFoundError:
                 raise self._missing(key) from None
             if not stat.S_ISDIR(mode):
-                raise self._not_regular(rel, "a symbolic link" if stat.S_ISLNK(mode) else _kind(mode))
+                raise self._not_regular(rel, "a symbolic link" if stat.S_ISLNK(mode) else posix.kind_of(mode))
             self._checked_dirs.add(rel)
 
     def _not_regular(self, key: str, what: str) -> CorruptCheckpointError:
@@ -194,7 +190,7 @@ class LocalStorage(Storage):
         try:
             os.replace(tmp, path)
         except BaseException:
-            _unlink(tmp)
+            posix.unlink(tmp)
             raise
         self._touched(os.path.dirname(path))
 
@@ -205,7 +201,7 @@ class LocalStorage(Storage):
         try:
             os.link(tmp, path)
         finally:
-            _unlink(tmp)
+            posix.unlink(tmp)
         self._touched(os.path.dirname(path))
         self.sync()
 
@@ -217,12 +213,12 @@ class LocalStorage(Storage):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             done = self._write_direct(tmp, view) if self.durable else 0
-            _write_all(fd, view, done)
+            posix.write_all(fd, view, done)
             if self.durable:
-                _fsync_file(fd, tmp)
+                posix.fsync_file(fd, tmp)
         except BaseException:
             os.close(fd)
-            _unlink(tmp)
+            posix.unlink(tmp)
             raise
         os.close(fd)
         return tmp
@@ -232,7 +228,7 @@ class LocalStorage(Storage):
         for fsync to flush: ~1.5x the bandwidth of buffered writes plus fsync, FACTS.md); returns the
         bytes written (0 where the data is small or unaligned, or the filesystem refuses O_DIRECT)."""
         head = len(view) // _DIRECT_ALIGN * _DIRECT_ALIGN
-        if head < _DIRECT_MIN or _address(view) % _DIRECT_ALIGN or not self._direct_ok:
+        if head < _DIRECT_MIN or posix.address(view) % _DIRECT_ALIGN or not self._direct_ok:
             return 0
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
@@ -242,7 +238,7 @@ class LocalStorage(Storage):
             self._direct_ok = False  # tmpfs and some network filesystems refuse O_DIRECT
             return 0
         try:
-            _write_all(fd, view[:head])
+            posix.write_all(fd, view[:head])
         finally:
             os.close(fd)
         return head
@@ -267,16 +263,16 @@ class LocalStorage(Storage):
         with self._lock:
             dirty, self._dirty = list(self._dirty), set()
         # Concurrently: the journal batches them, and nothing names these entries until sync returns.
-        list(io_pool().map(_fsync_dir, dirty)) if len(dirty) > 1 else [_fsync_dir(d) for d in dirty]
+        list(io_pool().map(posix.fsync_dir, dirty)) if len(dirty) > 1 else [posix.fsync_dir(d) for d in dirty]
 
-    def lock(self, key: str, timeout: float) -> "_FileLock":
+    def lock(self, key: str, timeout: float) -> "posix.FileLock":
         path = self._path(key)
         self._make_dirs(os.path.dirname(path))
         deadline = time.monotonic() + timeout
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            if _try_flock(fd) and _same_file(fd, path):
-                return _FileLock(fd, path)
+            if posix.try_flock(fd) and posix.same_file(fd, path):
+                return posix.FileLock(fd, path)
             os.close(fd)  # held by another, or removed by its holder after we opened it: try again
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{self.key_url(key)} is locked by another process")
@@ -289,14 +285,14 @@ class LocalStorage(Storage):
             return 0.0
 
     def delete(self, key: str) -> None:
-        _unlink(self._path(key))
+        posix.unlink(self._path(key))
 
     def delete_prefix(self, prefix: str = "") -> None:
         base = self._path(prefix) if prefix else self._root
         if os.path.islink(base) or os.path.isfile(base):
-            _unlink(base)
+            posix.unlink(base)
         elif os.path.isdir(base):
-            shutil.rmtree(base, onerror=_gone_is_fine)  # removes links inside, never what they point to
+            shutil.rmtree(base, onerror=posix.gone_is_fine)  # removes links inside, never what they point to
 
     # -- derived storages and whole trees --------------------------------------------------------------
 
@@ -311,7 +307,7 @@ class LocalStorage(Storage):
         if not isinstance(dest, LocalStorage):
             raise NotImplementedError(f"cannot rename {self.url} onto {dest.url}: not the same kind of storage")
         if exchange:
-            _exchange(self._root, dest._root)
+            posix.exchange(self._root, dest._root)
         else:
             os.rename(self._root, dest._root)  # onto a non-empty directory it fails: never a mix
         for directory in dict.fromkeys((os.path.dirname(self._root), os.path.dirname(dest._root))):
@@ -322,121 +318,5 @@ class LocalStorage(Storage):
         with self._open_for_read(key) as fd:
             size = os.fstat(fd).st_size
             data = bytearray(size)
-            _pread_into(fd, 0, memoryview(data))
+            posix.pread_into(fd, 0, memoryview(data))
         dest.write(key, data)
-
-
-class _FileLock(HeldLock):
-    """An ``flock``ed file; the kernel drops the lock when the holding process dies."""
-
-    def __init__(self, fd: int, path: str) -> None:
-        self.fd, self.path = fd, path
-
-    def held(self) -> bool:
-        return self.fd >= 0 and _same_file(self.fd, self.path)
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            if _same_file(self.fd, self.path):
-                _unlink(self.path)  # before unlocking, so a waiter never locks a removed file for good
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _try_flock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
-def _same_file(fd: int, path: str) -> bool:
-    try:
-        st = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
-
-
-class _Fd:
-    """An open file descriptor as a context manager (closed on exit)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __enter__(self) -> int:
-        return self.fd
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-
-
-def _pread_into(fd: int, offset: int, view: memoryview) -> int:
-    """Read up to ``len(view)`` bytes at ``offset`` straight into ``view``; returns the count read."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if not n:
-            break
-        done += n
-    return done
-
-
-def _write_all(fd: int, view: memoryview, done: int = 0) -> None:
-    """Write ``view[done:]`` at offset ``done``."""
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], done)
-
-
-def _address(view: memoryview) -> int:
-    return np.frombuffer(view, dtype=np.uint8).ctypes.data if len(view) else 0
-
-
-def _gone_is_fine(function, path: str, exc_info) -> None:
-    """For ``rmtree``: another process removing the same tree at the same time is not an error."""
-    if not issubclass(exc_info[0], FileNotFoundError):
-        raise exc_info[1]
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _fsync_file(fd: int, path: str) -> None:
-    """Make a file's bytes durable (``path`` names it, for errors and for tests that record syncs)."""
-    os.fsync(fd)
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make a directory's entries (names created, renamed or removed in it) durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: str, b: str) -> None:
-    """Swap two directory trees in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        raise OSError(errno.ENOSYS, "renameat2 is not available on this system")
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}")

@@ -13,16 +13,16 @@ import pytest
 import torch
 
 import shardstore
-from shardstore.storage import local
+from shardstore.storage import local, posix
 
 
 @pytest.fixture()
 def syncs(monkeypatch) -> list[tuple[str, str]]:
     """Every fsync the local backend makes, in order: ("file", path) or ("dir", path)."""
     events: list[tuple[str, str]] = []
-    file_sync, dir_sync = local._fsync_file, local._fsync_dir
-    monkeypatch.setattr(local, "_fsync_file", lambda fd, path: (events.append(("file", path)), file_sync(fd, path)))
-    monkeypatch.setattr(local, "_fsync_dir", lambda path: (events.append(("dir", path)), dir_sync(path)))
+    file_sync, dir_sync = posix.fsync_file, posix.fsync_dir
+    monkeypatch.setattr(posix, "fsync_file", lambda fd, path: (events.append(("file", path)), file_sync(fd, path)))
+    monkeypatch.setattr(posix, "fsync_dir", lambda path: (events.append(("dir", path)), dir_sync(path)))
     return events
 
 

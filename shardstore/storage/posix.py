@@ -1,0 +1,134 @@
+"""The system calls ``LocalStorage`` is built from: ``flock`` locks, positioned reads and writes, fsync of
+files and directories, and the atomic exchange of two directory trees (Linux ``renameat2``). Kept apart
+so that ``local.py`` reads as the storage contract and this as the POSIX details under it."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+
+import numpy as np
+
+from shardstore.storage.base import HeldLock
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+class FileLock(HeldLock):
+    """An ``flock``ed file; the kernel drops the lock when the holding process dies."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd, self.path = fd, path
+
+    def held(self) -> bool:
+        return self.fd >= 0 and same_file(self.fd, self.path)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            if same_file(self.fd, self.path):
+                unlink(self.path)  # before unlocking, so a waiter never locks a removed file for good
+            os.close(self.fd)
+            self.fd = -1
+
+
+def try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+class Fd:
+    """An open file descriptor as a context manager (closed on exit)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+def kind_of(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+
+
+def pread_into(fd: int, offset: int, view: memoryview) -> int:
+    """Read up to ``len(view)`` bytes at ``offset`` straight into ``view``; returns the count read."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if not n:
+            break
+        done += n
+    return done
+
+
+def write_all(fd: int, view: memoryview, done: int = 0) -> None:
+    """Write ``view[done:]`` at offset ``done``."""
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], done)
+
+
+def address(view: memoryview) -> int:
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data if len(view) else 0
+
+
+def gone_is_fine(function, path: str, exc_info) -> None:
+    """For ``rmtree``: another process removing the same tree at the same time is not an error."""
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
+
+
+def unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def fsync_file(fd: int, path: str) -> None:
+    """Make a file's bytes durable (``path`` names it, for errors and for tests that record syncs)."""
+    os.fsync(fd)
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a directory's entries (names created, renamed or removed in it) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def exchange(a: str, b: str) -> None:
+    """Swap two directory trees in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available on this system")
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot exchange {a} and {b}: {os.strerror(err)}")
