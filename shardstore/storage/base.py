@@ -102,10 +102,15 @@ class Storage:
         return super().__new__(cls)
 
     url: str  # the root URL, as given (without a trailing slash)
+    _root: str  # the root as the backend names it (a resolved local path, an fsspec path)
     durable: bool
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+    def _path(self, key: str) -> str:
+        """The backend path of ``key`` under the root, once the key is known to be safe."""
+        return f"{self._root}/{check_key(key, self.url)}"
 
     def key_url(self, key: str) -> str:
         """The full URL of ``key``, for messages."""
@@ -140,7 +145,9 @@ class Storage:
         """
         raise NotImplementedError
 
-    def _check_length(self, key: str, start: int, stop: int | None, expected: int | None, got: int) -> None:
+    def _check_length(self, key: str, start: int, stop: int | None, got: int) -> None:
+        """``got`` bytes arrived for range ``[start, stop)`` (a suffix when ``start < 0``)."""
+        expected = -start if start < 0 else (None if stop is None else stop - start)
         if expected is not None and got != expected:
             raise CorruptCheckpointError(
                 f"object {self.key_url(key)} is truncated: expected {expected} bytes at range "
@@ -232,6 +239,10 @@ class Storage:
 
     def child(self, prefix: str) -> "Storage":
         """A ``Storage`` rooted at ``prefix`` under this one."""
+        return self._derived(self._path(prefix), self.key_url(prefix))
+
+    def _derived(self, root: str, url: str) -> "Storage":
+        """A storage of the same backend (and connection) rooted at ``root``, named ``url``."""
         raise NotImplementedError
 
     def parent(self) -> "Storage":

@@ -15,7 +15,7 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
-from shardstore.storage.base import HeldLock, Storage, check_key, strip_trailing_slash
+from shardstore.storage.base import HeldLock, Storage, strip_trailing_slash
 
 __all__ = ["FsspecStorage"]
 
@@ -58,9 +58,6 @@ class FsspecStorage(Storage):
         other._setup(self._fs, root, url, self.durable)
         return other
 
-    def _path(self, key: str) -> str:
-        return f"{self._root}/{check_key(key, self.url)}"
-
     # -- reads ---------------------------------------------------------------------------------------
 
     def read_range(self, key: str, start: int, stop: int | None) -> bytearray:
@@ -68,8 +65,7 @@ class FsspecStorage(Storage):
             data = bytearray(self._fs.cat_file(self._path(key), start=start, end=stop))
         except FileNotFoundError:
             raise self._missing(key) from None
-        expected = -start if start < 0 else (None if stop is None else stop - start)
-        self._check_length(key, start, stop, expected, len(data))
+        self._check_length(key, start, stop, len(data))
         return data
 
     def read_range_into(self, key: str, start: int, out: bytearray | memoryview) -> memoryview:
@@ -79,7 +75,7 @@ class FsspecStorage(Storage):
         except FileNotFoundError:
             raise self._missing(key) from None
         view[: len(data)] = data
-        self._check_length(key, start, start + len(view), len(view), len(data))
+        self._check_length(key, start, start + len(view), len(data))
         return view
 
     def exists(self, key: str) -> bool:
@@ -172,9 +168,6 @@ class FsspecStorage(Storage):
             self._fs.rm(base, recursive=True)
 
     # -- derived storages ------------------------------------------------------------------------------
-
-    def child(self, prefix: str) -> "FsspecStorage":
-        return self._derived(self._path(prefix), self.key_url(prefix))
 
     def parent(self) -> "FsspecStorage":
         name = self.name
