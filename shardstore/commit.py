@@ -59,7 +59,7 @@ def begin(target: Storage, overwrite: bool) -> Claim:
     expected = _token(target)
     if expected is not None and not overwrite:
         if not target.can_rename_trees and target.exists(CLAIM):
-            _claim_fresh(target, nonce)  # raises: another fresh save holds the URL
+            raise _claimed(target)
         raise CheckpointExistsError(
             f"{target.url} already holds a checkpoint (or an interrupted save); pass overwrite=True to "
             "replace it (the old checkpoint stays loadable until the new one is complete), or save elsewhere"
@@ -69,11 +69,9 @@ def begin(target: Storage, overwrite: bool) -> Claim:
         return Claim(target.url, None, nonce, staged=False)
     staging = _staging(target, nonce)
     with _commit_lock(target):  # so that no sweep sees the new tree before its owner holds it
-        if target.can_rename_trees:
-            trash = _sweep(target)
+        trash = _sweep(target) if target.can_rename_trees else []
         _owners[nonce] = staging.lock(OWNER, timeout=0)
-    if target.can_rename_trees:
-        _empty_trash(target, trash)
+    _delete_trees(target.parent(), trash)
     return Claim(staging.url, expected, nonce, staged=True)
 
 
@@ -127,10 +125,14 @@ def _claim_fresh(target: Storage, nonce: str) -> None:
     try:
         target.create_exclusive(CLAIM, nonce.encode())
     except FileExistsError:
-        raise ConcurrentSaveError(
-            f"another save is writing to {target.url} ({target.key_url(CLAIM)} exists); wait for it, or, if "
-            "no save is running, that one was interrupted: pass overwrite=True to replace it"
-        ) from None
+        raise _claimed(target) from None
+
+
+def _claimed(target: Storage) -> ConcurrentSaveError:
+    return ConcurrentSaveError(
+        f"another save is writing to {target.url} ({target.key_url(CLAIM)} exists); wait for it, or, if "
+        "no save is running, that one was interrupted: pass overwrite=True to replace it"
+    )
 
 
 # -- finish --------------------------------------------------------------------------------------------
@@ -150,6 +152,8 @@ def finish(target: Storage, dest: Storage, claim: Claim) -> None:
         dest.sync()
         _swap_in(target, dest, claim) if target.can_rename_trees else _copy_in(target, dest)
     del _owners[claim.nonce]
+    if claim.expected is not None and target.can_rename_trees:
+        dest.delete_prefix()  # ``dest`` now names the old tree; deleted outside the lock (a sweep may beat us)
 
 
 def _finish_in_place(target: Storage, claim: Claim) -> None:
@@ -194,7 +198,6 @@ def _swap_in(target: Storage, dest: Storage, claim: Claim) -> None:
         dest.rename_tree(target)  # onto nothing or an empty directory; never onto a checkpoint
         return
     dest.rename_tree(target, exchange=True)  # one atomic step: old or new at the URL, never neither
-    dest.delete_prefix()  # ``dest`` now names the old tree
 
 
 def _copy_in(target: Storage, staging: Storage) -> None:
@@ -225,7 +228,7 @@ def abandon(dest: Storage, claim: Claim) -> None:
 
 def _sweep(target: Storage) -> list[str]:
     """Move the staging siblings of dead saves to ``<name>.trash-<id>`` (cheap, under the commit lock, so
-    that no ``finish`` is halfway); returns every trash name for ``_empty_trash``. Dead: a tree whose
+    that no ``finish`` is halfway); returns every trash name, for ``_delete_trees``. Dead: a tree whose
     owner lock is free (it dies with its process), a complete tree without an owner (an old tree swapped
     out, or a new one whose ``finish`` was killed before its swap), an ownerless tree over ``YOUNG_S``
     old."""
@@ -236,8 +239,7 @@ def _sweep(target: Storage) -> list[str]:
     return parent.list_names(f"{target.name}.trash-")
 
 
-def _empty_trash(target: Storage, names: list[str]) -> None:
-    parent = target.parent()
+def _delete_trees(parent: Storage, names: list[str]) -> None:
     for name in names:
         parent.child(name).delete_prefix()
 
