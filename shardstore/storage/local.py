@@ -26,7 +26,7 @@ from typing import Any
 
 from shardstore.errors import CorruptCheckpointError
 from shardstore.storage import posix
-from shardstore.storage.base import Storage, io_pool, strip_trailing_slash
+from shardstore.storage.base import Storage, check_key, io_pool, strip_trailing_slash
 
 __all__ = ["LocalStorage"]
 
@@ -83,10 +83,9 @@ class LocalStorage(Storage):
 
     def _open_for_read(self, key: str) -> "posix.Fd":
         """Open ``key`` for reading: no symlink on the way, and a regular file (a FIFO would block)."""
-        path = self._path(key)
-        self._check_dirs(key)
+        self._check_dirs(check_key(key, self.url))
         try:
-            name, dir_fd = self._locate(path)
+            name, dir_fd = self._locate(key)
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
         except FileNotFoundError:
             raise self._missing(key) from None
@@ -109,7 +108,7 @@ class LocalStorage(Storage):
             if rel in self._checked_dirs:
                 continue
             try:
-                name, dir_fd = self._locate(f"{self._root}/{rel}")
+                name, dir_fd = self._locate(rel)
                 mode = os.lstat(name, dir_fd=dir_fd).st_mode
             except FileNotFoundError:
                 raise self._missing(key) from None
@@ -123,11 +122,11 @@ class LocalStorage(Storage):
             "checkpoint's own files and never follows links out of it; remove it or re-run the save"
         )
 
-    def _locate(self, path: str) -> tuple[str, int | None]:
-        """``path`` as (name, dir_fd) for ``os`` calls: relative to the pinned tree when there is one."""
+    def _locate(self, key: str) -> tuple[str, int | None]:
+        """``key`` as (name, dir_fd) for ``os`` calls: relative to the pinned tree when there is one."""
         if self._pin is None:
-            return path, None
-        return (path[len(self._root) + 1 :] or "."), self._pin
+            return self._path(key), None
+        return check_key(key, self.url), self._pin
 
     def pinned(self) -> "LocalStorage":
         """A read-only view that keeps reading the tree now at the root even after a save swaps another
@@ -142,7 +141,7 @@ class LocalStorage(Storage):
         return view
 
     def exists(self, key: str) -> bool:
-        name, dir_fd = self._locate(self._path(key))
+        name, dir_fd = self._locate(key)
         try:
             return stat.S_ISREG(os.lstat(name, dir_fd=dir_fd).st_mode)
         except (FileNotFoundError, NotADirectoryError):
