@@ -224,7 +224,8 @@ class Storage:
         raise NotImplementedError
 
     def age(self) -> float:
-        """Seconds since the root's entries last changed (how long ago a tree was last written to)."""
+        """Seconds since the root's entries last changed (how long ago a tree was last written to); only
+        backends that rename trees need it (sweeping dead staging trees)."""
         raise NotImplementedError
 
     def delete(self, key: str) -> None:

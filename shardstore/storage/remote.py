@@ -150,9 +150,6 @@ class FsspecStorage(Storage):
                     raise TimeoutError(f"{self.key_url(key)} is held by another save") from None
                 time.sleep(0.01)
 
-    def age(self) -> float:
-        return 0.0
-
     def sync(self) -> None:
         """A finished PUT is already durable on object stores; ``memory://`` has nothing to sync."""
 
