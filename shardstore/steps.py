@@ -1,0 +1,69 @@
+"""A run directory: one checkpoint per training step, named ``step-<N>`` under a root URL.
+
+The checkpoint manager writes and prunes them, and the ``shardstore ls`` / ``gc`` commands read them,
+so the naming and what counts as complete live here, once. A step is complete when its root record
+reads and validates (the commit made it visible); anything else under the root — staging and trash
+siblings of the commit protocol, a step whose save was killed, files of the user's — is not a complete
+step and is never reported as one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from shardstore import format as fmt
+from shardstore.errors import ShardstoreError
+from shardstore.storage import Storage
+
+__all__ = ["StepEntry", "step_name", "parse_step", "step_url", "list_steps"]
+
+STEP_PREFIX = "step-"
+_STEP_NAME = re.compile(r"step-(0|[1-9][0-9]*)")  # canonical decimal only: one name per step
+
+
+@dataclass(frozen=True)
+class StepEntry:
+    """One ``step-<N>`` entry under a run directory."""
+
+    step: int
+    url: str
+    complete: bool  # the root record reads and validates
+
+
+def step_name(step: int) -> str:
+    """The directory name of ``step`` (decimal, no padding: ``step-100``)."""
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"a step is an int >= 0, got {step!r}")
+    return f"{STEP_PREFIX}{step}"
+
+
+def parse_step(name: str) -> int | None:
+    """The step a directory name stands for, or None for any other name (``step-7.staging-…`` included)."""
+    match = _STEP_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def step_url(root_url: str, step: int) -> str:
+    """The URL of ``step``'s checkpoint under ``root_url``."""
+    return f"{root_url.rstrip('/')}/{step_name(step)}"
+
+
+def list_steps(root_url: str, storage_options: dict | None = None) -> list[StepEntry]:
+    """Every ``step-<N>`` under ``root_url``, by step, each marked complete or not (one root-record
+    read per step). A root that does not exist holds no steps."""
+    root = Storage(root_url, storage_options)
+    entries = []
+    for name in root.list_names(STEP_PREFIX):
+        step = parse_step(name)
+        if step is not None:
+            entries.append(StepEntry(step, root.key_url(name), _is_complete(root.child(name))))
+    return sorted(entries, key=lambda e: e.step)
+
+
+def _is_complete(checkpoint: Storage) -> bool:
+    try:
+        fmt.read_root(checkpoint)
+    except (ShardstoreError, OSError, ValueError):
+        return False
+    return True
