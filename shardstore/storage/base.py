@@ -186,7 +186,9 @@ class Storage:
 
     def fingerprint(self, key: str) -> str:
         """A token that changes when the object at ``key`` is replaced, from metadata alone (one stat or
-        HEAD, no data read), so an open checkpoint can notice cheaply that another save committed."""
+        HEAD, no data read), so an open checkpoint can notice cheaply that another save committed. On S3
+        (ETag: the MD5 of the bytes; LastModified: whole seconds) a rewrite with identical bytes within a
+        second keeps it; every commit writes a root record with its own commit id, so commits differ."""
         raise NotImplementedError
 
     def list(self, prefix: str = "") -> list[str]:

@@ -61,8 +61,14 @@ class FsspecStorage(Storage):
     # -- reads ---------------------------------------------------------------------------------------
 
     def read_range(self, key: str, start: int, stop: int | None) -> bytearray:
+        lo, hi = start, stop
+        if start < 0:  # a suffix: not every object store takes suffix ranges (Azure does not)
+            lo = max(0, self.size(key) + start)
+        elif stop is not None and stop <= start:  # object stores answer an empty range with everything
+            self.size(key)
+            return bytearray()
         try:
-            data = bytearray(self._fs.cat_file(self._path(key), start=start, end=stop))
+            data = bytearray(self._fs.cat_file(self._path(key), start=lo, end=hi))
         except FileNotFoundError:
             raise self._missing(key) from None
         self._check_length(key, start, stop, len(data))
@@ -134,8 +140,9 @@ class FsspecStorage(Storage):
             raise
 
     def create_exclusive(self, key: str, data: bytes) -> None:
-        with self._fs.open(self._path(key), "xb") as f:
-            f.write(data)
+        """One conditional PUT: ``If-None-Match: *`` (S3, Azure), ``ifGenerationMatch=0`` (GCS), which
+        is what fsspec's ``mode="create"`` sends on each."""
+        self._fs.pipe_file(self._path(key), bytes(data), mode="create")
 
     def lock(self, key: str, timeout: float) -> "_ObjectLock":
         """An exclusively created object. Unlike a local lock it outlives a killed holder: delete it

@@ -55,8 +55,14 @@ def test_objects_without_root_marker_are_incomplete(storage):
 def _commit(storage: Storage, step: int, overwrite: bool = False) -> None:
     """A whole save through the commit protocol: claim, write where told, finish."""
     claim = commit.begin(storage, overwrite)
-    _save(Storage(claim.dest_url), step)
-    commit.finish(storage, Storage(claim.dest_url), claim)
+    _save(_dest(storage, claim), step)
+    commit.finish(storage, _dest(storage, claim), claim)
+
+
+def _dest(storage: Storage, claim: commit.Claim) -> Storage:
+    """Where ``claim`` says to write, on the same connection (bucket storages carry their options)."""
+    base = storage.parent()
+    return base.child(claim.dest_url[len(base.url) + 1:])
 
 
 def _siblings(storage: Storage) -> list[str]:
@@ -128,11 +134,11 @@ def test_of_two_racing_saves_exactly_one_commits(storage, overwrite):
         assert not storage.can_rename_trees and not overwrite  # object stores refuse at the claim
         return
     for claim, step in ((first, 5), (second, 6)):
-        _save(Storage(claim.dest_url), step)
-    commit.finish(storage, Storage(second.dest_url), second)
+        _save(_dest(storage, claim), step)
+    commit.finish(storage, _dest(storage, second), second)
     with pytest.raises(ConcurrentSaveError, match="another save committed"):
-        commit.finish(storage, Storage(first.dest_url), first)
-    commit.abandon(Storage(first.dest_url), first)
+        commit.finish(storage, _dest(storage, first), first)
+    commit.abandon(_dest(storage, first), first)
     assert fmt.read_root(storage).tree == _root(6).tree and storage.read("w/c/0") == bytes([6]) * 8
     assert _siblings(storage) == []
 
