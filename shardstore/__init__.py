@@ -17,6 +17,7 @@ from shardstore.errors import (
     PartialLoadError,
     ShardstoreError,
     StateDictMismatchError,
+    StorageUnavailableError,
     UnsafeKeyError,
     UnsupportedInputError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "MissingChunkError",
     "PartialLoadError",
     "StateDictMismatchError",
+    "StorageUnavailableError",
     "UnsafeKeyError",
     "UnsupportedInputError",
 ]

@@ -374,7 +374,7 @@ class Checkpoint:
 
     def _root_fingerprint(self) -> str | None:
         try:
-            return self._at_url.fingerprint(fmt.ZARR_JSON)
+            return self._at_url.pinned().fingerprint(fmt.ZARR_JSON)  # the version now current there
         except MissingChunkError:
             return None
 
@@ -384,7 +384,7 @@ class Checkpoint:
         if now == self._fingerprint:
             return
         try:
-            commit = fmt.read_root(self._at_url).commit_id
+            commit = fmt.read_root(self._at_url.pinned()).commit_id
         except ShardstoreError as exc:
             raise self._changed(f"its root zarr.json is now unreadable ({type(exc).__name__}: {exc})") from exc
         if commit != self._root.commit_id:

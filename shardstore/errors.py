@@ -19,6 +19,8 @@ so callers can catch either::
     │                                                 in it) after tensors were copied in
     ├── CheckpointChangedError(RuntimeError)          the checkpoint behind an ``open()`` handle was
     │                                                 replaced or deleted: re-open it
+    ├── StorageUnavailableError(ConnectionError)      an object store kept failing with transient errors
+    │                                                 (5xx, throttling, resets, timeouts) after retries
     ├── UnsafeKeyError(ValueError)                    a key that would escape the checkpoint root
     ├── UnsupportedInputError(TypeError)              a state dict entry or user_metadata a checkpoint
     │                                                 cannot hold, or a tensor a load cannot fill
@@ -43,6 +45,7 @@ __all__ = [
     "StateDictMismatchError",
     "PartialLoadError",
     "CheckpointChangedError",
+    "StorageUnavailableError",
 ]
 
 
@@ -107,3 +110,8 @@ class CheckpointChangedError(ShardstoreError, RuntimeError):
     """The checkpoint at an ``open()`` handle's URL was replaced (another commit id) or deleted since the
     handle read its root record: decoding the new bytes with the old metadata could return wrong values,
     so the handle refuses; ``shardstore.open(url)`` again reads the new checkpoint."""
+
+
+class StorageUnavailableError(ShardstoreError, ConnectionError):
+    """An object-store request kept failing with transient errors (5xx, throttling, connection resets,
+    timeouts) through every retry. A save that gets it commits nothing: the previous checkpoint stays."""

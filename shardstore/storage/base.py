@@ -22,7 +22,12 @@ from typing import Any
 
 from shardstore.errors import CorruptCheckpointError, MissingChunkError, UnsafeKeyError
 
-__all__ = ["Storage", "HeldLock", "check_key"]
+__all__ = ["Storage", "HeldLock", "check_key", "CURRENT", "VERSION_PREFIX"]
+
+# Object stores replace a checkpoint by writing a new version under ``<root>/.v-<id>/`` and pointing
+# ``<root>/.shardstore-current`` at it (docs/format.md §5); ``pinned`` resolves the pointer.
+CURRENT = ".shardstore-current"
+VERSION_PREFIX = ".v-"
 
 _READ_THREADS = 16
 _read_pool: tuple[int, ThreadPoolExecutor] | None = None

@@ -13,7 +13,7 @@ SHARDSTORE_API = {
     "save", "load", "open", "Checkpoint", "SaveResult", "LoadResult", "ShardstoreError", "CheckpointExistsError",
     "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError", "MissingChunkError",
     "StateDictMismatchError", "UnsafeKeyError", "PartialLoadError", "ConcurrentSaveError", "NotACheckpointError",
-    "UnsupportedInputError", "CheckpointChangedError",
+    "UnsupportedInputError", "CheckpointChangedError", "StorageUnavailableError",
 }
 
 
