@@ -3,7 +3,8 @@
 Each request is, by a seeded draw: answered ``503 Slow Down`` without reaching the server, cut off by a
 connection reset before it is forwarded, forwarded and then cut off before the reply (the request took
 effect but its sender never hears so: the hard case for conditional creates), delayed, or passed on
-unchanged. ``endless=True`` answers every request with 503. Counters say what was injected.
+unchanged. ``endless=True`` answers every request with 503. Counters say what was injected, and
+``bytes_sent`` how many body bytes each GET of a path returned (to check reads fetch only what they need).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class FaultyProxy:
         self.rates = {"error": error_rate, "reset": reset_rate, "lost_reply": lost_reply_rate, "delay": delay_rate}
         self.delay_s, self.endless = delay_s, False
         self.injected: Counter[str] = Counter()
+        self.bytes_sent: Counter[str] = Counter()  # path -> body bytes of GET replies
         self._rng, self._lock = random.Random(seed), threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
@@ -88,6 +90,9 @@ def _handler(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
             if fault == "lost_reply":
                 self.close_connection = True
                 return _reset(self.connection)
+            if self.command == "GET":
+                with proxy._lock:
+                    proxy.bytes_sent[urlsplit(self.path).path] += len(payload)
             self._reply(status, headers, payload)
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _any

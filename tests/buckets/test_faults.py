@@ -89,3 +89,21 @@ def test_endless_faults_fail_cleanly_in_bounded_time_and_change_nothing(s3, monk
     else:
         with pytest.raises(CheckpointNotFoundError):
             _load(url, direct)
+
+
+def test_a_partial_read_fetches_only_the_bytes_it_needs(s3):
+    """Ranged GETs: an 8 MiB tensor is stored as two 4 MiB inner chunks (1024 rows each) of one object;
+    reading the second half fetches that inner chunk and the object's index, not the whole object."""
+    url = s3.fresh_url()
+    rows, cols = 2048, 1024
+    full = torch.arange(rows * cols, dtype=torch.float32).reshape(rows, cols)
+    shardstore.save({"w": full}, url, storage_options=s3.storage_options())
+    proxy = FaultyProxy(s3.endpoint)
+    try:
+        ckpt = shardstore.open(url, s3.storage_options(proxy.url))
+        assert torch.equal(ckpt.read("w", (slice(1024, 2048),)), full[1024:])
+    finally:
+        proxy.close()
+    chunk_bytes = sum(n for path, n in proxy.bytes_sent.items() if "/c/" in path)
+    needed = 1024 * cols * 4
+    assert needed <= chunk_bytes <= 1.05 * needed, (chunk_bytes, needed)
