@@ -168,10 +168,10 @@ def finish(target: Storage, dest: Storage, claim: Claim) -> None:
         dest.sync()
         _swap_in(target, dest, claim) if target.can_rename_trees else target.write(CURRENT, dest.name.encode())
     del _owners[claim.nonce]
-    if target.can_rename_trees:
-        dest.delete_prefix()  # ``dest`` now names the old tree; deleted outside the lock (a sweep may beat us)
-    else:
+    if not target.can_rename_trees:
         _delete_old_version(target, claim.expected, keep=dest.name)
+    elif claim.expected is not None:
+        dest.delete_prefix()  # ``dest`` now names the old tree; deleted outside the lock (a sweep may beat us)
 
 
 def _finish_in_place(target: Storage, claim: Claim) -> None:

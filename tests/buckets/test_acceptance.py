@@ -9,7 +9,6 @@ import multiprocessing as mp
 import threading
 import time
 
-import fsspec
 import pytest
 import torch
 
@@ -114,8 +113,9 @@ KILL_TENSORS = 12
 CHUNK_DELAY_S = 0.2
 
 
-def _doomed_save(url: str, options: dict, overwrite: bool) -> None:
-    """Save 12 tensors, each object's write slowed down, so that the parent's kill lands mid-save."""
+def _doomed_save(url: str, options: dict, overwrite: bool, writing) -> None:
+    """Save 12 tensors, each object's write slowed down; ``writing`` is set once chunk objects are being
+    written, so that the parent's kill lands mid-save."""
     from shardstore.storage.remote import FsspecStorage
 
     write = FsspecStorage.write
@@ -123,34 +123,28 @@ def _doomed_save(url: str, options: dict, overwrite: bool) -> None:
     def slow_write(self, key, data):
         time.sleep(CHUNK_DELAY_S)
         write(self, key, data)
+        if "/c/" in key:
+            writing.set()
 
     FsspecStorage.write = slow_write
     state = {"model": {f"t{i}": torch.full((64, 64), float(i)) for i in range(KILL_TENSORS)}, "step": 99}
     shardstore.save(state, url, storage_options=options, overwrite=overwrite)
 
 
-def _wait_for_chunks(fs, path: str, process, deadline_s: float = 90.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline and process.is_alive():
-        fs.invalidate_cache()
-        if any("/c/" in p for p in fs.find(path.rsplit("/", 1)[0], prefix=path.rsplit("/", 1)[1])):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the doomed save wrote no chunk object under {path} in time (alive: {process.is_alive()})")
-
-
-@pytest.mark.parametrize("protocol, overwrite", [("s3", False), ("s3", True), ("gs", True), ("az", True)])
+@pytest.mark.parametrize("protocol, overwrite", [("s3", False), ("s3", True)])
 def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_loadable(bucket_servers, protocol, overwrite):
-    """Each kill spawns a process (seconds), so the fresh-URL case runs on S3 only."""
+    """Each kill spawns a process that imports torch (tens of seconds on a loaded machine), so kills run
+    on S3 only; what differs between backends (the conditional creates) is raced on all three above."""
     server = bucket_servers.get(protocol)
     url, options = server.fresh_url(), server.storage_options()
     if overwrite:
         _plain_save(url, options, 5, False)
-    fs, path = fsspec.core.url_to_fs(url, **options)
-    process = mp.get_context("spawn").Process(target=_doomed_save, args=(url, options, overwrite))
+    ctx = mp.get_context("spawn")
+    writing = ctx.Event()
+    process = ctx.Process(target=_doomed_save, args=(url, options, overwrite, writing))
     process.start()
     try:
-        _wait_for_chunks(fs, path, process)
+        assert writing.wait(120), "the doomed save wrote no chunk object in time"
     finally:
         process.kill()
         process.join()
