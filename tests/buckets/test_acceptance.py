@@ -16,6 +16,7 @@ import dtensor
 import shardstore
 from dtensor import Shard
 from shardstore.errors import CheckpointExistsError, ConcurrentSaveError, IncompleteCheckpointError
+from tests.buckets.servers import start_s3
 from tests.ranks import mesh, run_ranks
 
 PROTOCOLS = ["s3", "gs", "az"]
@@ -131,12 +132,20 @@ def _doomed_save(url: str, options: dict, overwrite: bool, writing) -> None:
     shardstore.save(state, url, storage_options=options, overwrite=overwrite)
 
 
-@pytest.mark.parametrize("protocol, overwrite", [("s3", False), ("s3", True)])
-def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_loadable(bucket_servers, protocol, overwrite):
+@pytest.fixture(scope="module")
+def own_s3():
+    """A moto server of their own for the kills: a client killed mid-request can leave moto unanswering
+    for a while, which must not stall the other tests' server."""
+    server = start_s3()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite"])
+def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint_loadable(own_s3, overwrite):
     """Each kill spawns a process that imports torch (tens of seconds on a loaded machine), so kills run
     on S3 only; what differs between backends (the conditional creates) is raced on all three above."""
-    server = bucket_servers.get(protocol)
-    url, options = server.fresh_url(), server.storage_options()
+    url, options = own_s3.fresh_url(), own_s3.storage_options()
     if overwrite:
         _plain_save(url, options, 5, False)
     ctx = mp.get_context("spawn")
