@@ -17,7 +17,7 @@ import math
 import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -28,11 +28,11 @@ from shardstore.flatten import KeyPath, fqn
 from shardstore.format import chunk_key
 from shardstore.inputs import local_tensor
 from shardstore.load_plan import ReadRun, ReadTask
-from shardstore.plan import ArrayPlan, GlobalSavePlan
+from shardstore.plan import ArrayPlan, GlobalSavePlan, WriteTask
 from shardstore.storage import Storage
 
 __all__ = [
-    "WriteStats", "write_cells", "CheckedRun", "check_runs", "read_checked", "read_runs", "stream_runs", "place",
+    "WriteStats", "write_cells", "cells_of", "cell_values", "CheckedRun", "check_runs", "read_checked", "read_runs", "stream_runs", "place",
     "copy_into", "object_key", "layout_of",
 ]
 
@@ -57,22 +57,21 @@ def layout_of(array: ArrayPlan, compressor: str | None) -> ArrayLayout:
 
 
 def write_cells(
-    storage: Storage, plan: GlobalSavePlan, rank: int, items: Mapping[KeyPath, Any], compressor: str | None = None
+    storage: Storage, plan: GlobalSavePlan, cells: Iterable[tuple[WriteTask, torch.Tensor]], compressor: str | None = None
 ) -> WriteStats:
-    """Encode and write every cell ``plan`` gives this rank; returns what was written.
+    """Encode and write ``cells`` (each a write task and the values of its cell); returns what was written.
 
     Up to ``_IN_FLIGHT`` objects are being written while the next is encoded, each into a buffer of a
     small ring that is reused once its write finished (touching fresh memory costs more than encoding;
-    the ring itself is on huge pages, see ``staging_buffer``).
+    the ring itself is on huge pages, see ``staging_buffer``). A cell's values are copied out by the time
+    the next cell is asked for, so ``cells`` may hand out reused staging memory.
     """
     arrays = {a.key: a for a in plan.arrays}
     layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
     ring: list[tuple[torch.Tensor, Future | None]] = [(torch.empty(0, dtype=torch.uint8), None)] * _IN_FLIGHT
-    nbytes = 0
+    nbytes = objects = 0
     with ThreadPoolExecutor(_WRITERS) as pool:
-        for i, task in enumerate(plan.writes[rank]):
-            array = arrays[task.key]
-            data = _source(local_tensor(task.key, items[task.key]), task)
+        for i, (task, data) in enumerate(cells):
             buffer, busy = ring[i % _IN_FLIGHT]
             if busy is not None:
                 busy.result()
@@ -80,15 +79,21 @@ def write_cells(
             if buffer.numel() < (needed := encoded_bound(layout)):
                 buffer = torch.frombuffer(staging_buffer(needed), dtype=torch.uint8)
             blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
-            nbytes += blob.nbytes
-            ring[i % _IN_FLIGHT] = (buffer, pool.submit(storage.write, object_key(array.node, task.cell), blob))
+            nbytes, objects = nbytes + blob.nbytes, objects + 1
+            ring[i % _IN_FLIGHT] = (buffer, pool.submit(storage.write, object_key(arrays[task.key].node, task.cell), blob))
         for _, busy in ring:
             if busy is not None:
                 busy.result()
-    return WriteStats(nbytes, len(plan.writes[rank]))
+    return WriteStats(nbytes, objects)
 
 
-def _source(local: torch.Tensor, task) -> torch.Tensor:
+def cells_of(plan: GlobalSavePlan, rank: int, items: Mapping[KeyPath, Any]) -> Iterator[tuple[WriteTask, torch.Tensor]]:
+    """The cells ``plan`` gives ``rank``, each with its values viewed in the state dict's own tensors."""
+    for task in plan.writes[rank]:
+        yield task, cell_values(local_tensor(task.key, items[task.key]), task)
+
+
+def cell_values(local: torch.Tensor, task: WriteTask) -> torch.Tensor:
     """The values of one cell, with any lazy conjugate or negative bit applied (the bytes written are the
     values the tensor shows, never its raw storage)."""
     return local[task.cell_box.relative_to(task.source_box)].resolve_conj().resolve_neg()
