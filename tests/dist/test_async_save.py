@@ -150,3 +150,29 @@ def _pool_sizes_over_saves(url: str, saves: int) -> list[tuple[int, int]]:
 def test_staging_memory_is_reused_across_saves(tmp_path: Path):
     for sizes in run_ranks(2, _pool_sizes_over_saves, str(tmp_path / "ckpt"), 3):
         assert sizes[0][0] > 0 and len(set(sizes)) == 1  # same bytes, same buffer, every save
+
+
+def _odd_tensors() -> dict:
+    """Tensors whose staged copy is easy to get wrong: strided views, lazy conjugates, 0-d, bool, empty."""
+    base = torch.arange(60, dtype=torch.float64).reshape(6, 10)
+    return {
+        "transposed": base.t()[2:7],
+        "conj": torch.complex(base[:2], -base[:2]).conj(),
+        "scalar": torch.tensor(2.5),
+        "mask": base[0] > 4,
+        "empty": torch.zeros(0, 3),
+        "bf16": torch.linspace(0, 1, 7, dtype=torch.bfloat16),
+    }
+
+
+def test_without_a_process_group_odd_tensors_are_staged_exactly(tmp_path: Path):
+    state = _odd_tensors()
+    handle = shardstore.async_save(state, str(tmp_path / "ckpt"), max_staging_bytes=128)
+    for value in state.values():
+        (value.conj() if value.is_conj() else value).zero_()  # the conjugate's own memory too
+    result = handle.result(timeout=60)
+    target = {k: torch.ones_like(v.resolve_conj()) for k, v in _odd_tensors().items()}
+    shardstore.load(target, str(tmp_path / "ckpt"))
+    for key, value in _odd_tensors().items():
+        assert torch.equal(target[key], value.resolve_conj()), key
+    assert result.url == str(tmp_path / "ckpt") and result.chunks_written == 5 and handle.done()
