@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+import dtensor
 import shardstore
 from tests.ranks import mesh, run_ranks
 
@@ -120,3 +121,38 @@ def test_stateful_app_state_saved_on_4_ranks_resumes_exactly_on_2(tmp_path: Path
     assert restored["position"] == saved["position"] == SAVED_AT
     assert restored["scheduler"] == saved["scheduler"] and saved["scheduler"]["last_epoch"] == SAVED_AT
     assert resumed == pytest.approx(losses, rel=1e-6)  # 2 vs 4 partial sums: rounding differs only
+
+
+def _model(kind: str, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A plain model (every rank holds all of it), or one whose parameters are our DTensors."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(16, 8)
+    if kind == "ours":
+        def shard(name, module, m):
+            for n, p in list(module.named_parameters(recurse=False)):
+                module.register_parameter(n, torch.nn.Parameter(dtensor.distribute_tensor(p.data, m, [dtensor.Shard(0)])))
+
+        dtensor.distribute_module(model, mesh((dist.get_world_size(),)), shard)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.01 * (seed + 1))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _round_trip_through_get_state_dict(url: str, kind: str) -> bool:
+    model, optimizer = _model(kind, seed=0)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    shardstore.async_save({"model": model_sd, "optim": optim_sd}, url).result(timeout=60)
+    other, other_optimizer = _model(kind, seed=1)
+    model_sd, optim_sd = get_state_dict(other, other_optimizer)
+    target = {"model": model_sd, "optim": optim_sd}
+    shardstore.load(target, url)
+    set_state_dict(other, other_optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    same = [torch.equal(_local(a), _local(b)) for a, b in zip(model.parameters(), other.parameters())]
+    return all(same) and other_optimizer.param_groups[0]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("kind", ["plain", "ours"])
+def test_get_state_dict_of_a_plain_model_or_our_dtensors_saves_and_set_state_dict_applies_it(tmp_path: Path, kind):
+    assert run_ranks(2, _round_trip_through_get_state_dict, str(tmp_path / "ckpt"), kind) == [True, True]
