@@ -6,7 +6,7 @@ dict in place on any mesh; ``open(url)`` reads tensors or slices without a proce
 """
 
 from shardstore.api import Checkpoint, LoadResult, SaveResult, load, open, save
-from shardstore.async_save import AsyncSave, async_save
+from shardstore.async_saver import AsyncSave, async_save
 from shardstore.errors import (
     CheckpointChangedError,
     CheckpointExistsError,

@@ -5,7 +5,7 @@ save: flatten the state dict, check it is storable -> each rank plans what it ho
       write (``commit.begin``) -> every rank writes and syncs its cells -> all agree -> rank 0 writes and
       syncs array and group metadata, then the root ``zarr.json`` (the commit marker) ->
       ``commit.finish`` makes it the checkpoint at the URL, only if no other save committed there
-      meanwhile. The phases live in ``saving.py``, shared with ``async_save`` (``async_save.py``), which
+      meanwhile. The phases live in ``saving.py``, shared with ``async_save`` (``async_saver.py``), which
       runs the same phases with the writing and the commit on a background thread.
 load: flatten the target state dict, check every target can be filled -> read the root record -> plan
       this rank's reads (validated before any byte moves) -> check every object's shard index -> all

@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 import dtensor
 import shardstore
-from shardstore.coordinator import RemoteRankError
 from shardstore.staging import staging_pool
 from shardstore.storage import Storage
 from tests.ranks import mesh, run_ranks
@@ -123,7 +122,7 @@ def _second_save_waits_for_the_first(url: str) -> tuple[bool, bool]:
     lock = _hold_commit_lock(url + "-1")
     first = shardstore.async_save(_state(2), url + "-1")
     if lock is not None:
-        threading.Timer(0.5, lock.release).start()
+        threading.Timer(2.0, lock.release).start()  # long enough to be seen in flight
     was_in_flight = not first.done()
     second = shardstore.async_save(_state(2), url + "-2")  # returns only after the first ended
     finished_first = first.done()
