@@ -141,15 +141,17 @@ def stage_waves(tasks: Sequence[WriteTask], tensors: dict, waves: list[range], h
                 pool: StagingPool) -> None:
     """Copy every cell into the pool, wave by wave, handing each wave to the writer; returns once all
     are copied (the caller may then mutate its tensors) or the writer stopped. A failure is handed to the
-    writer (which raises it on every rank) rather than raised here."""
+    writer (which raises it on every rank) rather than raised here; an interrupt is raised here too."""
     try:
         pinned = any(local_tensor(t.key, tensors[t.key]).is_cuda for t in tasks)
         for i, wave in enumerate(waves):
             if i >= _SLOTS and not handoff.wait_written(i - _SLOTS + 1):
                 return
             handoff.put(_stage_wave([tasks[j] for j in wave], tensors, pool, i % _SLOTS, pinned))
-    except Exception as exc:  # noqa: BLE001 - raised by the writer, on every rank
-        handoff.put(exc)
+    except BaseException as exc:  # noqa: BLE001 - raised by the writer, on every rank
+        handoff.put(exc)  # the writer never waits for a wave that will not come
+        if not isinstance(exc, Exception):
+            raise  # an interrupt stops the caller too
 
 
 def _stage_wave(tasks: list[WriteTask], tensors: dict, pool: StagingPool, slot: int, pinned: bool) -> Cells:
