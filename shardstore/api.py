@@ -31,7 +31,7 @@ from shardstore.codec import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointChangedError, MissingChunkError, PartialLoadError, ShardstoreError
 from shardstore.execute import check_runs, layout_of, place, read_checked, stream_runs, write_cells
-from shardstore.flatten import KeyPath, fill_plain_values, flatten, fqn, is_tensor_like, merge_skeletons, unflatten
+from shardstore.flatten import KeyPath, display_names, fill_plain_values, flatten, fqn, is_tensor_like, merge_skeletons, unflatten
 from shardstore.inputs import check_sources, check_targets, check_user_metadata, local_tensor
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
 from shardstore.plan import GlobalSavePlan, dtype_name, local_save_plan, merge_save_plans
@@ -277,14 +277,6 @@ def _stored_arrays(root: fmt.RootMetadata):
     return stored, layouts, nodes
 
 
-def _display_names(stored: Mapping[KeyPath, Any], nodes: Mapping[KeyPath, str]) -> dict[str, KeyPath]:
-    """Dotted names for keys; where two key paths share one (``"a.b"`` vs ``a -> b``), their node paths."""
-    counts: dict[str, int] = {}
-    for key in stored:
-        counts[fqn(key)] = counts.get(fqn(key), 0) + 1
-    return {(fqn(k) if counts[fqn(k)] == 1 else nodes[k]): k for k in stored}
-
-
 class Checkpoint:
     """A read-only view of a complete checkpoint; no process group needed.
 
@@ -308,7 +300,7 @@ class Checkpoint:
         self._storage = self._at_url.pinned()  # what reads go through
         self._root = fmt.read_root(self._storage)
         self._stored, self._layouts, self._nodes = _stored_arrays(self._root)
-        self._by_name = _display_names(self._stored, self._nodes)
+        self._by_name = display_names(self._stored)
         self._agreeing: set[KeyPath] = set()  # arrays whose zarr.json was found to agree with the root record
 
     @property

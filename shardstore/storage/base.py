@@ -189,6 +189,11 @@ class Storage:
         HEAD, no data read), so an open checkpoint can notice cheaply that another save committed."""
         raise NotImplementedError
 
+    def modified(self, key: str) -> float | None:
+        """When the object at ``key`` was last written (POSIX seconds), from metadata alone; None where
+        the backend does not say."""
+        raise NotImplementedError
+
     def list(self, prefix: str = "") -> list[str]:
         """Every key under ``prefix`` (recursive), relative to the root, sorted."""
         raise NotImplementedError

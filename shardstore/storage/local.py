@@ -157,6 +157,10 @@ class LocalStorage(Storage):
             st = os.fstat(fd)
         return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
+    def modified(self, key: str) -> float | None:
+        with self._open_for_read(key) as fd:
+            return os.fstat(fd).st_mtime
+
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self._root
         start = len(self._root) + 1
