@@ -100,7 +100,7 @@ def save(
     dest = target if claim.dest_url == target.url else Storage(claim.dest_url, storage_options, durable=durable)
     try:
         stats = coord.agree("writing chunks", lambda: _write(dest, plan, coord.rank, tensors, compressor))
-        coord.decide("committing", lambda: _commit(dest, target, claim, plan, skeleton, compressor, user_metadata))
+        coord.decide("committing", lambda: commit_metadata(dest, target, claim, plan, skeleton, compressor, user_metadata))
     except BaseException:
         if coord.rank == 0:
             commit.abandon(dest, claim)
@@ -128,9 +128,10 @@ def _write(dest: Storage, plan: GlobalSavePlan, rank: int, tensors: dict, compre
     return stats
 
 
-def _commit(dest: Storage, target: Storage, claim: commit.Claim, plan: GlobalSavePlan, skeleton, compressor,
-            user_metadata) -> None:
-    """Metadata, durable, then the root marker, durable, then the commit protocol makes it the checkpoint."""
+def commit_metadata(dest: Storage, target: Storage, claim: commit.Claim, plan: GlobalSavePlan, skeleton, compressor,
+                    user_metadata) -> None:
+    """Metadata, durable, then the root marker, durable, then the commit protocol makes it the checkpoint
+    (also how ``shardstore.writer`` finishes a checkpoint written from one process)."""
     records = {}
     writes = []
     for array in plan.arrays:

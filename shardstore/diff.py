@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shardstore.convert.sources import TensorMeta, TensorSource
+from shardstore.convert.sources import TensorMeta, TensorSource, row_blocks
 
 __all__ = ["TensorDiff", "diff_sources", "BLOCK_BYTES"]
 
@@ -53,22 +53,15 @@ def diff_sources(a: TensorSource, b: TensorSource) -> list[TensorDiff]:
 
 def _compare(name: str, a: TensorSource, b: TensorSource, ma: TensorMeta, mb: TensorMeta) -> TensorDiff:
     same, max_abs, max_rel = True, 0.0, 0.0
-    for rows in _row_blocks(ma):
-        x, y = a.read(name, rows), b.read(name, rows)
+    for rows in row_blocks(ma, BLOCK_BYTES):
+        region = None if rows is None else (rows,)
+        x, y = a.read(name, region), b.read(name, region)
         if _bitwise_equal(x, y):
             continue
         same = False
         block_abs, block_rel = _differences(x, y)
         max_abs, max_rel = max(max_abs, block_abs), max(max_rel, block_rel)
     return TensorDiff(name, "same" if same else "values", ma, mb, max_abs, max_rel)
-
-
-def _row_blocks(meta: TensorMeta) -> list[slice | None]:
-    if not meta.shape or meta.shape[0] == 0:
-        return [None]
-    row_bytes = max(1, meta.nbytes // meta.shape[0])
-    step = max(1, BLOCK_BYTES // row_bytes)
-    return [slice(i, min(i + step, meta.shape[0])) for i in range(0, meta.shape[0], step)]
 
 
 def _bitwise_equal(x: torch.Tensor, y: torch.Tensor) -> bool:

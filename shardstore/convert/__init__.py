@@ -6,6 +6,7 @@ sharded directory, a torch DCP directory, or a ``torch.save`` file. ``convert(sr
 streams one into another format. ``shardstore convert`` and ``shardstore diff`` are built on these.
 """
 
+from shardstore.convert.sinks import convert, write_zarr
 from shardstore.convert.sources import FORMATS, TensorMeta, TensorSource, detect_format, open_source
 
-__all__ = ["FORMATS", "TensorMeta", "TensorSource", "detect_format", "open_source"]
+__all__ = ["FORMATS", "TensorMeta", "TensorSource", "convert", "detect_format", "open_source", "write_zarr"]

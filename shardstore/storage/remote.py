@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterable
 
 from fsspec.core import url_to_fs
 
@@ -150,6 +150,17 @@ class FsspecStorage(Storage):
             if self._fs.exists(tmp):
                 self._fs.rm_file(tmp)
             raise
+
+    def write_parts(self, key: str, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+        """One streamed upload (a multipart upload on object stores: the object appears whole, or not at
+        all, when it completes)."""
+        path = self._path(key)
+        target = path if self._atomic_put else f"{path}.tmp-{uuid.uuid4().hex}"
+        with self._fs.open(target, "wb") as f:
+            for part in parts:
+                f.write(part)
+        if target != path:
+            self._fs.mv(target, path)
 
     def create_exclusive(self, key: str, data: bytes) -> None:
         with self._fs.open(self._path(key), "xb") as f:
