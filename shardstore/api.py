@@ -332,12 +332,15 @@ class Checkpoint:
         """The saved state dict with tensors replaced by their dotted names."""
         return unflatten(self._root.tree, {k: fqn(k) for k in self._stored})
 
-    def read(self, key: str, region: Sequence[slice | int] | slice | int | None = None) -> torch.Tensor:
+    def read(self, key: str, region: Sequence[slice | int] | slice | int | None = None, *,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """The whole saved tensor, or the part ``region`` selects, as torch indexing would: slices (step 1)
         and ints for the leading dims, an int dropping its dim.
 
         A region over ``max_read_bytes`` is refused (the message says how to read it in parts), and no
-        memory is allocated before the objects' indices show that they hold the bytes it needs.
+        memory is allocated before the objects' indices show that they hold the bytes it needs. ``out``
+        (contiguous, of the region's size and the tensor's dtype) receives the values instead of fresh
+        memory: a caller streaming many regions keeps its memory in buffers it controls.
         """
         keypath = self._key(key)
         array, layout = self._stored[keypath], self._layouts[keypath]
@@ -350,9 +353,9 @@ class Checkpoint:
         checked = check_runs(self._storage, plan.runs, self._layouts, self._nodes)
         pieces = read_checked(self._storage, checked, self._layouts)
         self._check_unchanged()
-        out = torch.empty(box.sizes, dtype=layout.dtype)
-        place(pieces, {keypath: [out]})
-        return out.reshape(shape)
+        dest = torch.empty(box.sizes, dtype=layout.dtype) if out is None else _checked_out(key, out, box.sizes, layout.dtype)
+        place(pieces, {keypath: [dest]})
+        return dest.reshape(shape)
 
     def _key(self, key: str) -> KeyPath:
         if key not in self._by_name:
@@ -390,6 +393,13 @@ class Checkpoint:
             f"{self._root.commit_id}, whose metadata no longer describes the bytes there, so it reads nothing "
             f"more — call shardstore.open({self.url!r}) again to read the checkpoint now at that URL"
         )
+
+
+def _checked_out(key: str, out: torch.Tensor, sizes: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if out.dtype != dtype or out.numel() != math.prod(sizes) or not out.is_contiguous():
+        raise ValueError(f"read({key!r}, out=...): out must be a contiguous {dtype} tensor of {math.prod(sizes)} "
+                         f"elements (the region's {list(sizes)}), got {out.dtype} {list(out.shape)}")
+    return out.view(sizes)
 
 
 def open(url: str, storage_options: dict | None = None, *, max_read_bytes: int = DEFAULT_MAX_READ_BYTES) -> Checkpoint:  # noqa: A001 - mirrors zarr.open

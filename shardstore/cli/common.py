@@ -23,13 +23,13 @@ INPUT_ERRORS = (ShardstoreError, OSError, ValueError, KeyError, TypeError)
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     parser.add_argument(
-        "--storage-option", "-o", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+        "--storage-option", "-o", action="append", default=[], metavar="KEY=VALUE", type=key_value,
         help="an fsspec storage option for every URL (repeatable), e.g. -o anon=true -o endpoint_url=http://...; "
         "values true/false/null and numbers are parsed as JSON",
     )
 
 
-def _key_value(text: str) -> tuple[str, Any]:
+def key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
