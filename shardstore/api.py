@@ -31,6 +31,7 @@ from shardstore.codec import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointChangedError, MissingChunkError, PartialLoadError, ShardstoreError
 from shardstore.execute import check_runs, layout_of, place, read_checked, stream_runs, write_cells
+from shardstore.hf import is_safetensors, load_safetensors
 from shardstore.flatten import KeyPath, display_names, fill_plain_values, flatten, fqn, is_tensor_like, merge_skeletons, unflatten
 from shardstore.inputs import check_sources, check_targets, check_user_metadata, local_tensor
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
@@ -156,7 +157,8 @@ def load(
     strict: bool = True,
     staging_bytes: int = DEFAULT_STAGING_BYTES,
 ) -> LoadResult:
-    """Fill ``state_dict`` in place from the checkpoint at ``url``, resharding to its layouts.
+    """Fill ``state_dict`` in place from the checkpoint at ``url``, resharding to its layouts. ``url`` may
+    also be a Hugging Face safetensors file or directory (``shardstore.hf``).
 
     Every target the checkpoint fills (``inputs.check_targets``: kind, dtype, memory overlap) and every
     object's shard index are checked first, so an unloadable target or a missing, truncated or rewritten
@@ -166,6 +168,8 @@ def load(
     rank copied tensors in raises ``PartialLoadError`` there, naming them; a rank whose state dict is
     unchanged raises the plain error. Parameters that require grad load (copied outside autograd).
     """
+    if is_safetensors(url, storage_options):  # a Hugging Face checkpoint: each rank reads its slices
+        return load_safetensors(state_dict, url, storage_options=storage_options, process_group=process_group, strict=strict)
     start = time.perf_counter()
     coord = Coordinator(process_group)
     storage = Storage(url, storage_options).pinned()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 
 from shardstore.cli.common import EXIT_OK, human_bytes, print_json, progress, storage_options
-from shardstore.convert import FORMATS, convert
+from shardstore.convert import FORMATS
+from shardstore.convert.sinks import convert
 from shardstore.convert.safetensors import DEFAULT_MAX_SHARD_BYTES
 
 NAME = "convert"

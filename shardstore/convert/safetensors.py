@@ -14,14 +14,16 @@ block whatever the checkpoint size.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
+from dtensor.placements import Box
 from shardstore.convert.sources import (
-    SAFETENSORS_FILE, SAFETENSORS_INDEX, Region, TensorMeta, TensorSource, apply_region, row_blocks, split_url,
+    SAFETENSORS_FILE, SAFETENSORS_INDEX, Region, TensorMeta, TensorSource, row_blocks, split_url,
 )
 from shardstore.errors import CorruptCheckpointError
 from shardstore.storage import Storage
@@ -59,6 +61,7 @@ class SafetensorsSource:
             self.storage = Storage(url, storage_options)
             files = _index_files(self.storage) if self.storage.exists(SAFETENSORS_INDEX) else [SAFETENSORS_FILE]
         self.metadata: dict[str, str] = {}
+        self.bytes_read = 0  # tensor bytes read so far (headers not counted)
         self._entries: dict[str, _Entry] = {}
         for file in files:
             self._entries.update(self._read_header(file))
@@ -67,16 +70,17 @@ class SafetensorsSource:
         return {name: e.meta for name, e in self._entries.items()}
 
     def read(self, name: str, region: Region | None = None) -> torch.Tensor:
-        """Only the rows ``region`` selects are read (one ranged read)."""
+        """Only the bytes of ``region`` are read: one ranged read per contiguous run of it (one in all for
+        a range of rows; one per row for a column slice), concurrently."""
         entry = self._entries[name]
-        shape = entry.meta.shape
-        rows = region[0] if region and shape else slice(0, shape[0] if shape else 1)
-        start, stop, _ = rows.indices(shape[0] if shape else 1)
-        row_bytes = entry.meta.nbytes // shape[0] if shape and shape[0] else entry.meta.nbytes
-        data = self.storage.read_range(entry.file, entry.begin + start * row_bytes, entry.begin + stop * row_bytes)
-        tensor = torch.frombuffer(data, dtype=entry.meta.dtype) if data else torch.empty(0, dtype=entry.meta.dtype)
-        tensor = tensor.reshape((stop - start, *shape[1:]) if shape else ())
-        return apply_region(tensor, None if not region or not shape else (slice(None), *region[1:]))
+        box = _box(entry.meta.shape, region)
+        runs = _byte_runs(entry.meta.shape, box, entry.meta.dtype.itemsize)
+        out = torch.empty(box.sizes, dtype=entry.meta.dtype)
+        if out.numel():
+            requests = [(entry.file, entry.begin + start, entry.begin + stop) for start, stop in runs]
+            self.storage.read_ranges_into(requests, out.view(-1).view(torch.uint8).numpy())
+            self.bytes_read += sum(stop - start for start, stop in runs)
+        return out
 
     def _read_header(self, file: str) -> dict[str, _Entry]:
         where = self.storage.key_url(file)
@@ -89,6 +93,29 @@ class SafetensorsSource:
             raise CorruptCheckpointError(f"{where}: the safetensors header is not JSON ({exc}); not a safetensors file") from exc
         self.metadata.update(header.pop("__metadata__", None) or {})
         return {name: _entry(file, where, name, info, 8 + length) for name, info in header.items()}
+
+
+def _box(shape: tuple[int, ...], region: Region | None) -> Box:
+    """The box ``region`` (step-1 slices of leading dims) selects in a tensor of ``shape``."""
+    region = tuple(region or ())
+    if len(region) > len(shape):
+        raise IndexError(f"{len(region)} slices for a tensor of {len(shape)} dims")
+    bounds = [r.indices(n)[:2] for r, n in zip(region, shape)] + [(0, n) for n in shape[len(region):]]
+    return Box(tuple(a for a, _ in bounds), tuple(max(0, b - a) for a, b in bounds))
+
+
+def _byte_runs(shape: tuple[int, ...], box: Box, itemsize: int) -> list[tuple[int, int]]:
+    """The contiguous byte ranges of ``box`` in a C-order tensor of ``shape``: below the innermost dim the
+    box cuts, it covers whole rows, so each run is that dim's span of whole sub-rows."""
+    cut = max((d for d in range(len(shape)) if box.sizes[d] != shape[d]), default=0)
+    inner = math.prod(shape[cut + 1:]) * itemsize
+    strides = [math.prod(shape[d + 1:]) * itemsize for d in range(len(shape))]
+    run = box.sizes[cut] * inner if shape else itemsize
+    starts = [0]
+    for d in range(cut):
+        starts = [s + (box.offsets[d] + i) * strides[d] for s in starts for i in range(box.sizes[d])]
+    first = box.offsets[cut] * inner if shape else 0
+    return [(s + first, s + first + run) for s in starts]
 
 
 def _entry(file: str, where: str, name: str, info: dict, data_start: int) -> _Entry:
