@@ -25,7 +25,7 @@ from shardstore.api import commit_metadata
 from shardstore.codec import choose_inner_chunk_shape
 from shardstore.dtypes import dtype_info_by_name
 from shardstore.execute import write_cells
-from shardstore.flatten import KeyPath
+from shardstore.flatten import KeyPath, fqn
 from shardstore.owners import rank_boxes
 from shardstore.plan import GlobalSavePlan, HeldTensor, LocalSavePlan, WriteTask, dtype_name, merge_save_plans
 from shardstore.storage import Storage
@@ -129,8 +129,8 @@ def write_checkpoint(
 def _write_cell(dest: Storage, array, task: WriteTask, read: ReadCell, compressor, progress) -> int:
     data = read(task.key, task.cell_box)
     if tuple(data.shape) != task.cell_box.sizes or data.dtype != _torch_dtype(array.dtype):
-        raise ValueError(f"{task.key}: read {list(data.shape)} {data.dtype} for box {task.cell_box}, expected "
-                         f"{list(task.cell_box.sizes)} {array.dtype}")
+        raise ValueError(f"{fqn(task.key)!r}: the source gave {list(data.shape)} {data.dtype} for the cell at "
+                         f"{list(task.cell_box.offsets)}, expected {list(task.cell_box.sizes)} {array.dtype}")
     one = GlobalSavePlan((array,), ((replace(task, source_box=task.cell_box),),))
     nbytes = write_cells(dest, one, 0, {task.key: data}, compressor).nbytes
     if progress is not None:

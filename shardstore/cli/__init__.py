@@ -44,5 +44,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except common.INPUT_ERRORS as exc:
-        print(f"shardstore {args.command}: error: {exc}", file=sys.stderr)
+        print(f"shardstore {args.command}: error: {common.error_text(exc)}", file=sys.stderr)
         return common.EXIT_INPUT

@@ -12,12 +12,17 @@ from tqdm import tqdm
 
 from shardstore.errors import ShardstoreError
 
-__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_INPUT", "INPUT_ERRORS", "add_common_options", "storage_options",
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_INPUT", "INPUT_ERRORS", "add_common_options", "error_text", "key_value", "storage_options",
            "print_json", "progress", "human_bytes"]
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
 # Raised by the library when what it was pointed at cannot be used: reported in one line, exit 2.
-INPUT_ERRORS = (ShardstoreError, OSError, ValueError, KeyError, TypeError)
+INPUT_ERRORS = (ShardstoreError, OSError, ValueError, KeyError)
+
+
+def error_text(exc: BaseException) -> str:
+    """The message of an input error (a ``KeyError``'s own, without the quotes ``str`` adds)."""
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:

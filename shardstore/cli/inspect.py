@@ -23,7 +23,10 @@ def run(args: argparse.Namespace) -> int:
     info = describe(args.url, storage_options(args))
     if args.key is not None:
         tensor = _tensor(info, args.key)
-        print_json(tensor.to_json() | {"name": tensor.name}) if args.json else print(_tensor_text(tensor, owners=True))
+        if args.json:
+            print_json(tensor.to_json() | {"name": tensor.name})
+        else:
+            print(_tensor_text(tensor, owners=True))
     elif args.json:
         print_json(info.to_json())
     else:

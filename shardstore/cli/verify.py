@@ -5,7 +5,6 @@ index; exit status 1 if any is bad or the checkpoint is incomplete."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 from shardstore.cli.common import EXIT_FAILED, EXIT_OK, human_bytes, print_json, progress, storage_options
 from shardstore.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
@@ -45,5 +44,5 @@ def _unusable(args: argparse.Namespace, exc: Exception) -> int:
     if args.json:
         print_json({"url": args.url, "ok": False, "error": type(exc).__name__, "message": str(exc)})
     else:
-        print(f"{args.url}: FAILED: {type(exc).__name__}: {exc}", file=sys.stdout)
+        print(f"{args.url}: FAILED: {type(exc).__name__}: {exc}")
     return EXIT_FAILED

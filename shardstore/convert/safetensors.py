@@ -25,7 +25,7 @@ from dtensor.placements import Box
 from shardstore.convert.sources import (
     SAFETENSORS_FILE, SAFETENSORS_INDEX, Region, TensorMeta, TensorSource, row_blocks, split_url,
 )
-from shardstore.errors import CorruptCheckpointError
+from shardstore.errors import CorruptCheckpointError, UnsupportedInputError
 from shardstore.storage import Storage
 
 __all__ = ["SafetensorsSource", "write_safetensors", "DTYPES", "DEFAULT_MAX_SHARD_BYTES"]
@@ -190,7 +190,8 @@ def header_bytes(tensors: dict[str, TensorMeta], names: list[str], metadata: dic
 
 def _code(name: str, dtype: torch.dtype) -> str:
     if dtype not in _CODES:
-        raise TypeError(f"tensor {name!r} is {dtype}, which safetensors cannot hold (it holds {sorted(DTYPES)})")
+        raise UnsupportedInputError(f"tensor {name!r} is {dtype}, which safetensors cannot hold (it holds "
+                                    f"{sorted(DTYPES)}); convert to zarr, dcp or torch instead")
     return _CODES[dtype]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,8 +42,3 @@ def run_script(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([*console_script(), *map(str, argv)], capture_output=True, text=True, env=env,
                           timeout=timeout, check=False)
-
-
-def has_console_script_entry() -> bool:
-    text = (REPO / "pyproject.toml").read_text()
-    return '[project.scripts]\nshardstore = "shardstore.cli:main"' in text and shutil.which is not None

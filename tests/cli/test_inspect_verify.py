@@ -12,7 +12,7 @@ import dtensor
 import shardstore
 from shardstore.runs import plan_gc
 from shardstore.steps import StepEntry, step_url
-from tests.cli.helpers import cli, cli_json, run_script
+from tests.cli.helpers import REPO, cli, cli_json, run_script
 from tests.ranks import mesh, run_ranks
 
 W = torch.arange(4 * 6, dtype=torch.float32).reshape(4, 6)
@@ -179,3 +179,23 @@ def test_console_script_runs_in_a_subprocess(sharded, tmp_path):
     assert "\r" not in done.stderr  # no progress bar when stdout is not a terminal
     done = run_script("inspect", sharded, "--json")
     assert done.returncode == 0 and '"placements": [\n        "S(0)",\n        "S(1)"' in done.stdout
+
+
+def test_the_package_declares_the_console_script():
+    text = (REPO / "pyproject.toml").read_text()
+    assert '[project.scripts]\nshardstore = "shardstore.cli:main"\n' in text
+    assert '"tqdm>=' in text.split("[project.optional-dependencies]")[0]  # a runtime dependency
+
+
+def test_fsspec_urls_and_storage_options(capsys):
+    import uuid
+
+    from shardstore.cli.common import key_value
+
+    url = f"memory://cli-{uuid.uuid4().hex}/ck"
+    shardstore.save({"w": torch.ones(3, 2)}, url)
+    code, out, err = cli(capsys, "verify", url, "--storage-option", "skip_instance_cache=false")
+    assert code == 0 and "OK (1 tensors, 1 objects" in out, err
+    assert cli_json(capsys, "inspect", url, "-o", "skip_instance_cache=false")[1]["tensors"]["w"]["shape"] == [3, 2]
+    assert key_value("anon=true") == ("anon", True) and key_value("endpoint_url=http://127.0.0.1:9") == ("endpoint_url", "http://127.0.0.1:9")
+    assert cli(capsys, "inspect", url, "-o", "novalue")[0] == 2  # not KEY=VALUE: a usage error
