@@ -55,8 +55,9 @@ def load_safetensors(state_dict: dict, url: str, *, storage_options: dict | None
     coord.agree("copying into the state dict", lambda: [copy_into(dest, values) for dest, values in pieces])
     missing = tuple(n for n in map(fqn, tensors) if n not in source.tensors())
     unexpected = tuple(n for n in source.tensors() if n not in set(map(fqn, tensors)))
-    return LoadResult(source.bytes_read, len(plan), time.perf_counter() - start, missing, unexpected,
-                      source.bytes_read, False)
+    return LoadResult(bytes_read=source.bytes_read, chunks_read=len(plan), elapsed_s=time.perf_counter() - start,
+                      missing=missing, unexpected=unexpected, staged_bytes=source.bytes_read, streamed=False,
+                      bytes_fetched=source.bytes_read)
 
 
 def _plan(tensors: dict, source: SafetensorsSource, strict: bool, url: str) -> list:
