@@ -52,7 +52,7 @@ def load_safetensors(state_dict: dict, url: str, *, storage_options: dict | None
     tensors = {k: v for k, v in flatten(state_dict)[0].items() if is_tensor_like(v)}
     plan = coord.agree("checking the state dict against the safetensors", lambda: _plan(tensors, source, strict, url))
     pieces = coord.agree("reading safetensors slices", lambda: [(dest, source.read(name, region)) for dest, name, region in plan])
-    coord.agree("copying into the state dict", lambda: [copy_into(dest, values) for dest, values in pieces])
+    coord.agree("copying into the state dict", lambda: _copy_all(pieces))
     missing = tuple(n for n in map(fqn, tensors) if n not in source.tensors())
     unexpected = tuple(n for n in source.tensors() if n not in set(map(fqn, tensors)))
     return LoadResult(bytes_read=source.bytes_read, chunks_read=len(plan), elapsed_s=time.perf_counter() - start,
@@ -60,12 +60,17 @@ def load_safetensors(state_dict: dict, url: str, *, storage_options: dict | None
                       bytes_fetched=source.bytes_read)
 
 
+def _copy_all(pieces: list) -> None:
+    for dest, values in pieces:
+        copy_into(dest, values)
+
+
 def _plan(tensors: dict, source: SafetensorsSource, strict: bool, url: str) -> list:
     """(destination view, name, region) for every slice this rank reads; mismatches refused first."""
     stored = source.tensors()
     by_name = {fqn(k): k for k in tensors}
     _check_match(by_name, tensors, stored, strict, url)
-    check_targets({k: v for n, k in by_name.items() if n in stored for v in [tensors[k]]})
+    check_targets({k: tensors[k] for n, k in by_name.items() if n in stored})
     plan = []
     for name, key in by_name.items():
         if name not in stored:
