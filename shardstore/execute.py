@@ -40,6 +40,8 @@ __all__ = [
 _WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
 _IN_FLIGHT = 6  # encode buffers in the ring: writes in flight plus the one being encoded
 _INDEX_READERS = 16  # concurrent (size, index) reads of shard objects
+_LANDING_PIECE = 8 << 20  # a landing load reads runs in pieces of at most this many bytes, concurrently:
+# one big sequential read per object left the disk half idle (cold reads want several in flight)
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,8 @@ def land_runs(
     failing its checksum has already landed, so ``written`` gets each tensor's name before its first
     byte arrives and the caller raises ``PartialLoadError`` naming them.
     """
-    parts = [_landing(part, layouts[part.run.key], destinations) for c in checked for part in _split(c, budget // 2)]
+    piece = min(budget // 2, _LANDING_PIECE)
+    parts = [_landing(part, layouts[part.run.key], destinations) for c in checked for part in _split(c, piece)]
     batches = _batches(parts, budget // 2, size=lambda landing: landing.scratch_nbytes)
     if not batches:
         return 0
