@@ -1,7 +1,8 @@
 """Checkpoints of sharded training state as Zarr v3 arrays through fsspec, resharded on load.
 
 ``save(state_dict, url)`` writes, every rank its own chunks; ``load(state_dict, url)`` fills a state
-dict in place on any mesh; ``open(url)`` reads tensors or slices without a process group.
+dict in place on any mesh; ``open(url)`` reads tensors or slices without a process group;
+``CheckpointManager(root_url)`` saves a run's steps, prunes old ones and restores the latest.
 """
 
 from shardstore.api import Checkpoint, LoadResult, SaveResult, load, open, save
@@ -20,12 +21,14 @@ from shardstore.errors import (
     UnsafeKeyError,
     UnsupportedInputError,
 )
+from shardstore.manager import CheckpointManager
 
 __all__ = [
     "save",
     "load",
     "open",
     "Checkpoint",
+    "CheckpointManager",
     "SaveResult",
     "LoadResult",
     "ShardstoreError",

@@ -32,6 +32,7 @@ from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointChangedError, MissingChunkError, PartialLoadError, ShardstoreError
 from shardstore.execute import check_runs, layout_of, place, read_checked, stream_runs, write_cells
 from shardstore.flatten import KeyPath, fill_plain_values, flatten, fqn, is_tensor_like, merge_skeletons, unflatten
+from shardstore.incremental import ObjectWriter, write_digests
 from shardstore.inputs import check_sources, check_targets, check_user_metadata, local_tensor
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
 from shardstore.plan import GlobalSavePlan, dtype_name, local_save_plan, merge_save_plans
@@ -50,6 +51,7 @@ class SaveResult:
     bytes_written: int
     chunks_written: int
     elapsed_s: float
+    chunks_linked: int = 0  # of chunks_written: unchanged objects linked from the previous checkpoint
 
 
 @dataclass(frozen=True)
@@ -83,29 +85,37 @@ def save(
     compressor: str | None = None,
     user_metadata: dict | None = None,
     durable: bool = True,
+    incremental: bool | str = False,
 ) -> SaveResult:
     """Save a (sharded) state dict as a Zarr v3 checkpoint at ``url``; collective over the group.
 
     When it returns, the checkpoint is complete, durable (unless ``durable=False``: nothing is fsync'd)
     and the only one at ``url``: of saves racing for one URL at most one succeeds
     (``ConcurrentSaveError`` for the others), and ``overwrite=True`` replaces only a shardstore
-    checkpoint, atomically (docs/format.md §5)."""
+    checkpoint, atomically (docs/format.md §5).
+
+    ``incremental``: True records the SHA-256 of every shard object; the URL of an earlier checkpoint
+    saved so also links each object whose bytes equal that checkpoint's instead of writing it
+    (docs/format.md §8). Hashing costs about 1 s per GiB, so the default (False) does not hash."""
     start = time.perf_counter()
     coord = Coordinator(process_group)
     tensors, skeleton, local = coord.agree("planning the save", lambda: _plan_save(coord.rank, state_dict, user_metadata))
+    writer = coord.agree("reading the previous digests", lambda: _object_writer(incremental, storage_options))
     plans, skeletons = zip(*coord.all_gather((local, skeleton)))
     plan, skeleton = coord.decide("merging the save plans", lambda: _merge_plans(plans, skeletons))
     target = Storage(url, storage_options, durable=durable)
     claim = coord.decide("claiming the checkpoint URL", lambda: commit.begin(target, overwrite))
     dest = target if claim.dest_url == target.url else Storage(claim.dest_url, storage_options, durable=durable)
     try:
-        stats = coord.agree("writing chunks", lambda: _write(dest, plan, coord.rank, tensors, compressor))
-        coord.decide("committing", lambda: _commit(dest, target, claim, plan, skeleton, compressor, user_metadata))
+        stats = coord.agree("writing chunks", lambda: _write(dest, plan, coord.rank, tensors, compressor, writer))
+        digests = None if writer is None else {k: v for d in coord.all_gather(writer.digests) for k, v in d.items()}
+        coord.decide("committing", lambda: _commit(dest, target, claim, plan, skeleton, compressor, user_metadata, digests))
     except BaseException:
         if coord.rank == 0:
             commit.abandon(dest, claim)
         raise
-    return SaveResult(url, stats.nbytes, stats.objects, time.perf_counter() - start)
+    linked, linked_bytes = (0, 0) if writer is None else (writer.linked, writer.linked_bytes)
+    return SaveResult(url, stats.nbytes - linked_bytes, stats.objects, time.perf_counter() - start, linked)
 
 
 def _plan_save(rank: int, state_dict: Mapping[str, Any], user_metadata: dict | None) -> tuple[dict, dict, Any]:
@@ -117,20 +127,33 @@ def _plan_save(rank: int, state_dict: Mapping[str, Any], user_metadata: dict | N
     return tensors, skeleton, local_save_plan(rank, tensors)
 
 
+def _object_writer(incremental: bool | str, storage_options: dict | None) -> ObjectWriter | None:
+    """What stores this rank's objects: None (plain writes) unless the save is incremental."""
+    if incremental is False:
+        return None
+    if incremental is True:
+        return ObjectWriter()
+    if isinstance(incremental, str):
+        return ObjectWriter.against(incremental, storage_options)
+    raise TypeError(f"incremental must be False, True or the URL of an earlier checkpoint, got {incremental!r}")
+
+
 def _merge_plans(plans, skeletons) -> tuple[GlobalSavePlan, dict]:
     return merge_save_plans(plans, inner_chunks=choose_inner_chunk_shape), merge_skeletons(list(skeletons))
 
 
-def _write(dest: Storage, plan: GlobalSavePlan, rank: int, tensors: dict, compressor: str | None):
+def _write(dest: Storage, plan: GlobalSavePlan, rank: int, tensors: dict, compressor: str | None,
+           writer: ObjectWriter | None):
     """This rank's chunk objects, durable (with their directories) before any rank reports done."""
-    stats = write_cells(dest, plan, rank, tensors, compressor)
+    stats = write_cells(dest, plan, rank, tensors, compressor, None if writer is None else writer.put)
     dest.sync()
     return stats
 
 
 def _commit(dest: Storage, target: Storage, claim: commit.Claim, plan: GlobalSavePlan, skeleton, compressor,
-            user_metadata) -> None:
-    """Metadata, durable, then the root marker, durable, then the commit protocol makes it the checkpoint."""
+            user_metadata, digests: dict[str, str] | None) -> None:
+    """Metadata (and the objects' digests of an incremental save), durable, then the root marker, durable,
+    then the commit protocol makes it the checkpoint."""
     records = {}
     writes = []
     for array in plan.arrays:
@@ -140,6 +163,8 @@ def _commit(dest: Storage, target: Storage, claim: commit.Claim, plan: GlobalSav
     writes += [functools.partial(fmt.write_group, dest, g) for g in fmt.group_paths([a.node for a in plan.arrays]) if g]
     with ThreadPoolExecutor(_METADATA_WRITERS) as pool:  # each write waits on its fsync: overlap them
         list(pool.map(lambda write: write(), writes))
+    if digests is not None:
+        write_digests(dest, digests)
     dest.sync()
     fmt.write_root(dest, fmt.RootMetadata(skeleton, records, dict(user_metadata or {})))
     dest.sync()

@@ -13,11 +13,12 @@ once (``read_checked``, then ``place``), or batch by batch through two reused bu
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -57,9 +58,17 @@ def layout_of(array: ArrayPlan, compressor: str | None) -> ArrayLayout:
 
 
 def write_cells(
-    storage: Storage, plan: GlobalSavePlan, rank: int, items: Mapping[KeyPath, Any], compressor: str | None = None
+    storage: Storage,
+    plan: GlobalSavePlan,
+    rank: int,
+    items: Mapping[KeyPath, Any],
+    compressor: str | None = None,
+    put: Callable[[Storage, str, memoryview], None] | None = None,
 ) -> WriteStats:
-    """Encode and write every cell ``plan`` gives this rank; returns what was written.
+    """Encode and write every cell ``plan`` gives this rank; returns what was encoded.
+
+    ``put(storage, key, blob)`` stores each object (``Storage.write`` by default; an incremental save
+    passes ``ObjectWriter.put``, which may link an unchanged object instead).
 
     Up to ``_IN_FLIGHT`` objects are being written while the next is encoded, each into a buffer of a
     small ring that is reused once its write finished (touching fresh memory costs more than encoding;
@@ -69,6 +78,7 @@ def write_cells(
     layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
     ring: list[tuple[torch.Tensor, Future | None]] = [(torch.empty(0, dtype=torch.uint8), None)] * _IN_FLIGHT
     nbytes = 0
+    store = storage.write if put is None else functools.partial(put, storage)
     with ThreadPoolExecutor(_WRITERS) as pool:
         for i, task in enumerate(plan.writes[rank]):
             array = arrays[task.key]
@@ -81,7 +91,7 @@ def write_cells(
                 buffer = torch.frombuffer(staging_buffer(needed), dtype=torch.uint8)
             blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
             nbytes += blob.nbytes
-            ring[i % _IN_FLIGHT] = (buffer, pool.submit(storage.write, object_key(array.node, task.cell), blob))
+            ring[i % _IN_FLIGHT] = (buffer, pool.submit(store, object_key(array.node, task.cell), blob))
         for _, busy in ring:
             if busy is not None:
                 busy.result()
