@@ -156,3 +156,31 @@ def test_incremental_save_links_unchanged_objects_and_stands_alone(tmp_path, wor
     values = _finetune_values(2)
     assert (group["lora"][...] == values["lora"].numpy()).all()
     assert (group["frozen"][...].view("uint16") == values["frozen"].view(torch.int16).numpy().view("uint16")).all()
+
+
+def test_manager_on_an_object_store_links_by_server_side_copy(monkeypatch):
+    import uuid
+
+    import fsspec
+
+    from shardstore.storage.remote import FsspecStorage
+
+    root = f"memory://manager-{uuid.uuid4().hex}/run"
+    written: list[str] = []
+    write = FsspecStorage.write
+    monkeypatch.setattr(FsspecStorage, "write", lambda self, key, data: (written.append(key), write(self, key, data))[1])
+    state = {"frozen": torch.randn(64, 32), "lora": torch.randn(8, 32), "step": 1}
+    try:
+        with shardstore.CheckpointManager(root, max_to_keep=1, async_save=False) as manager:
+            manager.save(1, state)
+            written.clear()
+            state["lora"].add_(1)
+            manager.save(2, state)
+            assert manager.all_steps() == [2]
+            target = {"frozen": torch.zeros(64, 32), "lora": torch.zeros(8, 32), "step": -1}
+            assert manager.restore(target) == 2
+        assert not [k for k in written if k.startswith("frozen/c")], written  # copied server-side, not written
+        assert [k for k in written if k.startswith("lora/c")]
+        assert all(torch.equal(target[k], state[k]) for k in ("frozen", "lora")) and target["step"] == 1
+    finally:
+        fsspec.filesystem("memory").rm(root.split("://")[1].split("/")[0], recursive=True)
