@@ -4,7 +4,6 @@ same step again."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
