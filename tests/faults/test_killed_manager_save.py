@@ -4,20 +4,19 @@ same step again."""
 
 from __future__ import annotations
 
-
 import torch
 
 import shardstore
 from shardstore.steps import list_steps
 from tests.faults.test_killed_saves import (
-    BIG_TENSORS, CHUNK_DELAY_S, SMALL_TENSORS, _join_group, chunks_in_staging, run_and_kill, seeded_values,
+    BIG_TENSORS, CHUNK_DELAY_S, SMALL_TENSORS, join_group, chunks_in_staging, run_and_kill, seeded_values,
     sharded_values, slow_chunk_writes,
 )
 
 
 def _manager_job(rank: int, port: int, root: str) -> None:
     """Save step 1 (small) completely, then step 2 (64 MiB, slowed) — which the test kills."""
-    mesh = _join_group(rank, port)
+    mesh = join_group(rank, port)
     with shardstore.CheckpointManager(root, max_to_keep=1, async_save=False) as manager:
         manager.save(1, {"model": sharded_values(mesh, 1, SMALL_TENSORS, 64), "step": 1})
         slow_chunk_writes(CHUNK_DELAY_S)

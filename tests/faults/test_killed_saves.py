@@ -69,7 +69,7 @@ def slow_chunk_writes(delay: float) -> None:
     LocalStorage.write = slow
 
 
-def _join_group(rank: int, port: int):
+def join_group(rank: int, port: int):
     """Join the spawned job's gloo group; its 1-D mesh over every rank."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     import torch.distributed as dist
@@ -91,7 +91,7 @@ def _job(rank: int, port: int, steps: list[tuple[str, int, int, bool, bool]]) ->
     """One rank: for each step (url, seed, count, overwrite, slow) save a DTensor state dict."""
     import torch.distributed as dist
 
-    mesh = _join_group(rank, port)
+    mesh = join_group(rank, port)
     for url, seed, count, overwrite, slow in steps:
         if slow:
             slow_chunk_writes(CHUNK_DELAY_S)
