@@ -6,10 +6,11 @@ across replicas), AdamW and gradient clipping. Its app state (model, optimizer, 
 draws the data, the data loader's position) is saved every ``--save-every`` steps through a
 ``shardstore.CheckpointManager`` (asynchronously where available).
 
-1. reference: the run trains ``--steps`` steps uninterrupted; its losses are the yardstick.
-2. crash: the same run again, saving; every rank SIGKILLs itself in the middle of writing the checkpoint
-   of step ``--crash-at`` (after its first chunk object), as a power cut or an OOM killer would.
-3. resume: n/2 ranks (one data-parallel replica, the same tensor-parallel degree) restore the latest
+1. train (n ranks, one job): the run trains ``--steps`` steps uninterrupted — its losses are the
+   yardstick — then trains again from scratch, saving; every rank SIGKILLs itself in the middle of
+   writing the checkpoint of step ``--crash-at`` (after its first chunk object), as a power cut or an
+   OOM killer would.
+2. resume: n/2 ranks (one data-parallel replica, the same tensor-parallel degree) restore the latest
    complete step — the manager ignores the killed one — and train on, each step accumulating the
    gradients of both replicas' micro-batches in the order the all-reduce would add them. Its losses must
    equal the reference's exactly (bit for bit), step for step.
@@ -130,23 +131,32 @@ def kill_mid_save(step: int) -> None:
 
 
 def run(args) -> None:
-    """One rank of a phase: train from scratch or from the latest checkpoint up to ``args.steps``."""
+    """One rank: the reference run then the run that crashes (one job: processes start once), or the
+    resumed run."""
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    if args.phase == "resume":
+        train(args, "resume", shardstore.CheckpointManager(str(Path(args.dir) / "run"), save_interval_steps=args.save_every))
+        return
+    train(args, "reference", None)
+    kill_mid_save(args.crash_at)
+    train(args, "crash", shardstore.CheckpointManager(str(Path(args.dir) / "run"), max_to_keep=2,
+                                                      save_interval_steps=args.save_every))
+
+
+def train(args, name: str, manager) -> None:
+    """Train from scratch (or, resuming, from the manager's latest step) up to ``args.steps``, saving
+    through ``manager`` if given; rank 0 writes the losses to ``<dir>/<name>.json``."""
     model, opt, mesh = build(args.tp, args.device)
     torch.manual_seed(1234)  # the data stream
     loader, start, losses = DataLoader(), 0, {}
-    manager = None if args.phase == "reference" else shardstore.CheckpointManager(
-        str(Path(args.dir) / "run"), max_to_keep=2, save_interval_steps=args.save_every)
-    if args.phase == "resume":
+    if name == "resume":
         state = app_state(model, opt, loader, 0)
         start = manager.restore(state)
         torch.set_rng_state(state["rng"])
         loader.position = state["data"]["position"]
         say(f"[resume] {dist.get_world_size()} ranks, mesh {tuple(mesh.shape)}: restored step {start} "
             f"(complete steps {manager.all_steps()}), data position {loader.position}")
-    if args.phase == "crash":
-        kill_mid_save(args.crash_at)
     for step in range(start + 1, args.steps + 1):
         losses[step] = train_step(model, opt, loader, mesh)
         if manager is not None:
@@ -154,20 +164,20 @@ def run(args) -> None:
     if manager is not None:
         manager.close()
     if dist.get_rank() == 0:
-        (Path(args.dir) / f"{args.phase}.json").write_text(json.dumps(losses))
+        (Path(args.dir) / f"{name}.json").write_text(json.dumps(losses))
 
 
-def phase(args, name: str, nproc: int) -> dict[int, float]:
+def phase(args, name: str, nproc: int, outputs: tuple[str, ...]) -> list[dict[int, float]]:
+    """Launch ``run`` on ``nproc`` ranks; the losses of each run named in ``outputs``."""
     launch_args = argparse.Namespace(**{**vars(args), "nproc": nproc, "phase": name})
     start = time.perf_counter()
     try:
         launch(run, launch_args)
     except SystemExit:
-        if name != "crash":
-            raise
+        if name != "train":
+            raise  # the training job is meant to die (SIGKILL mid-save)
     print(f"[{name}] {nproc} ranks, {time.perf_counter() - start:.1f} s", flush=True)
-    out = Path(args.dir) / f"{name}.json"
-    return {int(k): v for k, v in json.loads(out.read_text()).items()} if out.exists() else {}
+    return [{int(k): v for k, v in json.loads((Path(args.dir) / f"{out}.json").read_text()).items()} for out in outputs]
 
 
 def main() -> None:
@@ -184,9 +194,8 @@ def main() -> None:
         parser.error("--nproc must be even, and --crash-at a multiple of --save-every after the first save")
     shutil.rmtree(args.dir, ignore_errors=True)
     Path(args.dir).mkdir(parents=True)
-    reference = phase(args, "reference", args.nproc)
-    phase(args, "crash", args.nproc)
-    resumed = phase(args, "resume", args.nproc // REPLICAS)
+    (reference,) = phase(args, "train", args.nproc, ("reference",))
+    (resumed,) = phase(args, "resume", args.nproc // REPLICAS, ("resume",))
     print("step  reference  resumed")
     for step, loss in sorted(resumed.items()):
         print(f"{step:4d}  {reference[step]:.7f}  {loss:.7f}")

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.timeout(600)  # two jobs of fresh processes (6 torch imports): ~30 s on a quiet machine
 def test_train_demo_resumes_exactly_after_a_kill_mid_save(tmp_path):
     out = subprocess.run(
         [sys.executable, str(REPO / "tools" / "train_demo.py"), "--nproc", "4", "--steps", "4", "--save-every", "1",
