@@ -21,12 +21,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from shardstore import commit
 from shardstore.api import SaveResult, load, save
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointExistsError, CheckpointNotFoundError
-from shardstore.format import ZARR_JSON
-from shardstore.steps import STEP_PREFIX, list_steps, parse_step, step_name, step_url
+from shardstore.steps import clear_incomplete, delete_step, list_steps, step_name, step_url, sweep_litter
 from shardstore.storage import Storage
 
 __all__ = ["CheckpointManager", "steps_to_delete"]
@@ -127,7 +125,7 @@ class CheckpointManager:
                 "a manager never replaces one — save under a new step number, or delete that step first"
             )
         url = step_url(self.root_url, step)
-        self._coord.decide("clearing an interrupted save of this step", lambda: _clear_incomplete(url, self._options))
+        self._coord.decide("clearing an interrupted save of this step", lambda: clear_incomplete(url, self._options))
         base = step_url(self.root_url, self._steps[-1]) if self._steps else True
         kwargs = {"storage_options": self._options, "process_group": self._group, "incremental": self._incremental and base}
         self._pending = (step, self._start(state_dict, url, kwargs))
@@ -209,30 +207,3 @@ class CheckpointManager:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"the CheckpointManager of {self.root_url} is closed; create a new one")
-
-
-def delete_step(checkpoint: Storage) -> None:
-    """Delete one step: its root marker first, so a deletion cut short leaves an incomplete step (never
-    listed) rather than a listed one missing objects."""
-    checkpoint.delete(ZARR_JSON)
-    checkpoint.delete_prefix()
-
-
-def _clear_incomplete(url: str, storage_options: dict | None) -> None:
-    """Remove a step directory that holds objects but no root marker (a save of it was killed or failed
-    on an object store, where saves write in place), so the step can be saved afresh."""
-    checkpoint = Storage(url, storage_options)
-    if not checkpoint.is_empty() and not checkpoint.exists(ZARR_JSON):
-        checkpoint.delete_prefix()
-
-
-def sweep_litter(root_url: str, storage_options: dict | None = None) -> None:
-    """Remove what killed saves left under a run's root: dead staging and trash siblings of every step
-    (a live save's tree is kept: its owner lock is held) and step directories without a root marker."""
-    root = Storage(root_url, storage_options)
-    steps = {parse_step(name.split(".", 1)[0]) for name in root.list_names(STEP_PREFIX) if "." in name}
-    for step in sorted(steps - {None}):
-        commit.sweep(root.child(step_name(step)))
-    for entry in list_steps(root_url, storage_options):
-        if not entry.complete:
-            _clear_incomplete(entry.url, storage_options)
