@@ -8,10 +8,10 @@ save: flatten the state dict, check it is storable -> each rank plans what it ho
       meanwhile.
 load: flatten the target state dict, check every target can be filled -> read the root record -> plan
       this rank's reads (validated before any byte moves) -> check every object's shard index -> all
-      agree -> read and verify the chunks -> all agree -> copy them in. When some rank's share exceeds
-      ``staging_bytes``, every rank instead reads, verifies and copies batch by batch after the indices
-      are checked (memory stays bounded; a checksum failure then raises ``PartialLoadError`` on the
-      ranks that had copied tensors in).
+      agree -> read every chunk straight into the targets (or through bounded scratch memory where it
+      cannot land unchanged), verifying each as it lands; a checksum failure then raises
+      ``PartialLoadError`` on the ranks whose tensors changed. With ``all_or_nothing=True``: read and
+      verify every chunk into staging memory first -> all agree -> copy them in.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from shardstore import format as fmt
 from shardstore.codec import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointChangedError, MissingChunkError, PartialLoadError, ShardstoreError
-from shardstore.execute import check_runs, layout_of, place, read_checked, stream_runs, write_cells
+from shardstore.execute import check_runs, land_runs, layout_of, place, read_checked, write_cells
 from shardstore.flatten import KeyPath, fill_plain_values, flatten, fqn, is_tensor_like, merge_skeletons, unflatten
 from shardstore.incremental import ObjectWriter, write_digests
 from shardstore.inputs import check_sources, check_targets, check_user_metadata, local_tensor
@@ -58,8 +58,10 @@ class SaveResult:
 class LoadResult:
     """What this rank did during a load; ``missing``/``unexpected`` are filled only with strict=False.
 
-    ``staged_bytes``: host memory the load held for fetched chunks; ``streamed``: whether it went batch by
-    batch (its share exceeded ``staging_bytes``) rather than all-or-nothing."""
+    ``bytes_read``: tensor bytes placed into the state dict; ``bytes_fetched``: bytes read from storage
+    (stored chunks with their checksums; more than placed where a chunk is only partly needed).
+    ``staged_bytes``: host memory the load held for fetched chunks; ``streamed``: whether chunks were
+    copied in as they were verified (the default) rather than all-or-nothing."""
 
     bytes_read: int
     chunks_read: int
@@ -68,10 +70,12 @@ class LoadResult:
     unexpected: tuple[str, ...]
     staged_bytes: int
     streamed: bool
+    bytes_fetched: int
 
 
 _METADATA_WRITERS = 8
-DEFAULT_STAGING_BYTES = 2 << 30  # per rank; bigger shares stream (bounded memory, not all-or-nothing)
+DEFAULT_STAGING_BYTES = 2 << 30  # per rank: the most an all_or_nothing load may stage
+LANDING_SCRATCH_BYTES = 128 << 20  # a default load's two reused buffers for chunks that cannot land in place
 DEFAULT_MAX_READ_BYTES = 4 << 30  # one Checkpoint.read; bigger regions are read in parts
 
 
@@ -179,16 +183,20 @@ def load(
     process_group=None,
     strict: bool = True,
     staging_bytes: int = DEFAULT_STAGING_BYTES,
+    all_or_nothing: bool = False,
 ) -> LoadResult:
     """Fill ``state_dict`` in place from the checkpoint at ``url``, resharding to its layouts.
 
     Every target the checkpoint fills (``inputs.check_targets``: kind, dtype, memory overlap) and every
     object's shard index are checked first, so an unloadable target or a missing, truncated or rewritten
-    object fails before any tensor changes. Then, when every rank's share fits in ``staging_bytes`` of host memory, the load
-    is all or nothing: every chunk is read and verified on every rank before any tensor changes.
-    Otherwise every rank streams through that much memory, copying as it verifies. A failure after a
-    rank copied tensors in raises ``PartialLoadError`` there, naming them; a rank whose state dict is
-    unchanged raises the plain error. Parameters that require grad load (copied outside autograd).
+    object fails before any tensor changes. Then every chunk is read straight into the memory it fills
+    where it can land unchanged (else through at most ``staging_bytes`` of reused scratch memory) and its
+    checksum verified as it lands: no staged copy of the rank's share, no second copy. Only damaged bytes
+    can fail that late; a rank whose tensors had changed then raises ``PartialLoadError`` naming them, a
+    rank whose state dict is unchanged the plain error. ``all_or_nothing=True`` reads and verifies every
+    chunk on every rank into staging memory first (each rank's share must fit in its ``staging_bytes``),
+    so a failure leaves every state dict unchanged, at the cost of that memory and a second copy.
+    Parameters that require grad load (written outside autograd, their version counters bumped).
     """
     start = time.perf_counter()
     coord = Coordinator(process_group)
@@ -197,10 +205,12 @@ def load(
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     wanted = {k for keys in coord.all_gather(tuple(tensors)) for k in keys}  # per-rank keys: wanted somewhere
     job = coord.agree("checking the checkpoint", lambda: _plan_here(tensors, storage, strict, wanted, staging_bytes))
-    streamed = any(coord.all_gather(job.over_staging))  # each rank judges by its own staging memory
+    streamed = not all_or_nothing
+    if all_or_nothing:
+        _check_staging_fits(coord.all_gather((job.needed, staging_bytes)))
     pieces = None if streamed else coord.agree("reading and verifying chunks", lambda: _read_all(storage, job))
-    # Only now, with every rank's chunks verified (all or nothing) or indices checked (streaming), does
-    # any rank touch its tensors.
+    # Only now, with every rank's chunks verified (all or nothing) or indices checked, does any rank
+    # touch its tensors.
     written: dict[str, None] = {}  # names of the tensors this rank has copied into
     try:
         staged = coord.agree("copying into the state dict", lambda: _copy_in(state_dict, storage, job, pieces, staging_bytes, written))
@@ -208,7 +218,7 @@ def load(
         if not written:
             raise  # this rank's state dict is unchanged: the plain error says why
         raise PartialLoadError(_partly_loaded(exc, written, streamed)) from exc
-    return LoadResult(job.nbytes, job.chunks, time.perf_counter() - start, job.missing, job.unexpected, staged, streamed)
+    return LoadResult(job.nbytes, job.chunks, time.perf_counter() - start, job.missing, job.unexpected, staged, streamed, job.needed)
 
 
 @dataclass(frozen=True)
@@ -219,7 +229,6 @@ class _LoadJob:
     checked: list
     layouts: dict
     needed: int  # bytes of the runs it reads
-    over_staging: bool  # needed > this rank's staging_bytes
     nbytes: int  # bytes of tensor data it places
     chunks: int
     missing: tuple[str, ...]
@@ -242,16 +251,28 @@ def _plan_here(tensors: dict, storage: Storage, strict: bool, wanted: set, stagi
     needed = sum(c.nbytes for c in checked)
     dests = Destinations.of({k: local_tensor(k, v) for k, v in tensors.items()}, {t.key for t in tasks})
     return _LoadJob(
-        root, checked, layouts, needed, needed > staging_bytes, nbytes, len(tasks),
+        root, checked, layouts, needed, nbytes, len(tasks),
         tuple(fqn(k) for k in plan.missing), tuple(fqn(k) for k in plan.unexpected), dests,
     )
 
 
+def _check_staging_fits(shares: list[tuple[int, int]]) -> None:
+    """For an all-or-nothing load: every rank's share (bytes to fetch) must fit in its staging_bytes."""
+    over = {r: (needed, staging) for r, (needed, staging) in enumerate(shares) if needed > staging}
+    if over:
+        detail = ", ".join(f"rank {r} needs {n} > {s}" for r, (n, s) in over.items())
+        raise ValueError(
+            f"all_or_nothing=True reads every chunk into staging memory before any tensor changes, but {detail} "
+            "bytes of staging_bytes; pass a larger staging_bytes, or load with all_or_nothing=False (straight into "
+            "the targets, each chunk verified as it lands)"
+        )
+
+
 def _partly_loaded(exc: Exception, written: dict[str, None], streamed: bool) -> str:
     fix = (
-        "The load streamed (a rank's share exceeded its staging_bytes), so ranks copied chunks in as they verified "
-        "them; pass a staging_bytes above every rank's share for an all-or-nothing load, or load again from an "
-        "intact checkpoint." if streamed else "Load again (from an intact checkpoint)."
+        "Chunks were read straight into the tensors and verified as they landed; load again from an intact "
+        "checkpoint, or pass all_or_nothing=True to verify every chunk before any tensor changes."
+        if streamed else "Load again (from an intact checkpoint)."
     )
     return (
         f"{exc}\nThis rank had already copied {len(written)} tensor(s) in, so its state dict is now partly loaded: "
@@ -272,7 +293,7 @@ def _copy_in(state_dict: dict, storage: Storage, job: _LoadJob, pieces, staging_
     """Place verified pieces (or stream when ``pieces`` is None), tied tensors and the saved plain values,
     noting in ``written`` each tensor copied into; returns the staging memory used."""
     if pieces is None:
-        staged = _stream(storage, job, staging_bytes, written)
+        staged = _land(storage, job, staging_bytes, written)
         job.dests.check_ties()
     else:
         place(pieces, job.dests.by_key(), written)
@@ -282,9 +303,10 @@ def _copy_in(state_dict: dict, storage: Storage, job: _LoadJob, pieces, staging_
     return staged
 
 
-def _stream(storage: Storage, job: _LoadJob, staging_bytes: int, written: dict) -> int:
+def _land(storage: Storage, job: _LoadJob, staging_bytes: int, written: dict) -> int:
     try:
-        return stream_runs(storage, job.checked, job.layouts, job.dests.by_key(), staging_bytes, written)
+        scratch = min(staging_bytes, LANDING_SCRATCH_BYTES)
+        return land_runs(storage, job.checked, job.layouts, job.dests.by_key(), scratch, written)
     finally:
         for key in job.dests.scratch:  # tied targets were filled into scratch memory only, so far
             written.pop(fqn(key), None)

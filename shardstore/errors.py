@@ -15,8 +15,8 @@ so callers can catch either::
     ├── CorruptCheckpointError(ValueError)            checksum mismatch, truncated object,
     │   │                                             malformed metadata
     │   └── MissingChunkError(FileNotFoundError)      an object that should exist does not
-    ├── PartialLoadError(RuntimeError)                a streamed load failed (for any cause, named
-    │                                                 in it) after tensors were copied in
+    ├── PartialLoadError(RuntimeError)                a load failed (for the cause named in it, and
+    │                                                 chained) after bytes landed in tensors
     ├── CheckpointChangedError(RuntimeError)          the checkpoint behind an ``open()`` handle was
     │                                                 replaced or deleted: re-open it
     ├── UnsafeKeyError(ValueError)                    a key that would escape the checkpoint root
@@ -98,9 +98,10 @@ class StateDictMismatchError(ShardstoreError, ValueError):
 
 
 class PartialLoadError(ShardstoreError, RuntimeError):
-    """A streamed load (more data than some rank's staging memory) failed, for the cause its message
-    gives, after tensors were copied in: the state dicts are partly loaded. Where the failure happened,
-    the message names the tensors already written."""
+    """A load failed, for the cause its message gives (also its ``__cause__``), after bytes had landed in
+    this rank's tensors: its state dict is partly loaded, and the message names the tensors written.
+    Only damaged bytes fail that late (targets and indices are checked first); pass
+    ``all_or_nothing=True`` to verify every chunk before any tensor changes."""
 
 
 class CheckpointChangedError(ShardstoreError, RuntimeError):

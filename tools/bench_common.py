@@ -118,7 +118,7 @@ class System:
 
 SYSTEMS = {
     "shardstore": System(
-        lambda sd, path: shardstore.save(sd, path), lambda sd, path: shardstore.load(sd, path).bytes_read, True,
+        lambda sd, path: shardstore.save(sd, path), lambda sd, path: shardstore.load(sd, path).bytes_fetched, True,
     ),
     "torch DCP": System(
         lambda sd, path: dcp.save(sd, checkpoint_id=path), lambda sd, path: dcp.load(sd, checkpoint_id=path), True,

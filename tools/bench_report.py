@@ -249,5 +249,5 @@ METHOD = (
     "RSS: the worst rank's bytes held, RSS before the call and peak RSS during it (VmHWM, reset before the "
     "call; ru_maxrss, which a spawned process inherits from its parent, is in the JSON). read/needed: "
     "the worst rank's /proc/self/io rchar and read_bytes (disk) deltas, and what the system reports "
-    "(shardstore: LoadResult.bytes_read), against the bytes its targets hold."
+    "(shardstore: LoadResult.bytes_fetched), against the bytes its targets hold."
 )

@@ -172,6 +172,24 @@ class Storage:
             raise ValueError(f"read_ranges_into: {pos} bytes requested, the buffer holds {len(view)}")
         return list(io_pool().map(lambda job: self.read_range_into(*job), jobs))
 
+    def read_range_scattered(self, key: str, start: int, views: list[memoryview]) -> None:
+        """Fill ``views`` one after another with the bytes of ``key`` from ``start``: one ranged read whose
+        parts land in separate buffers (a target tensor's memory, a checksum slot). Local files scatter in
+        the kernel (``preadv``); other backends fetch the range and copy its parts out."""
+        data = memoryview(self.read_range(key, start, start + sum(len(v) for v in views)))
+        pos = 0
+        for view in views:
+            view[:] = data[pos : pos + len(view)]
+            pos += len(view)
+
+    def read_scattered(self, requests: list[tuple[str, int, list[memoryview]]]) -> None:
+        """Many ``read_range_scattered`` calls at once, concurrently."""
+        if len(requests) <= 1:
+            for request in requests:
+                self.read_range_scattered(*request)
+            return
+        list(io_pool().map(lambda r: self.read_range_scattered(*r), requests))
+
     def pinned(self) -> "Storage":
         """A read-only view of the checkpoint now at the root that a concurrent commit cannot change under
         it, where the backend can (local trees); else this storage itself."""

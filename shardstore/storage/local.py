@@ -83,6 +83,12 @@ class LocalStorage(Storage):
         self._check_length(key, start, start + len(view), got)
         return view
 
+    def read_range_scattered(self, key: str, start: int, views: list[memoryview]) -> None:
+        with self._open_for_read(key) as fd:
+            got = posix.preadv_all(fd, start, views)
+        expected = sum(len(v) for v in views)
+        self._check_length(key, start, start + expected, got)
+
     def _open_for_read(self, key: str) -> "posix.Fd":
         """Open ``key`` for reading: no symlink on the way, and a regular file (a FIFO would block)."""
         self._check_dirs(check_key(key, self.url))

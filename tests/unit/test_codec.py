@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from shardstore.codec import (
     ArrayLayout,
     choose_inner_chunk_shape,
+    widest_inner_columns,
     decode_index,
     decode_inner_chunk,
     encode_shard,
@@ -130,7 +131,9 @@ def test_layout_geometry():
 
 @pytest.mark.parametrize("outer,itemsize,expected", [
     ((8192, 8192), 4, (1024, 1024)),  # square 2-D tile, exactly 4 MiB
-    ((64, 1024, 1024), 4, (1, 1024, 1024)),  # leading dims shrink first
+    ((64, 1024, 1024), 4, (4, 1024, 256)),  # columns narrowed to a quarter, then leading dims shrink
+    ((4096, 1024), 2, (4096, 256)),  # a column-sharded load over 4 ranks reads whole chunks of its shard
+    ((16, 256), 4, (16, 256)),  # a quarter of the columns would make rows under 512 bytes
     ((100, 1000, 100), 4, (10, 1000, 100)),
     ((8191, 8192), 4, (8191, 128)),  # prime rows: split columns instead
     ((2000006,), 4, (1000003,)),  # 2 x prime: one oversized-but-close chunk, not 1-element ones
@@ -139,6 +142,12 @@ def test_layout_geometry():
 ])
 def test_choose_inner_chunk_shape_examples(outer, itemsize, expected):
     assert choose_inner_chunk_shape(outer, itemsize) == expected
+
+
+@pytest.mark.parametrize("columns,itemsize,expected", [(1024, 4, 256), (1024, 2, 256), (1000, 4, 250), (256, 4, 256),
+                                                       (7, 4, 7), (4096, 1, 1024), (128, 16, 32), (96, 16, 96)])
+def test_widest_inner_columns_is_a_quarter_or_less_with_rows_of_512_bytes(columns, itemsize, expected):
+    assert widest_inner_columns(columns, itemsize) == expected
 
 
 @settings(max_examples=200, deadline=None)
@@ -159,8 +168,9 @@ def test_choose_inner_chunk_shape_fills_the_target_for_powers_of_two(exponents, 
     outer = tuple(2**e for e in exponents)
     inner = choose_inner_chunk_shape(outer, itemsize, target)
     nbytes = math.prod(inner) * itemsize
+    tileable = outer[:-1] + (widest_inner_columns(outer[-1], itemsize),) if len(outer) >= 2 else outer
     assert nbytes <= target
-    assert nbytes * 2 >= min(target, math.prod(outer) * itemsize)
+    assert nbytes * 2 >= min(target, math.prod(tileable) * itemsize)
 
 
 # -- property round trip --------------------------------------------------------------------------------
