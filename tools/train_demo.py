@@ -95,14 +95,14 @@ def train_step(model, opt, loader: DataLoader, mesh) -> float:
     With two replicas each computes its micro-batch's gradient and the all-reduce adds the two; with one,
     it back-propagates both micro-batches, which adds their gradients the same way (a + b == b + a), so
     both runs take bit-identical steps."""
-    tokens, targets = loader.next_batch()
+    tokens, targets = (t.to(mesh.device_type) for t in loader.next_batch())
     dp, me = mesh["dp"].size(), mesh["dp"].get_local_rank()
-    total = torch.zeros(())
+    total = None
     for i in range(me * REPLICAS // dp, (me + 1) * REPLICAS // dp):
         rows = slice(i * MICRO_BATCH, (i + 1) * MICRO_BATCH)
         loss = loss_fn(model(tokens[rows]), targets[rows])
         loss.backward()
-        total += loss.detach()
+        total = loss.detach() if total is None else total + loss.detach()
     with torch.no_grad():  # to_local() is then the gradient's own local tensor
         for p in model.parameters():
             if dp > 1:
