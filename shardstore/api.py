@@ -100,7 +100,7 @@ def save(
 
     ``incremental``: True records the SHA-256 of every shard object; the URL of an earlier checkpoint
     saved so also links each object whose bytes equal that checkpoint's instead of writing it
-    (docs/format.md §8). Hashing costs about 1 s per GiB, so the default (False) does not hash."""
+    (docs/format.md §10). Hashing costs about 1 s per GiB, so the default (False) does not hash."""
     start = time.perf_counter()
     coord = Coordinator(process_group)
     tensors, skeleton, local = coord.agree("planning the save", lambda: _plan_save(coord.rank, state_dict, user_metadata))

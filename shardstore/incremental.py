@@ -11,7 +11,7 @@ digests mean the linked object is exactly the one this save would have written, 
 alone would not do (it is not collision-resistant). Every checkpoint stays self-contained: a hard link is
 a second name of the same file, and objects are never modified in place after commit.
 
-Hashing costs about 1 s per GiB on one core, so only a save that asks for it hashes (docs/format.md §8).
+Hashing costs about 1 s per GiB on one core, so only a save that asks for it hashes (docs/format.md §10).
 """
 
 from __future__ import annotations
