@@ -29,6 +29,7 @@ from shardstore.flatten import KeyPath, fqn
 from shardstore.format import chunk_key
 from shardstore.inputs import local_tensor
 from shardstore.load_plan import ReadRun, ReadTask
+from shardstore.memcopy import copy_bytes
 from shardstore.plan import ArrayPlan, GlobalSavePlan
 from shardstore.storage import Storage
 
@@ -405,8 +406,12 @@ def _decode_run(storage: Storage, layout: ArrayLayout, run: ReadRun, key: str, r
 
 def copy_into(dest: torch.Tensor, values: torch.Tensor) -> None:
     """``dest.copy_(values)`` outside autograd, so parameters that require grad load as
-    ``load_state_dict`` loads them, and inside inference mode for inference tensors, which no other mode
-    may write."""
+    ``load_state_dict`` loads them (their version counter bumped), and inside inference mode for
+    inference tensors, which no other mode may write. Between CPU tensors of one dtype the bytes move
+    on this thread (``memcopy``)."""
+    if copy_bytes(dest, values):
+        _count_write(dest)
+        return
     with torch.inference_mode() if dest.is_inference() else torch.no_grad():
         dest.copy_(values)
 

@@ -299,6 +299,7 @@ RULES = {
     aten.median.default: _reduction_rule(None),
     aten.median.dim: _reduction_rule(None, outputs=2),
     aten.nanmedian.default: _reduction_rule(None),
+    aten.nanmedian.dim: _reduction_rule(None, outputs=2),
     aten.kthvalue.default: _reduction_rule(None, outputs=2),
     aten.mode.default: _reduction_rule(None, outputs=2),
 }
