@@ -5,7 +5,8 @@ save: flatten the state dict, check it is storable -> each rank plans what it ho
       write (``commit.begin``) -> every rank writes and syncs its cells -> all agree -> rank 0 writes and
       syncs array and group metadata, then the root ``zarr.json`` (the commit marker) ->
       ``commit.finish`` makes it the checkpoint at the URL, only if no other save committed there
-      meanwhile.
+      meanwhile. The phases live in ``saving.py``, shared with ``async_save`` (``async_saver.py``), which
+      runs the same phases with the writing and the commit on a background thread.
 load: flatten the target state dict, check every target can be filled -> read the root record -> plan
       this rank's reads (validated before any byte moves) -> check every object's shard index -> all
       agree -> read every chunk straight into the targets (or through bounded scratch memory where it
@@ -16,42 +17,28 @@ load: flatten the target state dict, check every target can be filled -> read th
 
 from __future__ import annotations
 
-import functools
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from shardstore import commit
 from shardstore import format as fmt
-from shardstore.codec import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointChangedError, MissingChunkError, PartialLoadError, ShardstoreError
-from shardstore.execute import check_runs, land_runs, layout_of, place, read_checked, write_cells
-from shardstore.flatten import KeyPath, fill_plain_values, flatten, fqn, is_tensor_like, merge_skeletons, unflatten
-from shardstore.incremental import ObjectWriter, write_digests
-from shardstore.inputs import check_sources, check_targets, check_user_metadata, local_tensor
+from shardstore.execute import cells_of, check_runs, land_runs, place, read_checked
+from shardstore.flatten import KeyPath, fill_plain_values, flatten, fqn, is_tensor_like, unflatten
+from shardstore.inputs import check_targets, local_tensor
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
-from shardstore.plan import GlobalSavePlan, dtype_name, local_save_plan, merge_save_plans
+from shardstore.plan import dtype_name
 from shardstore.regions import check_read_size, region_box
+from shardstore.saving import SaveOptions, SaveResult, plan_save, write_and_commit
+from shardstore.stateful import apply_loaded, to_state_dict
 from shardstore.storage import Storage
 from shardstore.ties import Destinations
 
 __all__ = ["save", "load", "open", "Checkpoint", "SaveResult", "LoadResult"]
-
-
-@dataclass(frozen=True)
-class SaveResult:
-    """What this rank did during a save."""
-
-    url: str
-    bytes_written: int
-    chunks_written: int
-    elapsed_s: float
-    chunks_linked: int = 0  # of chunks_written: unchanged objects linked from the previous checkpoint
 
 
 @dataclass(frozen=True)
@@ -73,7 +60,6 @@ class LoadResult:
     bytes_fetched: int
 
 
-_METADATA_WRITERS = 8
 DEFAULT_STAGING_BYTES = 2 << 30  # per rank: the most an all_or_nothing load may stage
 LANDING_SCRATCH_BYTES = 128 << 20  # a default load's two reused buffers for chunks that cannot land in place
 DEFAULT_MAX_READ_BYTES = 4 << 30  # one Checkpoint.read; bigger regions are read in parts
@@ -102,77 +88,11 @@ def save(
     saved so also links each object whose bytes equal that checkpoint's instead of writing it
     (docs/format.md §10). Hashing costs about 1 s per GiB, so the default (False) does not hash."""
     start = time.perf_counter()
+    options = SaveOptions(url, storage_options, overwrite, compressor, user_metadata, durable, incremental)
     coord = Coordinator(process_group)
-    tensors, skeleton, local = coord.agree("planning the save", lambda: _plan_save(coord.rank, state_dict, user_metadata))
-    writer = coord.agree("reading the previous digests", lambda: _object_writer(incremental, storage_options))
-    plans, skeletons = zip(*coord.all_gather((local, skeleton)))
-    plan, skeleton = coord.decide("merging the save plans", lambda: _merge_plans(plans, skeletons))
-    target = Storage(url, storage_options, durable=durable)
-    claim = coord.decide("claiming the checkpoint URL", lambda: commit.begin(target, overwrite))
-    dest = target if claim.dest_url == target.url else Storage(claim.dest_url, storage_options, durable=durable)
-    try:
-        stats = coord.agree("writing chunks", lambda: _write(dest, plan, coord.rank, tensors, compressor, writer))
-        digests = None if writer is None else {k: v for d in coord.all_gather(writer.digests) for k, v in d.items()}
-        coord.decide("committing", lambda: _commit(dest, target, claim, plan, skeleton, compressor, user_metadata, digests))
-    except BaseException:
-        if coord.rank == 0:
-            commit.abandon(dest, claim)
-        raise
-    linked, linked_bytes = (0, 0) if writer is None else (writer.linked, writer.linked_bytes)
-    return SaveResult(url, stats.nbytes - linked_bytes, stats.objects, time.perf_counter() - start, linked)
-
-
-def _plan_save(rank: int, state_dict: Mapping[str, Any], user_metadata: dict | None) -> tuple[dict, dict, Any]:
-    """This rank's tensors, skeleton and save plan, once everything it was handed is known to be storable."""
-    check_user_metadata(user_metadata)
-    items, skeleton = flatten(state_dict)
-    tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
-    check_sources(tensors)
-    return tensors, skeleton, local_save_plan(rank, tensors)
-
-
-def _object_writer(incremental: bool | str, storage_options: dict | None) -> ObjectWriter | None:
-    """What stores this rank's objects: None (plain writes) unless the save is incremental."""
-    if incremental is False:
-        return None
-    if incremental is True:
-        return ObjectWriter()
-    if isinstance(incremental, str):
-        return ObjectWriter.against(incremental, storage_options)
-    raise TypeError(f"incremental must be False, True or the URL of an earlier checkpoint, got {incremental!r}")
-
-
-def _merge_plans(plans, skeletons) -> tuple[GlobalSavePlan, dict]:
-    return merge_save_plans(plans, inner_chunks=choose_inner_chunk_shape), merge_skeletons(list(skeletons))
-
-
-def _write(dest: Storage, plan: GlobalSavePlan, rank: int, tensors: dict, compressor: str | None,
-           writer: ObjectWriter | None):
-    """This rank's chunk objects, durable (with their directories) before any rank reports done."""
-    stats = write_cells(dest, plan, rank, tensors, compressor, None if writer is None else writer.put)
-    dest.sync()
-    return stats
-
-
-def _commit(dest: Storage, target: Storage, claim: commit.Claim, plan: GlobalSavePlan, skeleton, compressor,
-            user_metadata, digests: dict[str, str] | None) -> None:
-    """Metadata (and the objects' digests of an incremental save), durable, then the root marker, durable,
-    then the commit protocol makes it the checkpoint."""
-    records = {}
-    writes = []
-    for array in plan.arrays:
-        layout = layout_of(array, compressor)
-        writes.append(functools.partial(fmt.write_array, dest, array.node, layout))
-        records[array.node] = fmt.TensorRecord.from_layout(array.node, layout, array.mesh_shape or (), array.placements or ())
-    writes += [functools.partial(fmt.write_group, dest, g) for g in fmt.group_paths([a.node for a in plan.arrays]) if g]
-    with ThreadPoolExecutor(_METADATA_WRITERS) as pool:  # each write waits on its fsync: overlap them
-        list(pool.map(lambda write: write(), writes))
-    if digests is not None:
-        write_digests(dest, digests)
-    dest.sync()
-    fmt.write_root(dest, fmt.RootMetadata(skeleton, records, dict(user_metadata or {})))
-    dest.sync()
-    commit.finish(target, dest, claim)
+    job = plan_save(coord, state_dict, user_metadata)
+    stats = write_and_commit(coord, job, options, cells_of(job.plan, job.rank, job.tensors))
+    return SaveResult.of(url, stats, start)
 
 
 def load(
@@ -201,7 +121,7 @@ def load(
     start = time.perf_counter()
     coord = Coordinator(process_group)
     storage = Storage(url, storage_options).pinned()
-    items = coord.agree("reading the state dict", lambda: flatten(state_dict)[0])
+    target, items = coord.agree("reading the state dict", lambda: _flatten_target(state_dict))
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     wanted = {k for keys in coord.all_gather(tuple(tensors)) for k in keys}  # per-rank keys: wanted somewhere
     job = coord.agree("checking the checkpoint", lambda: _plan_here(tensors, storage, strict, wanted, staging_bytes))
@@ -213,12 +133,19 @@ def load(
     # touch its tensors.
     written: dict[str, None] = {}  # names of the tensors this rank has copied into
     try:
-        staged = coord.agree("copying into the state dict", lambda: _copy_in(state_dict, storage, job, pieces, staging_bytes, written))
+        staged = coord.agree("copying into the state dict", lambda: _copy_in(target, storage, job, pieces, staging_bytes, written))
     except Exception as exc:
         if not written:
             raise  # this rank's state dict is unchanged: the plain error says why
         raise PartialLoadError(_partly_loaded(exc, written, streamed)) from exc
+    coord.agree("handing loaded state to Stateful values", lambda: apply_loaded(state_dict, target))
     return LoadResult(job.nbytes, job.chunks, time.perf_counter() - start, job.missing, job.unexpected, staged, streamed, job.needed)
+
+
+def _flatten_target(state_dict: dict) -> tuple[Mapping[str, Any], dict]:
+    """The state dict to fill (Stateful values as their state dicts) and its flattened items."""
+    target = to_state_dict(state_dict)
+    return target, flatten(target)[0]
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ ring of reused buffers and hand each finished object to a thread pool, so encodi
 writing.
 Reads first check every object's shard index (``check_runs``: present, long enough, the layout the
 metadata promises, every entry inside the object, every needed inner chunk stored), then fetch each run of
-inner chunks lying back to back in the object with
-one ranged read and verify every chunk's crc32c before its values are copied anywhere: all of them at
-once (``read_checked``, then ``place``), or batch by batch through two reused buffers of bounded size
-(``stream_runs``), one being filled while the other is verified and copied in.
+inner chunks lying back to back in the object with one ranged read: straight into the targets where a
+chunk lands unchanged, else through two reused scratch buffers, every chunk's crc32c verified as it lands
+(``land_runs``); or, all or nothing, every chunk into staging memory and verified before any is copied
+(``read_checked``, then ``place``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import math
 import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -30,11 +30,11 @@ from shardstore.format import chunk_key
 from shardstore.inputs import local_tensor
 from shardstore.load_plan import ReadRun, ReadTask
 from shardstore.memcopy import copy_bytes
-from shardstore.plan import ArrayPlan, GlobalSavePlan
+from shardstore.plan import ArrayPlan, GlobalSavePlan, WriteTask
 from shardstore.storage import Storage
 
 __all__ = [
-    "WriteStats", "write_cells", "CheckedRun", "check_runs", "read_checked", "read_runs", "land_runs", "place",
+    "WriteStats", "write_cells", "cells_of", "cell_values", "CheckedRun", "check_runs", "read_checked", "read_runs", "land_runs", "place",
     "copy_into", "object_key", "layout_of",
 ]
 
@@ -47,6 +47,8 @@ _INDEX_READERS = 16  # concurrent (size, index) reads of shard objects
 class WriteStats:
     nbytes: int
     objects: int
+    linked: int = 0  # of ``objects``: unchanged ones linked from the previous checkpoint (incremental saves)
+    linked_bytes: int = 0
 
 
 def object_key(node: str, cell: tuple[int, ...]) -> str:
@@ -61,29 +63,27 @@ def layout_of(array: ArrayPlan, compressor: str | None) -> ArrayLayout:
 def write_cells(
     storage: Storage,
     plan: GlobalSavePlan,
-    rank: int,
-    items: Mapping[KeyPath, Any],
+    cells: Iterable[tuple[WriteTask, torch.Tensor]],
     compressor: str | None = None,
     put: Callable[[Storage, str, memoryview], None] | None = None,
 ) -> WriteStats:
-    """Encode and write every cell ``plan`` gives this rank; returns what was encoded.
+    """Encode and write ``cells`` (each a write task and the values of its cell); returns what was encoded.
 
     ``put(storage, key, blob)`` stores each object (``Storage.write`` by default; an incremental save
     passes ``ObjectWriter.put``, which may link an unchanged object instead).
 
     Up to ``_IN_FLIGHT`` objects are being written while the next is encoded, each into a buffer of a
     small ring that is reused once its write finished (touching fresh memory costs more than encoding;
-    the ring itself is on huge pages, see ``staging_buffer``).
+    the ring itself is on huge pages, see ``staging_buffer``). A cell's values are copied out by the time
+    the next cell is asked for, so ``cells`` may hand out reused staging memory.
     """
     arrays = {a.key: a for a in plan.arrays}
     layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
     ring: list[tuple[torch.Tensor, Future | None]] = [(torch.empty(0, dtype=torch.uint8), None)] * _IN_FLIGHT
-    nbytes = 0
+    nbytes = objects = 0
     store = storage.write if put is None else functools.partial(put, storage)
     with ThreadPoolExecutor(_WRITERS) as pool:
-        for i, task in enumerate(plan.writes[rank]):
-            array = arrays[task.key]
-            data = _source(local_tensor(task.key, items[task.key]), task)
+        for i, (task, data) in enumerate(cells):
             buffer, busy = ring[i % _IN_FLIGHT]
             if busy is not None:
                 busy.result()
@@ -91,15 +91,21 @@ def write_cells(
             if buffer.numel() < (needed := encoded_bound(layout)):
                 buffer = torch.frombuffer(staging_buffer(needed), dtype=torch.uint8)
             blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
-            nbytes += blob.nbytes
-            ring[i % _IN_FLIGHT] = (buffer, pool.submit(store, object_key(array.node, task.cell), blob))
+            nbytes, objects = nbytes + blob.nbytes, objects + 1
+            ring[i % _IN_FLIGHT] = (buffer, pool.submit(store, object_key(arrays[task.key].node, task.cell), blob))
         for _, busy in ring:
             if busy is not None:
                 busy.result()
-    return WriteStats(nbytes, len(plan.writes[rank]))
+    return WriteStats(nbytes, objects)
 
 
-def _source(local: torch.Tensor, task) -> torch.Tensor:
+def cells_of(plan: GlobalSavePlan, rank: int, items: Mapping[KeyPath, Any]) -> Iterator[tuple[WriteTask, torch.Tensor]]:
+    """The cells ``plan`` gives ``rank``, each with its values viewed in the state dict's own tensors."""
+    for task in plan.writes[rank]:
+        yield task, cell_values(local_tensor(task.key, items[task.key]), task)
+
+
+def cell_values(local: torch.Tensor, task: WriteTask) -> torch.Tensor:
     """The values of one cell, with any lazy conjugate or negative bit applied (the bytes written are the
     values the tensor shows, never its raw storage)."""
     return local[task.cell_box.relative_to(task.source_box)].resolve_conj().resolve_neg()

@@ -24,7 +24,7 @@ from typing import Mapping
 from shardstore.errors import CorruptCheckpointError, MissingChunkError
 from shardstore.storage import Storage
 
-__all__ = ["DIGESTS", "ObjectWriter", "read_digests", "write_digests"]
+__all__ = ["DIGESTS", "ObjectWriter", "check_incremental", "read_digests", "write_digests"]
 
 DIGESTS = "shardstore.digests.json"  # at the checkpoint root, beside the root zarr.json
 _FORMAT = "shardstore-digests"
@@ -53,6 +53,12 @@ def decode_digests(text: bytes | bytearray, where: str) -> dict[str, str]:
             "cannot link to this checkpoint — save without incremental, or delete the file"
         )
     return objects
+
+
+def check_incremental(incremental: object) -> None:
+    """``incremental`` is False (no hashing), True (record digests) or the URL of an earlier checkpoint."""
+    if not isinstance(incremental, (bool, str)):
+        raise TypeError(f"incremental must be False, True or the URL of an earlier checkpoint, got {incremental!r}")
 
 
 def read_digests(checkpoint: Storage) -> dict[str, str]:
@@ -85,11 +91,14 @@ class ObjectWriter:
         self._lock = threading.Lock()
 
     @classmethod
-    def against(cls, previous_url: str | None, storage_options: dict | None) -> "ObjectWriter":
-        """A writer linking from the complete checkpoint at ``previous_url`` (none: hash and write all)."""
-        if previous_url is None:
+    def for_save(cls, incremental: bool | str, storage_options: dict | None) -> "ObjectWriter | None":
+        """What stores a save's objects: None (plain writes) unless it is incremental; a writer linking
+        from the checkpoint at ``incremental`` when that is a URL."""
+        if incremental is False:
+            return None
+        if incremental is True:
             return cls()
-        previous = Storage(previous_url, storage_options)
+        previous = Storage(incremental, storage_options)
         return cls(previous, read_digests(previous))
 
     def put(self, dest: Storage, key: str, blob: memoryview) -> None:

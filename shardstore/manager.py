@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from shardstore.api import SaveResult, load, save
+from shardstore.async_saver import async_save as start_async_save
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointExistsError, CheckpointNotFoundError
 from shardstore.steps import clear_incomplete, delete_step, list_steps, step_name, step_url, sweep_litter
@@ -163,6 +164,9 @@ class CheckpointManager:
     # -- internals ----------------------------------------------------------------------------------
 
     def _start(self, state_dict, url: str, kwargs: dict):
+        """The save's handle: an ``AsyncSave`` (returned once the state is staged) or a finished save."""
+        if self._async:
+            return start_async_save(state_dict, url, **kwargs)
         return _Finished(save(state_dict, url, **kwargs))
 
     def _collect(self) -> None:

@@ -20,7 +20,7 @@ import torch.distributed.tensor as tdt
 
 import dtensor
 import shardstore
-from shardstore import api
+from shardstore import saving
 from shardstore import format as fmt
 from shardstore.codec import choose_inner_chunk_shape, decode_index, index_nbytes
 from shardstore.coordinator import RemoteRankError
@@ -48,7 +48,7 @@ FIX = ("load an earlier checkpoint", "re-run the save")
 @pytest.fixture
 def small_inner_chunks(monkeypatch):
     """Inner chunks of ~1 KiB, so a 16 KiB tensor has 16 of them (damage can hit one in the middle)."""
-    monkeypatch.setattr(api, "choose_inner_chunk_shape", functools.partial(choose_inner_chunk_shape, target_bytes=1024))
+    monkeypatch.setattr(saving, "choose_inner_chunk_shape", functools.partial(choose_inner_chunk_shape, target_bytes=1024))
 
 
 def _values() -> dict[str, torch.Tensor]:
