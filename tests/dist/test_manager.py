@@ -32,11 +32,13 @@ def _full(state: dict) -> torch.Tensor:
     return state["model"]["w"].full_tensor()
 
 
-def _retention_and_restore(root: str, world: int):
+def _retention_and_restore(root: str, world: int, asynchronous: bool):
     seen = []
-    with shardstore.CheckpointManager(root, max_to_keep=2, keep_period=4, async_save=False) as manager:
+    with shardstore.CheckpointManager(root, max_to_keep=2, keep_period=4, async_save=asynchronous) as manager:
         for step in range(10):
-            assert manager.save(step, _state(world, step))
+            state = _state(world, step)
+            assert manager.save(step, state)
+            state["model"]["w"].to_local().fill_(-1.0)  # mutated right away: the save holds the staged values
             seen.append(manager.all_steps())
         target = _zeros(world)
         assert manager.restore(target, step=4) == 4 and target["step"] == 4
@@ -48,12 +50,13 @@ def _retention_and_restore(root: str, world: int):
     return seen, older, latest, str(missing.value), sorted(os.listdir(root))
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_retention_keeps_the_newest_and_every_keep_period_step(tmp_path, world):
+@pytest.mark.parametrize("world, asynchronous", [(1, False), (2, False), (1, True), (2, True)])
+def test_retention_keeps_the_newest_and_every_keep_period_step(tmp_path, world, asynchronous):
     root = str(tmp_path / "run")
-    for seen, older, latest, missing, listing in run_ranks(world, _retention_and_restore, root, world):
-        assert seen[:4] == [[0], [0, 1], [0, 1, 2], [0, 2, 3]]  # a step goes only once a newer one is complete
-        assert seen[-1] == [0, 4, 8, 9] and older and latest
+    for seen, older, latest, missing, listing in run_ranks(world, _retention_and_restore, root, world, asynchronous):
+        # A step goes only once a newer one is complete; an async save is listed once the next call saw it commit.
+        assert seen[:4] == ([[], [0], [0, 1], [0, 1, 2]] if asynchronous else [[0], [0, 1], [0, 1, 2], [0, 2, 3]])
+        assert seen[-1] == ([0, 4, 7, 8] if asynchronous else [0, 4, 8, 9]) and older and latest
         assert missing == (f"step 5 has no complete checkpoint under {root}; complete steps: [0, 4, 8, 9] — "
                            "restore one of those, or the latest with step=None")
         assert listing == ["step-0", "step-4", "step-8", "step-9"]
@@ -119,11 +122,13 @@ def _finetune_state(world: int, lora_seed: int, zero: bool = False) -> dict:
             "lora": dtensor.distribute_tensor(lora, m, [Shard(0)], src_data_rank=None), "step": lora_seed}
 
 
-def _incremental(root: str, world: int):
-    with shardstore.CheckpointManager(root, max_to_keep=1, async_save=False) as manager:
+def _incremental(root: str, world: int, asynchronous: bool):
+    with shardstore.CheckpointManager(root, max_to_keep=1, async_save=asynchronous) as manager:
         manager.save(1, _finetune_state(world, 1))
+        manager.wait_until_finished()
         inodes = _inodes(Path(root) / "step-1") if torch.distributed.get_rank() == 0 else {}
         manager.save(2, _finetune_state(world, 2))  # lora changed; step 1 then goes (max_to_keep=1)
+        manager.wait_until_finished()
         steps = manager.all_steps()
         target = _finetune_state(world, -1, zero=True)
         manager.restore(target)
@@ -138,12 +143,12 @@ def _inodes(checkpoint: Path) -> dict[str, int]:
     return {str(p): (checkpoint / p).stat().st_ino for p in objects if "c" in p.parts}
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_incremental_save_links_unchanged_objects_and_stands_alone(tmp_path, world):
+@pytest.mark.parametrize("world, asynchronous", [(1, False), (2, False), (2, True)])
+def test_incremental_save_links_unchanged_objects_and_stands_alone(tmp_path, world, asynchronous):
     import zarr
 
     root = tmp_path / "run"
-    results = run_ranks(world, _incremental, str(root), world)
+    results = run_ranks(world, _incremental, str(root), world, asynchronous)
     old = results[0][2]
     for steps, exact, _ in results:
         assert steps == [2] and exact
