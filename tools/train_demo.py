@@ -4,7 +4,7 @@ A small transformer trains over a (data parallel 2, tensor parallel n/2) mesh �
 our DTensor (Megatron-style tensor parallel inside each data-parallel replica, gradients all-reduced
 across replicas), AdamW and gradient clipping. Its app state (model, optimizer, step, the RNG state that
 draws the data, the data loader's position) is saved every ``--save-every`` steps through a
-``shardstore.CheckpointManager`` (asynchronously where available).
+``shardstore.CheckpointManager`` (asynchronously: each save returns once the state is staged).
 
 1. train (n ranks, one job): the run trains ``--steps`` steps uninterrupted — its losses are the
    yardstick — then trains again from scratch, saving; every rank SIGKILLs itself in the middle of
