@@ -28,7 +28,8 @@ from shardstore import format as fmt
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointChangedError, MissingChunkError, PartialLoadError, ShardstoreError
 from shardstore.execute import cells_of, check_runs, land_runs, place, read_checked
-from shardstore.flatten import KeyPath, fill_plain_values, flatten, fqn, is_tensor_like, unflatten
+from shardstore.flatten import KeyPath, display_names, fill_plain_values, flatten, fqn, is_tensor_like, unflatten
+from shardstore.hf import is_safetensors, load_safetensors
 from shardstore.inputs import check_targets, local_tensor
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
 from shardstore.plan import dtype_name
@@ -105,7 +106,8 @@ def load(
     staging_bytes: int = DEFAULT_STAGING_BYTES,
     all_or_nothing: bool = False,
 ) -> LoadResult:
-    """Fill ``state_dict`` in place from the checkpoint at ``url``, resharding to its layouts.
+    """Fill ``state_dict`` in place from the checkpoint at ``url``, resharding to its layouts. ``url`` may
+    also be a Hugging Face safetensors file or directory (``shardstore.hf``).
 
     Every target the checkpoint fills (``inputs.check_targets``: kind, dtype, memory overlap) and every
     object's shard index are checked first, so an unloadable target or a missing, truncated or rewritten
@@ -118,6 +120,8 @@ def load(
     so a failure leaves every state dict unchanged, at the cost of that memory and a second copy.
     Parameters that require grad load (written outside autograd, their version counters bumped).
     """
+    if is_safetensors(url, storage_options):  # a Hugging Face checkpoint: each rank reads its slices
+        return load_safetensors(state_dict, url, storage_options=storage_options, process_group=process_group, strict=strict)
     start = time.perf_counter()
     coord = Coordinator(process_group)
     storage = Storage(url, storage_options).pinned()
@@ -251,14 +255,6 @@ def _stored_arrays(root: fmt.RootMetadata):
     return stored, layouts, nodes
 
 
-def _display_names(stored: Mapping[KeyPath, Any], nodes: Mapping[KeyPath, str]) -> dict[str, KeyPath]:
-    """Dotted names for keys; where two key paths share one (``"a.b"`` vs ``a -> b``), their node paths."""
-    counts: dict[str, int] = {}
-    for key in stored:
-        counts[fqn(key)] = counts.get(fqn(key), 0) + 1
-    return {(fqn(k) if counts[fqn(k)] == 1 else nodes[k]): k for k in stored}
-
-
 class Checkpoint:
     """A read-only view of a complete checkpoint; no process group needed.
 
@@ -282,7 +278,7 @@ class Checkpoint:
         self._storage = self._at_url.pinned()  # what reads go through
         self._root = fmt.read_root(self._storage)
         self._stored, self._layouts, self._nodes = _stored_arrays(self._root)
-        self._by_name = _display_names(self._stored, self._nodes)
+        self._by_name = display_names(self._stored)
         self._agreeing: set[KeyPath] = set()  # arrays whose zarr.json was found to agree with the root record
 
     @property
@@ -313,12 +309,15 @@ class Checkpoint:
         """The saved state dict with tensors replaced by their dotted names."""
         return unflatten(self._root.tree, {k: fqn(k) for k in self._stored})
 
-    def read(self, key: str, region: Sequence[slice | int] | slice | int | None = None) -> torch.Tensor:
+    def read(self, key: str, region: Sequence[slice | int] | slice | int | None = None, *,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """The whole saved tensor, or the part ``region`` selects, as torch indexing would: slices (step 1)
         and ints for the leading dims, an int dropping its dim.
 
         A region over ``max_read_bytes`` is refused (the message says how to read it in parts), and no
-        memory is allocated before the objects' indices show that they hold the bytes it needs.
+        memory is allocated before the objects' indices show that they hold the bytes it needs. ``out``
+        (contiguous, of the region's size and the tensor's dtype) receives the values instead of fresh
+        memory: a caller streaming many regions keeps its memory in buffers it controls.
         """
         keypath = self._key(key)
         array, layout = self._stored[keypath], self._layouts[keypath]
@@ -331,9 +330,9 @@ class Checkpoint:
         checked = check_runs(self._storage, plan.runs, self._layouts, self._nodes)
         pieces = read_checked(self._storage, checked, self._layouts)
         self._check_unchanged()
-        out = torch.empty(box.sizes, dtype=layout.dtype)
-        place(pieces, {keypath: [out]})
-        return out.reshape(shape)
+        dest = torch.empty(box.sizes, dtype=layout.dtype) if out is None else _checked_out(key, out, box.sizes, layout.dtype)
+        place(pieces, {keypath: [dest]})
+        return dest.reshape(shape)
 
     def _key(self, key: str) -> KeyPath:
         if key not in self._by_name:
@@ -371,6 +370,13 @@ class Checkpoint:
             f"{self._root.commit_id}, whose metadata no longer describes the bytes there, so it reads nothing "
             f"more — call shardstore.open({self.url!r}) again to read the checkpoint now at that URL"
         )
+
+
+def _checked_out(key: str, out: torch.Tensor, sizes: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if out.dtype != dtype or out.numel() != math.prod(sizes) or not out.is_contiguous():
+        raise ValueError(f"read({key!r}, out=...): out must be a contiguous {dtype} tensor of {math.prod(sizes)} "
+                         f"elements (the region's {list(sizes)}), got {out.dtype} {list(out.shape)}")
+    return out.view(sizes)
 
 
 def open(url: str, storage_options: dict | None = None, *, max_read_bytes: int = DEFAULT_MAX_READ_BYTES) -> Checkpoint:  # noqa: A001 - mirrors zarr.open

@@ -374,7 +374,8 @@ def choose_inner_chunk_shape(
 ) -> tuple[int, ...]:
     """An inner chunk shape that divides ``outer_chunk_shape`` and holds about ``target_bytes``.
 
-    The last dim is first narrowed to ``widest_inner_columns``; then leading dims shrink (to 1 if needed)
+    The last dim of an outer chunk over ``WHOLE_CHUNK_BYTES`` is first narrowed to
+    ``widest_inner_columns``; then leading dims shrink (to 1 if needed)
     and the last two dims are tiled in 2-D, so reading a column slice does not fetch whole rows. Among
     the divisor pairs that fit, the largest win, near-ties going to the squarest. When only tiny tiles fit (prime sizes), the smallest tile above the target is used
     instead: a few oversized chunks beat millions of tiny ones.
@@ -382,8 +383,8 @@ def choose_inner_chunk_shape(
     outer = tuple(int(n) for n in outer_chunk_shape)
     if any(n < 1 for n in outer):
         raise ValueError(f"outer chunk shape {outer}: chunk sizes must be >= 1")
-    if len(outer) >= 2:  # tile within narrower columns: divisors of them divide the outer chunk too
-        outer = outer[:-1] + (widest_inner_columns(outer[-1], itemsize),)
+    if len(outer) >= 2 and math.prod(outer) * itemsize > WHOLE_CHUNK_BYTES:  # divisors of the narrower
+        outer = outer[:-1] + (widest_inner_columns(outer[-1], itemsize),)  # columns divide the outer chunk
     budget = max(1, target_bytes // max(1, itemsize))  # elements per inner chunk
     if math.prod(outer) <= budget:
         return outer
@@ -400,6 +401,7 @@ def choose_inner_chunk_shape(
 
 
 COLUMN_SPLITS = 4  # a column-sharded load over this many ranks reads only the columns it needs
+WHOLE_CHUNK_BYTES = 256 << 10  # smaller outer chunks stay one inner chunk: reading all of one costs little
 MIN_ROW_BYTES = 512  # narrower inner chunk rows make scattered copies and reads inefficient
 
 

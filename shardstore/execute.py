@@ -35,7 +35,7 @@ from shardstore.storage import Storage
 
 __all__ = [
     "WriteStats", "write_cells", "cells_of", "cell_values", "CheckedRun", "check_runs", "read_checked", "read_runs", "land_runs", "place",
-    "copy_into", "object_key", "layout_of",
+    "copy_into", "object_key", "layout_of", "read_index",
 ]
 
 _WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
@@ -375,8 +375,13 @@ def _batches(items: list, limit: int, size) -> list[list]:
 
 
 def _object_index(storage: Storage, layout: ArrayLayout, key: str, run: ReadRun) -> tuple:
-    """The checked index of one object: its size first, so the index read and every entry stay inside it."""
-    where = f"{storage.key_url(key)} (shard index of {fqn(run.key)!r})"
+    return read_index(storage, layout, key, run.cell, fqn(run.key))
+
+
+def read_index(storage: Storage, layout: ArrayLayout, key: str, cell: tuple[int, ...], name: str) -> tuple:
+    """The checked index of the object ``key`` (cell ``cell`` of tensor ``name``): its size first, so the
+    index read and every entry stay inside it; uncompressed, it must be the index the layout implies."""
+    where = f"{storage.key_url(key)} (shard index of {name!r})"
     size, need = storage.size(key), index_nbytes(layout)
     if size < need:
         raise CorruptCheckpointError(
@@ -385,7 +390,7 @@ def _object_index(storage: Storage, layout: ArrayLayout, key: str, run: ReadRun)
             "checkpoint or re-run the save"
         )
     stored = decode_index(layout, storage.read_range(key, size - need, size), where, size)
-    if layout.compressor is None and stored != inner_chunk_ranges(layout, run.cell):
+    if layout.compressor is None and stored != inner_chunk_ranges(layout, cell):
         raise CorruptCheckpointError(f"{where}: the index does not match the array's layout; the object was damaged or "
                                      "rewritten — load an earlier checkpoint or re-run the save")
     return tuple(stored)

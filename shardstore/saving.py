@@ -33,7 +33,7 @@ from shardstore.plan import GlobalSavePlan, WriteTask, local_save_plan, merge_sa
 from shardstore.stateful import to_state_dict
 from shardstore.storage import Storage
 
-__all__ = ["SaveResult", "SaveOptions", "SaveJob", "plan_save", "write_and_commit"]
+__all__ = ["SaveResult", "SaveOptions", "SaveJob", "plan_save", "write_and_commit", "commit_metadata"]
 
 _METADATA_WRITERS = 8
 
@@ -118,7 +118,8 @@ def write_and_commit(
         writer = coord.agree("reading the previous digests", lambda: ObjectWriter.for_save(options.incremental, options.storage_options))
         stats = coord.agree("writing chunks", lambda: _write(dest, job.plan, cells, options.compressor, writer))
         digests = None if writer is None else {k: v for d in coord.all_gather(writer.digests) for k, v in d.items()}
-        coord.decide("committing", lambda: _commit(dest, target, claim, job, options, digests))
+        coord.decide("committing", lambda: commit_metadata(
+            dest, target, claim, job.plan, job.skeleton, options.compressor, options.user_metadata, digests))
     except BaseException:
         if coord.rank == 0:
             commit.abandon(dest, claim)
@@ -133,22 +134,23 @@ def _write(dest: Storage, plan: GlobalSavePlan, cells, compressor: str | None, w
     return stats if writer is None else replace(stats, linked=writer.linked, linked_bytes=writer.linked_bytes)
 
 
-def _commit(dest: Storage, target: Storage, claim: commit.Claim, job: SaveJob, options: SaveOptions,
-            digests: dict[str, str] | None) -> None:
+def commit_metadata(dest: Storage, target: Storage, claim: commit.Claim, plan: GlobalSavePlan, skeleton: dict,
+                    compressor: str | None, user_metadata: dict | None, digests: dict[str, str] | None = None) -> None:
     """Metadata (and an incremental save's object digests), durable, then the root marker, durable, then
-    the commit protocol makes it the checkpoint."""
+    the commit protocol makes it the checkpoint (also how ``shardstore.writer`` finishes a checkpoint
+    written from one process)."""
     records = {}
     writes = []
-    for array in job.plan.arrays:
-        layout = layout_of(array, options.compressor)
+    for array in plan.arrays:
+        layout = layout_of(array, compressor)
         writes.append(functools.partial(fmt.write_array, dest, array.node, layout))
         records[array.node] = fmt.TensorRecord.from_layout(array.node, layout, array.mesh_shape or (), array.placements or ())
-    writes += [functools.partial(fmt.write_group, dest, g) for g in fmt.group_paths([a.node for a in job.plan.arrays]) if g]
+    writes += [functools.partial(fmt.write_group, dest, g) for g in fmt.group_paths([a.node for a in plan.arrays]) if g]
     with ThreadPoolExecutor(_METADATA_WRITERS) as pool:  # each write waits on its fsync: overlap them
         list(pool.map(lambda write: write(), writes))
     if digests is not None:
         write_digests(dest, digests)
     dest.sync()
-    fmt.write_root(dest, fmt.RootMetadata(job.skeleton, records, dict(options.user_metadata or {})))
+    fmt.write_root(dest, fmt.RootMetadata(skeleton, records, dict(user_metadata or {})))
     dest.sync()
     commit.finish(target, dest, claim)

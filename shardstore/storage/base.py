@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterable
 
 from shardstore.errors import CorruptCheckpointError, MissingChunkError, UnsafeKeyError
 
@@ -207,6 +207,11 @@ class Storage:
         HEAD, no data read), so an open checkpoint can notice cheaply that another save committed."""
         raise NotImplementedError
 
+    def modified(self, key: str) -> float | None:
+        """When the object at ``key`` was last written (POSIX seconds), from metadata alone; None where
+        the backend does not say."""
+        raise NotImplementedError
+
     def list(self, prefix: str = "") -> list[str]:
         """Every key under ``prefix`` (recursive), relative to the root, sorted."""
         raise NotImplementedError
@@ -224,6 +229,11 @@ class Storage:
     def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` under ``key`` atomically (readers see the old object, the new one, or none).
         Durable once ``sync`` returns."""
+        raise NotImplementedError
+
+    def write_parts(self, key: str, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Store the concatenation of ``parts`` under ``key`` as ``write`` does, taking one part at a time
+        (an object bigger than memory, written from a generator)."""
         raise NotImplementedError
 
     def create_exclusive(self, key: str, data: bytes) -> None:
