@@ -2,7 +2,8 @@
 
 ``save(state_dict, url)`` writes, every rank its own chunks (``async_save`` returns once the tensors are
 copied and writes in the background); ``load(state_dict, url)`` fills a state
-dict in place on any mesh; ``open(url)`` reads tensors or slices without a process group.
+dict in place on any mesh; ``open(url)`` reads tensors or slices without a process group;
+``CheckpointManager(root_url)`` saves a run's steps, prunes old ones and restores the latest.
 """
 
 from shardstore.api import Checkpoint, LoadResult, SaveResult, load, open, save
@@ -24,6 +25,7 @@ from shardstore.errors import (
     UnsafeKeyError,
     UnsupportedInputError,
 )
+from shardstore.manager import CheckpointManager
 
 __all__ = [
     "save",
@@ -32,6 +34,7 @@ __all__ = [
     "load",
     "open",
     "Checkpoint",
+    "CheckpointManager",
     "SaveResult",
     "LoadResult",
     "ShardstoreError",

@@ -76,19 +76,24 @@ def save(
     compressor: str | None = None,
     user_metadata: dict | None = None,
     durable: bool = True,
+    incremental: bool | str = False,
 ) -> SaveResult:
     """Save a (sharded) state dict as a Zarr v3 checkpoint at ``url``; collective over the group.
 
     When it returns, the checkpoint is complete, durable (unless ``durable=False``: nothing is fsync'd)
     and the only one at ``url``: of saves racing for one URL at most one succeeds
     (``ConcurrentSaveError`` for the others), and ``overwrite=True`` replaces only a shardstore
-    checkpoint, atomically (docs/format.md §5)."""
+    checkpoint, atomically (docs/format.md §5).
+
+    ``incremental``: True records the SHA-256 of every shard object; the URL of an earlier checkpoint
+    saved so also links each object whose bytes equal that checkpoint's instead of writing it
+    (docs/format.md §10). Hashing costs about 1 s per GiB, so the default (False) does not hash."""
     start = time.perf_counter()
+    options = SaveOptions(url, storage_options, overwrite, compressor, user_metadata, durable, incremental)
     coord = Coordinator(process_group)
     job = plan_save(coord, state_dict, user_metadata)
-    options = SaveOptions(url, storage_options, overwrite, compressor, user_metadata, durable)
     stats = write_and_commit(coord, job, options, cells_of(job.plan, job.rank, job.tensors))
-    return SaveResult(url, stats.nbytes, stats.objects, time.perf_counter() - start)
+    return SaveResult.of(url, stats, start)
 
 
 def load(

@@ -66,6 +66,7 @@ def async_save(
     compressor: str | None = None,
     user_metadata: dict | None = None,
     durable: bool = True,
+    incremental: bool | str = False,
     max_staging_bytes: int | None = None,
     wait_for_previous: bool = True,
 ) -> AsyncSave:
@@ -78,11 +79,11 @@ def async_save(
     in flight on any rank raises ``SaveInProgressError`` on every rank instead of waiting for it."""
     start = time.perf_counter()
     _check_budget(max_staging_bytes)
+    options = SaveOptions(url, storage_options, overwrite, compressor, user_metadata, durable, incremental)
     coord = Coordinator(process_group)
     _wait_for_previous(coord, wait_for_previous)
     background = coord.background()
     job = plan_save(coord, state_dict, user_metadata)
-    options = SaveOptions(url, storage_options, overwrite, compressor, user_metadata, durable)
     itemsize = {a.key: a.itemsize for a in job.plan.arrays}
     waves = plan_waves([cell_nbytes(t, itemsize[t.key]) for t in job.writes], max_staging_bytes)
     handoff = WaveHandoff(len(waves))
@@ -122,4 +123,4 @@ def _write_in_background(coord: Coordinator, job: SaveJob, options: SaveOptions,
         stats = write_and_commit(coord, job, options, handoff.cells())
     finally:
         handoff.close()  # a caller still staging stops waiting for buffers
-    return SaveResult(options.url, stats.nbytes, stats.objects, time.perf_counter() - start)
+    return SaveResult.of(options.url, stats, start)

@@ -13,11 +13,12 @@ chunk lands unchanged, else through two reused scratch buffers, every chunk's cr
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -48,6 +49,8 @@ _LANDING_PIECE = 8 << 20  # a landing load reads runs in pieces of at most this 
 class WriteStats:
     nbytes: int
     objects: int
+    linked: int = 0  # of ``objects``: unchanged ones linked from the previous checkpoint (incremental saves)
+    linked_bytes: int = 0
 
 
 def object_key(node: str, cell: tuple[int, ...]) -> str:
@@ -60,9 +63,16 @@ def layout_of(array: ArrayPlan, compressor: str | None) -> ArrayLayout:
 
 
 def write_cells(
-    storage: Storage, plan: GlobalSavePlan, cells: Iterable[tuple[WriteTask, torch.Tensor]], compressor: str | None = None
+    storage: Storage,
+    plan: GlobalSavePlan,
+    cells: Iterable[tuple[WriteTask, torch.Tensor]],
+    compressor: str | None = None,
+    put: Callable[[Storage, str, memoryview], None] | None = None,
 ) -> WriteStats:
-    """Encode and write ``cells`` (each a write task and the values of its cell); returns what was written.
+    """Encode and write ``cells`` (each a write task and the values of its cell); returns what was encoded.
+
+    ``put(storage, key, blob)`` stores each object (``Storage.write`` by default; an incremental save
+    passes ``ObjectWriter.put``, which may link an unchanged object instead).
 
     Up to ``_IN_FLIGHT`` objects are being written while the next is encoded, each into a buffer of a
     small ring that is reused once its write finished (touching fresh memory costs more than encoding;
@@ -73,6 +83,7 @@ def write_cells(
     layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
     ring: list[tuple[torch.Tensor, Future | None]] = [(torch.empty(0, dtype=torch.uint8), None)] * _IN_FLIGHT
     nbytes = objects = 0
+    store = storage.write if put is None else functools.partial(put, storage)
     with ThreadPoolExecutor(_WRITERS) as pool:
         for i, (task, data) in enumerate(cells):
             buffer, busy = ring[i % _IN_FLIGHT]
@@ -83,7 +94,7 @@ def write_cells(
                 buffer = torch.frombuffer(staging_buffer(needed), dtype=torch.uint8)
             blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
             nbytes, objects = nbytes + blob.nbytes, objects + 1
-            ring[i % _IN_FLIGHT] = (buffer, pool.submit(storage.write, object_key(arrays[task.key].node, task.cell), blob))
+            ring[i % _IN_FLIGHT] = (buffer, pool.submit(store, object_key(arrays[task.key].node, task.cell), blob))
         for _, busy in ring:
             if busy is not None:
                 busy.result()

@@ -14,8 +14,9 @@ runs ``plan_save`` in the caller, stages copies of its cells (``staging.py``), a
 from __future__ import annotations
 
 import functools
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -26,6 +27,7 @@ from shardstore.codec import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.execute import WriteStats, layout_of, write_cells
 from shardstore.flatten import KeyPath, flatten, is_tensor_like, merge_skeletons
+from shardstore.incremental import ObjectWriter, check_incremental, write_digests
 from shardstore.inputs import check_sources, check_user_metadata
 from shardstore.plan import GlobalSavePlan, WriteTask, local_save_plan, merge_save_plans
 from shardstore.stateful import to_state_dict
@@ -44,6 +46,12 @@ class SaveResult:
     bytes_written: int
     chunks_written: int
     elapsed_s: float
+    chunks_linked: int = 0  # of chunks_written: unchanged objects linked from the previous checkpoint
+
+    @classmethod
+    def of(cls, url: str, stats: WriteStats, start: float) -> "SaveResult":
+        """The result of a save that began at ``start`` (``time.perf_counter``); linked bytes were not written."""
+        return cls(url, stats.nbytes - stats.linked_bytes, stats.objects, time.perf_counter() - start, stats.linked)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,10 @@ class SaveOptions:
     compressor: str | None = None
     user_metadata: dict | None = None
     durable: bool = True
+    incremental: bool | str = False  # record digests (True), and link from an earlier checkpoint (its URL)
+
+    def __post_init__(self) -> None:
+        check_incremental(self.incremental)
 
 
 @dataclass(frozen=True)
@@ -103,9 +115,11 @@ def write_and_commit(
     claim = coord.decide("claiming the checkpoint URL", lambda: commit.begin(target, options.overwrite))
     dest = target if claim.dest_url == target.url else Storage(claim.dest_url, options.storage_options, durable=options.durable)
     try:
-        stats = coord.agree("writing chunks", lambda: _write(dest, job.plan, cells, options.compressor))
+        writer = coord.agree("reading the previous digests", lambda: ObjectWriter.for_save(options.incremental, options.storage_options))
+        stats = coord.agree("writing chunks", lambda: _write(dest, job.plan, cells, options.compressor, writer))
+        digests = None if writer is None else {k: v for d in coord.all_gather(writer.digests) for k, v in d.items()}
         coord.decide("committing", lambda: commit_metadata(
-            dest, target, claim, job.plan, job.skeleton, options.compressor, options.user_metadata))
+            dest, target, claim, job.plan, job.skeleton, options.compressor, options.user_metadata, digests))
     except BaseException:
         if coord.rank == 0:
             commit.abandon(dest, claim)
@@ -113,17 +127,18 @@ def write_and_commit(
     return stats
 
 
-def _write(dest: Storage, plan: GlobalSavePlan, cells, compressor: str | None) -> WriteStats:
+def _write(dest: Storage, plan: GlobalSavePlan, cells, compressor: str | None, writer: ObjectWriter | None) -> WriteStats:
     """This rank's chunk objects, durable (with their directories) before any rank reports done."""
-    stats = write_cells(dest, plan, cells, compressor)
+    stats = write_cells(dest, plan, cells, compressor, None if writer is None else writer.put)
     dest.sync()
-    return stats
+    return stats if writer is None else replace(stats, linked=writer.linked, linked_bytes=writer.linked_bytes)
 
 
 def commit_metadata(dest: Storage, target: Storage, claim: commit.Claim, plan: GlobalSavePlan, skeleton: dict,
-                    compressor: str | None, user_metadata: dict | None) -> None:
-    """Metadata, durable, then the root marker, durable, then the commit protocol makes it the checkpoint
-    (also how ``shardstore.writer`` finishes a checkpoint written from one process)."""
+                    compressor: str | None, user_metadata: dict | None, digests: dict[str, str] | None = None) -> None:
+    """Metadata (and an incremental save's object digests), durable, then the root marker, durable, then
+    the commit protocol makes it the checkpoint (also how ``shardstore.writer`` finishes a checkpoint
+    written from one process)."""
     records = {}
     writes = []
     for array in plan.arrays:
@@ -133,6 +148,8 @@ def commit_metadata(dest: Storage, target: Storage, claim: commit.Claim, plan: G
     writes += [functools.partial(fmt.write_group, dest, g) for g in fmt.group_paths([a.node for a in plan.arrays]) if g]
     with ThreadPoolExecutor(_METADATA_WRITERS) as pool:  # each write waits on its fsync: overlap them
         list(pool.map(lambda write: write(), writes))
+    if digests is not None:
+        write_digests(dest, digests)
     dest.sync()
     fmt.write_root(dest, fmt.RootMetadata(skeleton, records, dict(user_metadata or {})))
     dest.sync()

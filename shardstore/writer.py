@@ -24,7 +24,7 @@ from shardstore import commit
 from shardstore.saving import commit_metadata
 from shardstore.codec import choose_inner_chunk_shape
 from shardstore.dtypes import dtype_info_by_name
-from shardstore.execute import write_cells
+from shardstore.execute import cells_of, write_cells
 from shardstore.flatten import KeyPath, fqn
 from shardstore.owners import rank_boxes
 from shardstore.plan import GlobalSavePlan, HeldTensor, LocalSavePlan, WriteTask, dtype_name, merge_save_plans
@@ -132,7 +132,7 @@ def _write_cell(dest: Storage, array, task: WriteTask, read: ReadCell, compresso
         raise ValueError(f"{fqn(task.key)!r}: the source gave {list(data.shape)} {data.dtype} for the cell at "
                          f"{list(task.cell_box.offsets)}, expected {list(task.cell_box.sizes)} {array.dtype}")
     one = GlobalSavePlan((array,), ((replace(task, source_box=task.cell_box),),))
-    nbytes = write_cells(dest, one, 0, {task.key: data}, compressor).nbytes
+    nbytes = write_cells(dest, one, cells_of(one, 0, {task.key: data}), compressor).nbytes
     if progress is not None:
         progress(task.cell_box.numel * array.itemsize)
     return nbytes

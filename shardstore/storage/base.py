@@ -297,3 +297,10 @@ class Storage:
     def copy_to(self, key: str, dest: "Storage") -> None:
         """Copy one object to the same key under ``dest`` (server-side where the backend can)."""
         raise NotImplementedError
+
+    def link_from(self, source: "Storage", key: str) -> None:
+        """Store at ``key`` the object ``source`` holds at ``key`` without moving its bytes through this
+        process where the backend can: a hard link on local disks, a server-side copy on object stores
+        (an incremental save reuses an unchanged object of the previous checkpoint this way). Each
+        checkpoint stays self-contained: deleting ``source`` later leaves this object intact."""
+        source.copy_to(key, self)

@@ -5,7 +5,9 @@ directories (a returned save survives a power cut), exclusive creates, atomic re
 that never replace a non-empty directory (and, on Linux, atomic exchange of two trees), and reads that
 never follow a symlink nor block on a FIFO planted in a checkpoint.
 
-Writes go to ``<key>.tmp-<uuid>``, are fsync'd (when durable), then renamed over the key; every directory
+Writes go to ``<key>.tmp-<uuid>``, are fsync'd (when durable), then renamed over the key (never rewritten
+in place, so an object hard-linked into a later checkpoint by ``link_from`` cannot change through either
+name); every directory
 whose entries changed (a rename landed in it, a sub-directory was created in it) is remembered and
 fsync'd by ``sync()``. Reads open each object with ``O_NOFOLLOW`` after checking every directory on the
 way is a real directory, and refuse anything but a regular file.
@@ -204,6 +206,7 @@ class LocalStorage(Storage):
         self._replace(self._tmp_file(path, fill), path)
 
     def _replace(self, tmp: str, path: str) -> None:
+        """Rename the finished temporary ``tmp`` over ``path`` (a new inode: never a rewrite in place)."""
         try:
             os.replace(tmp, path)
         except BaseException:
@@ -334,6 +337,23 @@ class LocalStorage(Storage):
         for directory in dict.fromkeys((os.path.dirname(self._root), os.path.dirname(dest._root))):
             self._touched(directory)
         self.sync()
+
+    def link_from(self, source: "Storage", key: str) -> None:
+        """A hard link to ``source``'s object (its bytes are already durable: only the new name needs a
+        directory sync); a copy where the two are on different filesystems or ``source`` is remote."""
+        if not isinstance(source, LocalStorage):
+            return super().link_from(source, key)
+        source.size(key)  # a regular file reached through real directories, or the error that says why not
+        path = self._path(key)
+        self._make_dirs(os.path.dirname(path))
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            os.link(source._path(key), tmp, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            return super().link_from(source, key)
+        self._replace(tmp, path)
 
     def copy_to(self, key: str, dest: "Storage") -> None:
         with self._open_for_read(key) as fd:
