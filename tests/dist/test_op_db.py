@@ -23,7 +23,9 @@ _NO_META = "torch 2.13 has no meta kernel for it, which planning needs: runs rep
 _SPARSE = "sparse layouts: DTensor wraps strided tensors only"
 _PLAIN_GRAD = "autograd's formula makes the gradient with a factory of sizes, so it is a plain tensor, not a DTensor"
 
-# op name (OpInfo name[.variant]) -> why it is not sharded here
+# op name (OpInfo name[.variant]) -> why it is not sharded here. Of these, torch's DTensor has a strategy
+# only for geqrf, histc, rot90, squeeze_copy, _native_batch_norm_legit, _batch_norm_with_update and
+# cosine_embedding_loss (sweep(..., ours=False) over this list); those are the ones to do next.
 XFAIL: dict[str, str] = {
     # values decide the layout of the output
     "argwhere": _DATA_DEPENDENT,
@@ -68,10 +70,8 @@ XFAIL: dict[str, str] = {
     "_unsafe_masked_index_put_accumulate": _NO_RULE,
     "block_diag": _NO_RULE,
     "cdist": _NO_RULE,
-    "dist": _NO_RULE,
     "index_put": _NO_RULE,
     "multinomial": _NO_RULE,
-    "narrow_copy": _NO_RULE,
     "nn.functional.bilinear": _NO_RULE,
     "nn.functional.ctc_loss": _NO_RULE,
     "nn.functional.embedding_bag": _NO_RULE,
@@ -94,7 +94,7 @@ XFAIL: dict[str, str] = {
     "nn.functional.linear_cross_entropy.chunked_none": _PLAIN_GRAD,
     "linalg.householder_product": "bug: wrong gradient",
     "ormqr": "bug: wrong gradient",
-    "short": "bug: 'Invalid scalar type'",
+    "short": "gloo has no int16 collectives ('Invalid scalar type' when the comparison gathers the result)",
 }
 
 
