@@ -1,10 +1,12 @@
 """Checkpoints of sharded training state as Zarr v3 arrays through fsspec, resharded on load.
 
-``save(state_dict, url)`` writes, every rank its own chunks; ``load(state_dict, url)`` fills a state
+``save(state_dict, url)`` writes, every rank its own chunks (``async_save`` returns once the tensors are
+copied and writes in the background); ``load(state_dict, url)`` fills a state
 dict in place on any mesh; ``open(url)`` reads tensors or slices without a process group.
 """
 
 from shardstore.api import Checkpoint, LoadResult, SaveResult, load, open, save
+from shardstore.async_saver import AsyncSave, async_save
 from shardstore.errors import (
     CheckpointChangedError,
     CheckpointExistsError,
@@ -15,7 +17,9 @@ from shardstore.errors import (
     MissingChunkError,
     NotACheckpointError,
     PartialLoadError,
+    SaveInProgressError,
     ShardstoreError,
+    StagingAbortedError,
     StateDictMismatchError,
     UnsafeKeyError,
     UnsupportedInputError,
@@ -23,6 +27,8 @@ from shardstore.errors import (
 
 __all__ = [
     "save",
+    "async_save",
+    "AsyncSave",
     "load",
     "open",
     "Checkpoint",
@@ -41,4 +47,6 @@ __all__ = [
     "StateDictMismatchError",
     "UnsafeKeyError",
     "UnsupportedInputError",
+    "SaveInProgressError",
+    "StagingAbortedError",
 ]

@@ -31,14 +31,17 @@ import torch
 from dtensor.placements import Box
 from shardstore.dtypes import DTypeInfo, dtype_info
 from shardstore.errors import CorruptCheckpointError
+from shardstore.memcopy import as_bytes, copy_bytes
 
 __all__ = [
     "ArrayLayout",
     "ByteRange",
     "COMPRESSORS",
+    "check_crc",
     "ZSTD_LEVEL",
     "check_index_bounds",
     "choose_inner_chunk_shape",
+    "widest_inner_columns",
     "decode_index",
     "decode_inner_chunk",
     "encode_shard",
@@ -183,18 +186,15 @@ def _buffer(out: torch.Tensor | None, nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s elements as bytes, shape ``t.shape + (itemsize,)``, without a copy for any strides."""
-    return t.unsqueeze(-1).view(torch.uint8)
-
-
 def _gather(layout: ArrayLayout, dst: torch.Tensor, data: torch.Tensor, outer: Box, inner: Box) -> None:
     """Copy the part of ``data`` inside ``inner`` into ``dst`` laid out as one full inner chunk."""
     chunk = dst.view(layout.inner_chunk_shape + (layout.info.itemsize,))
     if inner.sizes != layout.inner_chunk_shape:
         chunk.zero_()  # padding where the inner chunk sticks out of the array
         chunk = chunk[tuple(slice(0, s) for s in inner.sizes)]
-    chunk.copy_(_as_bytes(data[inner.relative_to(outer)]))
+    values = as_bytes(data[inner.relative_to(outer)])
+    if not copy_bytes(chunk, values):
+        chunk.copy_(values)
 
 
 def _put_crc(buf: torch.Tensor, start: int, stop: int) -> None:
@@ -340,8 +340,13 @@ def decode_inner_chunk(layout: ArrayLayout, raw: BytesLike, where: str) -> torch
 
 
 def _verify_crc(view: memoryview, where: str) -> None:
-    stored = int.from_bytes(view[-CRC_NBYTES:], "little")
-    computed = crc32c.crc32c(view[:-CRC_NBYTES])
+    check_crc(view[:-CRC_NBYTES], view[-CRC_NBYTES:], where)
+
+
+def check_crc(data: BytesLike, crc: BytesLike, where: str) -> None:
+    """Refuse ``data`` unless its crc32c equals ``crc`` (4 bytes, little-endian), naming ``where``."""
+    stored = int.from_bytes(crc, "little")
+    computed = crc32c.crc32c(data)
     if stored != computed:
         raise CorruptCheckpointError(
             f"{where}: crc32c mismatch (stored 0x{stored:08x}, computed 0x{computed:08x}); the bytes were "
@@ -369,14 +374,17 @@ def choose_inner_chunk_shape(
 ) -> tuple[int, ...]:
     """An inner chunk shape that divides ``outer_chunk_shape`` and holds about ``target_bytes``.
 
-    Leading dims shrink first (to 1 if needed); the last two dims are tiled in 2-D, so reading a column
-    slice does not fetch whole rows. Among the divisor pairs that fit, the largest win, near-ties going
-    to the squarest. When only tiny tiles fit (prime sizes), the smallest tile above the target is used
+    The last dim of an outer chunk over ``WHOLE_CHUNK_BYTES`` is first narrowed to
+    ``widest_inner_columns``; then leading dims shrink (to 1 if needed)
+    and the last two dims are tiled in 2-D, so reading a column slice does not fetch whole rows. Among
+    the divisor pairs that fit, the largest win, near-ties going to the squarest. When only tiny tiles fit (prime sizes), the smallest tile above the target is used
     instead: a few oversized chunks beat millions of tiny ones.
     """
     outer = tuple(int(n) for n in outer_chunk_shape)
     if any(n < 1 for n in outer):
         raise ValueError(f"outer chunk shape {outer}: chunk sizes must be >= 1")
+    if len(outer) >= 2 and math.prod(outer) * itemsize > WHOLE_CHUNK_BYTES:  # divisors of the narrower
+        outer = outer[:-1] + (widest_inner_columns(outer[-1], itemsize),)  # columns divide the outer chunk
     budget = max(1, target_bytes // max(1, itemsize))  # elements per inner chunk
     if math.prod(outer) <= budget:
         return outer
@@ -390,6 +398,23 @@ def choose_inner_chunk_shape(
         lead.insert(0, d)
         room //= d
     return tuple(lead) + tail
+
+
+COLUMN_SPLITS = 4  # a column-sharded load over this many ranks reads only the columns it needs
+WHOLE_CHUNK_BYTES = 256 << 10  # smaller outer chunks stay one inner chunk: reading all of one costs little
+MIN_ROW_BYTES = 512  # narrower inner chunk rows make scattered copies and reads inefficient
+
+
+def widest_inner_columns(columns: int, itemsize: int) -> int:
+    """The most columns an inner chunk of a >= 2-D array spans: the widest divisor of ``columns`` at most
+    ``columns / COLUMN_SPLITS`` whose rows still hold ``MIN_ROW_BYTES`` (else all columns).
+
+    Why: a chunk spanning all columns is read whole by a load that shards the last dim (tensor-parallel
+    layouts: Shard(1) on 4 ranks would read 4x what it needs), while a chunk one column split wide still
+    spans whole rows of such a rank's shard, so it lands in the target without a copy.
+    """
+    fitting = [d for d in _divisors(columns) if d * COLUMN_SPLITS <= columns and d * itemsize >= MIN_ROW_BYTES]
+    return max(fitting, default=columns)
 
 
 def _divisors(n: int) -> list[int]:

@@ -194,7 +194,7 @@ def test_killed_overwrite_keeps_the_old_checkpoint(tmp_path):
 
 # Where the saving process kills itself: (function patched, kill before or after calling it).
 STAGES = {
-    "chunks written": ("shardstore.api", "_commit", "before"),
+    "chunks written": ("shardstore.saving", "commit_metadata", "before"),
     "root marker written": ("shardstore.commit", "finish", "before"),
     "inside the commit lock": ("shardstore.commit", "_swap_in", "before"),
     "swapped, old tree not deleted": ("shardstore.storage.local.LocalStorage", "rename_tree", "after"),

@@ -13,7 +13,8 @@ SHARDSTORE_API = {
     "save", "load", "open", "Checkpoint", "SaveResult", "LoadResult", "ShardstoreError", "CheckpointExistsError",
     "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError", "MissingChunkError",
     "StateDictMismatchError", "UnsafeKeyError", "PartialLoadError", "ConcurrentSaveError", "NotACheckpointError",
-    "UnsupportedInputError", "CheckpointChangedError",
+    "UnsupportedInputError", "CheckpointChangedError", "async_save", "AsyncSave", "SaveInProgressError",
+    "StagingAbortedError",
 }
 
 
