@@ -29,7 +29,7 @@ unsqueeze_copy=unsqueeze select_copy.int=select.int slice_copy.Tensor=slice.Tens
 detach_copy=detach _conj_copy=_conj _neg_view_copy=_neg_view view_as_real_copy=view_as_real
 view_as_complex_copy=view_as_complex permute_copy=permute t_copy=t split_copy.Tensor=split.Tensor
 split_with_sizes_copy=split_with_sizes unbind_copy.int=unbind.int unsafe_split.Tensor=split.Tensor
-unsafe_split_with_sizes=split_with_sizes unfold_copy=unfold _safe_softmax=_softmax
+unsafe_split_with_sizes=split_with_sizes unfold_copy=unfold narrow_copy=slice.Tensor _safe_softmax=_softmax
 """
 
 
