@@ -41,7 +41,6 @@ __all__ = [
     "ZSTD_LEVEL",
     "check_index_bounds",
     "choose_inner_chunk_shape",
-    "widest_inner_columns",
     "decode_index",
     "decode_inner_chunk",
     "encode_shard",
@@ -374,17 +373,14 @@ def choose_inner_chunk_shape(
 ) -> tuple[int, ...]:
     """An inner chunk shape that divides ``outer_chunk_shape`` and holds about ``target_bytes``.
 
-    The last dim of an outer chunk over ``WHOLE_CHUNK_BYTES`` is first narrowed to
-    ``widest_inner_columns``; then leading dims shrink (to 1 if needed)
-    and the last two dims are tiled in 2-D, so reading a column slice does not fetch whole rows. Among
-    the divisor pairs that fit, the largest win, near-ties going to the squarest. When only tiny tiles fit (prime sizes), the smallest tile above the target is used
+    Leading dims shrink first (to 1 if needed); the last two dims are tiled in 2-D, so reading a column
+    slice does not fetch whole rows. Among the divisor pairs that fit, the largest win, near-ties going
+    to the squarest. When only tiny tiles fit (prime sizes), the smallest tile above the target is used
     instead: a few oversized chunks beat millions of tiny ones.
     """
     outer = tuple(int(n) for n in outer_chunk_shape)
     if any(n < 1 for n in outer):
         raise ValueError(f"outer chunk shape {outer}: chunk sizes must be >= 1")
-    if len(outer) >= 2 and math.prod(outer) * itemsize > WHOLE_CHUNK_BYTES:  # divisors of the narrower
-        outer = outer[:-1] + (widest_inner_columns(outer[-1], itemsize),)  # columns divide the outer chunk
     budget = max(1, target_bytes // max(1, itemsize))  # elements per inner chunk
     if math.prod(outer) <= budget:
         return outer
@@ -398,23 +394,6 @@ def choose_inner_chunk_shape(
         lead.insert(0, d)
         room //= d
     return tuple(lead) + tail
-
-
-COLUMN_SPLITS = 4  # a column-sharded load over this many ranks reads only the columns it needs
-WHOLE_CHUNK_BYTES = 256 << 10  # smaller outer chunks stay one inner chunk: reading all of one costs little
-MIN_ROW_BYTES = 512  # narrower inner chunk rows make scattered copies and reads inefficient
-
-
-def widest_inner_columns(columns: int, itemsize: int) -> int:
-    """The most columns an inner chunk of a >= 2-D array spans: the widest divisor of ``columns`` at most
-    ``columns / COLUMN_SPLITS`` whose rows still hold ``MIN_ROW_BYTES`` (else all columns).
-
-    Why: a chunk spanning all columns is read whole by a load that shards the last dim (tensor-parallel
-    layouts: Shard(1) on 4 ranks would read 4x what it needs), while a chunk one column split wide still
-    spans whole rows of such a rank's shard, so it lands in the target without a copy.
-    """
-    fitting = [d for d in _divisors(columns) if d * COLUMN_SPLITS <= columns and d * itemsize >= MIN_ROW_BYTES]
-    return max(fitting, default=columns)
 
 
 def _divisors(n: int) -> list[int]:

@@ -112,8 +112,8 @@ def _resume_then_train(url: str) -> tuple[dict, list[float]]:
 
 def test_stateful_app_state_saved_on_4_ranks_resumes_exactly_on_2(tmp_path: Path):
     url = str(tmp_path / "ckpt")
-    saved, losses = run_ranks(4, _save_then_train, url)[0]
-    restored, resumed = run_ranks(2, _resume_then_train, url)[0]
+    saved, losses = run_ranks(4, _save_then_train, url, timeout=600)[0]
+    restored, resumed = run_ranks(2, _resume_then_train, url, timeout=600)[0]
     assert restored["tensors"].keys() == saved["tensors"].keys() and len(saved["tensors"]) == 16
     for key, value in saved["tensors"].items():
         assert torch.equal(restored["tensors"][key], value), key

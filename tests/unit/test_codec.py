@@ -12,10 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardstore.codec import (
-    WHOLE_CHUNK_BYTES,
     ArrayLayout,
     choose_inner_chunk_shape,
-    widest_inner_columns,
     decode_index,
     decode_inner_chunk,
     encode_shard,
@@ -132,9 +130,7 @@ def test_layout_geometry():
 
 @pytest.mark.parametrize("outer,itemsize,expected", [
     ((8192, 8192), 4, (1024, 1024)),  # square 2-D tile, exactly 4 MiB
-    ((64, 1024, 1024), 4, (4, 1024, 256)),  # columns narrowed to a quarter, then leading dims shrink
-    ((4096, 1024), 2, (4096, 256)),  # a column-sharded load over 4 ranks reads whole chunks of its shard
-    ((16, 256), 4, (16, 256)),  # a quarter of the columns would make rows under 512 bytes
+    ((64, 1024, 1024), 4, (1, 1024, 1024)),  # leading dims shrink first
     ((100, 1000, 100), 4, (10, 1000, 100)),
     ((8191, 8192), 4, (8191, 128)),  # prime rows: split columns instead
     ((2000006,), 4, (1000003,)),  # 2 x prime: one oversized-but-close chunk, not 1-element ones
@@ -145,12 +141,6 @@ def test_choose_inner_chunk_shape_examples(outer, itemsize, expected):
     assert choose_inner_chunk_shape(outer, itemsize) == expected
 
 
-@pytest.mark.parametrize("columns,itemsize,expected", [(1024, 4, 256), (1024, 2, 256), (1000, 4, 250), (256, 4, 256),
-                                                       (7, 4, 7), (4096, 1, 1024), (128, 16, 32), (96, 16, 96)])
-def test_widest_inner_columns_is_a_quarter_or_less_with_rows_of_512_bytes(columns, itemsize, expected):
-    assert widest_inner_columns(columns, itemsize) == expected
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 5000), min_size=0, max_size=4), st.sampled_from([1, 2, 4, 8]),
        st.sampled_from([1 << 10, 1 << 16, 4 << 20]))
@@ -158,7 +148,7 @@ def test_choose_inner_chunk_shape_divides(outer, itemsize, target):
     inner = choose_inner_chunk_shape(tuple(outer), itemsize, target)
     assert len(inner) == len(outer)
     assert all(n % i == 0 for n, i in zip(outer, inner))
-    if math.prod(outer) * itemsize <= min(target, WHOLE_CHUNK_BYTES):
+    if math.prod(outer) * itemsize <= target:
         assert inner == tuple(outer)
 
 
@@ -169,10 +159,8 @@ def test_choose_inner_chunk_shape_fills_the_target_for_powers_of_two(exponents, 
     outer = tuple(2**e for e in exponents)
     inner = choose_inner_chunk_shape(outer, itemsize, target)
     nbytes = math.prod(inner) * itemsize
-    narrow = len(outer) >= 2 and math.prod(outer) * itemsize > WHOLE_CHUNK_BYTES
-    tileable = outer[:-1] + (widest_inner_columns(outer[-1], itemsize),) if narrow else outer
     assert nbytes <= target
-    assert nbytes * 2 >= min(target, math.prod(tileable) * itemsize)
+    assert nbytes * 2 >= min(target, math.prod(outer) * itemsize)
 
 
 # -- property round trip --------------------------------------------------------------------------------
