@@ -43,10 +43,12 @@ class Coordinator:
 
     def background(self) -> "Coordinator":
         """A coordinator over the same ranks, in the same order, on a gloo group used only by background
-        saves (collective the first time for each process group: every rank of it must call)."""
+        saves (collective: every rank of the group must call). The ranks first agree whether all of them
+        already hold one: a rank that lacks it (its earlier save failed before creating it) would
+        otherwise wait forever in ``new_group`` for ranks that never call it."""
         if not self.active:
             return self
-        if self.group not in _background_groups:
+        if not all(self.all_gather(self.group in _background_groups)):
             _background_groups[self.group] = _new_background_group(self.group)
         return Coordinator(_background_groups[self.group])
 
