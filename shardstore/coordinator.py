@@ -25,7 +25,7 @@ __all__ = ["Coordinator", "RemoteRankError"]
 
 T = TypeVar("T")
 
-_background_groups: dict[Any, Any] = {}  # process group (None: the default one) -> its background gloo group
+_background_groups: dict[tuple[int, ...], Any] = {}  # global ranks of a process group -> their background gloo group
 
 
 class RemoteRankError(ShardstoreError, RuntimeError):
@@ -43,14 +43,16 @@ class Coordinator:
 
     def background(self) -> "Coordinator":
         """A coordinator over the same ranks, in the same order, on a gloo group used only by background
-        saves (collective: every rank of the group must call). The ranks first agree whether all of them
-        already hold one: a rank that lacks it (its earlier save failed before creating it) would
-        otherwise wait forever in ``new_group`` for ranks that never call it."""
+        saves (collective the first time for a set of ranks: every rank of the group must call). One per
+        set of ranks, however the group is passed (None, the world group, a mesh's group): torch names such
+        a group by its ranks, and a second one with the same ranks would wait forever on the first one's
+        rendezvous keys."""
         if not self.active:
             return self
-        if not all(self.all_gather(self.group in _background_groups)):
-            _background_groups[self.group] = _new_background_group(self.group)
-        return Coordinator(_background_groups[self.group])
+        ranks = tuple(dist.get_process_group_ranks(self.group if self.group is not None else dist.group.WORLD))
+        if ranks not in _background_groups:
+            _background_groups[ranks] = _new_background_group(self.group)
+        return Coordinator(_background_groups[ranks])
 
     def _global(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
