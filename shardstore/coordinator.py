@@ -44,9 +44,7 @@ class Coordinator:
     def background(self) -> "Coordinator":
         """A coordinator over the same ranks, in the same order, on a gloo group used only by background
         saves (collective the first time for a set of ranks: every rank of the group must call). One per
-        set of ranks, however the group is passed (None, the world group, a mesh's group): torch names such
-        a group by its ranks, and a second one with the same ranks would wait forever on the first one's
-        rendezvous keys."""
+        set of ranks, however the group is passed (None, the world group, a mesh's group)."""
         if not self.active:
             return self
         ranks = tuple(dist.get_process_group_ranks(self.group if self.group is not None else dist.group.WORLD))
@@ -105,7 +103,11 @@ class Coordinator:
 
 def _new_background_group(group):
     ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-    background = dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
+    # Over the whole world every rank calls, so the group takes torch's next sequential name; a group of
+    # some ranks only is named by its ranks, which another group over the same ranks (a flattened mesh)
+    # would share, waiting forever on its rendezvous keys, so only a sub-group takes that risk.
+    local = len(ranks) < dist.get_world_size()
+    background = dist.new_group(ranks, backend="gloo", use_local_synchronization=local)
     if dist.get_process_group_ranks(background) != ranks:  # new_group orders by global rank
         raise ValueError(
             f"the process group's ranks {ranks} are not in increasing global order, so no background group "
