@@ -64,10 +64,17 @@ MeshDims = int | tuple[int, ...]  # one mesh dim, or several acting as one flatt
 _flat_groups: dict[tuple[DeviceMesh, tuple[int, ...]], dist.ProcessGroup] = {}  # this rank's group per (mesh, dims)
 
 
+_spans_world: dict[tuple[DeviceMesh, int], bool] = {}  # ``mesh.mesh`` builds a tensor per call: asked once
+
+
 def can_flatten(mesh: DeviceMesh) -> bool:
     """Whether collectives over several mesh dims of ``mesh`` may use one flattened group: the mesh must
     span the whole world, since creating groups is collective over every rank (the same on all ranks)."""
-    return mesh.mesh.numel() == dist.get_world_size()
+    key = (mesh, dist.get_world_size())
+    spans = _spans_world.get(key)
+    if spans is None:
+        spans = _spans_world[key] = mesh.mesh.numel() == key[1]
+    return spans
 
 
 def _group(mesh: DeviceMesh, mesh_dims: MeshDims):

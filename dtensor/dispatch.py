@@ -36,7 +36,7 @@ from .placements import Placement, Replicate
 from .redistribute import redistribute_local
 from .spec import DTensorSpec
 
-__all__ = ["Strategy", "dispatch", "fallback_ops", "Placements", "implicit_replication_depth"]
+__all__ = ["Strategy", "dispatch", "apply_rule", "fallback_ops", "Placements", "implicit_replication_depth"]
 
 Placements = tuple[Placement, ...]
 fallback_ops: set[str] = set()  # ops that took the replicate-everything path, for tests and users to inspect
@@ -83,6 +83,12 @@ def dispatch(cls, func, args: tuple, kwargs: dict):
         _handlers[id(func)] = (func, handler)
     if handler is not None:
         return handler(cls, func, args, kwargs)
+    return apply_rule(cls, func, args, kwargs)
+
+
+def apply_rule(cls, func, args: tuple, kwargs: dict, rule: Callable | None = None):
+    """Run ``func`` through a sharding rule: its own (``ops.rule_for``), or ``rule``. Handlers call it to
+    hand the cases a rule covers back to the rule path (a loss with ``reduction='none'`` is elementwise)."""
     flat, tree = _flatten(args, kwargs)
     key, specs, plain = _scan(func, flat, tree, cls)
     if plain:
@@ -94,7 +100,7 @@ def dispatch(cls, func, args: tuple, kwargs: dict):
         from .ops import rule_for
 
         _check_meshes(func, specs)
-        plan = _plan(func, args, kwargs, flat, tree, specs, cls, rule_for(func))
+        plan = _plan(func, args, kwargs, flat, tree, specs, cls, rule or rule_for(func))
         if key is not None:
             _cache[key] = plan
     return _run(cls, func, flat, tree, specs[0].mesh, plan)

@@ -5,37 +5,37 @@ save: flatten the state dict, check it is storable -> each rank plans what it ho
       write (``commit.begin``) -> every rank writes and syncs its cells -> all agree -> rank 0 writes and
       syncs array and group metadata, then the root ``zarr.json`` (the commit marker) ->
       ``commit.finish`` makes it the checkpoint at the URL, only if no other save committed there
-      meanwhile.
+      meanwhile. The phases live in ``saving.py``, shared with ``async_save`` (``async_saver.py``), which
+      runs the same phases with the writing and the commit on a background thread.
 load: flatten the target state dict, check every target can be filled -> read the root record -> plan
       this rank's reads (validated before any byte moves) -> check every object's shard index -> all
-      agree -> read and verify the chunks -> all agree -> copy them in. When some rank's share exceeds
-      ``staging_bytes``, every rank instead reads, verifies and copies batch by batch after the indices
-      are checked (memory stays bounded; a checksum failure then raises ``PartialLoadError`` on the
-      ranks that had copied tensors in).
+      agree -> read every chunk straight into the targets (or through bounded scratch memory where it
+      cannot land unchanged), verifying each as it lands; a checksum failure then raises
+      ``PartialLoadError`` on the ranks whose tensors changed. With ``all_or_nothing=True``: read and
+      verify every chunk into staging memory first -> all agree -> copy them in.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from shardstore import commit
 from shardstore import format as fmt
-from shardstore.codec import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointChangedError, MissingChunkError, PartialLoadError, ShardstoreError
-from shardstore.execute import check_runs, layout_of, place, read_checked, stream_runs, write_cells
-from shardstore.flatten import KeyPath, fill_plain_values, flatten, fqn, is_tensor_like, merge_skeletons, unflatten
-from shardstore.inputs import check_sources, check_targets, check_user_metadata, local_tensor
+from shardstore.execute import cells_of, check_runs, land_runs, place, read_checked
+from shardstore.flatten import KeyPath, display_names, fill_plain_values, flatten, fqn, is_tensor_like, unflatten
+from shardstore.hf import is_safetensors, load_safetensors
+from shardstore.inputs import check_targets, local_tensor
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
-from shardstore.plan import GlobalSavePlan, dtype_name, local_save_plan, merge_save_plans
+from shardstore.plan import dtype_name
 from shardstore.regions import check_read_size, region_box
+from shardstore.saving import SaveOptions, SaveResult, plan_save, write_and_commit
+from shardstore.stateful import apply_loaded, to_state_dict
 from shardstore.storage import Storage
 from shardstore.ties import Destinations
 
@@ -43,21 +43,13 @@ __all__ = ["save", "load", "open", "Checkpoint", "SaveResult", "LoadResult"]
 
 
 @dataclass(frozen=True)
-class SaveResult:
-    """What this rank did during a save."""
-
-    url: str
-    bytes_written: int
-    chunks_written: int
-    elapsed_s: float
-
-
-@dataclass(frozen=True)
 class LoadResult:
     """What this rank did during a load; ``missing``/``unexpected`` are filled only with strict=False.
 
-    ``staged_bytes``: host memory the load held for fetched chunks; ``streamed``: whether it went batch by
-    batch (its share exceeded ``staging_bytes``) rather than all-or-nothing."""
+    ``bytes_read``: tensor bytes placed into the state dict; ``bytes_fetched``: bytes read from storage
+    (stored chunks with their checksums; more than placed where a chunk is only partly needed).
+    ``staged_bytes``: host memory the load held for fetched chunks; ``streamed``: whether chunks were
+    copied in as they were verified (the default) rather than all-or-nothing."""
 
     bytes_read: int
     chunks_read: int
@@ -66,10 +58,11 @@ class LoadResult:
     unexpected: tuple[str, ...]
     staged_bytes: int
     streamed: bool
+    bytes_fetched: int
 
 
-_METADATA_WRITERS = 8
-DEFAULT_STAGING_BYTES = 2 << 30  # per rank; bigger shares stream (bounded memory, not all-or-nothing)
+DEFAULT_STAGING_BYTES = 2 << 30  # per rank: the most an all_or_nothing load may stage
+LANDING_SCRATCH_BYTES = 128 << 20  # a default load's two reused buffers for chunks that cannot land in place
 DEFAULT_MAX_READ_BYTES = 4 << 30  # one Checkpoint.read; bigger regions are read in parts
 
 
@@ -83,67 +76,24 @@ def save(
     compressor: str | None = None,
     user_metadata: dict | None = None,
     durable: bool = True,
+    incremental: bool | str = False,
 ) -> SaveResult:
     """Save a (sharded) state dict as a Zarr v3 checkpoint at ``url``; collective over the group.
 
     When it returns, the checkpoint is complete, durable (unless ``durable=False``: nothing is fsync'd)
     and the only one at ``url``: of saves racing for one URL at most one succeeds
     (``ConcurrentSaveError`` for the others), and ``overwrite=True`` replaces only a shardstore
-    checkpoint, atomically (docs/format.md §5)."""
+    checkpoint, atomically (docs/format.md §5).
+
+    ``incremental``: True records the SHA-256 of every shard object; the URL of an earlier checkpoint
+    saved so also links each object whose bytes equal that checkpoint's instead of writing it
+    (docs/format.md §10). Hashing costs about 1 s per GiB, so the default (False) does not hash."""
     start = time.perf_counter()
+    options = SaveOptions(url, storage_options, overwrite, compressor, user_metadata, durable, incremental)
     coord = Coordinator(process_group)
-    tensors, skeleton, local = coord.agree("planning the save", lambda: _plan_save(coord.rank, state_dict, user_metadata))
-    plans, skeletons = zip(*coord.all_gather((local, skeleton)))
-    plan, skeleton = coord.decide("merging the save plans", lambda: _merge_plans(plans, skeletons))
-    target = Storage(url, storage_options, durable=durable)
-    claim = coord.decide("claiming the checkpoint URL", lambda: commit.begin(target, overwrite))
-    dest = target if claim.dest_url == target.url else Storage(claim.dest_url, storage_options, durable=durable)
-    try:
-        stats = coord.agree("writing chunks", lambda: _write(dest, plan, coord.rank, tensors, compressor))
-        coord.decide("committing", lambda: _commit(dest, target, claim, plan, skeleton, compressor, user_metadata))
-    except BaseException:
-        if coord.rank == 0:
-            commit.abandon(dest, claim)
-        raise
-    return SaveResult(url, stats.nbytes, stats.objects, time.perf_counter() - start)
-
-
-def _plan_save(rank: int, state_dict: Mapping[str, Any], user_metadata: dict | None) -> tuple[dict, dict, Any]:
-    """This rank's tensors, skeleton and save plan, once everything it was handed is known to be storable."""
-    check_user_metadata(user_metadata)
-    items, skeleton = flatten(state_dict)
-    tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
-    check_sources(tensors)
-    return tensors, skeleton, local_save_plan(rank, tensors)
-
-
-def _merge_plans(plans, skeletons) -> tuple[GlobalSavePlan, dict]:
-    return merge_save_plans(plans, inner_chunks=choose_inner_chunk_shape), merge_skeletons(list(skeletons))
-
-
-def _write(dest: Storage, plan: GlobalSavePlan, rank: int, tensors: dict, compressor: str | None):
-    """This rank's chunk objects, durable (with their directories) before any rank reports done."""
-    stats = write_cells(dest, plan, rank, tensors, compressor)
-    dest.sync()
-    return stats
-
-
-def _commit(dest: Storage, target: Storage, claim: commit.Claim, plan: GlobalSavePlan, skeleton, compressor,
-            user_metadata) -> None:
-    """Metadata, durable, then the root marker, durable, then the commit protocol makes it the checkpoint."""
-    records = {}
-    writes = []
-    for array in plan.arrays:
-        layout = layout_of(array, compressor)
-        writes.append(functools.partial(fmt.write_array, dest, array.node, layout))
-        records[array.node] = fmt.TensorRecord.from_layout(array.node, layout, array.mesh_shape or (), array.placements or ())
-    writes += [functools.partial(fmt.write_group, dest, g) for g in fmt.group_paths([a.node for a in plan.arrays]) if g]
-    with ThreadPoolExecutor(_METADATA_WRITERS) as pool:  # each write waits on its fsync: overlap them
-        list(pool.map(lambda write: write(), writes))
-    dest.sync()
-    fmt.write_root(dest, fmt.RootMetadata(skeleton, records, dict(user_metadata or {})))
-    dest.sync()
-    commit.finish(target, dest, claim)
+    job = plan_save(coord, state_dict, user_metadata)
+    stats = write_and_commit(coord, job, options, cells_of(job.plan, job.rank, job.tensors))
+    return SaveResult.of(url, stats, start)
 
 
 def load(
@@ -154,36 +104,52 @@ def load(
     process_group=None,
     strict: bool = True,
     staging_bytes: int = DEFAULT_STAGING_BYTES,
+    all_or_nothing: bool = False,
 ) -> LoadResult:
-    """Fill ``state_dict`` in place from the checkpoint at ``url``, resharding to its layouts.
+    """Fill ``state_dict`` in place from the checkpoint at ``url``, resharding to its layouts. ``url`` may
+    also be a Hugging Face safetensors file or directory (``shardstore.hf``).
 
     Every target the checkpoint fills (``inputs.check_targets``: kind, dtype, memory overlap) and every
     object's shard index are checked first, so an unloadable target or a missing, truncated or rewritten
-    object fails before any tensor changes. Then, when every rank's share fits in ``staging_bytes`` of host memory, the load
-    is all or nothing: every chunk is read and verified on every rank before any tensor changes.
-    Otherwise every rank streams through that much memory, copying as it verifies. A failure after a
-    rank copied tensors in raises ``PartialLoadError`` there, naming them; a rank whose state dict is
-    unchanged raises the plain error. Parameters that require grad load (copied outside autograd).
+    object fails before any tensor changes. Then every chunk is read straight into the memory it fills
+    where it can land unchanged (else through at most ``staging_bytes`` of reused scratch memory) and its
+    checksum verified as it lands: no staged copy of the rank's share, no second copy. Only damaged bytes
+    can fail that late; a rank whose tensors had changed then raises ``PartialLoadError`` naming them, a
+    rank whose state dict is unchanged the plain error. ``all_or_nothing=True`` reads and verifies every
+    chunk on every rank into staging memory first (each rank's share must fit in its ``staging_bytes``),
+    so a failure leaves every state dict unchanged, at the cost of that memory and a second copy.
+    Parameters that require grad load (written outside autograd, their version counters bumped).
     """
+    if is_safetensors(url, storage_options):  # a Hugging Face checkpoint: each rank reads its slices
+        return load_safetensors(state_dict, url, storage_options=storage_options, process_group=process_group, strict=strict)
     start = time.perf_counter()
     coord = Coordinator(process_group)
     storage = Storage(url, storage_options).pinned()
-    items = coord.agree("reading the state dict", lambda: flatten(state_dict)[0])
+    target, items = coord.agree("reading the state dict", lambda: _flatten_target(state_dict))
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     wanted = {k for keys in coord.all_gather(tuple(tensors)) for k in keys}  # per-rank keys: wanted somewhere
     job = coord.agree("checking the checkpoint", lambda: _plan_here(tensors, storage, strict, wanted, staging_bytes))
-    streamed = any(coord.all_gather(job.over_staging))  # each rank judges by its own staging memory
+    streamed = not all_or_nothing
+    if all_or_nothing:
+        _check_staging_fits(coord.all_gather((job.needed, staging_bytes)))
     pieces = None if streamed else coord.agree("reading and verifying chunks", lambda: _read_all(storage, job))
-    # Only now, with every rank's chunks verified (all or nothing) or indices checked (streaming), does
-    # any rank touch its tensors.
+    # Only now, with every rank's chunks verified (all or nothing) or indices checked, does any rank
+    # touch its tensors.
     written: dict[str, None] = {}  # names of the tensors this rank has copied into
     try:
-        staged = coord.agree("copying into the state dict", lambda: _copy_in(state_dict, storage, job, pieces, staging_bytes, written))
+        staged = coord.agree("copying into the state dict", lambda: _copy_in(target, storage, job, pieces, staging_bytes, written))
     except Exception as exc:
         if not written:
             raise  # this rank's state dict is unchanged: the plain error says why
         raise PartialLoadError(_partly_loaded(exc, written, streamed)) from exc
-    return LoadResult(job.nbytes, job.chunks, time.perf_counter() - start, job.missing, job.unexpected, staged, streamed)
+    coord.agree("handing loaded state to Stateful values", lambda: apply_loaded(state_dict, target))
+    return LoadResult(job.nbytes, job.chunks, time.perf_counter() - start, job.missing, job.unexpected, staged, streamed, job.needed)
+
+
+def _flatten_target(state_dict: dict) -> tuple[Mapping[str, Any], dict]:
+    """The state dict to fill (Stateful values as their state dicts) and its flattened items."""
+    target = to_state_dict(state_dict)
+    return target, flatten(target)[0]
 
 
 @dataclass(frozen=True)
@@ -194,7 +160,6 @@ class _LoadJob:
     checked: list
     layouts: dict
     needed: int  # bytes of the runs it reads
-    over_staging: bool  # needed > this rank's staging_bytes
     nbytes: int  # bytes of tensor data it places
     chunks: int
     missing: tuple[str, ...]
@@ -217,16 +182,28 @@ def _plan_here(tensors: dict, storage: Storage, strict: bool, wanted: set, stagi
     needed = sum(c.nbytes for c in checked)
     dests = Destinations.of({k: local_tensor(k, v) for k, v in tensors.items()}, {t.key for t in tasks})
     return _LoadJob(
-        root, checked, layouts, needed, needed > staging_bytes, nbytes, len(tasks),
+        root, checked, layouts, needed, nbytes, len(tasks),
         tuple(fqn(k) for k in plan.missing), tuple(fqn(k) for k in plan.unexpected), dests,
     )
 
 
+def _check_staging_fits(shares: list[tuple[int, int]]) -> None:
+    """For an all-or-nothing load: every rank's share (bytes to fetch) must fit in its staging_bytes."""
+    over = {r: (needed, staging) for r, (needed, staging) in enumerate(shares) if needed > staging}
+    if over:
+        detail = ", ".join(f"rank {r} needs {n} > {s}" for r, (n, s) in over.items())
+        raise ValueError(
+            f"all_or_nothing=True reads every chunk into staging memory before any tensor changes, but {detail} "
+            "bytes of staging_bytes; pass a larger staging_bytes, or load with all_or_nothing=False (straight into "
+            "the targets, each chunk verified as it lands)"
+        )
+
+
 def _partly_loaded(exc: Exception, written: dict[str, None], streamed: bool) -> str:
     fix = (
-        "The load streamed (a rank's share exceeded its staging_bytes), so ranks copied chunks in as they verified "
-        "them; pass a staging_bytes above every rank's share for an all-or-nothing load, or load again from an "
-        "intact checkpoint." if streamed else "Load again (from an intact checkpoint)."
+        "Chunks were read straight into the tensors and verified as they landed; load again from an intact "
+        "checkpoint, or pass all_or_nothing=True to verify every chunk before any tensor changes."
+        if streamed else "Load again (from an intact checkpoint)."
     )
     return (
         f"{exc}\nThis rank had already copied {len(written)} tensor(s) in, so its state dict is now partly loaded: "
@@ -247,7 +224,7 @@ def _copy_in(state_dict: dict, storage: Storage, job: _LoadJob, pieces, staging_
     """Place verified pieces (or stream when ``pieces`` is None), tied tensors and the saved plain values,
     noting in ``written`` each tensor copied into; returns the staging memory used."""
     if pieces is None:
-        staged = _stream(storage, job, staging_bytes, written)
+        staged = _land(storage, job, staging_bytes, written)
         job.dests.check_ties()
     else:
         place(pieces, job.dests.by_key(), written)
@@ -257,9 +234,10 @@ def _copy_in(state_dict: dict, storage: Storage, job: _LoadJob, pieces, staging_
     return staged
 
 
-def _stream(storage: Storage, job: _LoadJob, staging_bytes: int, written: dict) -> int:
+def _land(storage: Storage, job: _LoadJob, staging_bytes: int, written: dict) -> int:
     try:
-        return stream_runs(storage, job.checked, job.layouts, job.dests.by_key(), staging_bytes, written)
+        scratch = min(staging_bytes, LANDING_SCRATCH_BYTES)
+        return land_runs(storage, job.checked, job.layouts, job.dests.by_key(), scratch, written)
     finally:
         for key in job.dests.scratch:  # tied targets were filled into scratch memory only, so far
             written.pop(fqn(key), None)
@@ -275,14 +253,6 @@ def _stored_arrays(root: fmt.RootMetadata):
         stored[key] = StoredArray(key, record.shape, dtype_name(layouts[key].dtype), record.chunk_shape, record.inner_chunk_shape)
         nodes[key] = record.path
     return stored, layouts, nodes
-
-
-def _display_names(stored: Mapping[KeyPath, Any], nodes: Mapping[KeyPath, str]) -> dict[str, KeyPath]:
-    """Dotted names for keys; where two key paths share one (``"a.b"`` vs ``a -> b``), their node paths."""
-    counts: dict[str, int] = {}
-    for key in stored:
-        counts[fqn(key)] = counts.get(fqn(key), 0) + 1
-    return {(fqn(k) if counts[fqn(k)] == 1 else nodes[k]): k for k in stored}
 
 
 class Checkpoint:
@@ -308,7 +278,7 @@ class Checkpoint:
         self._storage = self._at_url.pinned()  # what reads go through
         self._root = fmt.read_root(self._storage)
         self._stored, self._layouts, self._nodes = _stored_arrays(self._root)
-        self._by_name = _display_names(self._stored, self._nodes)
+        self._by_name = display_names(self._stored)
         self._agreeing: set[KeyPath] = set()  # arrays whose zarr.json was found to agree with the root record
 
     @property
@@ -339,12 +309,15 @@ class Checkpoint:
         """The saved state dict with tensors replaced by their dotted names."""
         return unflatten(self._root.tree, {k: fqn(k) for k in self._stored})
 
-    def read(self, key: str, region: Sequence[slice | int] | slice | int | None = None) -> torch.Tensor:
+    def read(self, key: str, region: Sequence[slice | int] | slice | int | None = None, *,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """The whole saved tensor, or the part ``region`` selects, as torch indexing would: slices (step 1)
         and ints for the leading dims, an int dropping its dim.
 
         A region over ``max_read_bytes`` is refused (the message says how to read it in parts), and no
-        memory is allocated before the objects' indices show that they hold the bytes it needs.
+        memory is allocated before the objects' indices show that they hold the bytes it needs. ``out``
+        (contiguous, of the region's size and the tensor's dtype) receives the values instead of fresh
+        memory: a caller streaming many regions keeps its memory in buffers it controls.
         """
         keypath = self._key(key)
         array, layout = self._stored[keypath], self._layouts[keypath]
@@ -357,9 +330,9 @@ class Checkpoint:
         checked = check_runs(self._storage, plan.runs, self._layouts, self._nodes)
         pieces = read_checked(self._storage, checked, self._layouts)
         self._check_unchanged()
-        out = torch.empty(box.sizes, dtype=layout.dtype)
-        place(pieces, {keypath: [out]})
-        return out.reshape(shape)
+        dest = torch.empty(box.sizes, dtype=layout.dtype) if out is None else _checked_out(key, out, box.sizes, layout.dtype)
+        place(pieces, {keypath: [dest]})
+        return dest.reshape(shape)
 
     def _key(self, key: str) -> KeyPath:
         if key not in self._by_name:
@@ -397,6 +370,13 @@ class Checkpoint:
             f"{self._root.commit_id}, whose metadata no longer describes the bytes there, so it reads nothing "
             f"more — call shardstore.open({self.url!r}) again to read the checkpoint now at that URL"
         )
+
+
+def _checked_out(key: str, out: torch.Tensor, sizes: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if out.dtype != dtype or out.numel() != math.prod(sizes) or not out.is_contiguous():
+        raise ValueError(f"read({key!r}, out=...): out must be a contiguous {dtype} tensor of {math.prod(sizes)} "
+                         f"elements (the region's {list(sizes)}), got {out.dtype} {list(out.shape)}")
+    return out.view(sizes)
 
 
 def open(url: str, storage_options: dict | None = None, *, max_read_bytes: int = DEFAULT_MAX_READ_BYTES) -> Checkpoint:  # noqa: A001 - mirrors zarr.open

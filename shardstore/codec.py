@@ -31,11 +31,13 @@ import torch
 from dtensor.placements import Box
 from shardstore.dtypes import DTypeInfo, dtype_info
 from shardstore.errors import CorruptCheckpointError
+from shardstore.memcopy import as_bytes, copy_bytes
 
 __all__ = [
     "ArrayLayout",
     "ByteRange",
     "COMPRESSORS",
+    "check_crc",
     "ZSTD_LEVEL",
     "check_index_bounds",
     "choose_inner_chunk_shape",
@@ -183,18 +185,15 @@ def _buffer(out: torch.Tensor | None, nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s elements as bytes, shape ``t.shape + (itemsize,)``, without a copy for any strides."""
-    return t.unsqueeze(-1).view(torch.uint8)
-
-
 def _gather(layout: ArrayLayout, dst: torch.Tensor, data: torch.Tensor, outer: Box, inner: Box) -> None:
     """Copy the part of ``data`` inside ``inner`` into ``dst`` laid out as one full inner chunk."""
     chunk = dst.view(layout.inner_chunk_shape + (layout.info.itemsize,))
     if inner.sizes != layout.inner_chunk_shape:
         chunk.zero_()  # padding where the inner chunk sticks out of the array
         chunk = chunk[tuple(slice(0, s) for s in inner.sizes)]
-    chunk.copy_(_as_bytes(data[inner.relative_to(outer)]))
+    values = as_bytes(data[inner.relative_to(outer)])
+    if not copy_bytes(chunk, values):
+        chunk.copy_(values)
 
 
 def _put_crc(buf: torch.Tensor, start: int, stop: int) -> None:
@@ -340,8 +339,13 @@ def decode_inner_chunk(layout: ArrayLayout, raw: BytesLike, where: str) -> torch
 
 
 def _verify_crc(view: memoryview, where: str) -> None:
-    stored = int.from_bytes(view[-CRC_NBYTES:], "little")
-    computed = crc32c.crc32c(view[:-CRC_NBYTES])
+    check_crc(view[:-CRC_NBYTES], view[-CRC_NBYTES:], where)
+
+
+def check_crc(data: BytesLike, crc: BytesLike, where: str) -> None:
+    """Refuse ``data`` unless its crc32c equals ``crc`` (4 bytes, little-endian), naming ``where``."""
+    stored = int.from_bytes(crc, "little")
+    computed = crc32c.crc32c(data)
     if stored != computed:
         raise CorruptCheckpointError(
             f"{where}: crc32c mismatch (stored 0x{stored:08x}, computed 0x{computed:08x}); the bytes were "

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 
 from shardstore.errors import CheckpointExistsError, ConcurrentSaveError, MissingChunkError, NotACheckpointError
 from shardstore.format import FORMAT_NAME, ZARR_JSON
+from shardstore.incremental import DIGESTS
 from shardstore.storage import CURRENT, VERSION_PREFIX, HeldLock, Storage
 
-__all__ = ["Claim", "begin", "finish", "abandon"]
+__all__ = ["Claim", "begin", "finish", "abandon", "sweep"]
 
 OWNER = ".shardstore-owner"  # in a staging tree: locked by the saving process (removed before the swap)
 CLAIM = ".shardstore-claim"  # object stores: a fresh save's claim on the URL itself
@@ -133,7 +134,7 @@ def _refuse_foreign(target: Storage, root_is_foreign: bool = False) -> None:
 def _looks_like_ours(key: str) -> bool:
     parts = key.split("/")
     name = parts[-1]
-    return (name in (ZARR_JSON, CLAIM, CURRENT, "c") or ".tmp-" in name or "c" in parts[:-1]
+    return (name in (ZARR_JSON, CLAIM, CURRENT, "c") or key == DIGESTS or ".tmp-" in name or "c" in parts[:-1]
             or (parts[0].startswith(VERSION_PREFIX) and name == OWNER))
 
 
@@ -246,6 +247,17 @@ def abandon(dest: Storage, claim: Claim) -> None:
     finally:
         if owner is not None:
             owner.release()
+
+
+def sweep(target: Storage) -> None:
+    """Delete what dead saves to ``target`` left beside it (staging and trash siblings), as the next save's
+    ``begin`` would; a live save's staging tree is kept (its owner lock is held). Local filesystems only:
+    elsewhere there are no such siblings to judge."""
+    if not target.can_rename_trees:
+        return
+    with _commit_lock(target):
+        trash = _sweep(target)
+    _delete_trees(target.parent(), trash)
 
 
 def _sweep(target: Storage) -> list[str]:

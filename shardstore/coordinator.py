@@ -4,6 +4,12 @@ A save or load is a sequence of steps that every rank runs; between steps the ra
 is the heart of it: each rank reports success or its error, and if any rank failed, every rank raises
 the same error naming the failing ranks, so nobody waits forever for a peer that already gave up.
 Without an initialised process group (one process, no ``torch.distributed``), every call is local.
+
+An async save runs its write and commit steps on a background thread while the training job issues its
+own collectives on the same ranks; two threads issuing collectives on one group could interleave them
+(each rank matching another thread's call). ``Coordinator.background`` therefore talks over a gloo group
+of its own with the same ranks, created once per process group and reused, as torch DCP's ``async_save``
+does.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ __all__ = ["Coordinator", "RemoteRankError"]
 
 T = TypeVar("T")
 
+_background_groups: dict[tuple[int, ...], Any] = {}  # global ranks of a process group -> their background gloo group
+
 
 class RemoteRankError(ShardstoreError, RuntimeError):
     """Another rank failed during a collective step; this rank stops too."""
@@ -32,6 +40,17 @@ class Coordinator:
         self.group = process_group
         self.rank = dist.get_rank(process_group) if self.active else 0
         self.world_size = dist.get_world_size(process_group) if self.active else 1
+
+    def background(self) -> "Coordinator":
+        """A coordinator over the same ranks, in the same order, on a gloo group used only by background
+        saves (collective the first time for a set of ranks: every rank of the group must call). One per
+        set of ranks, however the group is passed (None, the world group, a mesh's group)."""
+        if not self.active:
+            return self
+        ranks = tuple(dist.get_process_group_ranks(self.group if self.group is not None else dist.group.WORLD))
+        if ranks not in _background_groups:
+            _background_groups[ranks] = _new_background_group(self.group)
+        return Coordinator(_background_groups[ranks])
 
     def _global(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
@@ -80,6 +99,21 @@ class Coordinator:
         if message is not None:
             raise RemoteRankError(f"{step} failed on rank 0: {message}")
         return result
+
+
+def _new_background_group(group):
+    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    # Over the whole world every rank calls, so the group takes torch's next sequential name; a group of
+    # some ranks only is named by its ranks, which another group over the same ranks (a flattened mesh)
+    # would share, waiting forever on its rendezvous keys, so only a sub-group takes that risk.
+    local = len(ranks) < dist.get_world_size()
+    background = dist.new_group(ranks, backend="gloo", use_local_synchronization=local)
+    if dist.get_process_group_ranks(background) != ranks:  # new_group orders by global rank
+        raise ValueError(
+            f"the process group's ranks {ranks} are not in increasing global order, so no background group "
+            "can keep their order; pass a process group whose group ranks follow the global ranks"
+        )
+    return background
 
 
 def _describe(error: BaseException) -> str:

@@ -15,12 +15,16 @@ so callers can catch either::
     ├── CorruptCheckpointError(ValueError)            checksum mismatch, truncated object,
     │   │                                             malformed metadata
     │   └── MissingChunkError(FileNotFoundError)      an object that should exist does not
-    ├── PartialLoadError(RuntimeError)                a streamed load failed (for any cause, named
-    │                                                 in it) after tensors were copied in
+    ├── PartialLoadError(RuntimeError)                a load failed (for the cause named in it, and
+    │                                                 chained) after bytes landed in tensors
     ├── CheckpointChangedError(RuntimeError)          the checkpoint behind an ``open()`` handle was
     │                                                 replaced or deleted: re-open it
     ├── StorageUnavailableError(ConnectionError)      an object store kept failing with transient errors
     │                                                 (5xx, throttling, resets, timeouts) after retries
+    ├── SaveInProgressError(RuntimeError)             an async save is still in flight and the new one
+    │                                                 was told not to wait for it
+    ├── StagingAbortedError(RuntimeError)             copying tensors for an async save failed; its
+    │                                                 background writer stops (on every rank)
     ├── UnsafeKeyError(ValueError)                    a key that would escape the checkpoint root
     ├── UnsupportedInputError(TypeError)              a state dict entry or user_metadata a checkpoint
     │                                                 cannot hold, or a tensor a load cannot fill
@@ -46,6 +50,8 @@ __all__ = [
     "PartialLoadError",
     "CheckpointChangedError",
     "StorageUnavailableError",
+    "SaveInProgressError",
+    "StagingAbortedError",
 ]
 
 
@@ -101,9 +107,10 @@ class StateDictMismatchError(ShardstoreError, ValueError):
 
 
 class PartialLoadError(ShardstoreError, RuntimeError):
-    """A streamed load (more data than some rank's staging memory) failed, for the cause its message
-    gives, after tensors were copied in: the state dicts are partly loaded. Where the failure happened,
-    the message names the tensors already written."""
+    """A load failed, for the cause its message gives (also its ``__cause__``), after bytes had landed in
+    this rank's tensors: its state dict is partly loaded, and the message names the tensors written.
+    Only damaged bytes fail that late (targets and indices are checked first); pass
+    ``all_or_nothing=True`` to verify every chunk before any tensor changes."""
 
 
 class CheckpointChangedError(ShardstoreError, RuntimeError):
@@ -115,3 +122,13 @@ class CheckpointChangedError(ShardstoreError, RuntimeError):
 class StorageUnavailableError(ShardstoreError, ConnectionError):
     """An object-store request kept failing with transient errors (5xx, throttling, connection resets,
     timeouts) through every retry. A save that gets it commits nothing: the previous checkpoint stays."""
+
+
+class SaveInProgressError(ShardstoreError, RuntimeError):
+    """``async_save(..., wait_for_previous=False)`` found an earlier async save still in flight on some
+    rank; raised on every rank, before anything of the new save happens."""
+
+
+class StagingAbortedError(ShardstoreError, RuntimeError):
+    """Copying this rank's tensors for an async save failed (the cause is chained); the background writer
+    stops with it, so every rank's ``result()`` raises and nothing is committed."""

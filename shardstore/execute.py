@@ -5,46 +5,52 @@ ring of reused buffers and hand each finished object to a thread pool, so encodi
 writing.
 Reads first check every object's shard index (``check_runs``: present, long enough, the layout the
 metadata promises, every entry inside the object, every needed inner chunk stored), then fetch each run of
-inner chunks lying back to back in the object with
-one ranged read and verify every chunk's crc32c before its values are copied anywhere: all of them at
-once (``read_checked``, then ``place``), or batch by batch through two reused buffers of bounded size
-(``stream_runs``), one being filled while the other is verified and copied in.
+inner chunks lying back to back in the object with one ranged read: straight into the targets where a
+chunk lands unchanged, else through two reused scratch buffers, every chunk's crc32c verified as it lands
+(``land_runs``); or, all or nothing, every chunk into staging memory and verified before any is copied
+(``read_checked``, then ``place``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from shardstore.codec import CRC_NBYTES, ArrayLayout, decode_index, decode_inner_chunk, encode_shard, index_nbytes, inner_chunk_ranges
+from shardstore.codec import CRC_NBYTES, ArrayLayout, check_crc, decode_index, decode_inner_chunk, encode_shard, index_nbytes, inner_chunk_ranges
 from shardstore.dtypes import dtype_info_by_name
 from shardstore.errors import CorruptCheckpointError, MissingChunkError
 from shardstore.flatten import KeyPath, fqn
 from shardstore.format import chunk_key
 from shardstore.inputs import local_tensor
 from shardstore.load_plan import ReadRun, ReadTask
-from shardstore.plan import ArrayPlan, GlobalSavePlan
+from shardstore.memcopy import copy_bytes
+from shardstore.plan import ArrayPlan, GlobalSavePlan, WriteTask
 from shardstore.storage import Storage
 
 __all__ = [
-    "WriteStats", "write_cells", "CheckedRun", "check_runs", "read_checked", "read_runs", "stream_runs", "place",
-    "copy_into", "object_key", "layout_of",
+    "WriteStats", "write_cells", "cells_of", "cell_values", "CheckedRun", "check_runs", "read_checked", "read_runs", "land_runs", "place",
+    "copy_into", "object_key", "layout_of", "read_index",
 ]
 
 _WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
 _IN_FLIGHT = 6  # encode buffers in the ring: writes in flight plus the one being encoded
 _INDEX_READERS = 16  # concurrent (size, index) reads of shard objects
+_LANDING_PIECE = 8 << 20  # a landing load reads runs in pieces of at most this many bytes, concurrently:
+# one big sequential read per object left the disk half idle (cold reads want several in flight)
 
 
 @dataclass(frozen=True)
 class WriteStats:
     nbytes: int
     objects: int
+    linked: int = 0  # of ``objects``: unchanged ones linked from the previous checkpoint (incremental saves)
+    linked_bytes: int = 0
 
 
 def object_key(node: str, cell: tuple[int, ...]) -> str:
@@ -57,22 +63,29 @@ def layout_of(array: ArrayPlan, compressor: str | None) -> ArrayLayout:
 
 
 def write_cells(
-    storage: Storage, plan: GlobalSavePlan, rank: int, items: Mapping[KeyPath, Any], compressor: str | None = None
+    storage: Storage,
+    plan: GlobalSavePlan,
+    cells: Iterable[tuple[WriteTask, torch.Tensor]],
+    compressor: str | None = None,
+    put: Callable[[Storage, str, memoryview], None] | None = None,
 ) -> WriteStats:
-    """Encode and write every cell ``plan`` gives this rank; returns what was written.
+    """Encode and write ``cells`` (each a write task and the values of its cell); returns what was encoded.
+
+    ``put(storage, key, blob)`` stores each object (``Storage.write`` by default; an incremental save
+    passes ``ObjectWriter.put``, which may link an unchanged object instead).
 
     Up to ``_IN_FLIGHT`` objects are being written while the next is encoded, each into a buffer of a
     small ring that is reused once its write finished (touching fresh memory costs more than encoding;
-    the ring itself is on huge pages, see ``staging_buffer``).
+    the ring itself is on huge pages, see ``staging_buffer``). A cell's values are copied out by the time
+    the next cell is asked for, so ``cells`` may hand out reused staging memory.
     """
     arrays = {a.key: a for a in plan.arrays}
     layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
     ring: list[tuple[torch.Tensor, Future | None]] = [(torch.empty(0, dtype=torch.uint8), None)] * _IN_FLIGHT
-    nbytes = 0
+    nbytes = objects = 0
+    store = storage.write if put is None else functools.partial(put, storage)
     with ThreadPoolExecutor(_WRITERS) as pool:
-        for i, task in enumerate(plan.writes[rank]):
-            array = arrays[task.key]
-            data = _source(local_tensor(task.key, items[task.key]), task)
+        for i, (task, data) in enumerate(cells):
             buffer, busy = ring[i % _IN_FLIGHT]
             if busy is not None:
                 busy.result()
@@ -80,15 +93,21 @@ def write_cells(
             if buffer.numel() < (needed := encoded_bound(layout)):
                 buffer = torch.frombuffer(staging_buffer(needed), dtype=torch.uint8)
             blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
-            nbytes += blob.nbytes
-            ring[i % _IN_FLIGHT] = (buffer, pool.submit(storage.write, object_key(array.node, task.cell), blob))
+            nbytes, objects = nbytes + blob.nbytes, objects + 1
+            ring[i % _IN_FLIGHT] = (buffer, pool.submit(store, object_key(arrays[task.key].node, task.cell), blob))
         for _, busy in ring:
             if busy is not None:
                 busy.result()
-    return WriteStats(nbytes, len(plan.writes[rank]))
+    return WriteStats(nbytes, objects)
 
 
-def _source(local: torch.Tensor, task) -> torch.Tensor:
+def cells_of(plan: GlobalSavePlan, rank: int, items: Mapping[KeyPath, Any]) -> Iterator[tuple[WriteTask, torch.Tensor]]:
+    """The cells ``plan`` gives ``rank``, each with its values viewed in the state dict's own tensors."""
+    for task in plan.writes[rank]:
+        yield task, cell_values(local_tensor(task.key, items[task.key]), task)
+
+
+def cell_values(local: torch.Tensor, task: WriteTask) -> torch.Tensor:
     """The values of one cell, with any lazy conjugate or negative bit applied (the bytes written are the
     values the tensor shows, never its raw storage)."""
     return local[task.cell_box.relative_to(task.source_box)].resolve_conj().resolve_neg()
@@ -164,7 +183,7 @@ def read_runs(
     return read_checked(storage, check_runs(storage, runs, layouts, nodes), layouts)
 
 
-def stream_runs(
+def land_runs(
     storage: Storage,
     checked: list[CheckedRun],
     layouts: Mapping[KeyPath, ArrayLayout],
@@ -172,25 +191,125 @@ def stream_runs(
     budget: int,
     written: dict[str, None],
 ) -> int:
-    """Read, verify and place ``checked`` runs in batches through two reused buffers of about ``budget / 2``
-    bytes each (a single inner chunk may need more); returns the bytes the buffers took.
+    """Read ``checked`` runs straight into ``destinations``, verifying every inner chunk's crc32c as it
+    lands; returns the scratch bytes used.
 
-    The next batch is read while the current one is verified and copied in; ``written`` gets the name of
-    every tensor copied into, so a caller whose load fails part way can say what already changed.
+    An inner chunk whose destination is one contiguous stretch of CPU memory of its dtype (a chunk
+    spanning whole rows of the tensor it fills) is read into that memory itself, its checksum into a
+    4-byte slot: one ``preadv`` per run on local files, nothing staged, nothing copied. The other chunks
+    go through two reused scratch buffers of about ``budget / 2`` bytes each (a single inner chunk may
+    need more), the next batch being read while this one is verified and copied in. Memory stays
+    bounded and no fresh memory is touched for the bytes that land directly; the price is that a chunk
+    failing its checksum has already landed, so ``written`` gets each tensor's name before its first
+    byte arrives and the caller raises ``PartialLoadError`` naming them.
     """
-    batches = _batches([part for c in checked for part in _split(c, budget // 2)], budget // 2)
+    piece = min(budget // 2, _LANDING_PIECE)
+    parts = [_landing(part, layouts[part.run.key], destinations) for c in checked for part in _split(c, piece)]
+    batches = _batches(parts, budget // 2, size=lambda landing: landing.scratch_nbytes)
     if not batches:
         return 0
-    size = max(sum(c.nbytes for c in batch) for batch in batches)
+    size = max(sum(landing.scratch_nbytes for landing in batch) for batch in batches)
     buffers = [staging_buffer(size) for _ in range(min(2, len(batches)))]
     with ThreadPoolExecutor(1) as prefetch:
-        fetching = prefetch.submit(_fetch, storage, batches[0], buffers[0])
+        fetching = _start_landing(prefetch, storage, batches[0], buffers[0], destinations, written)
         for i, batch in enumerate(batches):
-            blobs = fetching.result()
+            slots = fetching.result()
             if i + 1 < len(batches):
-                fetching = prefetch.submit(_fetch, storage, batches[i + 1], buffers[(i + 1) % 2])
-            place(_decode(storage, batch, blobs, layouts), destinations, written)
+                fetching = _start_landing(prefetch, storage, batches[i + 1], buffers[(i + 1) % 2], destinations, written)
+            for landing, run_slots in zip(batch, slots):
+                _check_landed(storage, layouts[landing.checked.run.key], landing, run_slots, destinations, written)
     return size * len(buffers)
+
+
+@dataclass(frozen=True)
+class _Landing:
+    """A run and where each of its inner chunks lands: a uint8 view of the memory it fills unchanged, or
+    None where it goes through scratch memory (then decoded and copied)."""
+
+    checked: CheckedRun
+    targets: tuple[torch.Tensor | None, ...]  # per inner chunk, run.start .. run.stop - 1
+
+    def chunks(self):
+        """(inner chunk index, its stored range, its target or None), in file order."""
+        run, ranges = self.checked.run, self.checked.ranges
+        return [(i, ranges[i], target) for i, target in zip(range(run.start, run.stop), self.targets)]
+
+    @property
+    def scratch_nbytes(self) -> int:
+        return sum(CRC_NBYTES if target is not None else stored.nbytes for _, stored, target in self.chunks())
+
+
+def _landing(checked: CheckedRun, layout: ArrayLayout, destinations: Mapping[KeyPath, list[torch.Tensor]]) -> _Landing:
+    tasks: dict[int, list[ReadTask]] = {}
+    for task in checked.run.tasks:
+        tasks.setdefault(task.inner_index, []).append(task)
+    run = checked.run
+    return _Landing(checked, tuple(_target_memory(layout, tasks[i], checked.ranges[i], destinations) for i in range(run.start, run.stop)))
+
+
+def _target_memory(layout: ArrayLayout, tasks: list[ReadTask], stored, destinations) -> torch.Tensor | None:
+    """The memory the stored bytes of one inner chunk fill unchanged (as uint8), or None: the chunk is
+    compressed, padded at the array's edge, split over several regions, or lands in memory that is
+    strided, not on the CPU, of another dtype or with a lazy conjugate/negative bit."""
+    task = tasks[0]
+    if len(tasks) != 1 or layout.compressor is not None or stored.nbytes != layout.inner_chunk_nbytes + CRC_NBYTES:
+        return None
+    if task.overlap != task.inner_box or task.inner_box.sizes != layout.inner_chunk_shape:
+        return None
+    region = destinations[task.key][task.dest][task.overlap.relative_to(task.dest_box)]
+    if region.device.type != "cpu" or region.dtype != layout.dtype or not region.is_contiguous():
+        return None
+    if region.is_conj() or region.is_neg():
+        return None
+    return region.detach().reshape(-1).view(torch.uint8)
+
+
+def _start_landing(pool: ThreadPoolExecutor, storage: Storage, batch: list[_Landing], buffer, destinations, written) -> Future:
+    """Note every tensor the batch lands bytes in (before any byte does), then read it on ``pool``."""
+    for landing in batch:
+        if any(target is not None for target in landing.targets):
+            written.setdefault(fqn(landing.checked.run.key))
+            for task in landing.checked.run.tasks:
+                _count_write(destinations[task.key][task.dest])
+    return pool.submit(_fetch_landing, storage, batch, buffer)
+
+
+def _count_write(dest: torch.Tensor) -> None:
+    """Bump the version counter of memory written behind autograd's back, as ``copy_`` would, so a graph
+    that saved the old values refuses to run backward on the new ones (inference tensors have none)."""
+    if not dest.is_inference():
+        torch.autograd.graph.increment_version(dest)
+
+
+def _fetch_landing(storage: Storage, batch: list[_Landing], buffer) -> list[list[memoryview]]:
+    """Read every run of ``batch`` (concurrently), each chunk into its target or the scratch ``buffer``;
+    per run, per chunk, the scratch slot it filled (the whole chunk, or only its checksum)."""
+    scratch = memoryview(buffer).cast("B")
+    requests, slots, pos = [], [], 0
+    for landing in batch:
+        views, run_slots = [], []
+        for _, stored, target in landing.chunks():
+            n = stored.nbytes if target is None else CRC_NBYTES
+            slot = scratch[pos : pos + n]
+            pos += n
+            views += [slot] if target is None else [memoryview(target.numpy()), slot]
+            run_slots.append(slot)
+        requests.append((landing.checked.key, landing.checked.span[0], views))
+        slots.append(run_slots)
+    storage.read_scattered(requests)
+    return slots
+
+
+def _check_landed(storage: Storage, layout: ArrayLayout, landing: _Landing, slots: list[memoryview], destinations, written) -> None:
+    """Verify every chunk of a landed run; copy the scratch ones into their regions."""
+    run = landing.checked.run
+    for (index, _, target), slot in zip(landing.chunks(), slots):
+        where = f"{storage.key_url(landing.checked.key)} inner chunk {index} of {fqn(run.key)!r}"
+        if target is not None:
+            check_crc(memoryview(target.numpy()), slot, where)
+            continue
+        values = decode_inner_chunk(layout, slot, where)
+        place([(t, values[t.overlap.relative_to(t.inner_box)]) for t in run.tasks if t.inner_index == index], destinations, written)
 
 
 _HUGE_PAGE = 2 << 20  # smaller buffers gain nothing from a mapping of their own
@@ -245,22 +364,27 @@ def _sub_run(checked: CheckedRun, start: int, stop: int) -> CheckedRun:
     return CheckedRun(ReadRun(run.key, run.cell, start, stop, tasks), checked.key, checked.ranges)
 
 
-def _batches(runs: list[CheckedRun], limit: int) -> list[list[CheckedRun]]:
-    """Consecutive runs grouped into batches of at most ``limit`` bytes (a bigger run alone)."""
-    batches: list[list[CheckedRun]] = []
+def _batches(items: list, limit: int, size) -> list[list]:
+    """Consecutive items grouped into batches of at most ``limit`` bytes by ``size`` (a bigger one alone)."""
+    batches: list[list] = []
     total = 0
-    for c in runs:
-        if not batches or total + c.nbytes > limit:
+    for item in items:
+        if not batches or total + size(item) > limit:
             batches.append([])
             total = 0
-        batches[-1].append(c)
-        total += c.nbytes
+        batches[-1].append(item)
+        total += size(item)
     return batches
 
 
 def _object_index(storage: Storage, layout: ArrayLayout, key: str, run: ReadRun) -> tuple:
-    """The checked index of one object: its size first, so the index read and every entry stay inside it."""
-    where = f"{storage.key_url(key)} (shard index of {fqn(run.key)!r})"
+    return read_index(storage, layout, key, run.cell, fqn(run.key))
+
+
+def read_index(storage: Storage, layout: ArrayLayout, key: str, cell: tuple[int, ...], name: str) -> tuple:
+    """The checked index of the object ``key`` (cell ``cell`` of tensor ``name``): its size first, so the
+    index read and every entry stay inside it; uncompressed, it must be the index the layout implies."""
+    where = f"{storage.key_url(key)} (shard index of {name!r})"
     size, need = storage.size(key), index_nbytes(layout)
     if size < need:
         raise CorruptCheckpointError(
@@ -269,7 +393,7 @@ def _object_index(storage: Storage, layout: ArrayLayout, key: str, run: ReadRun)
             "checkpoint or re-run the save"
         )
     stored = decode_index(layout, storage.read_range(key, size - need, size), where, size)
-    if layout.compressor is None and stored != inner_chunk_ranges(layout, run.cell):
+    if layout.compressor is None and stored != inner_chunk_ranges(layout, cell):
         raise CorruptCheckpointError(f"{where}: the index does not match the array's layout; the object was damaged or "
                                      "rewritten — load an earlier checkpoint or re-run the save")
     return tuple(stored)
@@ -296,8 +420,12 @@ def _decode_run(storage: Storage, layout: ArrayLayout, run: ReadRun, key: str, r
 
 def copy_into(dest: torch.Tensor, values: torch.Tensor) -> None:
     """``dest.copy_(values)`` outside autograd, so parameters that require grad load as
-    ``load_state_dict`` loads them, and inside inference mode for inference tensors, which no other mode
-    may write."""
+    ``load_state_dict`` loads them (their version counter bumped), and inside inference mode for
+    inference tensors, which no other mode may write. Between CPU tensors of one dtype the bytes move
+    on this thread (``memcopy``)."""
+    if copy_bytes(dest, values):
+        _count_write(dest)
+        return
     with torch.inference_mode() if dest.is_inference() else torch.no_grad():
         dest.copy_(values)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
 import torch
@@ -33,7 +33,7 @@ from shardstore.errors import CorruptCheckpointError, StateDictMismatchError, Un
 
 __all__ = [
     "KeyPath", "flatten", "unflatten", "fill_plain_values", "merge_skeletons", "is_tensor_like", "node_path",
-    "keypath_from_node", "fqn",
+    "keypath_from_node", "fqn", "display_names",
 ]
 
 KeyPath = tuple[Union[str, int], ...]
@@ -210,6 +210,16 @@ def fqn(keypath: KeyPath) -> str:
     ``("model", "layers.0.weight")`` -> ``"model.layers.0.weight"``.
     """
     return ".".join(str(c) for c in keypath)
+
+
+def display_names(keys: Iterable[KeyPath]) -> dict[str, KeyPath]:
+    """Dotted names for key paths (as users and DCP spell them); where two key paths share one
+    (``"a.b"`` vs ``a -> b``), their node paths instead, so every name means one tensor."""
+    keys = list(keys)
+    counts: dict[str, int] = {}
+    for key in keys:
+        counts[fqn(key)] = counts.get(fqn(key), 0) + 1
+    return {(fqn(k) if counts[fqn(k)] == 1 else node_path(k)): k for k in keys}
 
 
 MAX_NAME_BYTES = 200

@@ -1,8 +1,8 @@
 """A run directory: one checkpoint per training step, named ``step-<N>`` under a root URL.
 
 The checkpoint manager writes and prunes them, and the ``shardstore ls`` / ``gc`` commands read them,
-so the naming and what counts as complete live here, once. A step is complete when its root record
-reads and validates (the commit made it visible); anything else under the root — staging and trash
+so the naming, what counts as complete, and how a step or a killed save's litter is removed live here,
+once. A step is complete when its root record reads and validates (the commit made it visible); anything else under the root — staging and trash
 siblings of the commit protocol, a step whose save was killed, files of the user's — is not a complete
 step and is never reported as one.
 """
@@ -12,11 +12,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from shardstore import commit
 from shardstore import format as fmt
 from shardstore.errors import ShardstoreError
 from shardstore.storage import Storage
 
-__all__ = ["StepEntry", "step_name", "parse_step", "step_url", "list_steps"]
+__all__ = [
+    "StepEntry", "step_name", "parse_step", "step_url", "list_steps", "delete_step", "clear_incomplete", "sweep_litter",
+]
 
 STEP_PREFIX = "step-"
 _STEP_NAME = re.compile(r"step-(0|[1-9][0-9]*)")  # canonical decimal only: one name per step
@@ -67,3 +70,30 @@ def _is_complete(checkpoint: Storage) -> bool:
     except (ShardstoreError, OSError, ValueError):
         return False
     return True
+
+
+def delete_step(checkpoint: Storage) -> None:
+    """Delete one step: its root marker first, so a deletion cut short leaves an incomplete step (never
+    listed) rather than a listed one missing objects."""
+    checkpoint.delete(fmt.ZARR_JSON)
+    checkpoint.delete_prefix()
+
+
+def clear_incomplete(url: str, storage_options: dict | None) -> None:
+    """Remove a step directory that holds objects but no root marker (a save of it was killed or failed
+    on an object store, where saves write in place), so the step can be saved afresh."""
+    checkpoint = Storage(url, storage_options)
+    if not checkpoint.is_empty() and not checkpoint.exists(fmt.ZARR_JSON):
+        checkpoint.delete_prefix()
+
+
+def sweep_litter(root_url: str, storage_options: dict | None = None) -> None:
+    """Remove what killed saves left under a run's root: dead staging and trash siblings of every step
+    (a live save's tree is kept: its owner lock is held) and step directories without a root marker."""
+    root = Storage(root_url, storage_options)
+    steps = {parse_step(name.split(".", 1)[0]) for name in root.list_names(STEP_PREFIX) if "." in name}
+    for step in sorted(steps - {None}):
+        commit.sweep(root.child(step_name(step)))
+    for entry in list_steps(root_url, storage_options):
+        if not entry.complete:
+            clear_incomplete(entry.url, storage_options)

@@ -7,9 +7,16 @@ process group: shardstore, torch DCP, torch.save and safetensors. Larger worlds 
 Shard(0): shardstore and torch DCP. Also prints the disk's raw O_DIRECT bandwidth from the same run,
 peak RSS per rank and bytes read against bytes needed. How it measures: tools/bench_common.py.
 
+The async case: how long ``shardstore.async_save`` and torch DCP's ``async_save`` (its default stager)
+block the caller, each call followed by a mutation of every tensor (the next optimizer step) and a wait
+for the commit; first call in fresh ranks, steady = median of the later calls on the same state, beside
+each system's synchronous save of the same run; peak RSS of the worst rank during the whole call.
+``--max-staging-mib`` bounds shardstore's staging memory (waves above it).
+
 Run on a quiet machine (needs ~3x --gib of free memory at world size 1, 2x --gib of disk):
     python tools/bench_checkpoint.py                     # 2 GiB, world sizes 1 2 4
     python tools/bench_checkpoint.py --small --json out.json
+    python tools/bench_checkpoint.py --gib 1 --worlds 1 2 --fresh 1 --repeat 5   # the async targets
 Smoke test (numbers meaningless): python tools/bench_checkpoint.py --gib 0.05 --fresh 1 --repeat 2
 Against an object store (one process; see tools/bench_bucket.py): --url s3://bucket/prefix
 """
@@ -24,23 +31,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.bench_common import Job, checkpoint_path, measure, remove, systems_for  # noqa: E402
-from tools.bench_state import Layout, State  # noqa: E402
+from tools.bench_common import SYSTEMS, Job, checkpoint_path, measure, remove, systems_for  # noqa: E402
+from tools.bench_state import MIB, Layout, State  # noqa: E402
 from tools.bench_report import METHOD, Report, add_common_args, positive_int, raw_bandwidth, states  # noqa: E402
 
 
 def run_world(report: Report, args: argparse.Namespace, state: State, world: int) -> None:
-    """Save then same-layout load of ``state`` on ``world`` ranks, every system, two tables."""
+    """Save, same-layout load and async save of ``state`` on ``world`` ranks, every system, three tables."""
     layout = Layout(world, None if world == 1 else 0)
-    saves, loads = {}, {}
+    saves, loads, stalls = {}, {}, {}
+    budget = None if args.max_staging_mib is None else args.max_staging_mib * MIB
     for system in systems_for(layout):
-        job = Job(system, "save", state, layout, checkpoint_path(args.dir, system), repeats=1)
+        job = Job(system, "save", state, layout, checkpoint_path(args.dir, system), repeats=1, max_staging_bytes=budget)
         saves[system] = measure(job, args.fresh, args.repeat)
         loads[system] = measure(replace(job, op="load"), args.fresh, args.repeat)
+        if SYSTEMS[system].async_save is not None and not args.no_async:
+            stalls[system] = measure(replace(job, op="async_save"), args.fresh, args.repeat)
         remove(job.path)
     baselines = ["torch DCP"] + (["torch.save", "safetensors"] if layout.shard_dim is None else [])
     report.case(f"durable save, world size {world}", "save", state, layout, saves, baselines)
     report.case(f"cold same-layout load, world size {world}", "load", state, layout, loads, baselines)
+    if stalls:
+        report.stall_case(f"async save, time the caller is blocked, world size {world}", state, layout, stalls, saves)
 
 
 def main() -> None:
@@ -49,6 +61,9 @@ def main() -> None:
     parser.add_argument("--worlds", type=positive_int, nargs="+", default=[1, 2, 4],
                         help="world sizes; 1 is plain tensors without a process group (default 1 2 4)")
     parser.add_argument("--url", help="an object-store URL (s3://bucket/prefix): run tools/bench_bucket.py there")
+    parser.add_argument("--no-async", action="store_true", help="skip the async save case")
+    parser.add_argument("--max-staging-mib", type=positive_int, default=None,
+                        help="shardstore async_save's max_staging_bytes, MiB (default: no bound)")
     args = parser.parse_args()
     if args.url:
         from tools.bench_bucket import run

@@ -25,7 +25,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -109,19 +109,24 @@ def _safetensors_load(sd: dict, path: str) -> None:
 @dataclass(frozen=True)
 class System:
     """How one system saves a state dict to ``path`` and loads it back in place. ``load`` returns the
-    bytes the system itself reports having read, or None; ``distributed``: it runs on many ranks."""
+    bytes the system itself reports having read, or None; ``distributed``: it runs on many ranks.
+    ``async_save(sd, path, max_staging_bytes)`` starts a save and returns something whose ``result()``
+    waits for it (None: the system has none)."""
 
     save: Callable[[dict, str], object]
     load: Callable[[dict, str], int | None]
     distributed: bool
+    async_save: Callable[[dict, str, int | None], Any] | None = None
 
 
 SYSTEMS = {
     "shardstore": System(
-        lambda sd, path: shardstore.save(sd, path), lambda sd, path: shardstore.load(sd, path).bytes_read, True,
+        lambda sd, path: shardstore.save(sd, path), lambda sd, path: shardstore.load(sd, path).bytes_fetched, True,
+        lambda sd, path, budget: shardstore.async_save(sd, path, max_staging_bytes=budget),
     ),
     "torch DCP": System(
         lambda sd, path: dcp.save(sd, checkpoint_id=path), lambda sd, path: dcp.load(sd, checkpoint_id=path), True,
+        lambda sd, path, budget: dcp.async_save(sd, checkpoint_id=path),  # its default stager: no bound
     ),
     "torch.save": System(_torch_save, _torch_load, False),
     "safetensors": System(_safetensors_save, _safetensors_load, False),
@@ -142,7 +147,9 @@ def systems_for(layout: Layout) -> list[str]:
 
 @dataclass(frozen=True)
 class Job:
-    """One set of fresh ranks doing ``op`` ("save" or "load") with ``system`` ``repeats`` times."""
+    """One set of fresh ranks doing ``op`` ("save", "load" or "async_save") with ``system`` ``repeats``
+    times. An async save's time is the caller's stall; it then mutates the state (as the next optimizer
+    step would) and waits for the commit."""
 
     system: str
     op: str
@@ -151,6 +158,7 @@ class Job:
     path: str
     repeats: int
     out: str = ""  # results file prefix, one file per rank
+    max_staging_bytes: int | None = None  # shardstore's async_save bound
 
 
 @dataclass(frozen=True)
@@ -170,6 +178,7 @@ class Record:
     rchar: int
     disk_read: int
     reported_read: int | None
+    total: float = 0.0  # seconds until the operation ended on every rank (an async save's commit included)
 
 
 def _io() -> dict[str, int]:
@@ -199,26 +208,41 @@ def _barrier(layout: Layout) -> None:
 
 def _prepare(job: Job, rank: int) -> None:
     """Untimed: rank 0 clears the save's destination, or evicts the checkpoint before a load."""
-    if rank == 0 and job.op == "save":
+    if rank == 0 and job.op != "load":
         remove(job.path)
     elif rank == 0:
         evict(job.path)
 
 
 def _timed_call(job: Job, rank: int, call: int, sd: dict, held: int) -> Record:
-    operation = getattr(SYSTEMS[job.system], job.op)
     _prepare(job, rank)
     _barrier(job.layout)
     _reset_peak()
     io, rss = _io(), _status("VmRSS")
     start = time.perf_counter()
-    reported = operation(sd, job.path)
+    reported, stall = _operate(job, sd)
     _barrier(job.layout)
     seconds = time.perf_counter() - start
     after = _io()
     reported = reported if isinstance(reported, int) else None
-    return Record(rank, call, seconds, held, rss, _status("VmHWM"), _ru_maxrss(), after["rchar"] - io["rchar"],
-                  after["read_bytes"] - io["read_bytes"], reported)
+    return Record(rank, call, seconds if stall is None else stall, held, rss, _status("VmHWM"), _ru_maxrss(),
+                  after["rchar"] - io["rchar"], after["read_bytes"] - io["read_bytes"], reported, seconds)
+
+
+def _operate(job: Job, sd: dict) -> tuple[object, float | None]:
+    """Run the operation; for an async save also return the caller's stall, then mutate every tensor
+    (the saved values must be those of the call) and wait for the commit."""
+    system = SYSTEMS[job.system]
+    if job.op != "async_save":
+        return getattr(system, job.op)(sd, job.path), None
+    start = time.perf_counter()
+    pending = system.async_save(sd, job.path, job.max_staging_bytes)
+    stall = time.perf_counter() - start
+    with torch.no_grad():
+        for tensor in sd.values():
+            (tensor.to_local() if hasattr(tensor, "to_local") else tensor).add_(1)
+    pending.result()
+    return None, stall
 
 
 def _run_job(rank: int, job: Job) -> None:
@@ -271,6 +295,13 @@ class Measurement:
 
     def call_seconds(self, start: int, call: int) -> float:
         return max(ranks[call].seconds for ranks in self.starts[start])
+
+    @property
+    def steady_total_s(self) -> float | None:
+        """Median until every rank ended (an async save's commit), over the calls after the first."""
+        calls = len(self.starts[-1][0])
+        totals = [max(ranks[c].total for ranks in self.starts[-1]) for c in range(1, calls)]
+        return statistics.median(totals) if totals else None
 
     @property
     def first_s(self) -> float:

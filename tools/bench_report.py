@@ -232,6 +232,21 @@ class Report:
                         for name, m in results.items()},
         })
 
+    def stall_case(self, title: str, state: State, layout: Layout, stalls: dict[str, Measurement],
+                   sync: dict[str, Measurement]) -> None:
+        """How long each system's async save blocks the caller, against its own synchronous save."""
+        heads = ["system", "first stall s", "steady stall s", "stall / sync save (steady)", "until committed s",
+                 "RSS MiB held/before/peak"]
+        rows = [[name, _fmt(m.first_s, ".3f"), _fmt(m.steady_s, ".3f"),
+                 _fmt(_ratio(m.steady_s, sync[name].steady_s if name in sync else None), ".3f", "x"),
+                 _fmt(m.steady_total_s), _worst_memory(m.first_calls())] for name, m in stalls.items()]
+        widths = [max(len(str(c)) for c in column) for column in zip(heads, *rows)]
+        print(f"\n{title}: {state.title}, {state.nbytes / GIB:.2f} GiB; {layout.describe()}")
+        for row in [heads] + rows:
+            print("  " + "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        sys.stdout.flush()
+        self._keep(title, "async_save", state, layout, stalls, {name: (None, None) for name in stalls})
+
     def write_json(self, path: str | None) -> None:
         if path:
             with open(path, "w") as f:
@@ -249,5 +264,5 @@ METHOD = (
     "RSS: the worst rank's bytes held, RSS before the call and peak RSS during it (VmHWM, reset before the "
     "call; ru_maxrss, which a spawned process inherits from its parent, is in the JSON). read/needed: "
     "the worst rank's /proc/self/io rchar and read_bytes (disk) deltas, and what the system reports "
-    "(shardstore: LoadResult.bytes_read), against the bytes its targets hold."
+    "(shardstore: LoadResult.bytes_fetched), against the bytes its targets hold."
 )

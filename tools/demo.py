@@ -82,7 +82,7 @@ def load_phase(args) -> None:
     ok &= all(torch.equal(state["optim"][n]["exp_avg"].full_tensor().cpu(), expected[f"optim.{n}.exp_avg"]) for n in SHAPES)
     ok &= state["step"] == 100
     local = {n: tuple(state["model"][n].to_local().shape) for n in ("embed.weight", "norm.weight")}
-    say(f"[load] {world} ranks, mesh {tuple(mesh.shape)}, new placements; rank 0 read {result.bytes_read / 2**20:.2f} MiB "
+    say(f"[load] {world} ranks, mesh {tuple(mesh.shape)}, new placements; rank 0 placed {result.bytes_read / 2**20:.2f} MiB (read {result.bytes_fetched / 2**20:.2f}) "
         f"in {result.chunks_read} pieces; rank 0 local shapes {local}; every tensor {'EQUAL' if ok else 'DIFFERENT'}")
     if not ok:
         raise SystemExit("the resharded load differs from what was saved")

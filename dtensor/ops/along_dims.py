@@ -1,7 +1,8 @@
 """Ops that work along some dims and treat every position of the other dims alike: scans (``cumsum``,
 ``cummax`` ...), ``sort``/``argsort``/``topk``, ``flip``, ``roll``, ``constant_pad_nd``, ``repeat`` (along
 the dims it repeats; the new leading dims shift the others), ``diagonal`` (along its two dims, which
-become one last dim), and the triangles ``tril``/``triu``.
+become one last dim), the triangles ``tril``/``triu``, the Fourier transforms (``_fft_*``, along their
+dims), and ``linalg_cross`` and ``glu`` (elementwise over broadcast inputs except along their ``dim``).
 
 The dims an op works along must be whole on every rank, so a ``Shard`` of one of them is replicated
 first; shards of any other dim stay, and every output (values and indices alike) keeps the input's
@@ -21,7 +22,7 @@ import torch
 from ..dispatch import Strategy
 from ..placements import Placement, Replicate, Shard, local_box
 from ..spec import DTensorSpec
-from .common import bind_args, is_shardable
+from .common import Operand, bind_args, elementwise, is_shardable, tensor_operands
 
 aten = torch.ops.aten
 
@@ -89,6 +90,51 @@ def _padded(named: dict, ndim: int) -> Sequence[int]:
     return range(ndim - len(named["pad"]) // 2, ndim)
 
 
+def _dim_list(named: dict, ndim: int) -> Sequence[int]:
+    return named["dim"]
+
+
+def _all_but_dim(named: dict, ndim: int) -> Sequence[int]:
+    """``renorm`` normalizes each slice along ``dim``: the slice is every other dim."""
+    return [d for d in range(ndim) if d != named["dim"] % ndim]
+
+
+def _dimension(named: dict, ndim: int) -> Sequence[int]:
+    return [named["dimension"]]
+
+
+def _unfold_backward(func, specs, args, kwargs):
+    """The windows' gradient (``dim`` became the window count, a window dim was appended) summed back
+    into zeros of the global ``input_sizes``: ``dim`` and the window dim whole, the others keep shards."""
+    spec = specs[0]
+    named = bind_args(func, args, kwargs)
+    sizes = list(named["input_sizes"])
+    placements = _layout(spec, {named["dim"] % len(sizes), len(spec.shape) - 1}, lambda p: _sum_or_avg(named, p))
+    coordinate = spec.mesh.get_coordinate()
+    local = list(local_box(sizes, spec.mesh.shape, placements, coordinate).sizes) if coordinate is not None else [0] * len(sizes)
+    return Strategy((placements,), placements, lambda a, k: ((a[0], local, *a[2:]), k))
+
+
+def _along_broadcast(func, specs, args, kwargs):
+    """``linalg_cross``, ``glu`` and its backward: elementwise over broadcast inputs except along ``dim``,
+    which stays whole (its size may differ between the inputs: ``glu`` halves it)."""
+    operands = tensor_operands(specs, args, kwargs)
+    ndim = max(len(o.shape) for o in operands)
+    back = bind_args(func, args, kwargs)["dim"] % ndim - ndim  # from the end: inputs may differ in rank
+    flat = tuple(Operand(o.spec, _one_at(o.shape, back)) for o in operands)
+    choice = elementwise(flat, (), (), (ndim + back,))
+    if choice is None:
+        return None
+    return Strategy(choice.dtensor_inputs(), choice.output)
+
+
+def _one_at(shape: tuple[int, ...], back: int) -> tuple[int, ...]:
+    """``shape`` with the dim ``back`` from the end (if it has one) set to 1, so that it broadcasts."""
+    if len(shape) < -back:
+        return shape
+    return shape[:back] + (1,) + (shape[back + 1 :] if back != -1 else ())
+
+
 def _repeat(func, specs, args, kwargs):
     """``repeat`` only copies data: dims repeated once keep their shards (shifted past the new leading
     dims), repeated dims are replicated first, and every pending reduction passes through."""
@@ -145,6 +191,16 @@ RULES = {
     aten.roll.default: _along(_dims, keeps=_always),
     aten.constant_pad_nd.default: _along(_padded, keeps=_zero_pad),
     aten.repeat.default: _repeat,
+    # the discrete Fourier transforms work along their dims and are linear
+    aten._fft_c2c.default: _along(_dim_list, keeps=_sum_or_avg),
+    aten._fft_r2c.default: _along(_dim_list, keeps=_sum_or_avg),
+    aten._fft_c2r.default: _along(_dim_list, keeps=_sum_or_avg),
+    aten.renorm.default: _along(_all_but_dim),
+    aten.unfold.default: _along(_dimension, keeps=_always),
+    aten.unfold_backward.default: _unfold_backward,
+    aten.linalg_cross.default: _along_broadcast,
+    aten.glu.default: _along_broadcast,
+    aten.glu_backward.default: _along_broadcast,
     aten.diagonal.default: _diagonal,
     aten.tril.default: _triangle,
     aten.triu.default: _triangle,

@@ -155,13 +155,13 @@ def _mixed_partials(placements: Sequence[Placement]) -> bool:
     return len(ops) > 1 and ops != {"sum", "avg"}
 
 
-def _single_dim_options(operands: Sequence[Operand], out_shape, rules: Sequence[PartialRule]):
+def _single_dim_options(operands: Sequence[Operand], out_shape, rules: Sequence[PartialRule], whole: tuple[int, ...]):
     """Per mesh dim: (output placement, operand placements) options, in torch's order."""
     n = len(operands)
     options = [(Replicate(), (Replicate(),) * n)]
     if any(p.is_shard() for o in operands if o.spec is not None for p in o.spec.placements):
         maps = [broadcast_map(out_shape, o.shape) for o in operands]
-        for d in range(len(out_shape)):
+        for d in (d for d in range(len(out_shape)) if d not in whole):
             options.append((Shard(d), tuple(Shard(m[d]) if m[d] >= 0 else Replicate() for m in maps)))
     options += [(r[0], tuple(r[1:])) for r in rules if len(r) == n + 1]
     return options
@@ -169,17 +169,19 @@ def _single_dim_options(operands: Sequence[Operand], out_shape, rules: Sequence[
 
 @functools.lru_cache(maxsize=4096)
 def elementwise(
-    operands: tuple[Operand, ...], rules: tuple[PartialRule, ...] = (), keep: tuple[int, ...] = ()
+    operands: tuple[Operand, ...], rules: tuple[PartialRule, ...] = (), keep: tuple[int, ...] = (), whole: tuple[int, ...] = ()
 ) -> Choice | None:
     """The cheapest layout for an elementwise op over broadcast ``operands`` (see the module docstring).
 
     ``rules`` adds Partial options for one mesh dim, ``(output, operand 0, operand 1, ...)``, used when their
     length fits the operand count. ``keep``: operands that must not move (in-place targets; the output
-    then equals the first of them). None when no layout keeps them.
+    then equals the first of them). None when no layout keeps them. ``whole``: (non-negative) dims of
+    the broadcast shape that no option shards, for ops elementwise over every other dim (``cross``,
+    ``glu`` work along one dim).
     """
     mesh = next(o.spec.mesh for o in operands if o.spec is not None)
     out_shape = tuple(torch.broadcast_shapes(*[o.shape for o in operands]))
-    options = _single_dim_options(operands, out_shape, rules)
+    options = _single_dim_options(operands, out_shape, rules, whole)
     best, best_key = None, None
     for combo in itertools.product(options, repeat=mesh.ndim):
         output = tuple(c[0] for c in combo)

@@ -1,6 +1,8 @@
-"""Gather/scatter-style ops: ``gather``, ``scatter`` (+ ``scatter_add``, in place too), ``index_select``,
-``index_add``, ``index_fill`` and advanced indexing ``x[idx]`` with one integer index, the ops MoE routing and
-embedding-like code (and their backward) run on.
+"""Gather/scatter-style ops: ``gather``, ``scatter`` (+ ``scatter_add``, ``scatter_reduce``, in place too),
+``index_select``, ``index_add`` (+ ``index_copy``, ``index_reduce``), ``index_fill``, ``slice_scatter``,
+advanced indexing ``x[idx]`` with one integer index (the ops MoE routing and embedding-like code, and
+their backward, run on), and the lookups ``bucketize``/``searchsorted``/``isin`` (values keep their
+shards, the table is whole).
 
 These ops pick positions along one dim (``dim``) and keep every other dim position for position, so a
 mesh dim may split any other dim as long as every tensor operand is split the same way there (same size
@@ -99,6 +101,26 @@ def _index(func, specs, args, kwargs):
     return Strategy((tuple(x_p), tuple(idx_p)), tuple(out))
 
 
+def _lookup(values: str):
+    """``bucketize``, ``searchsorted`` (1-d sequence), ``isin``: each element of ``values`` is looked up
+    in a whole table (boundaries, a sorted sequence, test elements), so ``values`` keeps its shards and
+    the table (and a ``sorter``) is replicated; pending reductions are resolved first."""
+
+    def rule(func, specs, args, kwargs):
+        named = bind_args(func, args, kwargs)
+        order = [a.name for a in func._schema.arguments if isinstance(named.get(a.name), torch.Tensor)]
+        if len(order) != len(specs) or values not in order:
+            return None
+        table = [s for n, s in zip(order, specs) if n != values]
+        if func is aten.searchsorted.Tensor and len(table[0].shape) != 1:
+            return None  # a batch of sequences, one per row of values: the fallback
+        kept = tuple(Replicate() if p.is_partial() else p for p in specs[order.index(values)].placements)
+        replicate = (Replicate(),) * len(kept)
+        return Strategy(tuple(kept if n == values else replicate for n in order), kept)
+
+    return rule
+
+
 _GATHER = _rule(("self", "index"), gather=True)
 _SCATTER = _rule(("self", "index", "src"))
 _SCATTER_VALUE = _rule(("self", "index"))
@@ -117,7 +139,14 @@ RULES = {
     aten.index_select.default: _INDEX_SELECT,
     aten.index_add.default: _INDEX_ADD,
     aten.index_add_.default: _INDEX_ADD,
+    aten.index_copy.default: _INDEX_ADD,
+    aten.index_reduce.default: _INDEX_ADD,
+    aten.scatter_reduce.two: _SCATTER,
+    aten.slice_scatter.default: _rule(("self", "src")),
     aten.index.Tensor: _index,
+    aten.bucketize.Tensor: _lookup("self"),
+    aten.searchsorted.Tensor: _lookup("self"),
+    aten.isin.Tensor_Tensor: _lookup("elements"),
     aten.index_fill.int_Tensor: _INDEX_FILL,
     aten.index_fill.int_Scalar: _INDEX_FILL,
     aten.index_fill_.int_Tensor: _INDEX_FILL,

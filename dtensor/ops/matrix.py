@@ -1,4 +1,5 @@
-"""Matrix products (``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``dot``, ``mv``): einsum-style rules chosen by cost.
+"""Matrix products (``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``addbmm``, ``dot``, ``vdot``, ``mv``, ``addmv``,
+``addr``): einsum-style rules chosen by cost.
 
 Each op is an einsum equation (``mk,kn->mn`` for ``mm``). On one mesh dim, a product can run on shards in
 a few ways (``_options``), written (output, lhs, rhs):
@@ -14,7 +15,7 @@ a few ways (``_options``), written (output, lhs, rhs):
 A strategy picks one option per mesh dim, never one that cuts a dim into empty shards; the rule takes
 the one whose input redistribution costs least under torch's cost model (``common.redistribute_cost``: a
 latency per collective plus bytes over bandwidth), then the one creating no new pending reduction, then
-the earlier option. ``addmm``/``baddbmm`` add a bias laid out like the output (a bias added to a ``Partial`` output is
+the earlier option. ``addmm``/``baddbmm``/``addbmm``/``addmv``/``addr`` add a bias laid out like the output (a bias added to a ``Partial`` output is
 split into shares that sum to it, so it is added once in total).
 """
 
@@ -120,5 +121,9 @@ RULES = {
     aten.baddbmm.default: _product_rule("bmk,bkn->bmn", with_bias=True),
     aten.dot.default: _product_rule("k,k->", with_bias=False),
     aten.mv.default: _product_rule("mk,k->m", with_bias=False),
+    aten.vdot.default: _product_rule("k,k->", with_bias=False),
+    aten.addmv.default: _product_rule("mk,k->m", with_bias=True),
+    aten.addr.default: _product_rule("m,n->mn", with_bias=True),
+    aten.addbmm.default: _product_rule("bmk,bkn->mn", with_bias=True),
 }
 HANDLERS: dict = {}

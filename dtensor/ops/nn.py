@@ -206,8 +206,10 @@ def _embedding_placements(weight: DTensorSpec, indices: DTensorSpec) -> tuple[tu
 
 
 def _embedding(cls, func, args, kwargs):
-    """Rows outside this rank's range of a row-sharded weight contribute zeros (masked lookup)."""
-    weight, indices = args[0], args[1]
+    """Rows outside this rank's range of a row-sharded weight contribute zeros (masked lookup). A plain
+    index tensor (a 0-d one, ``embedding(torch.tensor(3), w)``) is the same on every rank."""
+    weight = args[0]
+    indices = _replicated(cls, args[1], weight._spec.mesh)
     w_p, i_p, out_p = _embedding_placements(weight._spec, indices._spec)
     w, idx = local_as(weight, w_p), local_as(indices, i_p)
     shape = tuple(indices.shape) + (weight.shape[1],)
@@ -223,11 +225,13 @@ def _embedding(cls, func, args, kwargs):
 
 
 def _embedding_backward(func, specs, args, kwargs):
-    grad, indices = specs
+    grad = specs[0]
+    replicate = (Replicate(),) * len(grad.placements)
+    indices = specs[1].placements if len(specs) > 1 else replicate  # a plain 0-d index: the same everywhere
     last = len(grad.shape) - 1
     scale_by_freq = args[4] if len(args) > 4 else kwargs.get("scale_grad_by_freq", False)
     g_p, i_p, out = [], [], []
-    for gp, ip in zip(grad.placements, indices.placements):
+    for gp, ip in zip(grad.placements, indices):
         batch = gp if isinstance(gp, Shard) and gp.dim < last else ip if isinstance(ip, Shard) else None
         if isinstance(gp, Shard) and gp.dim == last:  # column-sharded weight
             g_p.append(gp), i_p.append(Replicate()), out.append(Shard(1))
@@ -237,7 +241,7 @@ def _embedding_backward(func, specs, args, kwargs):
             g_p.append(gp), i_p.append(Replicate()), out.append(gp)
         else:
             g_p.append(Replicate()), i_p.append(Replicate()), out.append(Replicate())
-    return Strategy((tuple(g_p), tuple(i_p)), tuple(out))
+    return Strategy((tuple(g_p), tuple(i_p))[: len(specs)], tuple(out))
 
 
 # ---------------------------------------------------------------- nll loss

@@ -198,6 +198,12 @@ _TABLE = [
      "round.default trunc.default nan_to_num.default square.default atan2.default hypot.default "
      "threshold_backward.default gelu_backward.default sigmoid_backward.default tanh_backward.default "
      "silu_backward.default native_dropout_backward.default", ()),
+    # elementwise, though torch does not tag them pointwise: activation backwards, rsub, complex builders
+    ("elu_backward.default hardtanh_backward.default log_sigmoid_forward.default log_sigmoid_backward.default "
+     "hardshrink_backward.default hardsigmoid_backward.default hardswish.default hardswish_backward.default "
+     "leaky_relu_backward.default mish_backward.default softplus_backward.default softshrink_backward.default "
+     "rsub.Tensor floor_divide.default floor_divide.Scalar polar.default complex.default _prelu_kernel.default "
+     "fill.Scalar fill.Tensor", ()),
     ("add.out sub.out mul.out div.out maximum.out minimum.out neg.out exp.out sqrt.out abs.out sign.out "
      "clamp.out addcmul.out addcdiv.out lerp.Scalar_out where.self_out", ()),
     ("eq.Tensor eq.Scalar ne.Tensor ne.Scalar lt.Tensor lt.Scalar le.Tensor le.Scalar gt.Tensor gt.Scalar "

@@ -82,6 +82,23 @@ def _normal_values(a, spec, seed, device, cls):
     return a["mean"] + a["std"] * _normal(seed, spec, device)
 
 
+# Other distributions by inverse transform of the same uniform (or normal) draws, as torch's CPU kernels.
+def _cauchy_values(a, spec, seed, device, cls):
+    return a["median"] + a["sigma"] * torch.tan(torch.pi * (_unit(seed, spec, device) - 0.5))
+
+
+def _exponential_values(a, spec, seed, device, cls):
+    return -torch.log1p(-_unit(seed, spec, device)) / a["lambd"]
+
+
+def _geometric_values(a, spec, seed, device, cls):
+    return torch.ceil(torch.log1p(-_unit(seed, spec, device)) / torch.log1p(torch.tensor(-a["p"], dtype=torch.float64)))
+
+
+def _log_normal_values(a, spec, seed, device, cls):
+    return torch.exp(a["mean"] + a["std"] * _normal(seed, spec, device))
+
+
 def _bernoulli_values(a, spec, seed, device, cls):
     return _unit(seed, spec, device) < _probabilities(a["p"], spec, cls).to(device)
 
@@ -127,6 +144,18 @@ def _randint(a, spec, seed, device):
     return torch.floor(low + (high - low) * _unit(seed, spec, device))
 
 
+def _normal_of_tensors(cls, func, args, kwargs):
+    """``normal`` with a tensor mean and/or std: ``mean + std * z``, ``z`` standard normal drawn like
+    ``randn_like`` over the broadcast shape, as DTensor ops (any layout of the two works)."""
+    a = bind_args(func, args, kwargs)
+    mean, std = a["mean"], a["std"]
+    like = mean if isinstance(mean, cls) else std
+    shape = torch.broadcast_shapes(*[t.shape for t in (mean, std) if isinstance(t, torch.Tensor)])
+    base, generator = aten.expand.default(like, list(shape)), a.get("generator")
+    z = aten.randn_like.default(base) if generator is None else aten.randn_like.generator(base, generator=generator)
+    return aten.add.Tensor(aten.mul.Tensor(z, std) if isinstance(std, torch.Tensor) else aten.mul.Scalar(z, std), mean)
+
+
 def _bernoulli(cls, func, args, kwargs):
     """``bernoulli.p`` (probability p) and ``bernoulli.default`` (the input holds the probabilities)."""
     a = bind_args(func, args, kwargs)
@@ -159,11 +188,18 @@ def _native_dropout(cls, func, args, kwargs):
 HANDLERS = {
     aten.uniform_.default: _fill(_uniform_values),
     aten.normal_.default: _fill(_normal_values),
+    aten.cauchy_.default: _fill(_cauchy_values),
+    aten.exponential_.default: _fill(_exponential_values),
+    aten.geometric_.default: _fill(_geometric_values),
+    aten.log_normal_.default: _fill(_log_normal_values),
     aten.bernoulli_.float: _fill(_bernoulli_values),
     aten.bernoulli_.Tensor: _fill(_bernoulli_values),
     aten.bernoulli.p: _bernoulli,
     aten.bernoulli.default: _bernoulli,
     aten.native_dropout.default: _native_dropout,
+    aten.normal.Tensor_Tensor: _normal_of_tensors,
+    aten.normal.Tensor_float: _normal_of_tensors,
+    aten.normal.float_Tensor: _normal_of_tensors,
     aten.rand_like.default: _like(lambda a, spec, seed, device: _unit(seed, spec, device, spec.dtype)),
     aten.rand_like.generator: _like(lambda a, spec, seed, device: _unit(seed, spec, device, spec.dtype)),
     aten.randn_like.default: _like(lambda a, spec, seed, device: _normal(seed, spec, device)),

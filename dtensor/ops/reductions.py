@@ -299,10 +299,19 @@ RULES = {
     aten.median.default: _reduction_rule(None),
     aten.median.dim: _reduction_rule(None, outputs=2),
     aten.nanmedian.default: _reduction_rule(None),
+    aten.nanmedian.dim: _reduction_rule(None, outputs=2),
     aten.kthvalue.default: _reduction_rule(None, outputs=2),
     aten.mode.default: _reduction_rule(None, outputs=2),
 }
+
+def _dist(cls, func, args, kwargs):
+    """``dist(a, b, p)``: the p-norm of the difference, as DTensor ops (the norm handler's layout)."""
+    named = bind_args(func, args, kwargs)
+    return aten.linalg_vector_norm.default(aten.sub.Tensor(named["self"], named["other"]), named["p"])
+
+
 HANDLERS = {
+    aten.dist.default: _dist,
     aten.trace.default: _trace,
     aten.aminmax.default: _aminmax,
     aten.var.correction: _variance,

@@ -14,7 +14,7 @@ from .. import collectives
 from ..dispatch import Strategy
 from ..placements import Replicate
 from ..redistribute import redistribute_local
-from ..spec import contiguous_strides
+from ..spec import DTensorSpec, contiguous_strides
 from .common import elementwise, replicate_partials, tensor_operands
 from .pointwise import COPY, KEEP, PA, PMAX, PMIN, elementwise_rule
 
@@ -78,7 +78,7 @@ _UNINITIALIZED = (aten.new_empty.default, aten.new_empty_strided.default)
 
 def _equal(cls, func, args, kwargs):
     """``torch.equal``: same shape, then every rank compares its shards of one common layout."""
-    a, b = args
+    a, b = (_scalar_as_replicate(cls, x, args) for x in args)
     if not isinstance(a, cls) or not isinstance(b, cls):
         other = type(b if isinstance(a, cls) else a).__name__
         raise TypeError(f"torch.equal got a DTensor and a {other}; make both DTensors (distribute_tensor)")
@@ -92,6 +92,14 @@ def _equal(cls, func, args, kwargs):
     for mesh_dim in range(sa.mesh.ndim):
         same = collectives.all_reduce(same, "min", sa.mesh, mesh_dim)
     return bool(collectives.wait(same).item())
+
+
+def _scalar_as_replicate(cls, x, args):
+    """A plain 0-d tensor beside a DTensor is a scalar, the same on every rank (as in torch)."""
+    if isinstance(x, cls) or not isinstance(x, torch.Tensor) or x.dim() != 0:
+        return x
+    mesh = next(y for y in args if isinstance(y, cls))._spec.mesh
+    return cls(x.detach(), DTensorSpec.create(mesh, (Replicate(),) * mesh.ndim, x.shape, x.dtype))
 
 
 def _shards(spec) -> int:

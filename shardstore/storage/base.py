@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterable
 
 from shardstore.errors import CorruptCheckpointError, MissingChunkError, UnsafeKeyError
 
@@ -177,6 +177,24 @@ class Storage:
             raise ValueError(f"read_ranges_into: {pos} bytes requested, the buffer holds {len(view)}")
         return list(io_pool().map(lambda job: self.read_range_into(*job), jobs))
 
+    def read_range_scattered(self, key: str, start: int, views: list[memoryview]) -> None:
+        """Fill ``views`` one after another with the bytes of ``key`` from ``start``: one ranged read whose
+        parts land in separate buffers (a target tensor's memory, a checksum slot). Local files scatter in
+        the kernel (``preadv``); other backends fetch the range and copy its parts out."""
+        data = memoryview(self.read_range(key, start, start + sum(len(v) for v in views)))
+        pos = 0
+        for view in views:
+            view[:] = data[pos : pos + len(view)]
+            pos += len(view)
+
+    def read_scattered(self, requests: list[tuple[str, int, list[memoryview]]]) -> None:
+        """Many ``read_range_scattered`` calls at once, concurrently."""
+        if len(requests) <= 1:
+            for request in requests:
+                self.read_range_scattered(*request)
+            return
+        list(io_pool().map(lambda r: self.read_range_scattered(*r), requests))
+
     def pinned(self) -> "Storage":
         """A read-only view of the checkpoint now at the root that a concurrent commit cannot change under
         it, where the backend can (local trees); else this storage itself."""
@@ -196,6 +214,11 @@ class Storage:
         second keeps it; every commit writes a root record with its own commit id, so commits differ."""
         raise NotImplementedError
 
+    def modified(self, key: str) -> float | None:
+        """When the object at ``key`` was last written (POSIX seconds), from metadata alone; None where
+        the backend does not say."""
+        raise NotImplementedError
+
     def list(self, prefix: str = "") -> list[str]:
         """Every key under ``prefix`` (recursive), relative to the root, sorted."""
         raise NotImplementedError
@@ -213,6 +236,11 @@ class Storage:
     def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` under ``key`` atomically (readers see the old object, the new one, or none).
         Durable once ``sync`` returns."""
+        raise NotImplementedError
+
+    def write_parts(self, key: str, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Store the concatenation of ``parts`` under ``key`` as ``write`` does, taking one part at a time
+        (an object bigger than memory, written from a generator)."""
         raise NotImplementedError
 
     def create_exclusive(self, key: str, data: bytes) -> None:
@@ -276,3 +304,10 @@ class Storage:
     def copy_to(self, key: str, dest: "Storage") -> None:
         """Copy one object to the same key under ``dest`` (server-side where the backend can)."""
         raise NotImplementedError
+
+    def link_from(self, source: "Storage", key: str) -> None:
+        """Store at ``key`` the object ``source`` holds at ``key`` without moving its bytes through this
+        process where the backend can: a hard link on local disks, a server-side copy on object stores
+        (an incremental save reuses an unchanged object of the previous checkpoint this way). Each
+        checkpoint stays self-contained: deleting ``source`` later leaves this object intact."""
+        source.copy_to(key, self)

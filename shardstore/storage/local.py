@@ -5,7 +5,9 @@ directories (a returned save survives a power cut), exclusive creates, atomic re
 that never replace a non-empty directory (and, on Linux, atomic exchange of two trees), and reads that
 never follow a symlink nor block on a FIFO planted in a checkpoint.
 
-Writes go to ``<key>.tmp-<uuid>``, are fsync'd (when durable), then renamed over the key; every directory
+Writes go to ``<key>.tmp-<uuid>``, are fsync'd (when durable), then renamed over the key (never rewritten
+in place, so an object hard-linked into a later checkpoint by ``link_from`` cannot change through either
+name); every directory
 whose entries changed (a rename landed in it, a sub-directory was created in it) is remembered and
 fsync'd by ``sync()``. Reads open each object with ``O_NOFOLLOW`` after checking every directory on the
 way is a real directory, and refuse anything but a regular file.
@@ -21,7 +23,7 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any
+from typing import Any, Callable, Iterable
 
 
 from shardstore.errors import CorruptCheckpointError
@@ -80,6 +82,12 @@ class LocalStorage(Storage):
             got = posix.pread_into(fd, start, view)
         self._check_length(key, start, start + len(view), got)
         return view
+
+    def read_range_scattered(self, key: str, start: int, views: list[memoryview]) -> None:
+        with self._open_for_read(key) as fd:
+            got = posix.preadv_all(fd, start, views)
+        expected = sum(len(v) for v in views)
+        self._check_length(key, start, start + expected, got)
 
     def _open_for_read(self, key: str) -> "posix.Fd":
         """Open ``key`` for reading: no symlink on the way, and a regular file (a FIFO would block)."""
@@ -157,6 +165,10 @@ class LocalStorage(Storage):
             st = os.fstat(fd)
         return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
+    def modified(self, key: str) -> float | None:
+        with self._open_for_read(key) as fd:
+            return os.fstat(fd).st_mtime
+
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self._root
         start = len(self._root) + 1
@@ -181,7 +193,20 @@ class LocalStorage(Storage):
 
     def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
         path = self._path(key)
-        tmp = self._write_tmp(path, data)
+        self._replace(self._write_tmp(path, data), path)
+
+    def write_parts(self, key: str, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+        def fill(fd: int, tmp: str) -> None:
+            for part in parts:  # appended at the file position (write_all writes at given offsets)
+                view = memoryview(part).cast("B")
+                while view:
+                    view = view[os.write(fd, view):]
+
+        path = self._path(key)
+        self._replace(self._tmp_file(path, fill), path)
+
+    def _replace(self, tmp: str, path: str) -> None:
+        """Rename the finished temporary ``tmp`` over ``path`` (a new inode: never a rewrite in place)."""
         try:
             os.replace(tmp, path)
         except BaseException:
@@ -202,13 +227,20 @@ class LocalStorage(Storage):
 
     def _write_tmp(self, path: str, data: bytes | bytearray | memoryview) -> str:
         """Write ``data`` to a fresh temporary next to ``path`` (fsync'd when durable); its path."""
+        view = memoryview(data).cast("B")
+
+        def fill(fd: int, tmp: str) -> None:
+            posix.write_all(fd, view, self._write_direct(tmp, view) if self.durable else 0)
+
+        return self._tmp_file(path, fill)
+
+    def _tmp_file(self, path: str, fill: Callable[[int, str], Any]) -> str:
+        """A fresh temporary next to ``path`` that ``fill(fd, tmp)`` writes, fsync'd when durable; its path."""
         self._make_dirs(os.path.dirname(path))
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        view = memoryview(data).cast("B")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            done = self._write_direct(tmp, view) if self.durable else 0
-            posix.write_all(fd, view, done)
+            fill(fd, tmp)
             if self.durable:
                 posix.fsync_file(fd, tmp)
         except BaseException:
@@ -305,6 +337,23 @@ class LocalStorage(Storage):
         for directory in dict.fromkeys((os.path.dirname(self._root), os.path.dirname(dest._root))):
             self._touched(directory)
         self.sync()
+
+    def link_from(self, source: "Storage", key: str) -> None:
+        """A hard link to ``source``'s object (its bytes are already durable: only the new name needs a
+        directory sync); a copy where the two are on different filesystems or ``source`` is remote."""
+        if not isinstance(source, LocalStorage):
+            return super().link_from(source, key)
+        source.size(key)  # a regular file reached through real directories, or the error that says why not
+        path = self._path(key)
+        self._make_dirs(os.path.dirname(path))
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            os.link(source._path(key), tmp, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            return super().link_from(source, key)
+        self._replace(tmp, path)
 
     def copy_to(self, key: str, dest: "Storage") -> None:
         with self._open_for_read(key) as fd:

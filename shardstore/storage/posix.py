@@ -75,14 +75,28 @@ def kind_of(mode: int) -> str:
     return "a directory" if stat.S_ISDIR(mode) else "not a regular file"
 
 
+_IOV_MAX = 1024  # buffers one preadv takes (Linux's IOV_MAX)
+
+
 def pread_into(fd: int, offset: int, view: memoryview) -> int:
     """Read up to ``len(view)`` bytes at ``offset`` straight into ``view``; returns the count read."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
+    return preadv_all(fd, offset, [view])
+
+
+def preadv_all(fd: int, offset: int, views: list[memoryview]) -> int:
+    """Fill ``views`` one after another from the bytes at ``offset`` (short reads resumed, at most
+    ``_IOV_MAX`` buffers a call); returns the count read, less than their total only at end of file."""
+    views, done, i = list(views), 0, 0
+    while i < len(views):
+        n = os.preadv(fd, views[i : i + _IOV_MAX], offset + done)
         if not n:
             break
         done += n
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
     return done
 
 

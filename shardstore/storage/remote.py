@@ -12,9 +12,10 @@ object renamed over the key.
 
 from __future__ import annotations
 
+import datetime
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterable
 
 from fsspec.core import url_to_fs
 
@@ -27,7 +28,17 @@ __all__ = ["FsspecStorage"]
 # Protocols whose single PUT is atomic: no temporary object and rename needed.
 _ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 # What fsspec backends report in ``info`` that changes when an object is replaced (s3fs, gcsfs, adlfs, memory).
+_TIME_FIELDS = ("LastModified", "last_modified", "mtime", "updated", "created")
 _FINGERPRINT_FIELDS = ("size", "ETag", "etag", "generation", "LastModified", "last_modified", "mtime", "created")
+
+
+def _seconds(stamp: Any) -> float | None:
+    """A backend's time stamp (a datetime, an ISO string, or POSIX seconds) as POSIX seconds."""
+    if isinstance(stamp, str):
+        stamp = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    if isinstance(stamp, datetime.datetime):
+        return stamp.timestamp()
+    return None if stamp is None else float(stamp)
 
 
 class _ObjectLock(HeldLock):
@@ -125,6 +136,13 @@ class FsspecStorage(Storage):
         info = self._retry(f"looking up {self.key_url(key)}", lambda: self._fs.info(path), key)
         return repr([(k, str(info[k])) for k in _FINGERPRINT_FIELDS if k in info])
 
+    def modified(self, key: str) -> float | None:
+        try:
+            info = self._fs.info(self._path(key))
+        except FileNotFoundError:
+            raise self._missing(key) from None
+        return _seconds(next((info[k] for k in _TIME_FIELDS if info.get(k) is not None), None))
+
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self._root
         start = len(self._root) + 1
@@ -165,6 +183,17 @@ class FsspecStorage(Storage):
             if self._fs.exists(tmp):
                 self._fs.rm_file(tmp)
             raise
+
+    def write_parts(self, key: str, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+        """One streamed upload (a multipart upload on object stores: the object appears whole, or not at
+        all, when it completes)."""
+        path = self._path(key)
+        target = path if self._atomic_put else f"{path}.tmp-{uuid.uuid4().hex}"
+        with self._fs.open(target, "wb") as f:
+            for part in parts:
+                f.write(part)
+        if target != path:
+            self._fs.mv(target, path)
 
     def create_exclusive(self, key: str, data: bytes) -> None:
         """One conditional PUT: ``If-None-Match: *`` (S3, Azure), ``ifGenerationMatch=0`` (GCS), which

@@ -20,7 +20,7 @@ import torch.distributed.tensor as tdt
 
 import dtensor
 import shardstore
-from shardstore import api
+from shardstore import saving
 from shardstore import format as fmt
 from shardstore.codec import choose_inner_chunk_shape, decode_index, index_nbytes
 from shardstore.coordinator import RemoteRankError
@@ -30,6 +30,7 @@ from shardstore.errors import (
     CorruptCheckpointError,
     IncompleteCheckpointError,
     MissingChunkError,
+    PartialLoadError,
     StateDictMismatchError,
     UnsafeKeyError,
 )
@@ -47,7 +48,7 @@ FIX = ("load an earlier checkpoint", "re-run the save")
 @pytest.fixture
 def small_inner_chunks(monkeypatch):
     """Inner chunks of ~1 KiB, so a 16 KiB tensor has 16 of them (damage can hit one in the middle)."""
-    monkeypatch.setattr(api, "choose_inner_chunk_shape", functools.partial(choose_inner_chunk_shape, target_bytes=1024))
+    monkeypatch.setattr(saving, "choose_inner_chunk_shape", functools.partial(choose_inner_chunk_shape, target_bytes=1024))
 
 
 def _values() -> dict[str, torch.Tensor]:
@@ -122,10 +123,13 @@ def test_flipped_data_byte_names_object_and_inner_chunk(tmp_path, small_inner_ch
     url = _saved(tmp_path)
     r, _ = _inner_range(url, "model/w", 5)
     _flip(_shard(url), r.offset + 7)
-    with pytest.raises(CorruptCheckpointError) as info:
+    with pytest.raises((CorruptCheckpointError, PartialLoadError)) as info:
         _read(reader, url)
     msg = str(info.value)
     assert f"{url}/model/w/c/0/0 inner chunk 5 of 'model.w'" in msg and "crc32c mismatch" in msg and _says_fix(msg)
+    if reader == "load":  # the damaged chunk had landed in its target: the load says so, and why
+        assert isinstance(info.value, PartialLoadError) and isinstance(info.value.__cause__, CorruptCheckpointError)
+        assert "'model.w'" in msg.split("partly loaded")[1]
     # chunks the damage does not touch still read (open reads only what a region needs)
     assert torch.equal(shardstore.open(url).read("model.w", (slice(0, 16), slice(0, 16))), _values()["w"][:16, :16])
 
@@ -343,12 +347,12 @@ def _sevens() -> dict:
     return sd
 
 
-def test_corrupt_last_chunk_leaves_tensors_untouched(tmp_path, small_inner_chunks):
+def test_all_or_nothing_load_of_a_corrupt_last_chunk_leaves_tensors_untouched(tmp_path, small_inner_chunks):
     url, last = _saved_with_corrupt_last_tensor(tmp_path)
     sd = _sevens()
     before = _snapshot(sd)
     with pytest.raises(CorruptCheckpointError, match=f"inner chunk 3 of 'model.{last}'"):
-        shardstore.load(sd, url)
+        shardstore.load(sd, url, all_or_nothing=True)
     assert _unchanged(before, sd) and sd["step"] == -1
 
 
@@ -414,7 +418,7 @@ def _dist_failed_load(url: str) -> tuple[str, str, bool]:
     sd = _dist_state({k: torch.full_like(v, 7.0) for k, v in _dist_values().items()})
     before = {k: v.to_local().clone() for k, v in sd["model"].items()}
     try:
-        shardstore.load(sd, url)
+        shardstore.load(sd, url, all_or_nothing=True)
     except Exception as exc:  # noqa: BLE001 - reported to the test process
         outcome = (type(exc).__name__, str(exc))
     else:
@@ -443,7 +447,7 @@ def _dist_partial(save_url: str, load_url: str, kind: str) -> list[tuple[str, st
     return out
 
 
-def test_two_ranks_corrupt_chunk_on_one_rank_leaves_every_rank_untouched(tmp_path):
+def test_all_or_nothing_two_ranks_corrupt_chunk_on_one_rank_leaves_every_rank_untouched(tmp_path):
     url = str(tmp_path / "ck")
     run_ranks(2, _dist_save, url)
     shards = sorted(p.name for p in (Path(url) / "model/z_last/c").iterdir())

@@ -27,8 +27,8 @@ def _smoke():
     size = len(_cache)
     check_op(m, _add, [x, y], [[Shard(0)], [Shard(0)]])
     out["cached"] = len(_cache) == size
-    renorm = lambda t: torch.renorm(t, 2, 0, 1.0)  # noqa: E731 - an op with no rule
-    out["fallback"] = check_op(m, renorm, [x], [[Shard(1)]], allow_fallback=True, compare_with_torch=False)["fallback"]
+    rot90 = lambda t: torch.rot90(t, 1, [0, 1])  # noqa: E731 - an op with no rule
+    out["fallback"] = check_op(m, rot90, [x], [[Shard(1)]], allow_fallback=True, compare_with_torch=False)["fallback"]
     return out
 
 
@@ -37,4 +37,4 @@ def test_rules_run_on_local_shards_and_are_cached():
     assert out["add"]["placements"] == [(Shard(0),)] and out["add"]["torch"] == [(Shard(0),)]
     assert out["scale_partial"]["placements"] == [(Partial(),)]
     assert out["cached"]
-    assert out["fallback"] == ["aten.renorm.default"]
+    assert out["fallback"] == ["aten.rot90.default"]

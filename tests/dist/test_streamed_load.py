@@ -1,6 +1,8 @@
-"""Streamed loads: a rank whose share exceeds its ``staging_bytes`` makes every rank read, verify and copy
-batch by batch through bounded memory. Every object's index is still checked before anything changes; a
-checksum failure found later raises ``PartialLoadError`` on every rank that had copied tensors in, naming them.
+"""The two load modes. By default every chunk lands straight in its target (or goes through bounded,
+reused scratch memory where it cannot land unchanged) and is verified as it lands: every object's index
+is still checked before anything changes, and a checksum failure found later raises ``PartialLoadError``
+on every rank whose tensors changed, naming them. ``all_or_nothing=True`` reads and verifies every chunk
+on every rank first, and refuses up front when a rank's share does not fit its ``staging_bytes``.
 Helpers (saved checkpoints, damage, snapshots) are the integrity suite's."""
 
 from __future__ import annotations
@@ -32,16 +34,40 @@ from tests.ranks import run_ranks
 STAGING = 3000  # bytes: a couple of ~1 KiB inner chunks per buffer, so five 4 KiB tensors take many batches
 
 
-def test_streamed_load_equals_the_saved_values_in_bounded_memory(tmp_path, small_inner_chunks):
+@pytest.mark.parametrize("target", ["contiguous", "strided"])
+def test_default_load_equals_the_saved_values_in_bounded_memory(tmp_path, small_inner_chunks, target):
     url = str(tmp_path / "ck")
     shardstore.save(_state(_many_values()), url)
-    sd = _state({k: torch.zeros_like(v) for k, v in _many_values().items()})
+    zeros = {k: torch.zeros_like(v) if target == "contiguous" else torch.zeros(v.shape[1], v.shape[0]).t() for k, v in _many_values().items()}
+    sd = _state(zeros)
     result = shardstore.load(sd, url, staging_bytes=STAGING)
     assert result.streamed and 0 < result.staged_bytes <= STAGING + 2 * 8  # two buffers, each <= half (+crc)
     assert all(torch.equal(sd["model"][k], v) for k, v in _many_values().items()) and sd["step"] == 3
     assert result.bytes_read == sum(v.numel() * 4 for v in _many_values().values())
-    whole = shardstore.load(_state({k: torch.zeros_like(v) for k, v in _many_values().items()}), url)
+    assert result.bytes_fetched == result.bytes_read + 4 * result.chunks_read  # each chunk's crc32c, no more
+    whole = shardstore.load(_state({k: torch.zeros_like(v) for k, v in _many_values().items()}), url, all_or_nothing=True)
     assert not whole.streamed and whole.staged_bytes >= result.bytes_read
+
+
+def test_chunks_spanning_whole_rows_of_their_target_land_in_it_without_scratch(tmp_path, small_inner_chunks):
+    url = str(tmp_path / "ck")
+    values = {"v": torch.randn(4096), "m": torch.randn(64, 16)}  # 1 KiB inner chunks: 256 values, 16 rows
+    shardstore.save(values, url)
+    sd = {k: torch.zeros_like(v) for k, v in values.items()}
+    result = shardstore.load(sd, url, staging_bytes=STAGING)
+    assert all(torch.equal(sd[k], v) for k, v in values.items())
+    assert result.chunks_read == 16 + 4 and result.staged_bytes <= 2 * 4 * result.chunks_read  # checksum slots only
+
+
+def test_a_load_bumps_the_version_of_what_it_wrote(tmp_path):
+    url = str(tmp_path / "ck")
+    shardstore.save({"w": torch.arange(6.0)}, url)
+    w = torch.nn.Parameter(torch.zeros(6))
+    graph = (w * w).sum()  # saved w for backward
+    shardstore.load({"w": w}, url)
+    assert torch.equal(w.detach(), torch.arange(6.0))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        graph.backward()
 
 
 @pytest.mark.parametrize("staging", [None, -1, 1.5])
@@ -81,24 +107,32 @@ def test_streamed_load_names_what_it_wrote_when_a_late_chunk_is_corrupt(tmp_path
 
 
 
-def _dist_streamed_load(url: str) -> tuple[str, str, bool]:
-    """Rank 0's staging memory is tiny (so every rank streams); rank 1's would hold its whole share."""
+def _dist_load(url: str, all_or_nothing: bool) -> tuple[str, str, bool]:
+    """Rank 0's staging memory is tiny; rank 1's would hold its whole share."""
     sd = _dist_state({k: torch.full_like(v, 7.0) for k, v in _dist_values().items()})
     staging = 64 if torch.distributed.get_rank() == 0 else 1 << 30
     try:
-        result = shardstore.load(sd, url, staging_bytes=staging)
+        shardstore.load(sd, url, staging_bytes=staging, all_or_nothing=all_or_nothing)
     except Exception as exc:  # noqa: BLE001 - reported to the test process
-        return type(exc).__name__, str(exc), False
-    return "no error", "", result.streamed
+        return type(exc).__name__, str(exc), all(bool((v.to_local() == 7.0).all()) for v in sd["model"].values())
+    return "no error", "", False
 
 
-def test_one_rank_over_its_staging_memory_makes_every_rank_stream(tmp_path):
+def test_all_or_nothing_refuses_a_share_over_any_ranks_staging_memory_on_every_rank(tmp_path):
     url = str(tmp_path / "ck")
     run_ranks(2, _dist_save, url)
-    assert [streamed for *_, streamed in run_ranks(2, _dist_streamed_load, url)] == [True, True]
+    out = run_ranks(2, _dist_load, url, True)
+    assert [kind for kind, *_ in out] == ["ValueError", "ValueError"], out
+    assert all("rank 0 needs" in msg and "staging_bytes" in msg and unchanged for _, msg, unchanged in out), out
+    assert [kind for kind, *_ in run_ranks(2, _dist_load, url, False)] == ["no error", "no error"]
+
+
+def test_a_damaged_chunk_that_landed_is_reported_where_tensors_changed(tmp_path):
+    url = str(tmp_path / "ck")
+    run_ranks(2, _dist_save, url)
     _flip(_shard(url, "model/z_last", "c/1/0"), 0)  # the half rank 1 loads
-    (kind0, msg0, _), (kind1, msg1, _) = run_ranks(2, _dist_streamed_load, url)
-    # rank 0 copied its share in before hearing of rank 1's failure; rank 1 (one batch: its staging memory
-    # holds its whole share) failed before copying anything, so it raises the plain error
-    assert (kind0, kind1) == ("PartialLoadError", "CorruptCheckpointError"), (kind0, msg0, kind1, msg1)
+    (kind0, msg0, _), (kind1, msg1, _) = run_ranks(2, _dist_load, url, False)
+    # both ranks had landed chunks in their tensors: rank 1 the damaged one itself, rank 0 its share
+    assert (kind0, kind1) == ("PartialLoadError", "PartialLoadError"), (kind0, msg0, kind1, msg1)
     assert "partly loaded" in msg0 and "rank(s) [1]" in msg0 and "inner chunk 0 of 'model.z_last'" in msg1
+    assert "crc32c mismatch" in msg1 and "'model.z_last'" in msg1.split("partly loaded")[1]

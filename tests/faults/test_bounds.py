@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shardstore
-from shardstore import api, execute
+from shardstore import execute, saving
 from shardstore import format as fmt
 from shardstore.codec import ArrayLayout, ByteRange, check_index_bounds, choose_inner_chunk_shape, decode_index, index_nbytes
 from shardstore.errors import CorruptCheckpointError, MissingChunkError
@@ -24,7 +24,7 @@ MISSING = 2**64 - 1
 @pytest.fixture
 def small_inner_chunks(monkeypatch):
     """Inner chunks of ~1 KiB, so the 16 KiB tensor ``model.w`` has 16 of them in its one object."""
-    monkeypatch.setattr(api, "choose_inner_chunk_shape", functools.partial(choose_inner_chunk_shape, target_bytes=1024))
+    monkeypatch.setattr(saving, "choose_inner_chunk_shape", functools.partial(choose_inner_chunk_shape, target_bytes=1024))
 
 
 @pytest.fixture

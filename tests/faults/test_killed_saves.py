@@ -44,12 +44,12 @@ GRACE_S = 3.0  # for the surviving rank to fail on its own before it is killed t
 # -- the spawned job ------------------------------------------------------------------------------------
 
 
-def _values(seed: int, count: int, rows: int) -> dict[str, torch.Tensor]:
+def seeded_values(seed: int, count: int, rows: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {f"w{i}": torch.randn(rows, 1024, generator=g) for i in range(count)}
 
 
-def _slow_chunk_writes(delay: float) -> None:
+def slow_chunk_writes(delay: float) -> None:
     """Write chunk objects one at a time, each ``delay`` longer (only inside the spawned job).
 
     A rank's 16 objects then take >= 16 * delay, a window the kill lands in even on a loaded machine;
@@ -69,22 +69,33 @@ def _slow_chunk_writes(delay: float) -> None:
     LocalStorage.write = slow
 
 
-def _job(rank: int, port: int, steps: list[tuple[str, int, int, bool, bool]]) -> None:
-    """One rank: for each step (url, seed, count, overwrite, slow) save a DTensor state dict."""
+def join_group(rank: int, port: int):
+    """Join the spawned job's gloo group; its 1-D mesh over every rank."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
-    import dtensor
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=20))
-    mesh = DeviceMesh("cpu", list(range(WORLD)))
+    return DeviceMesh("cpu", list(range(WORLD)))
+
+
+def sharded_values(mesh, seed: int, count: int, rows: int) -> dict:
+    import dtensor
+
+    return {k: dtensor.distribute_tensor(v, mesh, [dtensor.Shard(0)], src_data_rank=None)
+            for k, v in seeded_values(seed, count, rows).items()}
+
+
+def _job(rank: int, port: int, steps: list[tuple[str, int, int, bool, bool]]) -> None:
+    """One rank: for each step (url, seed, count, overwrite, slow) save a DTensor state dict."""
+    import torch.distributed as dist
+
+    mesh = join_group(rank, port)
     for url, seed, count, overwrite, slow in steps:
         if slow:
-            _slow_chunk_writes(CHUNK_DELAY_S)
-        model = {k: dtensor.distribute_tensor(v, mesh, [dtensor.Shard(0)], src_data_rank=None)
-                 for k, v in _values(seed, count, 1024 if slow else 64).items()}
+            slow_chunk_writes(CHUNK_DELAY_S)
+        model = sharded_values(mesh, seed, count, 1024 if slow else 64)
         shardstore.save({"model": model, "step": seed}, url, overwrite=overwrite)
     dist.destroy_process_group()
 
@@ -100,11 +111,12 @@ def _chunk_objects(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and "c" in p.relative_to(root).parts and ".tmp-" not in p.name]
 
 
-def _run_and_kill(steps, watch, victim: int) -> None:
-    """Spawn the job, wait until ``watch()`` finds chunk objects, SIGKILL rank ``victim``, then the rest."""
+def run_and_kill(steps, watch, victim: int, job=_job) -> None:
+    """Spawn ``job(rank, port, steps)`` on every rank, wait until ``watch()`` finds chunk objects, SIGKILL
+    rank ``victim``, then the rest."""
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_job, args=(rank, port, steps), daemon=True) for rank in range(WORLD)]
+    procs = [ctx.Process(target=job, args=(rank, port, steps), daemon=True) for rank in range(WORLD)]
     for p in procs:
         p.start()
     try:
@@ -130,7 +142,7 @@ def _run_and_kill(steps, watch, victim: int) -> None:
 
 
 def _assert_loads(url: str, seed: int, count: int, rows: int) -> None:
-    expected = _values(seed, count, rows)
+    expected = seeded_values(seed, count, rows)
     sd = {"model": {k: torch.zeros_like(v) for k, v in expected.items()}, "step": -1}
     shardstore.load(sd, url)
     assert sd["step"] == seed
@@ -148,7 +160,7 @@ def _assert_incomplete(url: str) -> None:
         shardstore.open(url)
 
 
-def _chunks_in_staging(tmp_path: Path, name: str):
+def chunks_in_staging(tmp_path: Path, name: str):
     return lambda: any(_chunk_objects(s) for s in tmp_path.glob(f"{name}.staging-*"))
 
 
@@ -159,13 +171,13 @@ def _siblings(tmp_path: Path, name: str) -> list[str]:
 def test_killed_save_to_a_fresh_url_leaves_nothing_there_and_blocks_nothing(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     steps = [(a, 1, SMALL_TENSORS, False, False), (b, 2, BIG_TENSORS, False, True)]
-    _run_and_kill(steps, _chunks_in_staging(tmp_path, "b"), victim=1)
+    run_and_kill(steps, chunks_in_staging(tmp_path, "b"), victim=1)
     assert not (tmp_path / "b").exists()
     with pytest.raises(CheckpointNotFoundError, match=f"no checkpoint at {b}"):
         shardstore.open(b)
     _assert_loads(a, 1, SMALL_TENSORS, 64)
     assert len(_siblings(tmp_path, "b")) <= 1  # rank 0 survived the kill of rank 1 and may have cleaned up
-    shardstore.save({"model": _values(3, SMALL_TENSORS, 64), "step": 3}, b)  # no overwrite needed
+    shardstore.save({"model": seeded_values(3, SMALL_TENSORS, 64), "step": 3}, b)  # no overwrite needed
     _assert_loads(b, 3, SMALL_TENSORS, 64)
     assert _siblings(tmp_path, "b") == []  # the dead save's staging tree was swept
 
@@ -173,14 +185,14 @@ def test_killed_save_to_a_fresh_url_leaves_nothing_there_and_blocks_nothing(tmp_
 def test_killed_overwrite_keeps_the_old_checkpoint(tmp_path):
     a = str(tmp_path / "a")
     steps = [(a, 1, SMALL_TENSORS, False, False), (a, 2, BIG_TENSORS, True, True)]
-    committed, staging_has_chunks = (tmp_path / "a" / "zarr.json").exists, _chunks_in_staging(tmp_path, "a")
-    _run_and_kill(steps, lambda: committed() and staging_has_chunks(), victim=0)
+    committed, staging_has_chunks = (tmp_path / "a" / "zarr.json").exists, chunks_in_staging(tmp_path, "a")
+    run_and_kill(steps, lambda: committed() and staging_has_chunks(), victim=0)
     _assert_loads(a, 1, SMALL_TENSORS, 64)
     leftovers = _siblings(tmp_path, "a")
     assert len(leftovers) == 1 and leftovers[0].startswith("a.staging-"), leftovers
     _assert_incomplete(str(tmp_path / leftovers[0]))
     # The leftover staging directory blocks nothing: a later save over A replaces A and sweeps it.
-    new = {k: v + 1 for k, v in _values(1, SMALL_TENSORS, 64).items()}
+    new = {k: v + 1 for k, v in seeded_values(1, SMALL_TENSORS, 64).items()}
     with pytest.raises(CheckpointExistsError):
         shardstore.save({"model": new, "step": 5}, a)
     shardstore.save({"model": new, "step": 5}, a, overwrite=True)
@@ -194,7 +206,7 @@ def test_killed_overwrite_keeps_the_old_checkpoint(tmp_path):
 
 # Where the saving process kills itself: (function patched, kill before or after calling it).
 STAGES = {
-    "chunks written": ("shardstore.api", "_commit", "before"),
+    "chunks written": ("shardstore.saving", "commit_metadata", "before"),
     "root marker written": ("shardstore.commit", "finish", "before"),
     "inside the commit lock": ("shardstore.commit", "_swap_in", "before"),
     "swapped, old tree not deleted": ("shardstore.storage.local.LocalStorage", "rename_tree", "after"),
@@ -216,7 +228,7 @@ def _killed_at(stage: str, url: str, seed: int, overwrite: bool) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     setattr(owner, name, die)
-    shardstore.save({"model": _values(seed, SMALL_TENSORS, 64), "step": seed}, url, overwrite=overwrite)
+    shardstore.save({"model": seeded_values(seed, SMALL_TENSORS, 64), "step": seed}, url, overwrite=overwrite)
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite"])
@@ -224,7 +236,7 @@ def _killed_at(stage: str, url: str, seed: int, overwrite: bool) -> None:
 def test_a_save_killed_at_any_stage_leaves_old_or_new(tmp_path, stage, overwrite):
     url = str(tmp_path / "ck")
     if overwrite:
-        shardstore.save({"model": _values(1, SMALL_TENSORS, 64), "step": 1}, url)
+        shardstore.save({"model": seeded_values(1, SMALL_TENSORS, 64), "step": 1}, url)
     proc = mp.get_context("spawn").Process(target=_killed_at, args=(stage, url, 2, overwrite))
     proc.start()
     proc.join(60)
@@ -238,6 +250,6 @@ def test_a_save_killed_at_any_stage_leaves_old_or_new(tmp_path, stage, overwrite
         with pytest.raises(CheckpointNotFoundError):
             shardstore.open(url)
     # The next save goes through (overwrite only where a checkpoint is there) and sweeps every sibling.
-    shardstore.save({"model": _values(3, SMALL_TENSORS, 64), "step": 3}, url, overwrite=swapped or overwrite)
+    shardstore.save({"model": seeded_values(3, SMALL_TENSORS, 64), "step": 3}, url, overwrite=swapped or overwrite)
     _assert_loads(url, 3, SMALL_TENSORS, 64)
     assert _siblings(tmp_path, "ck") == []

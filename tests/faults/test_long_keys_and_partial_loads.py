@@ -92,7 +92,7 @@ def _sharded(fill: float | None) -> dict:
     return {"model": model, "step": 3 if fill is None else -1}
 
 
-def _load_after_damage(url: str, staging: int):
+def _load_after_damage(url: str, staging: int, all_or_nothing: bool = False):
     shardstore.save(_sharded(None), url)
     torch.distributed.barrier()
     if _rank() == 0:
@@ -103,30 +103,32 @@ def _load_after_damage(url: str, staging: int):
     torch.distributed.barrier()
     sd = _sharded(7.0)
     try:
-        shardstore.load(sd, url, staging_bytes=staging)
+        shardstore.load(sd, url, staging_bytes=staging, all_or_nothing=all_or_nothing)
     except Exception as exc:  # noqa: BLE001 - reported to the test process
         sevens = {k: bool((v.to_local() == 7.0).all()) for k, v in sd["model"].items()}
         return type(exc).__name__, str(exc), sevens, sd["step"]
     return "ok", "", {}, sd["step"]
 
 
-def test_streamed_load_failing_on_its_first_chunk_raises_the_plain_error(tmp_path):
-    """Rank 1 fails on the first chunk it reads (nothing of its own written): the plain error. Rank 0
-    streamed its whole share in before hearing of it: PartialLoadError naming what it wrote."""
+def test_a_damaged_chunk_that_landed_is_a_partial_load_on_every_rank_whose_tensors_changed(tmp_path):
+    """Rank 1's first chunk lands in its tensor before its checksum fails: PartialLoadError naming the
+    chunk and what changed. Rank 0 loaded its whole share before hearing of it: PartialLoadError too."""
     (kind0, msg0, sevens0, step0), (kind1, msg1, sevens1, step1) = run_ranks(2, _load_after_damage, str(tmp_path / "ck"), STREAMED)
-    assert kind1 == "CorruptCheckpointError" and "model/a/c/1/0 inner chunk 0 of 'model.a'" in msg1, msg1
-    assert sevens1 == {"a": True, "b": True, "c": True} and step1 == -1
+    assert kind1 == "PartialLoadError" and "model/a/c/1/0 inner chunk 0 of 'model.a'" in msg1, msg1
+    assert "crc32c mismatch" in msg1 and "'model.a'" in msg1.split("partly loaded")[1] and not sevens1["a"]
+    assert step1 == -1  # plain values are filled only after every tensor verified
     assert kind0 == "PartialLoadError" and "rank(s) [1]" in msg0 and "partly loaded" in msg0, msg0
     assert "'model.a', 'model.b', 'model.c'" in msg0 and sevens0 == {"a": False, "b": False, "c": False}
 
 
 def test_all_or_nothing_load_failing_on_a_chunk_raises_the_plain_error_everywhere(tmp_path):
-    out = run_ranks(2, _load_after_damage, str(tmp_path / "ck"), 1 << 30)
+    out = run_ranks(2, _load_after_damage, str(tmp_path / "ck"), 1 << 30, True)
     assert [kind for kind, *_ in out] == ["RemoteRankError", "CorruptCheckpointError"], out
     assert all(sevens == {"a": True, "b": True, "c": True} and step == -1 for _, _, sevens, step in out)
 
 
-def test_single_process_streamed_load_failing_before_any_copy_is_not_partial(tmp_path):
+def test_single_process_load_failing_before_any_byte_lands_is_not_partial(tmp_path):
+    """The target is strided, so its chunk goes through scratch memory and fails there, before any copy."""
     url = str(tmp_path / "ck")
     state = {"model": {k: torch.arange(64.0) + i for i, k in enumerate("abc")}, "step": 3}
     shardstore.save(state, url)
@@ -134,7 +136,7 @@ def test_single_process_streamed_load_failing_before_any_copy_is_not_partial(tmp
     data = bytearray(path.read_bytes())
     data[3] ^= 0xFF
     path.write_bytes(bytes(data))
-    target = {"model": {k: torch.full((64,), 7.0) for k in "abc"}, "step": -1}
+    target = {"model": {k: torch.full((128,), 7.0)[::2] for k in "abc"}, "step": -1}
     with pytest.raises(CorruptCheckpointError, match="inner chunk 0 of 'model.a'") as info:
         shardstore.load(target, url, staging_bytes=STREAMED)
     assert not isinstance(info.value, PartialLoadError)

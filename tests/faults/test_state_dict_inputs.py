@@ -150,7 +150,7 @@ def _target_body(url: str, case: str, staging: int | None):
     sd = _target(case if _rank() == _world() - 1 else "plain")
     before = _snapshot(sd)
     try:
-        shardstore.load(sd, url, **({} if staging is None else {"staging_bytes": staging}))
+        shardstore.load(sd, url, **({"all_or_nothing": True} if staging is None else {"staging_bytes": staging}))
     except Exception as exc:  # noqa: BLE001 - reported to the test process
         unchanged = all(torch.equal(sd["model"][k], v) for k, v in before.items()) and sd["step"] == -1
         return type(exc).__name__, str(exc), unchanged
@@ -217,7 +217,7 @@ def _dtensor_body(url: str, case: str, staging: int | None):
     sd = _dtensors(torch.zeros(4, 6), [dtensor.Shard(1), dtensor.Replicate()], case)
     before = {k: v.to_local().clone() for k, v in sd["model"].items() if not v.to_local().is_meta}
     try:
-        shardstore.load(sd, url, **({} if staging is None else {"staging_bytes": staging}))
+        shardstore.load(sd, url, **({"all_or_nothing": True} if staging is None else {"staging_bytes": staging}))
     except Exception as exc:  # noqa: BLE001 - reported to the test process
         unchanged = all(torch.equal(sd["model"][k].to_local(), v) for k, v in before.items()) and sd["step"] == -1
         return type(exc).__name__, str(exc), unchanged

@@ -36,3 +36,32 @@ def test_list_steps_marks_only_committed_checkpoints_complete(tmp_path):
 
 def test_list_steps_of_a_missing_root_is_empty(tmp_path):
     assert list_steps(str(tmp_path / "nothing-here")) == []
+
+
+def test_sweep_litter_removes_dead_saves_and_keeps_complete_damaged_and_foreign(tmp_path):
+    from shardstore.steps import sweep_litter
+
+    root = tmp_path / "run"
+    shardstore.save({"w": torch.ones(3)}, step_url(str(root), 1))
+    (root / "step-2.staging-0123" / "w").mkdir(parents=True)  # a killed save's tree: its owner lock is free
+    (root / "step-2.staging-0123" / ".shardstore-owner").write_bytes(b"")
+    (root / "step-3" / "w" / "c").mkdir(parents=True)  # an object-store style killed save: objects, no marker
+    (root / "step-3" / "w" / "c" / "0").write_bytes(b"x")
+    (root / "step-7").mkdir()
+    (root / "step-7" / "zarr.json").write_text("{damaged")
+    (root / "notes.txt").write_text("mine")
+    sweep_litter(str(root))
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "step-1", "step-7"]
+
+
+def test_delete_step_removes_the_marker_first(tmp_path, monkeypatch):
+    from shardstore.steps import delete_step
+    from shardstore.storage import Storage
+
+    url = step_url(str(tmp_path / "run"), 4)
+    shardstore.save({"w": torch.ones(3)}, url)
+    checkpoint = Storage(url)
+    monkeypatch.setattr(type(checkpoint), "delete_prefix", lambda self, prefix="": (_ for _ in ()).throw(OSError("cut short")))
+    with pytest.raises(OSError, match="cut short"):
+        delete_step(checkpoint)
+    assert [(e.step, e.complete) for e in list_steps(str(tmp_path / "run"))] == [(4, False)]  # never listed half-deleted

@@ -10,10 +10,11 @@ DTENSOR_API = {
     "distribute_tensor", "distribute_module", "from_torch", "zeros", "ones", "empty", "full", "rand", "randn",
 }
 SHARDSTORE_API = {
-    "save", "load", "open", "Checkpoint", "SaveResult", "LoadResult", "ShardstoreError", "CheckpointExistsError",
+    "save", "load", "open", "Checkpoint", "CheckpointManager", "SaveResult", "LoadResult", "ShardstoreError", "CheckpointExistsError",
     "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError", "MissingChunkError",
     "StateDictMismatchError", "UnsafeKeyError", "PartialLoadError", "ConcurrentSaveError", "NotACheckpointError",
-    "UnsupportedInputError", "CheckpointChangedError", "StorageUnavailableError",
+    "UnsupportedInputError", "CheckpointChangedError", "StorageUnavailableError", "async_save", "AsyncSave",
+    "SaveInProgressError", "StagingAbortedError",
 }
 
 

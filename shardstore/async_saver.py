@@ -1,0 +1,126 @@
+"""``async_save``: a save that blocks the caller only while its tensors are copied.
+
+The caller's thread plans the save with the other ranks (``saving.plan_save``, collective over the
+caller's group) and copies this rank's cells into reused staging memory (``staging.py``); then it
+returns an ``AsyncSave`` handle and the caller may mutate its tensors. A background thread, one per
+process, claims the URL, writes, syncs and commits (``saving.write_and_commit``) over a gloo group of its
+own (``Coordinator.background``), so its collectives never interleave with the training job's. Every
+step of it is agreed by all ranks, so an error on any rank is raised by every rank's ``result()`` and no
+rank waits for one that gave up. At most one async save is in flight per process: a second one waits for
+the first (or raises ``SaveInProgressError``), so no two writers ever share staging memory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
+from typing import Any, Mapping
+
+from shardstore.coordinator import Coordinator
+from shardstore.errors import SaveInProgressError
+from shardstore.saving import SaveJob, SaveOptions, SaveResult, plan_save, write_and_commit
+from shardstore.staging import WaveHandoff, cell_nbytes, plan_waves, stage_waves, staging_pool
+
+__all__ = ["AsyncSave", "async_save"]
+
+
+class AsyncSave:
+    """The handle of an async save: ``result()`` waits for the commit, ``done()`` asks whether it ended."""
+
+    def __init__(self, url: str, future: Future) -> None:
+        self.url = url
+        self._future = future
+
+    def result(self, timeout: float | None = None) -> SaveResult:
+        """Wait (at most ``timeout`` seconds: ``TimeoutError`` after) until the checkpoint is committed and
+        durable; returns this rank's ``SaveResult``, or raises the error that stopped the save (on every
+        rank: a failure on another rank arrives as ``RemoteRankError`` naming it)."""
+        return self._future.result(timeout)
+
+    def done(self) -> bool:
+        """Whether the save ended, committed or failed (``result()`` then returns at once)."""
+        return self._future.done()
+
+
+_writer: tuple[int, ThreadPoolExecutor] | None = None
+_in_flight: AsyncSave | None = None  # this process's latest async save
+
+
+def _background() -> ThreadPoolExecutor:
+    """The one background thread of this process (a forked child gets its own)."""
+    global _writer
+    if _writer is None or _writer[0] != os.getpid():
+        _writer = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="shardstore-async-save"))
+    return _writer[1]
+
+
+def async_save(
+    state_dict: Mapping[str, Any],
+    url: str,
+    *,
+    storage_options: dict | None = None,
+    process_group=None,
+    overwrite: bool = False,
+    compressor: str | None = None,
+    user_metadata: dict | None = None,
+    durable: bool = True,
+    incremental: bool | str = False,
+    max_staging_bytes: int | None = None,
+    wait_for_previous: bool = True,
+) -> AsyncSave:
+    """Start saving ``state_dict`` as ``save`` would (same keywords, same checkpoint, same guarantees once
+    committed); collective over the group. Returns once every value to save is copied, so the caller may
+    mutate its state right away; writing, syncing and the commit go on in the background.
+
+    ``max_staging_bytes`` bounds this rank's staging memory: above it, the copy proceeds in waves while
+    earlier waves are written, so the call returns later. With ``wait_for_previous=False`` a save still
+    in flight on any rank raises ``SaveInProgressError`` on every rank instead of waiting for it."""
+    start = time.perf_counter()
+    _check_budget(max_staging_bytes)
+    options = SaveOptions(url, storage_options, overwrite, compressor, user_metadata, durable, incremental)
+    coord = Coordinator(process_group)
+    _wait_for_previous(coord, wait_for_previous)
+    background = coord.background()
+    job = plan_save(coord, state_dict, user_metadata)
+    itemsize = {a.key: a.itemsize for a in job.plan.arrays}
+    waves = plan_waves([cell_nbytes(t, itemsize[t.key]) for t in job.writes], max_staging_bytes)
+    handoff = WaveHandoff(len(waves))
+    future = _background().submit(_write_in_background, background, job, options, handoff, start)
+    stage_waves(job.writes, job.tensors, waves, handoff, staging_pool())
+    global _in_flight
+    _in_flight = AsyncSave(url, future)
+    return _in_flight
+
+
+def _check_budget(max_staging_bytes: int | None) -> None:
+    if max_staging_bytes is not None and (
+        not isinstance(max_staging_bytes, int) or isinstance(max_staging_bytes, bool) or max_staging_bytes <= 0
+    ):
+        raise ValueError(f"max_staging_bytes must be None (no bound) or a number of bytes (an int > 0), got {max_staging_bytes!r}")
+
+
+def _wait_for_previous(coord: Coordinator, wait: bool) -> None:
+    """Wait for this process's previous async save; or, not waiting, refuse on every rank if any rank
+    still has one in flight (all ranks decide alike, so none goes on alone into the next collective)."""
+    previous = _in_flight
+    if wait:
+        if previous is not None:
+            wait_for([previous._future])
+        return
+    busy = [r for r, b in enumerate(coord.all_gather(previous is not None and not previous.done())) if b]
+    if busy:
+        raise SaveInProgressError(
+            f"an async save (to {previous.url if previous else 'another URL'}) is still in flight on rank(s) "
+            f"{busy}; wait for its result() first, or call async_save with wait_for_previous=True (the default)"
+        )
+
+
+def _write_in_background(coord: Coordinator, job: SaveJob, options: SaveOptions, handoff: WaveHandoff,
+                         start: float) -> SaveResult:
+    try:
+        stats = write_and_commit(coord, job, options, handoff.cells())
+    finally:
+        handoff.close()  # a caller still staging stops waiting for buffers
+    return SaveResult.of(options.url, stats, start)

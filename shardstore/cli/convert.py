@@ -1,0 +1,40 @@
+"""Convert a checkpoint between formats, tensor by tensor (bounded memory): a shardstore checkpoint
+(zarr), Hugging Face safetensors (one file, or a directory with model.safetensors or shards and
+model.safetensors.index.json), a torch DCP directory (dcp), a torch.save file (torch, read with
+weights_only=True). The source format is detected. Tensor values round-trip bit for bit; keys become
+dotted names; plain (non-tensor) values are not carried over."""
+
+from __future__ import annotations
+
+import argparse
+
+from shardstore.cli.common import EXIT_OK, human_bytes, print_json, progress, storage_options
+from shardstore.convert import FORMATS
+from shardstore.convert.sinks import convert
+from shardstore.convert.safetensors import DEFAULT_MAX_SHARD_BYTES
+
+NAME = "convert"
+HELP = "convert between zarr (shardstore), safetensors, torch DCP and torch.save checkpoints"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="the checkpoint to read")
+    parser.add_argument("dst", metavar="DST", help="where to write (a *.safetensors path writes one file)")
+    parser.add_argument("--to", required=True, choices=FORMATS, help="the format to write")
+    parser.add_argument("--from", dest="src_format", choices=FORMATS, help="the source format (default: detected)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a shardstore checkpoint at DST (--to zarr)")
+    parser.add_argument("--max-shard-size", type=int, default=DEFAULT_MAX_SHARD_BYTES, metavar="BYTES",
+                        help="safetensors: split into shards of at most this many bytes, with an index")
+
+
+def run(args: argparse.Namespace) -> int:
+    with progress(None, f"converting to {args.to}") as bar:
+        source = convert(args.src, args.dst, args.to, storage_options=storage_options(args), src_format=args.src_format,
+                         overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, progress=bar.update)
+    tensors = source.tensors()
+    nbytes = sum(m.nbytes for m in tensors.values())
+    if args.json:
+        print_json({"src": args.src, "dst": args.dst, "to": args.to, "tensors": len(tensors), "nbytes": nbytes})
+    else:
+        print(f"wrote {len(tensors)} tensors ({human_bytes(nbytes)}) from {args.src} to {args.dst} as {args.to}")
+    return EXIT_OK

@@ -1,0 +1,205 @@
+"""Hugging Face safetensors, read and written through the storage seam (any fsspec URL), tensor by tensor.
+
+The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length, a JSON
+header ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`` padded with
+spaces to a multiple of 8 bytes, then the tensors' raw little-endian bytes, back to back. A sharded
+checkpoint is ``model-0000k-of-0000N.safetensors`` files plus ``model.safetensors.index.json``
+(``metadata.total_size``, ``weight_map`` {name: file}), as ``transformers`` writes and reads it.
+
+Reading takes byte ranges from the header offsets, so a slice of rows costs only its bytes (the header
+is read once per file). Writing streams each file from a generator of row blocks, so memory stays one
+block whatever the checkpoint size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from dtensor.placements import Box
+from shardstore.convert.sources import (
+    SAFETENSORS_FILE, SAFETENSORS_INDEX, Region, TensorMeta, TensorSource, row_blocks, split_url,
+)
+from shardstore.errors import CorruptCheckpointError, UnsupportedInputError
+from shardstore.storage import Storage
+
+__all__ = ["SafetensorsSource", "write_safetensors", "DTYPES", "DEFAULT_MAX_SHARD_BYTES"]
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "U32": torch.uint32,
+    "U64": torch.uint64, "C64": torch.complex64,
+}
+_CODES = {v: k for k, v in DTYPES.items()}
+DEFAULT_MAX_SHARD_BYTES = 5 << 30  # transformers' default max_shard_size
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+BLOCK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: str
+    meta: TensorMeta
+    begin: int  # absolute offset of the tensor's bytes in its file
+
+
+class SafetensorsSource:
+    """One ``.safetensors`` file, or a directory holding ``model.safetensors`` or a sharded index."""
+
+    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        self.url = url
+        if url.rstrip("/").endswith(".safetensors"):
+            parent, name = split_url(url)
+            self.storage, files = Storage(parent, storage_options), [name]
+        else:
+            self.storage = Storage(url, storage_options)
+            files = _index_files(self.storage) if self.storage.exists(SAFETENSORS_INDEX) else [SAFETENSORS_FILE]
+        self.metadata: dict[str, str] = {}
+        self.bytes_read = 0  # tensor bytes read so far (headers not counted)
+        self._entries: dict[str, _Entry] = {}
+        for file in files:
+            self._entries.update(self._read_header(file))
+
+    def tensors(self) -> dict[str, TensorMeta]:
+        return {name: e.meta for name, e in self._entries.items()}
+
+    def read(self, name: str, region: Region | None = None) -> torch.Tensor:
+        """Only the bytes of ``region`` are read: one ranged read per contiguous run of it (one in all for
+        a range of rows; one per row for a column slice), concurrently."""
+        entry = self._entries[name]
+        box = _box(entry.meta.shape, region)
+        runs = _byte_runs(entry.meta.shape, box, entry.meta.dtype.itemsize)
+        out = torch.empty(box.sizes, dtype=entry.meta.dtype)
+        if out.numel():
+            requests = [(entry.file, entry.begin + start, entry.begin + stop) for start, stop in runs]
+            self.storage.read_ranges_into(requests, out.view(-1).view(torch.uint8).numpy())
+            self.bytes_read += sum(stop - start for start, stop in runs)
+        return out
+
+    def _read_header(self, file: str) -> dict[str, _Entry]:
+        where = self.storage.key_url(file)
+        (length,) = struct.unpack("<Q", self.storage.read_range(file, 0, 8))
+        if length > _MAX_HEADER_BYTES:
+            raise CorruptCheckpointError(f"{where}: header of {length} bytes (at most {_MAX_HEADER_BYTES}); not a safetensors file")
+        try:
+            header = json.loads(bytes(self.storage.read_range(file, 8, 8 + length)))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptCheckpointError(f"{where}: the safetensors header is not JSON ({exc}); not a safetensors file") from exc
+        self.metadata.update(header.pop("__metadata__", None) or {})
+        return {name: _entry(file, where, name, info, 8 + length) for name, info in header.items()}
+
+
+def _box(shape: tuple[int, ...], region: Region | None) -> Box:
+    """The box ``region`` (step-1 slices of leading dims) selects in a tensor of ``shape``."""
+    region = tuple(region or ())
+    if len(region) > len(shape):
+        raise IndexError(f"{len(region)} slices for a tensor of {len(shape)} dims")
+    bounds = [r.indices(n)[:2] for r, n in zip(region, shape)] + [(0, n) for n in shape[len(region):]]
+    return Box(tuple(a for a, _ in bounds), tuple(max(0, b - a) for a, b in bounds))
+
+
+def _byte_runs(shape: tuple[int, ...], box: Box, itemsize: int) -> list[tuple[int, int]]:
+    """The contiguous byte ranges of ``box`` in a C-order tensor of ``shape``: below the innermost dim the
+    box cuts, it covers whole rows, so each run is that dim's span of whole sub-rows."""
+    cut = max((d for d in range(len(shape)) if box.sizes[d] != shape[d]), default=0)
+    inner = math.prod(shape[cut + 1:]) * itemsize
+    strides = [math.prod(shape[d + 1:]) * itemsize for d in range(len(shape))]
+    run = box.sizes[cut] * inner if shape else itemsize
+    starts = [0]
+    for d in range(cut):
+        starts = [s + (box.offsets[d] + i) * strides[d] for s in starts for i in range(box.sizes[d])]
+    first = box.offsets[cut] * inner if shape else 0
+    return [(s + first, s + first + run) for s in starts]
+
+
+def _entry(file: str, where: str, name: str, info: dict, data_start: int) -> _Entry:
+    try:
+        meta = TensorMeta(tuple(int(s) for s in info["shape"]), DTYPES[info["dtype"]])
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{where}: tensor {name!r} has a malformed or unsupported header entry {info!r} "
+                                     f"(supported dtypes {sorted(DTYPES)})") from exc
+    if end - begin != meta.nbytes:
+        raise CorruptCheckpointError(f"{where}: tensor {name!r} spans {end - begin} bytes, its shape and dtype need {meta.nbytes}")
+    return _Entry(file, meta, data_start + begin)
+
+
+def _index_files(storage: Storage) -> list[str]:
+    index = json.loads(bytes(storage.read(SAFETENSORS_INDEX)))
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CorruptCheckpointError(f"{storage.key_url(SAFETENSORS_INDEX)}: no 'weight_map' object; not a safetensors index")
+    return list(dict.fromkeys(weight_map.values()))
+
+
+def write_safetensors(
+    source: TensorSource, url: str, storage_options: dict | None = None, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    metadata: dict[str, str] | None = None, progress=None,
+) -> list[str]:
+    """Write every tensor of ``source`` as safetensors at ``url``: one file when ``url`` ends with
+    ``.safetensors``; else a directory with ``model.safetensors``, or shards of at most ``max_shard_bytes``
+    and an index when the tensors do not fit in one. Returns the files written."""
+    tensors = source.tensors()
+    meta = {"format": "pt", **(metadata or {})}
+    if url.rstrip("/").endswith(".safetensors"):
+        parent, name = split_url(url)
+        Storage(parent, storage_options).write_parts(name, _parts(source, tensors, list(tensors), meta, progress))
+        return [url]
+    storage = Storage(url, storage_options)
+    groups = _shard_groups(tensors, max_shard_bytes)
+    names = [SAFETENSORS_FILE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    for name, group in zip(names, groups):
+        storage.write_parts(name, _parts(source, tensors, group, meta, progress))
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                 "weight_map": {t: name for name, group in zip(names, groups) for t in group}}
+        storage.write(SAFETENSORS_INDEX, json.dumps(index, indent=2).encode())
+    return [storage.key_url(n) for n in names]
+
+
+def _shard_groups(tensors: dict[str, TensorMeta], max_bytes: int) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, meta in tensors.items():
+        if groups[-1] and size + meta.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += meta.nbytes
+    return groups
+
+
+def header_bytes(tensors: dict[str, TensorMeta], names: list[str], metadata: dict[str, str]) -> bytes:
+    """The length prefix and space-padded JSON header of a file holding ``names`` in that order."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name in names:
+        meta = tensors[name]
+        header[name] = {"dtype": _code(name, meta.dtype), "shape": list(meta.shape), "data_offsets": [offset, offset + meta.nbytes]}
+        offset += meta.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _code(name: str, dtype: torch.dtype) -> str:
+    if dtype not in _CODES:
+        raise UnsupportedInputError(f"tensor {name!r} is {dtype}, which safetensors cannot hold (it holds "
+                                    f"{sorted(DTYPES)}); convert to zarr, dcp or torch instead")
+    return _CODES[dtype]
+
+
+def _parts(source: TensorSource, tensors: dict[str, TensorMeta], names: list[str], metadata: dict, progress) -> Iterator:
+    yield header_bytes(tensors, names, metadata)
+    for name in names:
+        for rows in row_blocks(tensors[name], BLOCK_BYTES):
+            block = source.read(name, None if rows is None else (rows,))
+            yield block.contiguous().reshape(-1).view(torch.uint8).numpy()
+            if progress is not None:
+                progress(block.numel() * block.element_size())

@@ -1,0 +1,82 @@
+"""Compare two checkpoints (any format ``shardstore.convert`` reads) tensor by tensor: keys only in one,
+shapes and dtypes that differ, and for the rest the max absolute and relative difference, streamed in
+blocks of rows so memory stays bounded whatever the tensor size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shardstore.convert.sources import TensorMeta, TensorSource, row_blocks
+
+__all__ = ["TensorDiff", "diff_sources", "BLOCK_BYTES"]
+
+BLOCK_BYTES = 64 << 20  # rows of one tensor compared at a time
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """How tensor ``name`` differs: ``status`` is ``same`` (bit for bit), ``values`` (max_abs/max_rel
+    say how much), ``dtype``, ``shape``, ``only_a`` or ``only_b``."""
+
+    name: str
+    status: str
+    a: TensorMeta | None
+    b: TensorMeta | None
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+
+    def to_json(self) -> dict:
+        def meta(m):
+            return None if m is None else {"shape": list(m.shape), "dtype": str(m.dtype).removeprefix("torch.")}
+        return {"key": self.name, "status": self.status, "a": meta(self.a), "b": meta(self.b),
+                "max_abs": self.max_abs, "max_rel": self.max_rel}
+
+
+def diff_sources(a: TensorSource, b: TensorSource) -> list[TensorDiff]:
+    """Every tensor of either source and how it differs, A's order first, then B's extra keys."""
+    ta, tb = a.tensors(), b.tensors()
+    out = []
+    for name in [*ta, *(n for n in tb if n not in ta)]:
+        ma, mb = ta.get(name), tb.get(name)
+        if ma is None or mb is None:
+            out.append(TensorDiff(name, "only_a" if mb is None else "only_b", ma, mb))
+        elif ma.shape != mb.shape:
+            out.append(TensorDiff(name, "shape", ma, mb))
+        elif ma.dtype != mb.dtype:
+            out.append(TensorDiff(name, "dtype", ma, mb))
+        else:
+            out.append(_compare(name, a, b, ma, mb))
+    return out
+
+
+def _compare(name: str, a: TensorSource, b: TensorSource, ma: TensorMeta, mb: TensorMeta) -> TensorDiff:
+    same, max_abs, max_rel = True, 0.0, 0.0
+    for rows in row_blocks(ma, BLOCK_BYTES):
+        region = None if rows is None else (rows,)
+        x, y = a.read(name, region), b.read(name, region)
+        if _bitwise_equal(x, y):
+            continue
+        same = False
+        block_abs, block_rel = _differences(x, y)
+        max_abs, max_rel = max(max_abs, block_abs), max(max_rel, block_rel)
+    return TensorDiff(name, "same" if same else "values", ma, mb, max_abs, max_rel)
+
+
+def _bitwise_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    x, y = x.contiguous(), y.contiguous()
+    if x.dtype == torch.bool or x.dim() == 0:
+        return torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+    return torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+
+
+def _differences(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Max |x - y| and max |x - y| / max(|x|, |y|) (0 where both are 0; NaN where only one is NaN)."""
+    wide = torch.complex128 if x.is_complex() else torch.float64
+    x, y = x.to(wide), y.to(wide)
+    both_nan = torch.isnan(x) & torch.isnan(y)
+    delta = torch.where(both_nan, 0.0, (x - y).abs())
+    scale = torch.maximum(x.abs(), y.abs())
+    rel = torch.where(delta == 0, 0.0, delta / scale)
+    return float(delta.max()), float(rel.max())

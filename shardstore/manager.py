@@ -1,0 +1,213 @@
+"""``CheckpointManager``: what a training loop calls to save every N steps, prune, and resume.
+
+Each step is an ordinary shardstore checkpoint at ``<root>/step-<N>`` (``shardstore/steps.py``), so
+``shardstore.load``, ``shardstore.open`` and any Zarr reader open it. The verbs are Orbax's (``save``,
+``restore``, ``latest_step``, ``all_steps``, ``should_save``, ``wait_until_finished``, ``close``).
+
+Collective safety: every rank must agree on which steps exist, which one to restore and which to delete,
+or ranks would load different checkpoints or wait on different collectives. Rank 0 decides (it lists
+the root, applies retention, picks the step) and broadcasts through the ``Coordinator``; only rank 0
+deletes. The manager keeps the agreed list of complete steps, so ``all_steps()``/``latest_step()`` are
+local, consistent on every rank, and cost no I/O.
+
+Retention (``max_to_keep``, ``keep_period``) runs only once a newer save is complete, and never deletes
+the latest complete step. A save killed midway never shows: its step has no root record (or lives only
+in a staging sibling), so it is not listed; the next manager on the root (after the crash) sweeps it.
+With ``incremental`` (the default) each save links the shard objects whose bytes equal the latest
+complete step's instead of rewriting them (``shardstore/incremental.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from shardstore.api import SaveResult, load, save
+from shardstore.async_saver import async_save as start_async_save
+from shardstore.coordinator import Coordinator
+from shardstore.errors import CheckpointExistsError, CheckpointNotFoundError
+from shardstore.steps import clear_incomplete, delete_step, list_steps, step_name, step_url, sweep_litter
+from shardstore.storage import Storage
+
+__all__ = ["CheckpointManager", "steps_to_delete"]
+
+
+def steps_to_delete(steps: list[int], max_to_keep: int | None, keep_period: int | None) -> list[int]:
+    """The complete steps retention removes: all but the ``max_to_keep`` newest, except every multiple of
+    ``keep_period`` (kept forever); the newest step is never removed. Pure: no I/O."""
+    if max_to_keep is None:
+        return []
+    older = sorted(steps)[:-max_to_keep]
+    return [s for s in older if not (keep_period and s % keep_period == 0)]
+
+
+def _positive(name: str, value: int | None, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
+
+
+class _Finished:
+    """The handle of a save that ran in the caller (``async_save=False``): already done."""
+
+    def __init__(self, result: SaveResult) -> None:
+        self._result = result
+
+    def result(self, timeout: float | None = None) -> SaveResult:
+        return self._result
+
+    def done(self) -> bool:
+        return True
+
+
+class CheckpointManager:
+    """Saves, prunes and restores the checkpoints of one run under ``root_url`` (one manager per root).
+
+    Collective over ``process_group``: every rank constructs it and calls ``save``, ``restore``,
+    ``wait_until_finished`` and ``close`` with the same arguments.
+    """
+
+    def __init__(
+        self,
+        root_url: str,
+        *,
+        max_to_keep: int | None = None,
+        keep_period: int | None = None,
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+        storage_options: dict | None = None,
+        process_group=None,
+        incremental: bool = True,
+    ) -> None:
+        _positive("max_to_keep", max_to_keep, optional=True)
+        _positive("keep_period", keep_period, optional=True)
+        _positive("save_interval_steps", save_interval_steps, optional=False)
+        self.root_url = root_url.rstrip("/")
+        self.max_to_keep, self.keep_period, self.save_interval_steps = max_to_keep, keep_period, save_interval_steps
+        self._async, self._incremental = async_save, incremental
+        self._options, self._group = storage_options, process_group
+        self._coord = Coordinator(process_group)
+        self._pending: tuple[int, Any] | None = None  # (step, handle) of the save in flight
+        self._closed = False
+        self._steps: list[int] = self._coord.decide("listing the checkpoints of the run", self._scan)
+
+    # -- queries (local: the agreed list) -----------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """Every complete step, ascending. A save still in flight is not listed until a collective call
+        (``save``, ``wait_until_finished``, ``restore``, ``close``) has seen it complete."""
+        return list(self._steps)
+
+    def latest_step(self) -> int | None:
+        return self._steps[-1] if self._steps else None
+
+    def should_save(self, step: int) -> bool:
+        """Whether ``save(step, ...)`` would save: a multiple of ``save_interval_steps`` past the newest
+        step saved or in flight."""
+        newest = max([*self._steps, *([self._pending[0]] if self._pending else [])], default=None)
+        return step % self.save_interval_steps == 0 and (newest is None or step > newest)
+
+    # -- collective verbs -----------------------------------------------------------------------------
+
+    def save(self, step: int, state_dict: Mapping[str, Any], force: bool = False) -> bool:
+        """Save ``state_dict`` as ``step`` if ``should_save(step)`` (or ``force``); returns whether it did.
+
+        The previous save is finished first (its errors raise here) and retention runs once it is
+        complete. With ``async_save`` this returns once the state is staged; else once it is committed.
+        """
+        self._check_open()
+        step_name(step)  # a step is an int >= 0
+        if not (force or self.should_save(step)):
+            return False
+        self._collect()
+        if step in self._steps:
+            raise CheckpointExistsError(
+                f"step {step} already has a complete checkpoint at {step_url(self.root_url, step)}; "
+                "a manager never replaces one — save under a new step number, or delete that step first"
+            )
+        url = step_url(self.root_url, step)
+        self._coord.decide("clearing an interrupted save of this step", lambda: clear_incomplete(url, self._options))
+        base = step_url(self.root_url, self._steps[-1]) if self._steps else True
+        kwargs = {"storage_options": self._options, "process_group": self._group, "incremental": self._incremental and base}
+        self._pending = (step, self._start(state_dict, url, kwargs))
+        if not self._async:
+            self._collect()
+        return True
+
+    def restore(self, state_dict: dict, step: int | None = None) -> int:
+        """Load ``step`` (the latest complete one by default) into ``state_dict`` in place; returns it."""
+        self._check_open()
+        self._collect()
+        chosen = self._coord.decide("choosing the step to restore", lambda: self._pick(step))
+        if chosen is None:
+            raise self._not_found(step)
+        load(state_dict, step_url(self.root_url, chosen), storage_options=self._options, process_group=self._group)
+        return chosen
+
+    def wait_until_finished(self) -> None:
+        """Wait for the save in flight (raising its error) and apply retention."""
+        self._collect()
+
+    def close(self) -> None:
+        if not self._closed:
+            try:
+                self._collect()
+            finally:
+                self._closed = True
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _start(self, state_dict, url: str, kwargs: dict):
+        """The save's handle: an ``AsyncSave`` (returned once the state is staged) or a finished save."""
+        if self._async:
+            return start_async_save(state_dict, url, **kwargs)
+        return _Finished(save(state_dict, url, **kwargs))
+
+    def _collect(self) -> None:
+        """Finish the save in flight: on success its step joins the list and retention runs."""
+        if self._pending is None:
+            return
+        step, handle = self._pending
+        self._pending = None
+        handle.result()
+        self._steps = sorted({*self._steps, step})
+        doomed = self._coord.decide("deleting old checkpoints", self._prune)
+        self._steps = [s for s in self._steps if s not in doomed]
+
+    def _scan(self) -> list[int]:
+        """Rank 0: clear what killed saves left, then the complete steps."""
+        sweep_litter(self.root_url, self._options)
+        return [e.step for e in list_steps(self.root_url, self._options) if e.complete]
+
+    def _prune(self) -> list[int]:
+        """Rank 0: delete the steps retention removes; returns them."""
+        doomed = steps_to_delete(self._steps, self.max_to_keep, self.keep_period)
+        for step in doomed:
+            delete_step(Storage(step_url(self.root_url, step), self._options))
+        return doomed
+
+    def _pick(self, step: int | None) -> int | None:
+        if step is None:
+            return self.latest_step()
+        return step if step in self._steps else None
+
+    def _not_found(self, step: int | None) -> CheckpointNotFoundError:
+        if step is None or not self._steps:
+            return CheckpointNotFoundError(
+                f"{self.root_url} holds no complete checkpoint (no step-<N> with a root zarr.json); nothing to "
+                "restore — start from scratch, or check the root URL"
+            )
+        return CheckpointNotFoundError(
+            f"step {step} has no complete checkpoint under {self.root_url}; complete steps: {self._steps} — "
+            "restore one of those, or the latest with step=None"
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"the CheckpointManager of {self.root_url} is closed; create a new one")

@@ -1,0 +1,90 @@
+"""Listing and pruning a run directory (``step-<N>`` checkpoints under a root, see ``steps.py``).
+
+``shardstore ls`` and ``shardstore gc`` sit on these. Which steps a prune deletes is decided by a pure
+function (``plan_gc``) before anything is deleted, so the rule is tested without files: keep the newest
+``keep`` complete steps, delete older complete steps and incomplete steps older than the newest complete
+one. An incomplete step newer than every complete one may be a save still running, so it is spared; the
+newest complete step is never deleted. Deletes go through the storage seam, one step at a time.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+from shardstore import format as fmt
+from shardstore.steps import StepEntry, list_steps
+from shardstore.storage import Storage
+
+__all__ = ["StepSummary", "GcPlan", "summarize", "plan_gc", "collect"]
+
+_STAT_THREADS = 16
+
+
+@dataclass(frozen=True)
+class StepSummary:
+    """One step of a run directory: how big it is and when it was committed (or last written)."""
+
+    step: int
+    url: str
+    complete: bool
+    nbytes: int
+    objects: int
+    modified: float | None  # POSIX seconds: the root zarr.json's, else the newest object's
+
+    def to_json(self) -> dict:
+        return {"step": self.step, "url": self.url, "complete": self.complete, "nbytes": self.nbytes,
+                "objects": self.objects, "modified": self.modified}
+
+
+@dataclass(frozen=True)
+class GcPlan:
+    """What a prune keeps, deletes, and spares (incomplete steps newer than the newest complete one)."""
+
+    keep: tuple[StepEntry, ...]
+    delete: tuple[StepEntry, ...]
+    spared: tuple[StepEntry, ...]
+
+    def to_json(self) -> dict:
+        return {name: [{"step": e.step, "url": e.url, "complete": e.complete} for e in entries]
+                for name, entries in (("kept", self.keep), ("deleted", self.delete), ("spared", self.spared))}
+
+
+def summarize(root_url: str, storage_options: dict | None = None) -> list[StepSummary]:
+    """Every ``step-<N>`` under ``root_url`` with its size, object count and time, by step."""
+    root = Storage(root_url, storage_options)
+    return [_summary(root, entry) for entry in list_steps(root_url, storage_options)]
+
+
+def _summary(root: Storage, entry: StepEntry) -> StepSummary:
+    step = root.child(entry.url.rsplit("/", 1)[-1])
+    keys = step.list()
+    with ThreadPoolExecutor(_STAT_THREADS) as pool:
+        sizes = list(pool.map(step.size, keys))
+        times = [] if entry.complete else list(pool.map(step.modified, keys))
+    modified = step.modified(fmt.ZARR_JSON) if entry.complete else max((t for t in times if t is not None), default=None)
+    return StepSummary(entry.step, entry.url, entry.complete, sum(sizes), len(keys), modified)
+
+
+def plan_gc(entries: Sequence[StepEntry], keep: int) -> GcPlan:
+    """Which steps a prune keeping the newest ``keep`` (>= 1) complete steps deletes. Pure."""
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise ValueError(f"keep must be an int >= 1 (the newest complete step is never deleted), got {keep!r}")
+    complete = sorted((e for e in entries if e.complete), key=lambda e: e.step)
+    kept = complete[-keep:]
+    newest = kept[-1].step if kept else None
+    delete = [e for e in entries if e.complete and e not in kept]
+    delete += [e for e in entries if not e.complete and newest is not None and e.step < newest]
+    spared = [e for e in entries if not e.complete and (newest is None or e.step > newest)]
+    return GcPlan(tuple(kept), tuple(sorted(delete, key=lambda e: e.step)), tuple(spared))
+
+
+def collect(root_url: str, keep: int, storage_options: dict | None = None, *, dry_run: bool = False) -> GcPlan:
+    """Delete what ``plan_gc`` chooses under ``root_url`` (nothing with ``dry_run``); returns the plan."""
+    plan = plan_gc(list_steps(root_url, storage_options), keep)
+    if not dry_run:
+        root = Storage(root_url, storage_options)
+        for entry in plan.delete:
+            root.child(entry.url.rsplit("/", 1)[-1]).delete_prefix()
+    return plan

@@ -1,0 +1,169 @@
+"""Staging for async saves: copies of this rank's cells in host memory that is reused across saves.
+
+An async save may return only once the caller can mutate its tensors, so every value it writes must first
+be copied somewhere the caller does not touch. Fresh memory is slow here (the VM hands freed pages back,
+so touching new pages costs ~5-20x a copy into touched ones, ../shared/FACTS.md) and pinning host memory
+for CUDA copies costs ~0.6 s per GiB, so the copies go into a per-process ``StagingPool`` whose buffers
+are allocated once and reused by every later save of the same size (pinned ones for CUDA tensors).
+
+Memory is bounded by ``max_staging_bytes``: the cells are cut into consecutive waves (``plan_waves``,
+pure) staged alternately into two buffers of at most half the budget each, the caller staging the next
+wave while a background writer encodes and writes the previous one (``WaveHandoff``), so staging
+overlaps writing. Without a budget, or when everything fits, all cells are one wave in one buffer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from typing import Iterator, Sequence
+
+import torch
+
+from shardstore.errors import StagingAbortedError
+from shardstore.execute import cell_values, staging_buffer
+from shardstore.inputs import local_tensor
+from shardstore.plan import WriteTask
+
+__all__ = ["StagingPool", "staging_pool", "plan_waves", "cell_nbytes", "stage_waves", "WaveHandoff"]
+
+_ALIGN = 64  # every staged cell starts at a multiple of this (any dtype may view it)
+_SLOTS = 2  # buffers the waves alternate between: one being staged while the other is written
+
+
+class StagingPool:
+    """Host buffers kept for the life of the process, one per (slot, pinned) pair: a save that fits in
+    what an earlier one used allocates nothing; a bigger one replaces the slot's buffer (the old one is
+    dropped first, so the pool never holds more than the biggest save needed)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[int, bool], torch.Tensor] = {}
+
+    def buffer(self, slot: int, nbytes: int, pinned: bool) -> torch.Tensor:
+        """At least ``nbytes`` of slot ``slot`` as a flat uint8 tensor (pinned: page-locked, for CUDA)."""
+        key = (slot, pinned)
+        held = self._buffers.get(key)
+        if held is None or held.numel() < nbytes:
+            self._buffers.pop(key, None)
+            self._buffers[key] = _allocate(nbytes, pinned)
+        return self._buffers[key]
+
+    def nbytes(self) -> int:
+        """Host memory the pool holds."""
+        return sum(b.numel() for b in self._buffers.values())
+
+
+def _allocate(nbytes: int, pinned: bool) -> torch.Tensor:
+    if pinned:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return torch.frombuffer(staging_buffer(max(nbytes, 1)), dtype=torch.uint8)
+
+
+_pool: tuple[int, StagingPool] | None = None
+
+
+def staging_pool() -> StagingPool:
+    """This process's pool (a forked child gets a pool of its own)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), StagingPool())
+    return _pool[1]
+
+
+def cell_nbytes(task: WriteTask, itemsize: int) -> int:
+    """Bytes a staged cell takes, rounded up to the alignment of the next one."""
+    return -(-math.prod(task.cell_box.sizes) * itemsize // _ALIGN) * _ALIGN
+
+
+def plan_waves(sizes: Sequence[int], budget: int | None) -> list[range]:
+    """Consecutive cells (by their staged sizes) grouped into waves: one wave when there is no budget or
+    everything fits in it, else waves of at most ``budget // 2`` bytes each (a bigger cell alone), so two
+    waves in flight stay within the budget."""
+    if budget is None or sum(sizes) <= budget:
+        return [range(len(sizes))] if sizes else []
+    waves, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > budget // 2:
+            waves.append(range(start, i))
+            start, total = i, 0
+        total += size
+    return waves + [range(start, len(sizes))]
+
+
+Cells = list[tuple[WriteTask, torch.Tensor]]  # staged cells: each write task with its copied values
+
+
+class WaveHandoff:
+    """Staged waves from the caller's thread to the background writer, and back the news that a wave was
+    written (its buffer may be staged into again). ``close`` (the writer is done, or failed) releases a
+    caller waiting for a buffer, so neither side waits for one that is gone."""
+
+    def __init__(self, count: int) -> None:
+        self._cond = threading.Condition()
+        self._waves: list[Cells | BaseException | None] = []  # None: written
+        self._count = count
+        self._written = 0
+        self._closed = False
+
+    def put(self, wave: Cells | BaseException) -> None:
+        with self._cond:
+            self._waves.append(wave)
+            self._cond.notify_all()
+
+    def wait_written(self, count: int) -> bool:
+        """Wait until ``count`` waves were written; False when the writer stopped first."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._written >= count or self._closed)
+            return self._written >= count
+
+    def cells(self) -> Iterator[tuple[WriteTask, torch.Tensor]]:
+        """The writer's side: every staged cell in order. A wave counts as written once the cell after it
+        is asked for (``write_cells`` has copied each cell out by then)."""
+        for i in range(self._count):
+            with self._cond:
+                self._cond.wait_for(lambda: len(self._waves) > i)
+                wave = self._waves[i]
+            if isinstance(wave, BaseException):
+                raise StagingAbortedError(f"staging this rank's tensors failed: {wave!r}; nothing was committed") from wave
+            yield from wave
+            with self._cond:
+                self._waves[i], self._written = None, i + 1
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+def stage_waves(tasks: Sequence[WriteTask], tensors: dict, waves: list[range], handoff: WaveHandoff,
+                pool: StagingPool) -> None:
+    """Copy every cell into the pool, wave by wave, handing each wave to the writer; returns once all
+    are copied (the caller may then mutate its tensors) or the writer stopped. A failure is handed to the
+    writer (which raises it on every rank) rather than raised here; an interrupt is raised here too."""
+    try:
+        pinned = any(local_tensor(t.key, tensors[t.key]).is_cuda for t in tasks)
+        for i, wave in enumerate(waves):
+            if i >= _SLOTS and not handoff.wait_written(i - _SLOTS + 1):
+                return
+            handoff.put(_stage_wave([tasks[j] for j in wave], tensors, pool, i % _SLOTS, pinned))
+    except BaseException as exc:  # noqa: BLE001 - raised by the writer, on every rank
+        handoff.put(exc)  # the writer never waits for a wave that will not come
+        if not isinstance(exc, Exception):
+            raise  # an interrupt stops the caller too
+
+
+def _stage_wave(tasks: list[WriteTask], tensors: dict, pool: StagingPool, slot: int, pinned: bool) -> Cells:
+    values = [cell_values(local_tensor(t.key, tensors[t.key]), t) for t in tasks]
+    sizes = [cell_nbytes(t, v.element_size()) for t, v in zip(tasks, values)]
+    memory = pool.buffer(slot, sum(sizes), pinned)
+    cells, offset = [], 0
+    for task, value, size in zip(tasks, values, sizes):
+        staged = memory[offset : offset + value.numel() * value.element_size()].view(value.dtype).view(value.shape)
+        staged.copy_(value, non_blocking=value.is_cuda)
+        cells.append((task, staged))
+        offset += size
+    if any(v.is_cuda for v in values):
+        torch.cuda.synchronize()  # the writer reads these bytes on another thread
+    return cells

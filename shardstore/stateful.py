@@ -1,0 +1,40 @@
+"""``Stateful`` values in a state dict, as torch DCP treats them.
+
+Training code hands DCP an app state whose top-level values are ``Stateful``
+(``torch.distributed.checkpoint.stateful.Stateful``: objects with ``state_dict()`` and
+``load_state_dict()``): a model wrapper, an optimizer container, the data loader, the LR scheduler. So
+that such code works by changing ``dcp.save``/``dcp.load`` to ours, a save stores each such value's
+``state_dict()``, and a load fills that state dict in place and then hands it back through
+``load_state_dict()``. As in DCP, only top-level values are looked at; what they return is an ordinary
+(nested) state dict. Applied before flattening and after loading, so the rest of shardstore never sees
+a ``Stateful``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch.distributed.checkpoint.stateful import Stateful
+
+__all__ = ["to_state_dict", "apply_loaded"]
+
+
+def to_state_dict(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``state_dict`` with every top-level ``Stateful`` value replaced by its ``state_dict()`` (a new
+    top-level dict; ``state_dict`` itself when it holds none)."""
+    if not isinstance(state_dict, Mapping) or not any(isinstance(v, Stateful) for v in state_dict.values()):
+        return state_dict
+    return {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()}
+
+
+def apply_loaded(state_dict: dict, loaded: Mapping[str, Any]) -> None:
+    """After a load into ``loaded`` (from ``to_state_dict(state_dict)``): hand each ``Stateful`` value its
+    loaded state dict, and put the other top-level values (plain ones are replaced, not filled in place)
+    back into ``state_dict``."""
+    if loaded is state_dict:
+        return
+    for key, value in state_dict.items():
+        if isinstance(value, Stateful):
+            value.load_state_dict(loaded[key])
+        else:
+            state_dict[key] = loaded[key]

@@ -1,0 +1,122 @@
+"""``shardstore convert`` between formats, on checkpoints written by the other libraries themselves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+
+import shardstore
+from shardstore.convert import open_source
+from shardstore.convert.safetensors import SafetensorsSource
+from shardstore.diff import diff_sources
+from tests.cli.helpers import cli, cli_json, run_script
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "model.embed.weight": torch.randn(300, 64, generator=g),
+        "model.layers.0.attn.q": torch.randn(64, 64, generator=g).to(torch.bfloat16),
+        "model.layers.0.norm": torch.randn(64, generator=g).to(torch.float16),
+        "counts": torch.arange(7, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "scale": torch.tensor(0.5, dtype=torch.float64),
+        "empty": torch.empty(0, 5),
+        "nan": torch.tensor([float("nan"), -0.0, float("inf")]),
+    }
+
+
+def _equal(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k  # bit exact
+
+
+def _read_zarr(url: str) -> dict:
+    ckpt = shardstore.open(url)
+    return {k: ckpt.read(k) for k in ckpt.keys()}
+
+
+@pytest.fixture(scope="module")
+def hf_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("conv") / "model.safetensors"
+    save_file(_tensors(), str(path), metadata={"format": "pt"})
+    return path
+
+
+def test_safetensors_to_zarr_to_safetensors_is_bit_exact(capsys, hf_file, tmp_path):
+    z = tmp_path / "z"
+    code, out, err = cli(capsys, "convert", hf_file, z, "--to", "zarr")
+    assert code == 0 and "wrote 8 tensors" in out, err
+    _equal(_read_zarr(str(z)), _tensors())
+    assert cli(capsys, "verify", z)[0] == 0
+    back = tmp_path / "back.safetensors"
+    assert cli(capsys, "convert", z, back, "--to", "safetensors")[0] == 0
+    _equal(load_file(str(back)), _tensors())  # read by safetensors itself
+    assert cli(capsys, "diff", hf_file, back)[0] == 0
+
+
+def test_sharded_safetensors_index_as_transformers_reads_it(capsys, hf_file, tmp_path):
+    out = tmp_path / "sharded"
+    assert cli(capsys, "convert", hf_file, out, "--to", "safetensors", "--max-shard-size", "40000")[0] == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(set(index["weight_map"].values())) == files
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in _tensors().values())
+    merged = {}
+    for f in files:
+        merged.update(load_file(str(out / f)))
+    _equal(merged, _tensors())
+    zz = tmp_path / "from-sharded"
+    assert cli(capsys, "convert", out, zz, "--to", "zarr")[0] == 0
+    _equal(_read_zarr(str(zz)), _tensors())
+
+
+def test_zarr_to_dcp_to_zarr_is_bit_exact(capsys, hf_file, tmp_path):
+    z, d, z2 = tmp_path / "z", tmp_path / "dcp", tmp_path / "z2"
+    assert cli(capsys, "convert", hf_file, z, "--to", "zarr")[0] == 0
+    assert cli(capsys, "convert", z, d, "--to", "dcp")[0] == 0
+    loaded = {k: torch.empty_like(v) for k, v in _tensors().items()}
+    dcp.load(loaded, checkpoint_id=str(d))  # read by DCP itself
+    _equal(loaded, _tensors())
+    assert cli(capsys, "convert", d, z2, "--to", "zarr")[0] == 0
+    _equal(_read_zarr(str(z2)), _tensors())
+
+
+def test_dcp_and_torch_save_written_by_torch_convert_to_zarr(capsys, tmp_path):
+    nested = {"model": {"w": torch.randn(8, 3), "layers": [torch.arange(4)]}, "step": 3}
+    dcp.save(nested, checkpoint_id=str(tmp_path / "dcp"))
+    torch.save(nested, tmp_path / "state.pt")
+    expected = {"model.w": nested["model"]["w"], "model.layers.0": nested["model"]["layers"][0]}
+    for src in ("dcp", "state.pt"):
+        code, doc = cli_json(capsys, "convert", tmp_path / src, tmp_path / f"{src}.zarr", "--to", "zarr")
+        assert code == 0 and doc["tensors"] == 2
+        _equal(_read_zarr(str(tmp_path / f"{src}.zarr")), expected)
+    assert cli(capsys, "convert", tmp_path / "dcp.zarr", tmp_path / "out.pt", "--to", "torch")[0] == 0
+    _equal(torch.load(tmp_path / "out.pt", weights_only=True), expected)
+
+
+def test_safetensors_reads_only_the_rows_asked_for(hf_file):
+    source = SafetensorsSource(str(hf_file))
+    rows = source.read("model.embed.weight", (slice(10, 20), slice(3, 5)))
+    assert torch.equal(rows, _tensors()["model.embed.weight"][10:20, 3:5])
+
+
+def test_convert_errors_exit_2(capsys, tmp_path):
+    code, _, err = cli(capsys, "convert", tmp_path / "nothing", tmp_path / "x", "--to", "zarr")
+    assert code == 2 and "no checkpoint at" in err and "name the format with --from" in err
+    assert cli(capsys, "convert", tmp_path / "a", tmp_path / "b", "--to", "onnx")[0] == 2
+
+
+def test_console_script_converts_in_a_subprocess(hf_file, tmp_path):
+    done = run_script("convert", hf_file, tmp_path / "z", "--to", "zarr", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tensors"] == 8
+    assert [d.status for d in diff_sources(open_source(str(hf_file)), open_source(str(tmp_path / "z")))] == ["same"] * 8

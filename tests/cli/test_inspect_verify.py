@@ -1,0 +1,201 @@
+"""``shardstore inspect``, ``verify``, ``ls``, ``gc`` and ``diff`` on real checkpoints, good and damaged."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import dtensor
+import shardstore
+from shardstore.runs import plan_gc
+from shardstore.steps import StepEntry, step_url
+from tests.cli.helpers import REPO, cli, cli_json, run_script
+from tests.ranks import mesh, run_ranks
+
+W = torch.arange(4 * 6, dtype=torch.float32).reshape(4, 6)
+
+
+def _save_sharded(url: str) -> None:
+    """A 2x2 mesh: w split in rows and columns, b split in rows and replicated over columns."""
+    m = mesh((2, 2))
+    w = dtensor.distribute_tensor(W, m, [dtensor.Shard(0), dtensor.Shard(1)])
+    b = dtensor.distribute_tensor(torch.arange(5.0).to(torch.bfloat16), m, [dtensor.Shard(0), dtensor.Replicate()])
+    shardstore.save({"model": {"w": w, "b": b}, "step": 7}, url, user_metadata={"run": "demo"})
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("cli") / "ck")
+    run_ranks(4, _save_sharded, url)
+    return url
+
+
+def test_inspect_text_shows_tree_layout_and_owner_blocks(capsys, sharded):
+    code, out, err = cli(capsys, "inspect", sharded)
+    assert code == 0, err
+    assert "2 tensors" in out and 'user metadata: {"run": "demo"}' in out and "step = 7" in out
+    assert "w: float32[4, 6] 96 B  chunks [2, 3] inner [2, 3]  mesh [2, 2] [S(0), S(1)]" in out
+    assert "b: bfloat16[5] 10 B  chunks [3] inner [3]  mesh [2, 2] [S(0), R]" in out
+    art = ("+--------+--------+\n| 0      | 1      |  rows 0:2\n+--------+--------+\n"
+           "| 2      | 3      |  rows 2:4\n+--------+--------+\n cols 0:3 cols 3:6")
+    assert art in out
+
+
+def test_inspect_one_key_and_json(capsys, sharded):
+    code, doc = cli_json(capsys, "inspect", sharded)
+    assert code == 0
+    assert doc["user_metadata"] == {"run": "demo"} and doc["nbytes"] == 106
+    assert doc["tensors"]["model.w"] == {
+        "path": "model/w", "shape": [4, 6], "dtype": "float32", "nbytes": 96, "chunk_shape": [2, 3],
+        "inner_chunk_shape": [2, 3], "compressor": None, "mesh_shape": [2, 2], "placements": ["S(0)", "S(1)"]}
+    code, out, _ = cli(capsys, "inspect", sharded, "model.w")
+    assert code == 0 and out.startswith("model.w: float32[4, 6]") and "| 2      | 3      |" in out
+    code, out, err = cli(capsys, "inspect", sharded, "model.nope")
+    assert code == 2 and "'model.nope' is not a tensor of checkpoint" in err and "model.w" in err
+
+
+def test_verify_good_checkpoint(capsys, sharded):
+    code, out, _ = cli(capsys, "verify", sharded)
+    assert code == 0 and out.strip().endswith("OK (2 tensors, 6 objects, 6 inner chunks, 132 B verified)")
+
+
+def _damaged_copy(sharded: str, tmp_path: Path) -> str:
+    url = str(tmp_path / "bad")
+    shardstore.save({"w": W.repeat(256, 1), "b": torch.ones(3)}, url)  # w: 1024 x 6, one object
+    obj = Path(url) / "w" / "c" / "0" / "0"
+    data = bytearray(obj.read_bytes())
+    data[100] ^= 0x40  # inside inner chunk 0
+    obj.write_bytes(data)
+    (Path(url) / "b" / "c" / "0").unlink()
+    return url
+
+
+def test_verify_names_each_bad_chunk_and_exits_1(capsys, sharded, tmp_path):
+    url = _damaged_copy(sharded, tmp_path)
+    before = {p: p.read_bytes() for p in Path(url).rglob("*") if p.is_file()}
+    code, out, _ = cli(capsys, "verify", url)
+    assert code == 1
+    assert f"BAD w chunk [0, 0] inner chunk 0: {url}/w/c/0/0 inner chunk 0 of 'w': crc32c mismatch" in out
+    assert f"BAD b chunk [0]: object {url}/b/c/0 does not exist" in out
+    assert "FAILED: 2 bad chunk(s)" in out
+    code, doc = cli_json(capsys, "verify", url)
+    assert code == 1 and doc["ok"] is False
+    assert [(b["key"], b["chunk"], b["inner_chunk"]) for b in doc["bad"]] == [("w", [0, 0], 0), ("b", [0], None)]
+    assert {p: p.read_bytes() for p in Path(url).rglob("*") if p.is_file()} == before  # verify changes nothing
+
+
+def test_verify_incomplete_is_a_failed_check_and_nothing_is_an_input_error(capsys, tmp_path):
+    url = tmp_path / "half"
+    shardstore.save({"w": torch.ones(2)}, str(url))
+    (url / "zarr.json").unlink()  # as if the save was killed before its commit marker
+    code, out, _ = cli(capsys, "verify", str(url))
+    assert code == 1 and "FAILED: IncompleteCheckpointError" in out
+    code, _, err = cli(capsys, "verify", str(tmp_path / "nothing"))
+    assert code == 2 and f"shardstore verify: error: no checkpoint at {tmp_path / 'nothing'}" in err
+
+
+def test_usage_errors_exit_2_and_help_exits_0(capsys):
+    assert cli(capsys, "inspect")[0] == 2
+    assert cli(capsys, "gc", "/x")[0] == 2  # --keep is required
+    for command in ("inspect", "verify", "ls", "gc", "diff", "convert", "reshard"):
+        code, out, _ = cli(capsys, command, "--help")
+        assert code == 0 and "--json" in out and "--storage-option" in out, command
+
+
+def _run(tmp_path: Path) -> Path:
+    root = tmp_path / "run"
+    for step in (1, 2, 3, 5):
+        shardstore.save({"w": torch.full((100,), float(step))}, step_url(str(root), step), user_metadata={"step": step})
+    (root / "step-4").mkdir()  # killed save, older than the newest complete step
+    (root / "step-4" / "w").mkdir()
+    (root / "step-9").mkdir()  # incomplete and newest: maybe a save in progress
+    (root / "step-9" / "partial").write_bytes(b"x")
+    (root / "notes.txt").write_text("mine")
+    return root
+
+
+def test_ls_lists_steps_with_size_time_and_state(capsys, tmp_path):
+    root = _run(tmp_path)
+    code, out, _ = cli(capsys, "ls", str(root))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["STEP", "SIZE", "OBJECTS", "TIME", "(UTC)", "STATE"]
+    assert [(line.split()[0], line.split()[-1]) for line in lines[1:]] == [
+        ("1", "complete"), ("2", "complete"), ("3", "complete"), ("4", "INCOMPLETE"), ("5", "complete"), ("9", "INCOMPLETE")]
+    code, doc = cli_json(capsys, "ls", str(root))
+    sizes = {d["step"]: d["nbytes"] for d in doc}
+    expected = sum(p.stat().st_size for p in (root / "step-5").rglob("*") if p.is_file())
+    assert sizes[5] == expected and sizes[9] == 1 and sizes[4] == 0
+    assert abs(doc[-2]["modified"] - os.stat(root / "step-5" / "zarr.json").st_mtime) < 1e-3
+
+
+def test_gc_keeps_newest_complete_spares_in_progress_and_leaves_other_files(capsys, tmp_path):
+    root = _run(tmp_path)
+    code, doc = cli_json(capsys, "gc", str(root), "--keep", "2", "--dry-run")
+    assert code == 0 and [d["step"] for d in doc["deleted"]] == [1, 2, 4]
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "step-1", "step-2", "step-3", "step-4", "step-5", "step-9"]
+    code, out, _ = cli(capsys, "gc", str(root), "--keep", "2")
+    assert code == 0 and "deleted step 4 (incomplete)" in out and "kept step 9: incomplete" in out
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "step-3", "step-5", "step-9"]
+    assert shardstore.open(str(root / "step-5")).read("w")[0] == 5.0
+    code, _, err = cli(capsys, "gc", str(root), "--keep", "0")
+    assert code == 2 and "keep must be an int >= 1" in err
+
+
+def test_plan_gc_never_deletes_the_newest_complete_step():
+    entries = [StepEntry(s, f"r/step-{s}", c) for s, c in [(1, True), (2, False), (3, True), (4, False)]]
+    plan = plan_gc(entries, 1)
+    assert [e.step for e in plan.keep] == [3] and [e.step for e in plan.delete] == [1, 2]
+    assert [e.step for e in plan.spared] == [4]
+    only_incomplete = plan_gc([StepEntry(1, "r/step-1", False)], 3)
+    assert only_incomplete.delete == () and [e.step for e in only_incomplete.spared] == [1]
+
+
+def test_diff_reports_values_shapes_dtypes_and_missing_keys(capsys, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    base = torch.linspace(-1, 1, 50)
+    shardstore.save({"same": base, "vals": base, "shape": torch.ones(3), "dtype": torch.ones(3), "only_a": base}, a)
+    changed = base.clone()
+    changed[7] += 0.5
+    shardstore.save({"same": base, "vals": changed, "shape": torch.ones(4), "dtype": torch.ones(3, dtype=torch.float64),
+                     "only_b": base}, b)
+    code, out, _ = cli(capsys, "diff", a, b)
+    assert code == 1
+    assert "vals: values differ: max abs 0.5," in out and "shape: shape differs: A [3]" in out
+    assert "only_a: only in A" in out and "only_b: only in B" in out and "1 of 6 tensors are the same" in out
+    code, doc = cli_json(capsys, "diff", a, b)
+    vals = next(t for t in doc["tensors"] if t["key"] == "vals")
+    assert vals["max_abs"] == pytest.approx(0.5) and vals["max_rel"] == pytest.approx(0.5 / max(abs(float(base[7])), abs(float(changed[7]))))
+    assert cli(capsys, "diff", a, a)[0] == 0
+
+
+def test_console_script_runs_in_a_subprocess(sharded, tmp_path):
+    url = _damaged_copy(sharded, tmp_path)
+    done = run_script("verify", url)
+    assert done.returncode == 1 and "inner chunk 0 of 'w': crc32c mismatch" in done.stdout, done.stderr
+    assert "\r" not in done.stderr  # no progress bar when stdout is not a terminal
+    done = run_script("inspect", sharded, "--json")
+    assert done.returncode == 0 and '"placements": [\n        "S(0)",\n        "S(1)"' in done.stdout
+
+
+def test_the_package_declares_the_console_script():
+    text = (REPO / "pyproject.toml").read_text()
+    assert '[project.scripts]\nshardstore = "shardstore.cli:main"\n' in text
+    assert '"tqdm>=' in text.split("[project.optional-dependencies]")[0]  # a runtime dependency
+
+
+def test_fsspec_urls_and_storage_options(capsys):
+    import uuid
+
+    from shardstore.cli.common import key_value
+
+    url = f"memory://cli-{uuid.uuid4().hex}/ck"
+    shardstore.save({"w": torch.ones(3, 2)}, url)
+    code, out, err = cli(capsys, "verify", url, "--storage-option", "skip_instance_cache=false")
+    assert code == 0 and "OK (1 tensors, 1 objects" in out, err
+    assert cli_json(capsys, "inspect", url, "-o", "skip_instance_cache=false")[1]["tensors"]["w"]["shape"] == [3, 2]
+    assert key_value("anon=true") == ("anon", True) and key_value("endpoint_url=http://127.0.0.1:9") == ("endpoint_url", "http://127.0.0.1:9")
+    assert cli(capsys, "inspect", url, "-o", "novalue")[0] == 2  # not KEY=VALUE: a usage error

@@ -1,0 +1,85 @@
+"""``shardstore.load`` straight from a Hugging Face safetensors checkpoint into DTensors, each rank reading
+only its slices (bytes counted at the storage layer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dtensor
+import shardstore
+from shardstore.errors import StateDictMismatchError
+from shardstore.storage.local import LocalStorage
+from tests.ranks import mesh, run_ranks
+
+
+def _weights() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return {"model.embed.weight": torch.randn(50, 16, generator=g), "model.proj.weight": torch.randn(8, 12, generator=g).to(torch.bfloat16),
+            "model.norm.weight": torch.randn(16, generator=g)}
+
+
+def _write_sharded(directory: Path) -> None:
+    """Two shards and an index, as transformers' save_pretrained lays them out (files by safetensors)."""
+    w = _weights()
+    files = {"model-00001-of-00002.safetensors": ["model.embed.weight"],
+             "model-00002-of-00002.safetensors": ["model.proj.weight", "model.norm.weight"]}
+    for name, keys in files.items():
+        save_file({k: w[k] for k in keys}, str(directory / name), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in w.values())},
+             "weight_map": {k: name for name, keys in files.items() for k in keys}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _load_sharded(url: str) -> tuple[bool, int, int, int]:
+    m = mesh((2,))
+    sd = {"model": {"embed": {"weight": dtensor.zeros(50, 16, device_mesh=m, placements=[dtensor.Shard(0)])},
+                    "proj": {"weight": dtensor.zeros(8, 12, dtype=torch.bfloat16, device_mesh=m, placements=[dtensor.Shard(1)])},
+                    "norm": {"weight": dtensor.zeros(16, device_mesh=m, placements=[dtensor.Replicate()])}}}
+    counted = []
+    original = LocalStorage.read_range_into
+
+    def counting(self, key, start, out):
+        counted.append(len(memoryview(out).cast("B")))
+        return original(self, key, start, out)
+
+    LocalStorage.read_range_into = counting
+    try:
+        result = shardstore.load(sd, url)
+    finally:
+        LocalStorage.read_range_into = original
+    w = _weights()
+    same = all(torch.equal(sd["model"][k]["weight"].full_tensor(), w[f"model.{k}.weight"]) for k in ("embed", "proj", "norm"))
+    local = sum(t["weight"].to_local().numel() * t["weight"].to_local().element_size() for t in sd["model"].values())
+    return same, sum(counted), local, result.bytes_read
+
+
+def test_sharded_hf_checkpoint_loads_into_dtensors_each_rank_reading_its_slices(tmp_path):
+    _write_sharded(tmp_path)
+    for same, counted, local, reported in run_ranks(2, _load_sharded, str(tmp_path)):
+        assert same
+        assert counted == local == reported  # exactly its shards' bytes: no whole tensors, no other rank's rows
+    total = sum(t.numel() * t.element_size() for t in _weights().values())
+    assert local < total
+
+
+def test_single_file_loads_and_mismatches_are_refused(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file(_weights(), str(path))
+    sd = {k: torch.zeros_like(v) for k, v in _weights().items()}
+    result = shardstore.load(sd, str(path))
+    assert all(torch.equal(sd[k], v) for k, v in _weights().items()) and result.unexpected == ()
+    bad = {k: torch.zeros_like(v) for k, v in _weights().items()}
+    bad["model.norm.weight"] = torch.zeros(17)
+    bad["extra"] = torch.zeros(1)
+    with pytest.raises(StateDictMismatchError, match=r"'model.norm.weight': checkpoint float32\[16\], state dict float32\[17\]; 'extra' is not in the checkpoint"):
+        shardstore.load(bad, str(tmp_path))  # the directory holding model.safetensors
+    assert all(not v.any() for v in bad.values())  # nothing was copied in
+    partial = {"model.norm.weight": torch.zeros(16)}
+    result = shardstore.load(partial, str(path), strict=False)
+    assert torch.equal(partial["model.norm.weight"], _weights()["model.norm.weight"])
+    assert set(result.unexpected) == {"model.embed.weight", "model.proj.weight"}

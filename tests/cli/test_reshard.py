@@ -1,0 +1,128 @@
+"""``shardstore reshard``: one object per target shard, bit-exact loads on the target mesh, bounded memory."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dtensor
+import shardstore
+from dtensor.placements import Box
+from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, plan_load
+from shardstore.owners import rank_boxes
+from tests.cli.helpers import REPO, cli, cli_json
+from tests.ranks import mesh, run_ranks
+
+
+def _state() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"model": {"w": torch.randn(64, 40, generator=g), "bias": torch.randn(40, generator=g),
+                      "emb": torch.randn(30, 8, generator=g).to(torch.bfloat16)},
+            "step": 5, "scale": torch.tensor(2.0)}
+
+
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("reshard")
+    src, dst = str(root / "src"), str(root / "dst")
+    shardstore.save(_state(), src, user_metadata={"run": "r"})
+    return src, dst
+
+
+def _objects_read(url: str, name: str, box: Box) -> set:
+    meta = shardstore.open(url).metadata(name)
+    key = tuple(name.split("."))
+    stored = StoredArray(key, meta["shape"], meta["dtype"], meta["chunk_shape"], meta["chunk_shape"])
+    target = TargetTensor(key, tuple(meta["shape"]), meta["dtype"], (LoadRegion(box, 0),))
+    return {(run.key, run.cell) for run in plan_load({key: target}, {key: stored}).runs}
+
+
+def test_reshard_writes_one_object_per_target_shard(capsys, resharded):
+    src, dst = resharded
+    code, out, err = cli(capsys, "reshard", src, dst, "--mesh", "4", "--placements", "model.bias=Replicate()",
+                         "--placements", "Shard(0)")
+    assert code == 0 and out.startswith(f"wrote {dst}: 10 objects"), err
+    code, doc = cli_json(capsys, "inspect", dst)
+    tensors = doc["tensors"]
+    assert tensors["model.w"]["chunk_shape"] == [16, 40] and tensors["model.w"]["placements"] == ["S(0)"]
+    assert tensors["model.emb"]["chunk_shape"] == [8, 8] and tensors["model.bias"]["placements"] == ["R"]
+    assert tensors["scale"]["mesh_shape"] == [] and doc["user_metadata"] == {"run": "r"}
+    placements = {"model.w": [dtensor.Shard(0)], "model.emb": [dtensor.Shard(0)], "model.bias": [dtensor.Replicate()]}
+    for name, pl in placements.items():
+        shape = tensors[name]["shape"]
+        for box in rank_boxes(shape, (4,), pl):
+            assert len(_objects_read(dst, name, box)) == 1, (name, box)  # each target rank: one object
+    assert cli(capsys, "diff", src, dst)[0] == 0  # bit exact
+    assert cli(capsys, "verify", dst)[0] == 0
+    assert shardstore.open(dst).state_dict_skeleton()["step"] == 5  # plain values kept
+
+
+def _load_on_target_mesh(url: str) -> tuple[bool, int, int]:
+    m = mesh((4,))
+    expected = _state()
+    sd = {"model": {"w": dtensor.zeros(64, 40, device_mesh=m, placements=[dtensor.Shard(0)]),
+                    "bias": dtensor.zeros(40, device_mesh=m, placements=[dtensor.Replicate()]),
+                    "emb": dtensor.zeros(30, 8, dtype=torch.bfloat16, device_mesh=m, placements=[dtensor.Shard(0)])},
+          "step": 0, "scale": torch.zeros(())}
+    result = shardstore.load(sd, url)
+    same = all(torch.equal(sd["model"][k].full_tensor(), expected["model"][k]) for k in expected["model"])
+    same = same and sd["step"] == 5 and torch.equal(sd["scale"], expected["scale"])
+    local = sum(sd["model"][k].to_local().numel() * sd["model"][k].to_local().element_size() for k in sd["model"]) + 4
+    return same, result.bytes_read, local
+
+
+def test_resharded_checkpoint_loads_bit_exact_on_the_target_mesh(capsys, resharded):
+    src, dst = resharded
+    if not Path(dst).exists():
+        cli(capsys, "reshard", src, dst, "--mesh", "4", "--placements", "model.bias=Replicate()", "--placements", "Shard(0)")
+    for same, bytes_read, local in run_ranks(4, _load_on_target_mesh, dst):
+        assert same and bytes_read == local  # each rank reads exactly its shard's bytes
+
+
+_PROBE = """import re, sys
+from shardstore.cli import main
+def status(field):
+    return int(re.search(field + r':\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))
+open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM): imports are not what is measured
+before = status('VmRSS')
+code = main(sys.argv[1:])
+print('RSS_KIB', before, status('VmHWM'), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset and read the peak RSS")
+def test_reshard_peak_memory_is_bounded_by_the_budget_not_the_tensor(tmp_path):
+    tensor_bytes, budget = 128 << 20, 64 << 20
+    src = str(tmp_path / "src")
+    shardstore.save({"big": torch.randn(4096, tensor_bytes // 4 // 4096)}, src, durable=False)
+    argv = ["reshard", src, str(tmp_path / "dst"), "--mesh", "8", "--placements", "Shard(0)", "--memory-budget", str(budget)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    before, peak = (int(v) for v in re.search(r"RSS_KIB (\d+) (\d+)", done.stderr).groups())
+    grew = (peak - before) * 1024
+    assert grew <= budget + (8 << 20), f"peak RSS grew {grew >> 20} MiB under a {budget >> 20} MiB budget"
+    assert grew < tensor_bytes / 2
+    assert torch.equal(shardstore.open(str(tmp_path / "dst")).read("big", (slice(4000, 4096),)),
+                       shardstore.open(src).read("big", (slice(4000, 4096),)))
+
+
+def test_reshard_refuses_bad_meshes_and_placements(capsys, resharded, tmp_path):
+    src, _ = resharded
+    out = str(tmp_path / "x")
+    code, _, err = cli(capsys, "reshard", src, out, "--mesh", "0", "--placements", "Shard(0)")
+    assert code == 2 and "give one size >= 1 per mesh dim" in err
+    code, _, err = cli(capsys, "reshard", src, out, "--mesh", "2,2", "--placements", "Shard(0)")
+    assert code == 2 and "give 1 placement(s) for a mesh of 2 dim(s)" in err
+    code, _, err = cli(capsys, "reshard", src, out, "--mesh", "2", "--placements", "Shard(1)")
+    assert code == 2 and "'model.bias' has 1 dim(s) (shape [40]), so it cannot be Shard(dim=1)" in err
+    code, _, err = cli(capsys, "reshard", src, out, "--mesh", "2", "--placements", "Sharded(0)")
+    assert code == 2 and "placement 'Sharded(0)' is not one of" in err
+    assert not Path(out).exists()

@@ -1,0 +1,191 @@
+"""CheckpointManager on real ranks: retention and keep_period, restoring an older step, a failed save that
+changes nothing, and incremental saves (unchanged objects hard-linked, the newer step self-contained)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import dtensor
+import shardstore
+from dtensor import Shard
+from shardstore.errors import CheckpointExistsError, CheckpointNotFoundError, UnsupportedInputError
+from shardstore.manager import steps_to_delete
+from tests.ranks import mesh, run_ranks
+
+
+def _state(world: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 6, generator=g)
+    return {"model": {"w": dtensor.distribute_tensor(w, mesh((world,)), [Shard(0)], src_data_rank=None)}, "step": seed}
+
+
+def _zeros(world: int) -> dict:
+    return {"model": {"w": dtensor.distribute_tensor(torch.zeros(8, 6), mesh((world,)), [Shard(0)], src_data_rank=None)},
+            "step": -1}
+
+
+def _full(state: dict) -> torch.Tensor:
+    return state["model"]["w"].full_tensor()
+
+
+def _retention_and_restore(root: str, world: int, asynchronous: bool):
+    seen = []
+    with shardstore.CheckpointManager(root, max_to_keep=2, keep_period=4, async_save=asynchronous) as manager:
+        for step in range(10):
+            state = _state(world, step)
+            assert manager.save(step, state)
+            state["model"]["w"].to_local().fill_(-1.0)  # mutated right away: the save holds the staged values
+            seen.append(manager.all_steps())
+        target = _zeros(world)
+        assert manager.restore(target, step=4) == 4 and target["step"] == 4
+        older = torch.equal(_full(target), _full(_state(world, 4)))
+        assert manager.restore(target) == 9 and target["step"] == 9
+        latest = torch.equal(_full(target), _full(_state(world, 9)))
+        with pytest.raises(CheckpointNotFoundError) as missing:
+            manager.restore(target, step=5)
+    return seen, older, latest, str(missing.value), sorted(os.listdir(root))
+
+
+@pytest.mark.parametrize("world, asynchronous", [(1, False), (2, False), (1, True), (2, True)])
+def test_retention_keeps_the_newest_and_every_keep_period_step(tmp_path, world, asynchronous):
+    root = str(tmp_path / "run")
+    for seen, older, latest, missing, listing in run_ranks(world, _retention_and_restore, root, world, asynchronous):
+        # A step goes only once a newer one is complete; an async save is listed once the next call saw it commit.
+        assert seen[:4] == ([[], [0], [0, 1], [0, 1, 2]] if asynchronous else [[0], [0, 1], [0, 1, 2], [0, 2, 3]])
+        assert seen[-1] == ([0, 4, 7, 8] if asynchronous else [0, 4, 8, 9]) and older and latest
+        assert missing == (f"step 5 has no complete checkpoint under {root}; complete steps: [0, 4, 8, 9] — "
+                           "restore one of those, or the latest with step=None")
+        assert listing == ["step-0", "step-4", "step-8", "step-9"]
+
+
+def _failed_save_changes_nothing(root: str, world: int):
+    manager = shardstore.CheckpointManager(root, max_to_keep=1, async_save=False)
+    manager.save(1, _state(world, 1))
+    with pytest.raises(UnsupportedInputError):
+        manager.save(2, {"bad": torch.zeros(2).to_sparse()})
+    after_failure = (manager.all_steps(), sorted(os.listdir(root)))
+    with pytest.raises(CheckpointExistsError, match="step 1 already has a complete checkpoint"):
+        manager.save(1, _state(world, 1), force=True)
+    assert manager.save(2, _state(world, 2))  # the run goes on saving
+    manager.close()
+    return after_failure, manager.all_steps(), sorted(os.listdir(root))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_failed_save_deletes_nothing_and_the_run_saves_again(tmp_path, world):
+    root = str(tmp_path / "run")
+    for after_failure, steps, listing in run_ranks(world, _failed_save_changes_nothing, root, world):
+        assert after_failure == ([1], ["step-1"])  # max_to_keep=1, yet step 1 stays: no newer step is complete
+        assert steps == [2] and listing == ["step-2"]
+
+
+def test_should_save_and_interval(tmp_path):
+    manager = shardstore.CheckpointManager(str(tmp_path / "run"), save_interval_steps=3, async_save=False)
+    assert [manager.should_save(s) for s in range(7)] == [True, False, False, True, False, False, True]
+    assert not manager.save(1, {"x": torch.ones(2)}) and manager.all_steps() == []
+    assert manager.save(1, {"x": torch.ones(2)}, force=True) and manager.all_steps() == [1]
+    assert not manager.should_save(0) and manager.should_save(3) and manager.latest_step() == 1
+    with pytest.raises(CheckpointNotFoundError, match="holds no complete checkpoint"):
+        shardstore.CheckpointManager(str(tmp_path / "empty")).restore({"x": torch.ones(2)})
+    for bad in ({"max_to_keep": 0}, {"keep_period": -1}, {"save_interval_steps": None}):
+        with pytest.raises(ValueError, match="must be an int >= 1"):
+            shardstore.CheckpointManager(str(tmp_path / "run"), **bad)
+    manager.close()
+    with pytest.raises(ValueError, match="is closed"):
+        manager.save(6, {"x": torch.ones(2)})
+
+
+def test_steps_to_delete_is_pure_retention():
+    assert steps_to_delete([1, 2, 3], None, None) == []
+    assert steps_to_delete([3, 1, 2], 1, None) == [1, 2]
+    assert steps_to_delete([0, 5, 10, 15, 20], 1, 10) == [5, 15]
+    assert steps_to_delete([7], 1, None) == []
+
+
+# -- incremental saves --------------------------------------------------------------------------------
+
+
+def _finetune_values(lora_seed: int) -> dict[str, torch.Tensor]:
+    frozen = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    return {"frozen": frozen, "lora": torch.randn(8, 32, generator=torch.Generator().manual_seed(lora_seed))}
+
+
+def _finetune_state(world: int, lora_seed: int, zero: bool = False) -> dict:
+    values = {k: torch.zeros_like(v) if zero else v for k, v in _finetune_values(lora_seed).items()}
+    frozen, lora = values["frozen"], values["lora"]
+    m = mesh((world,))
+    return {"frozen": dtensor.distribute_tensor(frozen, m, [Shard(0)], src_data_rank=None),
+            "lora": dtensor.distribute_tensor(lora, m, [Shard(0)], src_data_rank=None), "step": lora_seed}
+
+
+def _incremental(root: str, world: int, asynchronous: bool):
+    with shardstore.CheckpointManager(root, max_to_keep=1, async_save=asynchronous) as manager:
+        manager.save(1, _finetune_state(world, 1))
+        manager.wait_until_finished()
+        inodes = _inodes(Path(root) / "step-1") if torch.distributed.get_rank() == 0 else {}
+        manager.save(2, _finetune_state(world, 2))  # lora changed; step 1 then goes (max_to_keep=1)
+        manager.wait_until_finished()
+        steps = manager.all_steps()
+        target = _finetune_state(world, -1, zero=True)
+        manager.restore(target)
+    expected = _finetune_state(world, 2)
+    exact = all(torch.equal(target[k].full_tensor().view(torch.uint8), expected[k].full_tensor().view(torch.uint8))
+                for k in ("frozen", "lora")) and target["step"] == 2
+    return steps, exact, inodes
+
+
+def _inodes(checkpoint: Path) -> dict[str, int]:
+    objects = [p.relative_to(checkpoint) for p in checkpoint.rglob("*") if p.is_file()]
+    return {str(p): (checkpoint / p).stat().st_ino for p in objects if "c" in p.parts}
+
+
+@pytest.mark.parametrize("world, asynchronous", [(1, False), (2, False), (2, True)])
+def test_incremental_save_links_unchanged_objects_and_stands_alone(tmp_path, world, asynchronous):
+    import zarr
+
+    root = tmp_path / "run"
+    results = run_ranks(world, _incremental, str(root), world, asynchronous)
+    old = results[0][2]
+    for steps, exact, _ in results:
+        assert steps == [2] and exact
+    assert sorted(os.listdir(root)) == ["step-2"]  # step 1 is deleted, step 2 loads bit-exact without it
+    new = _inodes(root / "step-2")
+    assert set(new) == set(old) and len(new) >= 2 * world
+    assert all(new[k] == old[k] for k in new if k.startswith("frozen/")), "unchanged objects are hard links"
+    assert all(new[k] != old[k] for k in new if k.startswith("lora/")), "a changed tensor is rewritten"
+    group = zarr.open_group(str(root / "step-2"), mode="r")  # any Zarr reader opens the linked checkpoint
+    values = _finetune_values(2)
+    assert (group["lora"][...] == values["lora"].numpy()).all()
+    assert (group["frozen"][...].view("uint16") == values["frozen"].view(torch.int16).numpy().view("uint16")).all()
+
+
+def test_manager_on_an_object_store_links_by_server_side_copy(monkeypatch):
+    import uuid
+
+    import fsspec
+
+    from shardstore.storage.remote import FsspecStorage
+
+    root = f"memory://manager-{uuid.uuid4().hex}/run"
+    written: list[str] = []
+    write = FsspecStorage.write
+    monkeypatch.setattr(FsspecStorage, "write", lambda self, key, data: (written.append(key), write(self, key, data))[1])
+    state = {"frozen": torch.randn(64, 32), "lora": torch.randn(8, 32), "step": 1}
+    try:
+        with shardstore.CheckpointManager(root, max_to_keep=1, async_save=False) as manager:
+            manager.save(1, state)
+            written.clear()
+            state["lora"].add_(1)
+            manager.save(2, state)
+            assert manager.all_steps() == [2]
+            target = {"frozen": torch.zeros(64, 32), "lora": torch.zeros(8, 32), "step": -1}
+            assert manager.restore(target) == 2
+        assert not [k for k in written if k.startswith("frozen/c")], written  # copied server-side, not written
+        assert [k for k in written if k.startswith("lora/c")]
+        assert all(torch.equal(target[k], state[k]) for k in ("frozen", "lora")) and target["step"] == 1
+    finally:
+        fsspec.filesystem("memory").rm(root.split("://")[1].split("/")[0], recursive=True)

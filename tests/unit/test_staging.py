@@ -1,0 +1,75 @@
+"""Staging for async saves, in one process: waves within the budget, buffers reused, the hand-off between
+the caller and the writer (neither waits for a side that stopped)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from shardstore.errors import StagingAbortedError
+from shardstore.staging import StagingPool, WaveHandoff, plan_waves
+
+
+def test_without_a_budget_or_within_it_every_cell_is_one_wave():
+    assert plan_waves([64, 128, 64], None) == [range(0, 3)]
+    assert plan_waves([64, 128, 64], 256) == [range(0, 3)]
+    assert plan_waves([], 10) == []
+
+
+def test_above_the_budget_waves_take_at_most_half_of_it_and_a_bigger_cell_goes_alone():
+    waves = plan_waves([64] * 10, 256)
+    assert waves == [range(0, 2), range(2, 4), range(4, 6), range(6, 8), range(8, 10)]
+    assert plan_waves([64, 512, 64, 64], 256) == [range(0, 1), range(1, 2), range(2, 4)]
+
+
+def test_the_pool_reuses_a_buffer_big_enough_and_replaces_a_small_one():
+    pool = StagingPool()
+    first = pool.buffer(0, 4 << 20, pinned=False)
+    assert pool.buffer(0, 1 << 20, pinned=False).data_ptr() == first.data_ptr()
+    assert pool.buffer(0, 4 << 20, pinned=False).data_ptr() == first.data_ptr()
+    pool.buffer(1, 100, pinned=False)
+    assert pool.nbytes() == (4 << 20) + 100
+    pool.buffer(0, 8 << 20, pinned=False)  # grows: the old buffer is dropped, not kept beside it
+    assert pool.nbytes() == (8 << 20) + 100
+
+
+def _cell(value: float) -> list:
+    return [("task", torch.tensor([value]))]
+
+
+def test_the_writer_takes_waves_in_order_and_reports_each_written():
+    handoff = WaveHandoff(3)
+    taken = []
+
+    def writer():
+        for task, value in handoff.cells():
+            taken.append(value.item())
+        handoff.close()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    for i in range(3):
+        handoff.put(_cell(float(i)))
+        if i >= 1:
+            assert handoff.wait_written(i)  # wave i-1 is written once wave i is staged
+    thread.join(10)
+    assert taken == [0.0, 1.0, 2.0]
+
+
+def test_a_caller_waiting_for_a_buffer_is_released_when_the_writer_stops():
+    handoff = WaveHandoff(3)
+    handoff.put(_cell(0.0))
+    threading.Timer(0.1, handoff.close).start()  # the writer failed before writing anything
+    assert handoff.wait_written(1) is False
+
+
+def test_a_staging_failure_stops_the_writer_with_it():
+    handoff = WaveHandoff(2)
+    handoff.put(_cell(0.0))
+    handoff.put(RuntimeError("CUDA error: an illegal memory access"))
+    cells = handoff.cells()
+    assert next(cells)[1].item() == 0.0
+    with pytest.raises(StagingAbortedError, match="staging this rank's tensors failed: RuntimeError"):
+        next(cells)
