@@ -59,11 +59,16 @@ class Server:
     process: subprocess.Popen
     buckets: list[str] = field(default_factory=list)
 
-    def storage_options(self, endpoint: str | None = None) -> dict:
-        """What ``shardstore.save``/``load`` take to reach this server (through ``endpoint`` if given)."""
+    def storage_options(self, endpoint: str | None = None, client_tries: int = 2) -> dict:
+        """What ``shardstore.save``/``load`` take to reach this server (through ``endpoint`` if given);
+        on S3, botocore tries each request ``client_tries`` times before shardstore's own retries."""
         endpoint = loopback_only(endpoint or self.endpoint)
         if self.protocol == "s3":
-            return {"endpoint_url": endpoint, "key": "testing", "secret": "testing", "skip_instance_cache": True}
+            # Short timeouts: a local server answers in milliseconds, and botocore's defaults (60 s reads,
+            # several tries) would turn one stuck request into minutes of a stalled test.
+            config = {"connect_timeout": 5, "read_timeout": 20, "retries": {"total_max_attempts": client_tries, "mode": "standard"}}
+            return {"endpoint_url": endpoint, "key": "testing", "secret": "testing", "skip_instance_cache": True,
+                    "config_kwargs": config}
         if self.protocol == "gs":
             return {"endpoint_url": endpoint, "token": "anon", "project": "test", "skip_instance_cache": True}
         conn = (f"DefaultEndpointsProtocol=http;AccountName={AZURE_ACCOUNT};AccountKey={AZURE_KEY};"

@@ -8,6 +8,7 @@ import time
 
 import fsspec
 import pytest
+import s3fs
 import torch
 
 import shardstore
@@ -16,9 +17,6 @@ from shardstore.storage import retry
 from tests.buckets.faulty_proxy import FaultyProxy
 
 # botocore retries on its own; with one try each, this suite sees (and tests) our retries.
-S3_ONE_TRY = {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
-
-
 @pytest.fixture
 def s3(bucket_servers):
     return bucket_servers.get("s3")
@@ -56,7 +54,7 @@ def test_saves_and_loads_succeed_through_503s_resets_lost_replies_and_delays(s3,
     url, direct = s3.fresh_url(), s3.storage_options()
     proxy = FaultyProxy(s3.endpoint, error_rate=0.12, reset_rate=0.08, lost_reply_rate=0.05, delay_rate=0.05, seed=3)
     try:
-        flaky = {**s3.storage_options(proxy.url), **S3_ONE_TRY}
+        flaky = s3.storage_options(proxy.url, client_tries=1)
         _save(url, flaky, 1)
         _save(url, flaky, 2, overwrite=True)  # claims, a new version, the lock, the pointer: all retried
         assert _load(url, flaky) == 2
@@ -68,8 +66,9 @@ def test_saves_and_loads_succeed_through_503s_resets_lost_replies_and_delays(s3,
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite"])
 def test_endless_faults_fail_cleanly_in_bounded_time_and_change_nothing(s3, monkeypatch, overwrite):
-    """3 tries of ours, each over s3fs's own 5 (about 2 s of its pauses): a bounded wait, then the error."""
+    """3 tries of ours, each over 2 of s3fs's own: a bounded wait, then the error."""
     monkeypatch.setattr(retry, "DEFAULT", retry.RetryPolicy(attempts=3, base_s=0.01, cap_s=0.05))
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 2)  # s3fs's own loop (a class attribute, 5 by default)
     url, direct = s3.fresh_url(), s3.storage_options()
     if overwrite:
         _save(url, direct, 1)
@@ -79,7 +78,7 @@ def test_endless_faults_fail_cleanly_in_bounded_time_and_change_nothing(s3, monk
     start = time.monotonic()
     try:
         with pytest.raises(StorageUnavailableError, match=r"failed 3 times with transient errors.*retry once"):
-            _save(url, {**s3.storage_options(proxy.url), **S3_ONE_TRY}, 2, overwrite=overwrite)
+            _save(url, s3.storage_options(proxy.url, client_tries=1), 2, overwrite=overwrite)
     finally:
         proxy.close()
     assert time.monotonic() - start < 60
