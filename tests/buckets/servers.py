@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -106,7 +107,10 @@ def stop_pid(process: subprocess.Popen) -> None:
 
 
 def _start(protocol: str, argv: list[str], port: int) -> Server:
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    # The server's log goes to a file, never a pipe: moto logs every request, and once a pipe nobody
+    # reads is full the server blocks mid-reply and stops answering.
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         try:
@@ -115,7 +119,8 @@ def _start(protocol: str, argv: list[str], port: int) -> Server:
         except OSError:
             if process.poll() is not None or time.monotonic() > deadline:
                 stop_pid(process)
-                raise RuntimeError(f"{argv[0]} did not start on port {port}: {process.stderr.read()[-2000:]!r}")
+                log.seek(0)
+                raise RuntimeError(f"{argv[0]} did not start on port {port}: {log.read()[-2000:]!r}")
             time.sleep(0.05)
 
 

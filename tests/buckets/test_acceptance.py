@@ -5,6 +5,7 @@ never both commit; a writer killed mid-save leaves the previous checkpoint loada
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import threading
 import time
@@ -99,6 +100,9 @@ def test_two_concurrent_writers_never_both_commit(bucket, overwrite):
         t.start()
     for t in threads:
         t.join(120)
+    if any(t.is_alive() for t in threads):
+        faulthandler.dump_traceback()  # where a writer is stuck, for the report
+        pytest.fail(f"a writer to {url} did not finish within 120 s (the server stopped answering?)")
     winners = [seed for seed, exc in outcomes.items() if exc is None]
     losers = [exc for exc in outcomes.values() if exc is not None]
     assert len(outcomes) == 2 and len(winners) <= 1, outcomes
