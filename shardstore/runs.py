@@ -4,7 +4,9 @@
 function (``plan_gc``) before anything is deleted, so the rule is tested without files: keep the newest
 ``keep`` complete steps, delete older complete steps and incomplete steps older than the newest complete
 one. An incomplete step newer than every complete one may be a save still running, so it is spared; the
-newest complete step is never deleted. Deletes go through the storage seam, one step at a time.
+newest complete step is never deleted. Deletes go through ``steps.delete_step``, one step at a time:
+each step's root marker goes first, so a prune cut short (a crash, a failing store) leaves at worst an
+incomplete step, never one listed as complete with objects missing; the next prune removes it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from shardstore import format as fmt
-from shardstore.steps import StepEntry, list_steps
+from shardstore.steps import StepEntry, delete_step, list_steps
 from shardstore.storage import Storage
 
 __all__ = ["StepSummary", "GcPlan", "summarize", "plan_gc", "collect"]
@@ -86,5 +88,5 @@ def collect(root_url: str, keep: int, storage_options: dict | None = None, *, dr
     if not dry_run:
         root = Storage(root_url, storage_options)
         for entry in plan.delete:
-            root.child(entry.url.rsplit("/", 1)[-1]).delete_prefix()
+            delete_step(root.child(entry.url.rsplit("/", 1)[-1]))
     return plan
