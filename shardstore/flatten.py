@@ -35,7 +35,7 @@ from shardstore.errors import CorruptCheckpointError, StateDictMismatchError, Un
 
 __all__ = [
     "KeyPath", "flatten", "unflatten", "fill_plain_values", "merge_skeletons", "is_tensor_like", "node_path",
-    "mapping_node", "mapping_children",
+    "mapping_node", "mapping_children", "node_children",
     "keypath_from_node", "fqn", "display_names",
 ]
 
@@ -100,6 +100,16 @@ def mapping_node(children: Mapping[str | int, dict]) -> dict:
     if all(isinstance(k, str) for k in children):
         return {"dict": dict(children)}
     return {"map": [[k, v] for k, v in children.items()]}
+
+
+def node_children(node: dict) -> list[tuple[str | int, dict]]:
+    """The (key or index, child) pairs of a container node, in order; none for a leaf."""
+    (kind, body), = node.items()
+    if kind == "dict":
+        return list(body.items())
+    if kind == "map":
+        return [(k, child) for k, child in body]
+    return list(enumerate(body)) if kind in ("list", "tuple") else []
 
 
 def mapping_children(node: dict) -> dict[str | int, dict] | None:

@@ -1,12 +1,15 @@
 """Convert a checkpoint between formats, tensor by tensor (bounded memory): a shardstore checkpoint
 (zarr), Hugging Face safetensors (one file, or a directory with model.safetensors or shards and
 model.safetensors.index.json), a torch DCP directory (dcp), a torch.save file (torch, read with
-weights_only=True). The source format is detected. Tensor values round-trip bit for bit; keys become
-dotted names; plain (non-tensor) values are not carried over."""
+weights_only=True). The source format is detected. Tensor values round-trip bit for bit. zarr, dcp and
+torch keep the whole state dict (nesting and plain values such as a step count); safetensors holds
+tensors only, under dotted names: what it drops is named in a warning and in --json ("dropped").
+A torch DCP directory keeps dict keys as strings and no empty dicts (DCP's own format)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from shardstore.cli.common import EXIT_OK, human_bytes, print_json, progress, storage_options
 from shardstore.convert import FORMATS
@@ -29,12 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with progress(None, f"converting to {args.to}") as bar:
-        source = convert(args.src, args.dst, args.to, storage_options=storage_options(args), src_format=args.src_format,
-                         overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, progress=bar.update)
-    tensors = source.tensors()
-    nbytes = sum(m.nbytes for m in tensors.values())
+        done = convert(args.src, args.dst, args.to, storage_options=storage_options(args), src_format=args.src_format,
+                       overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, progress=bar.update)
+    if done.dropped:
+        print(f"shardstore convert: warning: {args.to} cannot hold {len(done.dropped)} non-tensor entr"
+              f"{'y' if len(done.dropped) == 1 else 'ies'} of {args.src}, left out: {', '.join(done.dropped)}; "
+              "convert to zarr, dcp or torch to keep them", file=sys.stderr)
     if args.json:
-        print_json({"src": args.src, "dst": args.dst, "to": args.to, "tensors": len(tensors), "nbytes": nbytes})
+        print_json({"src": args.src, "dst": args.dst, "to": args.to, "tensors": done.tensors, "nbytes": done.nbytes,
+                    "dropped": list(done.dropped)})
     else:
-        print(f"wrote {len(tensors)} tensors ({human_bytes(nbytes)}) from {args.src} to {args.dst} as {args.to}")
+        print(f"wrote {done.tensors} tensors ({human_bytes(done.nbytes)}) from {args.src} to {args.dst} as {args.to}")
     return EXIT_OK
