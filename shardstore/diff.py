@@ -5,6 +5,7 @@ blocks of rows so memory stays bounded whatever the tensor size."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -34,8 +35,9 @@ class TensorDiff:
                 "max_abs": self.max_abs, "max_rel": self.max_rel}
 
 
-def diff_sources(a: TensorSource, b: TensorSource) -> list[TensorDiff]:
-    """Every tensor of either source and how it differs, A's order first, then B's extra keys."""
+def diff_sources(a: TensorSource, b: TensorSource, progress: Callable[[int], None] | None = None) -> list[TensorDiff]:
+    """Every tensor of either source and how it differs, A's order first, then B's extra keys.
+    ``progress(n)`` gets the bytes of A compared, block by block."""
     ta, tb = a.tensors(), b.tensors()
     out = []
     for name in [*ta, *(n for n in tb if n not in ta)]:
@@ -47,15 +49,17 @@ def diff_sources(a: TensorSource, b: TensorSource) -> list[TensorDiff]:
         elif ma.dtype != mb.dtype:
             out.append(TensorDiff(name, "dtype", ma, mb))
         else:
-            out.append(_compare(name, a, b, ma, mb))
+            out.append(_compare(name, a, b, ma, mb, progress))
     return out
 
 
-def _compare(name: str, a: TensorSource, b: TensorSource, ma: TensorMeta, mb: TensorMeta) -> TensorDiff:
+def _compare(name: str, a: TensorSource, b: TensorSource, ma: TensorMeta, mb: TensorMeta, progress) -> TensorDiff:
     same, max_abs, max_rel = True, 0.0, 0.0
     for rows in row_blocks(ma, BLOCK_BYTES):
         region = None if rows is None else (rows,)
         x, y = a.read(name, region), b.read(name, region)
+        if progress is not None:
+            progress(x.numel() * x.element_size())
         if _bitwise_equal(x, y):
             continue
         same = False

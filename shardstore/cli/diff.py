@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from shardstore.cli.common import EXIT_FAILED, EXIT_OK, print_json, storage_options
+from shardstore.cli.common import EXIT_FAILED, EXIT_OK, print_json, progress, storage_options
 from shardstore.convert.sources import open_source
 from shardstore.diff import TensorDiff, diff_sources
 
@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = storage_options(args)
-    diffs = diff_sources(open_source(args.a, options), open_source(args.b, options))
+    a, b = open_source(args.a, options), open_source(args.b, options)
+    with progress(sum(m.nbytes for m in a.tensors().values()), "comparing") as bar:
+        diffs = diff_sources(a, b, progress=bar.update)
     differ = [d for d in diffs if d.status != "same"]
     if args.json:
         print_json({"a": args.a, "b": args.b, "same": not differ, "tensors": [d.to_json() for d in diffs]})

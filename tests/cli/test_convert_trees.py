@@ -4,6 +4,7 @@ names what it cannot hold; DCP and torch.save sources and targets may be fsspec 
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 import warnings
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import shardstore
-from tests.cli.helpers import cli, cli_json
+from tests.cli.helpers import cli, cli_json, run_script
 
 
 def _state() -> dict:
@@ -186,3 +187,16 @@ def test_dcp_and_torch_save_on_fsspec_urls(capsys, tmp_path):
     assert cli(capsys, "convert", f"{base}/state.pt", f"{base}/z", "--to", "zarr")[0] == 0
     _same(_zarr_state(f"{base}/z"), _state())
     assert cli(capsys, "diff", f"{base}/dcp", tmp_path / "state.pt")[0] == 0
+
+
+def test_console_script_converts_dcp_and_torch_save_files(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(_state(), checkpoint_id=str(tmp_path / "dcp"))
+    torch.save(_state(), tmp_path / "state.pt")
+    done = run_script("convert", tmp_path / "dcp", tmp_path / "z", "--to", "zarr", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["tensors"] == 7, done.stderr
+    done = run_script("convert", tmp_path / "state.pt", tmp_path / "m.safetensors", "--to", "safetensors")
+    assert done.returncode == 0 and "warning: safetensors cannot hold 12 non-tensor entries" in done.stderr
+    assert run_script("diff", tmp_path / "z", tmp_path / "m.safetensors").returncode == 0
+    _same(_zarr_state(str(tmp_path / "z")), _str_keys(_state()))
