@@ -10,13 +10,14 @@ import uuid
 import warnings
 
 import fsspec
-import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import shardstore
+from shardstore.convert.sources import ZarrSource
+from shardstore.flatten import unflatten
 from tests.cli.helpers import cli, cli_json, run_script
 
 
@@ -28,6 +29,7 @@ def _state() -> dict:
                             1: {"exp_avg": torch.tensor([float("nan"), -0.0]), "step": torch.tensor(3.0)}},
                   "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": [0, 1], "nesterov": False, "foreach": None}]},
         "step": 7, "loss": float("nan"), "name": "run-1", "sizes": [], "flags": {"done": True},
+        "pair": (torch.ones(2, dtype=torch.float16), 3),  # DCP pickles a tuple whole, tensor and all
     }
 
 
@@ -73,20 +75,15 @@ def _blank(value):
 
 
 def _zarr_state(url: str) -> dict:
-    ckpt = shardstore.open(url)
-    return shardstore.flatten.unflatten(ckpt.tree, {k: ckpt.read(n) for n, k in _names(ckpt).items()})
-
-
-def _names(ckpt) -> dict:
-    from shardstore.convert.sources import ZarrSource
-
-    return ZarrSource(ckpt.url).key_paths
+    """The state dict of a shardstore checkpoint, read back whole (tree and tensors)."""
+    source = ZarrSource(url)
+    return unflatten(source.tree(), {key: source.read(name) for name, key in source.key_paths.items()})
 
 
 def test_torch_save_to_zarr_to_torch_keeps_everything_bit_exact(capsys, tmp_path):
     torch.save(_state(), tmp_path / "state.pt")
     code, doc = cli_json(capsys, "convert", tmp_path / "state.pt", tmp_path / "z", "--to", "zarr")
-    assert code == 0 and doc["tensors"] == 7 and doc["dropped"] == []
+    assert code == 0 and doc["tensors"] == 8 and doc["dropped"] == []
     _same(_zarr_state(str(tmp_path / "z")), _state())  # int keys, tuples, NaN, bf16 and all
     assert cli(capsys, "verify", tmp_path / "z")[0] == 0
     assert cli(capsys, "convert", tmp_path / "z", tmp_path / "back.pt", "--to", "torch")[0] == 0
@@ -94,7 +91,7 @@ def test_torch_save_to_zarr_to_torch_keeps_everything_bit_exact(capsys, tmp_path
     target = {"model": {"w": torch.zeros(8, 3), "layers": [torch.zeros(4, dtype=torch.int64), {"b": torch.zeros(5, dtype=torch.bfloat16)}]},
               "optim": {"state": {0: {"exp_avg": torch.zeros(8, 3), "step": torch.zeros(())},
                                   1: {"exp_avg": torch.zeros(2), "step": torch.zeros(())}}, "param_groups": []},
-              "step": 0, "loss": 0.0, "name": "", "sizes": [1], "flags": {}}
+              "step": 0, "loss": 0.0, "name": "", "sizes": [1], "flags": {}, "pair": (torch.zeros(2, dtype=torch.float16), 0)}
     shardstore.load(target, str(tmp_path / "z"))  # a converted checkpoint loads into the same structure
     _same(target, _state())
 
@@ -107,7 +104,7 @@ def test_dcp_written_by_torch_converts_as_dcp_itself_reads_it(capsys, tmp_path):
     oracle = torch.load(tmp_path / "oracle.pt", weights_only=True)
     _same(oracle, _str_keys(_state()))  # DCP's format keeps dict keys as strings
     code, doc = cli_json(capsys, "convert", tmp_path / "dcp", tmp_path / "z", "--to", "zarr")
-    assert code == 0 and doc["tensors"] == 7
+    assert code == 0 and doc["tensors"] == 8
     _same(_zarr_state(str(tmp_path / "z")), oracle)
     assert cli(capsys, "convert", tmp_path / "dcp", tmp_path / "out.pt", "--to", "torch")[0] == 0
     _same(torch.load(tmp_path / "out.pt", weights_only=True), oracle)
@@ -133,14 +130,14 @@ def test_safetensors_names_what_it_drops(capsys, tmp_path):
     code, text, err = cli(capsys, "convert", tmp_path / "state.pt", out, "--to", "safetensors")
     dropped = ["optim.param_groups.0.lr", "optim.param_groups.0.betas.0", "optim.param_groups.0.betas.1",
                "optim.param_groups.0.params.0", "optim.param_groups.0.params.1", "optim.param_groups.0.nesterov",
-               "optim.param_groups.0.foreach", "step", "loss", "name", "sizes", "flags.done"]
-    assert code == 0 and "wrote 7 tensors" in text
-    assert f"warning: safetensors cannot hold 12 non-tensor entries of {tmp_path / 'state.pt'}, left out: " \
+               "optim.param_groups.0.foreach", "step", "loss", "name", "sizes", "flags.done", "pair.1"]
+    assert code == 0 and "wrote 8 tensors" in text
+    assert f"warning: safetensors cannot hold 13 non-tensor entries of {tmp_path / 'state.pt'}, left out: " \
            f"{', '.join(dropped)}; convert to zarr, dcp or torch to keep them" in err
     assert cli_json(capsys, "convert", tmp_path / "state.pt", tmp_path / "d", "--to", "safetensors")[1]["dropped"] == dropped
     tensors = load_file(str(out))
     assert sorted(tensors) == ["model.layers.0", "model.layers.1.b", "model.w", "optim.state.0.exp_avg",
-                               "optim.state.0.step", "optim.state.1.exp_avg", "optim.state.1.step"]
+                               "optim.state.0.step", "optim.state.1.exp_avg", "optim.state.1.step", "pair.0"]
     _same(tensors["optim.state.1.exp_avg"], _state()["optim"]["state"][1]["exp_avg"])
 
 
@@ -195,8 +192,8 @@ def test_console_script_converts_dcp_and_torch_save_files(tmp_path):
         dcp.save(_state(), checkpoint_id=str(tmp_path / "dcp"))
     torch.save(_state(), tmp_path / "state.pt")
     done = run_script("convert", tmp_path / "dcp", tmp_path / "z", "--to", "zarr", "--json")
-    assert done.returncode == 0 and json.loads(done.stdout)["tensors"] == 7, done.stderr
+    assert done.returncode == 0 and json.loads(done.stdout)["tensors"] == 8, done.stderr
     done = run_script("convert", tmp_path / "state.pt", tmp_path / "m.safetensors", "--to", "safetensors")
-    assert done.returncode == 0 and "warning: safetensors cannot hold 12 non-tensor entries" in done.stderr
+    assert done.returncode == 0 and "warning: safetensors cannot hold 13 non-tensor entries" in done.stderr
     assert run_script("diff", tmp_path / "z", tmp_path / "m.safetensors").returncode == 0
     _same(_zarr_state(str(tmp_path / "z")), _str_keys(_state()))
