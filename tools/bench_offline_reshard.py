@@ -1,11 +1,11 @@
 """Offline reshard benchmark (``shardstore reshard``): one big float32 tensor saved Shard(0) on
---save-ranks ranks, rewritten for --placements on --mesh under --budget-gib, against a naive rewrite in
-the same run: read the whole tensor into memory, then write the same target layout with the same writer
-(so the difference is the streaming alone). Each rewrite runs in a fresh process, the source evicted from
+--save-ranks ranks (default 8), rewritten for --placements on --mesh under --budget-gib, against a naive
+rewrite in the same run: read the whole tensor into memory, then write the same target layout with the
+same writer (so the difference is the streaming alone). Each rewrite runs in a fresh process, the source evicted from
 the page cache first; peak RSS growth is the process's VmHWM (reset once imports are done) minus its RSS
 just before the call. Prints time, GiB/s, peak RSS growth and the naive/streamed ratios.
 
-Full size (a quiet machine; the naive rewrite needs the tensor in memory, disk holds three copies):
+Full size (a quiet machine; the naive rewrite holds about twice the tensor in memory, the disk three copies):
     python tools/bench_reshard.py offline --tensor-gib 4 --budget-gib 1
 Smoke run (numbers meaningless): python tools/bench_reshard.py offline --tensor-gib 0.25 --budget-gib 0.0625
 """
@@ -45,7 +45,7 @@ def make_source(path: str, nbytes: int, save_ranks: int) -> tuple[int, int]:
         g = torch.Generator().manual_seed(box.offsets[0])
         return torch.randn(box.sizes, generator=g)
 
-    write_checkpoint(path, plan_layout([spec], 256 << 20), values, tree_of([KEY]), threads=2)
+    write_checkpoint(path, plan_layout([spec], 256 << 20), values, tree_of([KEY]), threads=1)
     return shape
 
 
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tensor-gib", type=float, default=4.0, help="size of the tensor, GiB (default 4)")
     parser.add_argument("--budget-gib", type=float, default=1.0, help="reshard --memory-budget, GiB (default 1)")
-    parser.add_argument("--save-ranks", type=int, default=2, help="ranks of the saved Shard(0) layout (default 2)")
+    parser.add_argument("--save-ranks", type=int, default=8,
+                        help="ranks of the saved Shard(0) layout (default 8; writing it holds one shard in memory)")
     parser.add_argument("--mesh", default="16", help="target mesh shape, e.g. 16 or 4,4 (default 16)")
     parser.add_argument("--placements", default="Shard(1)", help="target placements (default Shard(1))")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each rewrite; the median time (default 1)")

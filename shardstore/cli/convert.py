@@ -4,7 +4,8 @@ model.safetensors.index.json), a torch DCP directory (dcp), a torch.save file (t
 weights_only=True). The source format is detected. Tensor values round-trip bit for bit. zarr, dcp and
 torch keep the whole state dict (nesting and plain values such as a step count); safetensors holds
 tensors only, under dotted names: what it drops is named in a warning and in --json ("dropped").
-A torch DCP directory keeps dict keys as strings and no empty dicts (DCP's own format)."""
+A torch DCP directory keeps dict keys as strings and no empty dicts (DCP's own format): both are named
+too ("str_keys", "dropped")."""
 
 from __future__ import annotations
 
@@ -35,12 +36,17 @@ def run(args: argparse.Namespace) -> int:
         done = convert(args.src, args.dst, args.to, storage_options=storage_options(args), src_format=args.src_format,
                        overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, progress=bar.update)
     if done.dropped:
-        print(f"shardstore convert: warning: {args.to} cannot hold {len(done.dropped)} non-tensor entr"
-              f"{'y' if len(done.dropped) == 1 else 'ies'} of {args.src}, left out: {', '.join(done.dropped)}; "
-              "convert to zarr, dcp or torch to keep them", file=sys.stderr)
+        _warn(f"{args.to} cannot hold {len(done.dropped)} non-tensor entr{'y' if len(done.dropped) == 1 else 'ies'} "
+              f"of {args.src}, left out: {', '.join(done.dropped)}; convert to zarr or torch to keep them")
+    if done.str_keys:
+        _warn(f"{args.to} stores dict keys as strings: the int keys of {', '.join(done.str_keys)} read back as str")
     if args.json:
         print_json({"src": args.src, "dst": args.dst, "to": args.to, "tensors": done.tensors, "nbytes": done.nbytes,
-                    "dropped": list(done.dropped)})
+                    "dropped": list(done.dropped), "str_keys": list(done.str_keys)})
     else:
         print(f"wrote {done.tensors} tensors ({human_bytes(done.nbytes)}) from {args.src} to {args.dst} as {args.to}")
     return EXIT_OK
+
+
+def _warn(text: str) -> None:
+    print(f"shardstore convert: warning: {text}", file=sys.stderr)

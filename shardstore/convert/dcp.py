@@ -28,11 +28,13 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 from shardstore.convert.localfiles import LocalCopy, local_target
-from shardstore.convert.sources import DCP_METADATA, IndexedSource, Region, TensorMeta, TensorSource, apply_region, flatten_loaded
+from shardstore.convert.sources import (
+    DCP_METADATA, IndexedSource, Region, TensorMeta, TensorSource, apply_region, flatten_loaded, tree_nodes,
+)
 from shardstore.errors import UnsupportedInputError
-from shardstore.flatten import KeyPath, fqn, node_children, unflatten
+from shardstore.flatten import fqn, node_children, unflatten
 
-__all__ = ["DcpSource", "write_dcp", "dcp_dropped", "unpickling_problem"]
+__all__ = ["DcpSource", "write_dcp", "dcp_dropped", "dcp_str_keys", "unpickling_problem"]
 
 
 @contextmanager
@@ -172,14 +174,10 @@ def write_dcp(source: TensorSource, url: str, storage_options: dict | None = Non
 
 def dcp_dropped(tree: dict) -> list[str]:
     """Dotted names of the empty dicts in ``tree``: DCP's format keeps no empty dict."""
-    out: list[str] = []
-    _empty_dicts(tree, (), out)
-    return out
+    return [fqn(path) for path, node, _ in tree_nodes(tree)
+            if path and ("dict" in node or "map" in node) and not node_children(node)]
 
 
-def _empty_dicts(node: dict, path: KeyPath, out: list[str]) -> None:
-    children = node_children(node)
-    if path and not children and ("dict" in node or "map" in node):
-        out.append(fqn(path))
-    for key, child in children:
-        _empty_dicts(child, path + (key,), out)
+def dcp_str_keys(tree: dict) -> list[str]:
+    """Dotted names of the int dict keys in ``tree``: DCP's format stores every dict key as a string."""
+    return [fqn(path) for path, _, parent in tree_nodes(tree) if parent == "map" and isinstance(path[-1], int)]

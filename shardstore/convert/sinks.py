@@ -2,7 +2,8 @@
 
 zarr, dcp and torch hold a whole state dict: the source's tree (nesting, plain values) is written with
 its tensors. safetensors holds tensors only: the plain values and empty containers it cannot hold are
-named in ``Converted.dropped``, never left out silently (DCP keeps no empty dict: those too).
+named in ``Converted.dropped``, never left out silently (DCP keeps no empty dict: those too; and it
+stores int dict keys as strings: ``Converted.str_keys`` names them).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from shardstore.convert.dcp import dcp_dropped, write_dcp
+from shardstore.convert.dcp import dcp_dropped, dcp_str_keys, write_dcp
 from shardstore.convert.safetensors import DEFAULT_MAX_SHARD_BYTES, write_safetensors
 from shardstore.convert.sources import FORMATS, Region, TensorSource, ZarrSource, open_source, plain_entries
 from shardstore.convert.torchfile import write_torch
@@ -24,11 +25,13 @@ _PARALLEL_SOURCES = (ZarrSource,)  # sources safe and worth reading from several
 
 @dataclass(frozen=True)
 class Converted:
-    """What ``convert`` wrote: tensors and their bytes, and the entries the target format cannot hold."""
+    """What ``convert`` wrote: tensors and their bytes, the entries the target format cannot hold, and
+    the int dict keys it stores as strings."""
 
     tensors: int
     nbytes: int
     dropped: tuple[str, ...]
+    str_keys: tuple[str, ...]
 
 
 def write_zarr(source: TensorSource, url: str, storage_options: dict | None = None, *, overwrite: bool = False,
@@ -77,5 +80,6 @@ def convert(
         write_dcp(source, dst, storage_options, progress=progress)
     else:
         write_torch(source, dst, storage_options, progress=progress)
-    metas = source.tensors().values()
-    return Converted(len(metas), sum(m.nbytes for m in metas), tuple(dropped_by(to, source.tree())))
+    metas, tree = source.tensors().values(), source.tree()
+    str_keys = dcp_str_keys(tree) if to == "dcp" else []
+    return Converted(len(metas), sum(m.nbytes for m in metas), tuple(dropped_by(to, tree)), tuple(str_keys))

@@ -5,7 +5,7 @@ tensor, or one region of it, at a time, so nothing ever holds a whole checkpoint
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ from shardstore.storage import Storage
 from shardstore.validate import tree_tensor_keys
 
 __all__ = ["FORMATS", "TensorMeta", "TensorSource", "Region", "IndexedSource", "ZarrSource", "detect_format",
-           "open_source", "row_blocks", "split_url", "apply_region", "flatten_loaded", "plain_entries"]
+           "open_source", "row_blocks", "split_url", "apply_region", "flatten_loaded", "tree_nodes", "plain_entries"]
 
 FORMATS = ("zarr", "safetensors", "dcp", "torch")
 Region = Sequence[slice]  # step-1 slices of the leading dims; None everywhere means the whole tensor
@@ -84,22 +84,20 @@ def flatten_loaded(value: Any, url: str, what: str) -> tuple[dict[KeyPath, Any],
         raise UnsupportedInputError(f"{what} {url}: {exc}") from exc
 
 
+def tree_nodes(tree: dict) -> Iterator[tuple[KeyPath, dict, str | None]]:
+    """Every node of ``tree`` with its key path and its parent's kind (None for the root), depth first."""
+    stack: list[tuple[KeyPath, dict, str | None]] = [((), tree, None)]
+    while stack:
+        path, node, parent = stack.pop()
+        yield path, node, parent
+        kind = next(iter(node))
+        stack.extend((path + (key,), child, kind) for key, child in reversed(node_children(node)))
+
+
 def plain_entries(tree: dict) -> list[str]:
     """Dotted names of the non-tensor leaves of ``tree``: plain values and empty containers (what a format
     holding tensors only leaves out)."""
-    out: list[str] = []
-    _plain(tree, (), out)
-    return out
-
-
-def _plain(node: dict, path: KeyPath, out: list[str]) -> None:
-    if "tensor" in node:
-        return
-    children = node_children(node)
-    if not children:
-        out.append(fqn(path) or "<root>")
-    for key, child in children:
-        _plain(child, path + (key,), out)
+    return [fqn(path) or "<root>" for path, node, _ in tree_nodes(tree) if "tensor" not in node and not node_children(node)]
 
 
 class ZarrSource(IndexedSource):

@@ -114,7 +114,9 @@ def test_zarr_to_dcp_to_zarr_keeps_the_tree(capsys, tmp_path):
     zarr, d, back = str(tmp_path / "z"), tmp_path / "dcp", str(tmp_path / "back")
     shardstore.save(_state(), zarr)
     code, doc = cli_json(capsys, "convert", zarr, d, "--to", "dcp")
-    assert code == 0 and doc["dropped"] == []
+    assert code == 0 and doc["dropped"] == [] and doc["str_keys"] == ["optim.state.0", "optim.state.1"]
+    code, _, err = cli(capsys, "convert", zarr, tmp_path / "dcp2", "--to", "dcp")
+    assert code == 0 and "warning: dcp stores dict keys as strings: the int keys of optim.state.0, optim.state.1 read back as str" in err
     loaded = _blank(_state())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -133,7 +135,7 @@ def test_safetensors_names_what_it_drops(capsys, tmp_path):
                "optim.param_groups.0.foreach", "step", "loss", "name", "sizes", "flags.done", "pair.1"]
     assert code == 0 and "wrote 8 tensors" in text
     assert f"warning: safetensors cannot hold 13 non-tensor entries of {tmp_path / 'state.pt'}, left out: " \
-           f"{', '.join(dropped)}; convert to zarr, dcp or torch to keep them" in err
+           f"{', '.join(dropped)}; convert to zarr or torch to keep them" in err
     assert cli_json(capsys, "convert", tmp_path / "state.pt", tmp_path / "d", "--to", "safetensors")[1]["dropped"] == dropped
     tensors = load_file(str(out))
     assert sorted(tensors) == ["model.layers.0", "model.layers.1.b", "model.w", "optim.state.0.exp_avg",
