@@ -53,6 +53,8 @@ class SafetensorsSource(IndexedSource):
     """One ``.safetensors`` file, or a directory holding ``model.safetensors`` or a sharded index: tensors
     only, each a top-level key under its name as stored (``model.layers.0.w``)."""
 
+    holds_values = False
+
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         if url.rstrip("/").endswith(".safetensors"):
             parent, name = split_url(url)

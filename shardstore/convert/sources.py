@@ -13,12 +13,13 @@ import shardstore.api as api
 from shardstore import format as fmt
 from shardstore.dtypes import dtype_info_by_name
 from shardstore.errors import CheckpointNotFoundError, UnsupportedInputError
-from shardstore.flatten import KeyPath, display_names, flatten, fqn, node_children
+from shardstore.flatten import KeyPath, display_names, flatten, fqn, node_children, unflatten
 from shardstore.storage import Storage
 from shardstore.validate import tree_tensor_keys
 
 __all__ = ["FORMATS", "TensorMeta", "TensorSource", "Region", "IndexedSource", "ZarrSource", "detect_format",
-           "open_source", "row_blocks", "split_url", "apply_region", "flatten_loaded", "tree_nodes", "plain_entries"]
+           "open_source", "row_blocks", "split_url", "apply_region", "flatten_loaded", "tree_nodes", "plain_values",
+           "plain_entries"]
 
 FORMATS = ("zarr", "safetensors", "dcp", "torch")
 Region = Sequence[slice]  # step-1 slices of the leading dims; None everywhere means the whole tensor
@@ -49,6 +50,7 @@ class TensorSource(Protocol):
 
     url: str
     key_paths: dict[str, KeyPath]  # each tensor's key path in ``tree()``, by dotted name
+    holds_values: bool  # whether the format holds plain values at all (safetensors does not)
 
     def tree(self) -> dict:
         """The state-dict skeleton (``shardstore.flatten``): nesting, plain values, tensors by key path."""
@@ -63,6 +65,8 @@ class TensorSource(Protocol):
 class IndexedSource:
     """What every source shares: its tree, and its tensors named as ``shardstore.open`` names them (dotted
     key paths, node paths where two would read the same), so names agree across formats."""
+
+    holds_values = True
 
     def __init__(self, url: str, tree: dict, metas: Mapping[KeyPath, TensorMeta]) -> None:
         self.url, self._tree = url, tree
@@ -94,10 +98,16 @@ def tree_nodes(tree: dict) -> Iterator[tuple[KeyPath, dict, str | None]]:
         stack.extend((path + (key,), child, kind) for key, child in reversed(node_children(node)))
 
 
+def plain_values(tree: dict) -> list[tuple[str, str]]:
+    """(dotted name, repr) of the non-tensor leaves of ``tree``: plain values and empty containers. The
+    repr tells ``1`` from ``1.0`` and ``True``, and ``0.0`` from ``-0.0``; NaN equals NaN."""
+    return [(fqn(path) or "<root>", repr(unflatten(node, {}))) for path, node, _ in tree_nodes(tree)
+            if "tensor" not in node and not node_children(node)]
+
+
 def plain_entries(tree: dict) -> list[str]:
-    """Dotted names of the non-tensor leaves of ``tree``: plain values and empty containers (what a format
-    holding tensors only leaves out)."""
-    return [fqn(path) or "<root>" for path, node, _ in tree_nodes(tree) if "tensor" not in node and not node_children(node)]
+    """Dotted names of the non-tensor leaves of ``tree`` (what a format holding tensors only leaves out)."""
+    return [name for name, _ in plain_values(tree)]
 
 
 class ZarrSource(IndexedSource):

@@ -199,3 +199,21 @@ def test_console_script_converts_dcp_and_torch_save_files(tmp_path):
     assert done.returncode == 0 and "warning: safetensors cannot hold 13 non-tensor entries" in done.stderr
     assert run_script("diff", tmp_path / "z", tmp_path / "m.safetensors").returncode == 0
     _same(_zarr_state(str(tmp_path / "z")), _str_keys(_state()))
+
+
+def test_diff_compares_plain_values_where_both_formats_hold_them(capsys, tmp_path):
+    changed = _state()
+    changed["step"], changed["optim"]["param_groups"][0]["lr"] = 8, 0.2
+    del changed["name"]
+    changed["flags"]["extra"] = 1.0
+    torch.save(_state(), tmp_path / "a.pt")
+    torch.save(changed, tmp_path / "b.pt")
+    code, out, _ = cli(capsys, "diff", tmp_path / "a.pt", tmp_path / "b.pt")
+    assert code == 1 and out.splitlines() == [
+        "optim.param_groups.0.lr: value differs: A 0.1, B 0.2", "step: value differs: A 7, B 8",
+        "name: only in A (a value: 'run-1')", "flags.extra: only in B (a value: 1.0)",
+        "8 of 8 tensors are the same; 4 plain value(s) differ"]
+    code, doc = cli_json(capsys, "diff", tmp_path / "a.pt", tmp_path / "b.pt")
+    assert code == 1 and not doc["same"] and doc["values"][1] == {"key": "step", "status": "value", "a": "7", "b": "8"}
+    assert cli(capsys, "convert", tmp_path / "a.pt", tmp_path / "a.safetensors", "--to", "safetensors")[0] == 0
+    assert cli(capsys, "diff", tmp_path / "a.pt", tmp_path / "a.safetensors")[0] == 0  # safetensors holds no values
