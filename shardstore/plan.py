@@ -115,17 +115,19 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def local_save_plan(rank: int, items: Mapping[KeyPath, Any]) -> LocalSavePlan:
-    """Describe what this rank holds of every tensor in ``items`` (from ``flatten``)."""
-    return LocalSavePlan(rank, tuple(replace(_held_tensor(key, value), rank=rank) for key, value in items.items()))
+def local_save_plan(rank: int, items: Mapping[KeyPath, Any], *, digests: bool = True) -> LocalSavePlan:
+    """Describe what this rank holds of every tensor in ``items`` (from ``flatten``). ``digests=False``
+    leaves plain tensors undigested: with a single rank there is no other copy to compare them with."""
+    return LocalSavePlan(rank, tuple(replace(_held_tensor(key, value, digests), rank=rank) for key, value in items.items()))
 
 
-def _held_tensor(key: KeyPath, value: Any) -> HeldTensor:
+def _held_tensor(key: KeyPath, value: Any, digests: bool) -> HeldTensor:
     mesh_shape, placements = layout_of_value(key, value)
     if not hasattr(type(value), "__create_write_items__"):
         box = Box((0,) * value.dim(), tuple(value.shape))  # a plain tensor: this rank holds all of it
         itemsize = value.dtype.itemsize
-        return HeldTensor(key, box.sizes, dtype_name(value.dtype), itemsize, (box,), digest=_digest(value))
+        digest = _digest(value) if digests else None
+        return HeldTensor(key, box.sizes, dtype_name(value.dtype), itemsize, (box,), digest=digest)
     items = value.__create_write_items__(fqn(key), value)
     if any(item.tensor_data is None for item in items):
         raise TypeError(f"{fqn(key)!r}: its checkpoint hooks returned a non-tensor write item; only tensors are saved")
@@ -143,8 +145,11 @@ def _digest(value: torch.Tensor) -> int:
     values = value.detach().resolve_conj().resolve_neg()
     n = values.numel()
     if n * values.element_size() > DIGEST_MAX_BYTES:
-        picks = torch.arange(0, n, -(-n // DIGEST_SAMPLES), device=values.device)
-        values = values[torch.unravel_index(picks, values.shape)]
+        step = -(-n // DIGEST_SAMPLES)
+        if values.is_contiguous():  # flat order is logical order: a strided view picks the same elements
+            values = values.reshape(-1)[::step]
+        else:
+            values = values[torch.unravel_index(torch.arange(0, n, step, device=values.device), values.shape)]
     values = values.reshape(-1).cpu()
     if values.is_floating_point() and values.element_size() == 1:
         values = values.float()  # exact for every float8; torch has no arithmetic on them

@@ -87,19 +87,21 @@ class SaveJob:
 
 def plan_save(coord: Coordinator, state_dict: Mapping[str, Any], user_metadata: dict | None) -> SaveJob:
     """Plan a save on every rank of ``coord`` (collective); nothing is written yet."""
-    tensors, skeleton, local = coord.agree("planning the save", lambda: _plan_here(coord.rank, state_dict, user_metadata))
+    tensors, skeleton, local = coord.agree(
+        "planning the save", lambda: _plan_here(coord.rank, state_dict, user_metadata, coord.world_size > 1))
     plans, skeletons = zip(*coord.all_gather((local, skeleton)))
     plan, skeleton = coord.decide("merging the save plans", lambda: _merge_plans(plans, skeletons))
     return SaveJob(coord.rank, tensors, plan, skeleton)
 
 
-def _plan_here(rank: int, state_dict: Mapping[str, Any], user_metadata: dict | None) -> tuple[dict, dict, Any]:
-    """This rank's tensors, skeleton and save plan, once everything it was handed is known to be storable."""
+def _plan_here(rank: int, state_dict: Mapping[str, Any], user_metadata: dict | None, digests: bool) -> tuple[dict, dict, Any]:
+    """This rank's tensors, skeleton and save plan, once everything it was handed is known to be storable
+    (``digests``: whether plain tensors are digested, to compare them across ranks)."""
     check_user_metadata(user_metadata)
     items, skeleton = flatten(to_state_dict(state_dict))
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     check_sources(tensors)
-    return tensors, skeleton, local_save_plan(rank, tensors)
+    return tensors, skeleton, local_save_plan(rank, tensors, digests=digests)
 
 
 def _merge_plans(plans, skeletons) -> tuple[GlobalSavePlan, dict]:

@@ -18,11 +18,12 @@ from shardstore.storage import local, posix
 
 @pytest.fixture()
 def syncs(monkeypatch) -> list[tuple[str, str]]:
-    """Every fsync the local backend makes, in order: ("file", path) or ("dir", path)."""
+    """Every sync the local backend makes, in order: ("file", path), ("dir", path) or ("fs", path) (a syncfs)."""
     events: list[tuple[str, str]] = []
-    file_sync, dir_sync = posix.fsync_file, posix.fsync_dir
+    file_sync, dir_sync, fs_sync = posix.fsync_file, posix.fsync_dir, posix.syncfs
     monkeypatch.setattr(posix, "fsync_file", lambda fd, path: (events.append(("file", path)), file_sync(fd, path)))
     monkeypatch.setattr(posix, "fsync_dir", lambda path: (events.append(("dir", path)), dir_sync(path)))
+    monkeypatch.setattr(posix, "syncfs", lambda path: (events.append(("fs", path)), fs_sync(path))[1])
     return events
 
 
@@ -63,6 +64,30 @@ def test_every_file_and_directory_is_synced_marker_after_contents_commit_last(tm
     assert max(contents) < marker, "a file or directory was synced after the root marker"
     assert syncs[-1] == ("dir", str(tmp_path)), "the rename into the URL is not the last thing made durable"
     assert ("dir", os.path.join(stagings[0])) in syncs[marker:], "the marker's name was not made durable"
+
+
+def test_many_small_objects_are_made_durable_by_one_syncfs_before_the_marker(tmp_path, monkeypatch):
+    """A save of many small tensors makes thousands of files and directories durable with one syncfs
+    each time it syncs (not an fsync each), and every object it placed is covered by a sync that comes
+    before the root marker's own sync."""
+    events: list[tuple[str, str]] = []
+    file_sync, dir_sync, fs_sync, real_replace = posix.fsync_file, posix.fsync_dir, posix.syncfs, local.os.replace
+    monkeypatch.setattr(posix, "fsync_file", lambda fd, path: (events.append(("file", path)), file_sync(fd, path)))
+    monkeypatch.setattr(posix, "fsync_dir", lambda path: (events.append(("dir", path)), dir_sync(path)))
+    monkeypatch.setattr(posix, "syncfs", lambda path: (events.append(("fs", path)), fs_sync(path))[1])
+    monkeypatch.setattr(local.os, "replace", lambda a, b: (real_replace(a, b), events.append(("placed", b))))
+    url = tmp_path / "ck"
+    shardstore.save({f"layer{i}": {"w": torch.randn(4, 8), "b": torch.zeros(8)} for i in range(40)}, str(url))
+    assert [kind for kind, _ in events].count("fs") >= 1
+    assert sum(kind in ("file", "dir") for kind, _ in events) < 10, "many small objects were fsync'd one by one"
+    placed = [(i, p) for i, (kind, p) in enumerate(events) if kind == "placed"]
+    marker = next(i for i, p in placed if ".staging-" in p and p.rsplit("/", 2)[-2].startswith("ck.staging-")
+                  and p.endswith("/zarr.json"))
+    for i, path in placed:
+        if i < marker:
+            assert any(k in ("fs", "file") for k, _ in events[i + 1 : marker]), f"{path} not synced before the marker"
+    tree_files = [p for p in url.rglob("*") if p.is_file()]
+    assert len(tree_files) >= 160
 
 
 def test_durable_false_syncs_nothing(tmp_path, syncs):
