@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from shardstore.errors import CheckpointExistsError, ConcurrentSaveError, MissingChunkError, NotACheckpointError
 from shardstore.format import FORMAT_NAME, ZARR_JSON
-from shardstore.incremental import DIGESTS
+from shardstore.digests import DIGESTS
 from shardstore.storage import HeldLock, Storage
 
 __all__ = ["Claim", "begin", "finish", "abandon", "sweep"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -27,7 +27,8 @@ from shardstore.codec import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.execute import WriteStats, layout_of, write_cells
 from shardstore.flatten import KeyPath, flatten, is_tensor_like, merge_skeletons
-from shardstore.incremental import ObjectWriter, check_incremental, write_digests
+from shardstore.digests import StoredObject, write_digests
+from shardstore.incremental import IncrementalWriter, check_incremental
 from shardstore.inputs import check_sources, check_user_metadata
 from shardstore.plan import GlobalSavePlan, WriteTask, local_save_plan, merge_save_plans
 from shardstore.stateful import to_state_dict
@@ -115,9 +116,9 @@ def write_and_commit(
     claim = coord.decide("claiming the checkpoint URL", lambda: commit.begin(target, options.overwrite))
     dest = target if claim.dest_url == target.url else Storage(claim.dest_url, options.storage_options, durable=options.durable)
     try:
-        writer = coord.agree("reading the previous digests", lambda: ObjectWriter.for_save(options.incremental, options.storage_options))
+        writer = coord.agree("reading the previous digests", lambda: IncrementalWriter.for_save(options.incremental, options.storage_options))
         stats = coord.agree("writing chunks", lambda: _write(dest, job.plan, cells, options.compressor, writer))
-        digests = None if writer is None else {k: v for d in coord.all_gather(writer.digests) for k, v in d.items()}
+        digests = None if writer is None else {k: v for d in coord.all_gather(writer.objects) for k, v in d.items()}
         coord.decide("committing", lambda: commit_metadata(
             dest, target, claim, job.plan, job.skeleton, options.compressor, options.user_metadata, digests))
     except BaseException:
@@ -127,15 +128,19 @@ def write_and_commit(
     return stats
 
 
-def _write(dest: Storage, plan: GlobalSavePlan, cells, compressor: str | None, writer: ObjectWriter | None) -> WriteStats:
-    """This rank's chunk objects, durable (with their directories) before any rank reports done."""
-    stats = write_cells(dest, plan, cells, compressor, None if writer is None else writer.put)
+def _write(dest: Storage, plan: GlobalSavePlan, cells, compressor: str | None, writer: IncrementalWriter | None) -> WriteStats:
+    """This rank's chunk objects, durable (with their directories) before any rank reports done; an
+    incremental save encodes and writes only the cells that changed, linking the rest."""
+    if writer is None:
+        stats = write_cells(dest, plan, cells, compressor)
+    else:
+        stats = writer.account(write_cells(dest, plan, writer.changed(dest, plan, cells, compressor), compressor, writer.put))
     dest.sync()
-    return stats if writer is None else replace(stats, linked=writer.linked, linked_bytes=writer.linked_bytes)
+    return stats
 
 
 def commit_metadata(dest: Storage, target: Storage, claim: commit.Claim, plan: GlobalSavePlan, skeleton: dict,
-                    compressor: str | None, user_metadata: dict | None, digests: dict[str, str] | None = None) -> None:
+                    compressor: str | None, user_metadata: dict | None, digests: dict[str, StoredObject] | None = None) -> None:
     """Metadata (and an incremental save's object digests), durable, then the root marker, durable, then
     the commit protocol makes it the checkpoint (also how ``shardstore.writer`` finishes a checkpoint
     written from one process)."""

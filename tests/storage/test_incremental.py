@@ -1,16 +1,19 @@
-"""Incremental saves through ``shardstore.save``: the digests file, links, and what is refused."""
+"""Incremental saves through ``shardstore.save``: the digests file, links, what never links, what is refused."""
 
 from __future__ import annotations
 
-import hashlib
 import json
+import shutil
 
+import blake3
 import pytest
 import torch
 
 import shardstore
+from shardstore import digests as digests_module
+from shardstore.codec import ArrayLayout
+from shardstore.digests import DIGESTS, CellHasher, layout_header
 from shardstore.errors import CheckpointNotFoundError, CorruptCheckpointError
-from shardstore.incremental import DIGESTS
 
 
 def _state(seed: int) -> dict:
@@ -18,12 +21,27 @@ def _state(seed: int) -> dict:
     return {"frozen": torch.randn(32, 16, generator=torch.Generator().manual_seed(0)), "lora": torch.randn(4, 16, generator=g)}
 
 
-def test_digests_are_the_sha256_of_every_stored_object(tmp_path):
-    shardstore.save(_state(1), str(tmp_path / "a"), incremental=True)
+def _ino(path) -> int:
+    return path.stat().st_ino
+
+
+def _load(url, like: dict) -> dict:
+    target = {k: torch.zeros_like(v) for k, v in like.items()}
+    shardstore.load(target, str(url))
+    return target
+
+
+def test_digests_record_the_blake3_of_each_cells_layout_and_values_and_the_object_size(tmp_path):
+    state = _state(1)
+    shardstore.save(state, str(tmp_path / "a"), incremental=True)
     record = json.loads((tmp_path / "a" / DIGESTS).read_text())
-    assert record["algorithm"] == "sha256" and sorted(record["objects"]) == ["frozen/c/0/0", "lora/c/0/0"]
-    for key, digest in record["objects"].items():
-        assert hashlib.sha256((tmp_path / "a" / key).read_bytes()).hexdigest() == digest
+    assert (record["format"], record["version"], record["algorithm"]) == ("shardstore-digests", 2, "blake3")
+    assert sorted(record["objects"]) == ["frozen/c/0/0", "lora/c/0/0"]
+    for name, value in state.items():
+        entry = record["objects"][f"{name}/c/0/0"]
+        layout = ArrayLayout(tuple(value.shape), value.dtype, tuple(value.shape), tuple(value.shape))
+        expected = blake3.blake3(layout_header(layout, (0, 0)) + value.numpy().tobytes()).hexdigest()
+        assert entry == {"digest": expected, "nbytes": (tmp_path / "a" / f"{name}/c/0/0").stat().st_size}
 
 
 def test_a_plain_save_records_no_digests(tmp_path):
@@ -31,15 +49,55 @@ def test_a_plain_save_records_no_digests(tmp_path):
     assert not (tmp_path / "a" / DIGESTS).exists()
 
 
-def test_only_changed_objects_are_written(tmp_path):
+def test_only_changed_objects_are_written_and_the_new_step_outlives_the_old(tmp_path):
     shardstore.save(_state(1), str(tmp_path / "a"), incremental=True)
     result = shardstore.save(_state(2), str(tmp_path / "b"), incremental=str(tmp_path / "a"))
     assert (result.chunks_written, result.chunks_linked) == (2, 1)
     assert result.bytes_written == (tmp_path / "b" / "lora/c/0/0").stat().st_size
-    assert (tmp_path / "b" / "frozen/c/0/0").stat().st_ino == (tmp_path / "a" / "frozen/c/0/0").stat().st_ino
-    target = {k: torch.zeros_like(v) for k, v in _state(0).items()}
-    shardstore.load(target, str(tmp_path / "b"))
-    assert all(torch.equal(target[k], v) for k, v in _state(2).items())
+    assert _ino(tmp_path / "b" / "frozen/c/0/0") == _ino(tmp_path / "a" / "frozen/c/0/0")
+    old, new = (json.loads((tmp_path / step / DIGESTS).read_text())["objects"] for step in "ab")
+    assert new["frozen/c/0/0"] == old["frozen/c/0/0"] and new["lora/c/0/0"] != old["lora/c/0/0"]
+    shutil.rmtree(tmp_path / "a")  # deleting the old step never breaks the new one
+    loaded = _load(tmp_path / "b", _state(0))
+    assert all(torch.equal(loaded[k], v) for k, v in _state(2).items())
+
+
+def test_one_changed_element_of_a_frozen_tensor_is_rewritten(tmp_path):
+    state = _state(1)
+    shardstore.save(state, str(tmp_path / "a"), incremental=True)
+    state["frozen"][17, 3] = torch.nextafter(state["frozen"][17, 3], torch.tensor(float("inf")))  # one ulp
+    result = shardstore.save(state, str(tmp_path / "b"), incremental=str(tmp_path / "a"))
+    assert result.chunks_linked == 1  # lora only
+    assert _ino(tmp_path / "b" / "frozen/c/0/0") != _ino(tmp_path / "a" / "frozen/c/0/0")
+    assert torch.equal(_load(tmp_path / "b", state)["frozen"], state["frozen"])
+
+
+@pytest.mark.parametrize("other", [
+    {"frozen": _state(0)["frozen"].view(torch.int32)},  # the same bytes as another dtype
+    {"frozen": _state(0)["frozen"].reshape(16, 32)},  # the same bytes in another shape
+])
+def test_the_same_bytes_in_another_layout_never_link(tmp_path, other):
+    shardstore.save({"frozen": _state(0)["frozen"]}, str(tmp_path / "a"), incremental=True)
+    result = shardstore.save(other, str(tmp_path / "b"), incremental=str(tmp_path / "a"))
+    assert result.chunks_linked == 0
+    assert _ino(tmp_path / "b" / "frozen/c/0/0") != _ino(tmp_path / "a" / "frozen/c/0/0")
+    assert torch.equal(_load(tmp_path / "b", other)["frozen"], other["frozen"])
+
+
+def test_another_codec_never_links(tmp_path):
+    shardstore.save(_state(1), str(tmp_path / "a"), incremental=True)
+    result = shardstore.save(_state(1), str(tmp_path / "b"), incremental=str(tmp_path / "a"), compressor="zstd")
+    assert result.chunks_linked == 0
+    assert all(torch.equal(v, _state(1)[k]) for k, v in _load(tmp_path / "b", _state(0)).items())
+
+
+def test_an_object_no_longer_of_its_recorded_size_is_written_not_linked(tmp_path):
+    shardstore.save(_state(1), str(tmp_path / "a"), incremental=True)
+    old = tmp_path / "a" / "frozen/c/0/0"
+    old.write_bytes(old.read_bytes()[:-1])  # truncated after its save
+    result = shardstore.save(_state(1), str(tmp_path / "b"), incremental=str(tmp_path / "a"))
+    assert result.chunks_linked == 1 and _ino(tmp_path / "b" / "frozen/c/0/0") != _ino(old)
+    assert torch.equal(_load(tmp_path / "b", _state(0))["frozen"], _state(1)["frozen"])
 
 
 def test_a_base_without_digests_links_nothing(tmp_path):
@@ -48,9 +106,25 @@ def test_a_base_without_digests_links_nothing(tmp_path):
     assert result.chunks_linked == 0 and (tmp_path / "b" / DIGESTS).exists()
 
 
-def test_a_damaged_digests_file_is_refused_before_anything_is_written(tmp_path):
+def test_digests_of_an_older_version_link_nothing(tmp_path):
     shardstore.save(_state(1), str(tmp_path / "a"), incremental=True)
-    (tmp_path / "a" / DIGESTS).write_text('{"format": "shardstore-digests", "objects": []}')
+    sha256_era = {"format": "shardstore-digests", "version": 1, "algorithm": "sha256",
+                  "objects": {"frozen/c/0/0": "0" * 64, "lora/c/0/0": "1" * 64}}
+    (tmp_path / "a" / DIGESTS).write_text(json.dumps(sha256_era))
+    result = shardstore.save(_state(1), str(tmp_path / "b"), incremental=str(tmp_path / "a"))
+    assert result.chunks_linked == 0
+    assert json.loads((tmp_path / "b" / DIGESTS).read_text())["version"] == 2
+
+
+@pytest.mark.parametrize("text", [
+    '{"format": "shardstore-digests", "version": 2, "algorithm": "blake3", "objects": []}',
+    '{"format": "shardstore-digests", "version": 2, "algorithm": "blake3", "objects": {"lora/c/0/0": "ab"}}',
+    '{"format": "something else", "version": 2}',
+    "not json",
+])
+def test_a_damaged_digests_file_is_refused_before_anything_is_written(tmp_path, text):
+    shardstore.save(_state(1), str(tmp_path / "a"), incremental=True)
+    (tmp_path / "a" / DIGESTS).write_text(text)
     with pytest.raises(CorruptCheckpointError, match=f"{tmp_path / 'a' / DIGESTS} is not a shardstore digests file"):
         shardstore.save(_state(2), str(tmp_path / "b"), incremental=str(tmp_path / "a"))
     with pytest.raises(CheckpointNotFoundError):
@@ -62,3 +136,16 @@ def test_incremental_must_be_a_bool_or_a_url(tmp_path):
     with pytest.raises(TypeError, match="incremental must be False, True or the URL of an earlier checkpoint, got 5"):
         shardstore.save(_state(1), str(tmp_path / "a"), incremental=5)
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.complex64])
+def test_a_cell_that_is_not_contiguous_hashes_as_its_contiguous_copy(monkeypatch, dtype):
+    monkeypatch.setattr(digests_module, "_PIECE_BYTES", 64)  # several pieces through the scratch buffer
+    whole = torch.randn(6, 10, 8).to(dtype)
+    cell = whole[:, 2:7, 1:5]
+    layout = ArrayLayout((6, 10, 8), dtype, (6, 5, 4), (6, 5, 4))
+    hasher = CellHasher()
+    expected = blake3.blake3(layout_header(layout, (0, 0, 0)) + cell.contiguous().view(torch.uint8).numpy().tobytes())
+    assert hasher.digest(layout, (0, 0, 0), cell) == expected.hexdigest()
+    assert hasher.digest(layout, (0, 0, 0), cell.contiguous()) == expected.hexdigest()
+    assert hasher.digest(layout, (0, 1, 0), cell) != expected.hexdigest()  # the cell's place is hashed too
