@@ -19,8 +19,10 @@ objects are never modified in place after commit.
 from __future__ import annotations
 
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -32,7 +34,11 @@ from shardstore.storage import Storage
 
 __all__ = ["IncrementalWriter", "check_incremental"]
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 Cells = Iterable[tuple[WriteTask, torch.Tensor]]
+_HASH_AHEAD = 2  # cells hashed ahead of the one being linked or encoded (a CUDA cell: a host copy each)
 
 
 def check_incremental(incremental: object) -> None:
@@ -67,17 +73,26 @@ class IncrementalWriter:
         previous = Storage(incremental, storage_options)
         return cls(previous, read_digests(previous))
 
-    def changed(self, dest: Storage, plan: GlobalSavePlan, cells: Cells, compressor: str | None) -> Cells:
+    def changed(self, dest: Storage, plan: GlobalSavePlan, cells: Cells, compressor: str | None,
+                stable_cells: bool = False) -> Cells:
         """The cells whose objects must be written; every other one is linked into ``dest`` on the way.
 
-        Each cell is hashed before the next is asked for, so ``cells`` may hand out reused staging memory.
+        ``stable_cells``: every cell's values stay put until the save ends (the caller's own tensors, or
+        staging memory that no later wave reuses). Cells are then hashed on a thread of their own, up to
+        ``_HASH_AHEAD`` ahead of the one being linked or encoded, so hashing goes on while changed cells
+        are encoded and written. Otherwise each cell is hashed before the next is asked for, so ``cells``
+        may hand out staging memory that is reused once the next cell is asked for.
         """
         arrays = {a.key: a for a in plan.arrays}
         layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
-        for task, data in cells:
+
+        def hashed(cell: tuple[WriteTask, torch.Tensor]) -> tuple[WriteTask, torch.Tensor, str, str]:
+            task, data = cell
             data = data.cpu()  # a CUDA cell is copied once: hashed here, encoded from the same copy
             key = object_key(arrays[task.key].node, task.cell)
-            digest = self._hasher.digest(layouts[task.key], task.cell, data)
+            return task, data, key, self._hasher.digest(layouts[task.key], task.cell, data)
+
+        for task, data, key, digest in _map_ahead(hashed, cells, _HASH_AHEAD if stable_cells else 0):
             old = self._unchanged(key, digest)
             if old is None:
                 with self._lock:
@@ -115,3 +130,22 @@ class IncrementalWriter:
             return old if self.previous.size(key) == old.nbytes else None
         except MissingChunkError:
             return None
+
+
+def _map_ahead(fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
+    """``fn`` over ``items`` in order, up to ``ahead`` results computed ahead of the one handed out, on one
+    thread of their own; with ``ahead=0`` on this thread, each item before the next is taken."""
+    if ahead == 0:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="shardstore-hash")
+    pending: deque[Future] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

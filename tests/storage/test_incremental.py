@@ -149,3 +149,58 @@ def test_a_cell_that_is_not_contiguous_hashes_as_its_contiguous_copy(monkeypatch
     assert hasher.digest(layout, (0, 0, 0), cell) == expected.hexdigest()
     assert hasher.digest(layout, (0, 0, 0), cell.contiguous()) == expected.hexdigest()
     assert hasher.digest(layout, (0, 1, 0), cell) != expected.hexdigest()  # the cell's place is hashed too
+
+
+def _frozen_and_lora(lora: float) -> dict:
+    frozen = {f"frozen{i}": torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) for i in range(6)}
+    return frozen | {"lora": torch.full((4, 16), lora)}
+
+
+@pytest.mark.parametrize("max_staging_bytes", [None, 4096])  # one wave (hashed ahead); a wave per cell
+def test_an_async_incremental_save_keeps_the_values_of_the_call(tmp_path, max_staging_bytes):
+    shardstore.save(_frozen_and_lora(1.0), str(tmp_path / "a"), incremental=True)
+    state = _frozen_and_lora(2.0)
+    handle = shardstore.async_save(state, str(tmp_path / "b"), incremental=str(tmp_path / "a"),
+                                   max_staging_bytes=max_staging_bytes)
+    for value in state.values():
+        value.add_(1)  # the next optimizer step, while the save is in flight
+    assert handle.result().chunks_linked == 6
+    loaded = _load(tmp_path / "b", state)
+    assert all(torch.equal(loaded[k], v) for k, v in _frozen_and_lora(2.0).items())
+
+
+def _plan_of(tensors: dict):
+    from shardstore.codec import choose_inner_chunk_shape
+    from shardstore.plan import local_save_plan, merge_save_plans
+
+    return merge_save_plans([local_save_plan(0, tensors, 1)], inner_chunks=choose_inner_chunk_shape)
+
+
+@pytest.mark.parametrize("stable_cells", [False, True])
+def test_each_cell_is_hashed_before_the_next_is_asked_for_unless_cells_stay_put(tmp_path, stable_cells):
+    """Staging waves reuse a cell's memory once the next cell is asked for; stable cells are hashed ahead."""
+    from shardstore.execute import cells_of, layout_of, write_cells
+    from shardstore.incremental import IncrementalWriter
+    from shardstore.storage import Storage
+
+    tensors = {(f"t{i}",): torch.full((8, 4), float(i)) for i in range(5)}
+    plan = _plan_of(tensors)
+    asked: list[int] = []
+
+    def reused_memory():
+        for i, (task, data) in enumerate(cells_of(plan, 0, tensors)):
+            asked.append(i)
+            staged = data.clone()
+            yield task, staged
+            if not stable_cells:
+                staged.fill_(-1.0)  # what a later wave staged into the same buffer would do
+
+    writer = IncrementalWriter()
+    dest = Storage(str(tmp_path / "c"))
+    changed = writer.changed(dest, plan, reused_memory(), None, stable_cells)
+    for i, (task, data) in enumerate(changed):
+        assert len(asked) == (min(i + 3, 5) if stable_cells else i + 1)  # two cells hashed ahead, or none
+        write_cells(dest, plan, [(task, data)], None, writer.put)
+    expected = {f"t{i}/c/0/0": CellHasher().digest(layout_of(plan.arrays[i], None), (0, 0), torch.full((8, 4), float(i)))
+                for i in range(5)}
+    assert {k: o.digest for k, o in writer.objects.items()} == expected
