@@ -12,7 +12,8 @@ to ``execute.write_cells``.
 
 Hashing the values rather than the encoded object is what makes this cheap: the unchanged bulk of the
 state costs one pass of BLAKE3 (several GiB/s, the GIL released) instead of encoding, crc32c and a
-second hash. Every checkpoint stays self-contained: a hard link is a second name of the same file, and
+second hash. Where the cells' memory stays put for the whole save, a thread hashes a few cells ahead, so
+the changed cells are encoded and written while the next ones are hashed. Every checkpoint stays self-contained: a hard link is a second name of the same file, and
 objects are never modified in place after commit.
 """
 
