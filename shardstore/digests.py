@@ -15,6 +15,7 @@ means "nothing to link", never a wrong link; a file that is not a digests file a
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
@@ -35,6 +36,7 @@ _VERSION = 2
 _ALGORITHM = "blake3"
 _CELL_ENCODING = "shardstore-cell/1"  # bump whenever the bytes ``codec.encode_shard`` makes of a cell change
 _PIECE_BYTES = 16 << 20  # a non-contiguous cell is hashed through a reused buffer of about this size
+_HASH_THREADS = min(8, os.cpu_count() or 1)  # BLAKE3 splits big inputs over these; more gain little
 
 
 @dataclass(frozen=True)
@@ -46,18 +48,23 @@ class StoredObject:
 
 
 class CellHasher:
-    """Digests of cells (CPU tensors), one after another; keeps one scratch buffer for cells that are not
-    contiguous in memory (a column slice of a tensor), so none is ever copied whole."""
+    """Digests of cells (CPU tensors), one after another, by one BLAKE3 hasher reset between cells: its
+    threads (``_HASH_THREADS``) are started once, not per cell. They are its own, not BLAKE3's global
+    pool (``max_threads=AUTO``), which a forked child inherits dead: its first hash would hang. Keeps
+    one scratch buffer for cells that are not contiguous in memory (a column slice of a tensor), so none
+    is ever copied whole."""
 
     def __init__(self) -> None:
+        self._hasher = blake3.blake3(max_threads=_HASH_THREADS)
         self._scratch = torch.empty(0, dtype=torch.uint8)
 
     def digest(self, layout: ArrayLayout, coords: tuple[int, ...], values: torch.Tensor) -> str:
         """The digest of cell ``coords`` of ``layout`` holding ``values`` (its clipped box, on the CPU)."""
-        hasher = blake3.blake3(layout_header(layout, coords), max_threads=blake3.blake3.AUTO)
+        self._hasher.reset()
+        self._hasher.update(layout_header(layout, coords))
         for piece in self._pieces(values.detach()):
-            hasher.update(as_bytes(piece).numpy())
-        return hasher.hexdigest()
+            self._hasher.update(as_bytes(piece).numpy())
+        return self._hasher.hexdigest()
 
     def _pieces(self, values: torch.Tensor) -> Iterator[torch.Tensor]:
         """``values`` in C order as contiguous tensors: itself when contiguous, else blocks of its leading

@@ -204,3 +204,25 @@ def test_each_cell_is_hashed_before_the_next_is_asked_for_unless_cells_stay_put(
     expected = {f"t{i}/c/0/0": CellHasher().digest(layout_of(plan.arrays[i], None), (0, 0), torch.full((8, 4), float(i)))
                 for i in range(5)}
     assert {k: o.digest for k, o in writer.objects.items()} == expected
+
+
+def _big(seed: int) -> dict:
+    return {"w": torch.randn(1024, 1024, generator=torch.Generator().manual_seed(seed))}  # split over threads
+
+
+def _save_incrementally(root: str) -> None:
+    shardstore.save(_big(2), f"{root}/b", incremental=f"{root}/a")
+
+
+def test_a_forked_child_saves_incrementally_after_its_parent_did(tmp_path):
+    """Hashing threads are the hasher's own: a forked child does not inherit a dead thread pool."""
+    import multiprocessing
+
+    shardstore.save(_big(1), str(tmp_path / "a"), incremental=True)  # the parent hashes first
+    child = multiprocessing.get_context("fork").Process(target=_save_incrementally, args=(str(tmp_path),))
+    child.start()
+    child.join(30)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0, "the forked child hung or failed hashing"
+    assert torch.equal(_load(tmp_path / "b", _big(0))["w"], _big(2)["w"])
