@@ -2,19 +2,20 @@
 
 Fine-tuning keeps most weights frozen, so most cells of step N hold exactly the values of step N-1. A save
 asked to be incremental records, for every shard object it stores, a BLAKE3 digest of the cell's raw
-values together with its layout (``cell_digest``) and the object's size, in ``shardstore.digests.json``
-at the checkpoint root (``digests.py``; written by rank 0 before the root marker, so a complete
-checkpoint has its digests). The next incremental save hashes each cell *before encoding it*: where the
-previous checkpoint recorded the same digest under the same key (and still holds an object of the
-recorded size), the object is stored with ``Storage.link_from`` (a hard link locally, a server-side copy
-on object stores) and the cell is never encoded, checksummed or written; only the changed cells go on
-to ``execute.write_cells``.
+values together with its layout (``digests.CellHasher``) and the object's size, in
+``shardstore.digests.json`` at the checkpoint root (written by rank 0 before the root marker, so a
+complete checkpoint has its digests). The next incremental save hashes each cell *before encoding it*:
+where the previous checkpoint recorded the same digest under the same key (and still holds an object of
+the recorded size), the object is stored with ``Storage.link_from`` (a hard link locally, a server-side
+copy on object stores) and the cell is never encoded, checksummed or written; only the changed cells go
+on to ``execute.write_cells``.
 
 Hashing the values rather than the encoded object is what makes this cheap: the unchanged bulk of the
 state costs one pass of BLAKE3 (several GiB/s, the GIL released) instead of encoding, crc32c and a
 second hash. Where the cells' memory stays put for the whole save, a thread hashes a few cells ahead, so
-the changed cells are encoded and written while the next ones are hashed. Every checkpoint stays self-contained: a hard link is a second name of the same file, and
-objects are never modified in place after commit.
+the changed cells are encoded and written while the next ones are hashed. Every checkpoint stays
+self-contained: a hard link is a second name of the same file, and objects are never modified in place
+after commit.
 """
 
 from __future__ import annotations
