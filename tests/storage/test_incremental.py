@@ -84,6 +84,13 @@ def test_the_same_bytes_in_another_layout_never_link(tmp_path, other):
     assert torch.equal(_load(tmp_path / "b", other)["frozen"], other["frozen"])
 
 
+def test_compressed_objects_link_under_the_same_codec(tmp_path):
+    shardstore.save(_state(1), str(tmp_path / "a"), incremental=True, compressor="zstd")
+    result = shardstore.save(_state(2), str(tmp_path / "b"), incremental=str(tmp_path / "a"), compressor="zstd")
+    assert result.chunks_linked == 1 and _ino(tmp_path / "b" / "frozen/c/0/0") == _ino(tmp_path / "a" / "frozen/c/0/0")
+    assert all(torch.equal(v, _state(2)[k]) for k, v in _load(tmp_path / "b", _state(0)).items())
+
+
 def test_another_codec_never_links(tmp_path):
     shardstore.save(_state(1), str(tmp_path / "a"), incremental=True)
     result = shardstore.save(_state(1), str(tmp_path / "b"), incremental=str(tmp_path / "a"), compressor="zstd")
