@@ -22,6 +22,7 @@ from shardstore.errors import (
     ShardstoreError,
     StagingAbortedError,
     StateDictMismatchError,
+    StorageUnavailableError,
     UnsafeKeyError,
     UnsupportedInputError,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "MissingChunkError",
     "PartialLoadError",
     "StateDictMismatchError",
+    "StorageUnavailableError",
     "UnsafeKeyError",
     "UnsupportedInputError",
     "SaveInProgressError",

@@ -306,6 +306,11 @@ class Checkpoint:
     def user_metadata(self) -> dict:
         return self._root.user_metadata
 
+    @property
+    def tree(self) -> dict:
+        """The saved state-dict tree as the root record holds it (``shardstore.flatten``'s skeleton)."""
+        return self._root.tree
+
     def state_dict_skeleton(self):
         """The saved state dict with tensors replaced by their dotted names."""
         return unflatten(self._root.tree, {k: fqn(k) for k in self._stored})
@@ -348,7 +353,7 @@ class Checkpoint:
 
     def _root_fingerprint(self) -> str | None:
         try:
-            return self._at_url.fingerprint(fmt.ZARR_JSON)
+            return self._at_url.pinned().fingerprint(fmt.ZARR_JSON)  # the version now current there
         except MissingChunkError:
             return None
 
@@ -358,7 +363,7 @@ class Checkpoint:
         if now == self._fingerprint:
             return
         try:
-            commit = fmt.read_root(self._at_url).commit_id
+            commit = fmt.read_root(self._at_url.pinned()).commit_id
         except ShardstoreError as exc:
             raise self._changed(f"its root zarr.json is now unreadable ({type(exc).__name__}: {exc})") from exc
         if commit != self._root.commit_id:

@@ -12,8 +12,10 @@ rank 0 holds for the whole save (``flock``: it dies with the process). ``finish`
 saw (nothing, or the same root record), then moves the staging tree in with one atomic rename (onto
 nothing or an empty directory) or one atomic exchange with the old tree, which it then deletes.
 Object stores cannot rename: a fresh save claims the URL with an exclusively created claim object
-(``If-None-Match: *``); an overwrite stages in a sibling and copies in (the window where the URL reads
-as incomplete is documented).
+(``If-None-Match: *``) and writes in place. An overwrite writes a whole new version under
+``<url>/.v-<id>/`` and commits by pointing ``<url>/.shardstore-current`` at it (one PUT, under the
+commit lock object): readers resolve the pointer (``Storage.pinned``), so the old checkpoint loads until
+that PUT and the new one from then on; the old version is deleted after.
 
 Litter from killed saves never blocks: ``begin`` removes staging siblings whose owner lock is free
 (their save is dead), and locks die with their process.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from shardstore.errors import CheckpointExistsError, ConcurrentSaveError, MissingChunkError, NotACheckpointError
 from shardstore.format import FORMAT_NAME, ZARR_JSON
 from shardstore.digests import DIGESTS
-from shardstore.storage import HeldLock, Storage
+from shardstore.storage import CURRENT, VERSION_PREFIX, HeldLock, Storage
 
 __all__ = ["Claim", "begin", "finish", "abandon", "sweep"]
 
@@ -65,15 +67,25 @@ def begin(target: Storage, overwrite: bool) -> Claim:
             f"{target.url} already holds a checkpoint (or an interrupted save); pass overwrite=True to "
             "replace it (the old checkpoint stays loadable until the new one is complete), or save elsewhere"
         )
-    if not target.can_rename_trees and expected is None:
-        _claim_fresh(target, nonce)
-        return Claim(target.url, None, nonce, staged=False)
+    if not target.can_rename_trees:
+        return _claim_on_object_store(target, expected, nonce)
     staging = _staging(target, nonce)
     with _commit_lock(target):  # so that no sweep sees the new tree before its owner holds it
         trash = _sweep(target) if target.can_rename_trees else []
         _owners[nonce] = staging.lock(OWNER, timeout=0)
     _delete_trees(target.parent(), trash)
     return Claim(staging.url, expected, nonce, staged=True)
+
+
+def _claim_on_object_store(target: Storage, expected: str | None, nonce: str) -> Claim:
+    """A fresh URL is claimed and written in place; a checkpoint is replaced by a new version under it,
+    owned (against ``abandon`` of another save) by an exclusively created owner object."""
+    if expected is None:
+        _claim_fresh(target, nonce)
+        return Claim(target.url, None, nonce, staged=False)
+    version = target.child(f"{VERSION_PREFIX}{nonce}")
+    _owners[nonce] = version.lock(OWNER, timeout=0)
+    return Claim(version.url, expected, nonce, staged=True)
 
 
 def _staging(target: Storage, nonce: str) -> Storage:
@@ -87,6 +99,9 @@ def _token(target: Storage) -> str | None:
     shardstore save, so an overwrite never deletes other files."""
     if target.is_empty():
         return None
+    if not target.can_rename_trees and target.exists(CURRENT):
+        _refuse_foreign(target)
+        return f"version {target.read(CURRENT).decode(errors='replace')}"
     try:
         root = target.read(ZARR_JSON)
     except MissingChunkError:
@@ -119,7 +134,8 @@ def _refuse_foreign(target: Storage, root_is_foreign: bool = False) -> None:
 def _looks_like_ours(key: str) -> bool:
     parts = key.split("/")
     name = parts[-1]
-    return name in (ZARR_JSON, CLAIM, "c") or key == DIGESTS or ".tmp-" in name or "c" in parts[:-1]
+    return (name in (ZARR_JSON, CLAIM, CURRENT, "c") or key == DIGESTS or ".tmp-" in name or "c" in parts[:-1]
+            or (parts[0].startswith(VERSION_PREFIX) and name == OWNER))
 
 
 def _claim_fresh(target: Storage, nonce: str) -> None:
@@ -151,9 +167,11 @@ def finish(target: Storage, dest: Storage, claim: Claim) -> None:
         _check_unchanged(target, claim)
         owner.release()  # removes the owner file: the tree becomes exactly the checkpoint
         dest.sync()
-        _swap_in(target, dest, claim) if target.can_rename_trees else _copy_in(target, dest)
+        _swap_in(target, dest, claim) if target.can_rename_trees else target.write(CURRENT, dest.name.encode())
     del _owners[claim.nonce]
-    if claim.expected is not None and target.can_rename_trees:
+    if not target.can_rename_trees:
+        _delete_old_version(target, claim.expected, keep=dest.name)
+    elif claim.expected is not None:
         dest.delete_prefix()  # ``dest`` now names the old tree; deleted outside the lock (a sweep may beat us)
 
 
@@ -201,14 +219,18 @@ def _swap_in(target: Storage, dest: Storage, claim: Claim) -> None:
     dest.rename_tree(target, exchange=True)  # one atomic step: old or new at the URL, never neither
 
 
-def _copy_in(target: Storage, staging: Storage) -> None:
-    """Object stores: the old marker goes first (the URL reads as incomplete, never as a mix), then the
-    old objects, then staging's objects with its marker last."""
+def _delete_old_version(target: Storage, expected: str | None, keep: str) -> None:
+    """Object stores, after the pointer moved: delete the replaced version (the one ``begin`` saw), or,
+    when that was written in place, every object outside the versions (its marker first)."""
+    if expected is not None and expected.startswith("version "):
+        old = expected[len("version "):]
+        if old != keep and old.startswith(VERSION_PREFIX):
+            target.child(old).delete_prefix()
+        return
     target.delete(ZARR_JSON)
-    target.delete_prefix()
-    for key in [k for k in staging.list() if k != ZARR_JSON] + [ZARR_JSON]:
-        staging.copy_to(key, target)
-    staging.delete_prefix()
+    for key in target.list():
+        if key != CURRENT and not key.startswith(VERSION_PREFIX):
+            target.delete(key)
 
 
 def abandon(dest: Storage, claim: Claim) -> None:

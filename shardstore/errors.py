@@ -19,6 +19,8 @@ so callers can catch either::
     │                                                 chained) after bytes landed in tensors
     ├── CheckpointChangedError(RuntimeError)          the checkpoint behind an ``open()`` handle was
     │                                                 replaced or deleted: re-open it
+    ├── StorageUnavailableError(ConnectionError)      an object store kept failing with transient errors
+    │                                                 (5xx, throttling, resets, timeouts) after retries
     ├── SaveInProgressError(RuntimeError)             an async save is still in flight and the new one
     │                                                 was told not to wait for it
     ├── StagingAbortedError(RuntimeError)             copying tensors for an async save failed; its
@@ -47,6 +49,7 @@ __all__ = [
     "StateDictMismatchError",
     "PartialLoadError",
     "CheckpointChangedError",
+    "StorageUnavailableError",
     "SaveInProgressError",
     "StagingAbortedError",
 ]
@@ -114,6 +117,11 @@ class CheckpointChangedError(ShardstoreError, RuntimeError):
     """The checkpoint at an ``open()`` handle's URL was replaced (another commit id) or deleted since the
     handle read its root record: decoding the new bytes with the old metadata could return wrong values,
     so the handle refuses; ``shardstore.open(url)`` again reads the new checkpoint."""
+
+
+class StorageUnavailableError(ShardstoreError, ConnectionError):
+    """An object-store request kept failing with transient errors (5xx, throttling, connection resets,
+    timeouts) through every retry. A save that gets it commits nothing: the previous checkpoint stays."""
 
 
 class SaveInProgressError(ShardstoreError, RuntimeError):

@@ -66,7 +66,7 @@ def list_steps(root_url: str, storage_options: dict | None = None) -> list[StepE
 
 def _is_complete(checkpoint: Storage) -> bool:
     try:
-        fmt.read_root(checkpoint)
+        fmt.read_root(checkpoint.pinned())
     except (ShardstoreError, OSError, ValueError):
         return False
     return True

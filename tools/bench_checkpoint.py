@@ -18,6 +18,7 @@ Run on a quiet machine (needs ~3x --gib of free memory at world size 1, 2x --gib
     python tools/bench_checkpoint.py --small --json out.json
     python tools/bench_checkpoint.py --gib 1 --worlds 1 2 --fresh 1 --repeat 5   # the async targets
 Smoke test (numbers meaningless): python tools/bench_checkpoint.py --gib 0.05 --fresh 1 --repeat 2
+Against an object store (one process; see tools/bench_bucket.py): --url s3://bucket/prefix
 """
 
 from __future__ import annotations
@@ -59,10 +60,15 @@ def main() -> None:
     add_common_args(parser)
     parser.add_argument("--worlds", type=positive_int, nargs="+", default=[1, 2, 4],
                         help="world sizes; 1 is plain tensors without a process group (default 1 2 4)")
+    parser.add_argument("--url", help="an object-store URL (s3://bucket/prefix): run tools/bench_bucket.py there")
     parser.add_argument("--no-async", action="store_true", help="skip the async save case")
     parser.add_argument("--max-staging-mib", type=positive_int, default=None,
                         help="shardstore async_save's max_staging_bytes, MiB (default: no bound)")
     args = parser.parse_args()
+    if args.url:
+        from tools.bench_bucket import run
+
+        return run(args.url, args.gib, args.repeat)
     chosen = states(parser, args)
     report = Report(args, raw_bandwidth(args.dir, max(s.nbytes for s in chosen)))
     report.header(METHOD)

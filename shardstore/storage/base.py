@@ -22,7 +22,12 @@ from typing import Any, Iterable
 
 from shardstore.errors import CorruptCheckpointError, MissingChunkError, UnsafeKeyError
 
-__all__ = ["Storage", "HeldLock", "check_key"]
+__all__ = ["Storage", "HeldLock", "check_key", "CURRENT", "VERSION_PREFIX"]
+
+# Object stores replace a checkpoint by writing a new version under ``<root>/.v-<id>/`` and pointing
+# ``<root>/.shardstore-current`` at it (docs/format.md §5); ``pinned`` resolves the pointer.
+CURRENT = ".shardstore-current"
+VERSION_PREFIX = ".v-"
 
 _READ_THREADS = 16
 _read_pool: tuple[int, ThreadPoolExecutor] | None = None
@@ -204,7 +209,9 @@ class Storage:
 
     def fingerprint(self, key: str) -> str:
         """A token that changes when the object at ``key`` is replaced, from metadata alone (one stat or
-        HEAD, no data read), so an open checkpoint can notice cheaply that another save committed."""
+        HEAD, no data read), so an open checkpoint can notice cheaply that another save committed. On S3
+        (ETag: the MD5 of the bytes; LastModified: whole seconds) a rewrite with identical bytes within a
+        second keeps it; every commit writes a root record with its own commit id, so commits differ."""
         raise NotImplementedError
 
     def modified(self, key: str) -> float | None:

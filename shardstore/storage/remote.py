@@ -2,7 +2,10 @@
 module of shardstore that imports fsspec.
 
 Object stores have no directories and no renames, but a single PUT is atomic and, once answered,
-durable; an exclusive create is a conditional PUT (``If-None-Match: *``, fsspec's ``"xb"`` mode).
+durable; an exclusive create is a conditional PUT (``If-None-Match: *`` on S3 and Azure,
+``ifGenerationMatch=0`` on GCS: fsspec's ``mode="create"``). Every request is retried on transient
+errors (``retry.py``); the client libraries upload large objects in parts (s3fs: multipart above
+``2 * chunksize``, 50 MiB parts by default, settable through ``storage_options``).
 Backends that are neither (another fsspec filesystem with rename support) write through a temporary
 object renamed over the key.
 """
@@ -16,7 +19,9 @@ from typing import Any, Iterable
 
 from fsspec.core import url_to_fs
 
-from shardstore.storage.base import HeldLock, Storage, strip_trailing_slash
+from shardstore.errors import CorruptCheckpointError, MissingChunkError
+from shardstore.storage.base import CURRENT, VERSION_PREFIX, HeldLock, Storage, strip_trailing_slash
+from shardstore.storage.retry import retrying
 
 __all__ = ["FsspecStorage"]
 
@@ -72,40 +77,63 @@ class FsspecStorage(Storage):
     # -- reads ---------------------------------------------------------------------------------------
 
     def read_range(self, key: str, start: int, stop: int | None) -> bytearray:
-        try:
-            data = bytearray(self._fs.cat_file(self._path(key), start=start, end=stop))
-        except FileNotFoundError:
-            raise self._missing(key) from None
+        lo, hi = start, stop
+        if start < 0:  # a suffix: not every object store takes suffix ranges (Azure does not)
+            lo = max(0, self.size(key) + start)
+        elif stop is not None and stop <= start:  # object stores answer an empty range with everything
+            self.size(key)
+            return bytearray()
+        data = bytearray(self._fetch(key, lo, hi))
         self._check_length(key, start, stop, len(data))
         return data
 
     def read_range_into(self, key: str, start: int, out: bytearray | memoryview) -> memoryview:
         view = memoryview(out).cast("B")
-        try:
-            data = self._fs.cat_file(self._path(key), start=start, end=start + len(view))
-        except FileNotFoundError:
-            raise self._missing(key) from None
+        data = self._fetch(key, start, start + len(view))
         view[: len(data)] = data
         self._check_length(key, start, start + len(view), len(data))
         return view
 
+    def _fetch(self, key: str, start: int, stop: int | None) -> bytes:
+        """One ranged GET of just ``[start, stop)``."""
+        path = self._path(key)
+        return self._retry(f"reading {self.key_url(key)}", lambda: self._fs.cat_file(path, start=start, end=stop), key)
+
+    def _retry(self, what: str, call, key: str | None = None):
+        """``call()`` with retries on transient errors; a missing ``key`` is reported as such."""
+        try:
+            return retrying(what, call)
+        except FileNotFoundError:
+            if key is None:
+                raise
+            raise self._missing(key) from None
+
+    def pinned(self) -> "FsspecStorage":
+        """The version ``.shardstore-current`` points at (a checkpoint replaced on an object store), else
+        this storage: a version is never rewritten, only deleted once another one is current."""
+        try:
+            name = self.read(CURRENT).decode(errors="replace")
+        except MissingChunkError:
+            return self
+        if not name.startswith(VERSION_PREFIX) or "/" in name:
+            raise CorruptCheckpointError(
+                f"{self.key_url(CURRENT)} holds {name[:80]!r}, expected the name of a version like "
+                f"'{VERSION_PREFIX}<id>' under {self.url}; the checkpoint's pointer is damaged — re-run the save")
+        return self.child(name)
+
     def exists(self, key: str) -> bool:
-        return self._fs.isfile(self._path(key))
+        path = self._path(key)
+        return self._retry(f"looking up {self.key_url(key)}", lambda: self._fs.isfile(path))
 
     def size(self, key: str) -> int:
-        try:
-            return int(self._fs.size(self._path(key)))
-        except FileNotFoundError:
-            raise self._missing(key) from None
+        path = self._path(key)
+        return int(self._retry(f"looking up {self.key_url(key)}", lambda: self._fs.size(path), key))
 
     def fingerprint(self, key: str) -> str:
         """What the backend reports of size, etag, generation and modification time (fresh, not cached)."""
         path = self._path(key)
-        try:
-            self._fs.invalidate_cache(path)
-            info = self._fs.info(path)
-        except FileNotFoundError:
-            raise self._missing(key) from None
+        self._fs.invalidate_cache(path)
+        info = self._retry(f"looking up {self.key_url(key)}", lambda: self._fs.info(path), key)
         return repr([(k, str(info[k])) for k in _FINGERPRINT_FIELDS if k in info])
 
     def modified(self, key: str) -> float | None:
@@ -118,11 +146,11 @@ class FsspecStorage(Storage):
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self._root
         start = len(self._root) + 1
-        return sorted(p[start:] for p in self._fs.find(base))
+        return sorted(p[start:] for p in self._retry(f"listing {self.url}", lambda: self._fs.find(base)))
 
     def list_names(self, prefix: str) -> list[str]:
         try:
-            entries = self._fs.ls(self._root or "/", detail=False)
+            entries = self._ls()
         except FileNotFoundError:
             return []
         names = (e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
@@ -130,9 +158,13 @@ class FsspecStorage(Storage):
 
     def is_empty(self) -> bool:
         try:
-            return not self._fs.ls(self._root or "/", detail=False)
+            return not self._ls()
         except FileNotFoundError:
             return True
+
+    def _ls(self) -> list[str]:
+        self._fs.invalidate_cache(self._root)
+        return self._retry(f"listing {self.url}", lambda: self._fs.ls(self._root or "/", detail=False))
 
     # -- writes --------------------------------------------------------------------------------------
 
@@ -140,7 +172,8 @@ class FsspecStorage(Storage):
         path = self._path(key)
         if self._atomic_put:
             # Object store clients (botocore) refuse memoryview bodies; one copy is cheap next to a PUT.
-            self._fs.pipe_file(path, data if isinstance(data, (bytes, bytearray)) else bytes(data))
+            body = data if isinstance(data, (bytes, bytearray)) else bytes(data)
+            self._retry(f"writing {self.key_url(key)}", lambda: self._fs.pipe_file(path, body))
             return
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
@@ -163,8 +196,20 @@ class FsspecStorage(Storage):
             self._fs.mv(target, path)
 
     def create_exclusive(self, key: str, data: bytes) -> None:
-        with self._fs.open(self._path(key), "xb") as f:
-            f.write(data)
+        """One conditional PUT: ``If-None-Match: *`` (S3, Azure), ``ifGenerationMatch=0`` (GCS), which
+        is what fsspec's ``mode="create"`` sends on each. A retry after a reply was lost may find the
+        object its own lost try created: it is ours when it holds our (unique) bytes."""
+        path, body, tries = self._path(key), bytes(data), []
+
+        def create() -> None:
+            tries.append(1)
+            self._fs.pipe_file(path, body, mode="create")
+
+        try:
+            self._retry(f"creating {self.key_url(key)}", create)
+        except FileExistsError:
+            if len(tries) == 1 or self.read(key) != body:
+                raise
 
     def lock(self, key: str, timeout: float) -> "_ObjectLock":
         """An exclusively created object. Unlike a local lock it outlives a killed holder: delete it
@@ -172,7 +217,7 @@ class FsspecStorage(Storage):
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self.create_exclusive(key, b"")
+                self.create_exclusive(key, uuid.uuid4().hex.encode())  # unique: see create_exclusive
                 return _ObjectLock(self, key)
             except FileExistsError:
                 if time.monotonic() >= deadline:
@@ -183,15 +228,16 @@ class FsspecStorage(Storage):
         """A finished PUT is already durable on object stores; ``memory://`` has nothing to sync."""
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            self._fs.rm_file(self._path(key))
+            self._retry(f"deleting {self.key_url(key)}", lambda: self._fs.rm_file(path))
         except FileNotFoundError:
             pass
 
     def delete_prefix(self, prefix: str = "") -> None:
         base = self._path(prefix) if prefix else (self._root or "/")
-        if self._fs.exists(base):
-            self._fs.rm(base, recursive=True)
+        if self._retry(f"looking up {self.url}", lambda: self._fs.exists(base)):
+            self._retry(f"deleting {self.url}/{prefix}", lambda: self._fs.rm(base, recursive=True))
 
     # -- derived storages ------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from shardstore.errors import (
     IncompleteCheckpointError,
     NotACheckpointError,
 )
-from shardstore.storage import Storage
+from shardstore.storage import CURRENT, VERSION_PREFIX, Storage
 
 
 def _root(step: int) -> fmt.RootMetadata:
@@ -55,8 +55,14 @@ def test_objects_without_root_marker_are_incomplete(storage):
 def _commit(storage: Storage, step: int, overwrite: bool = False) -> None:
     """A whole save through the commit protocol: claim, write where told, finish."""
     claim = commit.begin(storage, overwrite)
-    _save(Storage(claim.dest_url), step)
-    commit.finish(storage, Storage(claim.dest_url), claim)
+    _save(_dest(storage, claim), step)
+    commit.finish(storage, _dest(storage, claim), claim)
+
+
+def _dest(storage: Storage, claim: commit.Claim) -> Storage:
+    """Where ``claim`` says to write, on the same connection (bucket storages carry their options)."""
+    base = storage.parent()
+    return base.child(claim.dest_url[len(base.url) + 1:])
 
 
 def _siblings(storage: Storage) -> list[str]:
@@ -80,16 +86,20 @@ def test_overwrite_replaces_an_existing_checkpoint(storage):
     _commit(storage, 1)
     storage.write("w/c/1", b"only in the old one")
     _commit(storage, 2, overwrite=True)
-    assert fmt.read_root(storage).tree == _root(2).tree
-    assert storage.read("w/c/0") == bytes([2]) * 8
-    assert "w/c/1" not in storage.list() and _siblings(storage) == []
+    assert fmt.read_root(storage.pinned()).tree == _root(2).tree
+    assert storage.pinned().read("w/c/0") == bytes([2]) * 8
+    assert "w/c/1" not in storage.pinned().list() and _siblings(storage) == []
+    if not storage.can_rename_trees:  # only the pointer and the new version remain
+        version = storage.pinned().name
+        assert storage.read(CURRENT) == version.encode() and version.startswith(VERSION_PREFIX)
+        assert all(k == CURRENT or k.startswith(version + "/") for k in storage.list()), storage.list()
 
 
 def test_without_overwrite_an_existing_checkpoint_is_refused(storage):
     _commit(storage, 1)
     with pytest.raises(CheckpointExistsError, match="pass overwrite=True"):
         commit.begin(storage, overwrite=False)
-    assert fmt.read_root(storage).tree == _root(1).tree and _siblings(storage) == []
+    assert fmt.read_root(storage.pinned()).tree == _root(1).tree and _siblings(storage) == []
 
 
 @pytest.mark.parametrize("layout", ["notes", "runs", "notes-in-checkpoint", "foreign-root"])
@@ -114,7 +124,7 @@ def test_an_interrupted_save_may_be_overwritten(storage):
     with pytest.raises(CheckpointExistsError):
         commit.begin(storage, overwrite=False)
     _commit(storage, 3, overwrite=True)
-    assert fmt.read_root(storage).tree == _root(3).tree
+    assert fmt.read_root(storage.pinned()).tree == _root(3).tree
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -128,12 +138,12 @@ def test_of_two_racing_saves_exactly_one_commits(storage, overwrite):
         assert not storage.can_rename_trees and not overwrite  # object stores refuse at the claim
         return
     for claim, step in ((first, 5), (second, 6)):
-        _save(Storage(claim.dest_url), step)
-    commit.finish(storage, Storage(second.dest_url), second)
+        _save(_dest(storage, claim), step)
+    commit.finish(storage, _dest(storage, second), second)
     with pytest.raises(ConcurrentSaveError, match="another save committed"):
-        commit.finish(storage, Storage(first.dest_url), first)
-    commit.abandon(Storage(first.dest_url), first)
-    assert fmt.read_root(storage).tree == _root(6).tree and storage.read("w/c/0") == bytes([6]) * 8
+        commit.finish(storage, _dest(storage, first), first)
+    commit.abandon(_dest(storage, first), first)
+    assert fmt.read_root(storage.pinned()).tree == _root(6).tree and storage.pinned().read("w/c/0") == bytes([6]) * 8
     assert _siblings(storage) == []
 
 
@@ -147,10 +157,10 @@ def test_a_failed_swap_leaves_the_old_checkpoint_and_no_blocking_litter(tmp_path
     with pytest.raises(OSError, match="disk gone"):
         commit.finish(storage, dest, claim)
     monkeypatch.undo()
-    assert fmt.read_root(storage).tree == _root(1).tree
+    assert fmt.read_root(storage.pinned()).tree == _root(1).tree
     assert len(_siblings(storage)) == 1  # the new tree, complete but never committed
     _commit(storage, 3, overwrite=True)  # a later save sweeps it
-    assert fmt.read_root(storage).tree == _root(3).tree and _siblings(storage) == []
+    assert fmt.read_root(storage.pinned()).tree == _root(3).tree and _siblings(storage) == []
 
 
 def test_a_live_save_is_not_swept_but_a_dead_ones_tree_is(tmp_path):
@@ -160,3 +170,14 @@ def test_a_live_save_is_not_swept_but_a_dead_ones_tree_is(tmp_path):
     assert Storage(live.dest_url).exists(commit.OWNER)
     commit.abandon(Storage(live.dest_url), live)
     assert _siblings(storage) == []
+
+
+def test_an_overwrite_keeps_the_old_checkpoint_loadable_until_it_commits(storage):
+    _commit(storage, 1)
+    claim = commit.begin(storage, overwrite=True)
+    _save(_dest(storage, claim), 2)  # the new checkpoint is complete, not yet committed
+    assert fmt.read_root(storage.pinned()).tree == _root(1).tree
+    assert storage.pinned().read("w/c/0") == bytes([1]) * 8
+    commit.finish(storage, _dest(storage, claim), claim)
+    assert fmt.read_root(storage.pinned()).tree == _root(2).tree
+    assert storage.pinned().read("w/c/0") == bytes([2]) * 8

@@ -13,8 +13,8 @@ SHARDSTORE_API = {
     "save", "load", "open", "Checkpoint", "CheckpointManager", "SaveResult", "LoadResult", "ShardstoreError", "CheckpointExistsError",
     "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError", "MissingChunkError",
     "StateDictMismatchError", "UnsafeKeyError", "PartialLoadError", "ConcurrentSaveError", "NotACheckpointError",
-    "UnsupportedInputError", "CheckpointChangedError", "async_save", "AsyncSave", "SaveInProgressError",
-    "StagingAbortedError",
+    "UnsupportedInputError", "CheckpointChangedError", "StorageUnavailableError", "async_save", "AsyncSave",
+    "SaveInProgressError", "StagingAbortedError",
 }
 
 
