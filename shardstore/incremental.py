@@ -72,7 +72,7 @@ class IncrementalWriter:
             return None
         if incremental is True:
             return cls()
-        previous = Storage(incremental, storage_options)
+        previous = Storage(incremental, storage_options).pinned()  # on a bucket: the version now current
         return cls(previous, read_digests(previous))
 
     def changed(self, dest: Storage, plan: GlobalSavePlan, cells: Cells, compressor: str | None,

@@ -233,3 +233,25 @@ def test_a_forked_child_saves_incrementally_after_its_parent_did(tmp_path):
         child.kill()
     assert child.exitcode == 0, "the forked child hung or failed hashing"
     assert torch.equal(_load(tmp_path / "b", _big(0))["w"], _big(2)["w"])
+
+
+def test_links_from_the_version_an_overwritten_bucket_checkpoint_points_at():
+    """On object stores an overwritten checkpoint lives in a version its pointer names (format.md §5)."""
+    import uuid
+
+    import fsspec
+
+    from shardstore.storage import CURRENT
+
+    root = f"memory://incremental-{uuid.uuid4().hex}"
+    try:
+        shardstore.save(_state(0), f"{root}/a", incremental=True)
+        shardstore.save(_state(1), f"{root}/a", incremental=True, overwrite=True)
+        assert fsspec.filesystem("memory").isfile(f"{root}/a/{CURRENT}")
+        result = shardstore.save(_state(2), f"{root}/b", incremental=f"{root}/a")
+        assert result.chunks_linked == 1  # frozen, copied server-side from the current version
+        target = {k: torch.zeros_like(v) for k, v in _state(0).items()}
+        shardstore.load(target, f"{root}/b")
+        assert all(torch.equal(target[k], v) for k, v in _state(2).items())
+    finally:
+        fsspec.filesystem("memory").rm(root.split("://")[1], recursive=True)
