@@ -85,14 +85,15 @@ def save(
     (``ConcurrentSaveError`` for the others), and ``overwrite=True`` replaces only a shardstore
     checkpoint, atomically (docs/format.md §5).
 
-    ``incremental``: True records the SHA-256 of every shard object; the URL of an earlier checkpoint
-    saved so also links each object whose bytes equal that checkpoint's instead of writing it
-    (docs/format.md §10). Hashing costs about 1 s per GiB, so the default (False) does not hash."""
+    ``incremental``: True records a BLAKE3 digest of every cell's values and layout; the URL of an
+    earlier checkpoint saved so also links each object whose cell is unchanged since that checkpoint
+    instead of encoding and writing it (docs/format.md §10). Hashing is one pass over the values, so
+    the default (False) does not hash."""
     start = time.perf_counter()
     options = SaveOptions(url, storage_options, overwrite, compressor, user_metadata, durable, incremental)
     coord = Coordinator(process_group)
     job = plan_save(coord, state_dict, user_metadata)
-    stats = write_and_commit(coord, job, options, cells_of(job.plan, job.rank, job.tensors))
+    stats = write_and_commit(coord, job, options, cells_of(job.plan, job.rank, job.tensors), stable_cells=True)
     return SaveResult.of(url, stats, start)
 
 

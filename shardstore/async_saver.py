@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from shardstore.coordinator import Coordinator
 from shardstore.errors import SaveInProgressError
 from shardstore.saving import SaveJob, SaveOptions, SaveResult, plan_save, write_and_commit
-from shardstore.staging import WaveHandoff, cell_nbytes, plan_waves, stage_waves, staging_pool
+from shardstore.staging import WaveHandoff, cell_nbytes, plan_waves, stage_waves, staging_pool, waves_stay_staged
 
 __all__ = ["AsyncSave", "async_save"]
 
@@ -87,7 +87,7 @@ def async_save(
     itemsize = {a.key: a.itemsize for a in job.plan.arrays}
     waves = plan_waves([cell_nbytes(t, itemsize[t.key]) for t in job.writes], max_staging_bytes)
     handoff = WaveHandoff(len(waves))
-    future = _background().submit(_write_in_background, background, job, options, handoff, start)
+    future = _background().submit(_write_in_background, background, job, options, handoff, waves_stay_staged(waves), start)
     stage_waves(job.writes, job.tensors, waves, handoff, staging_pool())
     global _in_flight
     _in_flight = AsyncSave(url, future)
@@ -118,9 +118,9 @@ def _wait_for_previous(coord: Coordinator, wait: bool) -> None:
 
 
 def _write_in_background(coord: Coordinator, job: SaveJob, options: SaveOptions, handoff: WaveHandoff,
-                         start: float) -> SaveResult:
+                         stable_cells: bool, start: float) -> SaveResult:
     try:
-        stats = write_and_commit(coord, job, options, handoff.cells())
+        stats = write_and_commit(coord, job, options, handoff.cells(), stable_cells)
     finally:
         handoff.close()  # a caller still staging stops waiting for buffers
     return SaveResult.of(options.url, stats, start)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from shardstore.errors import CheckpointExistsError, ConcurrentSaveError, MissingChunkError, NotACheckpointError
 from shardstore.format import FORMAT_NAME, ZARR_JSON
-from shardstore.incremental import DIGESTS
+from shardstore.digests import DIGESTS
 from shardstore.storage import CURRENT, VERSION_PREFIX, HeldLock, Storage
 
 __all__ = ["Claim", "begin", "finish", "abandon", "sweep"]
@@ -134,8 +134,10 @@ def _refuse_foreign(target: Storage, root_is_foreign: bool = False) -> None:
 def _looks_like_ours(key: str) -> bool:
     parts = key.split("/")
     name = parts[-1]
-    return (name in (ZARR_JSON, CLAIM, CURRENT, "c") or key == DIGESTS or ".tmp-" in name or "c" in parts[:-1]
-            or (parts[0].startswith(VERSION_PREFIX) and name == OWNER))
+    in_version = parts[0].startswith(VERSION_PREFIX)
+    at_top = len(parts) == 1 or (in_version and len(parts) == 2)  # the checkpoint's root, or a version's
+    return (name in (ZARR_JSON, CLAIM, CURRENT, "c") or (at_top and name == DIGESTS) or ".tmp-" in name
+            or "c" in parts[:-1] or (in_version and name == OWNER))
 
 
 def _claim_fresh(target: Storage, nonce: str) -> None:

@@ -13,8 +13,8 @@ local, consistent on every rank, and cost no I/O.
 Retention (``max_to_keep``, ``keep_period``) runs only once a newer save is complete, and never deletes
 the latest complete step. A save killed midway never shows: its step has no root record (or lives only
 in a staging sibling), so it is not listed; the next manager on the root (after the crash) sweeps it.
-With ``incremental`` (the default) each save links the shard objects whose bytes equal the latest
-complete step's instead of rewriting them (``shardstore/incremental.py``).
+With ``incremental`` (the default) each save links the shard objects whose cells (values and layout)
+equal the latest complete step's instead of rewriting them (``shardstore/incremental.py``).
 """
 
 from __future__ import annotations

@@ -115,19 +115,20 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def local_save_plan(rank: int, items: Mapping[KeyPath, Any], *, digests: bool = True) -> LocalSavePlan:
-    """Describe what this rank holds of every tensor in ``items`` (from ``flatten``). ``digests=False``
-    leaves plain tensors undigested: with a single rank there is no other copy to compare them with."""
-    return LocalSavePlan(rank, tuple(replace(_held_tensor(key, value, digests), rank=rank) for key, value in items.items()))
+def local_save_plan(rank: int, items: Mapping[KeyPath, Any], world_size: int | None = None) -> LocalSavePlan:
+    """Describe what this rank holds of every tensor in ``items`` (from ``flatten``). Plain tensors are
+    digested for the cross-rank value check unless ``world_size`` is 1 (no other rank to differ from:
+    the digest costs a few milliseconds per tensor)."""
+    digest = world_size != 1
+    return LocalSavePlan(rank, tuple(replace(_held_tensor(key, value, digest), rank=rank) for key, value in items.items()))
 
 
-def _held_tensor(key: KeyPath, value: Any, digests: bool) -> HeldTensor:
+def _held_tensor(key: KeyPath, value: Any, digest: bool) -> HeldTensor:
     mesh_shape, placements = layout_of_value(key, value)
     if not hasattr(type(value), "__create_write_items__"):
         box = Box((0,) * value.dim(), tuple(value.shape))  # a plain tensor: this rank holds all of it
         itemsize = value.dtype.itemsize
-        digest = _digest(value) if digests else None
-        return HeldTensor(key, box.sizes, dtype_name(value.dtype), itemsize, (box,), digest=digest)
+        return HeldTensor(key, box.sizes, dtype_name(value.dtype), itemsize, (box,), digest=_digest(value) if digest else None)
     items = value.__create_write_items__(fqn(key), value)
     if any(item.tensor_data is None for item in items):
         raise TypeError(f"{fqn(key)!r}: its checkpoint hooks returned a non-tensor write item; only tensors are saved")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -27,7 +27,8 @@ from shardstore.codec import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.execute import WriteStats, layout_of, write_cells
 from shardstore.flatten import KeyPath, flatten, is_tensor_like, merge_skeletons
-from shardstore.incremental import ObjectWriter, check_incremental, write_digests
+from shardstore.digests import StoredObject, write_digests
+from shardstore.incremental import IncrementalWriter, check_incremental
 from shardstore.inputs import check_sources, check_user_metadata
 from shardstore.plan import GlobalSavePlan, WriteTask, local_save_plan, merge_save_plans
 from shardstore.stateful import to_state_dict
@@ -87,21 +88,19 @@ class SaveJob:
 
 def plan_save(coord: Coordinator, state_dict: Mapping[str, Any], user_metadata: dict | None) -> SaveJob:
     """Plan a save on every rank of ``coord`` (collective); nothing is written yet."""
-    tensors, skeleton, local = coord.agree(
-        "planning the save", lambda: _plan_here(coord.rank, state_dict, user_metadata, coord.world_size > 1))
+    tensors, skeleton, local = coord.agree("planning the save", lambda: _plan_here(coord.rank, coord.world_size, state_dict, user_metadata))
     plans, skeletons = zip(*coord.all_gather((local, skeleton)))
     plan, skeleton = coord.decide("merging the save plans", lambda: _merge_plans(plans, skeletons))
     return SaveJob(coord.rank, tensors, plan, skeleton)
 
 
-def _plan_here(rank: int, state_dict: Mapping[str, Any], user_metadata: dict | None, digests: bool) -> tuple[dict, dict, Any]:
-    """This rank's tensors, skeleton and save plan, once everything it was handed is known to be storable
-    (``digests``: whether plain tensors are digested, to compare them across ranks)."""
+def _plan_here(rank: int, world_size: int, state_dict: Mapping[str, Any], user_metadata: dict | None) -> tuple[dict, dict, Any]:
+    """This rank's tensors, skeleton and save plan, once everything it was handed is known to be storable."""
     check_user_metadata(user_metadata)
     items, skeleton = flatten(to_state_dict(state_dict))
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     check_sources(tensors)
-    return tensors, skeleton, local_save_plan(rank, tensors, digests=digests)
+    return tensors, skeleton, local_save_plan(rank, tensors, world_size)
 
 
 def _merge_plans(plans, skeletons) -> tuple[GlobalSavePlan, dict]:
@@ -109,17 +108,21 @@ def _merge_plans(plans, skeletons) -> tuple[GlobalSavePlan, dict]:
 
 
 def write_and_commit(
-    coord: Coordinator, job: SaveJob, options: SaveOptions, cells: Iterable[tuple[WriteTask, torch.Tensor]]
+    coord: Coordinator, job: SaveJob, options: SaveOptions, cells: Iterable[tuple[WriteTask, torch.Tensor]],
+    stable_cells: bool = False,
 ) -> WriteStats:
     """Claim, write ``cells`` (this rank's, as ``job`` planned them), sync and commit; collective over
-    ``coord``, whose ranks must be the plan's. When it returns the checkpoint is committed at the URL."""
+    ``coord``, whose ranks must be the plan's. When it returns the checkpoint is committed at the URL.
+
+    ``stable_cells``: every cell's values stay put until this returns (else a cell may be overwritten
+    once the next one is asked for, as staging waves are); an incremental save then hashes ahead."""
     target = Storage(options.url, options.storage_options, durable=options.durable)
     claim = coord.decide("claiming the checkpoint URL", lambda: commit.begin(target, options.overwrite))
     dest = target if claim.dest_url == target.url else Storage(claim.dest_url, options.storage_options, durable=options.durable)
     try:
-        writer = coord.agree("reading the previous digests", lambda: ObjectWriter.for_save(options.incremental, options.storage_options))
-        stats = coord.agree("writing chunks", lambda: _write(dest, job.plan, cells, options.compressor, writer))
-        digests = None if writer is None else {k: v for d in coord.all_gather(writer.digests) for k, v in d.items()}
+        writer = coord.agree("reading the previous digests", lambda: IncrementalWriter.for_save(options.incremental, options.storage_options))
+        stats = coord.agree("writing chunks", lambda: _write(dest, job.plan, cells, options.compressor, writer, stable_cells))
+        digests = None if writer is None else {k: v for d in coord.all_gather(writer.objects) for k, v in d.items()}
         coord.decide("committing", lambda: commit_metadata(
             dest, target, claim, job.plan, job.skeleton, options.compressor, options.user_metadata, digests))
     except BaseException:
@@ -129,15 +132,21 @@ def write_and_commit(
     return stats
 
 
-def _write(dest: Storage, plan: GlobalSavePlan, cells, compressor: str | None, writer: ObjectWriter | None) -> WriteStats:
-    """This rank's chunk objects, durable (with their directories) before any rank reports done."""
-    stats = write_cells(dest, plan, cells, compressor, None if writer is None else writer.put)
+def _write(dest: Storage, plan: GlobalSavePlan, cells, compressor: str | None, writer: IncrementalWriter | None,
+           stable_cells: bool) -> WriteStats:
+    """This rank's chunk objects, durable (with their directories) before any rank reports done; an
+    incremental save encodes and writes only the cells that changed, linking the rest."""
+    if writer is None:
+        stats = write_cells(dest, plan, cells, compressor)
+    else:
+        changed = writer.changed(dest, plan, cells, compressor, stable_cells)
+        stats = writer.account(write_cells(dest, plan, changed, compressor, writer.put))
     dest.sync()
-    return stats if writer is None else replace(stats, linked=writer.linked, linked_bytes=writer.linked_bytes)
+    return stats
 
 
 def commit_metadata(dest: Storage, target: Storage, claim: commit.Claim, plan: GlobalSavePlan, skeleton: dict,
-                    compressor: str | None, user_metadata: dict | None, digests: dict[str, str] | None = None) -> None:
+                    compressor: str | None, user_metadata: dict | None, digests: dict[str, StoredObject] | None = None) -> None:
     """Metadata (and an incremental save's object digests), durable, then the root marker, durable, then
     the commit protocol makes it the checkpoint (also how ``shardstore.writer`` finishes a checkpoint
     written from one process)."""

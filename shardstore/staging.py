@@ -26,7 +26,7 @@ from shardstore.execute import cell_values, staging_buffer
 from shardstore.inputs import local_tensor
 from shardstore.plan import WriteTask
 
-__all__ = ["StagingPool", "staging_pool", "plan_waves", "cell_nbytes", "stage_waves", "WaveHandoff"]
+__all__ = ["StagingPool", "staging_pool", "plan_waves", "waves_stay_staged", "cell_nbytes", "stage_waves", "WaveHandoff"]
 
 _ALIGN = 64  # every staged cell starts at a multiple of this (any dtype may view it)
 _SLOTS = 2  # buffers the waves alternate between: one being staged while the other is written
@@ -89,6 +89,12 @@ def plan_waves(sizes: Sequence[int], budget: int | None) -> list[range]:
             start, total = i, 0
         total += size
     return waves + [range(start, len(sizes))]
+
+
+def waves_stay_staged(waves: Sequence[range]) -> bool:
+    """Whether every staged cell keeps its values until the save ends: no buffer is staged twice, so the
+    writer may read cells ahead of the one it is writing."""
+    return len(waves) <= _SLOTS
 
 
 Cells = list[tuple[WriteTask, torch.Tensor]]  # staged cells: each write task with its copied values

@@ -109,17 +109,30 @@ def test_steps_to_delete_is_pure_retention():
 # -- incremental saves --------------------------------------------------------------------------------
 
 
-def _finetune_values(lora_seed: int) -> dict[str, torch.Tensor]:
+def _finetune_values(step: int) -> dict[str, torch.Tensor]:
+    """Step ``step``'s values: ``frozen`` never changes, ``lora`` always does, and ``touched`` differs from
+    step 1 in one element of its first row (an ulp: nothing but a digest of every byte sees it)."""
     frozen = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    return {"frozen": frozen, "lora": torch.randn(8, 32, generator=torch.Generator().manual_seed(lora_seed))}
+    touched = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    if step != 1:
+        touched[0, 5] = torch.nextafter(touched[0, 5], torch.tensor(float("inf")))
+    return {"frozen": frozen, "touched": touched,
+            "lora": torch.randn(8, 32, generator=torch.Generator().manual_seed(step))}
 
 
-def _finetune_state(world: int, lora_seed: int, zero: bool = False) -> dict:
-    values = {k: torch.zeros_like(v) if zero else v for k, v in _finetune_values(lora_seed).items()}
-    frozen, lora = values["frozen"], values["lora"]
+def _finetune_state(world: int, step: int, zero: bool = False) -> dict:
     m = mesh((world,))
-    return {"frozen": dtensor.distribute_tensor(frozen, m, [Shard(0)], src_data_rank=None),
-            "lora": dtensor.distribute_tensor(lora, m, [Shard(0)], src_data_rank=None), "step": lora_seed}
+    state = {k: dtensor.distribute_tensor(torch.zeros_like(v) if zero else v, m, [Shard(0)], src_data_rank=None)
+             for k, v in _finetune_values(step).items()}
+    return state | {"step": step}
+
+
+def _exact(state: dict, step: int, values_step: int | None = None) -> bool:
+    """Whether ``state`` holds ``step`` and, bit for bit, the values of ``values_step`` (default: ``step``)."""
+    expected = _finetune_state(state["frozen"].device_mesh.size(), step if values_step is None else values_step)
+    return state["step"] == step and all(
+        torch.equal(state[k].full_tensor().view(torch.uint8), expected[k].full_tensor().view(torch.uint8))
+        for k in ("frozen", "touched", "lora"))
 
 
 def _incremental(root: str, world: int, asynchronous: bool):
@@ -127,15 +140,12 @@ def _incremental(root: str, world: int, asynchronous: bool):
         manager.save(1, _finetune_state(world, 1))
         manager.wait_until_finished()
         inodes = _inodes(Path(root) / "step-1") if torch.distributed.get_rank() == 0 else {}
-        manager.save(2, _finetune_state(world, 2))  # lora changed; step 1 then goes (max_to_keep=1)
+        manager.save(2, _finetune_state(world, 2))  # lora and one element of touched changed; step 1 then goes
         manager.wait_until_finished()
         steps = manager.all_steps()
         target = _finetune_state(world, -1, zero=True)
         manager.restore(target)
-    expected = _finetune_state(world, 2)
-    exact = all(torch.equal(target[k].full_tensor().view(torch.uint8), expected[k].full_tensor().view(torch.uint8))
-                for k in ("frozen", "lora")) and target["step"] == 2
-    return steps, exact, inodes
+    return steps, _exact(target, 2), inodes
 
 
 def _inodes(checkpoint: Path) -> dict[str, int]:
@@ -143,10 +153,17 @@ def _inodes(checkpoint: Path) -> dict[str, int]:
     return {str(p): (checkpoint / p).stat().st_ino for p in objects if "c" in p.parts}
 
 
-@pytest.mark.parametrize("world, asynchronous", [(1, False), (2, False), (2, True)])
-def test_incremental_save_links_unchanged_objects_and_stands_alone(tmp_path, world, asynchronous):
+def _check_zarr_reads(checkpoint: Path, step: int) -> None:
     import zarr
 
+    group = zarr.open_group(str(checkpoint), mode="r")  # any Zarr reader opens a linked checkpoint
+    values = _finetune_values(step)
+    assert (group["lora"][...] == values["lora"].numpy()).all() and (group["touched"][...] == values["touched"].numpy()).all()
+    assert (group["frozen"][...].view("uint16") == values["frozen"].view(torch.int16).numpy().view("uint16")).all()
+
+
+@pytest.mark.parametrize("world, asynchronous", [(1, False), (2, False), (2, True)])
+def test_incremental_save_links_unchanged_objects_and_stands_alone(tmp_path, world, asynchronous):
     root = tmp_path / "run"
     results = run_ranks(world, _incremental, str(root), world, asynchronous)
     old = results[0][2]
@@ -154,13 +171,30 @@ def test_incremental_save_links_unchanged_objects_and_stands_alone(tmp_path, wor
         assert steps == [2] and exact
     assert sorted(os.listdir(root)) == ["step-2"]  # step 1 is deleted, step 2 loads bit-exact without it
     new = _inodes(root / "step-2")
-    assert set(new) == set(old) and len(new) >= 2 * world
-    assert all(new[k] == old[k] for k in new if k.startswith("frozen/")), "unchanged objects are hard links"
-    assert all(new[k] != old[k] for k in new if k.startswith("lora/")), "a changed tensor is rewritten"
-    group = zarr.open_group(str(root / "step-2"), mode="r")  # any Zarr reader opens the linked checkpoint
-    values = _finetune_values(2)
-    assert (group["lora"][...] == values["lora"].numpy()).all()
-    assert (group["frozen"][...].view("uint16") == values["frozen"].view(torch.int16).numpy().view("uint16")).all()
+    assert set(new) == set(old) and len(new) >= 3 * world
+    linked = {k for k in new if new[k] == old[k]}
+    # frozen: every object a hard link; lora: all rewritten; touched: only the object holding row 0
+    assert linked == {k for k in new if k.startswith("frozen/") or (k.startswith("touched/") and k != "touched/c/0/0")}
+    _check_zarr_reads(root / "step-2", 2)
+
+
+def _save_step(root: str, world: int, step: int):
+    with shardstore.CheckpointManager(root, async_save=False) as manager:
+        manager.save(step, _finetune_state(world, 1) | {"step": step})
+        target = _finetune_state(world, -1, zero=True)
+        manager.restore(target)
+    return _exact(target, step, values_step=1)
+
+
+def test_a_save_on_another_world_size_links_nothing(tmp_path):
+    """Same values, another chunk grid: the object at c/0/0 holds other rows, so a link would be wrong."""
+    root = tmp_path / "run"
+    assert run_ranks(2, _save_step, str(root), 2, 1) == [True, True]
+    before = _inodes(root / "step-1")
+    assert run_ranks(1, _save_step, str(root), 1, 2) == [True]
+    after = _inodes(root / "step-2")
+    assert "frozen/c/0/0" in after and not {k for k in after if before.get(k) == after[k]}
+    _check_zarr_reads(root / "step-2", 1)
 
 
 def test_manager_on_an_object_store_links_by_server_side_copy(monkeypatch):

@@ -41,6 +41,13 @@ def test_plain_tensor_is_held_whole():
     assert held.mesh_shape is None and held.placements is None
 
 
+def test_plain_tensors_are_digested_only_where_another_rank_could_differ():
+    t = torch.arange(20.0).reshape(4, 5)
+    assert local_save_plan(0, {("w",): t}).tensors[0].digest is not None
+    assert local_save_plan(0, {("w",): t}, world_size=2).tensors[0].digest is not None
+    assert local_save_plan(0, {("w",): t}, world_size=1).tensors[0].digest is None
+
+
 def test_dtensor_like_reports_box_mesh_and_placements():
     t = FakeDTensor((10, 4), (2, 2), (Shard(0), Replicate()), (1, 0), torch.float16)
     held = local_save_plan(2, {("m", "w"): t}).tensors[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shardstore.errors import StagingAbortedError
-from shardstore.staging import StagingPool, WaveHandoff, plan_waves
+from shardstore.staging import StagingPool, WaveHandoff, plan_waves, waves_stay_staged
 
 
 def test_without_a_budget_or_within_it_every_cell_is_one_wave():
@@ -22,6 +22,11 @@ def test_above_the_budget_waves_take_at_most_half_of_it_and_a_bigger_cell_goes_a
     waves = plan_waves([64] * 10, 256)
     assert waves == [range(0, 2), range(2, 4), range(4, 6), range(6, 8), range(8, 10)]
     assert plan_waves([64, 512, 64, 64], 256) == [range(0, 1), range(1, 2), range(2, 4)]
+
+
+def test_cells_stay_staged_until_the_save_ends_only_when_no_buffer_is_staged_twice():
+    assert waves_stay_staged(plan_waves([64] * 4, None)) and waves_stay_staged(plan_waves([64] * 4, 256))
+    assert not waves_stay_staged(plan_waves([64] * 6, 256))  # three waves: the third reuses the first's buffer
 
 
 def test_the_pool_reuses_a_buffer_big_enough_and_replaces_a_small_one():
