@@ -305,6 +305,11 @@ class Checkpoint:
     def user_metadata(self) -> dict:
         return self._root.user_metadata
 
+    @property
+    def tree(self) -> dict:
+        """The saved state-dict tree as the root record holds it (``shardstore.flatten``'s skeleton)."""
+        return self._root.tree
+
     def state_dict_skeleton(self):
         """The saved state dict with tensors replaced by their dotted names."""
         return unflatten(self._root.tree, {k: fqn(k) for k in self._stored})

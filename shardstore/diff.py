@@ -1,16 +1,18 @@
 """Compare two checkpoints (any format ``shardstore.convert`` reads) tensor by tensor: keys only in one,
 shapes and dtypes that differ, and for the rest the max absolute and relative difference, streamed in
-blocks of rows so memory stays bounded whatever the tensor size."""
+blocks of rows so memory stays bounded whatever the tensor size. Plain values (a step count, config) are
+compared too, where both formats hold them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from shardstore.convert.sources import TensorMeta, TensorSource, row_blocks
+from shardstore.convert.sources import TensorMeta, TensorSource, plain_values, row_blocks
 
-__all__ = ["TensorDiff", "diff_sources", "BLOCK_BYTES"]
+__all__ = ["TensorDiff", "ValueDiff", "diff_sources", "diff_values", "BLOCK_BYTES"]
 
 BLOCK_BYTES = 64 << 20  # rows of one tensor compared at a time
 
@@ -34,8 +36,36 @@ class TensorDiff:
                 "max_abs": self.max_abs, "max_rel": self.max_rel}
 
 
-def diff_sources(a: TensorSource, b: TensorSource) -> list[TensorDiff]:
-    """Every tensor of either source and how it differs, A's order first, then B's extra keys."""
+@dataclass(frozen=True)
+class ValueDiff:
+    """A plain entry that differs: ``status`` is ``value``, ``only_a`` or ``only_b``; ``a``/``b`` its reprs."""
+
+    name: str
+    status: str
+    a: str | None
+    b: str | None
+
+    def to_json(self) -> dict:
+        return {"key": self.name, "status": self.status, "a": self.a, "b": self.b}
+
+
+def diff_values(a: TensorSource, b: TensorSource) -> list[ValueDiff]:
+    """The plain entries that differ, by dotted name (A's order, then B's extra ones); none when either
+    format holds tensors only (safetensors), whose lack of values is no difference."""
+    if not (a.holds_values and b.holds_values):
+        return []
+    va, vb = dict(plain_values(a.tree())), dict(plain_values(b.tree()))
+    out = []
+    for name in [*va, *(n for n in vb if n not in va)]:
+        if va.get(name) != vb.get(name):
+            status = "only_b" if name not in va else "only_a" if name not in vb else "value"
+            out.append(ValueDiff(name, status, va.get(name), vb.get(name)))
+    return out
+
+
+def diff_sources(a: TensorSource, b: TensorSource, progress: Callable[[int], None] | None = None) -> list[TensorDiff]:
+    """Every tensor of either source and how it differs, A's order first, then B's extra keys.
+    ``progress(n)`` gets the bytes of A compared, block by block."""
     ta, tb = a.tensors(), b.tensors()
     out = []
     for name in [*ta, *(n for n in tb if n not in ta)]:
@@ -47,15 +77,17 @@ def diff_sources(a: TensorSource, b: TensorSource) -> list[TensorDiff]:
         elif ma.dtype != mb.dtype:
             out.append(TensorDiff(name, "dtype", ma, mb))
         else:
-            out.append(_compare(name, a, b, ma, mb))
+            out.append(_compare(name, a, b, ma, mb, progress))
     return out
 
 
-def _compare(name: str, a: TensorSource, b: TensorSource, ma: TensorMeta, mb: TensorMeta) -> TensorDiff:
+def _compare(name: str, a: TensorSource, b: TensorSource, ma: TensorMeta, mb: TensorMeta, progress) -> TensorDiff:
     same, max_abs, max_rel = True, 0.0, 0.0
     for rows in row_blocks(ma, BLOCK_BYTES):
         region = None if rows is None else (rows,)
         x, y = a.read(name, region), b.read(name, region)
+        if progress is not None:
+            progress(x.numel() * x.element_size())
         if _bitwise_equal(x, y):
             continue
         same = False

@@ -4,16 +4,18 @@ A checkpoint stores every tensor as one Zarr array and everything else inline in
 ``flatten`` walks a nested state dict once and splits it accordingly:
 
 * ``items``: ``{key path: tensor}`` for every tensor leaf (a ``torch.Tensor``, or any object with DCP's
-  checkpoint hooks such as torch's DTensor and ours). A key path is a tuple of ``str`` (dict keys) and
-  ``int`` (list/tuple indices).
+  checkpoint hooks such as torch's DTensor and ours). A key path is a tuple of ``str`` and ``int`` (dict
+  keys, and list/tuple indices).
 * ``skeleton``: a JSON-serialisable tree that records dicts, lists and tuples, holds plain values
   (int, float, str, bool, None) inline and refers to tensors by their key path, so ``unflatten`` can
   rebuild the exact structure around loaded tensors.
 
 Skeleton nodes are one-entry objects: ``{"dict": {key: node}}``, ``{"list": [node]}``,
 ``{"tuple": [node]}``, ``{"tensor": [key path]}``, ``{"value": v}`` and, for floats JSON cannot hold,
-``{"float": "nan" | "inf" | "-inf"}``. Mappings come back as plain ``dict`` and tuple subclasses
-(``torch.Size``, named tuples) as plain ``tuple``.
+``{"float": "nan" | "inf" | "-inf"}``. A mapping with an ``int`` key (an optimizer's ``state``, keyed by
+parameter index) is ``{"map": [[key, node], ...]}``: JSON objects hold only string keys, and ``0`` must
+not come back as ``"0"``. Mappings come back as plain ``dict`` and tuple subclasses (``torch.Size``,
+named tuples) as plain ``tuple``.
 
 Node names: each key path component is percent-encoded so that no key can name a path outside the
 checkpoint or a name Zarr reserves, and one too long for a file name gets a stable short form. See
@@ -33,6 +35,7 @@ from shardstore.errors import CorruptCheckpointError, StateDictMismatchError, Un
 
 __all__ = [
     "KeyPath", "flatten", "unflatten", "fill_plain_values", "merge_skeletons", "is_tensor_like", "node_path",
+    "mapping_node", "mapping_children", "node_children",
     "keypath_from_node", "fqn", "display_names",
 ]
 
@@ -62,7 +65,8 @@ def _encode(value: Any, path: KeyPath, items: dict[KeyPath, Any]) -> dict:
         items[path] = value
         return {"tensor": list(path)}
     if isinstance(value, Mapping):
-        return {"dict": {_dict_key(k, path): _encode(v, path + (k,), items) for k, v in value.items()}}
+        children = {_dict_key(k, path, value): _encode(v, path + (k,), items) for k, v in value.items()}
+        return mapping_node(children)
     if isinstance(value, (list, tuple)):
         kind = "list" if isinstance(value, list) else "tuple"
         return {kind: [_encode(v, path + (i,), items) for i, v in enumerate(value)]}
@@ -76,13 +80,44 @@ def _encode(value: Any, path: KeyPath, items: dict[KeyPath, Any]) -> dict:
     )
 
 
-def _dict_key(key: Any, path: KeyPath) -> str:
-    if not isinstance(key, str):
+def _dict_key(key: Any, path: KeyPath, mapping: Mapping) -> str | int:
+    if not isinstance(key, (str, int)) or isinstance(key, bool):
         raise TypeError(
             f"state dict key {key!r} under {fqn(path) or '<root>'!r} is a {type(key).__name__}; keys must be str "
-            "(optimizer state keyed by parameter index: convert the keys to str or use parameter names)"
+            "or int: convert the keys to str"
+        )
+    if isinstance(key, int) and str(key) in mapping:
+        raise UnsupportedInputError(
+            f"state dict keys {key!r} and {str(key)!r} under {fqn(path) or '<root>'!r} would share one node name "
+            "in the checkpoint; rename one of them"
         )
     return key
+
+
+def mapping_node(children: Mapping[str | int, dict]) -> dict:
+    """The skeleton node of a mapping with these children: a ``dict`` node when every key is a str,
+    else a ``map`` node of ``[key, node]`` pairs (see the module docstring)."""
+    if all(isinstance(k, str) for k in children):
+        return {"dict": dict(children)}
+    return {"map": [[k, v] for k, v in children.items()]}
+
+
+def node_children(node: dict) -> list[tuple[str | int, dict]]:
+    """The (key or index, child) pairs of a container node, in order; none for a leaf."""
+    (kind, body), = node.items()
+    if kind == "dict":
+        return list(body.items())
+    if kind == "map":
+        return [(k, child) for k, child in body]
+    return list(enumerate(body)) if kind in ("list", "tuple") else []
+
+
+def mapping_children(node: dict) -> dict[str | int, dict] | None:
+    """The children of a ``dict`` or ``map`` node by key; None for any other node."""
+    (kind, body), = node.items()
+    if kind == "dict":
+        return body
+    return {k: v for k, v in body} if kind == "map" else None
 
 
 def merge_skeletons(skeletons: list[dict]) -> dict:
@@ -95,14 +130,15 @@ def merge_skeletons(skeletons: list[dict]) -> dict:
 def _merge(nodes: list[tuple[int, dict]], path: KeyPath) -> dict:
     (rank, first), *rest = nodes
     kind = next(iter(first))
-    if kind == "dict":
-        keys: dict[str, list[tuple[int, dict]]] = {}
+    if kind in ("dict", "map"):
+        keys: dict[str | int, list[tuple[int, dict]]] = {}
         for r, node in nodes:
-            if next(iter(node)) != "dict":
+            children = mapping_children(node)
+            if children is None:
                 _conflict(path, rank, first, r, node)
-            for k, child in node["dict"].items():
+            for k, child in children.items():
                 keys.setdefault(k, []).append((r, child))
-        return {"dict": {k: _merge(children, path + (k,)) for k, children in keys.items()}}
+        return mapping_node({k: _merge(children, path + (k,)) for k, children in keys.items()})
     for r, node in rest:
         if next(iter(node)) != kind or (kind not in ("list", "tuple") and _leaf_key(node) != _leaf_key(first)):
             _conflict(path, rank, first, r, node)
@@ -131,7 +167,7 @@ def _show(node: dict) -> str:
     (kind, body), = node.items()
     if kind in ("value", "float"):
         return repr(body)[:60]
-    return f"a {kind} of {len(body)}" if kind in ("list", "tuple", "dict") else kind
+    return f"a {kind} of {len(body)}" if kind in ("list", "tuple", "dict", "map") else kind
 
 
 def unflatten(skeleton: dict, tensors: Mapping[KeyPath, Any]) -> dict:
@@ -146,8 +182,8 @@ def _decode(node: dict, tensors: Mapping[KeyPath, Any]) -> Any:
         if key not in tensors:
             raise KeyError(f"no tensor given for {fqn(key)!r}, which the skeleton refers to")
         return tensors[key]
-    if kind == "dict":
-        return {k: _decode(v, tensors) for k, v in body.items()}
+    if kind in ("dict", "map"):
+        return {k: _decode(v, tensors) for k, v in mapping_children(node).items()}
     if kind in ("list", "tuple"):
         seq = [_decode(v, tensors) for v in body]
         return seq if kind == "list" else tuple(seq)
@@ -175,9 +211,10 @@ def _filled(value: Any, node: dict) -> Any:
     (kind, body), = node.items()
     if not _has_tensor(value) and not _node_has_tensor(node):
         return _decode(node, {})
-    if kind == "dict" and isinstance(value, dict):
-        for k in [k for k in value if k in body]:
-            value[k] = _filled(value[k], body[k])
+    if kind in ("dict", "map") and isinstance(value, dict):
+        children = mapping_children(node)
+        for k in [k for k in value if k in children]:
+            value[k] = _filled(value[k], children[k])
     elif kind in ("list", "tuple") and isinstance(value, (list, tuple)):
         items = [_filled(v, body[i]) if i < len(body) else v for i, v in enumerate(value)]
         if isinstance(value, list):
@@ -197,8 +234,8 @@ def _has_tensor(value: Any) -> bool:
 
 def _node_has_tensor(node: dict) -> bool:
     (kind, body), = node.items()
-    if kind == "dict":
-        return any(_node_has_tensor(v) for v in body.values())
+    if kind in ("dict", "map"):
+        return any(_node_has_tensor(v) for v in mapping_children(node).values())
     if kind in ("list", "tuple"):
         return any(_node_has_tensor(v) for v in body)
     return kind == "tensor"
@@ -279,25 +316,41 @@ def keypath_from_node(node: str, skeleton: dict | None = None) -> KeyPath:
     """Invert ``node_path``.
 
     A node name alone cannot tell list index ``0`` from dict key ``"0"``; given the skeleton, components
-    under lists/tuples come back as ``int``. Without it every component is a ``str``, and a short form
-    (a key too long for a file name) cannot be decoded: the skeleton's dict keys are searched for it.
+    under lists/tuples, and int keys of maps, come back as ``int``. Without it every component is a
+    ``str``, and a short form (a key too long for a file name) cannot be decoded: the skeleton's dict keys
+    are searched for it.
     """
-    parts = node.split("/")
     out: list[str | int] = []
     tree = skeleton
-    for part in parts:
+    for part in node.split("/"):
         kind = next(iter(tree)) if tree is not None else None
-        if _SHORT_MARK in part and kind == "dict":
+        if kind == "map":
+            comp = _map_key(part, tree["map"], node)
+        elif kind in ("list", "tuple"):
+            comp = int(_decode_component(part, node))
+        elif _SHORT_MARK in part and kind == "dict":
             comp = _long_key(part, tree["dict"], node)
         else:
             comp = _decode_component(part, node)
-        if kind in ("list", "tuple"):
-            out.append(int(comp))
-            tree = tree[kind][int(comp)]
-        else:
-            out.append(comp)
-            tree = tree["dict"].get(comp) if kind == "dict" else None
+        out.append(comp)
+        tree = _child(tree, kind, comp)
     return tuple(out)
+
+
+def _child(tree: dict | None, kind: str | None, comp: str | int) -> dict | None:
+    """The skeleton node under ``tree`` at ``comp`` (None past a leaf or an unknown key)."""
+    if kind in ("list", "tuple"):
+        return tree[kind][comp]
+    children = mapping_children(tree) if tree is not None else None
+    return None if children is None else children.get(comp)
+
+
+def _map_key(part: str, pairs: list, node: str) -> str | int:
+    """The key of a map node whose node name is ``part``."""
+    found = [k for k, _ in pairs if _encode_component(k) == part]
+    if not found:
+        raise ValueError(f"node path {node!r} has {part!r}, which no key of the tree at that level has")
+    return found[0]
 
 
 def _long_key(part: str, keys: Mapping[str, Any], node: str) -> str:

@@ -5,8 +5,10 @@ on another mesh that is many objects and ranged reads per rank. ``reshard`` rewr
 target shard is exactly one object: the chunk grid comes from the save planner
 (``writer.plan_layout``), as if the target mesh had saved it. No process group, no GPU: one process
 reads each target cell from the source (only the inner chunks it overlaps, checksummed) and writes it,
-a few cells at a time, so peak memory is a few cells, not a tensor (``memory_budget``). SRC and DST may
-be in different stores. The state-dict tree (plain values included) and user metadata are kept.
+a few cells at a time, so peak memory is a few cells, not a tensor (``memory_budget``). A read fetches
+whole inner chunks of SRC, which can hold several times the cell's bytes (a column slice of row-major
+tiles), so each cell is read in bands of rows whose fetched chunks fit what the budget leaves it
+(``row_bands``). SRC and DST may be in different stores. The state-dict tree (plain values included) and user metadata are kept.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 import shardstore.api as api
-from dtensor.placements import Placement, Shard
+from dtensor.placements import Box, Placement, Shard
 from shardstore import format as fmt
 from shardstore.dtypes import dtype_info_by_name
 from shardstore.errors import CheckpointChangedError
@@ -29,7 +31,7 @@ from shardstore.owners import parse_placements
 from shardstore.storage import Storage
 from shardstore.writer import ArraySpec, WriteResult, plan_layout, write_checkpoint
 
-__all__ = ["PlacementRule", "parse_rules", "target_specs", "reshard", "DEFAULT_MEMORY_BUDGET", "CELL_COPIES"]
+__all__ = ["PlacementRule", "parse_rules", "target_specs", "row_bands", "reshard", "DEFAULT_MEMORY_BUDGET", "CELL_COPIES"]
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
 CELL_COPIES = 3  # a cell in memory: fetched chunk bytes, the region read from them, the encoded object
@@ -101,17 +103,50 @@ def reshard(
     names = display_names(root.key_paths().values())
     tensors = {name: (key, *_shape_dtype(source.metadata(name))) for name, key in names.items()}
     specs = target_specs(tensors, mesh_shape, rules)
-    cell_cap = max(1, memory_budget // CELL_COPIES)
-    plan = plan_layout(specs, max_cell_bytes=cell_cap)
-    threads = max(1, min(MAX_THREADS, memory_budget // max(1, CELL_COPIES * _biggest_cell(plan))))
+    plan = plan_layout(specs, max_cell_bytes=max(1, memory_budget // CELL_COPIES))
+    biggest = _biggest_cell(plan)
+    threads = max(1, min(MAX_THREADS, memory_budget // max(1, CELL_COPIES * biggest)))
+    fetch_cap = max(1, memory_budget // threads - 2 * biggest)  # a cell's own buffer and encoded object take the rest
     by_key = {key: name for name, key in names.items()}
+    inner = {key: root.tensors[node].inner_chunk_shape for node, key in root.key_paths().items()}
 
-    def read(key: KeyPath, box) -> torch.Tensor:
-        region = tuple(slice(o, o + s) for o, s in zip(box.offsets, box.sizes))
-        return source.read(by_key[key], region, out=_buffer(box.sizes, tensors[by_key[key]][2]))
+    def read(key: KeyPath, box: Box) -> torch.Tensor:
+        name = by_key[key]
+        out = _buffer(box.sizes, tensors[name][2])
+        for rows, region in _bands(box, inner[key], out.element_size(), fetch_cap):
+            source.read(name, region, out=out[rows])
+        return out
 
     return write_checkpoint(dst, plan, read, root.tree, storage_options=dst_storage_options or storage_options,
                             overwrite=overwrite, user_metadata=root.user_metadata, threads=threads, progress=progress)
+
+
+def row_bands(box: Box, inner_chunk_shape: Sequence[int], itemsize: int, cap: int) -> list[tuple[int, int]]:
+    """Rows ``[start, stop)`` (absolute) to read ``box`` of an array with these inner chunks in, so that
+    the inner chunks each band overlaps — what a read fetches, whole — hold at most ``cap`` bytes; bands
+    are whole rows of inner chunks, at least one however small ``cap`` is. Pure."""
+    start, stop = box.offsets[0], box.offsets[0] + box.sizes[0]
+    if box.numel == 0:
+        return [(start, stop)]
+    fetched_row = itemsize * math.prod(_covered(o, n, c) for o, n, c in zip(box.offsets[1:], box.sizes[1:], inner_chunk_shape[1:]))
+    step = inner_chunk_shape[0] * max(1, cap // (fetched_row * inner_chunk_shape[0]))
+    bounds = [start, *range((start // step + 1) * step, stop, step), stop]
+    return list(zip(bounds, bounds[1:]))
+
+
+def _covered(offset: int, size: int, chunk: int) -> int:
+    """How many elements of a dim the inner chunks overlapping ``[offset, offset + size)`` span."""
+    return (-(-(offset + size) // chunk) - offset // chunk) * chunk
+
+
+def _bands(box: Box, inner_chunk_shape: Sequence[int], itemsize: int, cap: int) -> list[tuple[slice, tuple[slice, ...]]]:
+    """(rows of the cell buffer, region of the tensor) per band of ``row_bands``; one for a 0-d tensor."""
+    region = tuple(slice(o, o + n) for o, n in zip(box.offsets, box.sizes))
+    if not box.sizes:
+        return [((), region)]
+    first = box.offsets[0]
+    return [(slice(a - first, b - first), (slice(a, b), *region[1:]))
+            for a, b in row_bands(box, inner_chunk_shape, itemsize, cap)]
 
 
 def _shape_dtype(meta: dict) -> tuple[tuple[int, ...], torch.dtype]:

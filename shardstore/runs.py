@@ -4,17 +4,19 @@
 function (``plan_gc``) before anything is deleted, so the rule is tested without files: keep the newest
 ``keep`` complete steps, delete older complete steps and incomplete steps older than the newest complete
 one. An incomplete step newer than every complete one may be a save still running, so it is spared; the
-newest complete step is never deleted. Deletes go through the storage seam, one step at a time.
+newest complete step is never deleted. Deletes go through ``steps.delete_step``, one step at a time:
+each step's root marker goes first, so a prune cut short (a crash, a failing store) leaves at worst an
+incomplete step, never one listed as complete with objects missing; the next prune removes it.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from shardstore import format as fmt
-from shardstore.steps import StepEntry, list_steps
+from shardstore.steps import StepEntry, delete_step, list_steps
 from shardstore.storage import Storage
 
 __all__ = ["StepSummary", "GcPlan", "summarize", "plan_gc", "collect"]
@@ -51,10 +53,21 @@ class GcPlan:
                 for name, entries in (("kept", self.keep), ("deleted", self.delete), ("spared", self.spared))}
 
 
-def summarize(root_url: str, storage_options: dict | None = None) -> list[StepSummary]:
-    """Every ``step-<N>`` under ``root_url`` with its size, object count and time, by step."""
+def summarize(root_url: str, storage_options: dict | None = None,
+              progress: Callable[[int], None] | None = None) -> list[StepSummary]:
+    """Every ``step-<N>`` under ``root_url`` with its size, object count and time, by step
+    (``progress(1)`` after each step)."""
     root = Storage(root_url, storage_options)
-    return [_summary(root, entry) for entry in list_steps(root_url, storage_options)]
+    out = []
+    for entry in list_steps(root_url, storage_options):
+        out.append(_summary(root, entry))
+        _tick(progress)
+    return out
+
+
+def _tick(progress: Callable[[int], None] | None) -> None:
+    if progress is not None:
+        progress(1)
 
 
 def _summary(root: Storage, entry: StepEntry) -> StepSummary:
@@ -80,11 +93,14 @@ def plan_gc(entries: Sequence[StepEntry], keep: int) -> GcPlan:
     return GcPlan(tuple(kept), tuple(sorted(delete, key=lambda e: e.step)), tuple(spared))
 
 
-def collect(root_url: str, keep: int, storage_options: dict | None = None, *, dry_run: bool = False) -> GcPlan:
-    """Delete what ``plan_gc`` chooses under ``root_url`` (nothing with ``dry_run``); returns the plan."""
+def collect(root_url: str, keep: int, storage_options: dict | None = None, *, dry_run: bool = False,
+            progress: Callable[[int], None] | None = None) -> GcPlan:
+    """Delete what ``plan_gc`` chooses under ``root_url`` (nothing with ``dry_run``; ``progress(1)`` after
+    each step deleted); returns the plan."""
     plan = plan_gc(list_steps(root_url, storage_options), keep)
     if not dry_run:
         root = Storage(root_url, storage_options)
         for entry in plan.delete:
-            root.child(entry.url.rsplit("/", 1)[-1]).delete_prefix()
+            delete_step(root.child(entry.url.rsplit("/", 1)[-1]))
+            _tick(progress)
     return plan

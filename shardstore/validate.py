@@ -42,7 +42,7 @@ each stored one costs 20 bytes of crc and index, and shardstore's saves aim at ~
 _FIX = "the root zarr.json was damaged or hand-edited — load an earlier checkpoint or re-run the save"
 _PLAIN = (bool, int, str, type(None))
 _BODY_TYPES: dict[str, type | tuple[type, ...]] = {
-    "dict": dict, "list": list, "tuple": list, "tensor": list, "value": _PLAIN + (float,), "float": str,
+    "dict": dict, "map": list, "list": list, "tuple": list, "tensor": list, "value": _PLAIN + (float,), "float": str,
 }
 
 
@@ -80,8 +80,8 @@ def verify_root_checksum(block: dict[str, Any], where: str) -> None:
 
 def tree_tensor_keys(tree: Any, where: str) -> list[KeyPath]:
     """Validate the state-dict tree at every node; the key path of every tensor in it, in tree order."""
-    if not (isinstance(tree, dict) and next(iter(tree), None) == "dict"):
-        _bad_tree(where, (), "a {'dict': {...}} node at the root", tree)
+    if not (isinstance(tree, dict) and next(iter(tree), None) in ("dict", "map")):
+        _bad_tree(where, (), "a {'dict': {...}} or {'map': [...]} node at the root", tree)
     keys: list[KeyPath] = []
     stack: list[tuple[Any, KeyPath]] = [(tree, ())]
     while stack:
@@ -89,6 +89,8 @@ def tree_tensor_keys(tree: Any, where: str) -> list[KeyPath]:
         kind, body = _entry(node, path, where)
         if kind == "dict":
             stack.extend((child, path + (k,)) for k, child in reversed(body.items()))
+        elif kind == "map":
+            stack.extend((child, path + (k,)) for k, child in reversed(_map_pairs(body, path, where)))
         elif kind in ("list", "tuple"):
             stack.extend((child, path + (i,)) for i, child in reversed(list(enumerate(body))))
         elif kind == "tensor":
@@ -112,6 +114,17 @@ def _entry(node: Any, path: KeyPath, where: str) -> tuple[str, Any]:
     if not isinstance(body, wanted):
         _bad_tree(where, path, f"a {kind} node holding {getattr(wanted, '__name__', 'a plain JSON value')}", body)
     return kind, body
+
+
+def _map_pairs(body: list, path: KeyPath, where: str) -> list[tuple[str | int, Any]]:
+    """A map node's ``[key, node]`` pairs, each key a str or int (not bool) and no key twice."""
+    for pair in body:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], (str, int))
+                and not isinstance(pair[0], bool)):
+            _bad_tree(where, path, "[key, node] pairs with str or int keys in a map node", pair)
+    if len({(type(k), k) for k, _ in body}) != len(body):
+        _bad_tree(where, path, "distinct keys in a map node", [k for k, _ in body])
+    return [(k, child) for k, child in body]
 
 
 def _check_tensor_node(body: list, path: KeyPath, where: str) -> None:

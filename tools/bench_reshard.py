@@ -11,6 +11,10 @@ Run on a quiet machine:
     python tools/bench_reshard.py                         # 2 GiB, Shard(0) on 2 -> Shard(1) on 4
     python tools/bench_reshard.py --small --json out.json
 Smoke test (numbers meaningless): python tools/bench_reshard.py --gib 0.05 --fresh 1 --repeat 2
+
+The offline rewrite (``shardstore reshard``: a 4 GiB tensor under a 1 GiB budget, against a naive
+whole-tensor rewrite): ``python tools/bench_reshard.py offline --tensor-gib 4 --budget-gib 1``
+(tools/bench_offline_reshard.py; ``offline --help`` lists its options).
 """
 
 from __future__ import annotations
@@ -63,4 +67,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["offline"]:
+        from tools.bench_offline_reshard import main as offline
+
+        offline(sys.argv[2:])
+    else:
+        main()

@@ -1,14 +1,14 @@
 """Compare two checkpoints (any format convert reads: zarr, safetensors, dcp, torch): keys only in one,
-shapes and dtypes that differ, and the max absolute and relative difference per tensor. Exit status 1
-when anything differs (as diff(1) does)."""
+shapes and dtypes that differ, and the max absolute and relative difference per tensor; plain values (a
+step count, config) where both formats hold them. Exit status 1 when anything differs (as diff(1) does)."""
 
 from __future__ import annotations
 
 import argparse
 
-from shardstore.cli.common import EXIT_FAILED, EXIT_OK, print_json, storage_options
+from shardstore.cli.common import EXIT_FAILED, EXIT_OK, print_json, progress, storage_options
 from shardstore.convert.sources import open_source
-from shardstore.diff import TensorDiff, diff_sources
+from shardstore.diff import TensorDiff, diff_sources, diff_values
 
 NAME = "diff"
 HELP = "compare two checkpoints tensor by tensor; exit 1 if they differ"
@@ -22,15 +22,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = storage_options(args)
-    diffs = diff_sources(open_source(args.a, options), open_source(args.b, options))
-    differ = [d for d in diffs if d.status != "same"]
+    a, b = open_source(args.a, options), open_source(args.b, options)
+    with progress(sum(m.nbytes for m in a.tensors().values()), "comparing") as bar:
+        diffs = diff_sources(a, b, progress=bar.update)
+    differ, values = [d for d in diffs if d.status != "same"], diff_values(a, b)
+    status = EXIT_FAILED if differ or values else EXIT_OK
     if args.json:
-        print_json({"a": args.a, "b": args.b, "same": not differ, "tensors": [d.to_json() for d in diffs]})
-        return EXIT_FAILED if differ else EXIT_OK
+        print_json({"a": args.a, "b": args.b, "same": status == EXIT_OK, "tensors": [d.to_json() for d in diffs],
+                    "values": [v.to_json() for v in values]})
+        return status
     for d in diffs if args.all else differ:
         print(_line(d))
-    print(f"{len(diffs) - len(differ)} of {len(diffs)} tensors are the same" + ("" if differ else ": no differences"))
-    return EXIT_FAILED if differ else EXIT_OK
+    for v in values:
+        print(f"{v.name}: " + (f"value differs: A {v.a}, B {v.b}" if v.status == "value" else
+                               f"only in {'A' if v.status == 'only_a' else 'B'} (a value: {v.a or v.b})"))
+    summary = f"{len(diffs) - len(differ)} of {len(diffs)} tensors are the same"
+    summary += f"; {len(values)} plain value(s) differ" if values else ""
+    print(summary + (": no differences" if status == EXIT_OK else ""))
+    return status
 
 
 def _line(d: TensorDiff) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from shardstore.cli.common import EXIT_OK, print_json, storage_options
+from shardstore.cli.common import EXIT_OK, print_json, progress, storage_options
 from shardstore.runs import collect
 
 NAME = "gc"
@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    plan = collect(args.root, args.keep, storage_options(args), dry_run=args.dry_run)
+    with progress(None, "deleting steps", unit="step") as bar:
+        plan = collect(args.root, args.keep, storage_options(args), dry_run=args.dry_run, progress=bar.update)
     if args.json:
         print_json(plan.to_json() | {"dry_run": args.dry_run})
         return EXIT_OK

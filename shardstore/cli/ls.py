@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 
-from shardstore.cli.common import EXIT_OK, human_bytes, print_json, storage_options
+from shardstore.cli.common import EXIT_OK, human_bytes, print_json, progress, storage_options
 from shardstore.runs import StepSummary, summarize
 
 NAME = "ls"
@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    steps = summarize(args.root, storage_options(args))
+    with progress(None, "listing steps", unit="step") as bar:
+        steps = summarize(args.root, storage_options(args), progress=bar.update)
     if args.json:
         print_json([s.to_json() for s in steps])
         return EXIT_OK

@@ -1,33 +1,40 @@
 """torch DCP checkpoint directories (``torch.distributed.checkpoint``), read and written with DCP itself
-from one process, on local paths.
+from one process; a URL of another store goes through a local copy (``localfiles``).
 
-Reading loads one tensor at a time (``dcp.load`` of a one-entry state dict): DCP reads whole saved items,
-so memory is one tensor, and the last one read is kept for the next region of it. Writing hands DCP a
-state dict of meta tensors (shapes and dtypes only) and a planner that fetches each tensor from the source
-only when DCP writes it, so the source is never held whole.
+DCP flattens a state dict to dotted names and keeps each one's object path (``planner_data``); it stores
+tensors as tensors and every other leaf (a step count, a list of plain values, a tuple) as a pickled
+object. Reading rebuilds the nesting from those object paths as DCP's own loader does (a str component is
+a dict key, an int one a list index) and unpickles the objects with ``weights_only=True`` (DCP's own
+planner does not), one tensor at a time: DCP reads whole saved items, so memory is one tensor, and the
+last one read is kept for the next region of it. Writing hands DCP the source's tree with meta tensors in
+place of tensors and a planner that fetches each tensor only when DCP writes it.
+
+DCP's format itself turns dict keys into strings (``{0: ...}`` reads back as ``{"0": ...}``, as DCP's own
+``dcp_to_torch_save`` gives it) and keeps no empty dicts (``convert`` reports them as dropped).
 """
 
 from __future__ import annotations
 
+import io
+import pickle
+import re
 import warnings
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from shardstore.convert.sources import Region, TensorMeta, TensorSource, apply_region
-from shardstore.storage.base import is_local_url
+from shardstore.convert.localfiles import LocalCopy, local_target
+from shardstore.convert.sources import (
+    DCP_METADATA, IndexedSource, Region, TensorMeta, TensorSource, apply_region, flatten_loaded, tree_nodes,
+)
+from shardstore.errors import UnsupportedInputError
+from shardstore.flatten import fqn, node_children, unflatten
 
-__all__ = ["DcpSource", "write_dcp"]
-
-
-def local_path(url: str, what: str) -> str:
-    """The filesystem path of a local URL; DCP and torch.load read only local files here."""
-    if not is_local_url(url):
-        raise ValueError(f"{url}: {what} checkpoints are read and written on local paths only; copy it locally first")
-    return url.removeprefix("file://")
+__all__ = ["DcpSource", "write_dcp", "dcp_dropped", "dcp_str_keys", "unpickling_problem"]
 
 
 @contextmanager
@@ -38,45 +45,139 @@ def _one_process():
         yield
 
 
-class DcpSource:
+class DcpSource(IndexedSource):
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
-        self.url = url
-        self._path = local_path(url, "torch DCP")
-        metadata = dcp.FileSystemReader(self._path).read_metadata().state_dict_metadata
-        self._tensors = {k: TensorMeta(tuple(m.size), m.properties.dtype)
-                         for k, m in metadata.items() if isinstance(m, TensorStorageMetadata)}
+        self._copy = LocalCopy(url, storage_options, directory=True)
+        metadata = dcp.FileSystemReader(self._copy.path).read_metadata()
+        entries = metadata.state_dict_metadata
+        paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+        objects = self._load_objects(url, [k for k, m in entries.items() if isinstance(m, BytesStorageMetadata)])
+        nested: dict = {}
+        self._fqns: dict[int, str] = {}  # id of a meta placeholder -> the DCP name it stands for
+        for name, meta in entries.items():
+            value = objects.get(name) if not isinstance(meta, TensorStorageMetadata) else self._placeholder(name, meta)
+            _set_path(nested, tuple(paths.get(name) or (name,)), value)
+        items, tree = flatten_loaded(nested, url, "torch DCP checkpoint")
+        self._held = items  # meta placeholders, or tensors that pickled entries held
+        super().__init__(url, tree, {key: TensorMeta.of(t) for key, t in items.items()})
         self._last: tuple[str, torch.Tensor] | None = None
 
-    def tensors(self) -> dict[str, TensorMeta]:
-        return dict(self._tensors)
+    def _placeholder(self, name: str, meta: TensorStorageMetadata) -> torch.Tensor:
+        tensor = torch.empty(tuple(meta.size), dtype=meta.properties.dtype, device="meta")
+        self._fqns[id(tensor)] = name
+        return tensor
+
+    def _load_objects(self, url: str, names: list[str]) -> dict[str, Any]:
+        if not names:
+            return {}
+        planner = _SafeObjectPlanner()
+        with _one_process():
+            dcp.load(dict.fromkeys(names), storage_reader=dcp.FileSystemReader(self._copy.path), planner=planner)
+        for name, exc in planner.refused.items():
+            raise UnsupportedInputError(
+                f"torch DCP checkpoint {url}: entry {name!r} holds an object torch.load(weights_only=True) refuses "
+                f"({unpickling_problem(exc)}); shardstore does not run pickled code. Load it with DCP in trusted "
+                "code and save tensors and plain values instead") from exc
+        return planner.objects
 
     def read(self, name: str, region: Region | None = None) -> torch.Tensor:
+        held = self._held[self.key_paths[name]]
+        if not held.is_meta:
+            return apply_region(held, region).clone()
         if self._last is None or self._last[0] != name:
             self._last = None  # drop the previous tensor before reading the next
-            meta = self._tensors[name]
-            out = {name: torch.empty(meta.shape, dtype=meta.dtype)}
+            fqn = self._fqns[id(held)]
+            out = {fqn: torch.empty(held.shape, dtype=held.dtype)}
             with _one_process():
-                dcp.load(out, storage_reader=dcp.FileSystemReader(self._path))
-            self._last = (name, out[name])
+                dcp.load(out, storage_reader=dcp.FileSystemReader(self._copy.path))
+            self._last = (name, out[fqn])
         return apply_region(self._last[1], region)
 
 
-class _FetchingPlanner(DefaultSavePlanner):
-    """Looks each tensor up in the source only when DCP writes it (the state dict holds meta tensors)."""
+class _SafeObjectPlanner(DefaultLoadPlanner):
+    """Unpickles DCP's non-tensor entries with ``weights_only=True``: a checkpoint from elsewhere must not
+    run code on load (DCP's own planner unpickles them with ``weights_only=False``). Refusals are kept
+    for the caller to raise (DCP would wrap them in its own exception)."""
 
-    def __init__(self, source: TensorSource) -> None:
+    def __init__(self) -> None:
+        super().__init__(flatten_state_dict=False)
+        self.objects: dict[str, Any] = {}
+        self.refused: dict[str, Exception] = {}
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        name = read_item.dest_index.fqn
+        try:
+            self.objects[name] = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            self.refused[name] = exc
+
+
+def unpickling_problem(exc: Exception) -> str:
+    """The gist of a ``weights_only`` refusal: the class it would have had to import."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return f"it pickles {found.group(1)}"
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _set_path(root: dict, path: tuple, value: Any) -> None:
+    """Put ``value`` at DCP object ``path`` under ``root``, creating a dict under a str component and a
+    list under an int one (as DCP's own unflattening does)."""
+    node: Any = root
+    for part, after in zip(path, path[1:]):
+        node = _slot(node, part, {} if isinstance(after, str) else [])
+    _slot(node, path[-1], None)
+    node[path[-1]] = value
+
+
+def _slot(node: Any, key: str | int, default: Any) -> Any:
+    if isinstance(node, list):
+        node.extend([None] * (key + 1 - len(node)))
+        if node[key] is None:
+            node[key] = default
+        return node[key]
+    return node.setdefault(key, default)
+
+
+class _FetchingPlanner(DefaultSavePlanner):
+    """Looks each tensor up in the source only when DCP writes it (the state dict holds meta tensors;
+    pickled entries holding tensors, such as tuples, get theirs read when DCP pickles them)."""
+
+    def __init__(self, source: TensorSource, names: dict[int, str]) -> None:
         super().__init__()
-        self._source = source
+        self._source, self._names = source, names
 
     def lookup_object(self, index):
-        return self._source.read(index.fqn)
+        return self._real(super().lookup_object(index))
+
+    def _real(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and id(value) in self._names:
+            return self._source.read(self._names[id(value)])
+        if isinstance(value, dict):
+            return {k: self._real(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._real(v) for v in value)
+        return value
 
 
 def write_dcp(source: TensorSource, url: str, storage_options: dict | None = None, *, progress=None) -> None:
-    """Write every tensor of ``source`` as a DCP checkpoint directory at ``url`` (keys are dotted names)."""
-    path = local_path(url, "torch DCP")
-    shapes = {name: torch.empty(m.shape, dtype=m.dtype, device="meta") for name, m in source.tensors().items()}
-    with _one_process():
-        dcp.save(shapes, storage_writer=dcp.FileSystemWriter(path, thread_count=1), planner=_FetchingPlanner(source))
+    """Write ``source`` (its tree: nesting, plain values, tensors) as a DCP checkpoint directory at ``url``."""
+    metas = source.tensors()
+    placeholders = {name: torch.empty(m.shape, dtype=m.dtype, device="meta") for name, m in metas.items()}
+    state = unflatten(source.tree(), {source.key_paths[name]: t for name, t in placeholders.items()})
+    planner = _FetchingPlanner(source, {id(t): name for name, t in placeholders.items()})
+    with local_target(url, storage_options, directory=True, last=DCP_METADATA) as path, _one_process():
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(path, thread_count=1), planner=planner)
     if progress is not None:
-        progress(sum(m.nbytes for m in source.tensors().values()))
+        progress(sum(m.nbytes for m in metas.values()))
+
+
+def dcp_dropped(tree: dict) -> list[str]:
+    """Dotted names of the empty dicts in ``tree``: DCP's format keeps no empty dict."""
+    return [fqn(path) for path, node, _ in tree_nodes(tree)
+            if path and ("dict" in node or "map" in node) and not node_children(node)]
+
+
+def dcp_str_keys(tree: dict) -> list[str]:
+    """Dotted names of the int dict keys in ``tree``: DCP's format stores every dict key as a string."""
+    return [fqn(path) for path, _, parent in tree_nodes(tree) if parent == "map" and isinstance(path[-1], int)]

@@ -23,7 +23,7 @@ import torch
 
 from dtensor.placements import Box
 from shardstore.convert.sources import (
-    SAFETENSORS_FILE, SAFETENSORS_INDEX, Region, TensorMeta, TensorSource, row_blocks, split_url,
+    SAFETENSORS_FILE, SAFETENSORS_INDEX, IndexedSource, Region, TensorMeta, TensorSource, row_blocks, split_url,
 )
 from shardstore.errors import CorruptCheckpointError, UnsupportedInputError
 from shardstore.storage import Storage
@@ -49,11 +49,13 @@ class _Entry:
     begin: int  # absolute offset of the tensor's bytes in its file
 
 
-class SafetensorsSource:
-    """One ``.safetensors`` file, or a directory holding ``model.safetensors`` or a sharded index."""
+class SafetensorsSource(IndexedSource):
+    """One ``.safetensors`` file, or a directory holding ``model.safetensors`` or a sharded index: tensors
+    only, each a top-level key under its name as stored (``model.layers.0.w``)."""
+
+    holds_values = False
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
-        self.url = url
         if url.rstrip("/").endswith(".safetensors"):
             parent, name = split_url(url)
             self.storage, files = Storage(parent, storage_options), [name]
@@ -65,9 +67,8 @@ class SafetensorsSource:
         self._entries: dict[str, _Entry] = {}
         for file in files:
             self._entries.update(self._read_header(file))
-
-    def tensors(self) -> dict[str, TensorMeta]:
-        return {name: e.meta for name, e in self._entries.items()}
+        tree = {"dict": {name: {"tensor": [name]} for name in self._entries}}
+        super().__init__(url, tree, {(name,): e.meta for name, e in self._entries.items()})
 
     def read(self, name: str, region: Region | None = None) -> torch.Tensor:
         """Only the bytes of ``region`` are read: one ranged read per contiguous run of it (one in all for

@@ -1,21 +1,25 @@
-"""Reading checkpoints of any supported format as a ``TensorSource``: names, shapes and dtypes up front,
-then one tensor, or one region of it, at a time, so nothing ever holds a whole checkpoint."""
+"""Reading checkpoints of any supported format as a ``TensorSource``: the state-dict tree (nesting and
+plain values, in ``shardstore.flatten``'s skeleton format), names, shapes and dtypes up front, then one
+tensor, or one region of it, at a time, so nothing ever holds a whole checkpoint."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
 import shardstore.api as api
 from shardstore import format as fmt
 from shardstore.dtypes import dtype_info_by_name
-from shardstore.errors import CheckpointNotFoundError
+from shardstore.errors import CheckpointNotFoundError, UnsupportedInputError
+from shardstore.flatten import KeyPath, display_names, flatten, fqn, node_children, unflatten
 from shardstore.storage import Storage
+from shardstore.validate import tree_tensor_keys
 
-__all__ = ["FORMATS", "TensorMeta", "TensorSource", "Region", "ZarrSource", "detect_format", "open_source",
-           "row_blocks", "split_url", "apply_region"]
+__all__ = ["FORMATS", "TensorMeta", "TensorSource", "Region", "IndexedSource", "ZarrSource", "detect_format",
+           "open_source", "row_blocks", "split_url", "apply_region", "flatten_loaded", "tree_nodes", "plain_values",
+           "plain_entries"]
 
 FORMATS = ("zarr", "safetensors", "dcp", "torch")
 Region = Sequence[slice]  # step-1 slices of the leading dims; None everywhere means the whole tensor
@@ -36,11 +40,20 @@ class TensorMeta:
             n *= s
         return n
 
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "TensorMeta":
+        return cls(tuple(tensor.shape), tensor.dtype)
+
 
 class TensorSource(Protocol):
     """A checkpoint read tensor by tensor."""
 
     url: str
+    key_paths: dict[str, KeyPath]  # each tensor's key path in ``tree()``, by dotted name
+    holds_values: bool  # whether the format holds plain values at all (safetensors does not)
+
+    def tree(self) -> dict:
+        """The state-dict skeleton (``shardstore.flatten``): nesting, plain values, tensors by key path."""
 
     def tensors(self) -> dict[str, TensorMeta]:
         """Every tensor by dotted name, in the checkpoint's order."""
@@ -49,20 +62,66 @@ class TensorSource(Protocol):
         """Tensor ``name``, or the part ``region`` selects (contiguous, on the CPU)."""
 
 
-class ZarrSource:
+class IndexedSource:
+    """What every source shares: its tree, and its tensors named as ``shardstore.open`` names them (dotted
+    key paths, node paths where two would read the same), so names agree across formats."""
+
+    holds_values = True
+
+    def __init__(self, url: str, tree: dict, metas: Mapping[KeyPath, TensorMeta]) -> None:
+        self.url, self._tree = url, tree
+        self.key_paths = display_names(metas)
+        self._metas = {name: metas[key] for name, key in self.key_paths.items()}
+
+    def tree(self) -> dict:
+        return self._tree
+
+    def tensors(self) -> dict[str, TensorMeta]:
+        return dict(self._metas)
+
+
+def flatten_loaded(value: Any, url: str, what: str) -> tuple[dict[KeyPath, Any], dict]:
+    """``flatten`` of a state dict read from another format, errors naming the file it came from."""
+    try:
+        return flatten(value)
+    except TypeError as exc:  # UnsupportedInputError included
+        raise UnsupportedInputError(f"{what} {url}: {exc}") from exc
+
+
+def tree_nodes(tree: dict) -> Iterator[tuple[KeyPath, dict, str | None]]:
+    """Every node of ``tree`` with its key path and its parent's kind (None for the root), depth first."""
+    stack: list[tuple[KeyPath, dict, str | None]] = [((), tree, None)]
+    while stack:
+        path, node, parent = stack.pop()
+        yield path, node, parent
+        kind = next(iter(node))
+        stack.extend((path + (key,), child, kind) for key, child in reversed(node_children(node)))
+
+
+def plain_values(tree: dict) -> list[tuple[str, str]]:
+    """(dotted name, repr) of the non-tensor leaves of ``tree``: plain values and empty containers. The
+    repr tells ``1`` from ``1.0`` and ``True``, and ``0.0`` from ``-0.0``; NaN equals NaN."""
+    return [(fqn(path) or "<root>", repr(unflatten(node, {}))) for path, node, _ in tree_nodes(tree)
+            if "tensor" not in node and not node_children(node)]
+
+
+def plain_entries(tree: dict) -> list[str]:
+    """Dotted names of the non-tensor leaves of ``tree`` (what a format holding tensors only leaves out)."""
+    return [name for name, _ in plain_values(tree)]
+
+
+class ZarrSource(IndexedSource):
     """A shardstore checkpoint, through ``shardstore.open`` (every read checksummed, only the inner
     chunks a region needs are fetched)."""
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         self._ckpt = api.open(url, storage_options)
-        self.url = self._ckpt.url
-
-    def tensors(self) -> dict[str, TensorMeta]:
-        out = {}
-        for name in self._ckpt.keys():
+        keys = tree_tensor_keys(self._ckpt.tree, self._ckpt.url)
+        metas = {}
+        for name, key in display_names(keys).items():
             meta = self._ckpt.metadata(name)
-            out[name] = TensorMeta(tuple(meta["shape"]), dtype_info_by_name(meta["dtype"], name).torch_dtype)
-        return out
+            metas[key] = TensorMeta(tuple(meta["shape"]), dtype_info_by_name(meta["dtype"], name).torch_dtype)
+        super().__init__(self._ckpt.url, self._ckpt.tree, metas)
 
     def read(self, name: str, region: Region | None = None) -> torch.Tensor:
         return self._ckpt.read(name, None if region is None else tuple(region))

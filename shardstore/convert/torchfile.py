@@ -1,49 +1,46 @@
 """``torch.save`` files of (nested) state dicts: read with ``weights_only=True`` and ``mmap=True`` (tensors
 stay in the file's pages until read, so memory stays bounded), written with ``torch.save`` (which needs
-every tensor in memory at once: the format has no streaming writer). Local paths only."""
+every tensor in memory at once: the format has no streaming writer). Nesting and plain values are kept
+both ways (dict keys, str or int, included; tuple subclasses such as ``torch.Size`` come back as
+tuples). A URL of another store goes through a local copy (``localfiles``)."""
 
 from __future__ import annotations
 
-from typing import Any
+import pickle
 
 import torch
 
-from shardstore.convert.dcp import local_path
-from shardstore.convert.sources import Region, TensorMeta, TensorSource, apply_region
+from shardstore.convert.dcp import unpickling_problem
+from shardstore.convert.localfiles import LocalCopy, local_target
+from shardstore.convert.sources import IndexedSource, Region, TensorMeta, TensorSource, apply_region, flatten_loaded
+from shardstore.errors import UnsupportedInputError
+from shardstore.flatten import unflatten
 
 __all__ = ["TorchSource", "write_torch"]
 
 
-class TorchSource:
+class TorchSource(IndexedSource):
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
-        self.url = url
-        loaded = torch.load(local_path(url, "torch.save"), map_location="cpu", weights_only=True, mmap=True)
-        self._tensors: dict[str, torch.Tensor] = {}
-        _collect(loaded, "", self._tensors)
-
-    def tensors(self) -> dict[str, TensorMeta]:
-        return {name: TensorMeta(tuple(t.shape), t.dtype) for name, t in self._tensors.items()}
+        self._copy = LocalCopy(url, storage_options, directory=False)
+        try:
+            loaded = torch.load(self._copy.path, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError) as exc:
+            raise UnsupportedInputError(
+                f"torch.save file {url} cannot be read with torch.load(weights_only=True) ({unpickling_problem(exc)}): "
+                "shardstore reads only tensors and plain values (no pickled code). Check that it is a torch.save "
+                "file, or name the format with --from") from exc
+        items, tree = flatten_loaded(loaded, url, "torch.save file")
+        super().__init__(url, tree, {key: TensorMeta.of(t) for key, t in items.items()})
+        self._tensors = {name: items[key] for name, key in self.key_paths.items()}
 
     def read(self, name: str, region: Region | None = None) -> torch.Tensor:
         return apply_region(self._tensors[name], region).clone()
 
 
-def _collect(value: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
-    """Tensors of nested dicts and lists under dotted names (``model.layers.0.w``); other values are
-    not tensors and are left out."""
-    if isinstance(value, torch.Tensor):
-        out[prefix] = value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _collect(item, f"{prefix}.{key}" if prefix else str(key), out)
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _collect(item, f"{prefix}.{i}" if prefix else str(i), out)
-
-
 def write_torch(source: TensorSource, url: str, storage_options: dict | None = None, *, progress=None) -> None:
-    """``torch.save`` a flat dict {dotted name: tensor} of ``source`` at ``url``."""
-    tensors = {name: source.read(name) for name in source.tensors()}
-    torch.save(tensors, local_path(url, "torch.save"))
+    """``torch.save`` the state dict of ``source`` (its tree, every tensor read) at ``url``."""
+    tensors = {key: source.read(name) for name, key in source.key_paths.items()}
+    with local_target(url, storage_options, directory=False) as path:
+        torch.save(unflatten(source.tree(), tensors), path)
     if progress is not None:
         progress(sum(t.numel() * t.element_size() for t in tensors.values()))

@@ -97,10 +97,13 @@ def test_dcp_and_torch_save_written_by_torch_convert_to_zarr(capsys, tmp_path):
     expected = {"model.w": nested["model"]["w"], "model.layers.0": nested["model"]["layers"][0]}
     for src in ("dcp", "state.pt"):
         code, doc = cli_json(capsys, "convert", tmp_path / src, tmp_path / f"{src}.zarr", "--to", "zarr")
-        assert code == 0 and doc["tensors"] == 2
+        assert code == 0 and doc["tensors"] == 2 and doc["dropped"] == []
         _equal(_read_zarr(str(tmp_path / f"{src}.zarr")), expected)
+        assert shardstore.open(str(tmp_path / f"{src}.zarr")).state_dict_skeleton()["step"] == 3
     assert cli(capsys, "convert", tmp_path / "dcp.zarr", tmp_path / "out.pt", "--to", "torch")[0] == 0
-    _equal(torch.load(tmp_path / "out.pt", weights_only=True), expected)
+    back = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert back["step"] == 3 and torch.equal(back["model"]["w"], nested["model"]["w"])
+    assert torch.equal(back["model"]["layers"][0], nested["model"]["layers"][0])
 
 
 def test_safetensors_reads_only_the_rows_asked_for(hf_file):

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import shardstore
 from dtensor.placements import Box
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, plan_load
 from shardstore.owners import rank_boxes
+from shardstore.reshard import row_bands
 from tests.cli.helpers import REPO, cli, cli_json
 from tests.ranks import mesh, run_ranks
 
@@ -98,11 +100,12 @@ sys.exit(code)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc to reset and read the peak RSS")
-def test_reshard_peak_memory_is_bounded_by_the_budget_not_the_tensor(tmp_path):
+@pytest.mark.parametrize("mesh, placements", [("8", "Shard(0)"), ("32", "Shard(1)")])  # Shard(1): column slices of 1024-wide tiles
+def test_reshard_peak_memory_is_bounded_by_the_budget_not_the_tensor(tmp_path, mesh, placements):
     tensor_bytes, budget = 128 << 20, 64 << 20
     src = str(tmp_path / "src")
     shardstore.save({"big": torch.randn(4096, tensor_bytes // 4 // 4096)}, src, durable=False)
-    argv = ["reshard", src, str(tmp_path / "dst"), "--mesh", "8", "--placements", "Shard(0)", "--memory-budget", str(budget)]
+    argv = ["reshard", src, str(tmp_path / "dst"), "--mesh", mesh, "--placements", placements, "--memory-budget", str(budget)]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -112,6 +115,15 @@ def test_reshard_peak_memory_is_bounded_by_the_budget_not_the_tensor(tmp_path):
     assert grew < tensor_bytes / 2
     assert torch.equal(shardstore.open(str(tmp_path / "dst")).read("big", (slice(4000, 4096),)),
                        shardstore.open(src).read("big", (slice(4000, 4096),)))
+
+
+def test_row_bands_keep_the_fetched_inner_chunks_under_the_cap():
+    box = Box((100, 256), (900, 256))  # rows 100:1000, columns 256:512 of 1024-wide tiles of 100 rows
+    bands = row_bands(box, (100, 1024), 4, 3 * 100 * 1024 * 4)  # three rows of tiles at a time
+    assert bands == [(100, 300), (300, 600), (600, 900), (900, 1000)]
+    assert row_bands(box, (100, 1024), 4, 1) == [(a, a + 100) for a in range(100, 1000, 100)]  # one row of tiles at least
+    assert row_bands(Box((5,), (10,)), (4,), 2, 8) == [(5, 8), (8, 12), (12, 15)]
+    assert row_bands(Box((3, 0), (0, 4)), (2, 2), 4, 1) == [(3, 3)]
 
 
 def test_reshard_refuses_bad_meshes_and_placements(capsys, resharded, tmp_path):
@@ -126,3 +138,13 @@ def test_reshard_refuses_bad_meshes_and_placements(capsys, resharded, tmp_path):
     code, _, err = cli(capsys, "reshard", src, out, "--mesh", "2", "--placements", "Sharded(0)")
     assert code == 2 and "placement 'Sharded(0)' is not one of" in err
     assert not Path(out).exists()
+
+
+def test_reshard_between_stores(capsys, resharded):
+    src, _ = resharded
+    dst = f"memory://reshard-{uuid.uuid4().hex}/dst"
+    code, doc = cli_json(capsys, "reshard", src, dst, "--mesh", "2", "--placements", "model.bias=Replicate()",
+                         "--placements", "Shard(0)", "--dst-storage-option", "skip_instance_cache=false")
+    assert code == 0 and doc["dst"] == dst and doc["objects"] == 6
+    assert cli(capsys, "diff", src, dst)[0] == 0 and cli(capsys, "verify", dst)[0] == 0
+    assert shardstore.open(dst).state_dict_skeleton()["step"] == 5

@@ -61,9 +61,27 @@ def test_hook_objects_are_tensors():
     assert list(items) == [("d",)]
 
 
-def test_non_str_key_names_its_path():
-    with pytest.raises(TypeError, match=r"key 0 under 'optim.state' is a int"):
-        flatten({"optim": {"state": {0: {"exp_avg": torch.ones(1)}}}})
+def test_int_keys_round_trip_as_a_map_node():
+    t = torch.ones(1)
+    sd = {"optim": {"state": {0: {"exp_avg": t, "step": 3}, 1: {}}, "param_groups": [{"params": [0, 1]}]}, 5: "x"}
+    back, items = round_trip(sd)
+    assert back == sd and back["optim"]["state"][0]["exp_avg"] is t
+    assert set(items) == {("optim", "state", 0, "exp_avg")}
+    _, skeleton = flatten(sd)
+    assert skeleton["map"][0][0] == "optim" and skeleton["map"][1] == [5, {"value": "x"}]
+    assert skeleton["map"][0][1]["dict"]["state"]["map"][0][0] == 0
+    assert keypath_from_node("optim/state/0/exp_avg", skeleton) == ("optim", "state", 0, "exp_avg")
+    merged = merge_skeletons([flatten({"s": {0: t}})[1], flatten({"s": {1: t}})[1]])
+    assert merged == {"dict": {"s": {"map": [[0, {"tensor": ["s", 0]}], [1, {"tensor": ["s", 1]}]]}}}
+
+
+def test_bad_keys_name_their_path():
+    with pytest.raises(TypeError, match=r"key 0.5 under 'optim.state' is a float; keys must be str or int"):
+        flatten({"optim": {"state": {0.5: {"exp_avg": torch.ones(1)}}}})
+    with pytest.raises(TypeError, match=r"key True under '<root>' is a bool"):
+        flatten({True: 1})
+    with pytest.raises(TypeError, match=r"keys 0 and '0' under 'a' would share one node name"):
+        flatten({"a": {"0": 1, 0: 2}})
 
 
 def test_unsupported_leaf_names_its_path():
