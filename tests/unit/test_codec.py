@@ -11,8 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dtensor.placements import Shard
 from shardstore.codec import (
     ArrayLayout,
+    budget_tile,
     choose_inner_chunk_shape,
     decode_index,
     decode_inner_chunk,
@@ -21,6 +23,9 @@ from shardstore.codec import (
     inner_chunk_ranges,
 )
 from shardstore.errors import CorruptCheckpointError
+from shardstore.load_plan import StoredArray, load_targets, plan_load
+from shardstore.plan import local_save_plan, merge_save_plans
+from tests.planning import per_rank
 from tests.unit.codec_helpers import DTYPES, bits, decode_all, encode_all, random_tensor
 
 LAYOUTS = [  # shape, chunk_shape, inner_chunk_shape: 0-d, 1-d, edge chunks, uneven inner choices
@@ -129,11 +134,19 @@ def test_layout_geometry():
 
 
 @pytest.mark.parametrize("outer,itemsize,expected", [
-    ((8192, 8192), 4, (1024, 1024)),  # square 2-D tile, exactly 4 MiB
-    ((64, 1024, 1024), 4, (1, 1024, 1024)),  # leading dims shrink first
-    ((100, 1000, 100), 4, (10, 1000, 100)),
-    ((8191, 8192), 4, (8191, 128)),  # prime rows: split columns instead
+    ((8192, 8192), 4, (1024, 1024)),  # square 2-D tile, exactly 4 MiB, already within a quarter of each dim
+    ((8192, 1024), 4, (1024, 256)),  # the 4 MiB tile (1024, 1024) cut to a quarter of the columns
+    ((4096, 1024), 2, (1024, 256)),  # bf16: (1024, 1024) cut the same way; 512-byte rows are enough
+    ((128, 1024), 4, (32, 256)),  # 512 KiB: one budget tile, cut to a quarter of both dims
+    ((256, 1024), 4, (64, 256)),
+    ((64, 1024, 1024), 4, (1, 256, 256)),  # leading dims shrink first, then the cut
+    ((100, 1000, 100), 4, (10, 250, 100)),  # a quarter of 100 fp32 columns is under 512 bytes a row
+    ((8191, 8192), 4, (8191, 128)),  # prime rows: split columns instead; no divisor near a quarter
+    ((3, 102400), 4, (3, 25600)),  # fewer rows than splits stay whole
+    ((1 << 20,), 4, (1 << 18,)),  # 1-D over 256 KiB: a quarter
     ((2000006,), 4, (1000003,)),  # 2 x prime: one oversized-but-close chunk, not 1-element ones
+    ((16, 256), 4, (16, 256)),  # 16 KiB: whole
+    ((256, 256), 4, (256, 256)),  # exactly 256 KiB: whole
     ((7,), 4, (7,)),
     ((), 4, ()),
 ])
@@ -144,23 +157,78 @@ def test_choose_inner_chunk_shape_examples(outer, itemsize, expected):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 5000), min_size=0, max_size=4), st.sampled_from([1, 2, 4, 8]),
        st.sampled_from([1 << 10, 1 << 16, 4 << 20]))
-def test_choose_inner_chunk_shape_divides(outer, itemsize, target):
+def test_choose_inner_chunk_shape_divides_the_budget_tile(outer, itemsize, target):
+    budget = budget_tile(tuple(outer), itemsize, target)
     inner = choose_inner_chunk_shape(tuple(outer), itemsize, target)
-    assert len(inner) == len(outer)
-    assert all(n % i == 0 for n, i in zip(outer, inner))
-    if math.prod(outer) * itemsize <= target:
+    assert len(inner) == len(budget) == len(outer)
+    assert all(n % b == 0 for n, b in zip(outer, budget))
+    assert all(b % i == 0 for b, i in zip(budget, inner))  # every inner chunk lies inside one budget tile
+    if math.prod(outer) * itemsize <= min(target, 256 << 10):
         assert inner == tuple(outer)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 13), min_size=1, max_size=4), st.sampled_from([1, 2, 4, 8]),
        st.sampled_from([1 << 10, 1 << 16, 4 << 20]))
-def test_choose_inner_chunk_shape_fills_the_target_for_powers_of_two(exponents, itemsize, target):
+def test_budget_tile_fills_the_target_for_powers_of_two(exponents, itemsize, target):
     outer = tuple(2**e for e in exponents)
-    inner = choose_inner_chunk_shape(outer, itemsize, target)
-    nbytes = math.prod(inner) * itemsize
+    nbytes = math.prod(budget_tile(outer, itemsize, target)) * itemsize
     assert nbytes <= target
     assert nbytes * 2 >= min(target, math.prod(outer) * itemsize)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 13), min_size=1, max_size=4), st.sampled_from([1, 2, 4, 8]))
+def test_inner_chunks_of_powers_of_two_fit_a_4_way_split_of_the_last_two_dims(exponents, itemsize):
+    outer = tuple(2**e for e in exponents)
+    inner = choose_inner_chunk_shape(outer, itemsize)
+    if math.prod(outer) * itemsize <= 256 << 10:
+        return
+    for d in range(max(0, len(outer) - 2), len(outer)):
+        row_bytes = (outer[d] // 4) * itemsize if d == len(outer) - 1 else 512
+        if outer[d] >= 4 and row_bytes >= 512:
+            assert (outer[d] // 4) % inner[d] == 0, (outer, inner, d)
+
+
+# -- bytes a load reads with these inner chunks ----------------------------------------------------------
+
+
+def _bytes_read(rows, dtype, load_mesh, load_dim, inner_chunks):
+    """Per rank: (bytes of the inner chunks a load reads, bytes it needs), for a rows x 1024 tensor saved
+    Shard(0) on 2 ranks and loaded Shard(load_dim) on load_mesh ranks. Planning only, no I/O."""
+    shape, key = (rows, 1024), ("w",)
+    saved = merge_save_plans([local_save_plan(r, {key: t}) for r, t in enumerate(per_rank(shape, (2,), (Shard(0),), dtype))],
+                             inner_chunks=inner_chunks)
+    array = saved.arrays[0]
+    stored = {key: StoredArray(key, array.shape, array.dtype, array.chunk_shape, array.inner_chunk_shape)}
+    chunk_nbytes = math.prod(array.inner_chunk_shape) * dtype.itemsize
+    result = []
+    for target in per_rank(shape, (load_mesh,), (Shard(load_dim),), dtype):
+        plan = plan_load(load_targets({key: target}), stored)
+        read = sum((run.stop - run.start) * chunk_nbytes for run in plan.runs)
+        result.append((read, target.box.numel * dtype.itemsize))
+    return result
+
+
+BENCHMARK_TENSORS = [(256, torch.float32), (1024, torch.float32), (4096, torch.float32), (16384, torch.float32),
+                     (512, torch.bfloat16), (8192, torch.bfloat16), (32768, torch.bfloat16)]  # 1-64 MiB, 1024 columns
+
+
+@pytest.mark.parametrize("rows,dtype", BENCHMARK_TENSORS)
+@pytest.mark.parametrize("load_mesh,load_dim", [(4, 1), (2, 1), (4, 0), (8, 0), (2, 0)])
+def test_loads_splitting_a_saved_shard_up_to_4_ways_read_only_what_they_need(rows, dtype, load_mesh, load_dim):
+    for read, needed in _bytes_read(rows, dtype, load_mesh, load_dim, choose_inner_chunk_shape):
+        assert read == needed
+
+
+@pytest.mark.parametrize("rows,dtype", BENCHMARK_TENSORS + [(1000, torch.float32), (3000, torch.bfloat16), (96, torch.float32)])
+@pytest.mark.parametrize("load_mesh,load_dim", [(3, 0), (8, 0), (16, 0), (32, 0), (3, 1), (8, 1)])
+def test_no_load_reads_more_than_with_4_mib_budget_tiles(rows, dtype, load_mesh, load_dim):
+    """The case that sank wider tiles: row slices of small tensors (Shard(0) on 8 and more) must not read
+    more than the budget tiles alone made them read."""
+    old = _bytes_read(rows, dtype, load_mesh, load_dim, lambda c, i: budget_tile(c, i, 4 << 20))
+    new = _bytes_read(rows, dtype, load_mesh, load_dim, choose_inner_chunk_shape)
+    assert all(n[0] <= o[0] for n, o in zip(new, old)), (new, old)
 
 
 # -- property round trip --------------------------------------------------------------------------------
