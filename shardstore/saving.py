@@ -23,7 +23,7 @@ import torch
 
 from shardstore import commit
 from shardstore import format as fmt
-from shardstore.codec import choose_inner_chunk_shape
+from shardstore.tiling import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.execute import WriteStats, layout_of, write_cells
 from shardstore.flatten import KeyPath, flatten, is_tensor_like, merge_skeletons

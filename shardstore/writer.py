@@ -22,7 +22,7 @@ import torch
 from dtensor.placements import Box, Placement
 from shardstore import commit
 from shardstore.saving import commit_metadata
-from shardstore.codec import choose_inner_chunk_shape
+from shardstore.tiling import choose_inner_chunk_shape
 from shardstore.dtypes import dtype_info_by_name
 from shardstore.execute import cells_of, write_cells
 from shardstore.flatten import KeyPath, fqn

@@ -22,7 +22,8 @@ import dtensor
 import shardstore
 from shardstore import saving
 from shardstore import format as fmt
-from shardstore.codec import choose_inner_chunk_shape, decode_index, index_nbytes
+from shardstore.codec import decode_index, index_nbytes
+from shardstore.tiling import choose_inner_chunk_shape
 from shardstore.coordinator import RemoteRankError
 from shardstore.errors import (
     CheckpointExistsError,

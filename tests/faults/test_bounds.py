@@ -12,7 +12,8 @@ import torch
 import shardstore
 from shardstore import execute, saving
 from shardstore import format as fmt
-from shardstore.codec import ArrayLayout, ByteRange, check_index_bounds, choose_inner_chunk_shape, decode_index, index_nbytes
+from shardstore.codec import ArrayLayout, ByteRange, check_index_bounds, decode_index, index_nbytes
+from shardstore.tiling import choose_inner_chunk_shape
 from shardstore.errors import CorruptCheckpointError, MissingChunkError
 from shardstore.storage import Storage
 from shardstore.validate import MIN_AVERAGE_CHUNK_BYTES, SMALL_GRID_CHUNKS, check_sane_grid

@@ -177,7 +177,7 @@ def test_an_async_incremental_save_keeps_the_values_of_the_call(tmp_path, max_st
 
 
 def _plan_of(tensors: dict):
-    from shardstore.codec import choose_inner_chunk_shape
+    from shardstore.tiling import choose_inner_chunk_shape
     from shardstore.plan import local_save_plan, merge_save_plans
 
     return merge_save_plans([local_save_plan(0, tensors, 1)], inner_chunks=choose_inner_chunk_shape)

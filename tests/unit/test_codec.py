@@ -14,8 +14,6 @@ from hypothesis import strategies as st
 from dtensor.placements import Shard
 from shardstore.codec import (
     ArrayLayout,
-    budget_tile,
-    choose_inner_chunk_shape,
     decode_index,
     decode_inner_chunk,
     encode_shard,
@@ -23,6 +21,7 @@ from shardstore.codec import (
     inner_chunk_ranges,
 )
 from shardstore.errors import CorruptCheckpointError
+from shardstore.tiling import budget_tile, choose_inner_chunk_shape
 from shardstore.load_plan import StoredArray, load_targets, plan_load
 from shardstore.plan import local_save_plan, merge_save_plans
 from tests.planning import per_rank
