@@ -11,8 +11,9 @@ objects of ``_SYNC_AT_WRITE`` bytes or more are fsync'd by the writing thread be
 flush overlaps other writes); smaller ones, and every directory whose entries changed (a rename landed in
 it, a sub-directory was created in it), are remembered and made durable by ``sync()``: one ``syncfs`` of
 the filesystem when there are many (a save of a thousand small tensors makes thousands of files and
-directories, and one flush of the filesystem costs a fraction of an fsync each), else an fsync each. Reads open each object with ``O_NOFOLLOW`` after checking every directory on the
-way is a real directory, and refuse anything but a regular file.
+directories, and one flush of the filesystem costs a fraction of an fsync each), else an fsync each.
+Reads open each object with ``O_NOFOLLOW`` after checking every directory on the way is a real
+directory, and refuse anything but a regular file.
 """
 
 from __future__ import annotations
@@ -327,10 +328,7 @@ class LocalStorage(Storage):
             return 0.0
 
     def delete(self, key: str) -> None:
-        path = self._path(key)
-        posix.unlink(path)
-        with self._lock:
-            self._unsynced.discard(path)
+        posix.unlink(self._path(key))  # if still pending in sync(), posix.fsync_path skips it
 
     def delete_prefix(self, prefix: str = "") -> None:
         base = self._path(prefix) if prefix else self._root
