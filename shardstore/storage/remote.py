@@ -137,10 +137,8 @@ class FsspecStorage(Storage):
         return repr([(k, str(info[k])) for k in _FINGERPRINT_FIELDS if k in info])
 
     def modified(self, key: str) -> float | None:
-        try:
-            info = self._fs.info(self._path(key))
-        except FileNotFoundError:
-            raise self._missing(key) from None
+        path = self._path(key)
+        info = self._retry(f"looking up {self.key_url(key)}", lambda: self._fs.info(path), key)
         return _seconds(next((info[k] for k in _TIME_FIELDS if info.get(k) is not None), None))
 
     def list(self, prefix: str = "") -> list[str]:
