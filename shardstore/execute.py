@@ -72,7 +72,8 @@ def write_cells(
     """Encode and write ``cells`` (each a write task and the values of its cell); returns what was encoded.
 
     ``put(storage, key, blob)`` stores each object (``Storage.write`` by default; an incremental save
-    passes ``ObjectWriter.put``, which may link an unchanged object instead).
+    passes ``IncrementalWriter.put``, which records each written object's digest; unchanged cells never
+    reach here, they were linked before encoding).
 
     Up to ``_IN_FLIGHT`` objects are being written while the next is encoded, each into a buffer of a
     small ring that is reused once its write finished (touching fresh memory costs more than encoding;
