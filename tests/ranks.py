@@ -25,7 +25,7 @@ from typing import Any, Callable
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("SHARDSTORE_COLLECTIVE_TIMEOUT", "30"))
 FAILURE_GRACE_S = 5.0
 
-_pools: dict[int, "RankPool"] = {}
+_pools: dict[tuple[int, str], "RankPool"] = {}
 _meshes: dict[tuple, Any] = {}
 
 
@@ -69,11 +69,13 @@ def _worker(rank: int, world_size: int, port: int, conn) -> None:
         LOCAL_RANK=str(rank),
         GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
     )
+    import faulthandler
     import logging
 
     import torch
     import torch.distributed as dist
 
+    faulthandler.enable()  # a rank that crashes in native code (SIGSEGV, SIGABRT) prints where it was
     torch.set_num_threads(1)
     logging.getLogger("torch.distributed.tensor").setLevel(logging.ERROR)  # the oracle's advice is noise here
     backend = "gloo"
@@ -166,17 +168,29 @@ class RankPool:
                 proc.join()
 
 
-def run_ranks(world_size: int, fn: Callable, *args, timeout: float = 120.0, **kwargs) -> list:
-    """Run ``fn(*args, **kwargs)`` on every rank of a ``world_size`` process group; per-rank results."""
-    pool = _pools.get(world_size)
-    if pool is None:
-        pool = _pools[world_size] = RankPool(world_size)
+def run_ranks(world_size: int, fn: Callable, *args, timeout: float = 120.0, pool: str = "shared", **kwargs) -> list:
+    """Run ``fn(*args, **kwargs)`` on every rank of a ``world_size`` process group; per-rank results.
+
+    Bodies run in the workers of the pool named ``pool`` (one per name and world size). A test module
+    that runs arbitrary native kernels (torch's whole op database) takes a pool of its own and closes it
+    with ``close_pool``, so neither its heap nor its state is shared with the checkpoint tests."""
+    key = (world_size, pool)
+    workers = _pools.get(key)
+    if workers is None:
+        workers = _pools[key] = RankPool(world_size)
     try:
-        return pool.run(fn, args, kwargs, timeout)
+        return workers.run(fn, args, kwargs, timeout)
     except RankFailure:
-        del _pools[world_size]
-        pool.close()
+        del _pools[key]
+        workers.close()
         raise
+
+
+def close_pool(world_size: int, pool: str) -> None:
+    """Stop the workers of one named pool (if running)."""
+    workers = _pools.pop((world_size, pool), None)
+    if workers is not None:
+        workers.close()
 
 
 def close_pools() -> None:

@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from tests.ranks import run_ranks
+from tests.ranks import close_pool, run_ranks
 
 _DATA_DEPENDENT = "which output positions hold what depends on values across all shards: computed replicated"
 _AS_STRIDED = "arbitrary strides over the global storage: no per-shard meaning, computed replicated"
@@ -99,6 +99,13 @@ XFAIL: dict[str, str] = {
 
 
 PARTS = 8  # the sweep runs as this many tests, each well inside the per-test timeout on a busy machine
+POOL = "op_db"  # its own worker processes: hundreds of native kernels run there, none of our I/O
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_workers():
+    yield
+    close_pool(2, POOL)
 
 
 def _sweep(part: int):
@@ -111,7 +118,7 @@ def _sweep(part: int):
 
 @pytest.mark.parametrize("part", range(PARTS))
 def test_op_db_ops_shard_forward_and_backward(part):
-    (times, cpu), (other, _) = run_ranks(2, _sweep, part, timeout=280)
+    (times, cpu), (other, _) = run_ranks(2, _sweep, part, timeout=280, pool=POOL)
     outcomes = {k: v[0] for k, v in times.items()}
     assert outcomes == {k: v[0] for k, v in other.items()}, "ranks disagree"
     kinds = Counter("xfail" if k in XFAIL else v.split(":")[0] for k, v in outcomes.items())
