@@ -2,8 +2,8 @@
 
 save: flatten the state dict, check it is storable -> each rank plans what it holds -> rank 0 merges
       the plans (dedup, balance) and the skeletons (per-rank keys survive) -> rank 0 claims a place to
-      write (``commit.begin``) -> every rank writes and syncs its cells -> all agree -> rank 0 writes and
-      syncs array and group metadata, then the root ``zarr.json`` (the commit marker) ->
+      write (``commit.begin``) -> every rank writes its cells and its share of the array metadata, and
+      syncs them -> all agree -> rank 0 writes and syncs the root ``zarr.json`` (the commit marker) ->
       ``commit.finish`` makes it the checkpoint at the URL, only if no other save committed there
       meanwhile. The phases live in ``saving.py``, shared with ``async_save`` (``async_saver.py``), which
       runs the same phases with the writing and the commit on a background thread.

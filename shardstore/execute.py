@@ -92,7 +92,9 @@ def write_cells(
                 busy.result()
             layout = layouts[task.key]
             if buffer.numel() < (needed := encoded_bound(layout)):
-                buffer = torch.frombuffer(staging_buffer(needed), dtype=torch.uint8)
+                # at least one huge page, so the buffer is a mapping of its own: page-aligned, as an
+                # O_DIRECT write needs (a 1 MiB object from unaligned memory was fsync'd on its own)
+                buffer = torch.frombuffer(staging_buffer(max(needed, _HUGE_PAGE)), dtype=torch.uint8)
             blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
             nbytes, objects = nbytes + blob.nbytes, objects + 1
             ring[i % _IN_FLIGHT] = (buffer, pool.submit(store, object_key(arrays[task.key].node, task.cell), blob))

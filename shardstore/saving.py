@@ -2,9 +2,9 @@
 
 ``plan_save`` (collective over the caller's group): flatten the state dict, check it is storable, plan
 what each rank holds, merge the plans on rank 0. ``write_and_commit`` (collective over the coordinator it
-is given): rank 0 claims a place to write (``commit.begin``), every rank writes its cells and syncs, all
-agree, rank 0 writes the metadata and the root marker and commits (``commit.finish``); on any failure
-rank 0 abandons the claim.
+is given): rank 0 claims a place to write (``commit.begin``), every rank writes its cells and its share
+of the arrays' ``zarr.json`` files and syncs them all at once, all agree, rank 0 writes the root marker
+and commits (``commit.finish``); on any failure rank 0 abandons the claim.
 
 ``save`` runs both in the caller, its cells read straight from the state dict's tensors. ``async_save``
 runs ``plan_save`` in the caller, stages copies of its cells (``staging.py``), and runs
@@ -34,7 +34,7 @@ from shardstore.plan import GlobalSavePlan, WriteTask, local_save_plan, merge_sa
 from shardstore.stateful import to_state_dict
 from shardstore.storage import Storage
 
-__all__ = ["SaveResult", "SaveOptions", "SaveJob", "plan_save", "write_and_commit", "commit_metadata"]
+__all__ = ["SaveResult", "SaveOptions", "SaveJob", "plan_save", "write_and_commit", "write_array_metadata", "commit_metadata"]
 
 _METADATA_WRITERS = 8
 
@@ -121,7 +121,8 @@ def write_and_commit(
     dest = target if claim.dest_url == target.url else Storage(claim.dest_url, options.storage_options, durable=options.durable)
     try:
         writer = coord.agree("reading the previous digests", lambda: IncrementalWriter.for_save(options.incremental, options.storage_options))
-        stats = coord.agree("writing chunks", lambda: _write(dest, job.plan, cells, options.compressor, writer, stable_cells))
+        share = (coord.rank, coord.world_size)
+        stats = coord.agree("writing chunks", lambda: _write(dest, job.plan, cells, options.compressor, writer, stable_cells, share))
         digests = None if writer is None else {k: v for d in coord.all_gather(writer.objects) for k, v in d.items()}
         coord.decide("committing", lambda: commit_metadata(
             dest, target, claim, job.plan, job.skeleton, options.compressor, options.user_metadata, digests))
@@ -133,9 +134,11 @@ def write_and_commit(
 
 
 def _write(dest: Storage, plan: GlobalSavePlan, cells, compressor: str | None, writer: IncrementalWriter | None,
-           stable_cells: bool) -> WriteStats:
-    """This rank's chunk objects, durable (with their directories) before any rank reports done; an
-    incremental save encodes and writes only the cells that changed, linking the rest."""
+           stable_cells: bool, share: tuple[int, int]) -> WriteStats:
+    """This rank's chunk objects and its ``share`` (rank, world size) of the arrays' metadata, durable
+    (with their directories) by one sync before any rank reports done; an incremental save encodes and
+    writes only the cells that changed, linking the rest."""
+    write_array_metadata(dest, plan, compressor, share)
     if writer is None:
         stats = write_cells(dest, plan, cells, compressor)
     else:
@@ -145,23 +148,29 @@ def _write(dest: Storage, plan: GlobalSavePlan, cells, compressor: str | None, w
     return stats
 
 
+def write_array_metadata(dest: Storage, plan: GlobalSavePlan, compressor: str | None, share: tuple[int, int] = (0, 1)) -> None:
+    """Write the ``zarr.json`` of every ``share[1]``-th array of ``plan`` from the ``share[0]``-th (rank 0
+    also the groups'), not yet durable: they are synced with the chunk objects (one sync, not two)."""
+    rank, world = share
+    writes = [functools.partial(fmt.write_array, dest, a.node, layout_of(a, compressor)) for a in plan.arrays[rank::world]]
+    if rank == 0:
+        writes += [functools.partial(fmt.write_group, dest, g) for g in fmt.group_paths([a.node for a in plan.arrays]) if g]
+    with ThreadPoolExecutor(_METADATA_WRITERS) as pool:  # small files: overlap their creation
+        list(pool.map(lambda write: write(), writes))
+
+
 def commit_metadata(dest: Storage, target: Storage, claim: commit.Claim, plan: GlobalSavePlan, skeleton: dict,
                     compressor: str | None, user_metadata: dict | None, digests: dict[str, StoredObject] | None = None) -> None:
-    """Metadata (and an incremental save's object digests), durable, then the root marker, durable, then
-    the commit protocol makes it the checkpoint (also how ``shardstore.writer`` finishes a checkpoint
-    written from one process)."""
+    """After every rank's chunks and array metadata are durable: an incremental save's object digests,
+    durable, then the root marker, durable, then the commit protocol makes it the checkpoint (also how
+    ``shardstore.writer`` finishes a checkpoint written from one process)."""
     records = {}
-    writes = []
     for array in plan.arrays:
         layout = layout_of(array, compressor)
-        writes.append(functools.partial(fmt.write_array, dest, array.node, layout))
         records[array.node] = fmt.TensorRecord.from_layout(array.node, layout, array.mesh_shape or (), array.placements or ())
-    writes += [functools.partial(fmt.write_group, dest, g) for g in fmt.group_paths([a.node for a in plan.arrays]) if g]
-    with ThreadPoolExecutor(_METADATA_WRITERS) as pool:  # each write waits on its fsync: overlap them
-        list(pool.map(lambda write: write(), writes))
     if digests is not None:
         write_digests(dest, digests)
-    dest.sync()
+        dest.sync()
     fmt.write_root(dest, fmt.RootMetadata(skeleton, records, dict(user_metadata or {})))
     dest.sync()
     commit.finish(target, dest, claim)

@@ -21,7 +21,7 @@ import torch
 
 from dtensor.placements import Box, Placement
 from shardstore import commit
-from shardstore.saving import commit_metadata
+from shardstore.saving import commit_metadata, write_array_metadata
 from shardstore.tiling import choose_inner_chunk_shape
 from shardstore.dtypes import dtype_info_by_name
 from shardstore.execute import cells_of, write_cells
@@ -118,6 +118,7 @@ def write_checkpoint(
         tasks = [t for per_rank in plan.writes for t in per_rank]
         with ThreadPoolExecutor(max(1, threads)) as pool:
             stats = list(pool.map(lambda t: _write_cell(dest, arrays[t.key], t, read, compressor, progress), tasks))
+        write_array_metadata(dest, plan, compressor)
         dest.sync()
         commit_metadata(dest, target, claim, plan, tree, compressor, user_metadata)
     except BaseException:

@@ -7,11 +7,14 @@ never follow a symlink nor block on a FIFO planted in a checkpoint.
 
 Writes go to ``<key>.tmp-<uuid>``, then are renamed over the key (never rewritten in place, so an object
 hard-linked into a later checkpoint by ``link_from`` cannot change through either name). When durable,
-objects of ``_SYNC_AT_WRITE`` bytes or more are fsync'd by the writing thread before the rename (their
-flush overlaps other writes); smaller ones, and every directory whose entries changed (a rename landed in
-it, a sub-directory was created in it), are remembered and made durable by ``sync()``: one ``syncfs`` of
-the filesystem when there are many (a save of a thousand small tensors makes thousands of files and
-directories, and one flush of the filesystem costs a fraction of an fsync each), else an fsync each.
+objects of ``_SYNC_AT_WRITE`` bytes or more written through the page cache are fsync'd by the writing
+thread before the rename (their flush overlaps other writes). Every other object (small ones, and big
+ones written with ``O_DIRECT``, whose bytes are on the device already: only a tail under one block and
+the inode wait in memory) and every directory whose entries changed (a rename landed in it, a
+sub-directory was created in it) are remembered and made durable by ``sync()``: one ``syncfs`` of the
+filesystem when there are many (a save of a thousand small tensors makes thousands of files and
+directories, and one flush of the filesystem costs a fraction of an fsync each: an fsync per 1 MiB
+object was half of such a save), else an fsync each.
 Reads open each object with ``O_NOFOLLOW`` after checking every directory on the way is a real
 directory, and refuse anything but a regular file.
 """
@@ -198,8 +201,9 @@ class LocalStorage(Storage):
     # -- writes --------------------------------------------------------------------------------------
 
     def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        path, small = self._path(key), memoryview(data).nbytes < _SYNC_AT_WRITE
-        self._replace(self._write_tmp(path, data, fsync=not small), path, deferred=small)
+        path = self._path(key)
+        tmp, deferred = self._write_tmp(path, data, defer=True)
+        self._replace(tmp, path, deferred=deferred)
 
     def write_parts(self, key: str, parts: Iterable[bytes | bytearray | memoryview]) -> None:
         def fill(fd: int, tmp: str) -> None:
@@ -227,7 +231,7 @@ class LocalStorage(Storage):
     def create_exclusive(self, key: str, data: bytes) -> None:
         """``link`` never replaces an existing name, so of racing writers exactly one succeeds."""
         path = self._path(key)
-        tmp = self._write_tmp(path, data, fsync=True)
+        tmp, _ = self._write_tmp(path, data, defer=False)
         try:
             os.link(tmp, path)
         finally:
@@ -235,14 +239,22 @@ class LocalStorage(Storage):
         self._touched(os.path.dirname(path))
         self.sync()
 
-    def _write_tmp(self, path: str, data: bytes | bytearray | memoryview, fsync: bool) -> str:
-        """Write ``data`` to a fresh temporary next to ``path`` (fsync'd when durable and ``fsync``); its path."""
+    def _write_tmp(self, path: str, data: bytes | bytearray | memoryview, defer: bool) -> tuple[str, bool]:
+        """Write ``data`` to a fresh temporary next to ``path``; its path, and whether its fsync is left
+        to ``sync()`` (only with ``defer``: a small object, or one written with ``O_DIRECT``); else it is
+        fsync'd here when durable."""
         view = memoryview(data).cast("B")
+        deferred = False
 
         def fill(fd: int, tmp: str) -> None:
-            posix.write_all(fd, view, self._write_direct(tmp, view) if self.durable else 0)
+            nonlocal deferred
+            direct = self._write_direct(tmp, view) if self.durable else 0
+            posix.write_all(fd, view, direct)
+            deferred = defer and (len(view) < _SYNC_AT_WRITE or direct > 0)
+            if self.durable and not deferred:
+                posix.fsync_file(fd, tmp)
 
-        return self._tmp_file(path, fill, fsync)
+        return self._tmp_file(path, fill, fsync=False), deferred
 
     def _tmp_file(self, path: str, fill: Callable[[int, str], Any], fsync: bool = True) -> str:
         """A fresh temporary next to ``path`` that ``fill(fd, tmp)`` writes, fsync'd when durable and
