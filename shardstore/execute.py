@@ -1,8 +1,8 @@
 """Carrying plans out: encode and write this rank's cells; read, verify and place the chunks it needs.
 
-The plans (``plan.py``, ``load_plan.py``) say what; this module moves bytes. Writes encode into a small
-ring of reused buffers and hand each finished object to a thread pool, so encoding the next cell overlaps
-writing.
+The plans (``plan.py``, ``load_plan.py``) say what; this module moves bytes. Writes encode into a ring of
+reused buffers bounded in bytes (``buffers.py``) and hand each finished object to a thread pool, so
+encoding the next cell overlaps writing.
 Reads first check every object's shard index (``check_runs``: present, long enough, the layout the
 metadata promises, every entry inside the object, every needed inner chunk stored), then fetch each run of
 inner chunks lying back to back in the object with one ranged read: straight into the targets where a
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import functools
 import math
-import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
+from shardstore.buffers import EncodeRing, staging_buffer
 from shardstore.codec import CRC_NBYTES, ArrayLayout, check_crc, decode_index, decode_inner_chunk, encode_shard, index_nbytes, inner_chunk_ranges
 from shardstore.dtypes import dtype_info_by_name
 from shardstore.errors import CorruptCheckpointError, MissingChunkError
@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 _WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
-_IN_FLIGHT = 6  # encode buffers in the ring: writes in flight plus the one being encoded
+_IN_FLIGHT = 6  # encoded objects whose writes may be in flight at once
+_RING_BYTES = 256 << 20  # encode buffers a save keeps, whatever the number and size of its objects
 _INDEX_READERS = 16  # concurrent (size, index) reads of shard objects
 _LANDING_PIECE = 8 << 20  # a landing load reads runs in pieces of at most this many bytes, concurrently:
 # one big sequential read per object left the disk half idle (cold reads want several in flight)
@@ -75,32 +76,26 @@ def write_cells(
     passes ``IncrementalWriter.put``, which records each written object's digest; unchanged cells never
     reach here, they were linked before encoding).
 
-    Up to ``_IN_FLIGHT`` objects are being written while the next is encoded, each into a buffer of a
-    small ring that is reused once its write finished (touching fresh memory costs more than encoding;
-    the ring itself is on huge pages, see ``staging_buffer``). A cell's values are copied out by the time
-    the next cell is asked for, so ``cells`` may hand out reused staging memory.
+    Each object is encoded into a buffer of an ``EncodeRing`` (at most ``_RING_BYTES`` of reused memory,
+    or one object bigger than that) and written by a thread pool while the next is encoded. A cell's
+    values are copied out by the time the next cell is asked for, so ``cells`` may hand out reused
+    staging memory.
     """
     arrays = {a.key: a for a in plan.arrays}
     layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
-    ring: list[tuple[torch.Tensor, Future | None]] = [(torch.empty(0, dtype=torch.uint8), None)] * _IN_FLIGHT
+    ring = EncodeRing(_RING_BYTES, _IN_FLIGHT)
     nbytes = objects = 0
     store = storage.write if put is None else functools.partial(put, storage)
     with ThreadPoolExecutor(_WRITERS) as pool:
-        for i, (task, data) in enumerate(cells):
-            buffer, busy = ring[i % _IN_FLIGHT]
-            if busy is not None:
-                busy.result()
-            layout = layouts[task.key]
-            if buffer.numel() < (needed := encoded_bound(layout)):
-                # at least one huge page, so the buffer is a mapping of its own: page-aligned, as an
-                # O_DIRECT write needs (a 1 MiB object from unaligned memory was fsync'd on its own)
-                buffer = torch.frombuffer(staging_buffer(max(needed, _HUGE_PAGE)), dtype=torch.uint8)
-            blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
-            nbytes, objects = nbytes + blob.nbytes, objects + 1
-            ring[i % _IN_FLIGHT] = (buffer, pool.submit(store, object_key(arrays[task.key].node, task.cell), blob))
-        for _, busy in ring:
-            if busy is not None:
-                busy.result()
+        try:
+            for task, data in cells:
+                layout = layouts[task.key]
+                buffer = ring.take(encoded_bound(layout))
+                blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
+                nbytes, objects = nbytes + blob.nbytes, objects + 1
+                ring.busy(buffer, pool.submit(store, object_key(arrays[task.key].node, task.cell), blob))
+        finally:
+            ring.drain()
     return WriteStats(nbytes, objects)
 
 
@@ -313,21 +308,6 @@ def _check_landed(storage: Storage, layout: ArrayLayout, landing: _Landing, slot
             continue
         values = decode_inner_chunk(layout, slot, where)
         place([(t, values[t.overlap.relative_to(t.inner_box)]) for t in run.tasks if t.inner_index == index], destinations, written)
-
-
-_HUGE_PAGE = 2 << 20  # smaller buffers gain nothing from a mapping of their own
-
-
-def staging_buffer(nbytes: int):
-    """Fresh host memory for fetched bytes, backed by transparent huge pages where the OS has them:
-    touching fresh memory costs a page fault per 4 KiB page, which made filling it ~4x slower than
-    copying (2.2 vs 9.8 GiB/s measured here, 1 GiB)."""
-    if nbytes < _HUGE_PAGE:
-        return bytearray(nbytes)
-    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) if hasattr(mmap, "MAP_ANONYMOUS") else bytearray(nbytes)
-    if hasattr(buffer, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
-        buffer.madvise(mmap.MADV_HUGEPAGE)
-    return buffer
 
 
 def _fetch(storage: Storage, batch: list[CheckedRun], buffer) -> list[memoryview]:

@@ -25,7 +25,7 @@ from dtensor.placements import Box, Placement, Shard
 from shardstore import format as fmt
 from shardstore.dtypes import dtype_info_by_name
 from shardstore.errors import CheckpointChangedError
-from shardstore.execute import staging_buffer
+from shardstore.buffers import staging_buffer
 from shardstore.flatten import KeyPath, display_names
 from shardstore.owners import parse_placements
 from shardstore.storage import Storage

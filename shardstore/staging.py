@@ -22,7 +22,8 @@ from typing import Iterator, Sequence
 import torch
 
 from shardstore.errors import StagingAbortedError
-from shardstore.execute import cell_values, staging_buffer
+from shardstore.buffers import staging_buffer
+from shardstore.execute import cell_values
 from shardstore.inputs import local_tensor
 from shardstore.plan import WriteTask
 

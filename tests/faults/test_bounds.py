@@ -30,7 +30,7 @@ def small_inner_chunks(monkeypatch):
 
 @pytest.fixture
 def staging(monkeypatch) -> list[int]:
-    """The sizes of every staging buffer allocated (saves use them too: clear it after saving)."""
+    """The sizes of every staging buffer a load allocates."""
     sizes: list[int] = []
     real = execute.staging_buffer
     monkeypatch.setattr(execute, "staging_buffer", lambda n: sizes.append(n) or real(n))
