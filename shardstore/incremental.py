@@ -41,6 +41,7 @@ R = TypeVar("R")
 
 Cells = Iterable[tuple[WriteTask, torch.Tensor]]
 _HASH_AHEAD = 2  # cells hashed ahead of the one being linked or encoded (a CUDA cell: a host copy each)
+_LINKERS = 8  # links made at once (on object stores each is a server-side copy, a round trip or more)
 
 
 def check_incremental(incremental: object) -> None:
@@ -94,15 +95,36 @@ class IncrementalWriter:
             key = object_key(arrays[task.key].node, task.cell)
             return task, data, key, self._hasher.digest(layouts[task.key], task.cell, data)
 
-        for task, data, key, digest in _map_ahead(hashed, cells, _HASH_AHEAD if stable_cells else 0):
-            old = self._unchanged(key, digest)
-            if old is None:
-                with self._lock:
-                    self._digests[key] = digest
-                yield task, data
-            else:
-                dest.link_from(self.previous, key)
-                self._record(key, old, linked=True)
+        linking: list[tuple[WriteTask, torch.Tensor, str, str, Future]] = []
+        with ThreadPoolExecutor(_LINKERS, thread_name_prefix="shardstore-link") as links:
+            for task, data, key, digest in _map_ahead(hashed, cells, _HASH_AHEAD if stable_cells else 0):
+                old = self._recorded(key, digest)
+                if old is None:
+                    yield self._handed_on(task, data, key, digest)
+                elif stable_cells:  # link on the pool; a cell whose old object is gone is written at the end
+                    linking.append((task, data, key, digest, links.submit(self._link, dest, key, old)))
+                elif not self._link(dest, key, old):
+                    yield self._handed_on(task, data, key, digest)
+            for task, data, key, digest, linked in linking:
+                if not linked.result():
+                    yield self._handed_on(task, data, key, digest)
+
+    def _handed_on(self, task: WriteTask, data: torch.Tensor, key: str, digest: str) -> tuple[WriteTask, torch.Tensor]:
+        with self._lock:
+            self._digests[key] = digest
+        return task, data
+
+    def _link(self, dest: Storage, key: str, old: StoredObject) -> bool:
+        """Link the previous checkpoint's object under ``key`` into ``dest`` if it is still there with the
+        recorded size (a server-side copy on object stores, so several run at once); whether it was."""
+        try:
+            if self.previous.size(key) != old.nbytes:
+                return False
+        except MissingChunkError:
+            return False
+        dest.link_from(self.previous, key)
+        self._record(key, old, linked=True)
+        return True
 
     def put(self, dest: Storage, key: str, blob: memoryview) -> None:
         """Write one changed object (``execute.write_cells`` calls this from its writer threads)."""
@@ -122,16 +144,11 @@ class IncrementalWriter:
             self.linked += linked
             self.linked_bytes += stored.nbytes if linked else 0
 
-    def _unchanged(self, key: str, digest: str) -> StoredObject | None:
-        """The previous checkpoint's object under ``key`` if it holds these very values in this very layout
-        (the digest recorded, an object of the recorded size still there); else None."""
+    def _recorded(self, key: str, digest: str) -> StoredObject | None:
+        """What the previous checkpoint recorded under ``key`` if it held these very values in this very
+        layout (the same digest); else None."""
         old = self.previous_objects.get(key)
-        if self.previous is None or old is None or old.digest != digest:
-            return None
-        try:
-            return old if self.previous.size(key) == old.nbytes else None
-        except MissingChunkError:
-            return None
+        return old if self.previous is not None and old is not None and old.digest == digest else None
 
 
 def _map_ahead(fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
