@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import stat
 
@@ -150,10 +151,16 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _libc_function(name: str):
+    """A C library function by name (loaded once), or None where this system's C library lacks it."""
+    return getattr(ctypes.CDLL(None, use_errno=True), name, None)
+
+
 def syncfs(path: str) -> bool:
     """Make everything written to the filesystem holding ``path`` durable in one call (Linux
     ``syncfs``, which reports write-back errors since 5.8); False where the system has no ``syncfs``."""
-    fn = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    fn = _libc_function("syncfs")
     if fn is None:
         return False
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -168,8 +175,7 @@ def syncfs(path: str) -> bool:
 
 def exchange(a: str, b: str) -> None:
     """Swap two directory trees in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
+    renameat2 = _libc_function("renameat2")
     if renameat2 is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available on this system")
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
