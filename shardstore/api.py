@@ -27,7 +27,8 @@ import torch
 from shardstore import format as fmt
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointChangedError, MissingChunkError, PartialLoadError, ShardstoreError
-from shardstore.execute import cells_of, check_runs, land_runs, place, read_checked
+from shardstore.cell_writer import cells_of
+from shardstore.chunk_reader import check_runs, land_runs, place, read_checked
 from shardstore.flatten import KeyPath, display_names, fill_plain_values, flatten, fqn, is_tensor_like, unflatten
 from shardstore.hf import is_safetensors, load_safetensors
 from shardstore.inputs import check_targets, local_tensor

@@ -65,6 +65,7 @@ __all__ = [
     "group_json",
     "group_paths",
     "node_key",
+    "object_key",
     "parse_array_json",
     "parse_group_json",
     "read_array",
@@ -129,6 +130,11 @@ def array_json(layout: ArrayLayout, attributes: dict[str, Any] | None = None) ->
 def chunk_key(coords: tuple[int, ...]) -> str:
     """Key of an outer chunk relative to its array node: ``c/0/1``, ``c`` for a 0-d array."""
     return "/".join(["c", *(str(int(c)) for c in coords)])
+
+
+def object_key(node: str, coords: tuple[int, ...]) -> str:
+    """Key of the shard object of outer chunk ``coords`` of the array at ``node``."""
+    return f"{node}/{chunk_key(coords)}" if node else chunk_key(coords)
 
 
 def node_key(path: str, name: str = ZARR_JSON) -> str:

@@ -8,7 +8,7 @@ complete checkpoint has its digests). The next incremental save hashes each cell
 where the previous checkpoint recorded the same digest under the same key (and still holds an object of
 the recorded size), the object is stored with ``Storage.link_from`` (a hard link locally, a server-side
 copy on object stores) and the cell is never encoded, checksummed or written; only the changed cells go
-on to ``execute.write_cells``.
+on to ``cell_writer.write_cells``.
 
 Hashing the values rather than the encoded object is what makes this cheap: the unchanged bulk of the
 state costs one pass of BLAKE3 (several GiB/s, the GIL released) instead of encoding, crc32c and a
@@ -30,7 +30,8 @@ import torch
 
 from shardstore.digests import CellHasher, StoredObject, read_digests
 from shardstore.errors import MissingChunkError
-from shardstore.execute import WriteStats, layout_of, object_key
+from shardstore.cell_writer import WriteStats, layout_of
+from shardstore.format import object_key
 from shardstore.plan import GlobalSavePlan, WriteTask
 from shardstore.storage import Storage
 
@@ -127,7 +128,7 @@ class IncrementalWriter:
         return True
 
     def put(self, dest: Storage, key: str, blob: memoryview) -> None:
-        """Write one changed object (``execute.write_cells`` calls this from its writer threads)."""
+        """Write one changed object (``cell_writer.write_cells`` calls this from its writer threads)."""
         dest.write(key, blob)
         with self._lock:
             digest = self._digests.pop(key)

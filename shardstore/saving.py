@@ -25,7 +25,7 @@ from shardstore import commit
 from shardstore import format as fmt
 from shardstore.tiling import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
-from shardstore.execute import WriteStats, layout_of, write_cells
+from shardstore.cell_writer import WriteStats, layout_of, write_cells
 from shardstore.flatten import KeyPath, flatten, is_tensor_like, merge_skeletons
 from shardstore.digests import StoredObject, write_digests
 from shardstore.incremental import IncrementalWriter, check_incremental

@@ -23,7 +23,7 @@ import torch
 
 from shardstore.errors import StagingAbortedError
 from shardstore.buffers import staging_buffer
-from shardstore.execute import cell_values
+from shardstore.cell_writer import cell_values
 from shardstore.inputs import local_tensor
 from shardstore.plan import WriteTask
 

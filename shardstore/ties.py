@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from shardstore.errors import StateDictMismatchError
-from shardstore.execute import copy_into
+from shardstore.chunk_reader import copy_into
 from shardstore.flatten import KeyPath, fqn
 
 __all__ = ["Destinations"]
@@ -38,7 +38,7 @@ class Destinations:
         return cls(targets, ties, scratch)
 
     def by_key(self) -> dict[KeyPath, list[torch.Tensor]]:
-        """What ``execute.place`` copies into, per key."""
+        """What ``chunk_reader.place`` copies into, per key."""
         return {k: [self.scratch.get(k, t)] for k, t in self.targets.items()}
 
     def check_ties(self) -> None:

@@ -4,7 +4,7 @@
 cannot hand ``save`` a state dict. Instead the layout is planned by the save planner itself
 (``plan.merge_save_plans``), as if every rank of the target mesh held its shard: the chunk grid then has
 one cell (one object) per target shard, exactly what ``save`` on that mesh would write and what a load
-on it reads fastest. Each cell's values are then fetched by a callback, encoded (``execute.write_cells``)
+on it reads fastest. Each cell's values are then fetched by a callback, encoded (``cell_writer.write_cells``)
 and written, a few cells at a time, and the checkpoint is committed as ``save`` commits
 (``saving.commit_metadata``, ``commit.py``): complete, durable, never a mix with what was at the URL.
 Memory is a few cells, whatever the tensor sizes.
@@ -24,7 +24,7 @@ from shardstore import commit
 from shardstore.saving import commit_metadata, write_array_metadata
 from shardstore.tiling import choose_inner_chunk_shape
 from shardstore.dtypes import dtype_info_by_name
-from shardstore.execute import cells_of, write_cells
+from shardstore.cell_writer import cells_of, write_cells
 from shardstore.flatten import KeyPath, fqn
 from shardstore.owners import rank_boxes
 from shardstore.plan import GlobalSavePlan, HeldTensor, LocalSavePlan, WriteTask, dtype_name, merge_save_plans

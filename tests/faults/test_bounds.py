@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shardstore
-from shardstore import execute, saving
+from shardstore import chunk_reader, saving
 from shardstore import format as fmt
 from shardstore.codec import ArrayLayout, ByteRange, check_index_bounds, decode_index, index_nbytes
 from shardstore.tiling import choose_inner_chunk_shape
@@ -32,8 +32,8 @@ def small_inner_chunks(monkeypatch):
 def staging(monkeypatch) -> list[int]:
     """The sizes of every staging buffer a load allocates."""
     sizes: list[int] = []
-    real = execute.staging_buffer
-    monkeypatch.setattr(execute, "staging_buffer", lambda n: sizes.append(n) or real(n))
+    real = chunk_reader.staging_buffer
+    monkeypatch.setattr(chunk_reader, "staging_buffer", lambda n: sizes.append(n) or real(n))
     return sizes
 
 

@@ -195,7 +195,7 @@ def _plan_of(tensors: dict):
 @pytest.mark.parametrize("stable_cells", [False, True])
 def test_each_cell_is_hashed_before_the_next_is_asked_for_unless_cells_stay_put(tmp_path, stable_cells):
     """Staging waves reuse a cell's memory once the next cell is asked for; stable cells are hashed ahead."""
-    from shardstore.execute import cells_of, layout_of, write_cells
+    from shardstore.cell_writer import cells_of, layout_of, write_cells
     from shardstore.incremental import IncrementalWriter
     from shardstore.storage import Storage
 

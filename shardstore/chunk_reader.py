@@ -1,119 +1,36 @@
-"""Carrying plans out: encode and write this rank's cells; read, verify and place the chunks it needs.
+"""Carrying out a load plan: read, verify and place the chunks this rank needs.
 
-The plans (``plan.py``, ``load_plan.py``) say what; this module moves bytes. Writes encode into a ring of
-reused buffers bounded in bytes (``buffers.py``) and hand each finished object to a thread pool, so
-encoding the next cell overlaps writing.
-Reads first check every object's shard index (``check_runs``: present, long enough, the layout the
-metadata promises, every entry inside the object, every needed inner chunk stored), then fetch each run of
-inner chunks lying back to back in the object with one ranged read: straight into the targets where a
-chunk lands unchanged, else through two reused scratch buffers, every chunk's crc32c verified as it lands
-(``land_runs``); or, all or nothing, every chunk into staging memory and verified before any is copied
-(``read_checked``, then ``place``).
+The plan (``load_plan.py``) says what; this module moves bytes. It first checks every object's shard
+index (``check_runs``: present, long enough, the layout the metadata promises, every entry inside the
+object, every needed inner chunk stored), then fetches each run of inner chunks lying back to back in the
+object with one ranged read: straight into the targets where a chunk lands unchanged, else through two
+reused scratch buffers, every chunk's crc32c verified as it lands (``land_runs``); or, all or nothing,
+every chunk into staging memory and verified before any is copied (``read_checked``, then ``place``).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Mapping
 
 import torch
 
-from shardstore.buffers import EncodeRing, staging_buffer
-from shardstore.codec import CRC_NBYTES, ArrayLayout, check_crc, decode_index, decode_inner_chunk, encode_shard, index_nbytes, inner_chunk_ranges
-from shardstore.dtypes import dtype_info_by_name
+from shardstore.buffers import staging_buffer
+from shardstore.codec import CRC_NBYTES, ArrayLayout, check_crc, decode_index, decode_inner_chunk, index_nbytes, inner_chunk_ranges
 from shardstore.errors import CorruptCheckpointError, MissingChunkError
 from shardstore.flatten import KeyPath, fqn
-from shardstore.format import chunk_key
-from shardstore.inputs import local_tensor
+from shardstore.format import object_key
 from shardstore.load_plan import ReadRun, ReadTask
 from shardstore.memcopy import copy_bytes
-from shardstore.plan import ArrayPlan, GlobalSavePlan, WriteTask
 from shardstore.storage import Storage
 
-__all__ = [
-    "WriteStats", "write_cells", "cells_of", "cell_values", "CheckedRun", "check_runs", "read_checked", "read_runs", "land_runs", "place",
-    "copy_into", "object_key", "layout_of", "read_index",
-]
+__all__ = ["CheckedRun", "check_runs", "read_checked", "read_runs", "land_runs", "place", "copy_into", "read_index"]
 
-_WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
-_IN_FLIGHT = 6  # encoded objects whose writes may be in flight at once
-_RING_BYTES = 256 << 20  # encode buffers a save keeps, whatever the number and size of its objects
 _INDEX_READERS = 16  # concurrent (size, index) reads of shard objects
 _LANDING_PIECE = 8 << 20  # a landing load reads runs in pieces of at most this many bytes, concurrently:
 # one big sequential read per object left the disk half idle (cold reads want several in flight)
-
-
-@dataclass(frozen=True)
-class WriteStats:
-    nbytes: int
-    objects: int
-    linked: int = 0  # of ``objects``: unchanged ones linked from the previous checkpoint (incremental saves)
-    linked_bytes: int = 0
-
-
-def object_key(node: str, cell: tuple[int, ...]) -> str:
-    return f"{node}/{chunk_key(cell)}" if node else chunk_key(cell)
-
-
-def layout_of(array: ArrayPlan, compressor: str | None) -> ArrayLayout:
-    dtype = dtype_info_by_name(array.dtype, fqn(array.key)).torch_dtype
-    return ArrayLayout(array.shape, dtype, array.chunk_shape, array.inner_chunk_shape, compressor)
-
-
-def write_cells(
-    storage: Storage,
-    plan: GlobalSavePlan,
-    cells: Iterable[tuple[WriteTask, torch.Tensor]],
-    compressor: str | None = None,
-    put: Callable[[Storage, str, memoryview], None] | None = None,
-) -> WriteStats:
-    """Encode and write ``cells`` (each a write task and the values of its cell); returns what was encoded.
-
-    ``put(storage, key, blob)`` stores each object (``Storage.write`` by default; an incremental save
-    passes ``IncrementalWriter.put``, which records each written object's digest; unchanged cells never
-    reach here, they were linked before encoding).
-
-    Each object is encoded into a buffer of an ``EncodeRing`` (at most ``_RING_BYTES`` of reused memory,
-    or one object bigger than that) and written by a thread pool while the next is encoded. A cell's
-    values are copied out by the time the next cell is asked for, so ``cells`` may hand out reused
-    staging memory.
-    """
-    arrays = {a.key: a for a in plan.arrays}
-    layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
-    ring = EncodeRing(_RING_BYTES, _IN_FLIGHT)
-    nbytes = objects = 0
-    store = storage.write if put is None else functools.partial(put, storage)
-    with ThreadPoolExecutor(_WRITERS) as pool:
-        try:
-            for task, data in cells:
-                layout = layouts[task.key]
-                buffer = ring.take(encoded_bound(layout))
-                blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
-                nbytes, objects = nbytes + blob.nbytes, objects + 1
-                ring.busy(buffer, pool.submit(store, object_key(arrays[task.key].node, task.cell), blob))
-        finally:
-            ring.drain()
-    return WriteStats(nbytes, objects)
-
-
-def cells_of(plan: GlobalSavePlan, rank: int, items: Mapping[KeyPath, Any]) -> Iterator[tuple[WriteTask, torch.Tensor]]:
-    """The cells ``plan`` gives ``rank``, each with its values viewed in the state dict's own tensors."""
-    for task in plan.writes[rank]:
-        yield task, cell_values(local_tensor(task.key, items[task.key]), task)
-
-
-def cell_values(local: torch.Tensor, task: WriteTask) -> torch.Tensor:
-    """The values of one cell, with any lazy conjugate or negative bit applied (the bytes written are the
-    values the tensor shows, never its raw storage)."""
-    return local[task.cell_box.relative_to(task.source_box)].resolve_conj().resolve_neg()
-
-
-def encoded_bound(layout: ArrayLayout) -> int:
-    """The most bytes an uncompressed shard object of ``layout`` can take (every inner chunk stored)."""
-    return math.prod(layout.inner_grid_shape) * (layout.inner_chunk_nbytes + CRC_NBYTES) + index_nbytes(layout)
 
 
 @dataclass(frozen=True)

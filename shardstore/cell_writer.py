@@ -1,0 +1,97 @@
+"""Carrying out a save plan: encode this rank's cells and write them, one object per cell.
+
+The plan (``plan.py``) says what; this module moves bytes. Each object is encoded into a ring of reused
+buffers bounded in bytes (``buffers.py``) and handed to a thread pool, so encoding the next cell
+overlaps writing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+
+from shardstore.buffers import EncodeRing
+from shardstore.codec import CRC_NBYTES, ArrayLayout, encode_shard, index_nbytes
+from shardstore.dtypes import dtype_info_by_name
+from shardstore.flatten import KeyPath, fqn
+from shardstore.format import object_key
+from shardstore.inputs import local_tensor
+from shardstore.plan import ArrayPlan, GlobalSavePlan, WriteTask
+from shardstore.storage import Storage
+
+__all__ = ["WriteStats", "write_cells", "cells_of", "cell_values", "encoded_bound", "layout_of"]
+
+_WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
+_IN_FLIGHT = 6  # encoded objects whose writes may be in flight at once
+_RING_BYTES = 256 << 20  # encode buffers a save keeps, whatever the number and size of its objects
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    nbytes: int
+    objects: int
+    linked: int = 0  # of ``objects``: unchanged ones linked from the previous checkpoint (incremental saves)
+    linked_bytes: int = 0
+
+
+def layout_of(array: ArrayPlan, compressor: str | None) -> ArrayLayout:
+    dtype = dtype_info_by_name(array.dtype, fqn(array.key)).torch_dtype
+    return ArrayLayout(array.shape, dtype, array.chunk_shape, array.inner_chunk_shape, compressor)
+
+
+def write_cells(
+    storage: Storage,
+    plan: GlobalSavePlan,
+    cells: Iterable[tuple[WriteTask, torch.Tensor]],
+    compressor: str | None = None,
+    put: Callable[[Storage, str, memoryview], None] | None = None,
+) -> WriteStats:
+    """Encode and write ``cells`` (each a write task and the values of its cell); returns what was encoded.
+
+    ``put(storage, key, blob)`` stores each object (``Storage.write`` by default; an incremental save
+    passes ``IncrementalWriter.put``, which records each written object's digest; unchanged cells never
+    reach here, they were linked before encoding).
+
+    Each object is encoded into a buffer of an ``EncodeRing`` (at most ``_RING_BYTES`` of reused memory,
+    or one object bigger than that) and written by a thread pool while the next is encoded. A cell's
+    values are copied out by the time the next cell is asked for, so ``cells`` may hand out reused
+    staging memory.
+    """
+    arrays = {a.key: a for a in plan.arrays}
+    layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
+    ring = EncodeRing(_RING_BYTES, _IN_FLIGHT)
+    nbytes = objects = 0
+    store = storage.write if put is None else functools.partial(put, storage)
+    with ThreadPoolExecutor(_WRITERS) as pool:
+        try:
+            for task, data in cells:
+                layout = layouts[task.key]
+                buffer = ring.take(encoded_bound(layout))
+                blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
+                nbytes, objects = nbytes + blob.nbytes, objects + 1
+                ring.busy(buffer, pool.submit(store, object_key(arrays[task.key].node, task.cell), blob))
+        finally:
+            ring.drain()
+    return WriteStats(nbytes, objects)
+
+
+def cells_of(plan: GlobalSavePlan, rank: int, items: Mapping[KeyPath, Any]) -> Iterator[tuple[WriteTask, torch.Tensor]]:
+    """The cells ``plan`` gives ``rank``, each with its values viewed in the state dict's own tensors."""
+    for task in plan.writes[rank]:
+        yield task, cell_values(local_tensor(task.key, items[task.key]), task)
+
+
+def cell_values(local: torch.Tensor, task: WriteTask) -> torch.Tensor:
+    """The values of one cell, with any lazy conjugate or negative bit applied (the bytes written are the
+    values the tensor shows, never its raw storage)."""
+    return local[task.cell_box.relative_to(task.source_box)].resolve_conj().resolve_neg()
+
+
+def encoded_bound(layout: ArrayLayout) -> int:
+    """The most bytes an uncompressed shard object of ``layout`` can take (every inner chunk stored)."""
+    return math.prod(layout.inner_grid_shape) * (layout.inner_chunk_nbytes + CRC_NBYTES) + index_nbytes(layout)
