@@ -67,16 +67,14 @@ def write_cells(
     ring = EncodeRing(_RING_BYTES, _IN_FLIGHT)
     nbytes = objects = 0
     store = storage.write if put is None else functools.partial(put, storage)
-    with ThreadPoolExecutor(_WRITERS) as pool:
-        try:
-            for task, data in cells:
-                layout = layouts[task.key]
-                buffer = ring.take(encoded_bound(layout))
-                blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
-                nbytes, objects = nbytes + blob.nbytes, objects + 1
-                ring.busy(buffer, pool.submit(store, object_key(arrays[task.key].node, task.cell), blob))
-        finally:
-            ring.drain()
+    with ThreadPoolExecutor(_WRITERS) as pool:  # on an error, waits for the writes in flight (each holds its blob)
+        for task, data in cells:
+            layout = layouts[task.key]
+            buffer = ring.take(encoded_bound(layout))
+            blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
+            nbytes, objects = nbytes + blob.nbytes, objects + 1
+            ring.busy(buffer, pool.submit(store, object_key(arrays[task.key].node, task.cell), blob))
+        ring.drain()
     return WriteStats(nbytes, objects)
 
 
