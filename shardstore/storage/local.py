@@ -40,7 +40,7 @@ __all__ = ["LocalStorage"]
 
 _DIRECT_ALIGN = 4096  # O_DIRECT needs block-aligned addresses, offsets and lengths
 _DIRECT_MIN = 1 << 20  # below this, O_DIRECT gains nothing over the page cache
-_SYNC_AT_WRITE = 1 << 20  # smaller objects are made durable by sync(), with the directories
+_SYNC_AT_WRITE = 1 << 20  # smaller objects (and bigger ones written with O_DIRECT) are made durable by sync()
 _SYNCFS_FROM = 64  # files and directories pending in sync() from which one syncfs replaces their fsyncs
 
 
@@ -62,7 +62,7 @@ class LocalStorage(Storage):
         self.url = url
         self.durable = durable
         self._dirty: set[str] = set()  # directories whose entries changed since the last sync
-        self._unsynced: set[str] = set()  # small files written since the last sync, not yet fsync'd
+        self._unsynced: set[str] = set()  # files renamed into place since the last sync, not yet fsync'd
         self._checked_dirs: set[str] = set()  # directories known to be real (not symlinks), for reads
         self._lock = threading.Lock()
         self._direct_ok = hasattr(os, "O_DIRECT")
@@ -211,6 +211,8 @@ class LocalStorage(Storage):
                 view = memoryview(part).cast("B")
                 while view:
                     view = view[os.write(fd, view):]
+            if self.durable:
+                posix.fsync_file(fd, tmp)
 
         path = self._path(key)
         self._replace(self._tmp_file(path, fill), path)
@@ -254,18 +256,16 @@ class LocalStorage(Storage):
             if self.durable and not deferred:
                 posix.fsync_file(fd, tmp)
 
-        return self._tmp_file(path, fill, fsync=False), deferred
+        return self._tmp_file(path, fill), deferred
 
-    def _tmp_file(self, path: str, fill: Callable[[int, str], Any], fsync: bool = True) -> str:
-        """A fresh temporary next to ``path`` that ``fill(fd, tmp)`` writes, fsync'd when durable and
-        ``fsync``; its path."""
+    def _tmp_file(self, path: str, fill: Callable[[int, str], Any]) -> str:
+        """A fresh temporary next to ``path`` that ``fill(fd, tmp)`` writes (and fsyncs, when it must be
+        durable before its rename); its path."""
         self._make_dirs(os.path.dirname(path))
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             fill(fd, tmp)
-            if self.durable and fsync:
-                posix.fsync_file(fd, tmp)
         except BaseException:
             os.close(fd)
             posix.unlink(tmp)
