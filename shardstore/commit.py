@@ -33,7 +33,7 @@ from shardstore.format import FORMAT_NAME, ZARR_JSON
 from shardstore.digests import DIGESTS
 from shardstore.storage import CURRENT, VERSION_PREFIX, HeldLock, Storage
 
-__all__ = ["Claim", "begin", "finish", "abandon", "sweep"]
+__all__ = ["Claim", "begin", "destination", "finish", "abandon", "sweep"]
 
 OWNER = ".shardstore-owner"  # in a staging tree: locked by the saving process (removed before the swap)
 CLAIM = ".shardstore-claim"  # object stores: a fresh save's claim on the URL itself
@@ -75,6 +75,14 @@ def begin(target: Storage, overwrite: bool) -> Claim:
         _owners[nonce] = staging.lock(OWNER, timeout=0)
     _delete_trees(target.parent(), trash)
     return Claim(staging.url, expected, nonce, staged=True)
+
+
+def destination(target: Storage, claim: Claim, storage_options: dict | None, durable: bool = True) -> Storage:
+    """Where the ranks write: ``target`` itself, or the tree ``begin`` claimed, which only this save
+    writes and nobody reads before ``finish`` (so a ``Storage.private`` view)."""
+    if claim.dest_url == target.url:
+        return target
+    return Storage(claim.dest_url, storage_options, durable=durable).private()
 
 
 def _claim_on_object_store(target: Storage, expected: str | None, nonce: str) -> Claim:

@@ -118,7 +118,7 @@ def write_and_commit(
     once the next one is asked for, as staging waves are); an incremental save then hashes ahead."""
     target = Storage(options.url, options.storage_options, durable=options.durable)
     claim = coord.decide("claiming the checkpoint URL", lambda: commit.begin(target, options.overwrite))
-    dest = target if claim.dest_url == target.url else Storage(claim.dest_url, options.storage_options, durable=options.durable)
+    dest = commit.destination(target, claim, options.storage_options, options.durable)
     try:
         writer = coord.agree("reading the previous digests", lambda: IncrementalWriter.for_save(options.incremental, options.storage_options))
         share = (coord.rank, coord.world_size)

@@ -112,7 +112,7 @@ def write_checkpoint(
     ``tree`` as the state-dict skeleton. ``progress(n)`` gets each cell's bytes."""
     target = Storage(url, storage_options)
     claim = commit.begin(target, overwrite)
-    dest = target if claim.dest_url == target.url else Storage(claim.dest_url, storage_options)
+    dest = commit.destination(target, claim, storage_options)
     try:
         arrays = {a.key: a for a in plan.arrays}
         tasks = [t for per_rank in plan.writes for t in per_rank]

@@ -200,6 +200,11 @@ class Storage:
         it, where the backend can (local trees); else this storage itself."""
         return self
 
+    def private(self) -> "Storage":
+        """A view for a tree that only this save writes and nobody reads before it is committed (a
+        staging tree): a backend may then skip what protects concurrent readers; else this storage."""
+        return self
+
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 

@@ -6,7 +6,10 @@ that never replace a non-empty directory (and, on Linux, atomic exchange of two 
 never follow a symlink nor block on a FIFO planted in a checkpoint.
 
 Writes go to ``<key>.tmp-<uuid>``, then are renamed over the key (never rewritten in place, so an object
-hard-linked into a later checkpoint by ``link_from`` cannot change through either name). When durable,
+hard-linked into a later checkpoint by ``link_from`` cannot change through either name). In a
+``private`` tree (a save's staging tree: nobody reads it before its commit) a new key is created
+exclusively and written in place, which spares a rename per object; a key that exists already still
+gets a temporary and a rename. When durable,
 objects of ``_SYNC_AT_WRITE`` bytes or more written through the page cache are fsync'd by the writing
 thread before the rename (their flush overlaps other writes). Every other object (small ones, and big
 ones written with ``O_DIRECT``, whose bytes are on the device already: only a tail under one block and
@@ -67,6 +70,7 @@ class LocalStorage(Storage):
         self._lock = threading.Lock()
         self._direct_ok = hasattr(os, "O_DIRECT")
         self._pin: int | None = None  # an open directory: reads resolve from it (``pinned``)
+        self._private = False  # new keys are written in place (``private``)
 
     def _derived(self, root: str, url: str) -> "LocalStorage":
         other = LocalStorage.__new__(LocalStorage)
@@ -157,6 +161,11 @@ class LocalStorage(Storage):
         weakref.finalize(view, os.close, view._pin)
         return view
 
+    def private(self) -> "LocalStorage":
+        view = self._derived(self._root, self.url)
+        view._private = True
+        return view
+
     def exists(self, key: str) -> bool:
         name, dir_fd = self._locate(key)
         try:
@@ -218,10 +227,12 @@ class LocalStorage(Storage):
         self._replace(self._tmp_file(path, fill), path)
 
     def _replace(self, tmp: str, path: str, deferred: bool = False) -> None:
-        """Rename the finished temporary ``tmp`` over ``path`` (a new inode: never a rewrite in place);
-        ``deferred``: its bytes are not durable yet, ``sync()`` makes them so."""
+        """Rename the finished temporary ``tmp`` over ``path`` (a new inode: never a rewrite in place;
+        nothing to rename where ``tmp`` is ``path``, a new key of a private tree); ``deferred``: its bytes
+        are not durable yet, ``sync()`` makes them so."""
         try:
-            os.replace(tmp, path)
+            if tmp != path:
+                os.replace(tmp, path)
         except BaseException:
             posix.unlink(tmp)
             raise
@@ -233,7 +244,7 @@ class LocalStorage(Storage):
     def create_exclusive(self, key: str, data: bytes) -> None:
         """``link`` never replaces an existing name, so of racing writers exactly one succeeds."""
         path = self._path(key)
-        tmp, _ = self._write_tmp(path, data, defer=False)
+        tmp, _ = self._write_tmp(path, data, defer=False, in_place=False)
         try:
             os.link(tmp, path)
         finally:
@@ -241,10 +252,11 @@ class LocalStorage(Storage):
         self._touched(os.path.dirname(path))
         self.sync()
 
-    def _write_tmp(self, path: str, data: bytes | bytearray | memoryview, defer: bool) -> tuple[str, bool]:
-        """Write ``data`` to a fresh temporary next to ``path``; its path, and whether its fsync is left
-        to ``sync()`` (only with ``defer``: a small object, or one written with ``O_DIRECT``); else it is
-        fsync'd here when durable."""
+    def _write_tmp(self, path: str, data: bytes | bytearray | memoryview, defer: bool,
+                   in_place: bool = True) -> tuple[str, bool]:
+        """Write ``data`` to a fresh temporary next to ``path`` (``_tmp_file``); its path, and whether its
+        fsync is left to ``sync()`` (only with ``defer``: a small object, or one written with
+        ``O_DIRECT``); else it is fsync'd here when durable."""
         view = memoryview(data).cast("B")
         deferred = False
 
@@ -256,14 +268,17 @@ class LocalStorage(Storage):
             if self.durable and not deferred:
                 posix.fsync_file(fd, tmp)
 
-        return self._tmp_file(path, fill), deferred
+        return self._tmp_file(path, fill, in_place), deferred
 
-    def _tmp_file(self, path: str, fill: Callable[[int, str], Any]) -> str:
+    def _tmp_file(self, path: str, fill: Callable[[int, str], Any], in_place: bool = True) -> str:
         """A fresh temporary next to ``path`` that ``fill(fd, tmp)`` writes (and fsyncs, when it must be
-        durable before its rename); its path."""
+        durable before its rename); its path: ``path`` itself where the tree is private, ``in_place`` is
+        allowed and ``path`` is new."""
         self._make_dirs(os.path.dirname(path))
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        tmp, fd = path, self._create(path) if self._private and in_place else None
+        if fd is None:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            fd = self._create(tmp, must_be_new=True)
         try:
             fill(fd, tmp)
         except BaseException:
@@ -272,6 +287,16 @@ class LocalStorage(Storage):
             raise
         os.close(fd)
         return tmp
+
+    @staticmethod
+    def _create(path: str, must_be_new: bool = False) -> int | None:
+        """A new file at ``path``, open for writing; None if ``path`` exists (unless ``must_be_new``)."""
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileExistsError:
+            if must_be_new:
+                raise
+            return None
 
     def _write_direct(self, tmp: str, view: memoryview) -> int:
         """Write the block-aligned head of ``view`` with ``O_DIRECT`` (no page-cache copy, no dirty pages
@@ -302,6 +327,8 @@ class LocalStorage(Storage):
             os.mkdir(directory)
         except FileExistsError:
             return
+        if directory == self._root:
+            posix.mark_top_directory(directory)  # its tensors' directories spread over the disk's groups
         self._touched(os.path.dirname(directory))
 
     def _touched(self, directory: str) -> None:

@@ -71,11 +71,12 @@ def test_many_small_objects_are_made_durable_by_one_syncfs_before_the_marker(tmp
     each time it syncs (not an fsync each), and every object it placed is covered by a sync that comes
     before the root marker's own sync."""
     events: list[tuple[str, str]] = []
-    file_sync, dir_sync, fs_sync, real_replace = posix.fsync_file, posix.fsync_dir, posix.syncfs, local.os.replace
+    file_sync, dir_sync, fs_sync, place = posix.fsync_file, posix.fsync_dir, posix.syncfs, local.LocalStorage._replace
     monkeypatch.setattr(posix, "fsync_file", lambda fd, path: (events.append(("file", path)), file_sync(fd, path)))
     monkeypatch.setattr(posix, "fsync_dir", lambda path: (events.append(("dir", path)), dir_sync(path)))
     monkeypatch.setattr(posix, "syncfs", lambda path: (events.append(("fs", path)), fs_sync(path))[1])
-    monkeypatch.setattr(local.os, "replace", lambda a, b: (real_replace(a, b), events.append(("placed", b))))
+    monkeypatch.setattr(local.LocalStorage, "_replace",
+                        lambda self, tmp, path, **kw: (place(self, tmp, path, **kw), events.append(("placed", path))))
     url = tmp_path / "ck"
     shardstore.save({f"layer{i}": {"w": torch.randn(4, 8), "b": torch.zeros(8)} for i in range(40)}, str(url))
     assert [kind for kind, _ in events].count("fs") >= 1
