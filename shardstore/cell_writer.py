@@ -73,7 +73,7 @@ def write_cells(
             buffer = ring.take(encoded_bound(layout))
             blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
             nbytes, objects = nbytes + blob.nbytes, objects + 1
-            ring.busy(buffer, pool.submit(store, object_key(arrays[task.key].node, task.cell), blob))
+            ring.busy(buffer, pool.submit(store, object_key(arrays[task.key].node, layout, task.cell), blob))
         ring.drain()
     return WriteStats(nbytes, objects)
 

@@ -61,7 +61,7 @@ def check_runs(
     here, before any data is read or any memory for it is allocated: every index entry lies inside its
     object, so the bytes the runs need are backed by the objects.
     """
-    keys = [object_key(nodes[run.key], run.cell) for run in runs]
+    keys = [object_key(nodes[run.key], layouts[run.key], run.cell) for run in runs]
     objects = {key: run for key, run in zip(keys, runs)}
     indices = _concurrently(lambda item: _object_index(storage, layouts[item[1].key], *item), list(objects.items()))
     ranges = dict(zip(objects, indices))

@@ -35,6 +35,7 @@ from shardstore.memcopy import as_bytes, copy_bytes
 __all__ = [
     "ArrayLayout",
     "ByteRange",
+    "CHUNK_KEY_SEPARATORS",
     "COMPRESSORS",
     "check_crc",
     "ZSTD_LEVEL",
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 COMPRESSORS = (None, "zstd")
+CHUNK_KEY_SEPARATORS = (".", "/")  # Zarr v3 default chunk key encoding: ``c.0.1`` or ``c/0/1``
 ZSTD_LEVEL = 3
 CRC_NBYTES = 4
 _MISSING = 2**64 - 1
@@ -64,6 +66,7 @@ class ArrayLayout:
     chunk_shape: tuple[int, ...]
     inner_chunk_shape: tuple[int, ...]
     compressor: str | None = None
+    chunk_key_separator: str = "."  # shard objects at ``c.0.1`` (format version 2) or ``c/0/1`` (version 1)
 
     def __post_init__(self) -> None:
         for name in ("shape", "chunk_shape", "inner_chunk_shape"):
@@ -77,6 +80,8 @@ class ArrayLayout:
             raise ValueError(f"{self}: inner_chunk_shape must divide chunk_shape (Zarr requires it)")
         if self.compressor not in COMPRESSORS:
             raise ValueError(f"{self}: compressor must be one of {COMPRESSORS}")
+        if self.chunk_key_separator not in CHUNK_KEY_SEPARATORS:
+            raise ValueError(f"{self}: chunk_key_separator must be one of {CHUNK_KEY_SEPARATORS}")
 
     @property
     def info(self) -> DTypeInfo:

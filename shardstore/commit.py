@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 
 from shardstore.errors import CheckpointExistsError, ConcurrentSaveError, MissingChunkError, NotACheckpointError
-from shardstore.format import FORMAT_NAME, ZARR_JSON
+from shardstore.format import FORMAT_NAME, ZARR_JSON, is_object_key
 from shardstore.digests import DIGESTS
 from shardstore.storage import CURRENT, VERSION_PREFIX, HeldLock, Storage
 
@@ -144,8 +144,8 @@ def _looks_like_ours(key: str) -> bool:
     name = parts[-1]
     in_version = parts[0].startswith(VERSION_PREFIX)
     at_top = len(parts) == 1 or (in_version and len(parts) == 2)  # the checkpoint's root, or a version's
-    return (name in (ZARR_JSON, CLAIM, CURRENT, "c") or (at_top and name == DIGESTS) or ".tmp-" in name
-            or "c" in parts[:-1] or (in_version and name == OWNER))
+    return (name in (ZARR_JSON, CLAIM, CURRENT) or is_object_key(key) or ".tmp-" in name
+            or (at_top and name == DIGESTS) or (in_version and name == OWNER))
 
 
 def _claim_fresh(target: Storage, nonce: str) -> None:

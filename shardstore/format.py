@@ -1,6 +1,6 @@
 """The only writer and reader of ``zarr.json``: node metadata and the root record.
 
-The contract is ``docs/format.md`` (format version 1). Every ``zarr.json`` is produced here as exact
+The contract is ``docs/format.md`` (format version 2; version 1 is read too). Every ``zarr.json`` is produced here as exact
 text (pinned by golden tests) and every one read back is parsed by ``shardstore.parse`` (re-exported
 here), so a malformed or foreign file becomes a ``CorruptCheckpointError`` naming the file instead of a
 ``KeyError`` deep in a load.
@@ -17,6 +17,7 @@ and every array ``zarr.json`` a read uses must describe the layout the root reco
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -64,6 +65,7 @@ __all__ = [
     "chunk_key",
     "group_json",
     "group_paths",
+    "is_object_key",
     "node_key",
     "object_key",
     "parse_array_json",
@@ -78,7 +80,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "shardstore"
-FORMAT_VERSION = 1
+_OBJECT_NAME = re.compile(r"c(\.\d+)*")  # ``c`` (0-d), ``c.0.1``
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: shard objects at ``c/0/1`` (a directory per chunk coordinate); 2: ``c.0.1``
 ZARR_JSON = "zarr.json"
 
 
@@ -119,7 +123,7 @@ def array_json(layout: ArrayLayout, attributes: dict[str, Any] | None = None) ->
         "shape": list(layout.shape),
         "data_type": info.zarr_name,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(layout.chunk_shape)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": layout.chunk_key_separator}},
         "fill_value": info.fill_value,
         "codecs": _codecs(layout),
         "attributes": attributes or {},
@@ -127,14 +131,24 @@ def array_json(layout: ArrayLayout, attributes: dict[str, Any] | None = None) ->
     return _dumps(node, "array zarr.json")
 
 
-def chunk_key(coords: tuple[int, ...]) -> str:
-    """Key of an outer chunk relative to its array node: ``c/0/1``, ``c`` for a 0-d array."""
-    return "/".join(["c", *(str(int(c)) for c in coords)])
+def chunk_key(coords: tuple[int, ...], separator: str = ".") -> str:
+    """Key of an outer chunk relative to its array node (Zarr's default chunk key encoding): ``c.0.1``,
+    ``c`` for a 0-d array. Why ``.`` and not Zarr's usual ``/``: every coordinate but the last would be a
+    directory of its own, two more directories per tensor, which were a fifth of a save of a thousand
+    small tensors on a local disk; every Zarr v3 reader honours the separator the array declares."""
+    return separator.join(["c", *(str(int(c)) for c in coords)])
 
 
-def object_key(node: str, coords: tuple[int, ...]) -> str:
-    """Key of the shard object of outer chunk ``coords`` of the array at ``node``."""
-    return f"{node}/{chunk_key(coords)}" if node else chunk_key(coords)
+def object_key(node: str, layout: ArrayLayout, coords: tuple[int, ...]) -> str:
+    """Key of the shard object of outer chunk ``coords`` of the array at ``node`` laid out as ``layout``."""
+    key = chunk_key(coords, layout.chunk_key_separator)
+    return f"{node}/{key}" if node else key
+
+
+def is_object_key(key: str) -> bool:
+    """Whether ``key`` names a shard object (``.../c.0.1``, ``.../c``, or ``.../c/0/1`` in version 1)."""
+    parts = key.split("/")
+    return parts[-1] != ZARR_JSON and (_OBJECT_NAME.fullmatch(parts[-1]) is not None or "c" in parts[:-1])
 
 
 def node_key(path: str, name: str = ZARR_JSON) -> str:
@@ -214,26 +228,28 @@ class TensorRecord:
     compressor: str | None
     mesh_shape: tuple[int, ...]
     placements: tuple[str, ...]
+    chunk_key_separator: str = "."  # absent from version 1 records, whose objects are at ``c/0/1``
 
     @classmethod
     def from_layout(cls, path: str, layout: ArrayLayout, mesh_shape: tuple[int, ...] = (),
                     placements: tuple[str, ...] = ()) -> "TensorRecord":
         return cls(path, layout.shape, dtype_info(layout.dtype).zarr_name, layout.chunk_shape,
-                   layout.inner_chunk_shape, layout.compressor, tuple(mesh_shape), tuple(placements))
+                   layout.inner_chunk_shape, layout.compressor, tuple(mesh_shape), tuple(placements),
+                   layout.chunk_key_separator)
 
     @property
     def layout(self) -> ArrayLayout:
         info = dtype_info_by_name(self.dtype, f"tensor at {self.path!r}")
-        return ArrayLayout(
-            self.shape, info.torch_dtype, self.chunk_shape, self.inner_chunk_shape, self.compressor
-        )
+        return ArrayLayout(self.shape, info.torch_dtype, self.chunk_shape, self.inner_chunk_shape, self.compressor,
+                           self.chunk_key_separator)
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_json(cls, entry: Any, where: str) -> "TensorRecord":
+    def from_json(cls, entry: Any, where: str, version: int = FORMAT_VERSION) -> "TensorRecord":
         expect(isinstance(entry, dict), where, "a tensor entry object", entry)
+        separator = "/" if version == 1 else get_field(entry, "chunk_key_separator", str, where)
         try:
             record = cls(
                 path=get_field(entry, "path", str, where),
@@ -244,6 +260,7 @@ class TensorRecord:
                 compressor=entry.get("compressor"),
                 mesh_shape=int_list(entry.get("mesh_shape"), where, "mesh_shape"),
                 placements=_strings(get_field(entry, "placements", list, where), where, "placements"),
+                chunk_key_separator=separator,
             )
             check_sane_grid(record.layout, where)  # also validates dtype, ranks, divisibility, compressor
         except CorruptCheckpointError:
@@ -288,16 +305,16 @@ class RootMetadata:
         expect(isinstance(block, dict) and block.get("format") == FORMAT_NAME, where,
                 "attributes.shardstore.format 'shardstore' (a shardstore checkpoint)", block)
         version = block.get("version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CorruptCheckpointError(
-                f"{where}: format version {version!r}, this shardstore reads version {FORMAT_VERSION}; "
+                f"{where}: format version {version!r}, this shardstore reads versions {list(READABLE_VERSIONS)}; "
                 "upgrade shardstore to load checkpoints written by a newer one (if none wrote it, the file is damaged)"
             )
         verify_root_checksum(block, where)
         tensors = get_field(block, "tensors", dict, where)
         root = cls(
             tree=block.get("tree"),
-            tensors={k: _tensor_entry(k, v, f"{where} tensor {k!r}") for k, v in tensors.items()},
+            tensors={k: _tensor_entry(k, v, f"{where} tensor {k!r}", version) for k, v in tensors.items()},
             user_metadata=get_field(block, "user_metadata", dict, where),
             torch_version=get_field(block, "torch_version", str, where),
             shardstore_version=get_field(block, "shardstore_version", str, where),
@@ -320,9 +337,9 @@ def _commit_id(block: dict[str, Any], where: str) -> str:
     return value
 
 
-def _tensor_entry(key: str, entry: Any, where: str) -> TensorRecord:
+def _tensor_entry(key: str, entry: Any, where: str, version: int) -> TensorRecord:
     """One entry of ``tensors``; its key and its path name a node reads go to, so both must stay inside."""
-    record = TensorRecord.from_json(entry, where)
+    record = TensorRecord.from_json(entry, where, version)
     for name in dict.fromkeys((key, record.path)):
         try:
             check_key(name, where)

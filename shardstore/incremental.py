@@ -93,7 +93,7 @@ class IncrementalWriter:
         def hashed(cell: tuple[WriteTask, torch.Tensor]) -> tuple[WriteTask, torch.Tensor, str, str]:
             task, data = cell
             data = data.cpu()  # a CUDA cell is copied once: hashed here, encoded from the same copy
-            key = object_key(arrays[task.key].node, task.cell)
+            key = object_key(arrays[task.key].node, layouts[task.key], task.cell)
             return task, data, key, self._hasher.digest(layouts[task.key], task.cell, data)
 
         linking: list[tuple[WriteTask, torch.Tensor, str, str, Future]] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from shardstore.codec import ZSTD_LEVEL, ArrayLayout
+from shardstore.codec import CHUNK_KEY_SEPARATORS, ZSTD_LEVEL, ArrayLayout
 from shardstore.dtypes import dtype_info_by_name
 from shardstore.errors import CorruptCheckpointError
 
@@ -98,8 +98,9 @@ def parse_array_json(text: bytes | bytearray | str, where: str) -> ArrayLayout:
     grid = get_field(node, "chunk_grid", dict, where)
     expect(grid.get("name") == "regular", where, "a regular chunk grid", grid)
     keys = get_field(node, "chunk_key_encoding", dict, where)
-    expect(keys.get("name") == "default" and (keys.get("configuration") or {}).get("separator") == "/",
-           where, "chunk_key_encoding default with '/'", keys)
+    separator = (keys.get("configuration") or {}).get("separator")
+    expect(keys.get("name") == "default" and separator in CHUNK_KEY_SEPARATORS,
+           where, "chunk_key_encoding default with '.' or '/'", keys)
     fill = node.get("fill_value")
     expect(fill == info.fill_value, where, f"fill_value {info.fill_value!r}", fill)
     inner, compressor = _parse_sharding(node.get("codecs"), where)
@@ -110,6 +111,7 @@ def parse_array_json(text: bytes | bytearray | str, where: str) -> ArrayLayout:
             chunk_shape=int_list((grid.get("configuration") or {}).get("chunk_shape"), where, "chunk_shape"),
             inner_chunk_shape=inner,
             compressor=compressor,
+            chunk_key_separator=separator,
         )
     except ValueError as exc:
         raise CorruptCheckpointError(f"{where}: inconsistent array metadata: {exc}") from exc

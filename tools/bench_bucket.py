@@ -25,6 +25,7 @@ import fsspec
 import torch
 
 import shardstore
+from shardstore.format import is_object_key
 
 TENSORS = 8
 GIB = 1 << 30
@@ -79,7 +80,7 @@ def _partial_read_bytes(url: str, sd: dict) -> tuple[int, int]:
     def counting(self, key, start, stop):
         nonlocal fetched
         data = original(self, key, start, stop)
-        fetched += len(data) if "/c/" in key else 0
+        fetched += len(data) if is_object_key(key) else 0
         return data
 
     FsspecStorage._fetch = counting

@@ -118,13 +118,14 @@ def train_step(model, opt, loader: DataLoader, mesh) -> float:
 
 def kill_mid_save(step: int) -> None:
     """SIGKILL this process right after it wrote its first chunk object of step ``step``'s checkpoint."""
+    from shardstore.format import is_object_key
     from shardstore.storage.local import LocalStorage
 
     write = LocalStorage.write
 
     def write_then_die(self, key, data):
         write(self, key, data)
-        if f"/step-{step}." in self.url and "/c/" in f"/{key}":
+        if f"/step-{step}." in self.url and is_object_key(key):
             os.kill(os.getpid(), signal.SIGKILL)
 
     LocalStorage.write = write_then_die

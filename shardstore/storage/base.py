@@ -10,7 +10,7 @@ was written is durable), and, where the backend has them, atomic renames of whol
 path or ``file://`` URL gets ``LocalStorage`` (``os`` calls: fsync, atomic renames, no symlinks
 followed), anything else ``FsspecStorage``.
 
-Keys are relative POSIX paths (``model/w/c/0/1``). Every key is validated before use, so no key can
+Keys are relative POSIX paths (``model/w/c.0.1``). Every key is validated before use, so no key can
 escape the root (``..``, absolute paths, backslashes, NUL, empty components raise ``UnsafeKeyError``).
 """
 
@@ -55,7 +55,7 @@ def check_key(key: str, root_url: str) -> str:
     if problem:
         raise UnsafeKeyError(
             f"unsafe key {key!r} under {root_url}: {problem}; expected a relative POSIX path like "
-            "'model/w/c/0/1' that stays inside the checkpoint. Fix the key (state-dict keys are "
+            "'model/w/c.0.1' that stays inside the checkpoint. Fix the key (state-dict keys are "
             "percent-encoded by shardstore.flatten)"
         )
     return key

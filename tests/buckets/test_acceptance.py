@@ -121,6 +121,7 @@ CHUNK_DELAY_S = 0.2
 def _doomed_save(url: str, options: dict, overwrite: bool, writing) -> None:
     """Save 12 tensors, each object's write slowed down; ``writing`` is set once chunk objects are being
     written, so that the parent's kill lands mid-save."""
+    from shardstore.format import is_object_key
     from shardstore.storage.remote import FsspecStorage
 
     write = FsspecStorage.write
@@ -128,7 +129,7 @@ def _doomed_save(url: str, options: dict, overwrite: bool, writing) -> None:
     def slow_write(self, key, data):
         time.sleep(CHUNK_DELAY_S)
         write(self, key, data)
-        if "/c/" in key:
+        if is_object_key(key):
             writing.set()
 
     FsspecStorage.write = slow_write

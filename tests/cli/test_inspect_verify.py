@@ -65,11 +65,11 @@ def test_verify_good_checkpoint(capsys, sharded):
 def _damaged_copy(sharded: str, tmp_path: Path) -> str:
     url = str(tmp_path / "bad")
     shardstore.save({"w": W.repeat(256, 1), "b": torch.ones(3)}, url)  # w: 1024 x 6, one object
-    obj = Path(url) / "w" / "c" / "0" / "0"
+    obj = Path(url) / "w" / "c.0.0"
     data = bytearray(obj.read_bytes())
     data[100] ^= 0x40  # inside inner chunk 0
     obj.write_bytes(data)
-    (Path(url) / "b" / "c" / "0").unlink()
+    (Path(url) / "b" / "c.0").unlink()
     return url
 
 
@@ -78,8 +78,8 @@ def test_verify_names_each_bad_chunk_and_exits_1(capsys, sharded, tmp_path):
     before = {p: p.read_bytes() for p in Path(url).rglob("*") if p.is_file()}
     code, out, _ = cli(capsys, "verify", url)
     assert code == 1
-    assert f"BAD w chunk [0, 0] inner chunk 0: {url}/w/c/0/0 inner chunk 0 of 'w': crc32c mismatch" in out
-    assert f"BAD b chunk [0]: object {url}/b/c/0 does not exist" in out
+    assert f"BAD w chunk [0, 0] inner chunk 0: {url}/w/c.0.0 inner chunk 0 of 'w': crc32c mismatch" in out
+    assert f"BAD b chunk [0]: object {url}/b/c.0 does not exist" in out
     assert "FAILED: 2 bad chunk(s)" in out
     code, doc = cli_json(capsys, "verify", url)
     assert code == 1 and doc["ok"] is False

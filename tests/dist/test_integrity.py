@@ -79,11 +79,11 @@ def _read(reader: str, url: str, key: str = "model.w"):
         shardstore.open(url).read(key)
 
 
-def _shard(url: str, node: str = "model/w", cell: str = "c/0/0") -> Path:
+def _shard(url: str, node: str = "model/w", cell: str = "c.0.0") -> Path:
     return Path(url) / node / cell
 
 
-def _inner_range(url: str, node: str, k: int, cell: str = "c/0/0"):
+def _inner_range(url: str, node: str, k: int, cell: str = "c.0.0"):
     layout = fmt.read_array(Storage(url), node)
     blob = _shard(url, node, cell).read_bytes()
     return decode_index(layout, blob[-index_nbytes(layout):], "test")[k], index_nbytes(layout)
@@ -127,7 +127,7 @@ def test_flipped_data_byte_names_object_and_inner_chunk(tmp_path, small_inner_ch
     with pytest.raises((CorruptCheckpointError, PartialLoadError)) as info:
         _read(reader, url)
     msg = str(info.value)
-    assert f"{url}/model/w/c/0/0 inner chunk 5 of 'model.w'" in msg and "crc32c mismatch" in msg and _says_fix(msg)
+    assert f"{url}/model/w/c.0.0 inner chunk 5 of 'model.w'" in msg and "crc32c mismatch" in msg and _says_fix(msg)
     if reader == "load":  # the damaged chunk had landed in its target: the load says so, and why
         assert isinstance(info.value, PartialLoadError) and isinstance(info.value.__cause__, CorruptCheckpointError)
         assert "'model.w'" in msg.split("partly loaded")[1]
@@ -143,7 +143,7 @@ def test_flipped_index_byte_is_refused(tmp_path, small_inner_chunks, reader):
     with pytest.raises(CorruptCheckpointError) as info:
         _read(reader, url)
     msg = str(info.value)
-    assert f"{url}/model/w/c/0/0" in msg and "shard index" in msg and "'model.w'" in msg and _says_fix(msg)
+    assert f"{url}/model/w/c.0.0" in msg and "shard index" in msg and "'model.w'" in msg and _says_fix(msg)
 
 
 @pytest.mark.parametrize("reader", READERS)
@@ -154,7 +154,7 @@ def test_deleted_chunk_object_is_missing(tmp_path, reader):
         _read(reader, url)
     msg = str(info.value)
     assert isinstance(info.value, FileNotFoundError)
-    assert f"object {url}/model/w/c/0/0 does not exist" in msg and _says_fix(msg)
+    assert f"object {url}/model/w/c.0.0 does not exist" in msg and _says_fix(msg)
 
 
 @pytest.mark.parametrize("reader", READERS)
@@ -170,7 +170,7 @@ def test_truncated_chunk_object_is_corrupt(tmp_path, small_inner_chunks, reader,
         _read(reader, url)
     msg = str(info.value)
     assert not isinstance(info.value, MissingChunkError)
-    assert f"{url}/model/w/c/0/0" in msg and _says_fix(msg)
+    assert f"{url}/model/w/c.0.0" in msg and _says_fix(msg)
 
 
 # -- the root record -----------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ MALFORMED = {
     "invalid-json": (lambda url: (Path(url) / "zarr.json").write_text('{"zarr_format": 3, '), "not valid JSON"),
     "no-shardstore-block": (lambda url: _edit_root(url, lambda b, n: n["attributes"].pop("shardstore")),
                             "a shardstore checkpoint"),
-    "wrong-version": (lambda url: _edit_root(url, lambda b, n: b.update(version=2)), "upgrade shardstore"),
+    "wrong-version": (lambda url: _edit_root(url, lambda b, n: b.update(version=3)), "upgrade shardstore"),
     "tensors-not-a-dict": (lambda url: _edit_root(url, lambda b, n: b.update(tensors=[])), "'tensors'"),
 }
 
@@ -261,8 +261,8 @@ def test_root_record_path_climbing_out_is_refused(tmp_path, reader, field):
     shardstore.save(_state(_values()), url)
     # A valid copy of the array just outside the checkpoint: reading it would make the load "succeed".
     evil = tmp_path / "run" / "evil"
-    (evil / "c" / "0").mkdir(parents=True)
-    (evil / "c" / "0" / "0").write_bytes(_shard(url).read_bytes())
+    evil.mkdir(parents=True)
+    (evil / "c.0.0").write_bytes(_shard(url).read_bytes())
     (evil / "zarr.json").write_bytes((Path(url) / "model/w/zarr.json").read_bytes())
 
     def edit(block, node):
@@ -451,12 +451,12 @@ def _dist_partial(save_url: str, load_url: str, kind: str) -> list[tuple[str, st
 def test_all_or_nothing_two_ranks_corrupt_chunk_on_one_rank_leaves_every_rank_untouched(tmp_path):
     url = str(tmp_path / "ck")
     run_ranks(2, _dist_save, url)
-    shards = sorted(p.name for p in (Path(url) / "model/z_last/c").iterdir())
-    assert shards == ["0", "1"], shards  # one shard object per rank's half
-    _flip(_shard(url, "model/z_last", "c/1/0"), 0)  # the half rank 1 loads
+    shards = sorted(p.name for p in (Path(url) / "model/z_last").iterdir())
+    assert shards == ["c.0.0", "c.1.0", "zarr.json"], shards  # one shard object per rank's half
+    _flip(_shard(url, "model/z_last", "c.1.0"), 0)  # the half rank 1 loads
     (kind0, msg0, untouched0), (kind1, msg1, untouched1) = run_ranks(2, _dist_failed_load, url)
-    assert kind1 == "CorruptCheckpointError" and f"{url}/model/z_last/c/1/0 inner chunk 0 of 'model.z_last'" in msg1
-    assert kind0 == RemoteRankError.__name__ and "rank(s) [1]" in msg0 and "model/z_last/c/1/0" in msg0
+    assert kind1 == "CorruptCheckpointError" and f"{url}/model/z_last/c.1.0 inner chunk 0 of 'model.z_last'" in msg1
+    assert kind0 == RemoteRankError.__name__ and "rank(s) [1]" in msg0 and "model/z_last/c.1.0" in msg0
     assert untouched1, "rank 1 changed its tensors although its load failed"
     assert untouched0, "rank 0 changed its tensors although the load failed on rank 1"
 

@@ -130,7 +130,7 @@ def test_all_or_nothing_refuses_a_share_over_any_ranks_staging_memory_on_every_r
 def test_a_damaged_chunk_that_landed_is_reported_where_tensors_changed(tmp_path):
     url = str(tmp_path / "ck")
     run_ranks(2, _dist_save, url)
-    _flip(_shard(url, "model/z_last", "c/1/0"), 0)  # the half rank 1 loads
+    _flip(_shard(url, "model/z_last", "c.1.0"), 0)  # the half rank 1 loads
     (kind0, msg0, _), (kind1, msg1, _) = run_ranks(2, _dist_load, url, False)
     # both ranks had landed chunks in their tensors: rank 1 the damaged one itself, rank 0 its share
     assert (kind0, kind1) == ("PartialLoadError", "PartialLoadError"), (kind0, msg0, kind1, msg1)

@@ -37,7 +37,7 @@ def staging(monkeypatch) -> list[int]:
     return sizes
 
 
-def _index(url: str, node: str = "model/w", cell: str = "c/0/0") -> tuple[list, int]:
+def _index(url: str, node: str = "model/w", cell: str = "c.0.0") -> tuple[list, int]:
     """The index entries of one object and the size of its chunk data (the object minus its index)."""
     layout = fmt.read_array(Storage(url), node)
     blob = (Storage(url).read(f"{node}/{cell}"))
@@ -62,10 +62,10 @@ def test_forged_index_entry_is_refused_before_anything_is_allocated(tmp_path, sm
                                                                     compressor, case):
     url = saved(tmp_path, compressor=compressor)
     ranges, end = _index(url)
-    forge_index(url, "model/w", "c/0/0", FORGERIES[case](ranges, end))
+    forge_index(url, "model/w", "c.0.0", FORGERIES[case](ranges, end))
     staging.clear()
     msg = refused(reader, url, CorruptCheckpointError, tmp_path)
-    assert f"{url}/model/w/c/0/0 (shard index of 'model.w'): index entry 5" in msg, msg
+    assert f"{url}/model/w/c.0.0 (shard index of 'model.w'): index entry 5" in msg, msg
     assert "load an earlier checkpoint or re-run the save" in msg
     assert staging == [], "staging memory was allocated for a forged index"
 
@@ -73,11 +73,11 @@ def test_forged_index_entry_is_refused_before_anything_is_allocated(tmp_path, sm
 def test_decompression_claim_beyond_what_zstd_can_expand_is_refused():
     layout = ArrayLayout((4096, 4096), torch.float32, (4096, 4096), (4096, 4096), "zstd")  # 64 MiB inner chunk
     with pytest.raises(CorruptCheckpointError, match="cannot decompress to the 67108864 bytes"):
-        check_index_bounds(layout, [ByteRange(0, 100)], 100, "w/c/0/0")
-    check_index_bounds(layout, [ByteRange(0, 4000)], 4000, "w/c/0/0")  # 3996 bytes may expand that far
+        check_index_bounds(layout, [ByteRange(0, 100)], 100, "w/c.0.0")
+    check_index_bounds(layout, [ByteRange(0, 4000)], 4000, "w/c.0.0")  # 3996 bytes may expand that far
 
 
-def _reorder_chunks(url: str, node: str = "model/w", cell: str = "c/0/0") -> None:
+def _reorder_chunks(url: str, node: str = "model/w", cell: str = "c.0.0") -> None:
     """Store the inner chunks of one (compressed) object in reverse order, as another writer might."""
     import crc32c
 
@@ -121,7 +121,7 @@ def test_object_smaller_than_its_claimed_index_is_refused(tmp_path, staging, rea
     _forge_layout(url, "model/w", inner_chunk_shape=[1, 1])  # 4096 inner chunks: a 65540-byte index
     staging.clear()
     msg = refused(reader, url, CorruptCheckpointError, tmp_path)
-    assert f"{url}/model/w/c/0/0 (shard index of 'model.w'): the object is" in msg
+    assert f"{url}/model/w/c.0.0 (shard index of 'model.w'): the object is" in msg
     assert "the index of 4096 inner chunks alone takes 65540" in msg and staging == []
 
 
@@ -166,7 +166,7 @@ def test_claimed_huge_shape_reads_only_what_the_objects_hold(tmp_path, staging):
         ck.read("model.w")
     assert type(info.value) is ValueError and staging == []
     assert torch.equal(ck.read("model.w", (slice(0, 64), slice(0, 64))), values()["w"])  # what the object holds
-    with pytest.raises(MissingChunkError, match=f"object {url}/model/w/c/1/0 does not exist"):
+    with pytest.raises(MissingChunkError, match=f"object {url}/model/w/c.1.0 does not exist"):
         ck.read("model.w", (slice(64, 128), slice(0, 64)))
     assert max(staging) < 20000 and files(tmp_path) == before
 

@@ -31,6 +31,7 @@ import pytest
 import torch
 
 import shardstore
+from shardstore.format import is_object_key
 from shardstore.errors import CheckpointExistsError, CheckpointNotFoundError, IncompleteCheckpointError
 
 WORLD = 2
@@ -60,7 +61,7 @@ def slow_chunk_writes(delay: float) -> None:
     write, one_at_a_time = LocalStorage.write, threading.Lock()
 
     def slow(self, key, data):
-        if "/c/" not in f"/{key}/":
+        if not is_object_key(key):
             return write(self, key, data)
         with one_at_a_time:
             write(self, key, data)
@@ -107,8 +108,9 @@ def _free_port() -> int:
 
 
 def _chunk_objects(root: Path) -> list[Path]:
-    """Finished chunk objects under ``root`` (temporary ``.tmp-`` files excluded)."""
-    return [p for p in root.rglob("*") if p.is_file() and "c" in p.relative_to(root).parts and ".tmp-" not in p.name]
+    """Chunk objects under ``root`` (temporary ``.tmp-`` files excluded; in a staging tree an object may
+    still be being written under its own name)."""
+    return [p for p in root.rglob("*") if p.is_file() and is_object_key(str(p.relative_to(root))) and ".tmp-" not in p.name]
 
 
 def run_and_kill(steps, watch, victim: int, job=_job) -> None:

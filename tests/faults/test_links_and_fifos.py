@@ -45,11 +45,11 @@ def _assert_refused(url: Path, what: str, name: str) -> None:
     assert target["step"] == -1 and not target["model"]["w"].any() and not target["model"]["b"].any()
 
 
-@pytest.mark.parametrize("node", ["model/w/c/0/0", "model/w", "model"])
+@pytest.mark.parametrize("node", ["model/w/c.0.0", "model/w", "model"])
 def test_a_symlink_into_another_checkpoint_is_refused(pair, node):
     a, b = pair
     _replace_with_link(b / node, a / node)
-    _assert_refused(b, "a symbolic link", node.split("/")[-1] if "c/" in node else node)
+    _assert_refused(b, "a symbolic link", node)
     with pytest.raises(CorruptCheckpointError, match="symbolic link"):
         shardstore.open(str(b)).read("model.w")
 
@@ -64,10 +64,10 @@ def test_a_symlinked_root_marker_is_refused(pair):
 @pytest.mark.timeout(60)
 def test_a_fifo_in_place_of_a_chunk_is_refused_without_blocking(pair):
     _, b = pair
-    chunk = b / "model" / "w" / "c" / "0" / "0"
+    chunk = b / "model" / "w" / "c.0.0"
     chunk.unlink()
     os.mkfifo(chunk)
-    _assert_refused(b, "a FIFO", "0")
+    _assert_refused(b, "a FIFO", "c.0.0")
 
 
 def test_a_symlink_to_the_checkpoint_root_is_followed(pair, tmp_path):

@@ -96,7 +96,7 @@ def _load_after_damage(url: str, staging: int, all_or_nothing: bool = False):
     shardstore.save(_sharded(None), url)
     torch.distributed.barrier()
     if _rank() == 0:
-        path = Path(url) / "model/a/c/1/0"  # rank 1's half of the first tensor
+        path = Path(url) / "model/a/c.1.0"  # rank 1's half of the first tensor
         data = bytearray(path.read_bytes())
         data[0] ^= 0xFF
         path.write_bytes(bytes(data))
@@ -114,7 +114,7 @@ def test_a_damaged_chunk_that_landed_is_a_partial_load_on_every_rank_whose_tenso
     """Rank 1's first chunk lands in its tensor before its checksum fails: PartialLoadError naming the
     chunk and what changed. Rank 0 loaded its whole share before hearing of it: PartialLoadError too."""
     (kind0, msg0, sevens0, step0), (kind1, msg1, sevens1, step1) = run_ranks(2, _load_after_damage, str(tmp_path / "ck"), STREAMED)
-    assert kind1 == "PartialLoadError" and "model/a/c/1/0 inner chunk 0 of 'model.a'" in msg1, msg1
+    assert kind1 == "PartialLoadError" and "model/a/c.1.0 inner chunk 0 of 'model.a'" in msg1, msg1
     assert "crc32c mismatch" in msg1 and "'model.a'" in msg1.split("partly loaded")[1] and not sevens1["a"]
     assert step1 == -1  # plain values are filled only after every tensor verified
     assert kind0 == "PartialLoadError" and "rank(s) [1]" in msg0 and "partly loaded" in msg0, msg0
@@ -132,7 +132,7 @@ def test_single_process_load_failing_before_any_byte_lands_is_not_partial(tmp_pa
     url = str(tmp_path / "ck")
     state = {"model": {k: torch.arange(64.0) + i for i, k in enumerate("abc")}, "step": 3}
     shardstore.save(state, url)
-    path = Path(url) / "model/a/c/0"
+    path = Path(url) / "model/a/c.0"
     data = bytearray(path.read_bytes())
     data[3] ^= 0xFF
     path.write_bytes(bytes(data))

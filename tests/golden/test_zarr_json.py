@@ -1,4 +1,5 @@
-"""Pin the exact ``zarr.json`` text shardstore writes (format version 1, docs/format.md).
+"""Pin the exact ``zarr.json`` text shardstore writes (format version 2, docs/format.md), and that
+version 1 files (``*_v1.json``, shard objects at ``c/0/1``) still read.
 
 A diff here is a format change: update docs/format.md (and the version, if old readers would break)
 before regenerating the files under ``expected/``.
@@ -42,6 +43,26 @@ def test_array_json_text():
     assert fmt.parse_array_json(text, "x") == layout
 
 
+def test_version_1_files_still_read_with_their_slash_separated_chunk_keys():
+    layout = fmt.parse_array_json(_expected("array_float32_5x7_v1.json"), "x")
+    assert layout == ArrayLayout((5, 7), torch.float32, (4, 4), (2, 2), chunk_key_separator="/")
+    assert fmt.object_key("model/w", layout, (1, 0)) == "model/w/c/1/0"
+    block = fmt.parse_group_json(_expected("root_v1.json"), "x")[fmt.FORMAT_NAME]
+    record = fmt.RootMetadata.from_json(block, "x").tensors["model/w"]
+    assert record.layout.chunk_key_separator == "/"
+    assert fmt.object_key(record.path, record.layout, (1, 1)) == "model/w/c/1/1"
+
+
+def test_chunk_key_separator_other_than_dot_or_slash_is_refused():
+    text = fmt.array_json(ArrayLayout((5, 7), torch.float32, (4, 4), (2, 2))).replace('"separator": "."', '"separator": "-"')
+    with pytest.raises(CorruptCheckpointError, match="chunk_key_encoding"):
+        fmt.parse_array_json(text, "x")
+    block = _root().to_json()
+    del block["tensors"]["model/w"]["chunk_key_separator"]
+    with pytest.raises(CorruptCheckpointError, match="chunk_key_separator"):
+        fmt.RootMetadata.from_json(block | {"checksum": fmt.root_checksum(block)}, "x")
+
+
 def test_group_json_text():
     assert fmt.group_json() == _expected("group_empty.json")
 
@@ -61,7 +82,7 @@ def test_fill_value_per_dtype(dtype, fill):
 
 
 def test_chunk_keys():
-    assert fmt.chunk_key((0, 1)) == "c/0/1"
+    assert fmt.chunk_key((0, 1)) == "c.0.1" and fmt.chunk_key((0, 1), "/") == "c/0/1"
     assert fmt.chunk_key(()) == "c"
     assert fmt.node_key("") == "zarr.json" and fmt.node_key("model/w") == "model/w/zarr.json"
     assert fmt.group_paths(["a/b/c", "a/d", "e"]) == ["a", "a/b"]
@@ -84,7 +105,7 @@ def test_malformed_array_json_names_the_file(mutate, match):
 
 
 def test_root_from_newer_format_asks_for_an_upgrade():
-    block = _root().to_json() | {"version": 2}
+    block = _root().to_json() | {"version": 3}
     with pytest.raises(CorruptCheckpointError, match="upgrade shardstore"):
         fmt.RootMetadata.from_json(block, "x")
 

@@ -36,12 +36,12 @@ def test_digests_record_the_blake3_of_each_cells_layout_and_values_and_the_objec
     shardstore.save(state, str(tmp_path / "a"), incremental=True)
     record = json.loads((tmp_path / "a" / DIGESTS).read_text())
     assert (record["format"], record["version"], record["algorithm"]) == ("shardstore-digests", 2, "blake3")
-    assert sorted(record["objects"]) == ["frozen/c/0/0", "lora/c/0/0"]
+    assert sorted(record["objects"]) == ["frozen/c.0.0", "lora/c.0.0"]
     for name, value in state.items():
-        entry = record["objects"][f"{name}/c/0/0"]
+        entry = record["objects"][f"{name}/c.0.0"]
         layout = ArrayLayout(tuple(value.shape), value.dtype, tuple(value.shape), tuple(value.shape))
         expected = blake3.blake3(layout_header(layout, (0, 0)) + value.numpy().tobytes()).hexdigest()
-        assert entry == {"digest": expected, "nbytes": (tmp_path / "a" / f"{name}/c/0/0").stat().st_size}
+        assert entry == {"digest": expected, "nbytes": (tmp_path / "a" / f"{name}/c.0.0").stat().st_size}
 
 
 def test_a_plain_save_records_no_digests(tmp_path):
@@ -53,10 +53,10 @@ def test_only_changed_objects_are_written_and_the_new_step_outlives_the_old(tmp_
     shardstore.save(_state(1), str(tmp_path / "a"), incremental=True)
     result = shardstore.save(_state(2), str(tmp_path / "b"), incremental=str(tmp_path / "a"))
     assert (result.chunks_written, result.chunks_linked) == (2, 1)
-    assert result.bytes_written == (tmp_path / "b" / "lora/c/0/0").stat().st_size
-    assert _ino(tmp_path / "b" / "frozen/c/0/0") == _ino(tmp_path / "a" / "frozen/c/0/0")
+    assert result.bytes_written == (tmp_path / "b" / "lora/c.0.0").stat().st_size
+    assert _ino(tmp_path / "b" / "frozen/c.0.0") == _ino(tmp_path / "a" / "frozen/c.0.0")
     old, new = (json.loads((tmp_path / step / DIGESTS).read_text())["objects"] for step in "ab")
-    assert new["frozen/c/0/0"] == old["frozen/c/0/0"] and new["lora/c/0/0"] != old["lora/c/0/0"]
+    assert new["frozen/c.0.0"] == old["frozen/c.0.0"] and new["lora/c.0.0"] != old["lora/c.0.0"]
     shutil.rmtree(tmp_path / "a")  # deleting the old step never breaks the new one
     loaded = _load(tmp_path / "b", _state(0))
     assert all(torch.equal(loaded[k], v) for k, v in _state(2).items())
@@ -68,7 +68,7 @@ def test_one_changed_element_of_a_frozen_tensor_is_rewritten(tmp_path):
     state["frozen"][17, 3] = torch.nextafter(state["frozen"][17, 3], torch.tensor(float("inf")))  # one ulp
     result = shardstore.save(state, str(tmp_path / "b"), incremental=str(tmp_path / "a"))
     assert result.chunks_linked == 1  # lora only
-    assert _ino(tmp_path / "b" / "frozen/c/0/0") != _ino(tmp_path / "a" / "frozen/c/0/0")
+    assert _ino(tmp_path / "b" / "frozen/c.0.0") != _ino(tmp_path / "a" / "frozen/c.0.0")
     assert torch.equal(_load(tmp_path / "b", state)["frozen"], state["frozen"])
 
 
@@ -80,14 +80,14 @@ def test_the_same_bytes_in_another_layout_never_link(tmp_path, other):
     shardstore.save({"frozen": _state(0)["frozen"]}, str(tmp_path / "a"), incremental=True)
     result = shardstore.save(other, str(tmp_path / "b"), incremental=str(tmp_path / "a"))
     assert result.chunks_linked == 0
-    assert _ino(tmp_path / "b" / "frozen/c/0/0") != _ino(tmp_path / "a" / "frozen/c/0/0")
+    assert _ino(tmp_path / "b" / "frozen/c.0.0") != _ino(tmp_path / "a" / "frozen/c.0.0")
     assert torch.equal(_load(tmp_path / "b", other)["frozen"], other["frozen"])
 
 
 def test_compressed_objects_link_under_the_same_codec(tmp_path):
     shardstore.save(_state(1), str(tmp_path / "a"), incremental=True, compressor="zstd")
     result = shardstore.save(_state(2), str(tmp_path / "b"), incremental=str(tmp_path / "a"), compressor="zstd")
-    assert result.chunks_linked == 1 and _ino(tmp_path / "b" / "frozen/c/0/0") == _ino(tmp_path / "a" / "frozen/c/0/0")
+    assert result.chunks_linked == 1 and _ino(tmp_path / "b" / "frozen/c.0.0") == _ino(tmp_path / "a" / "frozen/c.0.0")
     assert all(torch.equal(v, _state(2)[k]) for k, v in _load(tmp_path / "b", _state(0)).items())
 
 
@@ -109,10 +109,10 @@ def test_an_object_no_longer_of_its_recorded_size_is_written_not_linked(tmp_path
     # as if staging buffers were reused between waves: each cell is linked or handed on before the next
     monkeypatch.setattr(async_saver, "waves_stay_staged", lambda waves: False)
     shardstore.save(_state(1), str(tmp_path / "a"), incremental=True)
-    old = tmp_path / "a" / "frozen/c/0/0"
+    old = tmp_path / "a" / "frozen/c.0.0"
     old.write_bytes(old.read_bytes()[:-1])  # truncated after its save
     result = save(_state(1), str(tmp_path / "b"), incremental=str(tmp_path / "a"))
-    assert result.chunks_linked == 1 and _ino(tmp_path / "b" / "frozen/c/0/0") != _ino(old)
+    assert result.chunks_linked == 1 and _ino(tmp_path / "b" / "frozen/c.0.0") != _ino(old)
     assert torch.equal(_load(tmp_path / "b", _state(0))["frozen"], _state(1)["frozen"])
 
 
@@ -125,7 +125,7 @@ def test_a_base_without_digests_links_nothing(tmp_path):
 def test_digests_of_an_older_version_link_nothing(tmp_path):
     shardstore.save(_state(1), str(tmp_path / "a"), incremental=True)
     sha256_era = {"format": "shardstore-digests", "version": 1, "algorithm": "sha256",
-                  "objects": {"frozen/c/0/0": "0" * 64, "lora/c/0/0": "1" * 64}}
+                  "objects": {"frozen/c.0.0": "0" * 64, "lora/c.0.0": "1" * 64}}
     (tmp_path / "a" / DIGESTS).write_text(json.dumps(sha256_era))
     result = shardstore.save(_state(1), str(tmp_path / "b"), incremental=str(tmp_path / "a"))
     assert result.chunks_linked == 0
@@ -134,7 +134,7 @@ def test_digests_of_an_older_version_link_nothing(tmp_path):
 
 @pytest.mark.parametrize("text", [
     '{"format": "shardstore-digests", "version": 2, "algorithm": "blake3", "objects": []}',
-    '{"format": "shardstore-digests", "version": 2, "algorithm": "blake3", "objects": {"lora/c/0/0": "ab"}}',
+    '{"format": "shardstore-digests", "version": 2, "algorithm": "blake3", "objects": {"lora/c.0.0": "ab"}}',
     '{"format": "something else", "version": 2}',
     "not json",
 ])
@@ -217,7 +217,7 @@ def test_each_cell_is_hashed_before_the_next_is_asked_for_unless_cells_stay_put(
     for i, (task, data) in enumerate(changed):
         assert len(asked) == (min(i + 3, 5) if stable_cells else i + 1)  # two cells hashed ahead, or none
         write_cells(dest, plan, [(task, data)], None, writer.put)
-    expected = {f"t{i}/c/0/0": CellHasher().digest(layout_of(plan.arrays[i], None), (0, 0), torch.full((8, 4), float(i)))
+    expected = {f"t{i}/c.0.0": CellHasher().digest(layout_of(plan.arrays[i], None), (0, 0), torch.full((8, 4), float(i)))
                 for i in range(5)}
     assert {k: o.digest for k, o in writer.objects.items()} == expected
 

@@ -70,7 +70,7 @@ def test_zarr_python_raises_on_a_flipped_data_byte(tmp_path):
     _write_checkpoint(str(tmp_path), torch.float32)
     shape, chunks, inner = ARRAYS["m"]
     layout = ArrayLayout(shape, torch.float32, chunks, inner)
-    shard = tmp_path / "model/m/c/0/0"
+    shard = tmp_path / "model/m/c.0.0"
     raw = bytearray(shard.read_bytes())
     raw[inner_chunk_ranges(layout, (0, 0))[1].offset + 2] ^= 0x10
     shard.write_bytes(bytes(raw))
@@ -105,7 +105,7 @@ def test_zarr_python_reads_bfloat16_without_importing_shardstore(tmp_path):
 def test_tensorstore_raises_on_a_flipped_data_byte(tmp_path):
     ts = pytest.importorskip("tensorstore")
     _write_checkpoint(str(tmp_path), torch.float32)
-    shard = tmp_path / "model/v/c/0"
+    shard = tmp_path / "model/v/c.0"
     raw = bytearray(shard.read_bytes())
     raw[1] ^= 0x10
     shard.write_bytes(bytes(raw))
