@@ -29,6 +29,7 @@ from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointChangedError, MissingChunkError, PartialLoadError, ShardstoreError
 from shardstore.cell_writer import cells_of
 from shardstore.chunk_reader import check_runs, land_runs, place, read_checked
+from shardstore.gc_pause import gc_paused
 from shardstore.flatten import KeyPath, display_names, fill_plain_values, flatten, fqn, is_tensor_like, unflatten
 from shardstore.hf import is_safetensors, load_safetensors
 from shardstore.inputs import check_targets, local_tensor
@@ -67,6 +68,7 @@ LANDING_SCRATCH_BYTES = 128 << 20  # a default load's two reused buffers for chu
 DEFAULT_MAX_READ_BYTES = 4 << 30  # one Checkpoint.read; bigger regions are read in parts
 
 
+@gc_paused
 def save(
     state_dict: Mapping[str, Any],
     url: str,
@@ -98,6 +100,7 @@ def save(
     return SaveResult.of(url, stats, start)
 
 
+@gc_paused
 def load(
     state_dict: dict,
     url: str,

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from shardstore.coordinator import Coordinator
 from shardstore.errors import SaveInProgressError
+from shardstore.gc_pause import gc_paused
 from shardstore.saving import SaveJob, SaveOptions, SaveResult, plan_save, write_and_commit
 from shardstore.staging import WaveHandoff, cell_nbytes, plan_waves, stage_waves, staging_pool, waves_stay_staged
 
@@ -56,6 +57,7 @@ def _background() -> ThreadPoolExecutor:
     return _writer[1]
 
 
+@gc_paused
 def async_save(
     state_dict: Mapping[str, Any],
     url: str,
