@@ -60,7 +60,7 @@ def budget_tile(outer: tuple[int, ...], itemsize: int, target_bytes: int) -> tup
 
 
 RESHARD_SPLITS = 4  # a load sharding one of the last two dims over this many ranks reads only what it needs
-WHOLE_CHUNK_BYTES = 256 << 10  # smaller outer chunks stay whole tiles: reading all of one costs little
+WHOLE_CHUNK_BYTES = 1 << 20  # outer chunks up to this stay whole: a read of one costs its latency, not its bytes
 MIN_ROW_BYTES = 512  # narrower inner chunk rows make scattered reads and copies inefficient
 
 

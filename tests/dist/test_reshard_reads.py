@@ -11,7 +11,8 @@ import shardstore
 from dtensor import Shard
 from tests.ranks import mesh, run_ranks
 
-SHAPES = {"a": ((512, 1024), torch.float32), "b": ((1024, 1024), torch.bfloat16), "c": ((2048, 1024), torch.float32)}
+# Saved shards over WHOLE_CHUNK_BYTES (1 MiB; smaller ones are one chunk, read whole): 2, 2 and 4 MiB.
+SHAPES = {"a": ((1024, 1024), torch.float32), "b": ((2048, 1024), torch.bfloat16), "c": ((2048, 1024), torch.float32)}
 
 
 def _values() -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from shardstore.codec import (
     inner_chunk_ranges,
 )
 from shardstore.errors import CorruptCheckpointError
-from shardstore.tiling import budget_tile, choose_inner_chunk_shape
+from shardstore.tiling import WHOLE_CHUNK_BYTES, budget_tile, choose_inner_chunk_shape
 from shardstore.load_plan import StoredArray, load_targets, plan_load
 from shardstore.plan import local_save_plan, merge_save_plans
 from tests.planning import per_rank
@@ -136,16 +136,17 @@ def test_layout_geometry():
     ((8192, 8192), 4, (1024, 1024)),  # square 2-D tile, exactly 4 MiB, already within a quarter of each dim
     ((8192, 1024), 4, (1024, 256)),  # the 4 MiB tile (1024, 1024) cut to a quarter of the columns
     ((4096, 1024), 2, (1024, 256)),  # bf16: (1024, 1024) cut the same way; 512-byte rows are enough
-    ((128, 1024), 4, (32, 256)),  # 512 KiB: one budget tile, cut to a quarter of both dims
-    ((256, 1024), 4, (64, 256)),
+    ((128, 1024), 4, (128, 1024)),  # 512 KiB: whole
+    ((256, 1024), 4, (256, 1024)),  # exactly 1 MiB: whole
+    ((512, 1024), 4, (128, 256)),  # 2 MiB: one budget tile, cut to a quarter of both dims
     ((64, 1024, 1024), 4, (1, 256, 256)),  # leading dims shrink first, then the cut
     ((100, 1000, 100), 4, (10, 250, 100)),  # a quarter of 100 fp32 columns is under 512 bytes a row
     ((8191, 8192), 4, (8191, 128)),  # prime rows: split columns instead; no divisor near a quarter
     ((3, 102400), 4, (3, 25600)),  # fewer rows than splits stay whole
-    ((1 << 20,), 4, (1 << 18,)),  # 1-D over 256 KiB: a quarter
+    ((1 << 20,), 4, (1 << 18,)),  # 1-D over 1 MiB: a quarter
     ((2000006,), 4, (1000003,)),  # 2 x prime: one oversized-but-close chunk, not 1-element ones
     ((16, 256), 4, (16, 256)),  # 16 KiB: whole
-    ((256, 256), 4, (256, 256)),  # exactly 256 KiB: whole
+    ((256, 256), 4, (256, 256)),  # 256 KiB: whole
     ((7,), 4, (7,)),
     ((), 4, ()),
 ])
@@ -162,7 +163,7 @@ def test_choose_inner_chunk_shape_divides_the_budget_tile(outer, itemsize, targe
     assert len(inner) == len(budget) == len(outer)
     assert all(n % b == 0 for n, b in zip(outer, budget))
     assert all(b % i == 0 for b, i in zip(budget, inner))  # every inner chunk lies inside one budget tile
-    if math.prod(outer) * itemsize <= min(target, 256 << 10):
+    if math.prod(outer) * itemsize <= min(target, WHOLE_CHUNK_BYTES):
         assert inner == tuple(outer)
 
 
@@ -181,7 +182,7 @@ def test_budget_tile_fills_the_target_for_powers_of_two(exponents, itemsize, tar
 def test_inner_chunks_of_powers_of_two_fit_a_4_way_split_of_the_last_two_dims(exponents, itemsize):
     outer = tuple(2**e for e in exponents)
     inner = choose_inner_chunk_shape(outer, itemsize)
-    if math.prod(outer) * itemsize <= 256 << 10:
+    if math.prod(outer) * itemsize <= WHOLE_CHUNK_BYTES:
         return
     for d in range(max(0, len(outer) - 2), len(outer)):
         row_bytes = (outer[d] // 4) * itemsize if d == len(outer) - 1 else 512
@@ -216,8 +217,14 @@ BENCHMARK_TENSORS = [(256, torch.float32), (1024, torch.float32), (4096, torch.f
 @pytest.mark.parametrize("rows,dtype", BENCHMARK_TENSORS)
 @pytest.mark.parametrize("load_mesh,load_dim", [(4, 1), (2, 1), (4, 0), (8, 0), (2, 0)])
 def test_loads_splitting_a_saved_shard_up_to_4_ways_read_only_what_they_need(rows, dtype, load_mesh, load_dim):
+    """Saved shards of up to ``WHOLE_CHUNK_BYTES`` are one chunk each, read whole (for objects that
+    small a read costs its latency, not its bytes, and each chunk costs its own bookkeeping)."""
+    saved_shard = rows // 2 * 1024 * dtype.itemsize
     for read, needed in _bytes_read(rows, dtype, load_mesh, load_dim, choose_inner_chunk_shape):
-        assert read == needed
+        if saved_shard > WHOLE_CHUNK_BYTES:
+            assert read == needed
+        else:
+            assert needed <= read <= 2 * saved_shard and read % saved_shard == 0
 
 
 @pytest.mark.parametrize("rows,dtype", BENCHMARK_TENSORS + [(1000, torch.float32), (3000, torch.bfloat16), (96, torch.float32)])
