@@ -80,10 +80,10 @@ __all__ = [
 ]
 
 FORMAT_NAME = "shardstore"
-_OBJECT_NAME = re.compile(r"c(\.\d+)*")  # ``c`` (0-d), ``c.0.1``
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: shard objects at ``c/0/1`` (a directory per chunk coordinate); 2: ``c.0.1``
 ZARR_JSON = "zarr.json"
+_OBJECT_NAME = re.compile(r"c(\.\d+)*")  # a shard object's name: ``c`` (0-d), ``c.0.1``
 
 
 def _dumps(node: dict[str, Any], where: str) -> str:

@@ -91,8 +91,9 @@ def verify(
     records = {name: root.tensors[node_path(key)] for name, key in names.items()}
     bad = [b for name, record in records.items() for b in _check_array(storage, name, record)]
     broken = {b.name for b in bad}
-    objects = [_Object(name, object_key(r.path, r.layout, cell), cell, r.layout)
-               for name, r in records.items() if name not in broken for cell in r.layout.chunk_coords()]
+    layouts = {name: r.layout for name, r in records.items() if name not in broken}
+    objects = [_Object(name, object_key(records[name].path, layout, cell), cell, layout)
+               for name, layout in layouts.items() for cell in layout.chunk_coords()]
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = list(pool.map(lambda o: _check_object(storage, o, progress), objects))
     bad += [b for r in results for b in r.bad]

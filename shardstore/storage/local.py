@@ -275,7 +275,9 @@ class LocalStorage(Storage):
         durable before its rename); its path: ``path`` itself where the tree is private, ``in_place`` is
         allowed and ``path`` is new."""
         self._make_dirs(os.path.dirname(path))
-        tmp, fd = path, self._create(path) if self._private and in_place else None
+        tmp, fd = path, None
+        if self._private and in_place:
+            fd = self._create(path)  # None where the key exists already: it gets a temporary
         if fd is None:
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
             fd = self._create(tmp, must_be_new=True)

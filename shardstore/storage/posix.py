@@ -185,7 +185,7 @@ def mark_top_directory(directory: str) -> None:
     2.6 s against 4.3 s for 1000 small tensors). Marked, each tensor directory starts in a group of its
     own, away from the freed inodes. Best effort: other filesystems refuse the flag, which changes nothing.
     """
-    if not hasattr(fcntl, "ioctl") or not os.uname().sysname == "Linux":
+    if os.uname().sysname != "Linux":  # the request numbers are Linux's
         return
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
