@@ -121,7 +121,12 @@ def _wait_for_previous(coord: Coordinator, wait: bool) -> None:
 
 def _write_in_background(coord: Coordinator, job: SaveJob, options: SaveOptions, handoff: WaveHandoff,
                          stable_cells: bool, start: float) -> SaveResult:
+    """The background half of an async save. It starts work only once the caller has staged the first
+    wave: begun beside the staging, its Python (claiming, the arrays' metadata of a thousand tensors)
+    held the GIL against the caller's thousands of short torch calls, each waiting for it up to a switch
+    interval (1000 tensors of 64 KiB-1 MiB: the caller blocked 0.8-0.9 s instead of 0.2 s)."""
     try:
+        handoff.wait_first()
         stats = write_and_commit(coord, job, options, handoff.cells(), stable_cells)
     finally:
         handoff.close()  # a caller still staging stops waiting for buffers

@@ -118,6 +118,12 @@ class WaveHandoff:
             self._waves.append(wave)
             self._cond.notify_all()
 
+    def wait_first(self) -> None:
+        """Wait until the first wave (or the failure that stopped staging) was handed in; at once when
+        there are no waves."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._waves or not self._count)
+
     def wait_written(self, count: int) -> bool:
         """Wait until ``count`` waves were written; False when the writer stopped first."""
         with self._cond:

@@ -35,16 +35,30 @@ import weakref
 from typing import Any, Callable, Iterable
 
 
+from shardstore.buffers import staging_buffer
 from shardstore.errors import CorruptCheckpointError
 from shardstore.storage import posix
 from shardstore.storage.base import Storage, check_key, io_pool, strip_trailing_slash
 
 __all__ = ["LocalStorage"]
 
-_DIRECT_ALIGN = 4096  # O_DIRECT needs block-aligned addresses, offsets and lengths
+_DIRECT_ALIGN = posix.DIRECT_ALIGN
 _DIRECT_MIN = 1 << 20  # below this, O_DIRECT gains nothing over the page cache
+_DIRECT_READ_MIN = 1 << 20  # reads from this size go around the page cache when it does not hold them
+_BOUNCE_BYTES = (4 << 20) + 2 * _DIRECT_ALIGN  # a 4 MiB range at any offset in one aligned O_DIRECT read
 _SYNC_AT_WRITE = 1 << 20  # smaller objects (and bigger ones written with O_DIRECT) are made durable by sync()
 _SYNCFS_FROM = 64  # files and directories pending in sync() from which one syncfs replaces their fsyncs
+
+
+_bounce = threading.local()
+
+
+def _bounce_buffer() -> memoryview:
+    """This thread's buffer for ``O_DIRECT`` reads (on huge pages, block-aligned), kept for its life:
+    the read threads are a long-lived pool, so a load's reads reuse memory already touched."""
+    if not hasattr(_bounce, "buffer"):
+        _bounce.buffer = memoryview(staging_buffer(_BOUNCE_BYTES))
+    return _bounce.buffer
 
 
 class LocalStorage(Storage):
@@ -85,22 +99,41 @@ class LocalStorage(Storage):
             lo = max(0, size + start) if start < 0 else min(start, size)
             hi = size if stop is None else min(max(stop, lo), size)
             data = bytearray(hi - lo)
-            got = posix.pread_into(fd, lo, memoryview(data))
+            got = self._pread(fd, lo, [memoryview(data)])
         self._check_length(key, start, stop, got)
         return data
 
     def read_range_into(self, key: str, start: int, out: bytearray | memoryview) -> memoryview:
         view = memoryview(out).cast("B")
         with self._open_for_read(key) as fd:
-            got = posix.pread_into(fd, start, view)
+            got = self._pread(fd, start, [view])
         self._check_length(key, start, start + len(view), got)
         return view
 
     def read_range_scattered(self, key: str, start: int, views: list[memoryview]) -> None:
         with self._open_for_read(key) as fd:
-            got = posix.preadv_all(fd, start, views)
+            got = self._pread(fd, start, views)
         expected = sum(len(v) for v in views)
         self._check_length(key, start, start + expected, got)
+
+    def _pread(self, fd: int, start: int, views: list[memoryview]) -> int:
+        """Fill ``views`` from the file's bytes at ``start``; the count read (short only at its end).
+
+        A read of ``_DIRECT_READ_MIN`` bytes or more whose bytes are not all in the page cache goes around
+        it: ``O_DIRECT`` into this thread's bounce buffer on huge pages, then copied out. Cold reads of a
+        2 GiB file here, 16 threads: 1.6-1.8 GiB/s that way against 0.55-0.95 GiB/s through the page
+        cache, because the device then gets requests of several MiB (2 MiB pages) where the cache's 4 KiB
+        pages cut them at 1 MiB (254 segments). Cached bytes are copied from the cache.
+        """
+        total = sum(len(v) for v in views)
+        if total >= _DIRECT_READ_MIN and self._direct_ok and not posix.resident(fd, start, total):
+            try:
+                return posix.pread_direct(fd, start, views, _bounce_buffer())
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._direct_ok = False  # tmpfs and some network filesystems refuse O_DIRECT
+        return posix.preadv_all(fd, start, views)
 
     def _open_for_read(self, key: str) -> "posix.Fd":
         """Open ``key`` for reading: no symlink on the way, and a regular file (a FIFO would block)."""

@@ -8,6 +8,7 @@ import ctypes
 import errno
 import fcntl
 import functools
+import mmap
 import os
 import stat
 
@@ -104,6 +105,74 @@ def preadv_all(fd: int, offset: int, views: list[memoryview]) -> int:
     return done
 
 
+def resident(fd: int, offset: int, length: int) -> bool:
+    """Whether bytes ``[offset, offset + length)`` of the open regular file are all in the page cache:
+    ``mincore`` of a read-only mapping of them, which reads nothing. False where it cannot be told."""
+    mincore = _libc_function("mincore")
+    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(offset + length, os.fstat(fd).st_size)
+    if mincore is None or end <= start:
+        return False
+    try:
+        mapping = mmap.mmap(fd, end - start, prot=mmap.PROT_READ, offset=start)
+    except (OSError, ValueError):
+        return False
+    pages = np.zeros(-(-(end - start) // mmap.PAGESIZE), dtype=np.uint8)
+    try:
+        view = np.frombuffer(mapping, dtype=np.uint8)
+        failed = mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(end - start), ctypes.c_void_p(pages.ctypes.data))
+        del view  # the mapping cannot close while a view holds it
+    finally:
+        mapping.close()
+    return failed == 0 and bool((pages & 1).all())
+
+
+DIRECT_ALIGN = 4096  # O_DIRECT needs block-aligned addresses, offsets and lengths
+
+
+def pread_direct(fd: int, offset: int, views: list[memoryview], bounce: memoryview) -> int:
+    """Fill ``views`` one after another from the bytes at ``offset`` as ``preadv_all`` does, reading
+    around the page cache: ``O_DIRECT`` reads of block-aligned windows into ``bounce`` (block-aligned,
+    ideally on huge pages), each copied out. Returns the count read (short only at end of file). Raises
+    ``OSError`` (EINVAL) before filling anything where the filesystem refuses ``O_DIRECT``."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+    try:
+        views = [memoryview(v).cast("B") for v in views]
+        out, pos, end = _Scatter(views), offset, offset + sum(len(v) for v in views)
+        while pos < end:
+            window = pos // DIRECT_ALIGN * DIRECT_ALIGN
+            want = min(len(bounce), -(-end // DIRECT_ALIGN) * DIRECT_ALIGN - window)
+            got = preadv_all(fd, window, [bounce[:want]])
+            usable = min(window + got, end) - pos
+            if usable <= 0:
+                break
+            out.fill(bounce[pos - window : pos - window + usable])
+            pos += usable
+            if got < want:
+                break  # end of file
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    return pos - offset
+
+
+class _Scatter:
+    """Consecutive bytes copied into ``views`` one after another (numpy copies big pieces without
+    holding the GIL, so the other read threads go on)."""
+
+    def __init__(self, views: list[memoryview]) -> None:
+        self._views, self._i, self._at = views, 0, 0
+
+    def fill(self, data: memoryview) -> None:
+        while data and self._i < len(self._views):
+            view = self._views[self._i]
+            n = min(len(data), len(view) - self._at)
+            np.copyto(np.frombuffer(view, dtype=np.uint8)[self._at : self._at + n], np.frombuffer(data[:n], dtype=np.uint8))
+            data, self._at = data[n:], self._at + n
+            if self._at == len(view):
+                self._i, self._at = self._i + 1, 0
+
+
 def write_all(fd: int, view: memoryview, done: int = 0) -> None:
     """Write ``view[done:]`` at offset ``done``."""
     while done < len(view):
@@ -155,8 +224,9 @@ def fsync_path(path: str) -> None:
 
 
 @functools.cache
+@functools.cache
 def _libc_function(name: str):
-    """A C library function by name (loaded once), or None where this system's C library lacks it."""
+    """A C library function by name (looked up once), or None where this system's C library lacks it."""
     return getattr(ctypes.CDLL(None, use_errno=True), name, None)
 
 
