@@ -127,6 +127,12 @@ def resident(fd: int, offset: int, length: int) -> bool:
     return failed == 0 and bool((pages & 1).all())
 
 
+def no_readahead(fd: int) -> None:
+    """Reads through ``fd`` fetch exactly the pages asked for (``POSIX_FADV_RANDOM``, this open file only)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+
 DIRECT_ALIGN = 4096  # O_DIRECT needs block-aligned addresses, offsets and lengths
 
 

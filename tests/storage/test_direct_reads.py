@@ -118,3 +118,14 @@ def test_bounce_buffers_are_aligned_and_per_thread():
     mine = local._bounce_buffer()
     assert mine is local._bounce_buffer() and buffers[0] is not mine
     assert posix.address(mine) % posix.DIRECT_ALIGN == 0 and len(mine) >= (4 << 20) + posix.DIRECT_ALIGN
+
+
+def test_a_buffered_read_fetches_no_neighbouring_bytes(obj):
+    """A read under 1 MiB at the start of an object (where the kernel's readahead opens its window) brings
+    only its own pages into the cache: readahead would fetch the column bands other ranks read."""
+    storage, path, data = obj
+    _evict(path)
+    start = 0
+    assert bytes(storage.read_range("w/c.0", start, start + (256 << 10))) == data[start : start + (256 << 10)]
+    assert _resident(path, start, 256 << 10)
+    assert not _resident(path, start + (256 << 10), 4096)
