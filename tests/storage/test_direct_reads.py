@@ -12,6 +12,7 @@ import random
 import pytest
 
 from shardstore.storage import Storage, local, posix
+from tools.bench_common import evict  # sync, then drop from the page cache
 
 _SIZE = (9 << 20) + 12345  # not a whole number of blocks, nor of bounce buffers
 
@@ -23,15 +24,6 @@ def obj(tmp_path):
     storage.write("w/c.0", data)
     storage.sync()
     return storage, str(tmp_path / "ckpt" / "w" / "c.0"), data
-
-
-def _evict(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _resident(path: str, start: int, length: int) -> bool:
@@ -55,7 +47,7 @@ def test_resident_tells_cached_from_evicted_bytes(obj):
     with open(path, "rb") as f:
         assert f.read() == data
     assert _resident(path, 0, _SIZE) and _resident(path, 5000, 1 << 20)
-    _evict(path)
+    evict(path)
     assert not _resident(path, 0, _SIZE)
     assert not _resident(path, _SIZE + 4096, 10)  # past the end: nothing to tell
 
@@ -66,9 +58,9 @@ def test_cold_reads_go_direct_and_return_exact_bytes(obj, direct_reads):
     for _ in range(12):
         start = rng.randrange(0, _SIZE - (1 << 20))
         stop = rng.randrange(start + (1 << 20), _SIZE + 1)
-        _evict(path)
+        evict(path)
         assert bytes(storage.read_range("w/c.0", start, stop)) == data[start:stop]
-        _evict(path)
+        evict(path)
         cuts = sorted(rng.sample(range(1, stop - start), 3))
         parts = [bytearray(b - a) for a, b in zip([0] + cuts, cuts + [stop - start])]
         storage.read_range_scattered("w/c.0", start, [memoryview(p) for p in parts])
@@ -80,7 +72,7 @@ def test_a_direct_read_past_the_end_is_truncation(obj, direct_reads):
     from shardstore.errors import CorruptCheckpointError
 
     storage, path, _ = obj
-    _evict(path)
+    evict(path)
     with pytest.raises(CorruptCheckpointError, match="truncated"):
         storage.read_range_into("w/c.0", _SIZE - (1 << 20), bytearray((1 << 20) + 10))
     assert direct_reads
@@ -88,7 +80,7 @@ def test_a_direct_read_past_the_end_is_truncation(obj, direct_reads):
 
 def test_cached_and_small_reads_stay_buffered(obj, direct_reads):
     storage, path, data = obj
-    _evict(path)
+    evict(path)
     assert bytes(storage.read_range("w/c.0", 100, 100 + (1 << 19))) == data[100 : 100 + (1 << 19)]
     with open(path, "rb") as f:
         f.read()
@@ -103,7 +95,7 @@ def test_a_filesystem_refusing_o_direct_gets_buffered_reads(obj, monkeypatch):
         raise OSError(errno.EINVAL, "O_DIRECT refused")
 
     monkeypatch.setattr(posix, "pread_direct", refuse)
-    _evict(path)
+    evict(path)
     assert bytes(storage.read("w/c.0")) == data
     assert storage._direct_ok is False
 
@@ -124,7 +116,7 @@ def test_a_buffered_read_fetches_no_neighbouring_bytes(obj):
     """A read under 1 MiB at the start of an object (where the kernel's readahead opens its window) brings
     only its own pages into the cache: readahead would fetch the column bands other ranks read."""
     storage, path, data = obj
-    _evict(path)
+    evict(path)
     start = 0
     assert bytes(storage.read_range("w/c.0", start, start + (256 << 10))) == data[start : start + (256 << 10)]
     assert _resident(path, start, 256 << 10)
