@@ -19,7 +19,8 @@ filesystem when there are many (a save of a thousand small tensors makes thousan
 directories, and one flush of the filesystem costs a fraction of an fsync each: an fsync per 1 MiB
 object was half of such a save), else an fsync each.
 Reads open each object with ``O_NOFOLLOW`` after checking every directory on the way is a real
-directory, and refuse anything but a regular file.
+directory, and refuse anything but a regular file. A read of 1 MiB or more that the page cache does not
+hold goes around it with ``O_DIRECT`` (``_pread`` says why); smaller ones ask for exactly their bytes.
 """
 
 from __future__ import annotations
