@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import platform
 import subprocess
@@ -20,6 +19,7 @@ from dataclasses import asdict
 import safetensors
 import torch
 
+from shardstore.buffers import staging_buffer
 from tools.bench_common import Measurement, Record, evict, remove
 from tools.bench_state import GIB, MIB, Layout, State, mixed_state, small_state
 
@@ -93,14 +93,12 @@ def machine(directory: str) -> dict:
 
 # --- raw disk bandwidth -----------------------------------------------------------------------------
 
-def _buffer(nbytes: int) -> mmap.mmap:
+def _buffer(nbytes: int):
     """A page-aligned buffer (O_DIRECT needs alignment) on huge pages where the OS has them (with 4 KiB
     pages a request carries at most ~1 MiB here, and both directions ran at about half the speed),
-    touched now so no timer pays for fresh pages."""
-    buf = mmap.mmap(-1, nbytes)
-    if hasattr(buf, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    buf.write(os.urandom(nbytes))
+    touched now so no timer pays for fresh pages: shardstore's own ``staging_buffer``."""
+    buf = staging_buffer(nbytes)
+    memoryview(buf)[:] = os.urandom(nbytes)
     return buf
 
 
@@ -124,7 +122,7 @@ def _direct_read(path: str, blocks: int) -> float:
 
     pieces = blocks * BLOCK // READ_PIECE
 
-    def read_every_nth(first: int, buf: mmap.mmap) -> None:
+    def read_every_nth(first: int, buf) -> None:
         for index in range(first, pieces, READ_THREADS):
             if os.preadv(fd, [buf], index * READ_PIECE) != READ_PIECE:
                 raise OSError(f"short O_DIRECT read from {path}")

@@ -230,7 +230,6 @@ def fsync_path(path: str) -> None:
 
 
 @functools.cache
-@functools.cache
 def _libc_function(name: str):
     """A C library function by name (looked up once), or None where this system's C library lacks it."""
     return getattr(ctypes.CDLL(None, use_errno=True), name, None)
