@@ -24,13 +24,17 @@ from shardstore.flatten import KeyPath, fqn
 from shardstore.format import object_key
 from shardstore.load_plan import ReadRun, ReadTask
 from shardstore.memcopy import copy_bytes
-from shardstore.storage import Storage
+from shardstore.storage import ROOM_ALIGN, ROOM_SLACK, Storage
 
 __all__ = ["CheckedRun", "check_runs", "read_checked", "read_runs", "land_runs", "place", "copy_into", "read_index"]
 
 _INDEX_READERS = 16  # concurrent (size, index) reads of shard objects
 _LANDING_PIECE = 8 << 20  # a landing load reads runs in pieces of at most this many bytes, concurrently:
 # one big sequential read per object left the disk half idle (cold reads want several in flight)
+_PLACED_MIN = 1 << 20  # smaller runs are read into exact scratch slots (they go through the page cache)
+_ROOM_EXTRA = ROOM_SLACK + ROOM_ALIGN  # what a placed run's room holds beyond its bytes, at most
+_CHECKERS = 2  # threads verifying and placing landed runs: with reads landing in place (O_DIRECT into the
+# scratch buffers) the read threads sit idle, and checksums and strided copies were one core's work
 
 
 @dataclass(frozen=True)
@@ -113,26 +117,32 @@ def land_runs(
     spanning whole rows of the tensor it fills) is read into that memory itself, its checksum into a
     4-byte slot: one ``preadv`` per run on local files, nothing staged, nothing copied. The other chunks
     go through two reused scratch buffers of about ``budget / 2`` bytes each (a single inner chunk may
-    need more), the next batch being read while this one is verified and copied in. Memory stays
+    need more), the next batch being read while this one is verified and copied in (by ``_CHECKERS``
+    threads, a run each); a run of scratch chunks only is one placed read (``read_range_placed``). Memory stays
     bounded and no fresh memory is touched for the bytes that land directly; the price is that a chunk
     failing its checksum has already landed, so ``written`` gets each tensor's name before its first
     byte arrives and the caller raises ``PartialLoadError`` naming them.
     """
     piece = min(budget // 2, _LANDING_PIECE)
-    parts = [_landing(part, layouts[part.run.key], destinations) for c in checked for part in _split(c, piece)]
+    limit = piece - _ROOM_EXTRA if piece >= _PLACED_MIN + _ROOM_EXTRA else piece  # room for a run's slack
+    parts = [_landing(part, layouts[part.run.key], destinations, limit) for c in checked for part in _split(c, limit)]
     batches = _batches(parts, budget // 2, size=lambda landing: landing.scratch_nbytes)
     if not batches:
         return 0
     size = max(sum(landing.scratch_nbytes for landing in batch) for batch in batches)
     buffers = [staging_buffer(size) for _ in range(min(2, len(batches)))]
-    with ThreadPoolExecutor(1) as prefetch:
+    with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(_CHECKERS) as checkers:
         fetching = _start_landing(prefetch, storage, batches[0], buffers[0], destinations, written)
         for i, batch in enumerate(batches):
             slots = fetching.result()
             if i + 1 < len(batches):
                 fetching = _start_landing(prefetch, storage, batches[i + 1], buffers[(i + 1) % 2], destinations, written)
-            for landing, run_slots in zip(batch, slots):
-                _check_landed(storage, layouts[landing.checked.run.key], landing, run_slots, destinations, written)
+            checks = [
+                checkers.submit(_check_landed, storage, layouts[landing.checked.run.key], landing, run_slots, destinations, written)
+                for landing, run_slots in zip(batch, slots)
+            ]
+            for check in checks:  # all done before the next fetch reuses this buffer
+                check.result()
     return size * len(buffers)
 
 
@@ -143,6 +153,8 @@ class _Landing:
 
     checked: CheckedRun
     targets: tuple[torch.Tensor | None, ...]  # per inner chunk, run.start .. run.stop - 1
+    placed: bool  # every chunk goes through scratch, and the run is read as one range into room of its
+    # own (``Storage.read_range_placed``), which a local cold read fills without a copy
 
     def chunks(self):
         """(inner chunk index, its stored range, its target or None), in file order."""
@@ -151,15 +163,21 @@ class _Landing:
 
     @property
     def scratch_nbytes(self) -> int:
+        if self.placed:
+            return -(-(self.checked.nbytes + ROOM_SLACK) // ROOM_ALIGN) * ROOM_ALIGN
         return sum(CRC_NBYTES if target is not None else stored.nbytes for _, stored, target in self.chunks())
 
 
-def _landing(checked: CheckedRun, layout: ArrayLayout, destinations: Mapping[KeyPath, list[torch.Tensor]]) -> _Landing:
+def _landing(checked: CheckedRun, layout: ArrayLayout, destinations: Mapping[KeyPath, list[torch.Tensor]], limit: int) -> _Landing:
+    """Where ``checked``'s chunks land; placed when all go through scratch and the run is big enough to
+    be worth room of its own (from ``_PLACED_MIN``), its slack still within ``limit``."""
     tasks: dict[int, list[ReadTask]] = {}
     for task in checked.run.tasks:
         tasks.setdefault(task.inner_index, []).append(task)
     run = checked.run
-    return _Landing(checked, tuple(_target_memory(layout, tasks[i], checked.ranges[i], destinations) for i in range(run.start, run.stop)))
+    targets = tuple(_target_memory(layout, tasks[i], checked.ranges[i], destinations) for i in range(run.start, run.stop))
+    placed = all(target is None for target in targets) and _PLACED_MIN <= checked.nbytes <= limit
+    return _Landing(checked, targets, placed)
 
 
 def _target_memory(layout: ArrayLayout, tasks: list[ReadTask], stored, destinations) -> torch.Tensor | None:
@@ -200,19 +218,29 @@ def _fetch_landing(storage: Storage, batch: list[_Landing], buffer) -> list[list
     """Read every run of ``batch`` (concurrently), each chunk into its target or the scratch ``buffer``;
     per run, per chunk, the scratch slot it filled (the whole chunk, or only its checksum)."""
     scratch = memoryview(buffer).cast("B")
-    requests, slots, pos = [], [], 0
-    for landing in batch:
-        views, run_slots = [], []
+    rooms, pos = {}, 0
+    for i, landing in enumerate(batch):  # rooms first: whole blocks each, so every one starts aligned
+        if landing.placed:
+            rooms[i] = scratch[pos : pos + landing.scratch_nbytes]
+            pos += landing.scratch_nbytes
+    requests, slots = [], {}
+    for i, landing in enumerate(batch):
+        if i in rooms:
+            continue
+        views, slots[i] = [], []
         for _, stored, target in landing.chunks():
             n = stored.nbytes if target is None else CRC_NBYTES
             slot = scratch[pos : pos + n]
             pos += n
             views += [slot] if target is None else [memoryview(target.numpy()), slot]
-            run_slots.append(slot)
+            slots[i].append(slot)
         requests.append((landing.checked.key, landing.checked.span[0], views))
-        slots.append(run_slots)
+    placed = storage.read_placed([(batch[i].checked.key, *batch[i].checked.span, room) for i, room in rooms.items()])
     storage.read_scattered(requests)
-    return slots
+    for i, view in zip(rooms, placed):
+        start = batch[i].checked.span[0]
+        slots[i] = [view[stored.offset - start : stored.stop - start] for _, stored, _ in batch[i].chunks()]
+    return [slots[i] for i in range(len(batch))]
 
 
 def _check_landed(storage: Storage, layout: ArrayLayout, landing: _Landing, slots: list[memoryview], destinations, written) -> None:

@@ -22,12 +22,17 @@ from typing import Any, Iterable
 
 from shardstore.errors import CorruptCheckpointError, MissingChunkError, UnsafeKeyError
 
-__all__ = ["Storage", "HeldLock", "check_key", "CURRENT", "VERSION_PREFIX"]
+__all__ = ["Storage", "HeldLock", "check_key", "CURRENT", "VERSION_PREFIX", "ROOM_ALIGN", "ROOM_SLACK"]
 
 # Object stores replace a checkpoint by writing a new version under ``<root>/.v-<id>/`` and pointing
 # ``<root>/.shardstore-current`` at it (docs/format.md §5); ``pinned`` resolves the pointer.
 CURRENT = ".shardstore-current"
 VERSION_PREFIX = ".v-"
+
+# A placed read (``read_range_placed``) gets room starting at a multiple of ROOM_ALIGN bytes and holding
+# ROOM_SLACK bytes more than it reads: the block-aligned window around any range fits.
+ROOM_ALIGN = 4096
+ROOM_SLACK = 2 * ROOM_ALIGN
 
 _READ_THREADS = 16
 _read_pool: tuple[int, ThreadPoolExecutor] | None = None
@@ -194,6 +199,20 @@ class Storage:
                 self.read_range_scattered(*request)
             return
         list(io_pool().map(lambda r: self.read_range_scattered(*r), requests))
+
+    def read_range_placed(self, key: str, start: int, stop: int, room: memoryview) -> memoryview:
+        """Bytes ``[start, stop)`` of ``key`` read into ``room`` wherever in it suits the backend; returns
+        the view of ``room`` holding them. ``room`` starts at a multiple of ``ROOM_ALIGN`` and holds
+        ``ROOM_SLACK`` bytes more than the range. Why: a local file read around the page cache
+        (``O_DIRECT``) reads whole blocks, so it can only land in place where the room around the bytes
+        is its to fill; into an exact buffer it goes through a bounce buffer and a copy."""
+        return self.read_range_into(key, start, memoryview(room).cast("B")[: stop - start])
+
+    def read_placed(self, requests: list[tuple[str, int, int, memoryview]]) -> list[memoryview]:
+        """Many ``read_range_placed`` calls at once, concurrently; their views in request order."""
+        if len(requests) <= 1:
+            return [self.read_range_placed(*r) for r in requests]
+        return list(io_pool().map(lambda r: self.read_range_placed(*r), requests))
 
     def pinned(self) -> "Storage":
         """A read-only view of the checkpoint now at the root that a concurrent commit cannot change under

@@ -117,6 +117,13 @@ class LocalStorage(Storage):
         expected = sum(len(v) for v in views)
         self._check_length(key, start, start + expected, got)
 
+    def read_range_placed(self, key: str, start: int, stop: int, room: memoryview) -> memoryview:
+        room = memoryview(room).cast("B")
+        with self._open_for_read(key) as fd:
+            view = self._pread_placed(fd, start, stop - start, room)
+        self._check_length(key, start, stop, len(view))
+        return view
+
     def _pread(self, fd: int, start: int, views: list[memoryview]) -> int:
         """Fill ``views`` from the file's bytes at ``start``; the count read (short only at its end).
 
@@ -129,13 +136,37 @@ class LocalStorage(Storage):
         column bands that other ranks read.
         """
         total = sum(len(v) for v in views)
-        if total >= _DIRECT_READ_MIN and self._direct_ok and not posix.resident(fd, start, total):
+        if self._goes_direct(fd, start, total):
             try:
                 return posix.pread_direct(fd, start, views, _bounce_buffer())
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self._direct_ok = False  # tmpfs and some network filesystems refuse O_DIRECT
+                self._refused_direct(exc)
+        return self._pread_buffered(fd, start, views)
+
+    def _pread_placed(self, fd: int, start: int, length: int, room: memoryview) -> memoryview:
+        """``_pread`` of one range into ``room`` (``read_range_placed``): a direct read lands in place,
+        where the room is block-aligned (memory under ``HUGE_PAGE`` is not a mapping of its own)."""
+        if posix.address(room) % _DIRECT_ALIGN:
+            return room[: self._pread(fd, start, [room[:length]])]
+        if self._goes_direct(fd, start, length):
+            try:
+                return posix.pread_direct_placed(fd, start, length, room)
+            except OSError as exc:
+                self._refused_direct(exc)
+        return room[: self._pread_buffered(fd, start, [room[:length]])]
+
+    def _goes_direct(self, fd: int, start: int, length: int) -> bool:
+        return length >= _DIRECT_READ_MIN and self._direct_ok and not posix.resident(fd, start, length)
+
+    def _refused_direct(self, exc: OSError) -> None:
+        """Re-raise ``exc`` unless it is a filesystem refusing ``O_DIRECT`` (tmpfs and some network
+        filesystems): then this storage reads and writes through the page cache from now on."""
+        if exc.errno != errno.EINVAL:
+            raise exc
+        self._direct_ok = False
+
+    @staticmethod
+    def _pread_buffered(fd: int, start: int, views: list[memoryview]) -> int:
         posix.no_readahead(fd)
         return posix.preadv_all(fd, start, views)
 
@@ -347,9 +378,7 @@ class LocalStorage(Storage):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self._direct_ok = False  # tmpfs and some network filesystems refuse O_DIRECT
+            self._refused_direct(exc)
             return 0
         try:
             posix.write_all(fd, view[:head])

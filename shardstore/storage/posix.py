@@ -141,11 +141,9 @@ def pread_direct(fd: int, offset: int, views: list[memoryview], bounce: memoryvi
     around the page cache: ``O_DIRECT`` reads of block-aligned windows into ``bounce`` (block-aligned,
     ideally on huge pages), each copied out. Returns the count read (short only at end of file). Raises
     ``OSError`` (EINVAL) before filling anything where the filesystem refuses ``O_DIRECT``."""
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-    try:
-        views = [memoryview(v).cast("B") for v in views]
-        out, pos, end = _Scatter(views), offset, offset + sum(len(v) for v in views)
+    views = [memoryview(v).cast("B") for v in views]
+    out, pos, end = _Scatter(views), offset, offset + sum(len(v) for v in views)
+    with _direct_mode(fd):
         while pos < end:
             window = pos // DIRECT_ALIGN * DIRECT_ALIGN
             want = min(len(bounce), -(-end // DIRECT_ALIGN) * DIRECT_ALIGN - window)
@@ -157,9 +155,37 @@ def pread_direct(fd: int, offset: int, views: list[memoryview], bounce: memoryvi
             pos += usable
             if got < want:
                 break  # end of file
-    finally:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
     return pos - offset
+
+
+def pread_direct_placed(fd: int, offset: int, length: int, room: memoryview) -> memoryview:
+    """The bytes ``[offset, offset + length)`` read around the page cache straight into ``room``: one
+    ``O_DIRECT`` read of the block-aligned window around them, no copy. ``room`` starts block-aligned
+    and holds ``length + 2 * DIRECT_ALIGN`` bytes; returns the view of it holding the bytes (short only
+    at end of file). Raises ``OSError`` (EINVAL) where the filesystem refuses ``O_DIRECT``."""
+    window = offset // DIRECT_ALIGN * DIRECT_ALIGN
+    want = -(-(offset + length) // DIRECT_ALIGN) * DIRECT_ALIGN - window
+    if address(room) % DIRECT_ALIGN or len(room) < want:
+        raise ValueError(f"a placed read of {length} bytes needs {want} block-aligned bytes of room, got {len(room)}")
+    with _direct_mode(fd):
+        got = preadv_all(fd, window, [room[:want]])
+    skip = offset - window
+    return room[skip : skip + max(0, min(got - skip, length))]
+
+
+class _direct_mode:
+    """``O_DIRECT`` set on an open file for the span of a ``with`` block (the descriptor is the read's
+    own, so nobody else sees it)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+
+    def __enter__(self) -> None:
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, self._flags | os.O_DIRECT)
+
+    def __exit__(self, *exc) -> None:
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, self._flags)
 
 
 class _Scatter:

@@ -121,3 +121,64 @@ def test_a_buffered_read_fetches_no_neighbouring_bytes(obj):
     assert bytes(storage.read_range("w/c.0", start, start + (256 << 10))) == data[start : start + (256 << 10)]
     assert _resident(path, start, 256 << 10)
     assert not _resident(path, start + (256 << 10), 4096)
+
+
+def _room(nbytes: int) -> memoryview:
+    from shardstore.buffers import HUGE_PAGE, staging_buffer
+    from shardstore.storage import ROOM_SLACK
+
+    return memoryview(staging_buffer(max(nbytes + ROOM_SLACK, HUGE_PAGE)))[: nbytes + ROOM_SLACK]  # a mapping: aligned
+
+
+def test_a_cold_placed_read_lands_in_place_with_exact_bytes(obj, monkeypatch):
+    """``read_range_placed``: a cold read fills the room with one O_DIRECT read (no bounce buffer), the
+    bytes at their offset within a block; a short object is truncation."""
+    from shardstore.errors import CorruptCheckpointError
+
+    storage, path, data = obj
+    monkeypatch.setattr(posix, "pread_direct", lambda *a: pytest.fail("a placed read went through the bounce buffer"))
+    rng = random.Random(5)
+    for _ in range(8):
+        start = rng.randrange(0, _SIZE - (1 << 20))
+        stop = rng.randrange(start + (1 << 20), _SIZE + 1)
+        room = _room(stop - start)
+        evict(path)
+        view = storage.read_range_placed("w/c.0", start, stop, room)
+        assert bytes(view) == data[start:stop]
+        assert posix.address(view) - posix.address(room) == start % posix.DIRECT_ALIGN
+    evict(path)
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
+        storage.read_range_placed("w/c.0", _SIZE - (1 << 20), _SIZE + 10, _room((1 << 20) + 10))
+
+
+def test_cached_or_refused_placed_reads_land_at_the_start_of_the_room(obj, monkeypatch):
+    storage, path, data = obj
+    start, stop = 12345, 12345 + (2 << 20)
+    with open(path, "rb") as f:
+        f.read()
+    room = _room(stop - start)
+    view = storage.read_range_placed("w/c.0", start, stop, room)
+    assert bytes(view) == data[start:stop] and posix.address(view) == posix.address(room)
+
+    def refuse(*args):
+        raise OSError(errno.EINVAL, "O_DIRECT refused")
+
+    monkeypatch.setattr(posix, "pread_direct_placed", refuse)
+    evict(path)
+    view = storage.read_range_placed("w/c.0", start, stop, room)
+    assert bytes(view) == data[start:stop] and storage._direct_ok is False
+
+
+def test_a_placed_read_into_unaligned_room_goes_through_the_bounce_buffer(obj, direct_reads):
+    storage, path, data = obj
+    evict(path)
+    room = _room(2 << 20)
+    view = storage.read_range_placed("w/c.0", 100, 100 + (2 << 20), room[1:])
+    assert bytes(view) == data[100 : 100 + (2 << 20)] and posix.address(view) == posix.address(room) + 1
+    assert direct_reads == [100]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match="room"):
+            posix.pread_direct_placed(fd, 100, 2 << 20, room[: (2 << 20) + 10])
+    finally:
+        os.close(fd)
