@@ -189,12 +189,19 @@ def _target_memory(layout: ArrayLayout, tasks: list[ReadTask], stored, destinati
         return None
     if task.overlap != task.inner_box or task.inner_box.sizes != layout.inner_chunk_shape:
         return None
-    region = destinations[task.key][task.dest][task.overlap.relative_to(task.dest_box)]
+    region = _region(task, destinations)
     if region.device.type != "cpu" or region.dtype != layout.dtype or not region.is_contiguous():
         return None
     if region.is_conj() or region.is_neg():
         return None
     return region.detach().reshape(-1).view(torch.uint8)
+
+
+def _region(task: ReadTask, destinations: Mapping[KeyPath, list[torch.Tensor]]) -> torch.Tensor:
+    """The part of its destination tensor that ``task`` fills (the tensor itself when it fills all of it,
+    as one chunk fills a small tensor: no indexing)."""
+    dest = destinations[task.key][task.dest]
+    return dest if task.overlap == task.dest_box else dest[task.overlap.relative_to(task.dest_box)]
 
 
 def _start_landing(pool: ThreadPoolExecutor, storage: Storage, batch: list[_Landing], buffer, destinations, written) -> Future:
@@ -310,17 +317,19 @@ def _object_index(storage: Storage, layout: ArrayLayout, key: str, run: ReadRun)
 
 
 def read_index(storage: Storage, layout: ArrayLayout, key: str, cell: tuple[int, ...], name: str) -> tuple:
-    """The checked index of the object ``key`` (cell ``cell`` of tensor ``name``): its size first, so the
-    index read and every entry stay inside it; uncompressed, it must be the index the layout implies."""
+    """The checked index of the object ``key`` (cell ``cell`` of tensor ``name``), read with the object's
+    size, so every entry is checked to lie inside it; uncompressed, it must be the index the layout
+    implies."""
     where = f"{storage.key_url(key)} (shard index of {name!r})"
-    size, need = storage.size(key), index_nbytes(layout)
+    need = index_nbytes(layout)
+    size, tail = storage.read_suffix(key, need)
     if size < need:
         raise CorruptCheckpointError(
             f"{where}: the object is {size} bytes, but the index of {math.prod(layout.inner_grid_shape)} inner "
             f"chunks alone takes {need}; the object is truncated or the metadata was damaged — load an earlier "
             "checkpoint or re-run the save"
         )
-    stored = decode_index(layout, storage.read_range(key, size - need, size), where, size)
+    stored = decode_index(layout, tail, where, size)
     if layout.compressor is None and stored != inner_chunk_ranges(layout, cell):
         raise CorruptCheckpointError(f"{where}: the index does not match the array's layout; the object was damaged or "
                                      "rewritten — load an earlier checkpoint or re-run the save")
@@ -366,6 +375,6 @@ def place(
     """Copy every verified piece into its destination tensor (one host-to-device copy per piece), noting
     in ``written`` (when given) the name of each tensor as it is first written."""
     for task, values in pieces:
-        copy_into(destinations[task.key][task.dest][task.overlap.relative_to(task.dest_box)], values)
+        copy_into(_region(task, destinations), values)
         if written is not None:
             written.setdefault(fqn(task.key))

@@ -147,6 +147,12 @@ class Storage:
         """
         raise NotImplementedError
 
+    def read_suffix(self, key: str, nbytes: int) -> tuple[int, bytearray]:
+        """The size of the object at ``key`` and its last ``nbytes`` bytes (all of it, when shorter): a
+        shard index and the size that bounds its entries, in one open of a local file."""
+        size = self.size(key)
+        return size, self.read_range(key, max(0, size - nbytes), size)
+
     def read_range_into(self, key: str, start: int, out: bytearray | memoryview) -> memoryview:
         """Fill ``out`` with bytes ``[start, start + len(out))`` of ``key``; returns ``out`` as bytes.
 

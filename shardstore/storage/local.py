@@ -95,36 +95,43 @@ class LocalStorage(Storage):
     # -- reads ---------------------------------------------------------------------------------------
 
     def read_range(self, key: str, start: int, stop: int | None) -> bytearray:
-        with self._open_for_read(key) as fd:
-            size = os.fstat(fd).st_size
-            lo = max(0, size + start) if start < 0 else min(start, size)
-            hi = size if stop is None else min(max(stop, lo), size)
-            data = bytearray(hi - lo)
-            got = self._pread(fd, lo, [memoryview(data)])
+        with self._open_for_read(key) as f:
+            data, got = self._read_clipped(f, start, stop)
         self._check_length(key, start, stop, got)
         return data
 
+    def read_suffix(self, key: str, nbytes: int) -> tuple[int, bytearray]:
+        with self._open_for_read(key) as f:
+            return f.size, self._read_clipped(f, max(0, f.size - nbytes), None)[0]
+
+    def _read_clipped(self, f: "posix.OpenFile", start: int, stop: int | None) -> tuple[bytearray, int]:
+        """Bytes ``[start, stop)`` clipped to the file (``start < 0``: from its end); and the count read."""
+        lo = max(0, f.size + start) if start < 0 else min(start, f.size)
+        hi = f.size if stop is None else min(max(stop, lo), f.size)
+        data = bytearray(hi - lo)
+        return data, self._pread(f, lo, [memoryview(data)])
+
     def read_range_into(self, key: str, start: int, out: bytearray | memoryview) -> memoryview:
         view = memoryview(out).cast("B")
-        with self._open_for_read(key) as fd:
-            got = self._pread(fd, start, [view])
+        with self._open_for_read(key) as f:
+            got = self._pread(f, start, [view])
         self._check_length(key, start, start + len(view), got)
         return view
 
     def read_range_scattered(self, key: str, start: int, views: list[memoryview]) -> None:
-        with self._open_for_read(key) as fd:
-            got = self._pread(fd, start, views)
+        with self._open_for_read(key) as f:
+            got = self._pread(f, start, views)
         expected = sum(len(v) for v in views)
         self._check_length(key, start, start + expected, got)
 
     def read_range_placed(self, key: str, start: int, stop: int, room: memoryview) -> memoryview:
         room = memoryview(room).cast("B")
-        with self._open_for_read(key) as fd:
-            view = self._pread_placed(fd, start, stop - start, room)
+        with self._open_for_read(key) as f:
+            view = self._pread_placed(f, start, stop - start, room)
         self._check_length(key, start, stop, len(view))
         return view
 
-    def _pread(self, fd: int, start: int, views: list[memoryview]) -> int:
+    def _pread(self, f: "posix.OpenFile", start: int, views: list[memoryview]) -> int:
         """Fill ``views`` from the file's bytes at ``start``; the count read (short only at its end).
 
         A read of ``_DIRECT_READ_MIN`` bytes or more whose bytes are not all in the page cache goes around
@@ -136,27 +143,27 @@ class LocalStorage(Storage):
         column bands that other ranks read.
         """
         total = sum(len(v) for v in views)
-        if self._goes_direct(fd, start, total):
+        if self._goes_direct(f, start, total):
             try:
-                return posix.pread_direct(fd, start, views, _bounce_buffer())
+                return posix.pread_direct(f.fd, start, views, _bounce_buffer())
             except OSError as exc:
                 self._refused_direct(exc)
-        return self._pread_buffered(fd, start, views)
+        return self._pread_buffered(f.fd, start, views)
 
-    def _pread_placed(self, fd: int, start: int, length: int, room: memoryview) -> memoryview:
+    def _pread_placed(self, f: "posix.OpenFile", start: int, length: int, room: memoryview) -> memoryview:
         """``_pread`` of one range into ``room`` (``read_range_placed``): a direct read lands in place,
         where the room is block-aligned (memory under ``HUGE_PAGE`` is not a mapping of its own)."""
         if posix.address(room) % _DIRECT_ALIGN:
-            return room[: self._pread(fd, start, [room[:length]])]
-        if self._goes_direct(fd, start, length):
+            return room[: self._pread(f, start, [room[:length]])]
+        if self._goes_direct(f, start, length):
             try:
-                return posix.pread_direct_placed(fd, start, length, room)
+                return posix.pread_direct_placed(f.fd, start, length, room)
             except OSError as exc:
                 self._refused_direct(exc)
-        return room[: self._pread_buffered(fd, start, [room[:length]])]
+        return room[: self._pread_buffered(f.fd, start, [room[:length]])]
 
-    def _goes_direct(self, fd: int, start: int, length: int) -> bool:
-        return length >= _DIRECT_READ_MIN and self._direct_ok and not posix.resident(fd, start, length)
+    def _goes_direct(self, f: "posix.OpenFile", start: int, length: int) -> bool:
+        return length >= _DIRECT_READ_MIN and self._direct_ok and not posix.resident(f.fd, start, length, f.size)
 
     def _refused_direct(self, exc: OSError) -> None:
         """Re-raise ``exc`` unless it is a filesystem refusing ``O_DIRECT`` (tmpfs and some network
@@ -170,7 +177,7 @@ class LocalStorage(Storage):
         posix.no_readahead(fd)
         return posix.preadv_all(fd, start, views)
 
-    def _open_for_read(self, key: str) -> "posix.Fd":
+    def _open_for_read(self, key: str) -> "posix.OpenFile":
         """Open ``key`` for reading: no symlink on the way, and a regular file (a FIFO would block)."""
         self._check_dirs(check_key(key, self.url))
         try:
@@ -182,11 +189,11 @@ class LocalStorage(Storage):
             if exc.errno == errno.ELOOP:
                 raise self._not_regular(key, "a symbolic link") from None
             raise
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            raise self._not_regular(key, posix.kind_of(mode))
-        return posix.Fd(fd)
+            raise self._not_regular(key, posix.kind_of(st.st_mode))
+        return posix.OpenFile(fd, st)
 
     def _check_dirs(self, key: str) -> None:
         """Every directory between the root and ``key`` must be a real directory, not a symlink that
@@ -242,18 +249,18 @@ class LocalStorage(Storage):
             return False
 
     def size(self, key: str) -> int:
-        with self._open_for_read(key) as fd:
-            return os.fstat(fd).st_size
+        with self._open_for_read(key) as f:
+            return f.size
 
     def fingerprint(self, key: str) -> str:
         """Size, mtime and inode: every write renames a new inode in, so a rewrite shows even at equal size."""
-        with self._open_for_read(key) as fd:
-            st = os.fstat(fd)
+        with self._open_for_read(key) as f:
+            st = f.st
         return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
     def modified(self, key: str) -> float | None:
-        with self._open_for_read(key) as fd:
-            return os.fstat(fd).st_mtime
+        with self._open_for_read(key) as f:
+            return f.st.st_mtime
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._path(prefix) if prefix else self._root
@@ -479,8 +486,7 @@ class LocalStorage(Storage):
         self._replace(tmp, path)
 
     def copy_to(self, key: str, dest: "Storage") -> None:
-        with self._open_for_read(key) as fd:
-            size = os.fstat(fd).st_size
-            data = bytearray(size)
-            posix.pread_into(fd, 0, memoryview(data))
+        with self._open_for_read(key) as f:
+            data = bytearray(f.size)
+            posix.pread_into(f.fd, 0, memoryview(data))
         dest.write(key, data)

@@ -57,14 +57,19 @@ def same_file(fd: int, path: str) -> bool:
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
-class Fd:
-    """An open file descriptor as a context manager (closed on exit)."""
+class OpenFile:
+    """A regular file open for reading, as a context manager (closed on exit), with the ``fstat`` taken
+    when it was opened (checking it is a regular file), so nothing needs a second one."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, fd: int, st: os.stat_result) -> None:
+        self.fd, self.st = fd, st
 
-    def __enter__(self) -> int:
-        return self.fd
+    @property
+    def size(self) -> int:
+        return self.st.st_size
+
+    def __enter__(self) -> "OpenFile":
+        return self
 
     def __exit__(self, *exc) -> None:
         os.close(self.fd)
@@ -105,12 +110,13 @@ def preadv_all(fd: int, offset: int, views: list[memoryview]) -> int:
     return done
 
 
-def resident(fd: int, offset: int, length: int) -> bool:
-    """Whether bytes ``[offset, offset + length)`` of the open regular file are all in the page cache:
-    ``mincore`` of a read-only mapping of them, which reads nothing. False where it cannot be told."""
+def resident(fd: int, offset: int, length: int, size: int | None = None) -> bool:
+    """Whether bytes ``[offset, offset + length)`` of the open regular file (of ``size`` bytes, else
+    asked) are all in the page cache: ``mincore`` of a read-only mapping of them, which reads nothing.
+    False where it cannot be told."""
     mincore = _libc_function("mincore")
     start = offset // mmap.PAGESIZE * mmap.PAGESIZE
-    end = min(offset + length, os.fstat(fd).st_size)
+    end = min(offset + length, os.fstat(fd).st_size if size is None else size)
     if mincore is None or end <= start:
         return False
     try:
