@@ -17,7 +17,8 @@ the inode wait in memory) and every directory whose entries changed (a rename la
 sub-directory was created in it) are remembered and made durable by ``sync()``: one ``syncfs`` of the
 filesystem when there are many (a save of a thousand small tensors makes thousands of files and
 directories, and one flush of the filesystem costs a fraction of an fsync each: an fsync per 1 MiB
-object was half of such a save), else an fsync each.
+object was half of such a save), else an fsync each; those of ``_WRITEBACK_FROM`` bytes or more start
+their write-back as they are written, so that flush finds less left to do.
 Reads open each object with ``O_NOFOLLOW`` after checking every directory on the way is a real
 directory, and refuse anything but a regular file. A read of 1 MiB or more that the page cache does not
 hold goes around it with ``O_DIRECT`` (``_pread`` says why); smaller ones ask for exactly their bytes.
@@ -48,6 +49,8 @@ _DIRECT_MIN = 1 << 20  # below this, O_DIRECT gains nothing over the page cache
 _DIRECT_READ_MIN = 1 << 20  # reads from this size go around the page cache when it does not hold them
 _BOUNCE_BYTES = (4 << 20) + 2 * _DIRECT_ALIGN  # a 4 MiB range at any offset in one aligned O_DIRECT read
 _SYNC_AT_WRITE = 1 << 20  # smaller objects (and bigger ones written with O_DIRECT) are made durable by sync()
+_WRITEBACK_FROM = 64 << 10  # objects left to sync() from this size start their write-back at once: the
+# final syncfs of a 1000-tensor save (64 KiB-1 MiB each) then took 0.32 s instead of 0.48 (of 1.1 s)
 _SYNCFS_FROM = 64  # files and directories pending in sync() from which one syncfs replaces their fsyncs
 
 
@@ -82,6 +85,7 @@ class LocalStorage(Storage):
         self._dirty: set[str] = set()  # directories whose entries changed since the last sync
         self._unsynced: set[str] = set()  # files renamed into place since the last sync, not yet fsync'd
         self._checked_dirs: set[str] = set()  # directories known to be real (not symlinks), for reads
+        self._made_dirs: set[str] = set()  # directories known to exist, for writes (created or found)
         self._lock = threading.Lock()
         self._direct_ok = hasattr(os, "O_DIRECT")
         self._pin: int | None = None  # an open directory: reads resolve from it (``pinned``)
@@ -340,6 +344,8 @@ class LocalStorage(Storage):
             direct = self._write_direct(tmp, view) if self.durable else 0
             posix.write_all(fd, view, direct)
             deferred = defer and (len(view) < _SYNC_AT_WRITE or direct > 0)
+            if deferred and self.durable and len(view) - direct >= _WRITEBACK_FROM:
+                posix.start_writeback(fd)
             if self.durable and not deferred:
                 posix.fsync_file(fd, tmp)
 
@@ -350,12 +356,12 @@ class LocalStorage(Storage):
         durable before its rename); its path: ``path`` itself where the tree is private, ``in_place`` is
         allowed and ``path`` is new."""
         self._make_dirs(os.path.dirname(path))
-        tmp, fd = path, None
-        if self._private and in_place:
-            fd = self._create(path)  # None where the key exists already: it gets a temporary
-        if fd is None:
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            fd = self._create(tmp, must_be_new=True)
+        try:
+            tmp, fd = self._open_new(path, in_place)
+        except FileNotFoundError:  # a directory remembered as made was removed since, through another view
+            self._made_dirs.clear()
+            self._make_dirs(os.path.dirname(path))
+            tmp, fd = self._open_new(path, in_place)
         try:
             fill(fd, tmp)
         except BaseException:
@@ -364,6 +370,16 @@ class LocalStorage(Storage):
             raise
         os.close(fd)
         return tmp
+
+    def _open_new(self, path: str, in_place: bool) -> tuple[str, int]:
+        """A new file for ``path``, open for writing: ``path`` itself where ``_tmp_file`` allows, else a
+        fresh temporary beside it."""
+        if self._private and in_place:
+            fd = self._create(path)  # None where the key exists already: it gets a temporary
+            if fd is not None:
+                return path, fd
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        return tmp, self._create(tmp, must_be_new=True)
 
     @staticmethod
     def _create(path: str, must_be_new: bool = False) -> int | None:
@@ -394,17 +410,26 @@ class LocalStorage(Storage):
         return head
 
     def _make_dirs(self, directory: str) -> None:
-        """Create ``directory`` and missing parents, remembering each parent whose entries changed."""
-        if os.path.isdir(directory):
+        """Create ``directory`` and missing parents, remembering each parent whose entries changed.
+
+        ``mkdir`` first, the parents only where it finds none, and every directory remembered: a save of
+        a thousand tensors writes two files into each of a thousand new directories, and a ``stat`` before
+        each write (a lookup waiting on the parent's lock while other threads create in it) was a fifth
+        of that save's time."""
+        if directory in self._made_dirs:
             return
-        self._make_dirs(os.path.dirname(directory))
         try:
             os.mkdir(directory)
         except FileExistsError:
-            return
-        if directory == self._root:
-            posix.mark_top_directory(directory)  # its tensors' directories spread over the disk's groups
-        self._touched(os.path.dirname(directory))
+            pass  # a file there is reported by the write under it
+        except FileNotFoundError:
+            self._make_dirs(os.path.dirname(directory))
+            return self._make_dirs(directory)
+        else:
+            if directory == self._root:
+                posix.mark_top_directory(directory)  # its tensors' directories spread over the disk's groups
+            self._touched(os.path.dirname(directory))
+        self._made_dirs.add(directory)
 
     def _touched(self, directory: str) -> None:
         if self.durable:
@@ -450,6 +475,7 @@ class LocalStorage(Storage):
             posix.unlink(base)
         elif os.path.isdir(base):
             shutil.rmtree(base, onerror=posix.gone_is_fine)  # removes links inside, never what they point to
+        self._made_dirs.clear()
 
     # -- derived storages and whole trees --------------------------------------------------------------
 
@@ -464,6 +490,8 @@ class LocalStorage(Storage):
             posix.exchange(self._root, dest._root)
         else:
             os.rename(self._root, dest._root)  # onto a non-empty directory it fails: never a mix
+        self._made_dirs.clear()
+        dest._made_dirs.clear()
         for directory in dict.fromkeys((os.path.dirname(self._root), os.path.dirname(dest._root))):
             self._touched(directory)
         self.sync()

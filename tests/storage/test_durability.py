@@ -130,3 +130,17 @@ def test_large_aligned_writes_go_around_the_page_cache_and_round_trip(tmp_path, 
     assert bytes(storage.read("big")) == data == bytes(storage.read("big2"))
     assert bytes(storage.read("small")) == data[:1000]
     assert len(opened) == (1 if refused else 2)  # once refused, not tried again
+
+
+def test_deferred_objects_of_64_kib_or_more_start_their_write_back_when_written(tmp_path, monkeypatch):
+    """Objects left to the final sync start their write-back as soon as they are written (no wait), so the
+    flush at the end finds less left; smaller ones, and saves that need not be durable, do not."""
+    started = []
+    real = posix.start_writeback
+    monkeypatch.setattr(posix, "start_writeback", lambda fd: (started.append(os.fstat(fd).st_size), real(fd)))
+    state = {"big": torch.randn(64 << 8), "small": torch.randn(1000)}  # 64 KiB (plus its index), 4 KB
+    shardstore.save(state, str(tmp_path / "ck"))
+    assert len(started) == 1 and started[0] >= 64 << 10
+    started.clear()
+    shardstore.save(state, str(tmp_path / "scratch"), durable=False)
+    assert started == []

@@ -69,6 +69,15 @@ def test_exists_size_list_delete(storage):
     assert storage.list() == [] and storage.is_empty()
 
 
+def test_writes_go_on_after_a_subtree_is_deleted_through_another_view(storage):
+    """A writer that created ``a/b`` once must not trust that it still exists: a child view of the same
+    tree (a sweep, a retention pass) may have removed it since."""
+    storage.write("a/b/x", b"1")
+    storage.child("a").delete_prefix()
+    storage.write("a/b/y", b"2")
+    assert storage.list() == ["a/b/y"] and storage.read("a/b/y") == b"2"
+
+
 def test_fingerprint_changes_when_an_object_is_replaced(storage):
     storage.write("k", b"abc")
     first = storage.fingerprint("k")
