@@ -119,9 +119,9 @@ def land_runs(
     go through two reused scratch buffers of about ``budget / 2`` bytes each (a single inner chunk may
     need more), the next batch being read while this one is verified and copied in (by ``_CHECKERS``
     threads, a run each); a run of scratch chunks only is one placed read (``read_range_placed``).
-    Memory stays bounded and no fresh memory is touched for the bytes that land directly; the price is that a chunk
-    failing its checksum has already landed, so ``written`` gets each tensor's name before its first
-    byte arrives and the caller raises ``PartialLoadError`` naming them.
+    Memory stays bounded and no fresh memory is touched for the bytes that land directly; the price is
+    that a chunk failing its checksum has already landed, so ``written`` gets each tensor's name before
+    its first byte arrives and the caller raises ``PartialLoadError`` naming them.
     """
     piece = min(budget // 2, _LANDING_PIECE)
     limit = piece - _ROOM_EXTRA if piece >= _PLACED_MIN + _ROOM_EXTRA else piece  # room for a run's slack

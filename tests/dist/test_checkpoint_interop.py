@@ -1,9 +1,7 @@
 """Interop and write balance: torch DCP saves/loads our DTensors, zarr-python reads a multi-rank
 checkpoint, and replicated data is written once, spread over the ranks."""
 
-import math
 
-import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import zarr

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dtensor
 from dtensor import DTensor, Partial, Replicate, Shard
 from dtensor.experimental import implicit_replication, local_map
 from tests.dist.opcheck import check_op, distribute
@@ -39,7 +38,7 @@ def _tagged(mesh_shape):
     m = mesh(mesh_shape)
     rng = random.Random(len(mesh_shape))
     torch.manual_seed(0)
-    differ, fallback = [], []
+    differ = []
     for name, fn in TAGGED.items():
         shape = rng.choice([(5, 4), (8, 6)])
         x, y = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64) + 0.1

@@ -8,7 +8,6 @@ import random
 
 import torch
 
-import dtensor
 from dtensor import Partial, Replicate, Shard
 from dtensor.debug import CommDebugMode
 from tests.dist.opcheck import check_op, seeded_mesh, distribute

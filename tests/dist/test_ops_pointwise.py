@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dtensor
-from dtensor import DTensor, Partial, Replicate, Shard
+from dtensor import Partial, Replicate, Shard
 from dtensor.dispatch import fallback_ops
 from tests.dist.opcheck import check_case, check_op, distribute
 from tests.ranks import mesh, run_ranks

@@ -2,8 +2,7 @@
 
 import torch
 
-import dtensor
-from dtensor import Partial, Replicate, Shard
+from dtensor import Partial, Shard
 from dtensor.dispatch import _cache
 from tests.dist.opcheck import check_op
 from tests.ranks import mesh, run_ranks

@@ -5,7 +5,6 @@ bf16 casts, sub-mesh factories, and the error types torch raises for wrong layou
 
 import pytest
 import torch
-import torch.distributed.tensor as tdt
 from torch import nn
 
 import dtensor

@@ -13,7 +13,6 @@ import torch.distributed.tensor as tdt
 
 import dtensor
 from dtensor import Partial, Replicate, Shard
-from dtensor.convert import to_torch
 from tests.ranks import mesh, run_ranks
 
 MESHES = [(4,), (2, 2), (2, 3), (8,), (2, 2, 2)]
