@@ -1,15 +1,18 @@
 """Host memory for bytes on their way to or from storage: fresh staging memory (on huge pages where it
-meets ``O_DIRECT``), and the ring of encode buffers a save reuses, bounded in bytes.
+meets ``O_DIRECT``), and the ring a save encodes its objects into, bounded in bytes.
 
-Touching fresh memory costs a page fault per 4 KiB page (filling it was ~4x slower than copying here), so
-a save encodes every object into a few reused buffers. The ring holds at most ``budget`` bytes of them
-(plus one object bigger than that, which needs its whole size once): a rank's peak memory during a save
-is its shard plus the ring, whatever the number and size of its objects.
+Touching fresh memory costs a page fault per 4 KiB page, and the kernel clears a huge page on its first
+touch (filling fresh memory was ~4x slower than copying here), so a save encodes every object into one
+slab of ``budget`` bytes (or of its biggest object, where that is bigger), carved in order as a ring: a
+rank's peak memory during a save is its shard plus the slab, whatever the number and size of its
+objects. The slab outlives the save: the next save of the process encodes into the same memory.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
+import threading
 from collections import deque
 from concurrent.futures import Future
 
@@ -38,53 +41,96 @@ def staging_buffer(nbytes: int, huge_pages: bool = True):
 
 
 class EncodeRing:
-    """Reused uint8 buffers for encoded objects whose writes are in flight.
+    """One slab of memory that encoded objects are carved from in turn while their writes are in flight.
 
-    ``take(nbytes)`` waits for the oldest writes until the buffers held (in flight and free) leave room
-    for ``nbytes`` within ``budget`` and fewer than ``slots`` writes are in flight, then hands back a
-    buffer of at least ``nbytes``: a free one that fits, else fresh memory (free buffers are dropped to
-    make room). ``busy(buffer, future)`` marks it in flight until ``future`` completes; ``drain()`` waits
-    for every write and raises the first error.
+    ``take(nbytes)`` waits for the oldest writes until fewer than ``slots`` are in flight and a
+    block-aligned stretch of ``nbytes`` is free after the newest region in flight (or, wrapping round,
+    before the oldest), then hands it back. ``busy(buffer, future)`` marks the stretch just taken in
+    flight until ``future`` completes; ``drain()`` waits for every write and raises the first error.
+    The slab holds ``budget`` bytes, or the biggest object's size where that is more (that object waits
+    for every write before it and takes the slab whole).
+
+    Why one slab carved in order, and not a buffer per object: with objects of mixed sizes (1-256 MiB)
+    buffers that fit none of the next ones were dropped and fresh ones mapped, so a save of 1 GiB faulted
+    in about 1 GiB of fresh memory; clearing those huge pages was a third of the save's CPU. With
+    ``kept``, the slab is handed to the next ring of the process when this one closes (not one over
+    ``KEEP_LIMIT`` bytes: a process saving one huge unsharded tensor would hold its size for good).
     """
 
-    def __init__(self, budget: int, slots: int) -> None:
-        self.budget, self.slots = budget, slots
-        self._free: list[torch.Tensor] = []
-        self._flight: deque[tuple[torch.Tensor, Future]] = deque()
+    def __init__(self, budget: int, slots: int, kept: bool = False) -> None:
+        self.budget, self.slots, self._kept = budget, slots, kept
+        self._slab: torch.Tensor | None = _take_kept() if kept else None
+        self._flight: deque[tuple[int, int, Future]] = deque()  # (start, stop, write), oldest first
+        self._taken = (0, 0)
 
     @property
     def held(self) -> int:
-        """Bytes of every buffer the ring keeps (in flight or free; not the one handed out by ``take``
-        until it is marked ``busy``)."""
-        return sum(b.numel() for b in self._free) + sum(b.numel() for b, _ in self._flight)
+        """Bytes of the slab (0 before the first ``take``)."""
+        return 0 if self._slab is None else self._slab.numel()
 
     def take(self, nbytes: int) -> torch.Tensor:
-        while self._flight and (len(self._flight) >= self.slots or not self._fits(nbytes)):
+        size = -(-max(nbytes, 1) // _ALIGN) * _ALIGN
+        if self.held < size:
+            self.drain()  # a bigger slab replaces this one once nothing is written from it
+            self._slab = torch.frombuffer(staging_buffer(max(self.budget, size)), dtype=torch.uint8)
+        start = self._place(size)
+        while start is None:
             self._retire()
-        fitting = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
-        if fitting:
-            return self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
-        self._free.sort(key=torch.Tensor.numel)
-        while self._free and self.held + max(nbytes, HUGE_PAGE) > self.budget:
-            self._free.pop()  # the biggest first
-        # at least one huge page, so the buffer is a mapping of its own: page-aligned, as O_DIRECT needs
-        return torch.frombuffer(staging_buffer(max(nbytes, HUGE_PAGE)), dtype=torch.uint8)
+            start = self._place(size)
+        self._taken = (start, start + size)
+        return self._slab[start : start + size]
 
     def busy(self, buffer: torch.Tensor, future: Future) -> None:
-        self._flight.append((buffer, future))
+        self._flight.append((*self._taken, future))
 
     def drain(self) -> None:
         while self._flight:
             self._retire()
 
-    def _fits(self, nbytes: int) -> bool:
-        """Whether ``nbytes`` can be had within the budget: from a free buffer, or beside the in-flight ones."""
-        in_flight = sum(b.numel() for b, _ in self._flight)
-        return any(b.numel() >= nbytes for b in self._free) or in_flight + max(nbytes, HUGE_PAGE) <= self.budget
+    def close(self) -> None:
+        """Once every write has ended (a failed save's too): with ``kept``, hand the slab on."""
+        if self._kept and self._slab is not None and self.held <= KEEP_LIMIT and all(f.done() for *_, f in self._flight):
+            _keep(self._slab)
+        self._slab, self._flight = None, deque()
+
+    def _place(self, size: int) -> int | None:
+        """Where ``size`` free bytes start: after the newest region in flight, else from the slab's start
+        if that is before the oldest; None while neither fits, or ``slots`` writes are in flight."""
+        if not self._flight:
+            return 0
+        if len(self._flight) >= self.slots:
+            return None
+        oldest, newest = self._flight[0][0], self._flight[-1][1]
+        if oldest < newest:  # in flight: [oldest, newest); free: [newest, end) and [0, oldest)
+            if newest + size <= self.held:
+                return newest
+            return 0 if size <= oldest else None
+        return newest if newest + size <= oldest else None  # wrapped round: free is [newest, oldest)
 
     def _retire(self) -> None:
-        buffer, future = self._flight.popleft()
-        try:
-            future.result()
-        finally:
-            self._free.append(buffer)
+        *_, future = self._flight.popleft()
+        future.result()
+
+
+_ALIGN = 4096  # where each object starts in the slab: O_DIRECT writes need block-aligned memory
+KEEP_LIMIT = 512 << 20  # the biggest slab a process keeps between saves
+
+_kept: tuple[int, torch.Tensor | None] = (0, None)  # (pid, slab): a forked child starts without one
+_kept_lock = threading.Lock()
+
+
+def _take_kept() -> torch.Tensor | None:
+    global _kept
+    with _kept_lock:
+        (pid, slab), _kept = _kept, (os.getpid(), None)
+    return slab if pid == os.getpid() else None
+
+
+def _keep(slab: torch.Tensor) -> None:
+    """Keep ``slab`` for the next ring, or the slab kept already where that one is bigger (two saves
+    ran at once: the other's memory is returned)."""
+    global _kept
+    with _kept_lock:
+        pid, kept = _kept
+        if pid != os.getpid() or kept is None or kept.numel() < slab.numel():
+            _kept = (os.getpid(), slab)

@@ -28,7 +28,7 @@ __all__ = ["WriteStats", "write_cells", "cells_of", "cell_values", "encoded_boun
 
 _WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
 _IN_FLIGHT = 6  # encoded objects whose writes may be in flight at once
-_RING_BYTES = 256 << 20  # encode buffers a save keeps, whatever the number and size of its objects
+_RING_BYTES = 256 << 20  # the encode slab of a save (or its biggest object), whatever the number of its objects
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ def write_cells(
     cells: Iterable[tuple[WriteTask, torch.Tensor]],
     compressor: str | None = None,
     put: Callable[[Storage, str, memoryview], None] | None = None,
+    keep_slab: bool = True,
 ) -> WriteStats:
     """Encode and write ``cells`` (each a write task and the values of its cell); returns what was encoded.
 
@@ -57,24 +58,27 @@ def write_cells(
     passes ``IncrementalWriter.put``, which records each written object's digest; unchanged cells never
     reach here, they were linked before encoding).
 
-    Each object is encoded into a buffer of an ``EncodeRing`` (at most ``_RING_BYTES`` of reused memory,
-    or one object bigger than that) and written by a thread pool while the next is encoded. A cell's
-    values are copied out by the time the next cell is asked for, so ``cells`` may hand out reused
-    staging memory.
+    Each object is encoded into the slab of an ``EncodeRing`` (``_RING_BYTES``, or the biggest object;
+    kept for the process's next save unless ``keep_slab`` is false) and written by a thread pool while
+    the next is encoded. A cell's values are copied out by the time the next cell is asked for, so
+    ``cells`` may hand out reused staging memory.
     """
     arrays = {a.key: a for a in plan.arrays}
     layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
-    ring = EncodeRing(_RING_BYTES, _IN_FLIGHT)
+    ring = EncodeRing(_RING_BYTES, _IN_FLIGHT, kept=keep_slab)
     nbytes = objects = 0
     store = storage.write if put is None else functools.partial(put, storage)
-    with ThreadPoolExecutor(_WRITERS) as pool:  # on an error, waits for the writes in flight (each holds its blob)
-        for task, data in cells:
-            layout = layouts[task.key]
-            buffer = ring.take(encoded_bound(layout))
-            blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
-            nbytes, objects = nbytes + blob.nbytes, objects + 1
-            ring.busy(buffer, pool.submit(store, object_key(arrays[task.key].node, layout, task.cell), blob))
-        ring.drain()
+    try:
+        with ThreadPoolExecutor(_WRITERS) as pool:  # on an error, waits for the writes in flight (each holds its blob)
+            for task, data in cells:
+                layout = layouts[task.key]
+                buffer = ring.take(encoded_bound(layout))
+                blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
+                nbytes, objects = nbytes + blob.nbytes, objects + 1
+                ring.busy(buffer, pool.submit(store, object_key(arrays[task.key].node, layout, task.cell), blob))
+            ring.drain()
+    finally:
+        ring.close()  # every write has ended: the next save encodes into the same memory
     return WriteStats(nbytes, objects)
 
 

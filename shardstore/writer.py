@@ -133,7 +133,8 @@ def _write_cell(dest: Storage, array, task: WriteTask, read: ReadCell, compresso
         raise ValueError(f"{fqn(task.key)!r}: the source gave {list(data.shape)} {data.dtype} for the cell at "
                          f"{list(task.cell_box.offsets)}, expected {list(task.cell_box.sizes)} {array.dtype}")
     one = GlobalSavePlan((array,), ((replace(task, source_box=task.cell_box),),))
-    nbytes = write_cells(dest, one, cells_of(one, 0, {task.key: data}), compressor).nbytes
+    # a rewrite under a memory budget holds no encode memory between its cells (several at once)
+    nbytes = write_cells(dest, one, cells_of(one, 0, {task.key: data}), compressor, keep_slab=False).nbytes
     if progress is not None:
         progress(task.cell_box.numel * array.itemsize)
     return nbytes

@@ -1,13 +1,15 @@
-"""The encode ring: reused buffers bounded in bytes, writes retired oldest first."""
+"""The encode ring: one slab carved in order, bounded in bytes, writes retired oldest first, kept between saves."""
 
 from __future__ import annotations
 
 import os
+import random
 from concurrent.futures import Future
 
 import pytest
 
-from shardstore.buffers import HUGE_PAGE, EncodeRing
+from shardstore import buffers
+from shardstore.buffers import EncodeRing
 
 MIB = 1 << 20
 
@@ -18,34 +20,61 @@ def _done(error: Exception | None = None) -> Future:
     return future
 
 
-def test_a_retired_buffer_is_reused_for_an_object_that_fits():
+@pytest.fixture(autouse=True)
+def _no_kept_slab(monkeypatch):
+    """Each test starts without a slab kept by an earlier ring of this process."""
+    monkeypatch.setattr(buffers, "_kept", (0, None))
+
+
+def test_regions_are_carved_from_one_slab_and_reused_once_written():
     ring = EncodeRing(budget=16 * MIB, slots=4)
     first = ring.take(3 * MIB)
     ring.busy(first, _done())
+    second = ring.take(MIB)
+    assert second.data_ptr() == first.data_ptr() + 3 * MIB  # after the region in flight
+    ring.busy(second, _done())
     ring.drain()
     again = ring.take(2 * MIB)
-    ring.busy(again, _done())
-    assert again.data_ptr() == first.data_ptr() and ring.held == first.numel()
+    assert again.data_ptr() == first.data_ptr() and ring.held == 16 * MIB  # nothing in flight: from the start
 
 
-def test_buffers_held_never_exceed_the_budget_with_many_objects():
+class _EndsWhenWaitedFor(Future):
+    """A write that may end at any time, and has ended once the ring waits for it."""
+
+    def result(self, timeout=None):
+        if not self.done():
+            self.set_result(None)
+        return super().result(timeout)
+
+
+def test_regions_in_flight_never_overlap_and_the_slab_stays_within_the_budget():
+    rng = random.Random(0)
     ring = EncodeRing(budget=8 * MIB, slots=6)
-    peak = 0
-    for size in [3 * MIB, 5 * MIB, 2 * MIB, 4 * MIB, 3 * MIB, 1 * MIB, 6 * MIB] * 3:
-        buffer = ring.take(size)
-        assert buffer.numel() >= size
-        ring.busy(buffer, _done())
-        peak = max(peak, ring.held)
-    assert peak <= 8 * MIB
+    pending: list[tuple[int, int, Future]] = []
+    for _ in range(500):
+        size = rng.choice([1000, 4096, 5000, MIB, 3 * MIB + 7, 6 * MIB])
+        region = ring.take(size)
+        start = region.data_ptr()
+        assert region.numel() >= size and start % 4096 == 0
+        pending = [(a, b, f) for a, b, f in pending if not f.done()]  # ended writes free their region
+        assert all(start + size <= a or b <= start for a, b, _ in pending), "a region still being written was handed out"
+        future = _EndsWhenWaitedFor()
+        ring.busy(region, future)
+        pending.append((start, start + size, future))
+        for _, _, f in pending:  # other writes end in any order
+            if rng.random() < 0.3 and not f.done():
+                f.set_result(None)
+        assert ring.held == 8 * MIB and len(ring._flight) <= 6
+    ring.drain()
 
 
-def test_an_object_bigger_than_the_budget_gets_its_size_once_and_nothing_else_is_kept():
+def test_an_object_bigger_than_the_budget_waits_for_every_write_and_gets_a_slab_of_its_size():
     ring = EncodeRing(budget=4 * MIB, slots=6)
     ring.busy(ring.take(2 * MIB), _done())
     big = ring.take(10 * MIB)
-    assert big.numel() >= 10 * MIB and ring.held == 0  # the free 2 MiB buffer was dropped for it
+    assert big.numel() >= 10 * MIB and not ring._flight and ring.held == 10 * MIB
     ring.busy(big, _done())
-    assert ring.held == big.numel()
+    assert ring.take(MIB).data_ptr() == big.data_ptr()  # the big slab serves the small ones after it
 
 
 def test_no_more_than_slots_writes_are_in_flight():
@@ -55,12 +84,15 @@ def test_no_more_than_slots_writes_are_in_flight():
     ring.busy(ring.take(MIB), pending[1])
     pending[0].set_result(None)  # the oldest finishes: take retires it instead of waiting on the newest
     ring.take(MIB)
-    assert len(ring._flight) == 1 and ring._flight[0][1] is pending[1]
+    assert len(ring._flight) == 1 and ring._flight[0][2] is pending[1]
 
 
-def test_small_buffers_are_page_aligned_mappings_for_o_direct():
-    buffer = EncodeRing(budget=16 * MIB, slots=2).take(1000)
-    assert buffer.numel() >= HUGE_PAGE and buffer.data_ptr() % 4096 == 0
+def test_small_regions_are_page_aligned_for_o_direct():
+    ring = EncodeRing(budget=16 * MIB, slots=4)
+    first = ring.take(1000)
+    ring.busy(first, _done())
+    second = ring.take(1000)
+    assert first.data_ptr() % 4096 == 0 and second.data_ptr() == first.data_ptr() + 4096
 
 
 def test_a_failed_write_raises_from_drain():
@@ -68,6 +100,27 @@ def test_a_failed_write_raises_from_drain():
     ring.busy(ring.take(MIB), _done(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         ring.drain()
+
+
+def test_the_next_ring_of_the_process_encodes_into_the_slab_a_closed_one_kept():
+    ring = EncodeRing(budget=8 * MIB, slots=2, kept=True)
+    first = ring.take(MIB)
+    ring.busy(first, _done())
+    ring.close()
+    assert EncodeRing(budget=8 * MIB, slots=2, kept=True).take(MIB).data_ptr() == first.data_ptr()
+    assert EncodeRing(budget=8 * MIB, slots=2, kept=True).take(MIB).data_ptr() != first.data_ptr()  # one ring at a time
+
+
+def test_a_slab_is_not_kept_while_a_write_from_it_may_still_run_nor_when_huge(monkeypatch):
+    ring = EncodeRing(budget=8 * MIB, slots=2, kept=True)
+    ring.busy(ring.take(MIB), Future())  # never finishes (an interrupted save)
+    ring.close()
+    assert buffers._kept[1] is None
+    monkeypatch.setattr(buffers, "KEEP_LIMIT", 8 * MIB)
+    ring = EncodeRing(budget=8 * MIB, slots=2, kept=True)
+    ring.busy(ring.take(12 * MIB), _done())
+    ring.close()
+    assert buffers._kept[1] is None
 
 
 def _vm_flags(address: int) -> list[str]:
