@@ -22,6 +22,7 @@ import math
 from typing import Iterable, Sequence
 
 from dtensor.placements import Box
+from shardstore.tiling import largest_divisor_at_most
 
 __all__ = [
     "choose_chunk_shape",
@@ -45,9 +46,9 @@ def choose_chunk_shape(
     """The chunk shape whose cells each lie inside one of ``boxes`` (the save-time shard boxes).
 
     Per dim: the gcd of the box boundaries strictly inside ``(0, size)``; a dim nobody cuts keeps its full
-    size (at least 1, since Zarr chunk sizes are positive). With ``max_cell_bytes``, dims nobody cuts are
-    then split, outermost first, until a cell fits: a big replicated tensor becomes several cells that
-    different ranks can write. Dims that are cut are never split further, so single-writer cells remain.
+    size (at least 1, since Zarr chunk sizes are positive). With ``max_cell_bytes``, dims are then split,
+    outermost first, until a cell fits (``_split_dims``): a big replicated tensor becomes several cells
+    that different ranks can write, and no object outgrows what a save pipelines.
     """
     shape = tuple(shape)
     cuts: list[set[int]] = [set() for _ in shape]
@@ -58,19 +59,29 @@ def choose_chunk_shape(
             cuts[d].update(b for b in (off, off + size) if 0 < b < shape[d])
     chunks = [math.gcd(*c) if c else max(n, 1) for c, n in zip(cuts, shape)]
     if max_cell_bytes is not None:
-        _split_uncut_dims(chunks, [not c for c in cuts], itemsize, max_cell_bytes)
+        _split_dims(chunks, [bool(c) for c in cuts], itemsize, max_cell_bytes)
     return tuple(chunks)
 
 
-def _split_uncut_dims(chunks: list[int], uncut: list[bool], itemsize: int, max_cell_bytes: int) -> None:
-    for d, free in enumerate(uncut):
+def _split_dims(chunks: list[int], cut: list[bool], itemsize: int, max_cell_bytes: int) -> None:
+    """Split ``chunks`` along dims, outermost first, until a cell holds at most ``max_cell_bytes``.
+
+    A dim nobody cuts is split into equal pieces. A cut dim only by a divisor of its chunk (every box
+    boundary stays a cell boundary, so each cell keeps a single holder) of at least half the size that
+    would fit; else it is left whole (a prime-sized shard is not cut into slivers). Outermost first, so
+    a row-sharded tensor is split into row bands, which keep each column slice of a later load as
+    narrow as before."""
+    for d, is_cut in enumerate(cut):
         cell_bytes = math.prod(chunks) * itemsize
         if cell_bytes <= max_cell_bytes:
             return
-        if free and chunks[d] > 1:
-            fits = max(1, chunks[d] * max_cell_bytes // cell_bytes)
-            pieces = -(-chunks[d] // fits)
-            chunks[d] = -(-chunks[d] // pieces)  # equal pieces, each at most `fits`
+        fits = max(1, chunks[d] * max_cell_bytes // cell_bytes)
+        if chunks[d] <= 1:
+            continue
+        if not is_cut:
+            chunks[d] = -(-chunks[d] // -(-chunks[d] // fits))  # equal pieces, each at most `fits`
+        elif 2 * (part := largest_divisor_at_most(chunks[d], fits)) >= fits:
+            chunks[d] = part
 
 
 def grid_shape(chunk_shape: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:

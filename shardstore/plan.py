@@ -36,9 +36,12 @@ __all__ = [
 Coords = tuple[int, ...]
 InnerChunks = Callable[[tuple[int, ...], int], Sequence[int]]
 
-DEFAULT_MAX_CELL_BYTES = 256 * 2**20
-"""Cells of tensors nobody shards are split (along uncut dims) to at most this size, so a big replicated
-tensor is written by several ranks instead of one; sharded dims are never split further."""
+DEFAULT_MAX_CELL_BYTES = 64 * 2**20
+"""Cells (shard objects) are split to at most this size (``grid.choose_chunk_shape``), so a big replicated
+tensor is written by several ranks instead of one, and a save's 256 MiB encode slab holds four objects:
+one is written while the next is encoded. With cells of up to 256 MiB, a 1 GiB save in one process
+waited for each big object's write before encoding the next: 0.60 s steady against 0.46 s with 64 MiB
+cells (raw O_DIRECT writes of the same files took 0.44 s)."""
 
 DIGEST_MAX_BYTES = 64 * 2**10
 """Plain tensors are digested at save, so ranks holding different values under one key (a per-rank RNG

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 
-__all__ = ["choose_inner_chunk_shape", "budget_tile", "reshard_cut", "RESHARD_SPLITS", "WHOLE_CHUNK_BYTES",
-           "MIN_ROW_BYTES"]
+__all__ = ["choose_inner_chunk_shape", "budget_tile", "reshard_cut", "largest_divisor_at_most", "RESHARD_SPLITS",
+           "WHOLE_CHUNK_BYTES", "MIN_ROW_BYTES"]
 
 
 def choose_inner_chunk_shape(
@@ -53,7 +53,7 @@ def budget_tile(outer: tuple[int, ...], itemsize: int, target_bytes: int) -> tup
     lead: list[int] = []
     room = budget // math.prod(tail)
     for n in reversed(outer[: -len(tail)]):
-        d = _largest_divisor_at_most(n, room)
+        d = largest_divisor_at_most(n, room)
         lead.insert(0, d)
         room //= d
     return tuple(lead) + tail
@@ -85,7 +85,7 @@ def _cut(size: int, outer: int, row_itemsize: int | None) -> int:
     """One dim of ``reshard_cut``; ``row_itemsize`` is given for the last dim (its rows' byte floor)."""
     if outer < RESHARD_SPLITS:
         return size
-    part = _largest_divisor_at_most(size, outer // RESHARD_SPLITS)
+    part = largest_divisor_at_most(size, outer // RESHARD_SPLITS)
     if part * 2 * RESHARD_SPLITS < outer or (row_itemsize is not None and part * row_itemsize < MIN_ROW_BYTES):
         return size
     return part
@@ -96,7 +96,8 @@ def _divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
-def _largest_divisor_at_most(n: int, limit: int) -> int:
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` (>= 1) that is at most ``limit`` (1 where none is)."""
     divs = _divisors(n)
     return divs[max(0, bisect_right(divs, limit) - 1)]
 

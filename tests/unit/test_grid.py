@@ -48,13 +48,16 @@ def test_zero_d_has_one_cell_and_zero_size_has_none():
     assert cells_overlapping((1, 3), (0, 3), Box((0, 0), (0, 3))) == []
 
 
-def test_max_cell_bytes_splits_only_uncut_dims():
+def test_max_cell_bytes_splits_outer_dims_first_and_cut_dims_only_at_divisors():
     shape = (1000, 64)
     replicated = [Box((0, 0), shape)] * 4
     assert choose_chunk_shape(shape, replicated, itemsize=4, max_cell_bytes=64 * 4 * 100) == (100, 64)
-    sharded = boxes(shape, (4,), (Shard(0),))
-    assert choose_chunk_shape(shape, sharded, itemsize=4, max_cell_bytes=64 * 4 * 10) == (250, 2)
+    sharded = boxes(shape, (4,), (Shard(0),))  # rows cut at 250, 500, 750
+    assert choose_chunk_shape(shape, sharded, itemsize=4, max_cell_bytes=64 * 4 * 10) == (10, 64)  # row bands
+    assert choose_chunk_shape(shape, sharded, itemsize=4, max_cell_bytes=64 * 4 * 12) == (10, 64)  # 10 divides 250
     assert choose_chunk_shape(shape, sharded, itemsize=4, max_cell_bytes=10**9) == (250, 64)
+    prime = boxes((1018, 64), (2,), (Shard(0),))  # shards of 509 rows: no divisor near 10, so columns are split
+    assert choose_chunk_shape((1018, 64), prime, itemsize=4, max_cell_bytes=64 * 4 * 10) == (509, 1)
     assert choose_chunk_shape((1000,), [Box((0,), (1000,))], max_cell_bytes=334) == (334,)
 
 
