@@ -58,14 +58,14 @@ def write_cells(
     passes ``IncrementalWriter.put``, which records each written object's digest; unchanged cells never
     reach here, they were linked before encoding).
 
-    Each object is encoded into the slab of an ``EncodeRing`` (``_RING_BYTES``, or the biggest object;
+    Each object is encoded into the slab of an ``EncodeRing`` (``_slab_bytes``, or the biggest object;
     kept for the process's next save unless ``keep_slab`` is false) and written by a thread pool while
     the next is encoded. A cell's values are copied out by the time the next cell is asked for, so
     ``cells`` may hand out reused staging memory.
     """
     arrays = {a.key: a for a in plan.arrays}
     layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
-    ring = EncodeRing(_RING_BYTES, _IN_FLIGHT, kept=keep_slab)
+    ring = EncodeRing(_slab_bytes(layouts.values()), _IN_FLIGHT, kept=keep_slab)
     nbytes = objects = 0
     store = storage.write if put is None else functools.partial(put, storage)
     try:
@@ -80,6 +80,13 @@ def write_cells(
     finally:
         ring.close()  # every write has ended: the next save encodes into the same memory
     return WriteStats(nbytes, objects)
+
+
+def _slab_bytes(layouts: Iterable[ArrayLayout]) -> int:
+    """The encode slab a save needs: ``_IN_FLIGHT`` of its biggest objects, at most ``_RING_BYTES``. A
+    slab is touched all over as its regions go round, so a save of small objects gets a small one (a
+    1000-tensor save grew its RSS by the whole 256 MiB, and faulted it in, where ~7 MiB serve)."""
+    return min(_RING_BYTES, _IN_FLIGHT * max((encoded_bound(layout) for layout in layouts), default=1))
 
 
 def cells_of(plan: GlobalSavePlan, rank: int, items: Mapping[KeyPath, Any]) -> Iterator[tuple[WriteTask, torch.Tensor]]:

@@ -150,3 +150,15 @@ def test_huge_pages_are_asked_for_only_where_o_direct_uses_the_memory():
     staged = StagingPool().buffer(0, 3 * MIB, pinned=False)
     assert "hg" in _vm_flags(encode.data_ptr())
     assert "hg" not in _vm_flags(staged.data_ptr()) and staged.dtype == torch.uint8
+
+
+def test_a_save_of_small_tensors_encodes_into_a_slab_of_a_few_objects(tmp_path):
+    """A slab is touched all over as its regions go round: a save of small objects must not map (and
+    fault in) the whole 256 MiB budget."""
+    import torch
+
+    import shardstore
+
+    shardstore.save({f"w{i}": torch.randn(1 << 14) for i in range(40)}, str(tmp_path / "ck"))  # 64 KiB each
+    assert buffers._kept[1] is not None and buffers._kept[1].numel() <= 6 * (64 << 10) + 6 * 4096
+
