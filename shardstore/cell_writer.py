@@ -28,7 +28,7 @@ __all__ = ["WriteStats", "write_cells", "cells_of", "cell_values", "encoded_boun
 
 _WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
 _IN_FLIGHT = 6  # encoded objects whose writes may be in flight at once
-_RING_BYTES = 256 << 20  # the encode slab of a save (or its biggest object), whatever the number of its objects
+_RING_BYTES = 256 << 20  # the largest encode slab a save maps (but one object bigger than that: its size)
 
 
 @dataclass(frozen=True)
