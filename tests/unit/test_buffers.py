@@ -1,4 +1,4 @@
-"""The encode ring: one slab carved in order, bounded in bytes, writes retired oldest first, kept between saves."""
+"""The encode ring: one slab, regions lowest first, bounded in bytes, kept between saves."""
 
 from __future__ import annotations
 
@@ -28,14 +28,30 @@ def _no_kept_slab(monkeypatch):
 
 def test_regions_are_carved_from_one_slab_and_reused_once_written():
     ring = EncodeRing(budget=16 * MIB, slots=4)
+    writes = [Future(), Future()]
     first = ring.take(3 * MIB)
-    ring.busy(first, _done())
+    ring.busy(first, writes[0])
     second = ring.take(MIB)
     assert second.data_ptr() == first.data_ptr() + 3 * MIB  # after the region in flight
-    ring.busy(second, _done())
-    ring.drain()
+    ring.busy(second, writes[1])
+    writes[0].set_result(None)
     again = ring.take(2 * MIB)
-    assert again.data_ptr() == first.data_ptr() and ring.held == 16 * MIB  # nothing in flight: from the start
+    assert again.data_ptr() == first.data_ptr() and ring.held == 16 * MIB  # the first write ended: its bytes
+
+
+def test_a_fresh_slab_is_used_only_as_far_as_the_writes_in_flight_need():
+    """Going round a fresh slab in order faults it all in: the lowest free bytes are used first."""
+    ring = EncodeRing(budget=64 * MIB, slots=6)
+    base, highest, writes = None, 0, []
+    for _ in range(200):
+        region = ring.take(MIB)
+        base = region.data_ptr() if base is None else base
+        highest = max(highest, region.data_ptr() - base + MIB)
+        writes.append(Future())
+        ring.busy(region, writes[-1])
+        if len(writes) >= 3:
+            writes[-3].set_result(None)  # about three writes in flight at a time
+    assert highest <= 3 * MIB
 
 
 class _EndsWhenWaitedFor(Future):
@@ -90,7 +106,7 @@ def test_no_more_than_slots_writes_are_in_flight():
 def test_small_regions_are_page_aligned_for_o_direct():
     ring = EncodeRing(budget=16 * MIB, slots=4)
     first = ring.take(1000)
-    ring.busy(first, _done())
+    ring.busy(first, Future())
     second = ring.take(1000)
     assert first.data_ptr() % 4096 == 0 and second.data_ptr() == first.data_ptr() + 4096
 
