@@ -1,10 +1,10 @@
 """Host memory for bytes on their way to or from storage: fresh staging memory (on huge pages where it
-meets ``O_DIRECT``), and the ring a save encodes its objects into, bounded in bytes.
+meets ``O_DIRECT``), and the slab a save encodes its objects into, bounded in bytes.
 
 Touching fresh memory costs a page fault per 4 KiB page, and the kernel clears a huge page on its first
 touch (filling fresh memory was ~4x slower than copying here), so a save encodes every object into one
-slab of ``budget`` bytes (or of its biggest object, where that is bigger), carved in order as a ring: a
-rank's peak memory during a save is its shard plus the slab, whatever the number and size of its
+slab of ``budget`` bytes (or of its biggest object, where that is bigger), its lowest free bytes first:
+a rank's peak memory during a save is its shard plus the slab, whatever the number and size of its
 objects. The slab outlives the save: the next save of the process encodes into the same memory.
 """
 
@@ -45,12 +45,12 @@ class EncodeRing:
 
     ``take(nbytes)`` waits for the oldest writes until fewer than ``slots`` are in flight and a
     block-aligned stretch of ``nbytes`` is free of every region in flight (the lowest such), then hands
-    it back. ``busy(buffer, future)`` marks the stretch just taken in
-    flight until ``future`` completes; ``drain()`` waits for every write and raises the first error.
-    The slab holds ``budget`` bytes, or the biggest object's size where that is more (that object waits
-    for every write before it and takes the slab whole).
+    it back. ``busy(buffer, future)`` marks the stretch just taken in flight until ``future``
+    completes; ``drain()`` waits for every write and raises the first error. The slab holds ``budget``
+    bytes, or the biggest object's size where that is more (that object waits for every write before it
+    and takes the slab whole).
 
-    Why one slab carved in order, and not a buffer per object: with objects of mixed sizes (1-256 MiB)
+    Why one slab, and not a buffer per object: with objects of mixed sizes (1-256 MiB)
     buffers that fit none of the next ones were dropped and fresh ones mapped, so a save of 1 GiB faulted
     in about 1 GiB of fresh memory; clearing those huge pages was a third of the save's CPU. With
     ``kept``, the slab is handed to the next ring of the process when this one closes (not one over
