@@ -18,7 +18,7 @@ from concurrent.futures import Future
 
 import torch
 
-__all__ = ["staging_buffer", "EncodeRing", "HUGE_PAGE"]
+__all__ = ["staging_buffer", "EncodeSlab", "HUGE_PAGE"]
 
 HUGE_PAGE = 2 << 20  # smaller buffers gain nothing from a mapping of their own
 
@@ -40,7 +40,7 @@ def staging_buffer(nbytes: int, huge_pages: bool = True):
     return buffer
 
 
-class EncodeRing:
+class EncodeSlab:
     """One slab of memory that encoded objects are carved from while their writes are in flight.
 
     ``take(nbytes)`` waits for the oldest writes until fewer than ``slots`` are in flight and a
@@ -53,7 +53,7 @@ class EncodeRing:
     Why one slab, and not a buffer per object: with objects of mixed sizes (1-256 MiB)
     buffers that fit none of the next ones were dropped and fresh ones mapped, so a save of 1 GiB faulted
     in about 1 GiB of fresh memory; clearing those huge pages was a third of the save's CPU. With
-    ``kept``, the slab is handed to the next ring of the process when this one closes (not one over
+    ``kept``, the slab is handed to the next one of the process when this one closes (not one over
     ``KEEP_LIMIT`` bytes: a process saving one huge unsharded tensor would hold its size for good).
     """
 
@@ -135,7 +135,7 @@ def _take_kept() -> torch.Tensor | None:
 
 
 def _keep(slab: torch.Tensor) -> None:
-    """Keep ``slab`` for the next ring, or the slab kept already where that one is bigger (two saves
+    """Keep ``slab`` for the next ``EncodeSlab``, or the slab kept already where that one is bigger (two saves
     ran at once: the other's memory is returned)."""
     global _kept
     with _kept_lock:

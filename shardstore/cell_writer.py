@@ -1,7 +1,7 @@
 """Carrying out a save plan: encode this rank's cells and write them, one object per cell.
 
-The plan (``plan.py``) says what; this module moves bytes. Each object is encoded into a ring of reused
-buffers bounded in bytes (``buffers.py``) and handed to a thread pool, so encoding the next cell
+The plan (``plan.py``) says what; this module moves bytes. Each object is encoded into a slab of reused
+memory bounded in bytes (``buffers.py``) and handed to a thread pool, so encoding the next cell
 overlaps writing.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from shardstore.buffers import EncodeRing
+from shardstore.buffers import EncodeSlab
 from shardstore.codec import CRC_NBYTES, ArrayLayout, encode_shard, index_nbytes
 from shardstore.dtypes import dtype_info_by_name
 from shardstore.flatten import KeyPath, fqn
@@ -28,7 +28,7 @@ __all__ = ["WriteStats", "write_cells", "cells_of", "cell_values", "encoded_boun
 
 _WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
 _IN_FLIGHT = 6  # encoded objects whose writes may be in flight at once
-_RING_BYTES = 256 << 20  # the largest encode slab a save maps (but one object bigger than that: its size)
+_SLAB_BYTES = 256 << 20  # the largest encode slab a save maps (but one object bigger than that: its size)
 
 
 @dataclass(frozen=True)
@@ -58,35 +58,35 @@ def write_cells(
     passes ``IncrementalWriter.put``, which records each written object's digest; unchanged cells never
     reach here, they were linked before encoding).
 
-    Each object is encoded into the slab of an ``EncodeRing`` (``_slab_bytes``, or the biggest object;
+    Each object is encoded into an ``EncodeSlab`` (``_slab_bytes``, or the biggest object;
     kept for the process's next save unless ``keep_slab`` is false) and written by a thread pool while
     the next is encoded. A cell's values are copied out by the time the next cell is asked for, so
     ``cells`` may hand out reused staging memory.
     """
     arrays = {a.key: a for a in plan.arrays}
     layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
-    ring = EncodeRing(_slab_bytes(layouts.values()), _IN_FLIGHT, kept=keep_slab)
+    slab = EncodeSlab(_slab_bytes(layouts.values()), _IN_FLIGHT, kept=keep_slab)
     nbytes = objects = 0
     store = storage.write if put is None else functools.partial(put, storage)
     try:
         with ThreadPoolExecutor(_WRITERS) as pool:  # on an error, waits for the writes in flight (each holds its blob)
             for task, data in cells:
                 layout = layouts[task.key]
-                buffer = ring.take(encoded_bound(layout))
+                buffer = slab.take(encoded_bound(layout))
                 blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
                 nbytes, objects = nbytes + blob.nbytes, objects + 1
-                ring.busy(buffer, pool.submit(store, object_key(arrays[task.key].node, layout, task.cell), blob))
-            ring.drain()
+                slab.busy(buffer, pool.submit(store, object_key(arrays[task.key].node, layout, task.cell), blob))
+            slab.drain()
     finally:
-        ring.close()  # every write has ended: the next save encodes into the same memory
+        slab.close()  # every write has ended: the next save encodes into the same memory
     return WriteStats(nbytes, objects)
 
 
 def _slab_bytes(layouts: Iterable[ArrayLayout]) -> int:
-    """The encode slab a save needs: ``_IN_FLIGHT`` of its biggest objects, at most ``_RING_BYTES``. A
+    """The encode slab a save needs: ``_IN_FLIGHT`` of its biggest objects, at most ``_SLAB_BYTES``. A
     slab is touched all over as its regions go round, so a save of small objects gets a small one (a
     1000-tensor save grew its RSS by the whole 256 MiB, and faulted it in, where ~7 MiB serve)."""
-    return min(_RING_BYTES, _IN_FLIGHT * max((encoded_bound(layout) for layout in layouts), default=1))
+    return min(_SLAB_BYTES, _IN_FLIGHT * max((encoded_bound(layout) for layout in layouts), default=1))
 
 
 def cells_of(plan: GlobalSavePlan, rank: int, items: Mapping[KeyPath, Any]) -> Iterator[tuple[WriteTask, torch.Tensor]]:

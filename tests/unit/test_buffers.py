@@ -1,4 +1,4 @@
-"""The encode ring: one slab, regions lowest first, bounded in bytes, kept between saves."""
+"""The encode slab: one slab, regions lowest first, bounded in bytes, kept between saves."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from concurrent.futures import Future
 import pytest
 
 from shardstore import buffers
-from shardstore.buffers import EncodeRing
+from shardstore.buffers import EncodeSlab
 
 MIB = 1 << 20
 
@@ -22,40 +22,40 @@ def _done(error: Exception | None = None) -> Future:
 
 @pytest.fixture(autouse=True)
 def _no_kept_slab(monkeypatch):
-    """Each test starts without a slab kept by an earlier ring of this process."""
+    """Each test starts without a slab kept by an earlier slab of this process."""
     monkeypatch.setattr(buffers, "_kept", (0, None))
 
 
 def test_regions_are_carved_from_one_slab_and_reused_once_written():
-    ring = EncodeRing(budget=16 * MIB, slots=4)
+    slab = EncodeSlab(budget=16 * MIB, slots=4)
     writes = [Future(), Future()]
-    first = ring.take(3 * MIB)
-    ring.busy(first, writes[0])
-    second = ring.take(MIB)
+    first = slab.take(3 * MIB)
+    slab.busy(first, writes[0])
+    second = slab.take(MIB)
     assert second.data_ptr() == first.data_ptr() + 3 * MIB  # after the region in flight
-    ring.busy(second, writes[1])
+    slab.busy(second, writes[1])
     writes[0].set_result(None)
-    again = ring.take(2 * MIB)
-    assert again.data_ptr() == first.data_ptr() and ring.held == 16 * MIB  # the first write ended: its bytes
+    again = slab.take(2 * MIB)
+    assert again.data_ptr() == first.data_ptr() and slab.held == 16 * MIB  # the first write ended: its bytes
 
 
 def test_a_fresh_slab_is_used_only_as_far_as_the_writes_in_flight_need():
     """Going round a fresh slab in order faults it all in: the lowest free bytes are used first."""
-    ring = EncodeRing(budget=64 * MIB, slots=6)
+    slab = EncodeSlab(budget=64 * MIB, slots=6)
     base, highest, writes = None, 0, []
     for _ in range(200):
-        region = ring.take(MIB)
+        region = slab.take(MIB)
         base = region.data_ptr() if base is None else base
         highest = max(highest, region.data_ptr() - base + MIB)
         writes.append(Future())
-        ring.busy(region, writes[-1])
+        slab.busy(region, writes[-1])
         if len(writes) >= 3:
             writes[-3].set_result(None)  # about three writes in flight at a time
     assert highest <= 3 * MIB
 
 
 class _EndsWhenWaitedFor(Future):
-    """A write that may end at any time, and has ended once the ring waits for it."""
+    """A write that may end at any time, and has ended once the slab waits for it."""
 
     def result(self, timeout=None):
         if not self.done():
@@ -65,77 +65,77 @@ class _EndsWhenWaitedFor(Future):
 
 def test_regions_in_flight_never_overlap_and_the_slab_stays_within_the_budget():
     rng = random.Random(0)
-    ring = EncodeRing(budget=8 * MIB, slots=6)
+    slab = EncodeSlab(budget=8 * MIB, slots=6)
     pending: list[tuple[int, int, Future]] = []
     for _ in range(500):
         size = rng.choice([1000, 4096, 5000, MIB, 3 * MIB + 7, 6 * MIB])
-        region = ring.take(size)
+        region = slab.take(size)
         start = region.data_ptr()
         assert region.numel() >= size and start % 4096 == 0
         pending = [(a, b, f) for a, b, f in pending if not f.done()]  # ended writes free their region
         assert all(start + size <= a or b <= start for a, b, _ in pending), "a region still being written was handed out"
         future = _EndsWhenWaitedFor()
-        ring.busy(region, future)
+        slab.busy(region, future)
         pending.append((start, start + size, future))
         for _, _, f in pending:  # other writes end in any order
             if rng.random() < 0.3 and not f.done():
                 f.set_result(None)
-        assert ring.held == 8 * MIB and len(ring._flight) <= 6
-    ring.drain()
+        assert slab.held == 8 * MIB and len(slab._flight) <= 6
+    slab.drain()
 
 
 def test_an_object_bigger_than_the_budget_waits_for_every_write_and_gets_a_slab_of_its_size():
-    ring = EncodeRing(budget=4 * MIB, slots=6)
-    ring.busy(ring.take(2 * MIB), _done())
-    big = ring.take(10 * MIB)
-    assert big.numel() >= 10 * MIB and not ring._flight and ring.held == 10 * MIB
-    ring.busy(big, _done())
-    assert ring.take(MIB).data_ptr() == big.data_ptr()  # the big slab serves the small ones after it
+    slab = EncodeSlab(budget=4 * MIB, slots=6)
+    slab.busy(slab.take(2 * MIB), _done())
+    big = slab.take(10 * MIB)
+    assert big.numel() >= 10 * MIB and not slab._flight and slab.held == 10 * MIB
+    slab.busy(big, _done())
+    assert slab.take(MIB).data_ptr() == big.data_ptr()  # the big slab serves the small ones after it
 
 
 def test_no_more_than_slots_writes_are_in_flight():
-    ring = EncodeRing(budget=64 * MIB, slots=2)
+    slab = EncodeSlab(budget=64 * MIB, slots=2)
     pending = [Future() for _ in range(3)]
-    ring.busy(ring.take(MIB), pending[0])
-    ring.busy(ring.take(MIB), pending[1])
+    slab.busy(slab.take(MIB), pending[0])
+    slab.busy(slab.take(MIB), pending[1])
     pending[0].set_result(None)  # the oldest finishes: take retires it instead of waiting on the newest
-    ring.take(MIB)
-    assert len(ring._flight) == 1 and ring._flight[0][2] is pending[1]
+    slab.take(MIB)
+    assert len(slab._flight) == 1 and slab._flight[0][2] is pending[1]
 
 
 def test_small_regions_are_page_aligned_for_o_direct():
-    ring = EncodeRing(budget=16 * MIB, slots=4)
-    first = ring.take(1000)
-    ring.busy(first, Future())
-    second = ring.take(1000)
+    slab = EncodeSlab(budget=16 * MIB, slots=4)
+    first = slab.take(1000)
+    slab.busy(first, Future())
+    second = slab.take(1000)
     assert first.data_ptr() % 4096 == 0 and second.data_ptr() == first.data_ptr() + 4096
 
 
 def test_a_failed_write_raises_from_drain():
-    ring = EncodeRing(budget=16 * MIB, slots=2)
-    ring.busy(ring.take(MIB), _done(OSError("disk full")))
+    slab = EncodeSlab(budget=16 * MIB, slots=2)
+    slab.busy(slab.take(MIB), _done(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
-        ring.drain()
+        slab.drain()
 
 
 def test_the_next_ring_of_the_process_encodes_into_the_slab_a_closed_one_kept():
-    ring = EncodeRing(budget=8 * MIB, slots=2, kept=True)
-    first = ring.take(MIB)
-    ring.busy(first, _done())
-    ring.close()
-    assert EncodeRing(budget=8 * MIB, slots=2, kept=True).take(MIB).data_ptr() == first.data_ptr()
-    assert EncodeRing(budget=8 * MIB, slots=2, kept=True).take(MIB).data_ptr() != first.data_ptr()  # one ring at a time
+    slab = EncodeSlab(budget=8 * MIB, slots=2, kept=True)
+    first = slab.take(MIB)
+    slab.busy(first, _done())
+    slab.close()
+    assert EncodeSlab(budget=8 * MIB, slots=2, kept=True).take(MIB).data_ptr() == first.data_ptr()
+    assert EncodeSlab(budget=8 * MIB, slots=2, kept=True).take(MIB).data_ptr() != first.data_ptr()  # one slab at a time
 
 
 def test_a_slab_is_not_kept_while_a_write_from_it_may_still_run_nor_when_huge(monkeypatch):
-    ring = EncodeRing(budget=8 * MIB, slots=2, kept=True)
-    ring.busy(ring.take(MIB), Future())  # never finishes (an interrupted save)
-    ring.close()
+    slab = EncodeSlab(budget=8 * MIB, slots=2, kept=True)
+    slab.busy(slab.take(MIB), Future())  # never finishes (an interrupted save)
+    slab.close()
     assert buffers._kept[1] is None
     monkeypatch.setattr(buffers, "KEEP_LIMIT", 8 * MIB)
-    ring = EncodeRing(budget=8 * MIB, slots=2, kept=True)
-    ring.busy(ring.take(12 * MIB), _done())
-    ring.close()
+    slab = EncodeSlab(budget=8 * MIB, slots=2, kept=True)
+    slab.busy(slab.take(12 * MIB), _done())
+    slab.close()
     assert buffers._kept[1] is None
 
 
@@ -161,8 +161,8 @@ def test_huge_pages_are_asked_for_only_where_o_direct_uses_the_memory():
 
     from shardstore.staging import StagingPool
 
-    ring = EncodeRing(budget=16 * MIB, slots=2)
-    encode = ring.take(3 * MIB)
+    slab = EncodeSlab(budget=16 * MIB, slots=2)
+    encode = slab.take(3 * MIB)
     staged = StagingPool().buffer(0, 3 * MIB, pinned=False)
     assert "hg" in _vm_flags(encode.data_ptr())
     assert "hg" not in _vm_flags(staged.data_ptr()) and staged.dtype == torch.uint8
