@@ -50,9 +50,9 @@ class EncodeSlab:
     bytes, or the biggest object's size where that is more (that object waits for every write before it
     and takes the slab whole).
 
-    Why one slab, and not a buffer per object: with objects of mixed sizes (1-256 MiB)
-    buffers that fit none of the next ones were dropped and fresh ones mapped, so a save of 1 GiB faulted
-    in about 1 GiB of fresh memory; clearing those huge pages was a third of the save's CPU. With
+    Why one slab, and not a buffer per object: with objects of mixed sizes (1-256 MiB) buffers that
+    fit none of the next ones were dropped and fresh ones mapped, so a save of 1 GiB faulted in about
+    1 GiB of fresh memory; clearing those huge pages was a third of the save's CPU. With
     ``kept``, the slab is handed to the next one of the process when this one closes (not one over
     ``KEEP_LIMIT`` bytes: a process saving one huge unsharded tensor would hold its size for good).
     """
@@ -110,8 +110,10 @@ class EncodeSlab:
 
     def _retire_ended(self) -> None:
         """Forget the regions whose writes have ended (raising the first error), oldest or not."""
-        ended = [region for region in self._flight if region[2].done()]
-        self._flight = deque(region for region in self._flight if not region[2].done())
+        ended, running = [], deque()
+        for region in self._flight:  # one look at each: a write ending meanwhile is kept, not lost
+            (ended if region[2].done() else running).append(region)
+        self._flight = running
         for *_, future in ended:
             future.result()
 
@@ -135,8 +137,8 @@ def _take_kept() -> torch.Tensor | None:
 
 
 def _keep(slab: torch.Tensor) -> None:
-    """Keep ``slab`` for the next ``EncodeSlab``, or the slab kept already where that one is bigger (two saves
-    ran at once: the other's memory is returned)."""
+    """Keep ``slab`` for the next ``EncodeSlab``, or the slab kept already where that one is bigger
+    (two saves ran at once: the other's memory is returned)."""
     global _kept
     with _kept_lock:
         pid, kept = _kept

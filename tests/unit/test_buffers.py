@@ -118,6 +118,14 @@ def test_a_failed_write_raises_from_drain():
         slab.drain()
 
 
+def test_a_failed_write_that_ended_behind_a_running_one_raises_from_the_next_take():
+    slab = EncodeSlab(budget=16 * MIB, slots=4)
+    slab.busy(slab.take(MIB), Future())  # still running
+    slab.busy(slab.take(MIB), _done(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        slab.take(MIB)
+
+
 def test_the_next_ring_of_the_process_encodes_into_the_slab_a_closed_one_kept():
     slab = EncodeSlab(budget=8 * MIB, slots=2, kept=True)
     first = slab.take(MIB)
