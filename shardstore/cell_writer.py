@@ -83,9 +83,9 @@ def write_cells(
 
 
 def _slab_bytes(layouts: Iterable[ArrayLayout]) -> int:
-    """The encode slab a save needs: ``_IN_FLIGHT`` of its biggest objects, at most ``_SLAB_BYTES``. A
-    slab is touched all over as its regions go round, so a save of small objects gets a small one (a
-    1000-tensor save grew its RSS by the whole 256 MiB, and faulted it in, where ~7 MiB serve)."""
+    """The encode slab a save needs: ``_IN_FLIGHT`` of its biggest objects, at most ``_SLAB_BYTES``; the
+    writes in flight never hold more, and the slab kept between saves is then no bigger than the saves
+    of this process use (a 1000-tensor save maps ~7 MiB, not 256)."""
     return min(_SLAB_BYTES, _IN_FLIGHT * max((encoded_bound(layout) for layout in layouts), default=1))
 
 
