@@ -24,11 +24,10 @@ from shardstore.flatten import KeyPath, fqn
 from shardstore.format import object_key
 from shardstore.load_plan import ReadRun, ReadTask
 from shardstore.memcopy import copy_bytes
-from shardstore.storage import ROOM_ALIGN, ROOM_SLACK, Storage
+from shardstore.storage import ROOM_ALIGN, ROOM_SLACK, Storage, io_map
 
 __all__ = ["CheckedRun", "check_runs", "read_checked", "read_runs", "land_runs", "place", "copy_into", "read_index"]
 
-_INDEX_READERS = 16  # concurrent (size, index) reads of shard objects
 _LANDING_PIECE = 8 << 20  # a landing load reads runs in pieces of at most this many bytes, concurrently:
 # one big sequential read per object left the disk half idle (cold reads want several in flight)
 _PLACED_MIN = 1 << 20  # smaller runs are read into exact scratch slots (they go through the page cache)
@@ -67,20 +66,13 @@ def check_runs(
     """
     keys = [object_key(nodes[run.key], layouts[run.key], run.cell) for run in runs]
     objects = {key: run for key, run in zip(keys, runs)}
-    indices = _concurrently(lambda item: _object_index(storage, layouts[item[1].key], *item), list(objects.items()))
+    indices = io_map(lambda item: _object_index(storage, layouts[item[1].key], *item), list(objects.items()))
     ranges = dict(zip(objects, indices))
     checked = []
     for run, key in zip(runs, keys):
         _check_stored(storage, run, key, ranges[key])
         checked += _back_to_back(CheckedRun(run, key, ranges[key]))
     return checked
-
-
-def _concurrently(fn, items: list) -> list:
-    if len(items) <= 1:
-        return [fn(item) for item in items]
-    with ThreadPoolExecutor(min(_INDEX_READERS, len(items))) as pool:
-        return list(pool.map(fn, items))
 
 
 def read_checked(

@@ -1,6 +1,6 @@
 """Bytes by key under one root URL: the storage seam (``base``) and its backends (``local``: ``os``
 calls on a local filesystem; ``remote``: everything fsspec reaches, the only fsspec user)."""
 
-from shardstore.storage.base import CURRENT, ROOM_ALIGN, ROOM_SLACK, VERSION_PREFIX, HeldLock, Storage, check_key
+from shardstore.storage.base import CURRENT, ROOM_ALIGN, ROOM_SLACK, VERSION_PREFIX, HeldLock, Storage, check_key, io_map
 
-__all__ = ["Storage", "HeldLock", "check_key", "CURRENT", "VERSION_PREFIX", "ROOM_ALIGN", "ROOM_SLACK"]
+__all__ = ["Storage", "HeldLock", "check_key", "CURRENT", "VERSION_PREFIX", "ROOM_ALIGN", "ROOM_SLACK", "io_map"]

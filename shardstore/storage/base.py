@@ -17,12 +17,13 @@ escape the root (``..``, absolute paths, backslashes, NUL, empty components rais
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from shardstore.errors import CorruptCheckpointError, MissingChunkError, UnsafeKeyError
 
-__all__ = ["Storage", "HeldLock", "check_key", "CURRENT", "VERSION_PREFIX", "ROOM_ALIGN", "ROOM_SLACK"]
+__all__ = ["Storage", "HeldLock", "check_key", "CURRENT", "VERSION_PREFIX", "ROOM_ALIGN", "ROOM_SLACK", "io_map"]
 
 # Object stores replace a checkpoint by writing a new version under ``<root>/.v-<id>/`` and pointing
 # ``<root>/.shardstore-current`` at it (docs/format.md §5); ``pinned`` resolves the pointer.
@@ -37,6 +38,9 @@ ROOM_SLACK = 2 * ROOM_ALIGN
 _READ_THREADS = 16
 _read_pool: tuple[int, ThreadPoolExecutor] | None = None
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 def io_pool() -> ThreadPoolExecutor:
     """One pool per process for concurrent range reads (a forked child gets its own, not dead threads)."""
@@ -44,6 +48,44 @@ def io_pool() -> ThreadPoolExecutor:
     if _read_pool is None or _read_pool[0] != os.getpid():
         _read_pool = (os.getpid(), ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="shardstore-read"))
     return _read_pool[1]
+
+
+def io_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(item) for item in items]``, up to ``_READ_THREADS`` at once on ``io_pool()``; raises what the
+    first failing item (in order) raised.
+
+    Each worker, the calling thread among them, takes the next item as it finishes one, so a thousand
+    small reads cost a handful of pool tasks, not a thousand futures: a future per read spent more on its
+    hand-offs between threads than a cached 4 KiB read takes (1000 cold ``zarr.json`` reads here: ~0.11-0.22 s
+    that way, ~0.03 s with workers taking items in turn). Workers that never started by the time the
+    items ran out are cancelled, so a caller that is itself a pool thread never waits on a busy pool.
+    """
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    results: list = [None] * len(items)
+    failed: dict[int, BaseException] = {}
+    taken = iter(range(len(items)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while not failed:
+            with lock:
+                i = next(taken, None)
+            if i is None:
+                return
+            try:
+                results[i] = fn(items[i])
+            except BaseException as exc:  # noqa: BLE001 - raised below, in item order
+                failed[i] = exc
+
+    helpers = [io_pool().submit(work) for _ in range(min(_READ_THREADS, len(items)) - 1)]
+    work()
+    for helper in helpers:
+        if not helper.cancel():
+            helper.result()
+    if failed:
+        raise failed[min(failed)]
+    return results
 
 
 def check_key(key: str, root_url: str) -> str:
@@ -173,9 +215,7 @@ class Storage:
 
     def read_ranges(self, requests: list[tuple[str, int, int | None]]) -> list[bytearray]:
         """Many ``read_range`` calls at once, concurrently, results in request order."""
-        if len(requests) <= 1:
-            return [self.read_range(*r) for r in requests]
-        return list(io_pool().map(lambda r: self.read_range(*r), requests))
+        return io_map(lambda r: self.read_range(*r), requests)
 
     def read_ranges_into(self, requests: list[tuple[str, int, int]], out: bytearray | memoryview) -> list[memoryview]:
         """Many ranges at once, concurrently, packed one after another into ``out``; views in order."""
@@ -186,7 +226,7 @@ class Storage:
             pos += stop - start
         if pos > len(view):
             raise ValueError(f"read_ranges_into: {pos} bytes requested, the buffer holds {len(view)}")
-        return list(io_pool().map(lambda job: self.read_range_into(*job), jobs))
+        return io_map(lambda job: self.read_range_into(*job), jobs)
 
     def read_range_scattered(self, key: str, start: int, views: list[memoryview]) -> None:
         """Fill ``views`` one after another with the bytes of ``key`` from ``start``: one ranged read whose
@@ -200,11 +240,7 @@ class Storage:
 
     def read_scattered(self, requests: list[tuple[str, int, list[memoryview]]]) -> None:
         """Many ``read_range_scattered`` calls at once, concurrently."""
-        if len(requests) <= 1:
-            for request in requests:
-                self.read_range_scattered(*request)
-            return
-        list(io_pool().map(lambda r: self.read_range_scattered(*r), requests))
+        io_map(lambda r: self.read_range_scattered(*r), requests)
 
     def read_range_placed(self, key: str, start: int, stop: int, room: memoryview) -> memoryview:
         """Bytes ``[start, stop)`` of ``key`` read into ``room`` wherever in it suits the backend; returns
@@ -216,9 +252,7 @@ class Storage:
 
     def read_placed(self, requests: list[tuple[str, int, int, memoryview]]) -> list[memoryview]:
         """Many ``read_range_placed`` calls at once, concurrently; their views in request order."""
-        if len(requests) <= 1:
-            return [self.read_range_placed(*r) for r in requests]
-        return list(io_pool().map(lambda r: self.read_range_placed(*r), requests))
+        return io_map(lambda r: self.read_range_placed(*r), requests)
 
     def pinned(self) -> "Storage":
         """A read-only view of the checkpoint now at the root that a concurrent commit cannot change under

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable
 from shardstore.buffers import staging_buffer
 from shardstore.errors import CorruptCheckpointError
 from shardstore.storage import posix
-from shardstore.storage.base import Storage, check_key, io_pool, strip_trailing_slash
+from shardstore.storage.base import Storage, check_key, io_map, strip_trailing_slash
 
 __all__ = ["LocalStorage"]
 
@@ -445,7 +445,7 @@ class LocalStorage(Storage):
         # Files, then the directories naming them (a name is never durable before its bytes); each group
         # concurrently: the journal batches them.
         for sync_one, paths in ((posix.fsync_path, files), (posix.fsync_dir, dirty)):
-            list(io_pool().map(sync_one, paths)) if len(paths) > 1 else [sync_one(p) for p in paths]
+            io_map(sync_one, paths)
 
     def lock(self, key: str, timeout: float) -> "posix.FileLock":
         path = self._path(key)
