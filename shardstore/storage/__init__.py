@@ -1,5 +1,6 @@
 """Bytes by key under one root URL: the storage seam (``base``) and its backends (``local``: ``os``
-calls on a local filesystem; ``remote``: everything fsspec reaches, the only fsspec user)."""
+calls on a local filesystem, ``posix`` and ``direct_io`` below it; ``remote``: everything fsspec
+reaches, the only fsspec user)."""
 
 from shardstore.storage.base import CURRENT, ROOM_ALIGN, ROOM_SLACK, VERSION_PREFIX, HeldLock, Storage, check_key, io_map
 

@@ -21,7 +21,7 @@ object was half of such a save), else an fsync each; those of ``_WRITEBACK_FROM`
 their write-back as they are written, so that flush finds less left to do.
 Reads open each object with ``O_NOFOLLOW`` after checking every directory on the way is a real
 directory, and refuse anything but a regular file. A read of 1 MiB or more that the page cache does not
-hold goes around it with ``O_DIRECT`` (``_pread`` says why); smaller ones ask for exactly their bytes.
+hold goes around it with ``O_DIRECT`` (``direct_io`` says why); smaller ones ask for exactly their bytes.
 """
 
 from __future__ import annotations
@@ -36,33 +36,17 @@ import uuid
 import weakref
 from typing import Any, Callable, Iterable
 
-
-from shardstore.buffers import staging_buffer
 from shardstore.errors import CorruptCheckpointError
 from shardstore.storage import posix
 from shardstore.storage.base import Storage, check_key, io_map, strip_trailing_slash
+from shardstore.storage.direct_io import DirectIO
 
 __all__ = ["LocalStorage"]
 
-_DIRECT_ALIGN = posix.DIRECT_ALIGN
-_DIRECT_MIN = 1 << 20  # below this, O_DIRECT gains nothing over the page cache
-_DIRECT_READ_MIN = 1 << 20  # reads from this size go around the page cache when it does not hold them
-_BOUNCE_BYTES = (4 << 20) + 2 * _DIRECT_ALIGN  # a 4 MiB range at any offset in one aligned O_DIRECT read
 _SYNC_AT_WRITE = 1 << 20  # smaller objects (and bigger ones written with O_DIRECT) are made durable by sync()
 _WRITEBACK_FROM = 64 << 10  # objects left to sync() from this size start their write-back at once: the
 # final syncfs of a 1000-tensor save (64 KiB-1 MiB each) then took 0.32 s instead of 0.48 (of 1.1 s)
 _SYNCFS_FROM = 64  # files and directories pending in sync() from which one syncfs replaces their fsyncs
-
-
-_bounce = threading.local()
-
-
-def _bounce_buffer() -> memoryview:
-    """This thread's buffer for ``O_DIRECT`` reads (on huge pages, block-aligned), kept for its life:
-    the read threads are a long-lived pool, so a load's reads reuse memory already touched."""
-    if not hasattr(_bounce, "buffer"):
-        _bounce.buffer = memoryview(staging_buffer(_BOUNCE_BYTES))
-    return _bounce.buffer
 
 
 class LocalStorage(Storage):
@@ -87,7 +71,7 @@ class LocalStorage(Storage):
         self._checked_dirs: set[str] = set()  # directories known to be real (not symlinks), for reads
         self._made_dirs: set[str] = set()  # directories known to exist, for writes (created or found)
         self._lock = threading.Lock()
-        self._direct_ok = hasattr(os, "O_DIRECT")
+        self._direct = DirectIO()  # whether, and how, bytes go around the page cache
         self._pin: int | None = None  # an open directory: reads resolve from it (``pinned``)
         self._private = False  # new keys are written in place (``private``)
 
@@ -113,73 +97,27 @@ class LocalStorage(Storage):
         lo = max(0, f.size + start) if start < 0 else min(start, f.size)
         hi = f.size if stop is None else min(max(stop, lo), f.size)
         data = bytearray(hi - lo)
-        return data, self._pread(f, lo, [memoryview(data)])
+        return data, self._direct.pread(f, lo, [memoryview(data)])
 
     def read_range_into(self, key: str, start: int, out: bytearray | memoryview) -> memoryview:
         view = memoryview(out).cast("B")
         with self._open_for_read(key) as f:
-            got = self._pread(f, start, [view])
+            got = self._direct.pread(f, start, [view])
         self._check_length(key, start, start + len(view), got)
         return view
 
     def read_range_scattered(self, key: str, start: int, views: list[memoryview]) -> None:
         with self._open_for_read(key) as f:
-            got = self._pread(f, start, views)
+            got = self._direct.pread(f, start, views)
         expected = sum(len(v) for v in views)
         self._check_length(key, start, start + expected, got)
 
     def read_range_placed(self, key: str, start: int, stop: int, room: memoryview) -> memoryview:
         room = memoryview(room).cast("B")
         with self._open_for_read(key) as f:
-            view = self._pread_placed(f, start, stop - start, room)
+            view = self._direct.pread_placed(f, start, stop - start, room)
         self._check_length(key, start, stop, len(view))
         return view
-
-    def _pread(self, f: "posix.OpenFile", start: int, views: list[memoryview]) -> int:
-        """Fill ``views`` from the file's bytes at ``start``; the count read (short only at its end).
-
-        A read of ``_DIRECT_READ_MIN`` bytes or more whose bytes are not all in the page cache goes around
-        it: ``O_DIRECT`` into this thread's bounce buffer on huge pages, then copied out. Cold reads of a
-        2 GiB file here, 16 threads: 1.6-1.8 GiB/s that way against 0.55-0.95 GiB/s through the page
-        cache, because the device then gets requests of several MiB (2 MiB pages) where the cache's 4 KiB
-        pages cut them at 1 MiB (254 segments). Cached bytes are copied from the cache. A buffered read
-        asks for exactly its bytes: the kernel's readahead (8 MiB here) would fetch the neighbouring
-        column bands that other ranks read.
-        """
-        total = sum(len(v) for v in views)
-        if self._goes_direct(f, start, total):
-            try:
-                return posix.pread_direct(f.fd, start, views, _bounce_buffer())
-            except OSError as exc:
-                self._refused_direct(exc)
-        return self._pread_buffered(f.fd, start, views)
-
-    def _pread_placed(self, f: "posix.OpenFile", start: int, length: int, room: memoryview) -> memoryview:
-        """``_pread`` of one range into ``room`` (``read_range_placed``): a direct read lands in place,
-        where the room is block-aligned (memory under ``HUGE_PAGE`` is not a mapping of its own)."""
-        if posix.address(room) % _DIRECT_ALIGN:
-            return room[: self._pread(f, start, [room[:length]])]
-        if self._goes_direct(f, start, length):
-            try:
-                return posix.pread_direct_placed(f.fd, start, length, room)
-            except OSError as exc:
-                self._refused_direct(exc)
-        return room[: self._pread_buffered(f.fd, start, [room[:length]])]
-
-    def _goes_direct(self, f: "posix.OpenFile", start: int, length: int) -> bool:
-        return length >= _DIRECT_READ_MIN and self._direct_ok and not posix.resident(f.fd, start, length, f.size)
-
-    def _refused_direct(self, exc: OSError) -> None:
-        """Re-raise ``exc`` unless it is a filesystem refusing ``O_DIRECT`` (tmpfs and some network
-        filesystems): then this storage reads and writes through the page cache from now on."""
-        if exc.errno != errno.EINVAL:
-            raise exc
-        self._direct_ok = False
-
-    @staticmethod
-    def _pread_buffered(fd: int, start: int, views: list[memoryview]) -> int:
-        posix.no_readahead(fd)
-        return posix.preadv_all(fd, start, views)
 
     def _open_for_read(self, key: str) -> "posix.OpenFile":
         """Open ``key`` for reading: no symlink on the way, and a regular file (a FIFO would block)."""
@@ -341,7 +279,7 @@ class LocalStorage(Storage):
 
         def fill(fd: int, tmp: str) -> None:
             nonlocal deferred
-            direct = self._write_direct(tmp, view) if self.durable else 0
+            direct = self._direct.write_head(tmp, view) if self.durable else 0
             posix.write_all(fd, view, direct)
             deferred = defer and (len(view) < _SYNC_AT_WRITE or direct > 0)
             if deferred and self.durable and len(view) - direct >= _WRITEBACK_FROM:
@@ -390,24 +328,6 @@ class LocalStorage(Storage):
             if must_be_new:
                 raise
             return None
-
-    def _write_direct(self, tmp: str, view: memoryview) -> int:
-        """Write the block-aligned head of ``view`` with ``O_DIRECT`` (no page-cache copy, no dirty pages
-        for fsync to flush: ~1.5x the bandwidth of buffered writes plus fsync, FACTS.md); returns the
-        bytes written (0 where the data is small or unaligned, or the filesystem refuses O_DIRECT)."""
-        head = len(view) // _DIRECT_ALIGN * _DIRECT_ALIGN
-        if head < _DIRECT_MIN or posix.address(view) % _DIRECT_ALIGN or not self._direct_ok:
-            return 0
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError as exc:
-            self._refused_direct(exc)
-            return 0
-        try:
-            posix.write_all(fd, view[:head])
-        finally:
-            os.close(fd)
-        return head
 
     def _make_dirs(self, directory: str) -> None:
         """Create ``directory`` and missing parents, remembering each parent whose entries changed.

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from shardstore.storage import Storage, local, posix
+from shardstore.storage import Storage, direct_io, posix
 from tools.bench_common import evict  # sync, then drop from the page cache
 
 _SIZE = (9 << 20) + 12345  # not a whole number of blocks, nor of bounce buffers
@@ -97,18 +97,18 @@ def test_a_filesystem_refusing_o_direct_gets_buffered_reads(obj, monkeypatch):
     monkeypatch.setattr(posix, "pread_direct", refuse)
     evict(path)
     assert bytes(storage.read("w/c.0")) == data
-    assert storage._direct_ok is False
+    assert storage._direct.ok is False
 
 
 def test_bounce_buffers_are_aligned_and_per_thread():
     import threading
 
     buffers = []
-    thread = threading.Thread(target=lambda: buffers.append(local._bounce_buffer()))
+    thread = threading.Thread(target=lambda: buffers.append(direct_io.bounce_buffer()))
     thread.start()
     thread.join()
-    mine = local._bounce_buffer()
-    assert mine is local._bounce_buffer() and buffers[0] is not mine
+    mine = direct_io.bounce_buffer()
+    assert mine is direct_io.bounce_buffer() and buffers[0] is not mine
     assert posix.address(mine) % posix.DIRECT_ALIGN == 0 and len(mine) >= (4 << 20) + posix.DIRECT_ALIGN
 
 
@@ -166,7 +166,7 @@ def test_cached_or_refused_placed_reads_land_at_the_start_of_the_room(obj, monke
     monkeypatch.setattr(posix, "pread_direct_placed", refuse)
     evict(path)
     view = storage.read_range_placed("w/c.0", start, stop, room)
-    assert bytes(view) == data[start:stop] and storage._direct_ok is False
+    assert bytes(view) == data[start:stop] and storage._direct.ok is False
 
 
 def test_a_placed_read_into_unaligned_room_goes_through_the_bounce_buffer(obj, direct_reads):
