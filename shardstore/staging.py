@@ -2,7 +2,7 @@
 
 An async save may return only once the caller can mutate its tensors, so every value it writes must first
 be copied somewhere the caller does not touch. Fresh memory is slow here (the VM hands freed pages back,
-so touching new pages costs ~5-20x a copy into touched ones, ../shared/FACTS.md) and pinning host memory
+so touching new pages costs ~5-20x a copy into touched ones on a 2-core VM) and pinning host memory
 for CUDA copies costs ~0.6 s per GiB, so the copies go into a per-process ``StagingPool`` whose buffers
 are allocated once and reused by every later save of the same size (pinned ones for CUDA tensors).
 

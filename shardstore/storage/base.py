@@ -198,7 +198,7 @@ class Storage:
     def read_range_into(self, key: str, start: int, out: bytearray | memoryview) -> memoryview:
         """Fill ``out`` with bytes ``[start, start + len(out))`` of ``key``; returns ``out`` as bytes.
 
-        Reading into one reused buffer is much faster than into fresh memory (see FACTS.md), and the
+        Reading into one reused buffer is much faster than into fresh memory (page faults), and the
         result stays writable, so a tensor can view it.
         """
         raise NotImplementedError

@@ -6,7 +6,7 @@ Cold reads of 1 MiB or more go around the page cache: the device then gets reque
 Bytes the cache holds are copied from it, and a buffered read asks for exactly its bytes: the kernel's
 readahead (8 MiB here) would fetch the neighbouring column bands that other ranks read. Big aligned
 writes go around it too (no page-cache copy, no dirty pages for fsync to flush: ~1.5x the bandwidth of
-buffered writes plus fsync, FACTS.md). A filesystem that refuses ``O_DIRECT`` (tmpfs, some network
+buffered writes plus fsync, measured). A filesystem that refuses ``O_DIRECT`` (tmpfs, some network
 filesystems) is then read and written through the page cache.
 """
 
