@@ -6,7 +6,8 @@ runs in newly spawned ranks (multiprocessing spawn, gloo over loopback, as ``too
 which build their state untimed, then do the operation between two barriers. ``measure`` repeats that
 over ``fresh`` starts (the first call of each is a "first" measurement); the last start goes on to
 repeat the operation ``repeat`` times in the same processes (the steady state: the repeats after the
-first). Each save goes to a destination cleared before the ranks started (``call_path`` says why).
+first). Each save goes to a destination cleared before the ranks started (``call_path`` says why),
+and where allowed the page cache is dropped before each start (``settle_memory``).
 Before every load, rank 0 fsyncs each file of the checkpoint and evicts it from the page cache
 (``POSIX_FADV_DONTNEED``), so every load is cold. Saves count until durable for every system:
 shardstore and torch DCP's ``FileSystemWriter`` fsync by default; torch.save and safetensors are
@@ -65,6 +66,23 @@ def remove(path: str) -> None:
         shutil.rmtree(path)
     elif os.path.exists(path):
         os.unlink(path)
+
+
+SETTLE_SECONDS = 3.0
+
+
+def settle_memory() -> None:
+    """Put every start in the same memory state: where allowed (root), sync, drop the page cache and
+    wait ``SETTLE_SECONDS``, so no system's first call finds memory that a deletion or the previous
+    system's buffered writes freed a moment before (``call_path`` says what that was worth). Elsewhere
+    a no-op: the first calls then depend on what ran before them."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+    except OSError:
+        return
+    time.sleep(SETTLE_SECONDS)
 
 
 def _fsync(path: str) -> None:
@@ -214,10 +232,11 @@ def call_path(job: Job, call: int) -> str:
     Why not clear one destination before each call: deleting a checkpoint written through the page
     cache frees its pages, and a call made right after gets that memory already backed by the
     hypervisor, while memory the guest has held free for a few seconds is handed back and is slow to
-    touch again (on the 2-core virtual machine these numbers come from). Cleared in the call's shadow, torch DCP's first async save here
-    copied into its own just-freed page cache (0.67-1.04 s for 2 GiB against shardstore's 1.9-2.9 s);
-    with the page cache dropped before each start instead, 2.9-3.8 s against 1.1-1.7 s. So ``spawn``
-    clears the destinations before the ranks start and after they end, never between calls."""
+    touch again (on the 2-core virtual machine these numbers come from). Cleared in the call's shadow,
+    torch DCP's first async save copied into its own just-freed page cache (0.67-1.04 s for 2 GiB
+    against shardstore's 1.9-2.9 s); with the page cache dropped before each start instead, 2.9-3.8 s
+    against 1.1-3.3 s. So ``spawn`` clears the destinations before the ranks start (then
+    ``settle_memory``) and after they end, never between calls."""
     return job.path if call == 0 or job.op == "load" else f"{job.path}.{call}"
 
 
@@ -280,6 +299,7 @@ def spawn(job: Job) -> list[list[Record]]:
     saves = range(job.repeats) if job.op != "load" else range(0)
     for call in saves:
         remove(call_path(job, call))
+    settle_memory()
     with tempfile.TemporaryDirectory() as tmp:
         job = replace(job, out=os.path.join(tmp, "records"))
         procs = [ctx.Process(target=_rank_entry, args=(r, port, job)) for r in range(job.layout.world)]
