@@ -7,7 +7,7 @@ dict in place on any mesh; ``open(url)`` reads tensors or slices without a proce
 """
 
 from shardstore.api import Checkpoint, LoadResult, SaveResult, load, open, save
-from shardstore.async_saver import AsyncSave, async_save
+from shardstore.async_saver import AsyncSave, async_save, prepare_async_save
 from shardstore.errors import (
     CheckpointChangedError,
     CheckpointExistsError,
@@ -31,6 +31,7 @@ from shardstore.manager import CheckpointManager
 __all__ = [
     "save",
     "async_save",
+    "prepare_async_save",
     "AsyncSave",
     "load",
     "open",

@@ -22,9 +22,11 @@ from shardstore.coordinator import Coordinator
 from shardstore.errors import SaveInProgressError
 from shardstore.gc_pause import gc_paused
 from shardstore.saving import SaveJob, SaveOptions, SaveResult, plan_save, write_and_commit
-from shardstore.staging import WaveHandoff, cell_nbytes, plan_waves, stage_waves, staging_pool, waves_stay_staged
+from shardstore.staging import (
+    WaveHandoff, cell_nbytes, plan_waves, slot_sizes, stage_waves, staged_pinned, staging_pool, waves_stay_staged,
+)
 
-__all__ = ["AsyncSave", "async_save"]
+__all__ = ["AsyncSave", "async_save", "prepare_async_save"]
 
 
 class AsyncSave:
@@ -94,6 +96,23 @@ def async_save(
     global _in_flight
     _in_flight = AsyncSave(url, future)
     return _in_flight
+
+
+def prepare_async_save(state_dict: Mapping[str, Any], *, process_group=None, max_staging_bytes: int | None = None) -> Future:
+    """Fault in, on the background thread, the staging memory that an ``async_save`` of ``state_dict``
+    (with the same ``max_staging_bytes``) will copy into; collective over the group (it plans that save).
+
+    Why: a fresh process's first ``async_save`` blocks mostly on touching new memory (2 GiB took 2.5-3.6
+    s here, a later save 0.19 s), which no copy strategy avoids; done here, early in training, it
+    overlaps with the steps before the first save. Returns a future that completes once the memory is
+    ready (a save started before that waits for it). The memory is the pool's, kept for every later
+    save; a later save that needs more still allocates it then."""
+    _check_budget(max_staging_bytes)
+    job = plan_save(Coordinator(process_group), state_dict, None)
+    itemsize = {a.key: a.itemsize for a in job.plan.arrays}
+    sizes = [cell_nbytes(t, itemsize[t.key]) for t in job.writes]
+    need = slot_sizes(sizes, plan_waves(sizes, max_staging_bytes))
+    return _background().submit(staging_pool().reserve, need, staged_pinned(job.writes, job.tensors))
 
 
 def _check_budget(max_staging_bytes: int | None) -> None:

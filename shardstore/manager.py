@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from shardstore.api import SaveResult, load, save
-from shardstore.async_saver import async_save as start_async_save
+from shardstore.async_saver import async_save as start_async_save, prepare_async_save
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointExistsError, CheckpointNotFoundError
 from shardstore.steps import clear_incomplete, delete_step, list_steps, step_name, step_url, sweep_litter
@@ -88,6 +88,7 @@ class CheckpointManager:
         self._options, self._group = storage_options, process_group
         self._coord = Coordinator(process_group)
         self._pending: tuple[int, Any] | None = None  # (step, handle) of the save in flight
+        self._prepared = False  # whether the staging memory of the first async save is being faulted in
         self._closed = False
         self._steps: list[int] = self._coord.decide("listing the checkpoints of the run", self._scan)
 
@@ -118,6 +119,7 @@ class CheckpointManager:
         self._check_open()
         step_name(step)  # a step is an int >= 0
         if not (force or self.should_save(step)):
+            self._prepare(state_dict)
             return False
         self._collect()
         if step in self._steps:
@@ -162,6 +164,14 @@ class CheckpointManager:
         self.close()
 
     # -- internals ----------------------------------------------------------------------------------
+
+    def _prepare(self, state_dict: Mapping[str, Any]) -> None:
+        """At the first step the manager does not save, fault in the staging memory its first async save
+        will copy into, in the background while training goes on (``prepare_async_save``): that first
+        save then blocks about as briefly as later ones. A failure there is left for that save to meet."""
+        if self._async and not self._prepared:
+            self._prepared = True
+            prepare_async_save(state_dict, process_group=self._group)
 
     def _start(self, state_dict, url: str, kwargs: dict):
         """The save's handle: an ``AsyncSave`` (returned once the state is staged) or a finished save."""

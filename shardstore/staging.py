@@ -27,7 +27,10 @@ from shardstore.cell_writer import cell_values
 from shardstore.inputs import local_tensor
 from shardstore.plan import WriteTask
 
-__all__ = ["StagingPool", "staging_pool", "plan_waves", "waves_stay_staged", "cell_nbytes", "stage_waves", "WaveHandoff"]
+__all__ = [
+    "StagingPool", "staging_pool", "plan_waves", "slot_sizes", "waves_stay_staged", "cell_nbytes", "staged_pinned",
+    "stage_waves", "WaveHandoff",
+]
 
 _ALIGN = 64  # every staged cell starts at a multiple of this (any dtype may view it)
 _SLOTS = 2  # buffers the waves alternate between: one being staged while the other is written
@@ -36,23 +39,36 @@ _SLOTS = 2  # buffers the waves alternate between: one being staged while the ot
 class StagingPool:
     """Host buffers kept for the life of the process, one per (slot, pinned) pair: a save that fits in
     what an earlier one used allocates nothing; a bigger one replaces the slot's buffer (the old one is
-    dropped first, so the pool never holds more than the biggest save needed)."""
+    dropped first, so the pool never holds more than the biggest save needed). ``reserve`` may run on
+    another thread than the saves: a lock keeps one buffer per slot."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[int, bool], torch.Tensor] = {}
+        self._lock = threading.Lock()
 
-    def buffer(self, slot: int, nbytes: int, pinned: bool) -> torch.Tensor:
-        """At least ``nbytes`` of slot ``slot`` as a flat uint8 tensor (pinned: page-locked, for CUDA)."""
+    def buffer(self, slot: int, nbytes: int, pinned: bool, touch: bool = False) -> torch.Tensor:
+        """At least ``nbytes`` of slot ``slot`` as a flat uint8 tensor (pinned: page-locked, for CUDA).
+        ``touch`` writes every page of a newly allocated buffer, so the kernel faults it in now."""
         key = (slot, pinned)
-        held = self._buffers.get(key)
-        if held is None or held.numel() < nbytes:
-            self._buffers.pop(key, None)
-            self._buffers[key] = _allocate(nbytes, pinned)
-        return self._buffers[key]
+        with self._lock:
+            held = self._buffers.get(key)
+            if held is None or held.numel() < nbytes:
+                self._buffers.pop(key, None)
+                held = self._buffers[key] = _allocate(nbytes, pinned)
+                if touch:
+                    held.fill_(0)
+            return held
+
+    def reserve(self, sizes: Sequence[int], pinned: bool) -> None:
+        """Give slot ``i`` at least ``sizes[i]`` bytes, faulted in: the first save that needs no more
+        then copies into memory already touched, which on a fresh process is most of its stall."""
+        for slot, nbytes in enumerate(sizes):
+            self.buffer(slot, nbytes, pinned, touch=True)
 
     def nbytes(self) -> int:
         """Host memory the pool holds."""
-        return sum(b.numel() for b in self._buffers.values())
+        with self._lock:
+            return sum(b.numel() for b in self._buffers.values())
 
 
 def _allocate(nbytes: int, pinned: bool) -> torch.Tensor:
@@ -93,6 +109,14 @@ def plan_waves(sizes: Sequence[int], budget: int | None) -> list[range]:
             start, total = i, 0
         total += size
     return waves + [range(start, len(sizes))]
+
+
+def slot_sizes(sizes: Sequence[int], waves: Sequence[range]) -> list[int]:
+    """Bytes each pool slot needs for these waves (wave ``i`` is staged into slot ``i % 2``)."""
+    need = [0] * min(len(waves), _SLOTS)
+    for i, wave in enumerate(waves):
+        need[i % _SLOTS] = max(need[i % _SLOTS], sum(sizes[j] for j in wave))
+    return need
 
 
 def waves_stay_staged(waves: Sequence[range]) -> bool:
@@ -153,13 +177,18 @@ class WaveHandoff:
             self._cond.notify_all()
 
 
+def staged_pinned(tasks: Sequence[WriteTask], tensors: dict) -> bool:
+    """Whether these cells are staged in pinned memory: any of them is on a CUDA device."""
+    return any(local_tensor(t.key, tensors[t.key]).is_cuda for t in tasks)
+
+
 def stage_waves(tasks: Sequence[WriteTask], tensors: dict, waves: list[range], handoff: WaveHandoff,
                 pool: StagingPool) -> None:
     """Copy every cell into the pool, wave by wave, handing each wave to the writer; returns once all
     are copied (the caller may then mutate its tensors) or the writer stopped. A failure is handed to the
     writer (which raises it on every rank) rather than raised here; an interrupt is raised here too."""
     try:
-        pinned = any(local_tensor(t.key, tensors[t.key]).is_cuda for t in tasks)
+        pinned = staged_pinned(tasks, tensors)
         for i, wave in enumerate(waves):
             if i >= _SLOTS and not handoff.wait_written(i - _SLOTS + 1):
                 return

@@ -11,7 +11,8 @@ The async case: how long ``shardstore.async_save`` and torch DCP's ``async_save`
 block the caller, each call followed by a mutation of every tensor (the next optimizer step) and a wait
 for the commit; first call in fresh ranks, steady = median of the later calls on the same state, beside
 each system's synchronous save of the same run; peak RSS of the worst rank during the whole call.
-``--max-staging-mib`` bounds shardstore's staging memory (waves above it).
+"shardstore, prepared" is the same with ``shardstore.prepare_async_save`` run (untimed) before the first
+call, as ``CheckpointManager`` does at the first step it does not save. ``--max-staging-mib`` bounds shardstore's staging memory (waves above it).
 
 Run on a quiet machine (needs ~3x --gib of free memory at world size 1, 2x --gib of disk):
     python tools/bench_checkpoint.py                     # 2 GiB, world sizes 1 2 4
@@ -31,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.bench_common import SYSTEMS, Job, checkpoint_path, measure, remove, systems_for  # noqa: E402
+from tools.bench_common import PREPARED, SYSTEMS, Job, checkpoint_path, measure, remove, systems_for  # noqa: E402
 from tools.bench_state import MIB, Layout, State  # noqa: E402
 from tools.bench_report import METHOD, Report, add_common_args, positive_int, raw_bandwidth, states  # noqa: E402
 
@@ -47,6 +48,8 @@ def run_world(report: Report, args: argparse.Namespace, state: State, world: int
         loads[system] = measure(replace(job, op="load"), args.fresh, args.repeat)
         if SYSTEMS[system].async_save is not None and not args.no_async:
             stalls[system] = measure(replace(job, op="async_save"), args.fresh, args.repeat)
+        if SYSTEMS[system].prepare_async is not None and not args.no_async:
+            stalls[system + PREPARED] = measure(replace(job, op="async_save", prepared=True), args.fresh, args.repeat)
         remove(job.path)
     baselines = ["torch DCP"] + (["torch.save", "safetensors"] if layout.shard_dim is None else [])
     report.case(f"durable save, world size {world}", "save", state, layout, saves, baselines)

@@ -20,7 +20,7 @@ import safetensors
 import torch
 
 from shardstore.buffers import staging_buffer
-from tools.bench_common import Measurement, Record, evict, remove
+from tools.bench_common import PREPARED, Measurement, Record, evict, remove
 from tools.bench_state import GIB, MIB, Layout, State, mixed_state, small_state
 
 BLOCK = 64 * MIB  # the raw disk measurement's aligned, reused write buffer
@@ -164,6 +164,10 @@ def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def _steady(m: Measurement | None) -> float | None:
+    return None if m is None else m.steady_s
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
@@ -243,7 +247,7 @@ class Report:
         heads = ["system", "first stall s", "steady stall s", "stall / sync save (steady)", "until committed s",
                  "RSS MiB held/before/peak"]
         rows = [[name, _fmt(m.first_s, ".3f"), _fmt(m.steady_s, ".3f"),
-                 _fmt(_ratio(m.steady_s, sync[name].steady_s if name in sync else None), ".3f", "x"),
+                 _fmt(_ratio(m.steady_s, _steady(sync.get(name.removesuffix(PREPARED)))), ".3f", "x"),
                  _fmt(m.steady_total_s), _worst_memory(m.first_calls())] for name, m in stalls.items()]
         widths = [max(len(str(c)) for c in column) for column in zip(heads, *rows)]
         print(f"\n{title}: {state.title}, {state.nbytes / GIB:.2f} GiB; {layout.describe()}")

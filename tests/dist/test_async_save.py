@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 import dtensor
 import shardstore
-from shardstore.staging import staging_pool
+from shardstore import staging
+from shardstore.staging import StagingPool, staging_pool
 from shardstore.storage import Storage
 from tests.ranks import mesh, run_ranks
 
@@ -149,6 +150,28 @@ def _pool_sizes_over_saves(url: str, saves: int) -> list[tuple[int, int]]:
 def test_staging_memory_is_reused_across_saves(tmp_path: Path):
     for sizes in run_ranks(2, _pool_sizes_over_saves, str(tmp_path / "ckpt"), 3):
         assert sizes[0][0] > 0 and len(set(sizes)) == 1  # same bytes, same buffer, every save
+
+
+def _fresh_pool() -> StagingPool:
+    """Give this worker process an empty staging pool (workers are reused across tests)."""
+    staging._pool = (os.getpid(), StagingPool())
+    return staging._pool[1]
+
+
+def _prepared_memory_is_what_the_save_copies_into(url: str, budget: int | None):
+    pool = _fresh_pool()
+    state = _state(dist.get_world_size())
+    shardstore.prepare_async_save(state, max_staging_bytes=budget).result(timeout=60)
+    prepared = dict(pool._buffers)
+    saved = _saved_values_are_those_of_the_call(url, budget)
+    return len(prepared), saved, {k: b.data_ptr() for k, b in prepared.items()} == {k: b.data_ptr() for k, b in pool._buffers.items()}
+
+
+@pytest.mark.parametrize("budget, slots", [(None, 1), (512, 2)])
+def test_a_prepared_first_save_copies_into_memory_already_faulted_in(tmp_path: Path, budget: int | None, slots: int):
+    # with 512 bytes: a rank whose cells take several waves alternates two buffers, both prepared
+    result = run_ranks(2, _prepared_memory_is_what_the_save_copies_into, str(tmp_path / "ckpt"), budget)
+    assert [r[1:] for r in result] == [(True, True)] * 2 and max(r[0] for r in result) == slots
 
 
 def _odd_tensors() -> dict:

@@ -100,6 +100,25 @@ def test_should_save_and_interval(tmp_path):
         manager.save(6, {"x": torch.ones(2)})
 
 
+def _first_unsaved_step_prepares_the_staging_memory(root: str, world: int):
+    from shardstore import async_saver, staging
+
+    staging._pool = (os.getpid(), staging.StagingPool())  # workers are reused across tests
+    with shardstore.CheckpointManager(root, save_interval_steps=2) as manager:
+        state = _state(world, 1)
+        assert not manager.save(1, state)
+        async_saver._background().submit(lambda: None).result(timeout=60)  # the preparation has run
+        prepared = {k: b.data_ptr() for k, b in staging.staging_pool()._buffers.items()}
+        assert manager.save(2, state)
+        manager.wait_until_finished()
+        after = {k: b.data_ptr() for k, b in staging.staging_pool()._buffers.items()}
+    return len(prepared), prepared == after
+
+
+def test_the_first_step_not_saved_prepares_the_first_async_save(tmp_path):
+    assert run_ranks(2, _first_unsaved_step_prepares_the_staging_memory, str(tmp_path / "run"), 2) == [(1, True)] * 2
+
+
 def test_steps_to_delete_is_pure_retention():
     assert steps_to_delete([1, 2, 3], None, None) == []
     assert steps_to_delete([3, 1, 2], 1, None) == [1, 2]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shardstore.errors import StagingAbortedError
-from shardstore.staging import StagingPool, WaveHandoff, plan_waves, waves_stay_staged
+from shardstore.staging import StagingPool, WaveHandoff, plan_waves, slot_sizes, waves_stay_staged
 
 
 def test_without_a_budget_or_within_it_every_cell_is_one_wave():
@@ -38,6 +38,36 @@ def test_the_pool_reuses_a_buffer_big_enough_and_replaces_a_small_one():
     assert pool.nbytes() == (4 << 20) + 100
     pool.buffer(0, 8 << 20, pinned=False)  # grows: the old buffer is dropped, not kept beside it
     assert pool.nbytes() == (8 << 20) + 100
+
+
+def test_slot_sizes_are_the_biggest_wave_staged_into_each_slot():
+    sizes = [64, 64, 256, 64, 128, 64]
+    assert slot_sizes(sizes, plan_waves(sizes, None)) == [640]
+    assert plan_waves(sizes, 256) == [range(0, 2), range(2, 3), range(3, 4), range(4, 5), range(5, 6)]
+    assert slot_sizes(sizes, plan_waves(sizes, 256)) == [128, 256]  # waves 0, 2, 4 / waves 1, 3
+    assert slot_sizes([], plan_waves([], None)) == []
+
+
+def _resident_pages(buffer: torch.Tensor) -> int:
+    """Pages of ``buffer`` that the kernel has faulted in (mincore through the buffer's own mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = -(-buffer.numel() // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(ctypes.c_void_p(buffer.data_ptr()), ctypes.c_size_t(buffer.numel()), vec) == 0
+    return sum(v & 1 for v in vec)
+
+
+def test_reserve_faults_every_slot_in_and_the_saves_then_use_those_buffers():
+    pool = StagingPool()
+    pool.reserve([8 << 20, 4 << 20], pinned=False)
+    reserved = [pool.buffer(0, 8 << 20, False), pool.buffer(1, 4 << 20, False)]
+    assert [_resident_pages(b) for b in reserved] == [(8 << 20) // 4096, (4 << 20) // 4096]
+    assert pool.buffer(0, 1 << 20, False).data_ptr() == reserved[0].data_ptr() and pool.nbytes() == 12 << 20
+    untouched = StagingPool().buffer(0, 8 << 20, False)  # an ordinary allocation is faulted in by its first copy
+    assert _resident_pages(untouched) < (8 << 20) // 4096
 
 
 def _cell(value: float) -> list:
