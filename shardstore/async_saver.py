@@ -8,6 +8,7 @@ own (``Coordinator.background``), so its collectives never interleave with the t
 step of it is agreed by all ranks, so an error on any rank is raised by every rank's ``result()`` and no
 rank waits for one that gave up. At most one async save is in flight per process: a second one waits for
 the first (or raises ``SaveInProgressError``), so no two writers ever share staging memory.
+``prepare_async_save`` readies that staging memory on the background thread before the first save.
 """
 
 from __future__ import annotations
