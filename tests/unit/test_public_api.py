@@ -14,7 +14,7 @@ SHARDSTORE_API = {
     "CheckpointNotFoundError", "IncompleteCheckpointError", "CorruptCheckpointError", "MissingChunkError",
     "StateDictMismatchError", "UnsafeKeyError", "PartialLoadError", "ConcurrentSaveError", "NotACheckpointError",
     "UnsupportedInputError", "CheckpointChangedError", "StorageUnavailableError", "async_save", "AsyncSave",
-    "SaveInProgressError", "StagingAbortedError",
+    "prepare_async_save", "SaveInProgressError", "StagingAbortedError",
 }
 
 
