@@ -89,8 +89,7 @@ def async_save(
     _wait_for_previous(coord, wait_for_previous)
     background = coord.background()
     job = plan_save(coord, state_dict, user_metadata)
-    itemsize = {a.key: a.itemsize for a in job.plan.arrays}
-    waves = plan_waves([cell_nbytes(t, itemsize[t.key]) for t in job.writes], max_staging_bytes)
+    waves = plan_waves(_staged_sizes(job), max_staging_bytes)
     handoff = WaveHandoff(len(waves))
     future = _background().submit(_write_in_background, background, job, options, handoff, waves_stay_staged(waves), start)
     stage_waves(job.writes, job.tensors, waves, handoff, staging_pool())
@@ -99,7 +98,9 @@ def async_save(
     return _in_flight
 
 
-def prepare_async_save(state_dict: Mapping[str, Any], *, process_group=None, max_staging_bytes: int | None = None) -> Future:
+def prepare_async_save(
+    state_dict: Mapping[str, Any], *, process_group=None, max_staging_bytes: int | None = None,
+) -> Future:
     """Fault in, on the background thread, the staging memory that an ``async_save`` of ``state_dict``
     (with the same ``max_staging_bytes``) will copy into; collective over the group (it plans that save).
 
@@ -110,10 +111,15 @@ def prepare_async_save(state_dict: Mapping[str, Any], *, process_group=None, max
     save; a later save that needs more still allocates it then."""
     _check_budget(max_staging_bytes)
     job = plan_save(Coordinator(process_group), state_dict, None)
-    itemsize = {a.key: a.itemsize for a in job.plan.arrays}
-    sizes = [cell_nbytes(t, itemsize[t.key]) for t in job.writes]
+    sizes = _staged_sizes(job)
     need = slot_sizes(sizes, plan_waves(sizes, max_staging_bytes))
     return _background().submit(staging_pool().reserve, need, staged_pinned(job.writes, job.tensors))
+
+
+def _staged_sizes(job: SaveJob) -> list[int]:
+    """The staged bytes of each of this rank's cells, in the order they are staged."""
+    itemsize = {a.key: a.itemsize for a in job.plan.arrays}
+    return [cell_nbytes(t, itemsize[t.key]) for t in job.writes]
 
 
 def _check_budget(max_staging_bytes: int | None) -> None:

@@ -3,6 +3,8 @@ the caller and the writer (neither waits for a side that stopped)."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import threading
 
 import pytest
@@ -50,9 +52,6 @@ def test_slot_sizes_are_the_biggest_wave_staged_into_each_slot():
 
 def _resident_pages(buffer: torch.Tensor) -> int:
     """Pages of ``buffer`` that the kernel has faulted in (mincore through the buffer's own mapping)."""
-    import ctypes
-    import mmap
-
     libc = ctypes.CDLL(None, use_errno=True)
     pages = -(-buffer.numel() // mmap.PAGESIZE)
     vec = (ctypes.c_ubyte * pages)()
@@ -64,10 +63,10 @@ def test_reserve_faults_every_slot_in_and_the_saves_then_use_those_buffers():
     pool = StagingPool()
     pool.reserve([8 << 20, 4 << 20], pinned=False)
     reserved = [pool.buffer(0, 8 << 20, False), pool.buffer(1, 4 << 20, False)]
-    assert [_resident_pages(b) for b in reserved] == [(8 << 20) // 4096, (4 << 20) // 4096]
+    assert [_resident_pages(b) for b in reserved] == [(8 << 20) // mmap.PAGESIZE, (4 << 20) // mmap.PAGESIZE]
     assert pool.buffer(0, 1 << 20, False).data_ptr() == reserved[0].data_ptr() and pool.nbytes() == 12 << 20
     untouched = StagingPool().buffer(0, 8 << 20, False)  # an ordinary allocation is faulted in by its first copy
-    assert _resident_pages(untouched) < (8 << 20) // 4096
+    assert _resident_pages(untouched) < (8 << 20) // mmap.PAGESIZE
 
 
 def _cell(value: float) -> list:
