@@ -115,12 +115,14 @@ def load(
     also be a Hugging Face safetensors file or directory (``shardstore.hf``).
 
     Every target the checkpoint fills (``inputs.check_targets``: kind, dtype, memory overlap) and every
-    object's shard index are checked first, so an unloadable target or a missing, truncated or rewritten
-    object fails before any tensor changes. Then every chunk is read straight into the memory it fills
-    where it can land unchanged (else through at most ``staging_bytes`` of reused scratch memory) and its
-    checksum verified as it lands: no staged copy of the rank's share, no second copy. Only damaged bytes
-    can fail that late; a rank whose tensors had changed then raises ``PartialLoadError`` naming them, a
-    rank whose state dict is unchanged the plain error. ``all_or_nothing=True`` reads and verifies every
+    object it reads (present, of its size) are checked first, so an unloadable target or a missing or
+    truncated object fails before any tensor changes. Then every chunk is read straight into the memory
+    it fills where it can land unchanged (else through at most ``staging_bytes`` of reused scratch
+    memory) and its checksum verified as it lands: no staged copy of the rank's share, no second copy.
+    An uncompressed object's shard index is read with its last chunks and checked as it lands (one
+    read per object, not two). Only damaged bytes (a chunk or an index) can fail that late; a rank
+    whose tensors had changed then raises ``PartialLoadError`` naming them, a rank whose state dict is
+    unchanged the plain error. ``all_or_nothing=True`` reads and verifies every
     chunk on every rank into staging memory first (each rank's share must fit in its ``staging_bytes``),
     so a failure leaves every state dict unchanged, at the cost of that memory and a second copy.
     Parameters that require grad load (written outside autograd, their version counters bumped).
@@ -133,7 +135,7 @@ def load(
     target, items = coord.agree("reading the state dict", lambda: _flatten_target(state_dict))
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     wanted = {k for keys in coord.all_gather(tuple(tensors)) for k in keys}  # per-rank keys: wanted somewhere
-    job = coord.agree("checking the checkpoint", lambda: _plan_here(tensors, storage, strict, wanted, staging_bytes))
+    job = coord.agree("checking the checkpoint", lambda: _plan_here(tensors, storage, strict, wanted, staging_bytes, all_or_nothing))
     streamed = not all_or_nothing
     if all_or_nothing:
         _check_staging_fits(coord.all_gather((job.needed, staging_bytes)))
@@ -172,8 +174,9 @@ class _LoadJob:
     dests: Destinations  # where the chunks go
 
 
-def _plan_here(tensors: dict, storage: Storage, strict: bool, wanted: set, staging_bytes: int) -> _LoadJob:
-    """Check this rank's targets, plan its reads and check every object's shard index (no data read yet)."""
+def _plan_here(tensors: dict, storage: Storage, strict: bool, wanted: set, staging_bytes: int, all_or_nothing: bool) -> _LoadJob:
+    """Check this rank's targets, plan its reads and check every object it reads (no data read yet; a
+    streamed load checks most shard indexes as they land, with the data: ``check_runs``)."""
     if not isinstance(staging_bytes, int) or isinstance(staging_bytes, bool) or staging_bytes < 0:
         raise ValueError(f"staging_bytes must be a number of bytes (an int >= 0), got {staging_bytes!r}")
     root = fmt.read_root(storage)
@@ -181,7 +184,7 @@ def _plan_here(tensors: dict, storage: Storage, strict: bool, wanted: set, stagi
     check_targets({k: v for k, v in tensors.items() if k in stored})  # the rest is left as it is
     plan = plan_load(load_targets(tensors), stored, strict=strict, wanted=wanted)
     fmt.check_arrays(storage, [root.tensors[nodes[k]] for k in tensors if k in stored])
-    checked = check_runs(storage, plan.runs, layouts, nodes)
+    checked = check_runs(storage, plan.runs, layouts, nodes, index_as_it_lands=not all_or_nothing)
     tasks = [task for run in plan.runs for task in run.tasks]
     nbytes = sum(math.prod(t.overlap.sizes) * layouts[t.key].dtype.itemsize for t in tasks)
     needed = sum(c.nbytes for c in checked)

@@ -38,14 +38,20 @@ _CHECKERS = 2  # threads verifying and placing landed runs: with reads landing i
 
 @dataclass(frozen=True)
 class CheckedRun:
-    """A read run whose object's shard index was read and checked; ``ranges`` are that index's entries."""
+    """A read run whose object was checked; ``ranges`` are its shard index's entries.
+
+    ``index`` is 0 when the index was read and checked already; else the object is uncompressed, its
+    size was checked against the ``ranges`` its layout implies, and its ``index`` bytes follow this run's
+    last chunk: they are read with the run and checked as it lands (``land_runs``)."""
 
     run: ReadRun
     key: str  # the object's storage key
     ranges: tuple
+    index: int = 0
 
     @property
     def span(self) -> tuple[int, int]:
+        """The bytes of the run's inner chunks (without any index read with them)."""
         return self.ranges[self.run.start].offset, self.ranges[self.run.stop - 1].stop
 
     @property
@@ -55,24 +61,55 @@ class CheckedRun:
 
 
 def check_runs(
-    storage: Storage, runs: tuple[ReadRun, ...], layouts: Mapping[KeyPath, ArrayLayout], nodes: Mapping[KeyPath, str]
+    storage: Storage,
+    runs: tuple[ReadRun, ...],
+    layouts: Mapping[KeyPath, ArrayLayout],
+    nodes: Mapping[KeyPath, str],
+    index_as_it_lands: bool = False,
 ) -> list[CheckedRun]:
-    """Read (concurrently: its size, then a small read at its end) and check the shard index of every
-    object the runs touch; runs come back split where their inner chunks are not back to back.
+    """Check every object the runs touch, concurrently: its size, then its shard index (a small read at
+    its end); runs come back split where their inner chunks are not back to back.
 
-    A missing, truncated, rewritten or forged object, or a needed inner chunk that is not stored, fails
-    here, before any data is read or any memory for it is allocated: every index entry lies inside its
-    object, so the bytes the runs need are backed by the objects.
+    A missing or truncated object, or a needed inner chunk that is not stored, fails here, before any
+    data is read or any memory for it is allocated: every index entry lies inside its object, so the
+    bytes the runs need are backed by the objects. With ``index_as_it_lands``, an uncompressed object
+    that a run reads to the end of its chunks and whose size is the one its layout implies has its
+    index read with that run and checked as it lands (``CheckedRun.index``): one read of the object, not
+    two, for the price that a rewritten or forged index of the right size fails only once the run's
+    bytes have landed. Else a rewritten or forged index fails here too.
     """
     keys = [object_key(nodes[run.key], layouts[run.key], run.cell) for run in runs]
-    objects = {key: run for key, run in zip(keys, runs)}
-    indices = io_map(lambda item: _object_index(storage, layouts[item[1].key], *item), list(objects.items()))
-    ranges = dict(zip(objects, indices))
+    objects: dict[str, list[ReadRun]] = {}
+    for key, run in zip(keys, runs):
+        objects.setdefault(key, []).append(run)
+    found = io_map(lambda item: _object_ranges(storage, layouts[item[1][0].key], *item, index_as_it_lands), list(objects.items()))
+    ranges = dict(zip(objects, found))
     checked = []
     for run, key in zip(runs, keys):
-        _check_stored(storage, run, key, ranges[key])
-        checked += _back_to_back(CheckedRun(run, key, ranges[key]))
+        stored, index = ranges[key]
+        _check_stored(storage, run, key, stored)
+        checked += _back_to_back(CheckedRun(run, key, stored, index if _reads_to_end(run, stored) else 0))
     return checked
+
+
+def _object_ranges(storage: Storage, layout: ArrayLayout, key: str, runs: list[ReadRun], index_as_it_lands: bool) -> tuple[tuple, int]:
+    """The object's inner chunk ranges and how many index bytes its last run must read and check (0:
+    the index was read and checked here)."""
+    if index_as_it_lands and layout.compressor is None:
+        implied = tuple(inner_chunk_ranges(layout, runs[0].cell))
+        if any(_reads_to_end(run, implied) for run in runs) and storage.size(key) == _data_end(implied) + index_nbytes(layout):
+            return implied, index_nbytes(layout)
+    return read_index(storage, layout, key, runs[0].cell, fqn(runs[0].key)), 0
+
+
+def _reads_to_end(run: ReadRun, ranges: tuple) -> bool:
+    """Whether ``run`` reads the object's last stored inner chunk (its index follows that chunk)."""
+    last = ranges[run.stop - 1]
+    return last is not None and last.stop == _data_end(ranges)
+
+
+def _data_end(ranges: tuple) -> int:
+    return max((r.stop for r in ranges if r is not None), default=0)
 
 
 def read_checked(
@@ -156,8 +193,9 @@ class _Landing:
     @property
     def scratch_nbytes(self) -> int:
         if self.placed:
-            return -(-(self.checked.nbytes + ROOM_SLACK) // ROOM_ALIGN) * ROOM_ALIGN
-        return sum(CRC_NBYTES if target is not None else stored.nbytes for _, stored, target in self.chunks())
+            return -(-(self.checked.nbytes + self.checked.index + ROOM_SLACK) // ROOM_ALIGN) * ROOM_ALIGN
+        chunks = sum(CRC_NBYTES if target is not None else stored.nbytes for _, stored, target in self.chunks())
+        return chunks + self.checked.index
 
 
 def _landing(checked: CheckedRun, layout: ArrayLayout, destinations: Mapping[KeyPath, list[torch.Tensor]], limit: int) -> _Landing:
@@ -215,7 +253,8 @@ def _count_write(dest: torch.Tensor) -> None:
 
 def _fetch_landing(storage: Storage, batch: list[_Landing], buffer) -> list[list[memoryview]]:
     """Read every run of ``batch`` (concurrently), each chunk into its target or the scratch ``buffer``;
-    per run, per chunk, the scratch slot it filled (the whole chunk, or only its checksum)."""
+    per run, per chunk, the scratch slot it filled (the whole chunk, or only its checksum), then the
+    slot of the object's index where the run reads it (``CheckedRun.index``)."""
     scratch = memoryview(buffer).cast("B")
     rooms, pos = {}, 0
     for i, landing in enumerate(batch):  # rooms first: whole blocks each, so every one starts aligned
@@ -233,18 +272,34 @@ def _fetch_landing(storage: Storage, batch: list[_Landing], buffer) -> list[list
             pos += n
             views += [slot] if target is None else [memoryview(target.numpy()), slot]
             slots[i].append(slot)
+        if landing.checked.index:
+            slots[i].append(scratch[pos : pos + landing.checked.index])
+            views.append(slots[i][-1])
+            pos += landing.checked.index
         requests.append((landing.checked.key, landing.checked.span[0], views))
-    placed = storage.read_placed([(batch[i].checked.key, *batch[i].checked.span, room) for i, room in rooms.items()])
+    placed = storage.read_placed([(batch[i].checked.key, batch[i].checked.span[0], _read_stop(batch[i].checked), room)
+                                  for i, room in rooms.items()])
     storage.read_scattered(requests)
     for i, view in zip(rooms, placed):
-        start = batch[i].checked.span[0]
+        start, stop = batch[i].checked.span
         slots[i] = [view[stored.offset - start : stored.stop - start] for _, stored, _ in batch[i].chunks()]
+        if batch[i].checked.index:
+            slots[i].append(view[stop - start :])
     return [slots[i] for i in range(len(batch))]
 
 
+def _read_stop(checked: CheckedRun) -> int:
+    return checked.span[1] + checked.index
+
+
 def _check_landed(storage: Storage, layout: ArrayLayout, landing: _Landing, slots: list[memoryview], destinations, written) -> None:
-    """Verify every chunk of a landed run; copy the scratch ones into their regions."""
-    run = landing.checked.run
+    """Verify every chunk of a landed run, and the object's index where the run read it; copy the
+    scratch chunks into their regions."""
+    checked = landing.checked
+    run = checked.run
+    if checked.index:
+        where = f"{storage.key_url(checked.key)} (shard index of {fqn(run.key)!r})"
+        check_index(layout, run.cell, _data_end(checked.ranges) + checked.index, slots[-1], where)
     for (index, _, target), slot in zip(landing.chunks(), slots):
         where = f"{storage.key_url(landing.checked.key)} inner chunk {index} of {fqn(run.key)!r}"
         if target is not None:
@@ -286,9 +341,11 @@ def _back_to_back(checked: CheckedRun) -> list[CheckedRun]:
 
 
 def _sub_run(checked: CheckedRun, start: int, stop: int) -> CheckedRun:
+    """Inner chunks ``start..stop-1`` of ``checked``; the last one reads the index, if ``checked`` does."""
     run = checked.run
     tasks = tuple(t for t in run.tasks if start <= t.inner_index < stop)
-    return CheckedRun(ReadRun(run.key, run.cell, start, stop, tasks), checked.key, checked.ranges)
+    index = checked.index if stop == run.stop else 0
+    return CheckedRun(ReadRun(run.key, run.cell, start, stop, tasks), checked.key, checked.ranges, index)
 
 
 def _batches(items: list, limit: int, size) -> list[list]:
@@ -304,10 +361,6 @@ def _batches(items: list, limit: int, size) -> list[list]:
     return batches
 
 
-def _object_index(storage: Storage, layout: ArrayLayout, key: str, run: ReadRun) -> tuple:
-    return read_index(storage, layout, key, run.cell, fqn(run.key))
-
-
 def read_index(storage: Storage, layout: ArrayLayout, key: str, cell: tuple[int, ...], name: str) -> tuple:
     """The checked index of the object ``key`` (cell ``cell`` of tensor ``name``), read with the object's
     size, so every entry is checked to lie inside it; uncompressed, it must be the index the layout
@@ -321,6 +374,12 @@ def read_index(storage: Storage, layout: ArrayLayout, key: str, cell: tuple[int,
             f"chunks alone takes {need}; the object is truncated or the metadata was damaged — load an earlier "
             "checkpoint or re-run the save"
         )
+    return check_index(layout, cell, size, tail, where)
+
+
+def check_index(layout: ArrayLayout, cell: tuple[int, ...], size: int, tail, where: str) -> tuple:
+    """The entries of the index ``tail`` of an object of ``size`` bytes, checked (``decode_index``);
+    uncompressed, it must be the index the layout implies."""
     stored = decode_index(layout, tail, where, size)
     if layout.compressor is None and stored != inner_chunk_ranges(layout, cell):
         raise CorruptCheckpointError(f"{where}: the index does not match the array's layout; the object was damaged or "

@@ -191,8 +191,18 @@ class LocalStorage(Storage):
             return False
 
     def size(self, key: str) -> int:
-        with self._open_for_read(key) as f:
-            return f.size
+        """One ``lstat`` (no open): a load checks the size of every object it reads before reading any.
+        Refuses what a read refuses: a symlink or anything not a regular file."""
+        self._check_dirs(check_key(key, self.url))
+        name, dir_fd = self._locate(key)
+        try:
+            st = os.lstat(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise self._missing(key) from None
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else posix.kind_of(st.st_mode)
+            raise self._not_regular(key, kind)
+        return st.st_size
 
     def fingerprint(self, key: str) -> str:
         """Size, mtime and inode: every write renames a new inode in, so a rewrite shows even at equal size."""

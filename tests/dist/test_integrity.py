@@ -140,8 +140,12 @@ def test_flipped_index_byte_is_refused(tmp_path, small_inner_chunks, reader):
     url = _saved(tmp_path)
     path = _shard(url)
     _flip(path, path.stat().st_size - 20)
-    with pytest.raises(CorruptCheckpointError) as info:
+    # a load reads this uncompressed object's index with its data and checks it as it lands: tensors
+    # that landed by then make it a PartialLoadError (caused by the index)
+    with pytest.raises((CorruptCheckpointError, PartialLoadError)) as info:
         _read(reader, url)
+    if isinstance(info.value, PartialLoadError):
+        assert reader == "load" and isinstance(info.value.__cause__, CorruptCheckpointError)
     msg = str(info.value)
     assert f"{url}/model/w/c.0.0" in msg and "shard index" in msg and "'model.w'" in msg and _says_fix(msg)
 

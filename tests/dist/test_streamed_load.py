@@ -1,9 +1,10 @@
 """The two load modes. By default every chunk lands straight in its target (or goes through bounded,
-reused scratch memory where it cannot land unchanged) and is verified as it lands: every object's index
-is still checked before anything changes, and a checksum failure found later raises ``PartialLoadError``
-on every rank whose tensors changed, naming them. ``all_or_nothing=True`` reads and verifies every chunk
-on every rank first, and refuses up front when a rank's share does not fit its ``staging_bytes``.
-Helpers (saved checkpoints, damage, snapshots) are the integrity suite's."""
+reused scratch memory where it cannot land unchanged) and is verified as it lands: every object is still
+checked (present, of the size its layout implies, else its index read) before anything changes, and a
+checksum or index failure found later raises ``PartialLoadError`` on every rank whose tensors changed,
+naming them. ``all_or_nothing=True`` reads and verifies every chunk on every rank first, and refuses up
+front when a rank's share does not fit its ``staging_bytes``. Helpers (saved checkpoints, damage,
+snapshots) are the integrity suite's."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def test_chunks_spanning_whole_rows_of_their_target_land_in_it_without_scratch(t
     sd = {k: torch.zeros_like(v) for k, v in values.items()}
     result = shardstore.load(sd, url, staging_bytes=STAGING)
     assert all(torch.equal(sd[k], v) for k, v in values.items())
-    assert result.chunks_read == 16 + 4 and result.staged_bytes <= 2 * 4 * result.chunks_read  # checksum slots only
+    # scratch holds checksum slots and each object's index (16 bytes an inner chunk + 4), read with its data
+    assert result.chunks_read == 16 + 4 and result.staged_bytes <= 2 * (4 * 20 + 16 * 20 + 4 * 2)
 
 
 def test_a_load_bumps_the_version_of_what_it_wrote(tmp_path):
@@ -77,7 +79,7 @@ def test_staging_bytes_must_be_a_byte_count(tmp_path, staging):
         shardstore.load(_zeros_state(), url, staging_bytes=staging)
 
 
-@pytest.mark.parametrize("damage", ["delete", "truncate", "index"])
+@pytest.mark.parametrize("damage", ["delete", "truncate", "append"])
 def test_streamed_load_checks_every_object_before_copying(tmp_path, small_inner_chunks, damage):
     url = str(tmp_path / "ck")
     shardstore.save(_state(_many_values()), url)
@@ -87,7 +89,7 @@ def test_streamed_load_checks_every_object_before_copying(tmp_path, small_inner_
     elif damage == "truncate":
         _truncate(last, last.stat().st_size - 5)
     else:
-        _flip(last, last.stat().st_size - 20)
+        last.write_bytes(last.read_bytes() + bytes(8))  # no longer the size its layout implies: its index is read first
     sd = _sevens()
     before = _snapshot(sd)
     with pytest.raises(CorruptCheckpointError) as info:
@@ -104,6 +106,20 @@ def test_streamed_load_names_what_it_wrote_when_a_late_chunk_is_corrupt(tmp_path
     msg = str(info.value)
     assert f"inner chunk 3 of 'model.{last}'" in msg and "partly loaded" in msg and "'model.t0'" in msg
     assert torch.equal(sd["model"]["t0"], _many_values()["t0"])  # written before the damage was reached
+
+
+def test_a_damaged_index_of_an_uncompressed_object_fails_as_it_lands(tmp_path, small_inner_chunks):
+    """An uncompressed object of the size its layout implies is read whole, index and all, in one read;
+    its index is checked as it lands, like its chunks."""
+    url = str(tmp_path / "ck")
+    shardstore.save(_state(_many_values()), url)
+    last = sorted(_many_values())[-1]
+    _flip(_shard(url, f"model/{last}"), _shard(url, f"model/{last}").stat().st_size - 20)
+    sd = _sevens()
+    with pytest.raises(PartialLoadError) as info:
+        shardstore.load(sd, url, staging_bytes=STAGING)
+    assert f"(shard index of 'model.{last}')" in str(info.value) and "partly loaded" in str(info.value)
+    assert isinstance(info.value.__cause__, CorruptCheckpointError)
 
 
 
@@ -159,3 +175,24 @@ def test_a_cold_load_reads_runs_of_scratch_chunks_in_place(tmp_path, monkeypatch
     evict(url)
     with pytest.raises(PartialLoadError, match="crc32c"):
         shardstore.load({k: torch.zeros_like(v) for k, v in values.items()}, url)
+
+
+@pytest.mark.parametrize("compressor", [None, "zstd"])
+def test_a_streamed_load_reads_an_uncompressed_objects_index_with_its_data(tmp_path, small_inner_chunks, monkeypatch, compressor):
+    """One read per uncompressed object: its size is checked (a stat), its index read with its chunks.
+    A compressed object's index says where its chunks are, so it is read first; ``all_or_nothing``
+    reads every index first too."""
+    from shardstore.storage.local import LocalStorage
+
+    url = str(tmp_path / "ck")
+    shardstore.save(_state(_many_values()), url, compressor=compressor)
+    suffixes: list[str] = []
+    real = LocalStorage.read_suffix
+    monkeypatch.setattr(LocalStorage, "read_suffix", lambda self, key, n: suffixes.append(key) or real(self, key, n))
+    for all_or_nothing in (False, True):
+        suffixes.clear()
+        sd = _sevens()
+        shardstore.load(sd, url, all_or_nothing=all_or_nothing)
+        assert all(torch.equal(sd["model"][k], v) for k, v in _many_values().items())
+        indexed_first = all_or_nothing or compressor is not None
+        assert len(suffixes) == (len(_many_values()) if indexed_first else 0), suffixes

@@ -14,10 +14,10 @@ from shardstore import chunk_reader, saving
 from shardstore import format as fmt
 from shardstore.codec import ArrayLayout, ByteRange, check_index_bounds, decode_index, index_nbytes
 from shardstore.tiling import choose_inner_chunk_shape
-from shardstore.errors import CorruptCheckpointError, MissingChunkError
+from shardstore.errors import CorruptCheckpointError, MissingChunkError, PartialLoadError
 from shardstore.storage import Storage
 from shardstore.validate import MIN_AVERAGE_CHUNK_BYTES, SMALL_GRID_CHUNKS, check_sane_grid
-from tests.faults.damage import READERS, edit_root, files, forge_index, refused, saved, values
+from tests.faults.damage import READERS, edit_root, files, forge_index, refused, saved, target, values
 
 MISSING = 2**64 - 1
 
@@ -64,10 +64,27 @@ def test_forged_index_entry_is_refused_before_anything_is_allocated(tmp_path, sm
     ranges, end = _index(url)
     forge_index(url, "model/w", "c.0.0", FORGERIES[case](ranges, end))
     staging.clear()
-    msg = refused(reader, url, CorruptCheckpointError, tmp_path)
+    if reader == "load" and compressor is None:
+        msg = _refused_as_it_lands(url, end + index_nbytes(fmt.read_array(Storage(url), "model/w")), staging)
+    else:
+        msg = refused(reader, url, CorruptCheckpointError, tmp_path)
+        assert staging == [], "staging memory was allocated for a forged index"
     assert f"{url}/model/w/c.0.0 (shard index of 'model.w'): index entry 5" in msg, msg
     assert "load an earlier checkpoint or re-run the save" in msg
-    assert staging == [], "staging memory was allocated for a forged index"
+
+
+def _refused_as_it_lands(url: str, object_nbytes: int, staging: list[int]) -> str:
+    """A streamed load reads an uncompressed object's index with its data, at the offsets its layout
+    implies, and checks it as it lands (``chunk_reader.check_runs``): nothing is sized by the forged
+    entries, and the load fails once the object has landed, ``PartialLoadError`` naming the tensors
+    already changed, its cause the forged index."""
+    sd = target()
+    with pytest.raises(PartialLoadError) as info:
+        shardstore.load(sd, url)
+    assert isinstance(info.value.__cause__, CorruptCheckpointError)
+    assert "partly loaded" in str(info.value)
+    assert sum(staging) <= 2 * object_nbytes + (64 << 10), f"scratch {staging} for an object of {object_nbytes} bytes"
+    return str(info.value)
 
 
 def test_decompression_claim_beyond_what_zstd_can_expand_is_refused():

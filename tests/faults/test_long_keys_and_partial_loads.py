@@ -128,15 +128,16 @@ def test_all_or_nothing_load_failing_on_a_chunk_raises_the_plain_error_everywher
 
 
 def test_single_process_load_failing_before_any_byte_lands_is_not_partial(tmp_path):
-    """The target is strided, so its chunk goes through scratch memory and fails there, before any copy."""
+    """The target is strided, so its chunk goes through scratch memory and fails there, before any copy.
+    One tensor: runs land concurrently, so another tensor's run may well land before this one fails."""
     url = str(tmp_path / "ck")
-    state = {"model": {k: torch.arange(64.0) + i for i, k in enumerate("abc")}, "step": 3}
+    state = {"model": {"a": torch.arange(64.0)}, "step": 3}
     shardstore.save(state, url)
     path = Path(url) / "model/a/c.0"
     data = bytearray(path.read_bytes())
     data[3] ^= 0xFF
     path.write_bytes(bytes(data))
-    target = {"model": {k: torch.full((128,), 7.0)[::2] for k in "abc"}, "step": -1}
+    target = {"model": {"a": torch.full((128,), 7.0)[::2]}, "step": -1}
     with pytest.raises(CorruptCheckpointError, match="inner chunk 0 of 'model.a'") as info:
         shardstore.load(target, url, staging_bytes=STREAMED)
     assert not isinstance(info.value, PartialLoadError)
