@@ -137,13 +137,18 @@ class CheckpointManager:
         return True
 
     def restore(self, state_dict: dict, step: int | None = None) -> int:
-        """Load ``step`` (the latest complete one by default) into ``state_dict`` in place; returns it."""
+        """Load ``step`` (the latest complete one by default) into ``state_dict`` in place; returns it.
+
+        A resumed run saves what it restored: the staging memory of its first async save is prepared
+        here, in the background (``_prepare``), so even with ``save_interval_steps=1`` that save does
+        not stall on fresh memory."""
         self._check_open()
         self._collect()
         chosen = self._coord.decide("choosing the step to restore", lambda: self._pick(step))
         if chosen is None:
             raise self._not_found(step)
         load(state_dict, step_url(self.root_url, chosen), storage_options=self._options, process_group=self._group)
+        self._prepare(state_dict)
         return chosen
 
     def wait_until_finished(self) -> None:
@@ -166,9 +171,10 @@ class CheckpointManager:
     # -- internals ----------------------------------------------------------------------------------
 
     def _prepare(self, state_dict: Mapping[str, Any]) -> None:
-        """At the first step the manager does not save, fault in the staging memory its first async save
-        will copy into, in the background while training goes on (``prepare_async_save``): that first
-        save then blocks about as briefly as later ones. A failure there is left for that save to meet."""
+        """After a restore, or at the first step the manager does not save, fault in the staging memory
+        its first async save will copy into, in the background while training goes on
+        (``prepare_async_save``): that first save then blocks about as briefly as later ones. A failure
+        there is left for that save to meet."""
         if self._async and not self._prepared:
             self._prepared = True
             prepare_async_save(state_dict, process_group=self._group)

@@ -119,6 +119,27 @@ def test_the_first_step_not_saved_prepares_the_first_async_save(tmp_path):
     assert run_ranks(2, _first_unsaved_step_prepares_the_staging_memory, str(tmp_path / "run"), 2) == [(1, True)] * 2
 
 
+def _restore_prepares_the_staging_memory(root: str, world: int):
+    from shardstore import async_saver, staging
+
+    with shardstore.CheckpointManager(root, async_save=False) as manager:
+        manager.save(1, _state(world, 1))
+    staging._pool = (os.getpid(), staging.StagingPool())  # a fresh process's pool: nothing staged yet
+    with shardstore.CheckpointManager(root) as manager:  # save_interval_steps=1: no step goes unsaved
+        state = _state(world, 0)
+        assert manager.restore(state) == 1
+        async_saver._background().submit(lambda: None).result(timeout=60)  # the preparation has run
+        prepared = {k: b.data_ptr() for k, b in staging.staging_pool()._buffers.items()}
+        assert manager.save(2, state)
+        manager.wait_until_finished()
+        after = {k: b.data_ptr() for k, b in staging.staging_pool()._buffers.items()}
+    return len(prepared), prepared == after
+
+
+def test_a_restore_prepares_the_first_async_save_of_the_resumed_run(tmp_path):
+    assert run_ranks(2, _restore_prepares_the_staging_memory, str(tmp_path / "run"), 2) == [(1, True)] * 2
+
+
 def test_steps_to_delete_is_pure_retention():
     assert steps_to_delete([1, 2, 3], None, None) == []
     assert steps_to_delete([3, 1, 2], 1, None) == [1, 2]
