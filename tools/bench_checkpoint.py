@@ -12,8 +12,8 @@ block the caller, each call followed by a mutation of every tensor (the next opt
 for the commit; first call in fresh ranks, steady = median of the later calls on the same state, beside
 each system's synchronous save of the same run; peak RSS of the worst rank during the whole call.
 "shardstore, prepared" is the same with ``shardstore.prepare_async_save`` run (untimed) before the first
-call, as ``CheckpointManager`` does at the first step it does not save. ``--max-staging-mib`` bounds
-shardstore's staging memory (waves above it).
+call, as ``CheckpointManager`` does after a restore or at the first step it does not save.
+``--max-staging-mib`` bounds shardstore's staging memory (waves above it).
 
 Run on a quiet machine (needs ~3x --gib of free memory at world size 1, 2x --gib of disk):
     python tools/bench_checkpoint.py                     # 2 GiB, world sizes 1 2 4

@@ -50,7 +50,7 @@ def _single_bit_change(old: str, new: str) -> tuple[str, str]:
 FLIPS = {  # one bit each, in a number, a string, a key, the commit id and the checksum itself
     "step-7-to-5": _single_bit_change('"value": 7', '"value": 5'),
     "dtype-string": _single_bit_change('"float32"', '"float22"'),
-    "shape-number": _single_bit_change('"shape": [\n            64', '"shape": [\n            66'),
+    "shape-number": _single_bit_change('"shape": [64', '"shape": [66'),
     "key-name": _single_bit_change('"user_metadata"', '"user_metadatq"'),
     "tree-key": _single_bit_change('"step": {', '"stdp": {'),
 }

@@ -68,14 +68,14 @@ def test_group_json_text():
 
 
 def test_root_json_text_and_round_trip():
-    text = fmt.group_json({fmt.FORMAT_NAME: _root().to_json()})
+    text = fmt.root_json(_root())
     assert text == _expected("root.json")
     block = fmt.parse_group_json(text, "x")[fmt.FORMAT_NAME]
     assert fmt.RootMetadata.from_json(block, "x") == _root()
 
 
 @pytest.mark.parametrize("dtype,fill", [(torch.bool, "false"), (torch.int32, "0"), (torch.float8_e5m2, "0.0"),
-                                        (torch.complex64, "[\n    0.0,\n    0.0\n  ]")])
+                                        (torch.complex64, "[0.0, 0.0]")])
 def test_fill_value_per_dtype(dtype, fill):
     text = fmt.array_json(ArrayLayout((2,), dtype, (2,), (1,)))
     assert f'"fill_value": {fill},' in text
@@ -95,7 +95,7 @@ def test_chunk_keys():
     (lambda t: t.replace('"regular"', '"rectilinear"'), "regular chunk grid"),
     (lambda t: t.replace('"index_location": "end"', '"index_location": "start"'), "index_location"),
     (lambda t: t.replace('"fill_value": 0.0', '"fill_value": 1.0'), "fill_value"),
-    (lambda t: t.replace('"shape": [\n    5', '"shape": [\n    "5"'), "shape as a list of integers"),
+    (lambda t: t.replace('"shape": [5', '"shape": ["5"'), "shape as a list of integers"),
 ])
 def test_malformed_array_json_names_the_file(mutate, match):
     text = mutate(fmt.array_json(ArrayLayout((5, 7), torch.float32, (4, 4), (2, 2))))
