@@ -100,19 +100,27 @@ def test_should_save_and_interval(tmp_path):
         manager.save(6, {"x": torch.ones(2)})
 
 
-def _first_unsaved_step_prepares_the_staging_memory(root: str, world: int):
+def _prepared_then_used(manager: shardstore.CheckpointManager, state: dict, step: int) -> tuple[int, bool]:
+    """Once the manager's background preparation has run: how many staging buffers it made, and whether
+    its save at ``step`` copied into exactly those."""
     from shardstore import async_saver, staging
+
+    async_saver._background().submit(lambda: None).result(timeout=60)  # the preparation has run
+    prepared = {k: b.data_ptr() for k, b in staging.staging_pool()._buffers.items()}
+    assert manager.save(step, state)
+    manager.wait_until_finished()
+    after = {k: b.data_ptr() for k, b in staging.staging_pool()._buffers.items()}
+    return len(prepared), prepared == after
+
+
+def _first_unsaved_step_prepares_the_staging_memory(root: str, world: int):
+    from shardstore import staging
 
     staging._pool = (os.getpid(), staging.StagingPool())  # workers are reused across tests
     with shardstore.CheckpointManager(root, save_interval_steps=2) as manager:
         state = _state(world, 1)
         assert not manager.save(1, state)
-        async_saver._background().submit(lambda: None).result(timeout=60)  # the preparation has run
-        prepared = {k: b.data_ptr() for k, b in staging.staging_pool()._buffers.items()}
-        assert manager.save(2, state)
-        manager.wait_until_finished()
-        after = {k: b.data_ptr() for k, b in staging.staging_pool()._buffers.items()}
-    return len(prepared), prepared == after
+        return _prepared_then_used(manager, state, 2)
 
 
 def test_the_first_step_not_saved_prepares_the_first_async_save(tmp_path):
@@ -120,7 +128,7 @@ def test_the_first_step_not_saved_prepares_the_first_async_save(tmp_path):
 
 
 def _restore_prepares_the_staging_memory(root: str, world: int):
-    from shardstore import async_saver, staging
+    from shardstore import staging
 
     with shardstore.CheckpointManager(root, async_save=False) as manager:
         manager.save(1, _state(world, 1))
@@ -128,12 +136,7 @@ def _restore_prepares_the_staging_memory(root: str, world: int):
     with shardstore.CheckpointManager(root) as manager:  # save_interval_steps=1: no step goes unsaved
         state = _state(world, 0)
         assert manager.restore(state) == 1
-        async_saver._background().submit(lambda: None).result(timeout=60)  # the preparation has run
-        prepared = {k: b.data_ptr() for k, b in staging.staging_pool()._buffers.items()}
-        assert manager.save(2, state)
-        manager.wait_until_finished()
-        after = {k: b.data_ptr() for k, b in staging.staging_pool()._buffers.items()}
-    return len(prepared), prepared == after
+        return _prepared_then_used(manager, state, 2)
 
 
 def test_a_restore_prepares_the_first_async_save_of_the_resumed_run(tmp_path):
