@@ -33,7 +33,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .placements import Placement, Replicate
-from .redistribute import redistribute_local
+from .redistribute import local_as
 from .spec import DTensorSpec
 
 __all__ = ["Strategy", "dispatch", "apply_rule", "fallback_ops", "Placements", "implicit_replication_depth"]
@@ -261,9 +261,10 @@ def _output_specs(meta_out, mesh, output: Placements | list[Placements]) -> list
 
 def _run(cls, func, flat: list, tree, mesh, plan: _Plan):
     local_flat = [x._local_tensor if isinstance(x, cls) else x for x in flat]
+    # Moved and waited for here, not on first use: a functional collective's result dropped unwaited (the
+    # op raising, an argument left unused) corrupts the heap under gloo (a later malloc aborts).
     for i, want in plan.moves:
-        spec = flat[i]._spec
-        local_flat[i] = redistribute_local(local_flat[i], mesh, spec.shape, spec.placements, want)
+        local_flat[i] = local_as(flat[i], want)
     local_args, local_kwargs = _unflatten(local_flat, tree)
     strategy = plan.strategy
     if strategy.local_args is not None:
