@@ -278,8 +278,11 @@ def _sweep(target: Storage) -> list[str]:
     old."""
     parent = target.parent()
     for name in parent.list_names(f"{target.name}.staging-"):
-        if _is_dead(parent.child(name)):
-            parent.child(name).rename_tree(parent.child(f"{target.name}.trash-{uuid.uuid4().hex[:16]}"))
+        try:
+            if _is_dead(parent.child(name)):
+                parent.child(name).rename_tree(parent.child(f"{target.name}.trash-{uuid.uuid4().hex[:16]}"))
+        except FileNotFoundError:
+            continue  # removed meanwhile by its failed save (``abandon`` deletes without the commit lock)
     return parent.list_names(f"{target.name}.trash-")
 
 

@@ -13,6 +13,7 @@ last winner's. Nothing is left beside the URL. Once fresh, once with ``overwrite
 from __future__ import annotations
 
 import multiprocessing as mp
+import shutil
 import time
 from pathlib import Path
 
@@ -98,3 +99,27 @@ def test_racing_saves_one_wins_and_the_checkpoint_is_all_its_own(tmp_path, overw
             assert torch.all(t == last), f"trial {trial}: {name} mixes writers"
     names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("warm-up-"))
     assert names == sorted(f"t{t}" for t in range(TRIALS))
+
+
+def test_a_staging_tree_removed_while_a_sweep_looks_at_it_is_skipped(tmp_path, monkeypatch):
+    """A failed save deletes its own staging tree without the commit lock (``commit.abandon``), so a
+    sweep can find a tree gone between listing and moving it; the sweep goes on. (A loser of the
+    overwrite race above once raised that FileNotFoundError instead of ConcurrentSaveError.)"""
+    from shardstore import commit
+    from shardstore.storage import Storage
+
+    url = str(tmp_path / "ck")
+    shardstore.save(_state(1), url)
+    doomed = tmp_path / "ck.staging-0123456789abcdef"
+    doomed.mkdir()
+    (doomed / "zarr.json").write_text("{}")  # complete and ownerless: dead litter
+    is_dead = commit._is_dead
+
+    def removed_by_its_owner_meanwhile(staging):
+        dead = is_dead(staging)
+        shutil.rmtree(doomed)
+        return dead
+
+    monkeypatch.setattr(commit, "_is_dead", removed_by_its_owner_meanwhile)
+    commit.sweep(Storage(url, None))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
