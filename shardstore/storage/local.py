@@ -151,7 +151,7 @@ class LocalStorage(Storage):
             except FileNotFoundError:
                 raise self._missing(key) from None
             if not stat.S_ISDIR(mode):
-                raise self._not_regular(rel, "a symbolic link" if stat.S_ISLNK(mode) else posix.kind_of(mode))
+                raise self._not_regular(rel, posix.kind_of(mode))
             self._checked_dirs.add(rel)
 
     def _not_regular(self, key: str, what: str) -> CorruptCheckpointError:
@@ -200,8 +200,7 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             raise self._missing(key) from None
         if not stat.S_ISREG(st.st_mode):
-            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else posix.kind_of(st.st_mode)
-            raise self._not_regular(key, kind)
+            raise self._not_regular(key, posix.kind_of(st.st_mode))
         return st.st_size
 
     def fingerprint(self, key: str) -> str:

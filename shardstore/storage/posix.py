@@ -76,6 +76,9 @@ class OpenFile:
 
 
 def kind_of(mode: int) -> str:
+    """What a mode (from ``lstat`` or ``fstat``) that is not the expected kind names, for an error."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
     if stat.S_ISFIFO(mode):
         return "a FIFO"
     if stat.S_ISSOCK(mode):
