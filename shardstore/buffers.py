@@ -46,9 +46,10 @@ class EncodeSlab:
     ``take(nbytes)`` waits for the oldest writes until fewer than ``slots`` are in flight and a
     block-aligned stretch of ``nbytes`` is free of every region in flight (the lowest such), then hands
     it back. ``busy(buffer, future)`` marks the stretch just taken in flight until ``future``
-    completes; ``drain()`` waits for every write and raises the first error. The slab holds ``budget``
-    bytes, or the biggest object's size where that is more (that object waits for every write before it
-    and takes the slab whole).
+    completes (a write of memory outside the slab counts toward ``slots`` too: ``wait_for_slot``, then
+    ``busy(None, future)``); ``drain()`` waits for every write and raises the first error. The slab
+    holds ``budget`` bytes, or the biggest object's size where that is more (that object waits for
+    every write before it and takes the slab whole).
 
     Why one slab, and not a buffer per object: with objects of mixed sizes (1-256 MiB) buffers that
     fit none of the next ones were dropped and fresh ones mapped, so a save of 1 GiB faulted in about
@@ -81,8 +82,16 @@ class EncodeSlab:
         self._taken = (start, start + size)
         return self._slab[start : start + size]
 
-    def busy(self, buffer: torch.Tensor, future: Future) -> None:
-        self._flight.append((*self._taken, future))
+    def busy(self, buffer: torch.Tensor | None, future: Future) -> None:
+        """Mark ``buffer`` (what ``take`` just handed out; None: a write from memory outside the slab,
+        after ``wait_for_slot``) in flight until ``future`` completes."""
+        self._flight.append((*self._taken, future) if buffer is not None else (0, 0, future))
+
+    def wait_for_slot(self) -> None:
+        """Wait until fewer than ``slots`` writes are in flight (raising the first error)."""
+        self._retire_ended()
+        while len(self._flight) >= self.slots:
+            self._retire()
 
     def drain(self) -> None:
         while self._flight:

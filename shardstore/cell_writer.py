@@ -16,19 +16,21 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 
 from shardstore.buffers import EncodeSlab
-from shardstore.codec import CRC_NBYTES, ArrayLayout, encode_shard, index_nbytes
+from shardstore.codec import CRC_NBYTES, ArrayLayout, encode_shard, index_nbytes, shard_parts
 from shardstore.dtypes import dtype_info_by_name
 from shardstore.flatten import KeyPath, fqn
 from shardstore.format import object_key
 from shardstore.inputs import local_tensor
 from shardstore.plan import ArrayPlan, GlobalSavePlan, WriteTask
-from shardstore.storage import Storage
+from shardstore.storage import Blob, Storage, blob_nbytes
 
 __all__ = ["WriteStats", "write_cells", "cells_of", "cell_values", "encoded_bound", "layout_of"]
 
 _WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
 _IN_FLIGHT = 6  # encoded objects whose writes may be in flight at once
 _SLAB_BYTES = 256 << 20  # the largest encode slab a save maps (but one object bigger than that: its size)
+_COPY_FROM = 1 << 20  # objects from this size are encoded into the slab even where they could be written
+# uncopied: block-aligned memory lets a local filesystem take them with O_DIRECT, faster than the page cache
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,9 @@ def write_cells(
     plan: GlobalSavePlan,
     cells: Iterable[tuple[WriteTask, torch.Tensor]],
     compressor: str | None = None,
-    put: Callable[[Storage, str, memoryview], None] | None = None,
+    put: Callable[[Storage, str, Blob], None] | None = None,
     keep_slab: bool = True,
+    stable: bool = False,
 ) -> WriteStats:
     """Encode and write ``cells`` (each a write task and the values of its cell); returns what was encoded.
 
@@ -61,7 +64,9 @@ def write_cells(
     Each object is encoded into an ``EncodeSlab`` (``_slab_bytes``, or the biggest object;
     kept for the process's next save unless ``keep_slab`` is false) and written by a thread pool while
     the next is encoded. A cell's values are copied out by the time the next cell is asked for, so
-    ``cells`` may hand out reused staging memory.
+    ``cells`` may hand out reused staging memory; with ``stable`` (every cell's values stay put until
+    this returns) an object under ``_COPY_FROM`` bytes that is its cell's own bytes and an index
+    (``shard_parts``) is written from the cell's memory, uncopied.
     """
     arrays = {a.key: a for a in plan.arrays}
     layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
@@ -72,14 +77,25 @@ def write_cells(
         with ThreadPoolExecutor(_WRITERS) as pool:  # on an error, waits for the writes in flight (each holds its blob)
             for task, data in cells:
                 layout = layouts[task.key]
-                buffer = slab.take(encoded_bound(layout))
-                blob = encode_shard(layout, task.cell, data.cpu(), out=buffer)
-                nbytes, objects = nbytes + blob.nbytes, objects + 1
+                buffer, blob = _encode(slab, layout, task.cell, data.cpu(), stable)
+                nbytes, objects = nbytes + blob_nbytes(blob), objects + 1
                 slab.busy(buffer, pool.submit(store, object_key(arrays[task.key].node, layout, task.cell), blob))
             slab.drain()
     finally:
         slab.close()  # every write has ended: the next save encodes into the same memory
     return WriteStats(nbytes, objects)
+
+
+def _encode(slab: EncodeSlab, layout: ArrayLayout, coords: tuple[int, ...], data: torch.Tensor,
+            stable: bool) -> tuple[torch.Tensor | None, Blob]:
+    """One object: the cell's own bytes and an index where ``stable`` allows (``shard_parts``; no slab
+    memory: None), else encoded into the stretch of ``slab`` returned with it."""
+    parts = shard_parts(layout, coords, data) if stable and encoded_bound(layout) < _COPY_FROM else None
+    if parts is not None:
+        slab.wait_for_slot()
+        return None, parts
+    buffer = slab.take(encoded_bound(layout))
+    return buffer, encode_shard(layout, coords, data, out=buffer)
 
 
 def _slab_bytes(layouts: Iterable[ArrayLayout]) -> int:

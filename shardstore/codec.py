@@ -43,6 +43,7 @@ __all__ = [
     "decode_index",
     "decode_inner_chunk",
     "encode_shard",
+    "shard_parts",
     "index_nbytes",
     "inner_chunk_ranges",
 ]
@@ -172,6 +173,24 @@ def encode_shard(
             pos += stride
     _put_index(buf, start, index)
     return memoryview(buf.numpy()).cast("B")
+
+
+def shard_parts(layout: ArrayLayout, coords: tuple[int, ...], data: torch.Tensor) -> list[memoryview] | None:
+    """The shard object for outer chunk ``coords`` without copying ``data``: its own bytes, then its
+    crc32c and the index (24 bytes); None unless the object is exactly that (uncompressed, one inner
+    chunk that ``data`` fills, ``data`` contiguous), where ``encode_shard`` gathers a copy instead.
+
+    Why: a small tensor's object is its bytes plus a tail, and copying them into a buffer first was a
+    fifth of a 1000-tensor save. The caller must keep ``data`` unchanged until the object is written.
+    """
+    box = layout.outer_chunk_box(coords)
+    _check_data(layout, box, data)
+    whole = box.sizes == layout.chunk_shape == layout.inner_chunk_shape
+    if layout.compressor is not None or not whole or not data.is_contiguous():
+        return None
+    values = memoryview(as_bytes(data.detach()).numpy()).cast("B")
+    index = np.array([(0, len(values) + CRC_NBYTES)], dtype=_INDEX_DTYPE).tobytes()
+    return [values, memoryview(_crc_bytes(values) + index + _crc_bytes(index))]
 
 
 def _check_data(layout: ArrayLayout, box: Box, data: torch.Tensor) -> None:

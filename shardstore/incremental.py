@@ -33,7 +33,7 @@ from shardstore.errors import MissingChunkError
 from shardstore.cell_writer import WriteStats, layout_of
 from shardstore.format import object_key
 from shardstore.plan import GlobalSavePlan, WriteTask
-from shardstore.storage import Storage
+from shardstore.storage import Blob, Storage, blob_nbytes
 
 __all__ = ["IncrementalWriter", "check_incremental"]
 
@@ -127,12 +127,12 @@ class IncrementalWriter:
         self._record(key, old, linked=True)
         return True
 
-    def put(self, dest: Storage, key: str, blob: memoryview) -> None:
+    def put(self, dest: Storage, key: str, blob: Blob) -> None:
         """Write one changed object (``cell_writer.write_cells`` calls this from its writer threads)."""
         dest.write(key, blob)
         with self._lock:
             digest = self._digests.pop(key)
-        self._record(key, StoredObject(digest, len(blob)), linked=False)
+        self._record(key, StoredObject(digest, blob_nbytes(blob)), linked=False)
 
     def account(self, written: WriteStats) -> WriteStats:
         """``write_cells``' stats of the changed objects, with the linked ones added."""

@@ -140,10 +140,10 @@ def _write(dest: Storage, plan: GlobalSavePlan, cells, compressor: str | None, w
     writes only the cells that changed, linking the rest."""
     write_array_metadata(dest, plan, compressor, share)
     if writer is None:
-        stats = write_cells(dest, plan, cells, compressor)
+        stats = write_cells(dest, plan, cells, compressor, stable=stable_cells)
     else:
         changed = writer.changed(dest, plan, cells, compressor, stable_cells)
-        stats = writer.account(write_cells(dest, plan, changed, compressor, writer.put))
+        stats = writer.account(write_cells(dest, plan, changed, compressor, writer.put, stable=stable_cells))
     dest.sync()
     return stats
 

@@ -134,7 +134,7 @@ def _write_cell(dest: Storage, array, task: WriteTask, read: ReadCell, compresso
                          f"{list(task.cell_box.offsets)}, expected {list(task.cell_box.sizes)} {array.dtype}")
     one = GlobalSavePlan((array,), ((replace(task, source_box=task.cell_box),),))
     # a rewrite under a memory budget holds no encode memory between its cells (several at once)
-    nbytes = write_cells(dest, one, cells_of(one, 0, {task.key: data}), compressor, keep_slab=False).nbytes
+    nbytes = write_cells(dest, one, cells_of(one, 0, {task.key: data}), compressor, keep_slab=False, stable=True).nbytes
     if progress is not None:
         progress(task.cell_box.numel * array.itemsize)
     return nbytes

@@ -2,6 +2,8 @@
 calls on a local filesystem, ``posix`` and ``direct_io`` below it; ``remote``: everything fsspec
 reaches, the only fsspec user)."""
 
-from shardstore.storage.base import CURRENT, ROOM_ALIGN, ROOM_SLACK, VERSION_PREFIX, HeldLock, Storage, check_key, io_map
+from shardstore.storage.base import (
+    CURRENT, ROOM_ALIGN, ROOM_SLACK, VERSION_PREFIX, Blob, HeldLock, Storage, blob_nbytes, check_key, io_map,
+)
 
-__all__ = ["Storage", "HeldLock", "check_key", "CURRENT", "VERSION_PREFIX", "ROOM_ALIGN", "ROOM_SLACK", "io_map"]
+__all__ = ["Storage", "Blob", "blob_nbytes", "HeldLock", "check_key", "CURRENT", "VERSION_PREFIX", "ROOM_ALIGN", "ROOM_SLACK", "io_map"]

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from shardstore.errors import CorruptCheckpointError, MissingChunkError, UnsafeKeyError
 
-__all__ = ["Storage", "HeldLock", "check_key", "CURRENT", "VERSION_PREFIX", "ROOM_ALIGN", "ROOM_SLACK", "io_map"]
+__all__ = ["Storage", "Blob", "HeldLock", "as_views", "blob_nbytes", "check_key", "CURRENT", "VERSION_PREFIX", "ROOM_ALIGN", "ROOM_SLACK", "io_map"]
 
 # Object stores replace a checkpoint by writing a new version under ``<root>/.v-<id>/`` and pointing
 # ``<root>/.shardstore-current`` at it (docs/format.md §5); ``pinned`` resolves the pointer.
@@ -40,6 +40,19 @@ _read_pool: tuple[int, ThreadPoolExecutor] | None = None
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+Bytes = bytes | bytearray | memoryview
+Blob = Bytes | Sequence[Bytes]  # what ``Storage.write`` stores: one buffer, or several one after another
+
+
+def as_views(data: Blob) -> list[memoryview]:
+    """``data``'s buffers as flat byte views, in order."""
+    parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+    return [memoryview(part).cast("B") for part in parts]
+
+
+def blob_nbytes(data: Blob) -> int:
+    return sum(len(view) for view in as_views(data))
 
 
 def io_pool() -> ThreadPoolExecutor:
@@ -297,9 +310,10 @@ class Storage:
 
     # -- writes --------------------------------------------------------------------------------------
 
-    def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
+    def write(self, key: str, data: Blob) -> None:
         """Store ``data`` under ``key`` atomically (readers see the old object, the new one, or none).
-        Durable once ``sync`` returns."""
+        Durable once ``sync`` returns. Several buffers are stored one after another (a small tensor's
+        bytes and its shard index, never copied together first)."""
         raise NotImplementedError
 
     def write_parts(self, key: str, parts: Iterable[bytes | bytearray | memoryview]) -> None:

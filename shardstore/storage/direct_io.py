@@ -80,7 +80,7 @@ class DirectIO:
             self._refused(exc)
             return 0
         try:
-            posix.write_all(fd, view[:head])
+            posix.write_all(fd, [view[:head]])
         finally:
             os.close(fd)
         return head

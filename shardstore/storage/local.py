@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable
 
 from shardstore.errors import CorruptCheckpointError
 from shardstore.storage import posix
-from shardstore.storage.base import Storage, check_key, io_map, strip_trailing_slash
+from shardstore.storage.base import Blob, Storage, as_views, check_key, io_map, strip_trailing_slash
 from shardstore.storage.direct_io import DirectIO
 
 __all__ = ["LocalStorage"]
@@ -235,7 +235,7 @@ class LocalStorage(Storage):
 
     # -- writes --------------------------------------------------------------------------------------
 
-    def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
+    def write(self, key: str, data: Blob) -> None:
         path = self._path(key)
         tmp, deferred = self._write_tmp(path, data, defer=True)
         self._replace(tmp, path, deferred=deferred)
@@ -278,20 +278,21 @@ class LocalStorage(Storage):
         self._touched(os.path.dirname(path))
         self.sync()
 
-    def _write_tmp(self, path: str, data: bytes | bytearray | memoryview, defer: bool,
-                   in_place: bool = True) -> tuple[str, bool]:
+    def _write_tmp(self, path: str, data: Blob, defer: bool, in_place: bool = True) -> tuple[str, bool]:
         """Write ``data`` to a fresh temporary next to ``path`` (``_tmp_file``); its path, and whether its
         fsync is left to ``sync()`` (only with ``defer``: a small object, or one written with
-        ``O_DIRECT``); else it is fsync'd here when durable."""
-        view = memoryview(data).cast("B")
+        ``O_DIRECT``); else it is fsync'd here when durable. Only the first buffer's head can go with
+        ``O_DIRECT``."""
+        views = as_views(data)
+        nbytes = sum(len(v) for v in views)
         deferred = False
 
         def fill(fd: int, tmp: str) -> None:
             nonlocal deferred
-            direct = self._direct.write_head(tmp, view) if self.durable else 0
-            posix.write_all(fd, view, direct)
-            deferred = defer and (len(view) < _SYNC_AT_WRITE or direct > 0)
-            if deferred and self.durable and len(view) - direct >= _WRITEBACK_FROM:
+            direct = self._direct.write_head(tmp, views[0]) if self.durable and views else 0
+            posix.write_all(fd, views, direct)
+            deferred = defer and (nbytes < _SYNC_AT_WRITE or direct > 0)
+            if deferred and self.durable and nbytes - direct >= _WRITEBACK_FROM:
                 posix.start_writeback(fd)
             if self.durable and not deferred:
                 posix.fsync_file(fd, tmp)

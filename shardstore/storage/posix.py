@@ -214,10 +214,22 @@ class _Scatter:
                 self._i, self._at = self._i + 1, 0
 
 
-def write_all(fd: int, view: memoryview, done: int = 0) -> None:
-    """Write ``view[done:]`` at offset ``done``."""
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], done)
+def write_all(fd: int, views: list[memoryview], done: int = 0) -> None:
+    """Write the concatenation of ``views`` from its byte ``done`` on, at offset ``done`` (one
+    ``pwritev`` where the system takes it whole)."""
+    total = sum(len(v) for v in views)
+    while done < total:
+        done += os.pwritev(fd, _after(views, done), done)
+
+
+def _after(views: list[memoryview], skip: int) -> list[memoryview]:
+    """``views`` without their first ``skip`` bytes."""
+    out = []
+    for view in views:
+        if skip < len(view):
+            out.append(view[skip:])
+        skip = max(0, skip - len(view))
+    return out
 
 
 def address(view: memoryview) -> int:

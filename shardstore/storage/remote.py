@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from fsspec.core import url_to_fs
 
 from shardstore.errors import CorruptCheckpointError, MissingChunkError
-from shardstore.storage.base import CURRENT, VERSION_PREFIX, HeldLock, Storage, strip_trailing_slash
+from shardstore.storage.base import CURRENT, VERSION_PREFIX, Blob, HeldLock, Storage, as_views, strip_trailing_slash
 from shardstore.storage.retry import retrying
 
 __all__ = ["FsspecStorage"]
@@ -166,16 +166,16 @@ class FsspecStorage(Storage):
 
     # -- writes --------------------------------------------------------------------------------------
 
-    def write(self, key: str, data: bytes | bytearray | memoryview) -> None:
+    def write(self, key: str, data: Blob) -> None:
         path = self._path(key)
+        # Object store clients (botocore) refuse memoryview bodies; one copy is cheap next to a PUT.
+        body = data if isinstance(data, (bytes, bytearray)) else b"".join(as_views(data))
         if self._atomic_put:
-            # Object store clients (botocore) refuse memoryview bodies; one copy is cheap next to a PUT.
-            body = data if isinstance(data, (bytes, bytearray)) else bytes(data)
             self._retry(f"writing {self.key_url(key)}", lambda: self._fs.pipe_file(path, body))
             return
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
-            self._fs.pipe_file(tmp, data)
+            self._fs.pipe_file(tmp, body)
             self._fs.mv(tmp, path)
         except BaseException:
             if self._fs.exists(tmp):

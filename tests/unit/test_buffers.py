@@ -183,6 +183,34 @@ def test_a_save_of_small_tensors_encodes_into_a_slab_of_a_few_objects(tmp_path):
 
     import shardstore
 
-    shardstore.save({f"w{i}": torch.randn(1 << 14) for i in range(40)}, str(tmp_path / "ck"))  # 64 KiB each
+    strided = {f"w{i}": torch.randn(1 << 14, 2)[:, 0] for i in range(40)}  # 64 KiB each, encoded: a copy
+    shardstore.save(strided, str(tmp_path / "ck"))
     assert buffers._kept[1] is not None and buffers._kept[1].numel() <= 6 * (64 << 10) + 6 * 4096
+
+
+def test_a_save_writes_small_tensors_from_their_own_memory(tmp_path, monkeypatch):
+    """A small contiguous tensor's object is its own bytes and an index: written uncopied, no slab;
+    a big one (O_DIRECT wants aligned memory) and a strided one are encoded into the slab."""
+    import numpy as np
+    import torch
+
+    import shardstore
+    from shardstore.storage.local import LocalStorage
+
+    written, write = {}, LocalStorage.write
+
+    def recording(self, key, data):
+        written[key] = data
+        return write(self, key, data)
+
+    monkeypatch.setattr(LocalStorage, "write", recording)
+    state = {"small": torch.randn(1 << 14), "big": torch.randn(1 << 19), "strided": torch.randn(1 << 14, 2)[:, 0]}
+    shardstore.save(state, str(tmp_path / "ck"))
+    small = written["small/c.0"]
+    assert isinstance(small, list) and np.frombuffer(small[0], np.uint8).ctypes.data == state["small"].data_ptr()
+    assert all(isinstance(written[k], memoryview) for k in ("big/c.0", "strided/c.0"))
+    assert buffers._kept[1] is not None  # the big and the strided ones
+    loaded = {k: torch.zeros_like(v) for k, v in state.items()}
+    shardstore.load(loaded, str(tmp_path / "ck"))
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
 

@@ -19,13 +19,14 @@ from shardstore.codec import (
     encode_shard,
     index_nbytes,
     inner_chunk_ranges,
+    shard_parts,
 )
 from shardstore.errors import CorruptCheckpointError
 from shardstore.tiling import WHOLE_CHUNK_BYTES, budget_tile, choose_inner_chunk_shape
 from shardstore.load_plan import StoredArray, load_targets, plan_load
 from shardstore.plan import local_save_plan, merge_save_plans
 from tests.planning import per_rank
-from tests.unit.codec_helpers import DTYPES, bits, decode_all, encode_all, random_tensor
+from tests.unit.codec_helpers import DTYPES, bits, decode_all, encode_all, random_tensor, whole
 
 LAYOUTS = [  # shape, chunk_shape, inner_chunk_shape: 0-d, 1-d, edge chunks, uneven inner choices
     ((), (), ()),
@@ -60,6 +61,40 @@ def test_non_contiguous_input_is_gathered_without_prior_copy():
     x = base[:, ::2].t()  # transposed and strided: no unit stride anywhere
     assert not x.is_contiguous()
     assert torch.equal(decode_all(layout, encode_all(layout, x)), x)
+
+
+def _check_parts(layout: ArrayLayout, x: torch.Tensor) -> int:
+    """Every object of ``layout`` that ``shard_parts`` gives uncopied holds exactly ``encode_shard``'s
+    bytes, its first part aliasing the data; returns how many it gave."""
+    given = 0
+    for coords in layout.chunk_coords():
+        data = x[layout.outer_chunk_box(coords).relative_to(whole(layout))]
+        parts = shard_parts(layout, coords, data)
+        whole_chunk = layout.chunk_shape == layout.inner_chunk_shape == layout.outer_chunk_box(coords).sizes
+        assert (parts is not None) == (whole_chunk and data.is_contiguous() and layout.compressor is None)
+        if parts is not None:
+            assert b"".join(parts) == bytes(encode_shard(layout, coords, data))
+            assert len(parts[0]) == 0 or np.frombuffer(parts[0], np.uint8).ctypes.data == data.data_ptr()
+            given += 1
+    return given
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,chunks,inner", LAYOUTS, ids=str)
+def test_shard_parts_are_the_encoded_object_uncopied(dtype, shape, chunks, inner):
+    layout = ArrayLayout(shape, dtype, chunks, inner)
+    given = _check_parts(layout, random_tensor(shape, dtype))
+    assert given == (math.prod(layout.grid_shape) if chunks == inner and chunks == shape else 0)
+
+
+def test_shard_parts_refuse_what_needs_a_copy():
+    layout = ArrayLayout((6, 4), torch.float32, (6, 4), (6, 4))
+    strided = random_tensor((4, 12), torch.float32)[:, ::2].t()
+    assert shard_parts(layout, (0, 0), strided) is None
+    assert shard_parts(layout, (0, 0), strided.contiguous()) is not None
+    assert shard_parts(ArrayLayout((6, 4), torch.float32, (6, 4), (6, 4), "zstd"), (0, 0), strided.contiguous()) is None
+    # one chunk wide but clipped by the array's edge: the object would hold padding
+    assert shard_parts(ArrayLayout((13,), torch.int8, (6,), (6,)), (2,), torch.ones(1, dtype=torch.int8)) is None
 
 
 def test_byte_layout_matches_zarr_sharding():
@@ -254,3 +289,4 @@ def layouts(draw):
 def test_round_trip_property(layout, seed):
     x = random_tensor(layout.shape, layout.dtype, seed)
     assert torch.equal(bits(decode_all(layout, encode_all(layout, x))), bits(x))
+    _check_parts(layout, x)
