@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from concurrent.futures import Future
 
 import pytest
@@ -147,6 +148,20 @@ def test_a_slab_is_not_kept_while_a_write_from_it_may_still_run_nor_when_huge(mo
     assert buffers._kept[1] is None
 
 
+def test_writes_from_outside_the_slab_count_toward_its_slots_and_hold_no_region():
+    slab = EncodeSlab(budget=4 * MIB, slots=3)
+    slab.busy(slab.take(MIB), _done())  # maps the slab
+    pending = [Future(), Future()]
+    for future in pending:  # e.g. small tensors written from their own memory
+        slab.wait_for_slot()
+        slab.busy(None, future)
+    whole = slab.take(4 * MIB)  # all of the slab is free: the two writes hold none of it
+    slab.busy(whole, Future())
+    threading.Timer(0.2, pending[0].set_result, [None]).start()
+    slab.wait_for_slot()  # three in flight: waits for the oldest
+    assert pending[0].done() and not pending[1].done()
+
+
 def _vm_flags(address: int) -> list[str]:
     """The kernel's VmFlags of the mapping holding ``address`` (Linux /proc/self/smaps)."""
     with open("/proc/self/smaps") as smaps:
@@ -159,6 +174,34 @@ def _vm_flags(address: int) -> list[str]:
             elif inside and head == "VmFlags:":
                 return line.split()[1:]
     raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux /proc only")
+def test_a_fresh_kept_slab_is_faulted_in_behind_the_encoder():
+    """A process's first save finds its slab mapped: a thread faults it in (the encoder then writes into
+    pages that exist); a slab that is not kept (one per cell of an offline rewrite) is left alone."""
+    import threading
+
+    kept = EncodeSlab(budget=24 * MIB, slots=2, kept=True).take(MIB)  # nothing written into either
+    alone = EncodeSlab(budget=24 * MIB, slots=2).take(MIB)
+    for thread in threading.enumerate():
+        if thread.name == "shardstore-fault-in":
+            thread.join(timeout=30)
+    assert _resident_bytes(kept.data_ptr(), 24 * MIB) == 24 * MIB
+    assert _resident_bytes(alone.data_ptr(), 24 * MIB) == 0
+
+
+def _resident_bytes(address: int, nbytes: int) -> int:
+    """Bytes of ``[address, address + nbytes)`` in memory (``mincore``; the range is page-aligned)."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    pages = np.zeros(nbytes // mmap.PAGESIZE, dtype=np.uint8)
+    mincore = ctypes.CDLL(None, use_errno=True).mincore
+    assert mincore(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), ctypes.c_void_p(pages.ctypes.data)) == 0
+    return int((pages & 1).sum()) * mmap.PAGESIZE
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux /proc only")
@@ -204,11 +247,13 @@ def test_a_save_writes_small_tensors_from_their_own_memory(tmp_path, monkeypatch
         return write(self, key, data)
 
     monkeypatch.setattr(LocalStorage, "write", recording)
-    state = {"small": torch.randn(1 << 14), "big": torch.randn(1 << 19), "strided": torch.randn(1 << 14, 2)[:, 0]}
+    state = {}
+    for i in range(4):  # interleaved: writes of both kinds in flight at once
+        state |= {f"small{i}": torch.randn(1 << 14), f"big{i}": torch.randn(1 << 19), f"strided{i}": torch.randn(1 << 14, 2)[:, 0]}
     shardstore.save(state, str(tmp_path / "ck"))
-    small = written["small/c.0"]
-    assert isinstance(small, list) and np.frombuffer(small[0], np.uint8).ctypes.data == state["small"].data_ptr()
-    assert all(isinstance(written[k], memoryview) for k in ("big/c.0", "strided/c.0"))
+    small = written["small0/c.0"]
+    assert isinstance(small, list) and np.frombuffer(small[0], np.uint8).ctypes.data == state["small0"].data_ptr()
+    assert all(isinstance(written[k], memoryview) for k in ("big0/c.0", "strided0/c.0"))
     assert buffers._kept[1] is not None  # the big and the strided ones
     loaded = {k: torch.zeros_like(v) for k, v in state.items()}
     shardstore.load(loaded, str(tmp_path / "ck"))
