@@ -54,6 +54,7 @@ def write_cells(
     put: Callable[[Storage, str, Blob], None] | None = None,
     keep_slab: bool = True,
     stable: bool = False,
+    fault_ahead: bool = False,
 ) -> WriteStats:
     """Encode and write ``cells`` (each a write task and the values of its cell); returns what was encoded.
 
@@ -66,11 +67,12 @@ def write_cells(
     the next is encoded. A cell's values are copied out by the time the next cell is asked for, so
     ``cells`` may hand out reused staging memory; with ``stable`` (every cell's values stay put until
     this returns) an object under ``_COPY_FROM`` bytes that is its cell's own bytes and an index
-    (``shard_parts``) is written from the cell's memory, uncopied.
+    (``shard_parts``) is written from the cell's memory, uncopied. ``fault_ahead``: a fresh slab is
+    faulted in on another thread just ahead of the encoder (where a core is spare).
     """
     arrays = {a.key: a for a in plan.arrays}
     layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
-    slab = EncodeSlab(_slab_bytes(layouts.values()), _IN_FLIGHT, kept=keep_slab)
+    slab = EncodeSlab(_slab_bytes(layouts.values()), _IN_FLIGHT, kept=keep_slab, fault_ahead=fault_ahead)
     nbytes = objects = 0
     store = storage.write if put is None else functools.partial(put, storage)
     try:

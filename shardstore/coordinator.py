@@ -14,6 +14,8 @@ does.
 
 from __future__ import annotations
 
+import os
+
 import traceback
 from typing import Any, Callable, TypeVar
 
@@ -40,6 +42,15 @@ class Coordinator:
         self.group = process_group
         self.rank = dist.get_rank(process_group) if self.active else 0
         self.world_size = dist.get_world_size(process_group) if self.active else 1
+
+    @property
+    def ranks_on_this_host(self) -> int:
+        """``LOCAL_WORLD_SIZE`` where the launcher (torchrun) sets it, else every rank of the group: the
+        guess that never counts a busy core as spare."""
+        try:
+            return max(1, int(os.environ["LOCAL_WORLD_SIZE"]))
+        except (KeyError, ValueError):
+            return self.world_size
 
     def background(self) -> "Coordinator":
         """A coordinator over the same ranks, in the same order, on a gloo group used only by background

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 from concurrent.futures import Future
 
 import pytest
@@ -176,19 +177,32 @@ def _vm_flags(address: int) -> list[str]:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux /proc only")
-def test_a_fresh_kept_slab_is_faulted_in_behind_the_encoder():
-    """A process's first save finds its slab mapped: a thread faults it in (the encoder then writes into
-    pages that exist); a slab that is not kept (one per cell of an offline rewrite) is left alone."""
-    import threading
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
+def test_a_fresh_slab_is_faulted_in_just_ahead_of_the_encoder():
+    """A process's first save finds its slab's pages there: a thread faults them in, lowest first, at
+    most ``_FAULT_AHEAD`` past the furthest byte handed out (only where asked: where a core is spare)."""
+    slab, alone = EncodeSlab(128 * MIB, slots=2, fault_ahead=True), EncodeSlab(128 * MIB, slots=2)
+    kept, lone = slab.take(MIB), alone.take(MIB)  # nothing written into either
+    resident = lambda: _settled(lambda: _resident_bytes(kept.data_ptr(), 128 * MIB))  # noqa: E731
+    assert MIB + buffers._FAULT_AHEAD <= resident() <= MIB + buffers._FAULT_AHEAD + buffers.HUGE_PAGE
+    slab.busy(kept, _done())
+    slab.take(64 * MIB)  # the lowest free stretch: from 0
+    assert resident() == 64 * MIB + buffers._FAULT_AHEAD  # huge pages: faulted in 2 MiB at a time
+    assert _resident_bytes(lone.data_ptr(), 128 * MIB) == 0
+    slab.close()
+    assert _settled(lambda: sum(t.name == "shardstore-fault-in" for t in threading.enumerate())) == 0
 
-    kept = EncodeSlab(budget=24 * MIB, slots=2, kept=True).take(MIB)  # nothing written into either
-    alone = EncodeSlab(budget=24 * MIB, slots=2).take(MIB)
-    for thread in threading.enumerate():
-        if thread.name == "shardstore-fault-in":
-            thread.join(timeout=30)
-    assert _resident_bytes(kept.data_ptr(), 24 * MIB) == 24 * MIB
-    assert _resident_bytes(alone.data_ptr(), 24 * MIB) == 0
+
+def _settled(measure, seconds: float = 20.0):
+    """``measure()`` once it gives the same value twice 0.2 s apart."""
+    deadline, last = time.monotonic() + seconds, None
+    while time.monotonic() < deadline:
+        value = measure()
+        if value == last:
+            return value
+        last = value
+        time.sleep(0.2)
+    return last
 
 
 def _resident_bytes(address: int, nbytes: int) -> int:
@@ -259,3 +273,16 @@ def test_a_save_writes_small_tensors_from_their_own_memory(tmp_path, monkeypatch
     shardstore.load(loaded, str(tmp_path / "ck"))
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_faulting_ahead_is_asked_for_only_where_a_core_is_spare(monkeypatch):
+    from shardstore.buffers import spare_core
+    from shardstore.coordinator import Coordinator
+
+    usable = len(os.sched_getaffinity(0))
+    assert spare_core(usable - 1) == (usable > 1) and not spare_core(usable)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert Coordinator(None).ranks_on_this_host == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun's count of ranks on this host
+    assert Coordinator(None).ranks_on_this_host == 3
