@@ -136,7 +136,7 @@ class EncodeSlab:
         self._slab: torch.Tensor | None = _take_kept() if kept else None
         self._flight: deque[tuple[int, int, Future]] = deque()  # (start, stop, write), oldest first
         self._taken = (0, 0)
-        self._fault: FaultAhead | None = None  # faulting a fresh kept slab in ahead of use
+        self._fault: FaultAhead | None = None  # faulting a fresh slab in ahead of use (``fault_ahead``)
 
     @property
     def held(self) -> int:
