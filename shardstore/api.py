@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from shardstore import format as fmt
+from shardstore.buffers import spare_core
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointChangedError, MissingChunkError, PartialLoadError, ShardstoreError
 from shardstore.cell_writer import cells_of
@@ -144,7 +145,8 @@ def load(
     # touch its tensors.
     written: dict[str, None] = {}  # names of the tensors this rank has copied into
     try:
-        staged = coord.agree("copying into the state dict", lambda: _copy_in(target, storage, job, pieces, staging_bytes, written))
+        fault_ahead = spare_core(coord.ranks_on_this_host)
+        staged = coord.agree("copying into the state dict", lambda: _copy_in(target, storage, job, pieces, staging_bytes, written, fault_ahead))
     except Exception as exc:
         if not written:
             raise  # this rank's state dict is unchanged: the plain error says why
@@ -228,11 +230,13 @@ def _read_all(storage: Storage, job: _LoadJob) -> list:
     return [p for p in pieces if p[0].key not in scratch]
 
 
-def _copy_in(state_dict: dict, storage: Storage, job: _LoadJob, pieces, staging_bytes: int, written) -> int:
-    """Place verified pieces (or stream when ``pieces`` is None), tied tensors and the saved plain values,
-    noting in ``written`` each tensor copied into; returns the staging memory used."""
+def _copy_in(state_dict: dict, storage: Storage, job: _LoadJob, pieces, staging_bytes: int, written,
+             fault_ahead: bool) -> int:
+    """Place verified pieces (or stream when ``pieces`` is None: ``fault_ahead`` says whether a core is
+    spare for faulting scratch memory in), tied tensors and the saved plain values, noting in
+    ``written`` each tensor copied into; returns the staging memory used."""
     if pieces is None:
-        staged = _land(storage, job, staging_bytes, written)
+        staged = _land(storage, job, staging_bytes, written, fault_ahead)
         job.dests.check_ties()
     else:
         place(pieces, job.dests.by_key(), written)
@@ -242,10 +246,10 @@ def _copy_in(state_dict: dict, storage: Storage, job: _LoadJob, pieces, staging_
     return staged
 
 
-def _land(storage: Storage, job: _LoadJob, staging_bytes: int, written: dict) -> int:
+def _land(storage: Storage, job: _LoadJob, staging_bytes: int, written: dict, fault_ahead: bool) -> int:
     try:
         scratch = min(staging_bytes, LANDING_SCRATCH_BYTES)
-        return land_runs(storage, job.checked, job.layouts, job.dests.by_key(), scratch, written)
+        return land_runs(storage, job.checked, job.layouts, job.dests.by_key(), scratch, written, fault_ahead)
     finally:
         for key in job.dests.scratch:  # tied targets were filled into scratch memory only, so far
             written.pop(fqn(key), None)

@@ -17,7 +17,7 @@ from typing import Mapping
 
 import torch
 
-from shardstore.buffers import staging_buffer
+from shardstore.buffers import fault_in, staging_buffer
 from shardstore.codec import CRC_NBYTES, ArrayLayout, check_crc, decode_index, decode_inner_chunk, index_nbytes, inner_chunk_ranges
 from shardstore.errors import CorruptCheckpointError, MissingChunkError
 from shardstore.flatten import KeyPath, fqn
@@ -138,9 +138,11 @@ def land_runs(
     destinations: Mapping[KeyPath, list[torch.Tensor]],
     budget: int,
     written: dict[str, None],
+    fault_ahead: bool = False,
 ) -> int:
     """Read ``checked`` runs straight into ``destinations``, verifying every inner chunk's crc32c as it
-    lands; returns the scratch bytes used.
+    lands; returns the scratch bytes used (with ``fault_ahead``, where a core is spare, faulted in on a
+    thread of its own as the first reads start).
 
     An inner chunk whose destination is one contiguous stretch of CPU memory of its dtype (a chunk
     spanning whole rows of the tensor it fills) is read into that memory itself, its checksum into a
@@ -160,6 +162,8 @@ def land_runs(
         return 0
     size = max(sum(landing.scratch_nbytes for landing in batch) for batch in batches)
     buffers = [staging_buffer(size) for _ in range(min(2, len(batches)))]
+    for buffer in buffers if fault_ahead else ():
+        fault_in(buffer)
     with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(_CHECKERS) as checkers:
         fetching = _start_landing(prefetch, storage, batches[0], buffers[0], destinations, written)
         for i, batch in enumerate(batches):

@@ -286,3 +286,16 @@ def test_faulting_ahead_is_asked_for_only_where_a_core_is_spare(monkeypatch):
     assert Coordinator(None).ranks_on_this_host == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun's count of ranks on this host
     assert Coordinator(None).ranks_on_this_host == 3
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux only")
+def test_a_loads_fresh_scratch_is_faulted_in_whole():
+    import torch
+
+    from shardstore.buffers import fault_in, staging_buffer
+
+    scratch, untouched = staging_buffer(16 * MIB), staging_buffer(16 * MIB)
+    fault_in(scratch)
+    address = lambda b: torch.frombuffer(b, dtype=torch.uint8).data_ptr()  # noqa: E731
+    assert _settled(lambda: _resident_bytes(address(scratch), 16 * MIB)) == 16 * MIB
+    assert _resident_bytes(address(untouched), 16 * MIB) == 0
