@@ -30,7 +30,8 @@ _WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
 _IN_FLIGHT = 6  # encoded objects whose writes may be in flight at once
 _SLAB_BYTES = 256 << 20  # the largest encode slab a save maps (but one object bigger than that: its size)
 _COPY_FROM = 1 << 20  # objects from this size are encoded into the slab even where they could be written
-# uncopied: block-aligned memory lets a local filesystem take them with O_DIRECT, faster than the page cache
+# uncopied: block-aligned memory lets a local filesystem take them with O_DIRECT (``direct_io._WRITE_MIN``,
+# the same 1 MiB), faster than the page cache
 
 
 @dataclass(frozen=True)

@@ -189,8 +189,8 @@ def shard_parts(layout: ArrayLayout, coords: tuple[int, ...], data: torch.Tensor
     if layout.compressor is not None or not whole or not data.is_contiguous():
         return None
     values = memoryview(as_bytes(data.detach()).numpy()).cast("B")
-    index = np.array([(0, len(values) + CRC_NBYTES)], dtype=_INDEX_DTYPE).tobytes()
-    return [values, memoryview(_crc_bytes(values) + index + _crc_bytes(index))]
+    index = np.array([(0, len(values) + CRC_NBYTES)], dtype=_INDEX_DTYPE)
+    return [values, memoryview(_crc_bytes(values) + _stored_index(index))]
 
 
 def _check_data(layout: ArrayLayout, box: Box, data: torch.Tensor) -> None:
@@ -228,8 +228,13 @@ def _crc_bytes(data: object) -> bytes:
 
 
 def _put_index(buf: torch.Tensor, start: int, index: np.ndarray) -> None:
+    buf.numpy()[start:] = np.frombuffer(_stored_index(index), dtype=np.uint8)
+
+
+def _stored_index(index: np.ndarray) -> bytes:
+    """The shard index as stored: its little-endian (offset, nbytes) pairs, then their crc32c."""
     raw = index.tobytes()
-    buf.numpy()[start:] = np.frombuffer(raw + _crc_bytes(raw), dtype=np.uint8)
+    return raw + _crc_bytes(raw)
 
 
 def _encode_compressed(
@@ -249,8 +254,7 @@ def _encode_compressed(
             parts += [stored, _crc_bytes(stored)]
             index[i] = (pos, len(stored) + CRC_NBYTES)
             pos += len(stored) + CRC_NBYTES
-    raw_index = index.tobytes()
-    return memoryview(b"".join(parts + [raw_index, _crc_bytes(raw_index)]))
+    return memoryview(b"".join(parts + [_stored_index(index)]))
 
 
 def _zstd():

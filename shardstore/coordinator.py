@@ -15,7 +15,6 @@ does.
 from __future__ import annotations
 
 import os
-
 import traceback
 from typing import Any, Callable, TypeVar
 

@@ -17,7 +17,7 @@ import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -123,9 +123,9 @@ def write_and_commit(
     try:
         writer = coord.agree("reading the previous digests", lambda: IncrementalWriter.for_save(options.incremental, options.storage_options))
         share = (coord.rank, coord.world_size)
-        write = functools.partial(write_cells, compressor=options.compressor, stable=stable_cells,
-                                  fault_ahead=spare_core(coord.ranks_on_this_host))
-        stats = coord.agree("writing chunks", lambda: _write(dest, job.plan, cells, write, options.compressor, writer, stable_cells, share))
+        fault_ahead = spare_core(coord.ranks_on_this_host)
+        stats = coord.agree("writing chunks", lambda: _write(
+            dest, job.plan, cells, options.compressor, writer, stable_cells, fault_ahead, share))
         digests = None if writer is None else {k: v for d in coord.all_gather(writer.objects) for k, v in d.items()}
         coord.decide("committing", lambda: commit_metadata(
             dest, target, claim, job.plan, job.skeleton, options.compressor, options.user_metadata, digests))
@@ -136,18 +136,19 @@ def write_and_commit(
     return stats
 
 
-def _write(dest: Storage, plan: GlobalSavePlan, cells, write: Callable[..., WriteStats], compressor: str | None,
-           writer: IncrementalWriter | None, stable_cells: bool, share: tuple[int, int]) -> WriteStats:
-    """This rank's chunk objects (``write``: ``write_cells`` with this save's options) and its ``share``
-    (rank, world size) of the arrays' metadata, durable (with their directories) by one sync before any
-    rank reports done; an incremental save encodes and writes only the cells that changed, linking the
-    rest."""
+def _write(dest: Storage, plan: GlobalSavePlan, cells, compressor: str | None, writer: IncrementalWriter | None,
+           stable_cells: bool, fault_ahead: bool, share: tuple[int, int]) -> WriteStats:
+    """This rank's chunk objects and its ``share`` (rank, world size) of the arrays' metadata, durable
+    (with their directories) by one sync before any rank reports done; an incremental save encodes and
+    writes only the cells that changed, linking the rest (``write_cells`` says what ``stable_cells`` and
+    ``fault_ahead`` change)."""
     write_array_metadata(dest, plan, compressor, share)
+    options = {"stable": stable_cells, "fault_ahead": fault_ahead}
     if writer is None:
-        stats = write(dest, plan, cells)
+        stats = write_cells(dest, plan, cells, compressor, **options)
     else:
         changed = writer.changed(dest, plan, cells, compressor, stable_cells)
-        stats = writer.account(write(dest, plan, changed, put=writer.put))
+        stats = writer.account(write_cells(dest, plan, changed, compressor, writer.put, **options))
     dest.sync()
     return stats
 
