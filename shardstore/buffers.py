@@ -20,7 +20,7 @@ from concurrent.futures import Future
 
 import torch
 
-__all__ = ["staging_buffer", "FaultAhead", "EncodeSlab", "fault_in", "spare_core", "HUGE_PAGE"]
+__all__ = ["staging_buffer", "FaultAhead", "EncodeSlab", "fault_in", "HUGE_PAGE"]
 
 HUGE_PAGE = 2 << 20  # smaller buffers gain nothing from a mapping of their own
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in, writable, without writing them
@@ -106,12 +106,6 @@ def fault_in(buffer) -> None:
         fault.want(len(buffer))
 
 
-def spare_core(ranks_here: int) -> bool:
-    """Whether this host has more usable cores than the ``ranks_here`` ranks saving on it."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return ranks_here < usable
-
-
 def _libc_madvise():
     try:
         return ctypes.CDLL(None, use_errno=True).madvise
@@ -135,8 +129,8 @@ class EncodeSlab:
     1 GiB of fresh memory; clearing those huge pages was a third of the save's CPU. With
     ``kept``, the slab is handed to the next one of the process when this one closes (not one over
     ``KEEP_LIMIT`` bytes: a process saving one huge unsharded tensor would hold its size for good).
-    With ``fault_ahead`` (where a core is spare: ``spare_core``) a fresh slab is faulted in just ahead of
-    the encoder (``FaultAhead``): 1 GiB saved by a fresh process, page cache dropped, 1.69-2.30 s
+    With ``fault_ahead`` (where a core is spare: ``workers.cores_per_rank``) a fresh slab is faulted
+    in just ahead of the encoder (``FaultAhead``): 1 GiB saved by a fresh process, page cache dropped, 1.69-2.30 s
     before, 1.35-1.69 s after (median 2.07 against 1.48 s, 4 starts each); but four ranks on two
     cores, each faulting ahead, saved 1 GiB in 2.42-2.84 s against 1.75-2.59 s without.
     """

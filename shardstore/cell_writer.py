@@ -23,6 +23,7 @@ from shardstore.format import object_key
 from shardstore.inputs import local_tensor
 from shardstore.plan import ArrayPlan, GlobalSavePlan, WriteTask
 from shardstore.storage import Blob, Storage, blob_nbytes
+from shardstore.workers import cpu_pool, map_in_turn
 
 __all__ = ["WriteStats", "write_cells", "cells_of", "cell_values", "encoded_bound", "layout_of"]
 
@@ -55,7 +56,7 @@ def write_cells(
     put: Callable[[Storage, str, Blob], None] | None = None,
     keep_slab: bool = True,
     stable: bool = False,
-    fault_ahead: bool = False,
+    cores: int = 1,
 ) -> WriteStats:
     """Encode and write ``cells`` (each a write task and the values of its cell); returns what was encoded.
 
@@ -68,19 +69,24 @@ def write_cells(
     the next is encoded. A cell's values are copied out by the time the next cell is asked for, so
     ``cells`` may hand out reused staging memory; with ``stable`` (every cell's values stay put until
     this returns) an object under ``_COPY_FROM`` bytes that is its cell's own bytes and an index
-    (``shard_parts``) is written from the cell's memory, uncopied. ``fault_ahead``: a fresh slab is
-    faulted in on another thread just ahead of the encoder (where a core is spare).
+    (``shard_parts``) is written from the cell's memory, uncopied. ``cores``: how many this rank may
+    keep busy (``workers.cores_per_rank``); with more than one, a fresh slab is faulted in on another
+    thread just ahead of the encoder, and an object of several inner chunks is encoded on that many
+    threads (encoding 1 GiB of 16 tensors of 1-256 MiB into a warm buffer, no I/O: median 0.27 s on
+    two threads against 0.38 s on one; a save is faster by that only where the disk outruns the
+    encoder).
     """
     arrays = {a.key: a for a in plan.arrays}
     layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
-    slab = EncodeSlab(_slab_bytes(layouts.values()), _IN_FLIGHT, kept=keep_slab, fault_ahead=fault_ahead)
+    slab = EncodeSlab(_slab_bytes(layouts.values()), _IN_FLIGHT, kept=keep_slab, fault_ahead=cores > 1)
+    each = functools.partial(map_in_turn, cpu_pool(), cores) if cores > 1 else None
     nbytes = objects = 0
     store = storage.write if put is None else functools.partial(put, storage)
     try:
         with ThreadPoolExecutor(_WRITERS) as pool:  # on an error, waits for the writes in flight (each holds its blob)
             for task, data in cells:
                 layout = layouts[task.key]
-                buffer, blob = _encode(slab, layout, task.cell, data.cpu(), stable)
+                buffer, blob = _encode(slab, layout, task.cell, data.cpu(), stable, each)
                 nbytes, objects = nbytes + blob_nbytes(blob), objects + 1
                 slab.busy(buffer, pool.submit(store, object_key(arrays[task.key].node, layout, task.cell), blob))
             slab.drain()
@@ -90,15 +96,16 @@ def write_cells(
 
 
 def _encode(slab: EncodeSlab, layout: ArrayLayout, coords: tuple[int, ...], data: torch.Tensor,
-            stable: bool) -> tuple[torch.Tensor | None, Blob]:
+            stable: bool, each) -> tuple[torch.Tensor | None, Blob]:
     """One object: the cell's own bytes and an index where ``stable`` allows (``shard_parts``; no slab
-    memory: None), else encoded into the stretch of ``slab`` returned with it."""
+    memory: None), else encoded into the stretch of ``slab`` returned with it (its inner chunks spread
+    by ``each``, where given)."""
     parts = shard_parts(layout, coords, data) if stable and encoded_bound(layout) < _COPY_FROM else None
     if parts is not None:
         slab.wait_for_slot()
         return None, parts
     buffer = slab.take(encoded_bound(layout))
-    return buffer, encode_shard(layout, coords, data, out=buffer)
+    return buffer, encode_shard(layout, coords, data, out=buffer, each=each)
 
 
 def _slab_bytes(layouts: Iterable[ArrayLayout]) -> int:

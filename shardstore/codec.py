@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import crc32c
 import numpy as np
@@ -147,13 +147,20 @@ def index_nbytes(layout: ArrayLayout) -> int:
 
 
 def encode_shard(
-    layout: ArrayLayout, coords: tuple[int, ...], data: torch.Tensor, out: torch.Tensor | None = None
+    layout: ArrayLayout,
+    coords: tuple[int, ...],
+    data: torch.Tensor,
+    out: torch.Tensor | None = None,
+    each: Callable[[Callable[[Any], None], Sequence[Any]], object] | None = None,
 ) -> memoryview:
     """The shard object for outer chunk ``coords``; ``data`` holds exactly its clipped box.
 
     ``data`` may be non-contiguous; each inner chunk is gathered straight into the output buffer. Pass
     ``out`` (a uint8 CPU tensor) to reuse one buffer across calls: it is used when large enough (the
-    result then aliases it), and touching fresh memory is the slow part on most machines.
+    result then aliases it), and touching fresh memory is the slow part on most machines. ``each(fn,
+    items)`` calls ``fn`` on every item, in any order, on any threads (one after another by default):
+    the inner chunks of an uncompressed object are gathered and checksummed independently, so a caller
+    with cores to spare encodes one big object on several (the copies and checksums release the GIL).
     """
     box = layout.outer_chunk_box(coords)
     _check_data(layout, box, data)
@@ -164,13 +171,15 @@ def encode_shard(
     start = sum(b is not None for b in boxes) * stride
     buf = _buffer(out, start + index_nbytes(layout))
     index = np.full((len(boxes), 2), _MISSING, dtype=_INDEX_DTYPE)
-    pos = 0
-    for i, inner in enumerate(boxes):
-        if inner is not None:
-            _gather(layout, buf[pos : pos + layout.inner_chunk_nbytes], data, box, inner)
-            _put_crc(buf, pos, pos + layout.inner_chunk_nbytes)
-            index[i] = (pos, stride)
-            pos += stride
+    stored = [(i, inner) for i, inner in enumerate(boxes) if inner is not None]
+
+    def put(k: int) -> None:  # the k-th stored inner chunk, at k strides
+        pos = k * stride
+        _gather(layout, buf[pos : pos + layout.inner_chunk_nbytes], data, box, stored[k][1])
+        _put_crc(buf, pos, pos + layout.inner_chunk_nbytes)
+        index[stored[k][0]] = (pos, stride)
+
+    (each or _one_by_one)(put, range(len(stored)))
     _put_index(buf, start, index)
     return memoryview(buf.numpy()).cast("B")
 
@@ -191,6 +200,11 @@ def shard_parts(layout: ArrayLayout, coords: tuple[int, ...], data: torch.Tensor
     values = memoryview(as_bytes(data.detach()).numpy()).cast("B")
     index = np.array([(0, len(values) + CRC_NBYTES)], dtype=_INDEX_DTYPE)
     return [values, memoryview(_crc_bytes(values) + _stored_index(index))]
+
+
+def _one_by_one(fn: Callable[[Any], None], items: Sequence[Any]) -> None:
+    for item in items:
+        fn(item)
 
 
 def _check_data(layout: ArrayLayout, box: Box, data: torch.Tensor) -> None:

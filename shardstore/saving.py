@@ -25,7 +25,6 @@ from shardstore import commit
 from shardstore import format as fmt
 from shardstore.tiling import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
-from shardstore.buffers import spare_core
 from shardstore.cell_writer import WriteStats, layout_of, write_cells
 from shardstore.flatten import KeyPath, flatten, is_tensor_like, merge_skeletons
 from shardstore.digests import StoredObject, write_digests
@@ -34,6 +33,7 @@ from shardstore.inputs import check_sources, check_user_metadata
 from shardstore.plan import GlobalSavePlan, WriteTask, local_save_plan, merge_save_plans
 from shardstore.stateful import to_state_dict
 from shardstore.storage import Storage
+from shardstore.workers import cores_per_rank
 
 __all__ = ["SaveResult", "SaveOptions", "SaveJob", "plan_save", "write_and_commit", "write_array_metadata", "commit_metadata"]
 
@@ -123,9 +123,9 @@ def write_and_commit(
     try:
         writer = coord.agree("reading the previous digests", lambda: IncrementalWriter.for_save(options.incremental, options.storage_options))
         share = (coord.rank, coord.world_size)
-        fault_ahead = spare_core(coord.ranks_on_this_host)
+        cores = cores_per_rank(coord.ranks_on_this_host)
         stats = coord.agree("writing chunks", lambda: _write(
-            dest, job.plan, cells, options.compressor, writer, stable_cells, fault_ahead, share))
+            dest, job.plan, cells, options.compressor, writer, stable_cells, cores, share))
         digests = None if writer is None else {k: v for d in coord.all_gather(writer.objects) for k, v in d.items()}
         coord.decide("committing", lambda: commit_metadata(
             dest, target, claim, job.plan, job.skeleton, options.compressor, options.user_metadata, digests))
@@ -137,13 +137,13 @@ def write_and_commit(
 
 
 def _write(dest: Storage, plan: GlobalSavePlan, cells, compressor: str | None, writer: IncrementalWriter | None,
-           stable_cells: bool, fault_ahead: bool, share: tuple[int, int]) -> WriteStats:
+           stable_cells: bool, cores: int, share: tuple[int, int]) -> WriteStats:
     """This rank's chunk objects and its ``share`` (rank, world size) of the arrays' metadata, durable
     (with their directories) by one sync before any rank reports done; an incremental save encodes and
     writes only the cells that changed, linking the rest (``write_cells`` says what ``stable_cells`` and
-    ``fault_ahead`` change)."""
+    ``cores`` change)."""
     write_array_metadata(dest, plan, compressor, share)
-    options = {"stable": stable_cells, "fault_ahead": fault_ahead}
+    options = {"stable": stable_cells, "cores": cores}
     if writer is None:
         stats = write_cells(dest, plan, cells, compressor, **options)
     else:

@@ -277,11 +277,12 @@ def test_a_save_writes_small_tensors_from_their_own_memory(tmp_path, monkeypatch
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
 def test_faulting_ahead_is_asked_for_only_where_a_core_is_spare(monkeypatch):
-    from shardstore.buffers import spare_core
     from shardstore.coordinator import Coordinator
+    from shardstore.workers import cores_per_rank
 
     usable = len(os.sched_getaffinity(0))
-    assert spare_core(usable - 1) == (usable > 1) and not spare_core(usable)
+    assert cores_per_rank(1) == usable and cores_per_rank(usable) == 1 and cores_per_rank(usable + 1) == 1
+    assert cores_per_rank(max(1, usable // 2)) == usable // max(1, usable // 2)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert Coordinator(None).ranks_on_this_host == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun's count of ranks on this host
@@ -299,3 +300,37 @@ def test_a_loads_fresh_scratch_is_faulted_in_whole():
     address = lambda b: torch.frombuffer(b, dtype=torch.uint8).data_ptr()  # noqa: E731
     assert _settled(lambda: _resident_bytes(address(scratch), 16 * MIB)) == 16 * MIB
     assert _resident_bytes(address(untouched), 16 * MIB) == 0
+
+
+def test_a_rank_with_cores_to_spare_encodes_a_big_object_on_several_threads(tmp_path, monkeypatch):
+    """``cores`` > 1: the inner chunks of one object are gathered on that many threads, and the bytes
+    written are those one thread writes."""
+    import threading
+    import time
+
+    import torch
+
+    from shardstore import codec
+    from shardstore.cell_writer import cells_of, write_cells
+    from shardstore.coordinator import Coordinator
+    from shardstore.saving import plan_save
+    from shardstore.storage.local import LocalStorage
+
+    gather, threads = codec._gather, set()
+
+    def slow_gather(*args):
+        threads.add(threading.get_ident())
+        time.sleep(0.01)  # long enough that helpers take chunks while the caller gathers one
+        gather(*args)
+
+    monkeypatch.setattr(codec, "_gather", slow_gather)
+    job = plan_save(Coordinator(None), {"w": torch.randn(2048, 1024)}, None)  # 8 MiB: 16 inner chunks
+    assert job.plan.arrays[0].inner_chunk_shape == (512, 256)
+    objects = {}
+    for cores in (1, 3):
+        threads.clear()
+        storage = LocalStorage(str(tmp_path / f"cores{cores}"))
+        write_cells(storage, job.plan, cells_of(job.plan, 0, job.tensors), cores=cores)
+        assert threads == {threading.get_ident()} if cores == 1 else len(threads) >= 2
+        objects[cores] = {k: storage.read(k) for k in storage.list("")}
+    assert objects[1] == objects[3] and len(objects[1]) == 1

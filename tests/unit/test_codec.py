@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import crc32c
 import numpy as np
@@ -61,6 +62,27 @@ def test_non_contiguous_input_is_gathered_without_prior_copy():
     x = base[:, ::2].t()  # transposed and strided: no unit stride anywhere
     assert not x.is_contiguous()
     assert torch.equal(decode_all(layout, encode_all(layout, x)), x)
+
+
+def _backwards_on_threads(fn, items) -> None:
+    """An ``each`` for ``encode_shard`` as unordered as it may be: the last item first, each on a thread."""
+    threads = [threading.Thread(target=fn, args=(item,)) for item in reversed(list(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool], ids=str)
+@pytest.mark.parametrize("shape,chunks,inner", LAYOUTS, ids=str)
+def test_inner_chunks_spread_over_threads_encode_the_same_bytes(dtype, shape, chunks, inner):
+    layout = ArrayLayout(shape, dtype, chunks, inner)
+    x = random_tensor(shape, dtype)
+    for coords in layout.chunk_coords():
+        data = x[layout.outer_chunk_box(coords).relative_to(whole(layout))]
+        out = torch.full((1 << 12,), 0xAB, dtype=torch.uint8)  # reused memory: stale bytes everywhere
+        spread = bytes(encode_shard(layout, coords, data, out=out, each=_backwards_on_threads))
+        assert spread == bytes(encode_shard(layout, coords, data))
 
 
 def _check_parts(layout: ArrayLayout, x: torch.Tensor) -> int:

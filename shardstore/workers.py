@@ -1,0 +1,76 @@
+"""Threads that share work with the calling thread: how many cores a rank may keep busy, and a map
+whose items the caller and pool helpers take in turn.
+
+A rank's save or load runs beside the job's other ranks on the same host, so how much CPU work it
+spreads over threads (encoding a big object, faulting memory in ahead) follows the cores each of this
+host's ranks can have (``cores_per_rank``): on a host with more cores than ranks the extra threads run
+beside the rank's own; where ranks already fill the cores, they would only take turns with it (four
+ranks on two cores, each faulting its memory in on a second thread, saved 1 GiB more slowly than without).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
+
+__all__ = ["cores_per_rank", "map_in_turn", "cpu_pool"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_CPU_HELPERS = 7  # most threads joining one rank's calling thread for CPU work (up to 8 cores per rank)
+_cpu_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def cores_per_rank(ranks_here: int) -> int:
+    """The usable cores of this host shared among the ``ranks_here`` ranks running on it (at least 1)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, usable // max(1, ranks_here))
+
+
+def cpu_pool() -> ThreadPoolExecutor:
+    """One pool per process of helper threads for CPU work (a forked child gets its own)."""
+    global _cpu_pool
+    if _cpu_pool is None or _cpu_pool[0] != os.getpid():
+        _cpu_pool = (os.getpid(), ThreadPoolExecutor(_CPU_HELPERS, thread_name_prefix="shardstore-cpu"))
+    return _cpu_pool[1]
+
+
+def map_in_turn(pool: ThreadPoolExecutor, workers: int, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(item) for item in items]``, by the calling thread and up to ``workers - 1`` helpers on
+    ``pool``; raises what the first failing item (in order) raised.
+
+    Each worker, the calling thread among them, takes the next item as it finishes one, so a thousand
+    small items cost a handful of pool tasks, not a thousand futures, whose hand-offs between threads
+    cost more than a cached 4 KiB read (1000 ``zarr.json`` reads here, a future each: 0.11-0.22 s cold,
+    0.06 s cached; taken in turn: 0.09-0.11 s and 0.03-0.05 s). Helpers that never started by the time
+    the items ran out are cancelled, so a caller that is itself a pool thread never waits on a busy pool.
+    """
+    if len(items) <= 1 or workers <= 1:
+        return [fn(item) for item in items]
+    results: list = [None] * len(items)
+    failed: dict[int, BaseException] = {}
+    taken = iter(range(len(items)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while not failed:
+            with lock:
+                i = next(taken, None)
+            if i is None:
+                return
+            try:
+                results[i] = fn(items[i])
+            except BaseException as exc:  # noqa: BLE001 - raised below, in item order
+                failed[i] = exc
+
+    helpers = [pool.submit(work) for _ in range(min(workers, len(items)) - 1)]
+    work()
+    for helper in helpers:
+        if not helper.cancel():
+            helper.result()
+    if failed:
+        raise failed[min(failed)]
+    return results
