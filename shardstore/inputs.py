@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from shardstore.dtypes import DTYPES
 from shardstore.errors import UnsupportedInputError
@@ -34,6 +33,8 @@ def local_tensor(key: KeyPath, value: Any) -> torch.Tensor:
     detached: the same memory without autograd, since torch's DTensor hands out its shard as the view
     output of an autograd function, which refuses in-place copies into its slices."""
     if hasattr(type(value), "__get_tensor_shard__"):
+        from torch.distributed.checkpoint.metadata import MetadataIndex  # the hook's own type, imported on use: ~0.9 s
+
         value = value.__get_tensor_shard__(MetadataIndex(fqn(key)))
     return value.detach()
 

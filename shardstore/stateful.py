@@ -12,11 +12,20 @@ a ``Stateful``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, runtime_checkable
 
-from torch.distributed.checkpoint.stateful import Stateful
+__all__ = ["Stateful", "to_state_dict", "apply_loaded"]
 
-__all__ = ["to_state_dict", "apply_loaded"]
+
+@runtime_checkable
+class Stateful(Protocol):
+    """DCP's ``Stateful`` protocol, spelled here so that checking for one needs no import of
+    ``torch.distributed.checkpoint`` (~0.9 s of a fresh process's start): the same two methods, so the
+    same values pass ``isinstance``."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
 def to_state_dict(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import re
 import warnings
 from contextlib import contextmanager
 from typing import Any
@@ -31,10 +30,11 @@ from shardstore.convert.localfiles import LocalCopy, local_target
 from shardstore.convert.sources import (
     DCP_METADATA, IndexedSource, Region, TensorMeta, TensorSource, apply_region, flatten_loaded, tree_nodes,
 )
+from shardstore.convert.torchfile import unpickling_problem
 from shardstore.errors import UnsupportedInputError
 from shardstore.flatten import fqn, node_children, unflatten
 
-__all__ = ["DcpSource", "write_dcp", "dcp_dropped", "dcp_str_keys", "unpickling_problem"]
+__all__ = ["DcpSource", "write_dcp", "dcp_dropped", "dcp_str_keys"]
 
 
 @contextmanager
@@ -110,14 +110,6 @@ class _SafeObjectPlanner(DefaultLoadPlanner):
             self.objects[name] = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as exc:
             self.refused[name] = exc
-
-
-def unpickling_problem(exc: Exception) -> str:
-    """The gist of a ``weights_only`` refusal: the class it would have had to import."""
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-    if found:
-        return f"it pickles {found.group(1)}"
-    return re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _set_path(root: dict, path: tuple, value: Any) -> None:

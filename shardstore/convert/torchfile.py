@@ -7,16 +7,24 @@ tuples). A URL of another store goes through a local copy (``localfiles``)."""
 from __future__ import annotations
 
 import pickle
+import re
 
 import torch
 
-from shardstore.convert.dcp import unpickling_problem
 from shardstore.convert.localfiles import LocalCopy, local_target
 from shardstore.convert.sources import IndexedSource, Region, TensorMeta, TensorSource, apply_region, flatten_loaded
 from shardstore.errors import UnsupportedInputError
 from shardstore.flatten import unflatten
 
-__all__ = ["TorchSource", "write_torch"]
+__all__ = ["TorchSource", "write_torch", "unpickling_problem"]
+
+
+def unpickling_problem(exc: Exception) -> str:
+    """The gist of a ``weights_only`` refusal: the class it would have had to import."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return f"it pickles {found.group(1)}"
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 class TorchSource(IndexedSource):
