@@ -20,10 +20,13 @@ if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
     from torch.distributed.checkpoint.planner import WriteItem
 
-__all__ = ["create_write_items", "create_chunk_list", "get_tensor_shard"]
+__all__ = ["create_write_items", "create_chunk_list", "get_tensor_shard", "local_region"]
 
 
-def _box(dt):
+def local_region(dt):
+    """The region of the global tensor this rank holds (a ``Box``; None outside the DTensor's mesh),
+    without DCP's types: shardstore asks this directly, so its first save or load of our DTensor does
+    not import DCP."""
     if dt._spec.has_partial:
         raise ValueError(
             f"cannot checkpoint a DTensor with placements {list(dt._spec.placements)}: a Partial value is a pending "
@@ -54,7 +57,7 @@ def create_write_items(dt, fqn: str) -> list[WriteItem]:
 def create_chunk_list(dt) -> list[ChunkStorageMetadata]:
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
-    box = _box(dt)
+    box = local_region(dt)
     if box is None:
         return []
     return [ChunkStorageMetadata(offsets=torch.Size(box.offsets), sizes=torch.Size(box.sizes))]

@@ -13,6 +13,8 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dtensor.api import DTensor
+from dtensor.checkpoint import local_region
 from dtensor.placements import Box
 from shardstore.errors import StateDictMismatchError
 from shardstore.flatten import KeyPath, fqn
@@ -101,7 +103,10 @@ def load_targets(items: Mapping[KeyPath, Any]) -> dict[KeyPath, TargetTensor]:
 
 def _target(key: KeyPath, value: Any) -> TargetTensor:
     layout_of_value(key, value)  # refuses Partial placements
-    if hasattr(type(value), "__create_chunk_list__"):
+    if isinstance(value, DTensor):  # asked directly: its hooks answer in DCP's types, ~0.9 s to import
+        box = local_region(value)
+        regions = () if box is None else (LoadRegion(box, 0),)
+    elif hasattr(type(value), "__create_chunk_list__"):
         chunks = value.__create_chunk_list__()
         regions = tuple(LoadRegion(Box(tuple(c.offsets), tuple(c.sizes)), i) for i, c in enumerate(chunks))
     else:

@@ -23,6 +23,8 @@ from typing import Any
 import crc32c
 import torch
 
+from dtensor.api import DTensor
+from dtensor.checkpoint import local_region
 from dtensor.placements import Box
 from shardstore.errors import StateDictMismatchError
 from shardstore.flatten import KeyPath, fqn, node_path
@@ -131,6 +133,10 @@ def local_save_plan(rank: int, items: Mapping[KeyPath, Any], world_size: int | N
 
 def _held_tensor(key: KeyPath, value: Any, digest: bool) -> HeldTensor:
     mesh_shape, placements = layout_of_value(key, value)
+    if isinstance(value, DTensor):  # asked directly: its hooks answer in DCP's types, ~0.9 s to import
+        box = local_region(value)
+        boxes = (box,) if box is not None and box.numel else ()
+        return HeldTensor(key, tuple(value.shape), dtype_name(value.dtype), value.dtype.itemsize, boxes, mesh_shape, placements)
     if not hasattr(type(value), "__create_write_items__"):
         box = Box((0,) * value.dim(), tuple(value.shape))  # a plain tensor: this rank holds all of it
         itemsize = value.dtype.itemsize

@@ -4,7 +4,8 @@ For each world size (default 1, 2 and 4) and each state, every system saves, the
 same layout, each first call in freshly spawned ranks (median over --fresh starts), and the steady state
 measured in one set of processes (--repeat). World size 1 is plain tensors in one process without a
 process group: shardstore, torch DCP, torch.save and safetensors. Larger worlds hold our DTensors with
-Shard(0): shardstore and torch DCP. Also prints the disk's raw O_DIRECT bandwidth from the same run,
+Shard(0): shardstore and torch DCP. Also prints the disk's raw O_DIRECT bandwidth from the same run
+(measured again before each world size: the tables' "vs raw" use the measurement just before them),
 peak RSS per rank and bytes read against bytes needed. How it measures: tools/bench_common.py.
 
 The async case: how long ``shardstore.async_save`` and torch DCP's ``async_save`` (its default stager)
@@ -74,12 +75,14 @@ def main() -> None:
 
         return run(args.url, args.gib, args.repeat)
     chosen = states(parser, args)
-    report = Report(args, raw_bandwidth(args.dir, max(s.nbytes for s in chosen)))
+    nbytes = max(s.nbytes for s in chosen)
+    report = Report(args, raw_bandwidth(args.dir, nbytes))
     report.header(METHOD)
     try:
-        for state in chosen:
-            for world in args.worlds:
-                run_world(report, args, state, world)
+        for i, (state, world) in enumerate((state, world) for state in chosen for world in args.worlds):
+            if i:
+                report.remeasure_raw(args.dir, nbytes)
+            run_world(report, args, state, world)
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
     report.write_json(args.json)

@@ -83,3 +83,30 @@ def test_stateful_is_dcps_protocol():
 
     for value in (Both(), SaveOnly(), {}, torch.nn.Linear(1, 1), torch.optim.SGD([torch.zeros(1)], lr=0.1), 3):
         assert isinstance(value, Stateful) == isinstance(value, DcpStateful)
+
+
+def test_saving_and_loading_our_dtensor_leaves_torch_dcp_unloaded(tmp_path):
+    """shardstore asks our DTensor for its region directly: its checkpoint hooks answer in DCP's types,
+    whose import (~0.9 s) would otherwise land in a fresh process's first save or load."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = f"""
+import os, sys, torch, torch.distributed as dist, dtensor, shardstore
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}", RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+mesh = dtensor.init_device_mesh("cpu", (1,))
+w = torch.randn(6, 4)
+shardstore.save({{"w": dtensor.distribute_tensor(w, mesh, [dtensor.Shard(0)])}}, {str(tmp_path / "ck")!r})
+target = {{"w": dtensor.distribute_tensor(torch.zeros(6, 4), mesh, [dtensor.Shard(1)])}}
+shardstore.load(target, {str(tmp_path / "ck")!r})
+assert torch.equal(target["w"].full_tensor(), w)
+dist.destroy_process_group()
+print(",".join(m for m in ("torch.distributed.checkpoint", "torch.distributed.tensor") if m in sys.modules))
+"""
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == ""
