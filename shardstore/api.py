@@ -40,7 +40,7 @@ from shardstore.saving import SaveOptions, SaveResult, plan_save, write_and_comm
 from shardstore.stateful import apply_loaded, to_state_dict
 from shardstore.storage import Storage
 from shardstore.ties import Destinations
-from shardstore.workers import cores_per_rank
+from shardstore.workers import spare_core
 
 __all__ = ["save", "load", "open", "Checkpoint", "SaveResult", "LoadResult"]
 
@@ -145,7 +145,7 @@ def load(
     # touch its tensors.
     written: dict[str, None] = {}  # names of the tensors this rank has copied into
     try:
-        fault_ahead = cores_per_rank(coord.ranks_on_this_host) > 1
+        fault_ahead = spare_core(coord.ranks_on_this_host)
         staged = coord.agree("copying into the state dict", lambda: _copy_in(target, storage, job, pieces, staging_bytes, written, fault_ahead))
     except Exception as exc:
         if not written:

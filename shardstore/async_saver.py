@@ -153,7 +153,7 @@ def _write_in_background(coord: Coordinator, job: SaveJob, options: SaveOptions,
     interval (1000 tensors of 64 KiB-1 MiB: the caller blocked 0.8-0.9 s instead of 0.2 s)."""
     try:
         handoff.wait_first()
-        stats = write_and_commit(coord, job, options, handoff.cells(), stable_cells)
+        stats = write_and_commit(coord, job, options, handoff.cells(), stable_cells, background=True)
     finally:
         handoff.close()  # a caller still staging stops waiting for buffers
     return SaveResult.of(options.url, stats, start)

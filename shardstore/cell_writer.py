@@ -30,6 +30,9 @@ __all__ = ["WriteStats", "write_cells", "cells_of", "cell_values", "encoded_boun
 _WRITERS = 4  # concurrent object writes: enough to overlap encoding with I/O
 _IN_FLIGHT = 6  # encoded objects whose writes may be in flight at once
 _SLAB_BYTES = 256 << 20  # the largest encode slab a save maps (but one object bigger than that: its size)
+_SPREAD_FROM = 16 << 20  # objects from this size are encoded on several threads, where a rank has the
+# cores: a 2 MiB object of 16 inner chunks took 1.7 ms on two threads against 0.65 ms on one (hand-offs),
+# a 64 MiB one 10.7 ms against 18 ms
 _COPY_FROM = 1 << 20  # objects from this size are encoded into the slab even where they could be written
 # uncopied: block-aligned memory lets a local filesystem take them with O_DIRECT (``direct_io._WRITE_MIN``,
 # the same 1 MiB), faster than the page cache
@@ -56,7 +59,8 @@ def write_cells(
     put: Callable[[Storage, str, Blob], None] | None = None,
     keep_slab: bool = True,
     stable: bool = False,
-    cores: int = 1,
+    fault_ahead: bool = False,
+    encoders: int = 1,
 ) -> WriteStats:
     """Encode and write ``cells`` (each a write task and the values of its cell); returns what was encoded.
 
@@ -69,17 +73,18 @@ def write_cells(
     the next is encoded. A cell's values are copied out by the time the next cell is asked for, so
     ``cells`` may hand out reused staging memory; with ``stable`` (every cell's values stay put until
     this returns) an object under ``_COPY_FROM`` bytes that is its cell's own bytes and an index
-    (``shard_parts``) is written from the cell's memory, uncopied. ``cores``: how many this rank may
-    keep busy (``workers.cores_per_rank``); with more than one, a fresh slab is faulted in on another
-    thread just ahead of the encoder, and an object of several inner chunks is encoded on that many
-    threads (encoding 1 GiB of 16 tensors of 1-256 MiB into a warm buffer, no I/O: median 0.27 s on
-    two threads against 0.38 s on one; a save is faster by that only where the disk outruns the
-    encoder).
+    (``shard_parts``) is written from the cell's memory, uncopied. ``fault_ahead``: a fresh slab is
+    faulted in on another thread just ahead of the encoder (where a core is spare:
+    ``workers.spare_core``). ``encoders``: threads, the caller's among them, that the inner chunks of
+    an uncompressed object of ``_SPREAD_FROM`` bytes or more are gathered and checksummed on
+    (``workers.cores_per_rank``; encoding 1 GiB of 16 tensors of 1-256 MiB into a warm buffer, no I/O:
+    median 0.27 s on two threads against 0.38 s on one; a save is faster by that only where the disk
+    outruns the encoder).
     """
     arrays = {a.key: a for a in plan.arrays}
     layouts = {a.key: layout_of(a, compressor) for a in plan.arrays}
-    slab = EncodeSlab(_slab_bytes(layouts.values()), _IN_FLIGHT, kept=keep_slab, fault_ahead=cores > 1)
-    each = functools.partial(map_in_turn, cpu_pool(), cores) if cores > 1 else None
+    slab = EncodeSlab(_slab_bytes(layouts.values()), _IN_FLIGHT, kept=keep_slab, fault_ahead=fault_ahead)
+    each = functools.partial(map_in_turn, cpu_pool(), encoders) if encoders > 1 else None
     nbytes = objects = 0
     store = storage.write if put is None else functools.partial(put, storage)
     try:
@@ -105,7 +110,7 @@ def _encode(slab: EncodeSlab, layout: ArrayLayout, coords: tuple[int, ...], data
         slab.wait_for_slot()
         return None, parts
     buffer = slab.take(encoded_bound(layout))
-    return buffer, encode_shard(layout, coords, data, out=buffer, each=each)
+    return buffer, encode_shard(layout, coords, data, out=buffer, each=each if len(buffer) >= _SPREAD_FROM else None)
 
 
 def _slab_bytes(layouts: Iterable[ArrayLayout]) -> int:

@@ -40,23 +40,20 @@ class DTypeInfo:
         return 0.0 if self.torch_dtype.is_floating_point else 0
 
 
-_NAMES = [  # torch's name, the Zarr data_type name
-    ("bool", "bool"), ("int8", "int8"), ("int16", "int16"), ("int32", "int32"), ("int64", "int64"),
-    ("uint8", "uint8"), ("uint16", "uint16"), ("uint32", "uint32"), ("uint64", "uint64"),
-    ("float16", "float16"), ("float32", "float32"), ("float64", "float64"),
-    ("complex64", "complex64"), ("complex128", "complex128"), ("bfloat16", "bfloat16"),
-    ("float8_e4m3fn", "float8_e4m3fn"), ("float8_e5m2", "float8_e5m2"), ("float8_e4m3fnuz", "float8_e4m3fnuz"),
-    ("float8_e5m2fnuz", "float8_e5m2fnuz"), ("float8_e8m0fnu", "float8_e8m0fnu"),
+_NAMES = [  # torch's name for each dtype is also its Zarr data_type name
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64",
+    "complex64", "complex128", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+    "float8_e8m0fnu",
 ]
 
 
-def _info(torch_name: str, zarr_name: str) -> DTypeInfo | None:
+def _info(name: str) -> DTypeInfo | None:
     """An entry where this torch build has the dtype (float8 variants come and go across versions)."""
-    torch_dtype = getattr(torch, torch_name, None)
-    return DTypeInfo(torch_dtype, zarr_name) if isinstance(torch_dtype, torch.dtype) else None
+    torch_dtype = getattr(torch, name, None)
+    return DTypeInfo(torch_dtype, name) if isinstance(torch_dtype, torch.dtype) else None
 
 
-DTYPES: tuple[DTypeInfo, ...] = tuple(i for i in (_info(*row) for row in _NAMES) if i is not None)
+DTYPES: tuple[DTypeInfo, ...] = tuple(i for i in (_info(name) for name in _NAMES) if i is not None)
 _BY_TORCH = {i.torch_dtype: i for i in DTYPES}
 _BY_NAME = {i.zarr_name: i for i in DTYPES}
 

@@ -33,7 +33,7 @@ from shardstore.inputs import check_sources, check_user_metadata
 from shardstore.plan import GlobalSavePlan, WriteTask, local_save_plan, merge_save_plans
 from shardstore.stateful import to_state_dict
 from shardstore.storage import Storage
-from shardstore.workers import cores_per_rank
+from shardstore.workers import cores_per_rank, spare_core
 
 __all__ = ["SaveResult", "SaveOptions", "SaveJob", "plan_save", "write_and_commit", "write_array_metadata", "commit_metadata"]
 
@@ -110,22 +110,25 @@ def _merge_plans(plans, skeletons) -> tuple[GlobalSavePlan, dict]:
 
 def write_and_commit(
     coord: Coordinator, job: SaveJob, options: SaveOptions, cells: Iterable[tuple[WriteTask, torch.Tensor]],
-    stable_cells: bool = False,
+    stable_cells: bool = False, background: bool = False,
 ) -> WriteStats:
     """Claim, write ``cells`` (this rank's, as ``job`` planned them), sync and commit; collective over
     ``coord``, whose ranks must be the plan's. When it returns the checkpoint is committed at the URL.
 
     ``stable_cells``: every cell's values stay put until this returns (else a cell may be overwritten
-    once the next one is asked for, as staging waves are); an incremental save then hashes ahead."""
+    once the next one is asked for, as staging waves are); an incremental save then hashes ahead.
+    ``background``: an async save's, beside the training loop: it encodes on one thread, leaving the
+    rank's other cores to the loop."""
     target = Storage(options.url, options.storage_options, durable=options.durable)
     claim = coord.decide("claiming the checkpoint URL", lambda: commit.begin(target, options.overwrite))
     dest = commit.destination(target, claim, options.storage_options, options.durable)
     try:
         writer = coord.agree("reading the previous digests", lambda: IncrementalWriter.for_save(options.incremental, options.storage_options))
         share = (coord.rank, coord.world_size)
-        cores = cores_per_rank(coord.ranks_on_this_host)
+        threads = {"fault_ahead": spare_core(coord.ranks_on_this_host),
+                   "encoders": 1 if background else cores_per_rank(coord.ranks_on_this_host)}
         stats = coord.agree("writing chunks", lambda: _write(
-            dest, job.plan, cells, options.compressor, writer, stable_cells, cores, share))
+            dest, job.plan, cells, options.compressor, writer, stable_cells, threads, share))
         digests = None if writer is None else {k: v for d in coord.all_gather(writer.objects) for k, v in d.items()}
         coord.decide("committing", lambda: commit_metadata(
             dest, target, claim, job.plan, job.skeleton, options.compressor, options.user_metadata, digests))
@@ -137,13 +140,13 @@ def write_and_commit(
 
 
 def _write(dest: Storage, plan: GlobalSavePlan, cells, compressor: str | None, writer: IncrementalWriter | None,
-           stable_cells: bool, cores: int, share: tuple[int, int]) -> WriteStats:
+           stable_cells: bool, threads: dict, share: tuple[int, int]) -> WriteStats:
     """This rank's chunk objects and its ``share`` (rank, world size) of the arrays' metadata, durable
     (with their directories) by one sync before any rank reports done; an incremental save encodes and
     writes only the cells that changed, linking the rest (``write_cells`` says what ``stable_cells`` and
-    ``cores`` change)."""
+    ``threads``, ``write_cells``'s ``fault_ahead`` and ``encoders``, change)."""
     write_array_metadata(dest, plan, compressor, share)
-    options = {"stable": stable_cells, "cores": cores}
+    options = {"stable": stable_cells, **threads}
     if writer is None:
         stats = write_cells(dest, plan, cells, compressor, **options)
     else:

@@ -2,20 +2,21 @@
 whose items the caller and pool helpers take in turn.
 
 A rank's save or load runs beside the job's other ranks on the same host, so how much CPU work it
-spreads over threads (encoding a big object, faulting memory in ahead) follows the cores each of this
-host's ranks can have (``cores_per_rank``): on a host with more cores than ranks the extra threads run
-beside the rank's own; where ranks already fill the cores, they would only take turns with it (four
-ranks on two cores, each faulting its memory in on a second thread, saved 1 GiB more slowly than without).
+spreads over threads follows the cores of this host: a big object is encoded on as many threads as each
+rank has cores (``cores_per_rank``), and memory is faulted in ahead on one more thread only where the
+host has a core beyond one per rank (``spare_core``). Where ranks already fill the cores, extra threads
+only take turns with them (four ranks on two cores, each faulting its memory in on a second thread,
+saved 1 GiB more slowly than without).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Sequence, TypeVar
 
-__all__ = ["cores_per_rank", "map_in_turn", "cpu_pool"]
+__all__ = ["cores_per_rank", "spare_core", "map_in_turn", "cpu_pool"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -24,10 +25,20 @@ _CPU_HELPERS = 7  # most threads joining one rank's calling thread for CPU work 
 _cpu_pool: tuple[int, ThreadPoolExecutor] | None = None
 
 
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def cores_per_rank(ranks_here: int) -> int:
-    """The usable cores of this host shared among the ``ranks_here`` ranks running on it (at least 1)."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, usable // max(1, ranks_here))
+    """The usable cores of this host shared among the ``ranks_here`` ranks running on it: at least 1, at
+    most the calling thread and every ``cpu_pool`` helper."""
+    return max(1, min(_usable_cores() // max(1, ranks_here), _CPU_HELPERS + 1))
+
+
+def spare_core(ranks_here: int) -> bool:
+    """Whether this host has more usable cores than the ``ranks_here`` ranks running on it: enough for
+    one background thread of light work (faulting memory in ahead), if not for a second encoder."""
+    return ranks_here < _usable_cores()
 
 
 def cpu_pool() -> ThreadPoolExecutor:
@@ -67,10 +78,15 @@ def map_in_turn(pool: ThreadPoolExecutor, workers: int, fn: Callable[[T], R], it
                 failed[i] = exc
 
     helpers = [pool.submit(work) for _ in range(min(workers, len(items)) - 1)]
-    work()
-    for helper in helpers:
-        if not helper.cancel():
-            helper.result()
+    try:
+        work()
+        for helper in helpers:
+            if not helper.cancel():
+                helper.result()
+    except BaseException as exc:  # interrupted while waiting: no helper may go on writing into shared memory
+        failed.setdefault(len(items), exc)  # helpers take no further item
+        wait(helpers)
+        raise
     if failed:
         raise failed[min(failed)]
     return results

@@ -246,7 +246,7 @@ class Report:
 
     def _keep(self, title, op, state, layout, results, rates) -> None:
         self.payload["cases"].append({
-            "title": title, "op": op, "layout": asdict(layout),
+            "title": title, "op": op, "layout": asdict(layout), "raw_disk": self.raw,
             "state": {"title": state.title, "bytes": state.nbytes, "tensors": len(state.specs), "seed": state.seed},
             "systems": {name: {"first_s": m.first_s, "steady_s": m.steady_s, "first_gib_s": rates[name][0],
                                "steady_gib_s": rates[name][1],

@@ -4,6 +4,7 @@ tensor, or one region of it, at a time, so nothing ever holds a whole checkpoint
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
@@ -170,11 +171,12 @@ def detect_format(url: str, storage_options: dict | None = None) -> str:
 
 def open_source(url: str, storage_options: dict | None = None, fmt_name: str | None = None) -> TensorSource:
     """The checkpoint at ``url`` as a ``TensorSource``; its format is detected unless ``fmt_name`` names it."""
-    from shardstore.convert import dcp, safetensors, torchfile  # noqa: PLC0415 - each format's module imports this one
-
     fmt_name = fmt_name or detect_format(url, storage_options)
-    readers = {"zarr": ZarrSource, "safetensors": safetensors.SafetensorsSource, "dcp": dcp.DcpSource,
-               "torch": torchfile.TorchSource}
+    if fmt_name == "zarr":
+        return ZarrSource(url, storage_options)
+    # Each other format's module imports this one, and only the one read is imported (DCP's takes ~0.9 s).
+    readers = {"safetensors": ("safetensors", "SafetensorsSource"), "dcp": ("dcp", "DcpSource"), "torch": ("torchfile", "TorchSource")}
     if fmt_name not in readers:
         raise ValueError(f"unknown checkpoint format {fmt_name!r}; expected one of {FORMATS}")
-    return readers[fmt_name](url, storage_options)
+    module, reader = readers[fmt_name]
+    return getattr(importlib.import_module(f"shardstore.convert.{module}"), reader)(url, storage_options)

@@ -278,11 +278,11 @@ def test_a_save_writes_small_tensors_from_their_own_memory(tmp_path, monkeypatch
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
 def test_faulting_ahead_is_asked_for_only_where_a_core_is_spare(monkeypatch):
     from shardstore.coordinator import Coordinator
-    from shardstore.workers import cores_per_rank
+    from shardstore.workers import cores_per_rank, spare_core
 
     usable = len(os.sched_getaffinity(0))
-    assert cores_per_rank(1) == usable and cores_per_rank(usable) == 1 and cores_per_rank(usable + 1) == 1
-    assert cores_per_rank(max(1, usable // 2)) == usable // max(1, usable // 2)
+    assert spare_core(usable - 1) == (usable > 1) and not spare_core(usable)
+    assert cores_per_rank(1) == min(usable, 8) and cores_per_rank(usable) == 1 and cores_per_rank(usable + 1) == 1
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert Coordinator(None).ranks_on_this_host == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun's count of ranks on this host
@@ -303,8 +303,8 @@ def test_a_loads_fresh_scratch_is_faulted_in_whole():
 
 
 def test_a_rank_with_cores_to_spare_encodes_a_big_object_on_several_threads(tmp_path, monkeypatch):
-    """``cores`` > 1: the inner chunks of one object are gathered on that many threads, and the bytes
-    written are those one thread writes."""
+    """``encoders`` > 1: the inner chunks of a big object are gathered on that many threads, and the
+    bytes written are those one thread writes; a small object stays on the caller's thread."""
     import threading
     import time
 
@@ -324,13 +324,17 @@ def test_a_rank_with_cores_to_spare_encodes_a_big_object_on_several_threads(tmp_
         gather(*args)
 
     monkeypatch.setattr(codec, "_gather", slow_gather)
-    job = plan_save(Coordinator(None), {"w": torch.randn(2048, 1024)}, None)  # 8 MiB: 16 inner chunks
-    assert job.plan.arrays[0].inner_chunk_shape == (512, 256)
+    state = {"big": torch.randn(4096, 1024), "small": torch.randn(2048, 1024)}  # 16 and 8 MiB
+    job = plan_save(Coordinator(None), state, None)
+    assert all(len(list(a.inner_chunk_shape)) == 2 and a.inner_chunk_shape != a.chunk_shape for a in job.plan.arrays)
     objects = {}
-    for cores in (1, 3):
-        threads.clear()
-        storage = LocalStorage(str(tmp_path / f"cores{cores}"))
-        write_cells(storage, job.plan, cells_of(job.plan, 0, job.tensors), cores=cores)
-        assert threads == {threading.get_ident()} if cores == 1 else len(threads) >= 2
-        objects[cores] = {k: storage.read(k) for k in storage.list("")}
-    assert objects[1] == objects[3] and len(objects[1]) == 1
+    for encoders in (1, 3):
+        storage = LocalStorage(str(tmp_path / f"encoders{encoders}"))
+        for key in ("big", "small"):
+            threads.clear()
+            cells = [(task, data) for task, data in cells_of(job.plan, 0, job.tensors) if task.key == (key,)]
+            write_cells(storage, job.plan, cells, encoders=encoders)
+            spread = encoders > 1 and key == "big"
+            assert len(threads) >= 2 if spread else threads == {threading.get_ident()}
+        objects[encoders] = {k: storage.read(k) for k in storage.list("")}
+    assert objects[1] == objects[3] and len(objects[1]) == 2

@@ -48,16 +48,18 @@ def test_shardstore_public_api_is_locked():
     assert issubclass(shardstore.NotACheckpointError, FileExistsError)
 
 
-def test_importing_the_packages_and_the_tool_leaves_heavy_modules_unloaded():
-    """A fresh process that imports shardstore, dtensor and the command-line tool pays for neither torch
-    DCP and torch's DTensor (~0.9 s together) nor ml_dtypes (~0.7 s): they load when a conversion or a
-    checkpoint hook needs them."""
+def test_importing_the_packages_and_the_tool_leaves_heavy_modules_unloaded(tmp_path):
+    """A fresh process that imports shardstore, dtensor and the command-line tool, saves plain tensors
+    and converts them to safetensors pays for neither torch DCP and torch's DTensor (~0.9 s together)
+    nor ml_dtypes (~0.7 s): they load when a DCP conversion or torch's DTensor needs them."""
     import subprocess
     import sys
 
     heavy = ("torch.distributed.checkpoint", "torch.distributed.tensor", "ml_dtypes", "zarr")
+    ck, st = str(tmp_path / "ck"), str(tmp_path / "model.safetensors")
     code = (
-        "import sys, shardstore, dtensor, shardstore.cli; "
+        "import sys, torch, shardstore, dtensor, shardstore.cli; from shardstore.convert.sinks import convert; "
+        f"shardstore.save({{'w': torch.ones(3)}}, {ck!r}); convert({ck!r}, {st!r}, 'safetensors'); "
         f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
