@@ -129,9 +129,9 @@ class EncodeSlab:
     1 GiB of fresh memory; clearing those huge pages was a third of the save's CPU. With
     ``kept``, the slab is handed to the next one of the process when this one closes (not one over
     ``KEEP_LIMIT`` bytes: a process saving one huge unsharded tensor would hold its size for good).
-    With ``fault_ahead`` (where a core is spare: ``workers.spare_core``) a fresh slab is faulted
-    in just ahead of the encoder (``FaultAhead``): 1 GiB saved by a fresh process, page cache dropped, 1.69-2.30 s
-    before, 1.35-1.69 s after (median 2.07 against 1.48 s, 4 starts each); but four ranks on two
+    With ``fault_ahead`` (where a core is spare: ``workers.spare_core``) a fresh slab is faulted in
+    just ahead of the encoder (``FaultAhead``): 1 GiB saved by a fresh process, page cache dropped,
+    1.69-2.30 s before, 1.35-1.69 s after (median 2.07 against 1.48 s, 4 starts each); but four ranks on two
     cores, each faulting ahead, saved 1 GiB in 2.42-2.84 s against 1.75-2.59 s without.
     """
 

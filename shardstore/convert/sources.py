@@ -175,7 +175,8 @@ def open_source(url: str, storage_options: dict | None = None, fmt_name: str | N
     if fmt_name == "zarr":
         return ZarrSource(url, storage_options)
     # Each other format's module imports this one, and only the one read is imported (DCP's takes ~0.9 s).
-    readers = {"safetensors": ("safetensors", "SafetensorsSource"), "dcp": ("dcp", "DcpSource"), "torch": ("torchfile", "TorchSource")}
+    readers = {"safetensors": ("safetensors", "SafetensorsSource"), "dcp": ("dcp", "DcpSource"),
+               "torch": ("torchfile", "TorchSource")}
     if fmt_name not in readers:
         raise ValueError(f"unknown checkpoint format {fmt_name!r}; expected one of {FORMATS}")
     module, reader = readers[fmt_name]
