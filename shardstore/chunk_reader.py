@@ -17,7 +17,7 @@ from typing import Mapping
 
 import torch
 
-from shardstore.buffers import fault_in, staging_buffer
+from shardstore.buffers import fault_in, keep, staging_buffer, take_kept
 from shardstore.codec import CRC_NBYTES, ArrayLayout, check_crc, decode_index, decode_inner_chunk, index_nbytes, inner_chunk_ranges
 from shardstore.errors import CorruptCheckpointError, MissingChunkError
 from shardstore.flatten import KeyPath, fqn
@@ -32,6 +32,7 @@ _LANDING_PIECE = 8 << 20  # a landing load reads runs in pieces of at most this 
 # one big sequential read per object left the disk half idle (cold reads want several in flight)
 _PLACED_MIN = 1 << 20  # smaller runs are read into exact scratch slots (they go through the page cache)
 _ROOM_EXTRA = ROOM_SLACK + ROOM_ALIGN  # what a placed run's room holds beyond its bytes, at most
+_BATCHES = 4  # a load's runs are read in at least this many batches (of a piece or more each)
 _CHECKERS = 2  # threads verifying and placing landed runs: with reads landing in place (O_DIRECT into the
 # scratch buffers) the read threads sit idle, and checksums and strided copies were one core's work
 
@@ -141,15 +142,16 @@ def land_runs(
     fault_ahead: bool = False,
 ) -> int:
     """Read ``checked`` runs straight into ``destinations``, verifying every inner chunk's crc32c as it
-    lands; returns the scratch bytes used (with ``fault_ahead``, where a core is spare, faulted in on a
-    thread of its own as the first reads start).
+    lands; returns the scratch bytes used (fresh scratch is faulted in on a thread of its own as the
+    first reads start, with ``fault_ahead``: where a core is spare).
 
     An inner chunk whose destination is one contiguous stretch of CPU memory of its dtype (a chunk
     spanning whole rows of the tensor it fills) is read into that memory itself, its checksum into a
     4-byte slot: one ``preadv`` per run on local files, nothing staged, nothing copied. The other chunks
     go through two reused scratch buffers of about ``budget / 2`` bytes each (a single inner chunk may
-    need more), the next batch being read while this one is verified and copied in (by ``_CHECKERS``
-    threads, a run each); a run of scratch chunks only is one placed read (``read_range_placed``).
+    need more; the process's kept staging memory where it is big enough, and kept for its next save or
+    load: ``buffers.keep``), the next batch being read while this one is verified and copied in (by
+    ``_CHECKERS`` threads, a run each); a run of scratch chunks only is one placed read (``read_range_placed``).
     Memory stays bounded and no fresh memory is touched for the bytes that land directly; the price is
     that a chunk failing its checksum has already landed, so ``written`` gets each tensor's name before
     its first byte arrives and the caller raises ``PartialLoadError`` naming them.
@@ -157,26 +159,50 @@ def land_runs(
     piece = min(budget // 2, _LANDING_PIECE)
     limit = piece - _ROOM_EXTRA if piece >= _PLACED_MIN + _ROOM_EXTRA else piece  # room for a run's slack
     parts = [_landing(part, layouts[part.run.key], destinations, limit) for c in checked for part in _split(c, limit)]
-    batches = _batches(parts, budget // 2, size=lambda landing: landing.scratch_nbytes)
+    batches = _landing_batches(parts, budget // 2)
     if not batches:
         return 0
     size = max(sum(landing.scratch_nbytes for landing in batch) for batch in batches)
-    buffers = [staging_buffer(size) for _ in range(min(2, len(batches)))]
-    for buffer in buffers if fault_ahead else ():
-        fault_in(buffer)
-    with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(_CHECKERS) as checkers:
-        fetching = _start_landing(prefetch, storage, batches[0], buffers[0], destinations, written)
-        for i, batch in enumerate(batches):
-            slots = fetching.result()
-            if i + 1 < len(batches):
-                fetching = _start_landing(prefetch, storage, batches[i + 1], buffers[(i + 1) % 2], destinations, written)
-            checks = [
-                checkers.submit(_check_landed, storage, layouts[landing.checked.run.key], landing, run_slots, destinations, written)
-                for landing, run_slots in zip(batch, slots)
-            ]
-            for check in checks:  # all done before the next fetch reuses this buffer
-                check.result()
-    return size * len(buffers)
+    count = min(2, len(batches))
+    scratch = take_kept(size * count)
+    if scratch is None:
+        scratch = torch.frombuffer(staging_buffer(size * count), dtype=torch.uint8)
+        if fault_ahead:
+            fault_in(scratch)
+    buffers = [memoryview(scratch.numpy())[i * size : (i + 1) * size] for i in range(count)]
+    try:
+        with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(_CHECKERS) as checkers:
+            fetching = _start_landing(prefetch, storage, batches[0], buffers[0], destinations, written)
+            for i, batch in enumerate(batches):
+                slots = fetching.result()
+                if i + 1 < len(batches):
+                    fetching = _start_landing(prefetch, storage, batches[i + 1], buffers[(i + 1) % 2], destinations, written)
+                checks = [
+                    checkers.submit(_check_landed, storage, layouts[landing.checked.run.key], landing, run_slots, destinations, written)
+                    for landing, run_slots in zip(batch, slots)
+                ]
+                for check in checks:  # all done before the next fetch reuses this buffer
+                    check.result()
+    finally:  # both pools have ended: nothing reads into the scratch any more
+        keep(scratch)
+    return size * count
+
+
+def _landing_batches(parts: list["_Landing"], scratch_limit: int) -> list[list["_Landing"]]:
+    """Consecutive landings grouped into batches of at most ``scratch_limit`` scratch bytes and, where the
+    load is bigger than ``_BATCHES`` pieces, of about a ``_BATCHES``-th of the bytes read: one batch is
+    read while the one before it is verified and copied, so a load in a single batch (every chunk landing
+    in place, or under ``scratch_limit`` in all) read everything before verifying anything."""
+    read_limit = max(_LANDING_PIECE, sum(landing.checked.nbytes for landing in parts) // _BATCHES)
+    batches: list[list[_Landing]] = []
+    scratch = read = 0
+    for landing in parts:
+        if not batches or scratch + landing.scratch_nbytes > scratch_limit or read + landing.checked.nbytes > read_limit:
+            batches.append([])
+            scratch = read = 0
+        batches[-1].append(landing)
+        scratch, read = scratch + landing.scratch_nbytes, read + landing.checked.nbytes
+    return batches
 
 
 @dataclass(frozen=True)
@@ -350,19 +376,6 @@ def _sub_run(checked: CheckedRun, start: int, stop: int) -> CheckedRun:
     tasks = tuple(t for t in run.tasks if start <= t.inner_index < stop)
     index = checked.index if stop == run.stop else 0
     return CheckedRun(ReadRun(run.key, run.cell, start, stop, tasks), checked.key, checked.ranges, index)
-
-
-def _batches(items: list, limit: int, size) -> list[list]:
-    """Consecutive items grouped into batches of at most ``limit`` bytes by ``size`` (a bigger one alone)."""
-    batches: list[list] = []
-    total = 0
-    for item in items:
-        if not batches or total + size(item) > limit:
-            batches.append([])
-            total = 0
-        batches[-1].append(item)
-        total += size(item)
-    return batches
 
 
 def read_index(storage: Storage, layout: ArrayLayout, key: str, cell: tuple[int, ...], name: str) -> tuple:

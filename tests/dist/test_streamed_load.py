@@ -196,3 +196,57 @@ def test_a_streamed_load_reads_an_uncompressed_objects_index_with_its_data(tmp_p
         assert all(torch.equal(sd["model"][k], v) for k, v in _many_values().items())
         indexed_first = all_or_nothing or compressor is not None
         assert len(suffixes) == (len(_many_values()) if indexed_first else 0), suffixes
+
+
+def test_a_loads_scratch_is_kept_for_the_next_load_and_save(tmp_path, monkeypatch):
+    """Column bands land through scratch memory; the process keeps it, so the next load lands in the
+    same pages (no fresh memory) and the next save encodes into them."""
+    from shardstore import buffers, chunk_reader
+
+    url = str(tmp_path / "ck")
+    values = {"bands": torch.randn(4096, 1024)}  # 16 MiB in column-band inner chunks
+    shardstore.save(values, url)
+    monkeypatch.setattr(buffers, "_kept", (0, None))  # nothing kept yet
+    fresh = []
+    real = chunk_reader.staging_buffer
+    monkeypatch.setattr(chunk_reader, "staging_buffer", lambda n: fresh.append(n) or real(n))
+    for _ in range(2):
+        sd = {"bands": torch.zeros(4096, 1024)}
+        result = shardstore.load(sd, url)
+        assert torch.equal(sd["bands"], values["bands"]) and result.staged_bytes > 0
+    assert fresh == [result.staged_bytes]  # the second load mapped nothing
+    kept = buffers._kept[1]
+    assert kept is not None and kept.numel() >= result.staged_bytes
+    slab = buffers.EncodeSlab(budget=8 << 20, slots=2, kept=True)
+    assert slab.take(1 << 20).data_ptr() == kept.data_ptr()
+
+
+def test_kept_memory_too_small_for_a_load_stays_kept(monkeypatch):
+    from shardstore import buffers
+
+    small = torch.empty(4096, dtype=torch.uint8)
+    monkeypatch.setattr(buffers, "_kept", (0, None))
+    buffers.keep(small)
+    assert buffers.take_kept(8192) is None and buffers._kept[1] is small
+    assert buffers.take_kept(4096) is small and buffers._kept[1] is None
+    buffers.keep(small)
+    buffers.keep(torch.empty(1024, dtype=torch.uint8))  # the bigger one stays
+    assert buffers._kept[1] is small
+
+
+def test_a_load_whose_chunks_all_land_in_place_is_read_in_batches(tmp_path, monkeypatch):
+    """Without scratch to bound them, a load's runs still come in several batches, so the first is
+    verified while the next is read (one batch read everything before verifying anything)."""
+    from shardstore import chunk_reader
+
+    url = str(tmp_path / "ck")
+    values = {f"t{i}": torch.randn(64, 256) for i in range(16)}  # 64 KiB each, one chunk each: land in place
+    shardstore.save(values, url)
+    monkeypatch.setattr(chunk_reader, "_LANDING_PIECE", 64 << 10)
+    fetched = []
+    real = chunk_reader._fetch_landing
+    monkeypatch.setattr(chunk_reader, "_fetch_landing", lambda storage, batch, buffer: fetched.append(len(batch)) or real(storage, batch, buffer))
+    sd = {k: torch.zeros_like(v) for k, v in values.items()}
+    shardstore.load(sd, url)
+    assert all(torch.equal(sd[k], v) for k, v in values.items())
+    assert fetched == [4, 4, 4, 4]  # a quarter of the bytes each

@@ -295,11 +295,10 @@ def test_a_loads_fresh_scratch_is_faulted_in_whole():
 
     from shardstore.buffers import fault_in, staging_buffer
 
-    scratch, untouched = staging_buffer(16 * MIB), staging_buffer(16 * MIB)
+    scratch, untouched = (torch.frombuffer(staging_buffer(16 * MIB), dtype=torch.uint8) for _ in range(2))
     fault_in(scratch)
-    address = lambda b: torch.frombuffer(b, dtype=torch.uint8).data_ptr()  # noqa: E731
-    assert _settled(lambda: _resident_bytes(address(scratch), 16 * MIB)) == 16 * MIB
-    assert _resident_bytes(address(untouched), 16 * MIB) == 0
+    assert _settled(lambda: _resident_bytes(scratch.data_ptr(), 16 * MIB)) == 16 * MIB
+    assert _resident_bytes(untouched.data_ptr(), 16 * MIB) == 0
 
 
 def test_a_rank_with_cores_to_spare_encodes_a_big_object_on_several_threads(tmp_path, monkeypatch):
