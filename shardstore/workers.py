@@ -16,13 +16,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Sequence, TypeVar
 
-__all__ = ["cores_per_rank", "spare_core", "map_in_turn", "cpu_pool"]
+__all__ = ["cores_per_rank", "spare_core", "map_in_turn", "cpu_pool", "process_pool"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 _CPU_HELPERS = 7  # most threads joining one rank's calling thread for CPU work (up to 8 cores per rank)
-_cpu_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pools: dict[str, tuple[int, ThreadPoolExecutor]] = {}  # by name: (pid that made it, pool)
 
 
 def _usable_cores() -> int:
@@ -41,12 +41,19 @@ def spare_core(ranks_here: int) -> bool:
     return ranks_here < _usable_cores()
 
 
+def process_pool(name: str, threads: int) -> ThreadPoolExecutor:
+    """The process's pool called ``name``, of ``threads`` threads, made on first use: its threads start
+    once, not per call (a forked child gets its own, not its parent's dead threads)."""
+    pid, pool = _pools.get(name, (0, None))
+    if pool is None or pid != os.getpid():
+        pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
+        _pools[name] = (os.getpid(), pool)
+    return pool
+
+
 def cpu_pool() -> ThreadPoolExecutor:
-    """One pool per process of helper threads for CPU work (a forked child gets its own)."""
-    global _cpu_pool
-    if _cpu_pool is None or _cpu_pool[0] != os.getpid():
-        _cpu_pool = (os.getpid(), ThreadPoolExecutor(_CPU_HELPERS, thread_name_prefix="shardstore-cpu"))
-    return _cpu_pool[1]
+    """The process's helper threads for CPU work."""
+    return process_pool("shardstore-cpu", _CPU_HELPERS)
 
 
 def map_in_turn(pool: ThreadPoolExecutor, workers: int, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:

@@ -16,12 +16,11 @@ escape the root (``..``, absolute paths, backslashes, NUL, empty components rais
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from shardstore.errors import CorruptCheckpointError, MissingChunkError, UnsafeKeyError
-from shardstore.workers import map_in_turn
+from shardstore.workers import map_in_turn, process_pool
 
 __all__ = ["Storage", "Blob", "HeldLock", "as_views", "blob_nbytes", "check_key", "CURRENT", "VERSION_PREFIX", "ROOM_ALIGN", "ROOM_SLACK", "io_map"]
 
@@ -36,7 +35,6 @@ ROOM_ALIGN = 4096
 ROOM_SLACK = 2 * ROOM_ALIGN
 
 _READ_THREADS = 16
-_read_pool: tuple[int, ThreadPoolExecutor] | None = None
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -56,11 +54,8 @@ def blob_nbytes(data: Blob) -> int:
 
 
 def io_pool() -> ThreadPoolExecutor:
-    """One pool per process for concurrent range reads (a forked child gets its own, not dead threads)."""
-    global _read_pool
-    if _read_pool is None or _read_pool[0] != os.getpid():
-        _read_pool = (os.getpid(), ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="shardstore-read"))
-    return _read_pool[1]
+    """The process's threads for concurrent range reads."""
+    return process_pool("shardstore-read", _READ_THREADS)
 
 
 def io_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
