@@ -105,11 +105,12 @@ def _encode(slab: EncodeSlab, layout: ArrayLayout, coords: tuple[int, ...], data
     """One object: the cell's own bytes and an index where ``stable`` allows (``shard_parts``; no slab
     memory: None), else encoded into the stretch of ``slab`` returned with it (its inner chunks spread
     by ``each``, where given)."""
-    parts = shard_parts(layout, coords, data) if stable and encoded_bound(layout) < _COPY_FROM else None
+    bound = encoded_bound(layout)
+    parts = shard_parts(layout, coords, data) if stable and bound < _COPY_FROM else None
     if parts is not None:
         slab.wait_for_slot()
         return None, parts
-    buffer = slab.take(encoded_bound(layout))
+    buffer = slab.take(bound)
     return buffer, encode_shard(layout, coords, data, out=buffer, each=each if len(buffer) >= _SPREAD_FROM else None)
 
 
