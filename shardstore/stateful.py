@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Protocol, runtime_checkable
 
-__all__ = ["Stateful", "to_state_dict", "apply_loaded"]
+__all__ = ["Stateful", "is_stateful", "to_state_dict", "apply_loaded"]
 
 
 @runtime_checkable
@@ -31,9 +31,18 @@ class Stateful(Protocol):
 def to_state_dict(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
     """``state_dict`` with every top-level ``Stateful`` value replaced by its ``state_dict()`` (a new
     top-level dict; ``state_dict`` itself when it holds none)."""
-    if not isinstance(state_dict, Mapping) or not any(isinstance(v, Stateful) for v in state_dict.values()):
+    if not isinstance(state_dict, Mapping) or not any(map(is_stateful, state_dict.values())):
         return state_dict
-    return {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()}
+    return {k: v.state_dict() if is_stateful(v) else v for k, v in state_dict.items()}
+
+
+def is_stateful(value: Any) -> bool:
+    """``isinstance(value, Stateful)``, decided as ``typing`` decides it (both methods there, neither
+    None) without its cost per call: ~25 us, 25 ms of every save and load of a thousand tensors."""
+    return all(getattr(value, name, None) is not None for name in _METHODS)
+
+
+_METHODS = ("state_dict", "load_state_dict")
 
 
 def apply_loaded(state_dict: dict, loaded: Mapping[str, Any]) -> None:
@@ -43,7 +52,7 @@ def apply_loaded(state_dict: dict, loaded: Mapping[str, Any]) -> None:
     if loaded is state_dict:
         return
     for key, value in state_dict.items():
-        if isinstance(value, Stateful):
+        if is_stateful(value):
             value.load_state_dict(loaded[key])
         else:
             state_dict[key] = loaded[key]

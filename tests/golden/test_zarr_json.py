@@ -7,6 +7,7 @@ before regenerating the files under ``expected/``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from shardstore import format as fmt
 from shardstore.codec import ArrayLayout
+from shardstore.dtypes import DTYPES
 from shardstore.errors import CorruptCheckpointError
 
 EXPECTED = Path(__file__).parent / "expected"
@@ -41,6 +43,24 @@ def test_array_json_text():
     assert text == _expected("array_float32_5x7.json")
     assert "dimension_names" not in text  # tensorstore refuses null
     assert fmt.parse_array_json(text, "x") == layout
+
+
+@pytest.mark.parametrize("dtype", [info.torch_dtype for info in DTYPES], ids=str)
+def test_array_json_is_the_whole_node_rendered_for_every_layout(dtype):
+    """array_json fills shapes into a text rendered once per dtype, compressor and separator: for every
+    layout it must still be the node's canonical text (top level indented, the rest inline) and parse
+    back to that layout."""
+    shapes = [((), (), ()), ((5,), (4,), (2,)), ((3, 0, 7), (2, 1, 7), (1, 1, 7)), ((1000, 1024), (1000, 1024), (1000, 256))]
+    for shape, chunks, inner in shapes:
+        for compressor in (None, "zstd"):
+            for separator in (".", "/"):
+                layout = ArrayLayout(shape, dtype, chunks, inner, compressor, separator)
+                text = fmt.array_json(layout)
+                node = json.loads(text)
+                assert text == fmt._dumps(node, "x")
+                assert node["shape"] == list(shape) and node["chunk_grid"]["configuration"]["chunk_shape"] == list(chunks)
+                assert node["codecs"][0]["configuration"]["chunk_shape"] == list(inner)
+                assert fmt.parse_array_json(text, "x") == layout
 
 
 def test_version_1_files_still_read_with_their_slash_separated_chunk_keys():

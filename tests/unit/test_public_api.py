@@ -70,7 +70,7 @@ def test_stateful_is_dcps_protocol():
     """Our ``Stateful`` (no DCP import to check for one) passes exactly the values DCP's passes."""
     from torch.distributed.checkpoint.stateful import Stateful as DcpStateful
 
-    from shardstore.stateful import Stateful
+    from shardstore.stateful import Stateful, is_stateful
 
     class Both:
         def state_dict(self):
@@ -83,8 +83,13 @@ def test_stateful_is_dcps_protocol():
         def state_dict(self):
             return {}
 
-    for value in (Both(), SaveOnly(), {}, torch.nn.Linear(1, 1), torch.optim.SGD([torch.zeros(1)], lr=0.1), 3):
-        assert isinstance(value, Stateful) == isinstance(value, DcpStateful)
+    class NoneMethod(Both):
+        load_state_dict = None
+
+    values = (Both(), SaveOnly(), NoneMethod(), {}, torch.nn.Linear(1, 1), torch.optim.SGD([torch.zeros(1)], lr=0.1), 3,
+              torch.zeros(2), Both)
+    for value in values:
+        assert isinstance(value, Stateful) == isinstance(value, DcpStateful) == is_stateful(value), value
 
 
 def test_saving_and_loading_our_dtensor_leaves_torch_dcp_unloaded(tmp_path):
