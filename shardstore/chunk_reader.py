@@ -312,7 +312,7 @@ def _check_landed(storage: Storage, layout: ArrayLayout, landing: _Landing, slot
     run = checked.run
     if checked.index:
         where = f"{storage.key_url(checked.key)} (shard index of {fqn(run.key)!r})"
-        check_index(layout, run.cell, _data_end(checked.ranges) + checked.index, slots[-1], where)
+        check_index(layout, _data_end(checked.ranges) + checked.index, slots[-1], where, checked.ranges)
     for (index, _, target), slot in zip(landing.chunks(), slots):
         where = f"{storage.key_url(landing.checked.key)} inner chunk {index} of {fqn(run.key)!r}"
         if target is not None:
@@ -397,17 +397,18 @@ def read_index(storage: Storage, layout: ArrayLayout, key: str, cell: tuple[int,
             f"chunks alone takes {need}; the object is truncated or the metadata was damaged — load an earlier "
             "checkpoint or re-run the save"
         )
-    return check_index(layout, cell, size, tail, where)
+    implied = None if layout.compressor is not None else tuple(inner_chunk_ranges(layout, cell))
+    return check_index(layout, size, tail, where, implied)
 
 
-def check_index(layout: ArrayLayout, cell: tuple[int, ...], size: int, tail, where: str) -> tuple:
+def check_index(layout: ArrayLayout, size: int, tail, where: str, implied: tuple | None) -> tuple:
     """The entries of the index ``tail`` of an object of ``size`` bytes, checked (``decode_index``);
-    uncompressed, it must be the index the layout implies."""
-    stored = decode_index(layout, tail, where, size)
-    if layout.compressor is None and stored != inner_chunk_ranges(layout, cell):
+    an uncompressed object's must be the ``implied`` ranges its layout gives (None: compressed)."""
+    stored = tuple(decode_index(layout, tail, where, size))
+    if implied is not None and stored != implied:
         raise CorruptCheckpointError(f"{where}: the index does not match the array's layout; the object was damaged or "
                                      "rewritten — load an earlier checkpoint or re-run the save")
-    return tuple(stored)
+    return stored
 
 
 def _check_stored(storage: Storage, run: ReadRun, key: str, ranges: tuple) -> None:
