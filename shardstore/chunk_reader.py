@@ -163,6 +163,9 @@ def land_runs(
     if not batches:
         return 0
     size = max(sum(landing.scratch_nbytes for landing in batch) for batch in batches)
+    if any(landing.placed for landing in parts):  # the second buffer's rooms start block-aligned too: a room
+        size = _round_up(size, ROOM_ALIGN)  # that did not was read into a bounce buffer and copied (at 4 ranks,
+        # 46% of the bytes of a load through scratch)
     count = min(2, len(batches))
     scratch = take_kept(size * count)
     if scratch is None:
@@ -206,7 +209,7 @@ class _Landing:
     @property
     def scratch_nbytes(self) -> int:
         if self.placed:
-            return -(-(self.checked.nbytes + self.checked.index + ROOM_SLACK) // ROOM_ALIGN) * ROOM_ALIGN
+            return _round_up(self.checked.nbytes + self.checked.index + ROOM_SLACK, ROOM_ALIGN)
         chunks = sum(CRC_NBYTES if target is not None else stored.nbytes for _, stored, target in self.chunks())
         return chunks + self.checked.index
 
@@ -299,6 +302,10 @@ def _fetch_landing(storage: Storage, batch: list[_Landing], buffer) -> list[list
         if batch[i].checked.index:
             slots[i].append(view[stop - start :])
     return [slots[i] for i in range(len(batch))]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _read_stop(checked: CheckedRun) -> int:

@@ -250,3 +250,24 @@ def test_a_small_load_through_scratch_is_read_in_several_batches(tmp_path, monke
     result = shardstore.load(sd, url)
     assert torch.equal(sd["bands"], values["bands"])
     assert len(fetched) >= 4 and result.staged_bytes <= 2 * (4 << 20) + 2 * (64 << 10)  # two buffers of a quarter
+
+
+def test_every_placed_read_of_a_cold_load_gets_block_aligned_room(tmp_path, monkeypatch):
+    """Both scratch buffers start block-aligned, whatever the batches hold: a room that did not (the
+    second buffer after a batch of odd-sized chunks) was read through the bounce buffer and copied."""
+    from shardstore.storage import posix
+    from shardstore.storage.direct_io import DirectIO
+    from tools.bench_common import evict
+
+    url = str(tmp_path / "ck")
+    values = {f"bands{i}": torch.randn(2048, 1024) for i in range(4)}
+    values.update({f"odd{i}": torch.randn(1999, 520).to(torch.bfloat16) for i in range(4)})
+    shardstore.save(values, url)
+    rooms = []
+    real = DirectIO.pread_placed
+    monkeypatch.setattr(DirectIO, "pread_placed", lambda self, f, start, length, room: rooms.append(posix.address(room)) or real(self, f, start, length, room))
+    sd = {k: torch.zeros_like(v) for k, v in values.items()}
+    evict(url)
+    shardstore.load(sd, url)
+    assert all(torch.equal(sd[k], v) for k, v in values.items())
+    assert len(rooms) >= 4 and [a % posix.DIRECT_ALIGN for a in rooms] == [0] * len(rooms)
