@@ -163,9 +163,10 @@ def land_runs(
     if not batches:
         return 0
     size = max(sum(landing.scratch_nbytes for landing in batch) for batch in batches)
-    if any(landing.placed for landing in parts):  # the second buffer's rooms start block-aligned too: a room
-        size = _round_up(size, ROOM_ALIGN)  # that did not was read into a bounce buffer and copied (at 4 ranks,
-        # 46% of the bytes of a load through scratch)
+    # With placed runs, the second buffer starts block-aligned too: a room that did not was read into a
+    # bounce buffer and copied (at 4 ranks, 46% of the bytes of a load through scratch).
+    if any(landing.placed for landing in parts):
+        size = _round_up(size, ROOM_ALIGN)
     count = min(2, len(batches))
     scratch = take_kept(size * count)
     if scratch is None:
