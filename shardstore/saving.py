@@ -125,10 +125,10 @@ def write_and_commit(
     try:
         writer = coord.agree("reading the previous digests", lambda: IncrementalWriter.for_save(options.incremental, options.storage_options))
         share = (coord.rank, coord.world_size)
-        fault_ahead = spare_core(coord.ranks_on_this_host)
-        encoders = 1 if background else cores_per_rank(coord.ranks_on_this_host)
-        stats = coord.agree("writing chunks", lambda: _write(
-            dest, job.plan, cells, options.compressor, writer, stable_cells, fault_ahead, encoders, share))
+        here = coord.ranks_on_this_host
+        encoding = {"stable": stable_cells, "fault_ahead": spare_core(here), "ranks_here": here,
+                    "encoders": 1 if background else cores_per_rank(here)}
+        stats = coord.agree("writing chunks", lambda: _write(dest, job.plan, cells, options.compressor, writer, encoding, share))
         digests = None if writer is None else {k: v for d in coord.all_gather(writer.objects) for k, v in d.items()}
         coord.decide("committing", lambda: commit_metadata(
             dest, target, claim, job.plan, job.skeleton, options.compressor, options.user_metadata, digests))
@@ -140,18 +140,17 @@ def write_and_commit(
 
 
 def _write(dest: Storage, plan: GlobalSavePlan, cells, compressor: str | None, writer: IncrementalWriter | None,
-           stable_cells: bool, fault_ahead: bool, encoders: int, share: tuple[int, int]) -> WriteStats:
+           encoding: dict[str, Any], share: tuple[int, int]) -> WriteStats:
     """This rank's chunk objects and its ``share`` (rank, world size) of the arrays' metadata, durable
     (with their directories) by one sync before any rank reports done; an incremental save encodes and
-    writes only the cells that changed, linking the rest (``write_cells`` says what ``stable_cells``,
-    ``fault_ahead`` and ``encoders`` change)."""
+    writes only the cells that changed, linking the rest (``encoding``: ``write_cells``'s keyword
+    arguments, ``stable`` among them)."""
     write_array_metadata(dest, plan, compressor, share)
-    options = {"stable": stable_cells, "fault_ahead": fault_ahead, "encoders": encoders}
     if writer is None:
-        stats = write_cells(dest, plan, cells, compressor, **options)
+        stats = write_cells(dest, plan, cells, compressor, **encoding)
     else:
-        changed = writer.changed(dest, plan, cells, compressor, stable_cells)
-        stats = writer.account(write_cells(dest, plan, changed, compressor, writer.put, **options))
+        changed = writer.changed(dest, plan, cells, compressor, encoding["stable"])
+        stats = writer.account(write_cells(dest, plan, changed, compressor, writer.put, **encoding))
     dest.sync()
     return stats
 

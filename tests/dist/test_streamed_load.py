@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dtensor
 import shardstore
 from shardstore.errors import CorruptCheckpointError, PartialLoadError
 from tests.dist.test_integrity import (  # noqa: F401 - small_inner_chunks is a fixture
@@ -31,7 +30,7 @@ from tests.dist.test_integrity import (  # noqa: F401 - small_inner_chunks is a 
     _zeros_state,
     small_inner_chunks,
 )
-from tests.ranks import mesh, run_ranks
+from tests.ranks import run_ranks
 
 STAGING = 3000  # bytes: a couple of ~1 KiB inner chunks per buffer, so five 4 KiB tensors take many batches
 
@@ -272,30 +271,3 @@ def test_every_placed_read_of_a_cold_load_gets_block_aligned_room(tmp_path, monk
     shardstore.load(sd, url)
     assert all(torch.equal(sd[k], v) for k, v in values.items())
     assert len(rooms) >= 4 and [a % posix.DIRECT_ALIGN for a in rooms] == [0] * len(rooms)
-
-
-def _bands_loaded_on_every_rank(url: str, host_scratch: int) -> tuple[bool, int]:
-    """Save, then load, 16 MiB of column bands Shard(0) over every rank (all on this host), the host's
-    landing scratch set to ``host_scratch`` bytes: whether every value arrived, and the scratch used."""
-    from shardstore import api
-
-    m = mesh((torch.distributed.get_world_size(),))
-    values = torch.randn(4096, 1024, generator=torch.Generator().manual_seed(5))
-    shardstore.save({"bands": dtensor.distribute_tensor(values, m, [dtensor.Shard(0)], src_data_rank=None)}, url)
-    sd = {"bands": dtensor.distribute_tensor(torch.zeros_like(values), m, [dtensor.Shard(0)], src_data_rank=None)}
-    saved = api.LANDING_SCRATCH_BYTES, api.LANDING_SCRATCH_MIN
-    api.LANDING_SCRATCH_BYTES, api.LANDING_SCRATCH_MIN = host_scratch, 1 << 20
-    try:
-        result = shardstore.load(sd, url)
-    finally:
-        api.LANDING_SCRATCH_BYTES, api.LANDING_SCRATCH_MIN = saved
-    return torch.equal(sd["bands"].full_tensor(), values), result.staged_bytes
-
-
-@pytest.mark.parametrize("world", [2, 4])
-def test_the_ranks_on_a_host_share_its_landing_scratch(tmp_path, world):
-    """Each rank's scratch is its share of the host's (a first load faults all of it in): a rank that
-    needs more reads in more batches, and every value still arrives."""
-    out = run_ranks(world, _bands_loaded_on_every_rank, str(tmp_path / "ck"), 8 << 20)
-    share = (8 << 20) // world
-    assert all(ok and share // 2 < staged <= share for ok, staged in out), (share, out)
