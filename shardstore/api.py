@@ -253,11 +253,11 @@ def _land(storage: Storage, job: _LoadJob, staging_bytes: int, written: dict, ra
 
     Why a host's share: a process's first load faults its scratch in, and the kernel clears every
     page first; four ranks on two cores spent ~0.25 s of system time each doing so for 128 MiB each,
-    a third of their first load (1 GiB on 4 ranks, 6 alternating fresh starts: 1.79 s with 128 MiB a
-    rank against 1.37 s with 32 MiB, later loads alike). One rank keeps the whole: with fewer reads
-    in flight a batch, its later loads were ~10% slower at 32 MiB."""
+    a third of their first load (1 GiB on 4 ranks, 8 alternating fresh starts: first load 1.47 s with
+    128 MiB a rank against 1.09 s with 32 MiB, later loads 0.88 against 0.93 s). One rank keeps the
+    whole: with fewer reads in flight a batch, its later loads were ~10% slower at 32 MiB."""
     try:
-        scratch = min(staging_bytes, max(LANDING_SCRATCH_MIN, LANDING_SCRATCH_BYTES // max(1, ranks_here)))
+        scratch = min(staging_bytes, max(LANDING_SCRATCH_MIN, LANDING_SCRATCH_BYTES // ranks_here))
         return land_runs(storage, job.checked, job.layouts, job.dests.by_key(), scratch, written, spare_core(ranks_here))
     finally:
         for key in job.dests.scratch:  # tied targets were filled into scratch memory only, so far
