@@ -17,13 +17,16 @@ from typing import Mapping
 
 import torch
 
+from dtensor.placements import Box
+
 from shardstore.buffers import fault_in, keep, staging_buffer, take_kept
-from shardstore.codec import CRC_NBYTES, ArrayLayout, check_crc, decode_index, decode_inner_chunk, index_nbytes, inner_chunk_ranges
+from shardstore.codec import (CRC_NBYTES, ArrayLayout, check_crc, decode_index, decode_inner_chunk, index_nbytes, inner_chunk_ranges,
+                              inner_chunk_tensor, inner_chunk_values)
 from shardstore.errors import CorruptCheckpointError, MissingChunkError
 from shardstore.flatten import KeyPath, fqn
 from shardstore.format import object_key
-from shardstore.load_plan import ReadRun, ReadTask
-from shardstore.memcopy import copy_bytes
+from shardstore.load_plan import ReadRun, ReadTask, side_by_side
+from shardstore.memcopy import copy_bytes, copy_side_by_side
 from shardstore.storage import ROOM_ALIGN, ROOM_SLACK, Storage, io_map
 
 __all__ = ["CheckedRun", "check_runs", "read_checked", "read_runs", "land_runs", "place", "copy_into", "read_index"]
@@ -177,16 +180,20 @@ def land_runs(
     try:
         with ThreadPoolExecutor(1) as prefetch, ThreadPoolExecutor(_CHECKERS) as checkers:
             fetching = _start_landing(prefetch, storage, batches[0], buffers[0], destinations, written)
+            previous: list[Future] = []
             for i, batch in enumerate(batches):
                 slots = fetching.result()
-                if i + 1 < len(batches):
-                    fetching = _start_landing(prefetch, storage, batches[i + 1], buffers[(i + 1) % 2], destinations, written)
                 checks = [
                     checkers.submit(_check_landed, storage, layouts[landing.checked.run.key], landing, run_slots, destinations, written)
                     for landing, run_slots in zip(batch, slots)
                 ]
-                for check in checks:  # all done before the next fetch reuses this buffer
+                for check in previous:  # the batch before is done with the buffer the next fetch reuses
                     check.result()
+                if i + 1 < len(batches):
+                    fetching = _start_landing(prefetch, storage, batches[i + 1], buffers[(i + 1) % 2], destinations, written)
+                previous = checks
+            for check in previous:
+                check.result()
     finally:  # both pools have ended: nothing reads into the scratch any more
         keep(scratch)
     return size * count
@@ -201,6 +208,8 @@ class _Landing:
     targets: tuple[torch.Tensor | None, ...]  # per inner chunk, run.start .. run.stop - 1
     placed: bool  # every chunk goes through scratch, and the run is read as one range into room of its
     # own (``Storage.read_range_placed``), which a local cold read fills without a copy
+    tasks: tuple[tuple[ReadTask, ...], ...]  # per inner chunk, what is copied out of it
+    groups: tuple[int, ...]  # the chunks, in order, as groups copied in one pass (``side_by_side``)
 
     def chunks(self):
         """(inner chunk index, its stored range, its target or None), in file order."""
@@ -217,17 +226,20 @@ class _Landing:
 
 def _landing(checked: CheckedRun, layout: ArrayLayout, destinations: Mapping[KeyPath, list[torch.Tensor]], limit: int) -> _Landing:
     """Where ``checked``'s chunks land; placed when all go through scratch and the run is big enough to
-    be worth room of its own (from ``_PLACED_MIN``), its slack still within ``limit``."""
-    tasks: dict[int, list[ReadTask]] = {}
-    for task in checked.run.tasks:
-        tasks.setdefault(task.inner_index, []).append(task)
+    be worth room of its own (from ``_PLACED_MIN``), its slack still within ``limit``; the scratch chunks
+    grouped as they can be copied out (``side_by_side``)."""
     run = checked.run
-    targets = tuple(_target_memory(layout, tasks[i], checked.ranges[i], destinations) for i in range(run.start, run.stop))
+    by_chunk: dict[int, list[ReadTask]] = {}
+    for task in run.tasks:
+        by_chunk.setdefault(task.inner_index, []).append(task)
+    tasks = tuple(tuple(by_chunk[i]) for i in range(run.start, run.stop))
+    targets = tuple(_target_memory(layout, t, checked.ranges[i], destinations) for i, t in zip(range(run.start, run.stop), tasks))
     placed = all(target is None for target in targets) and _PLACED_MIN <= checked.nbytes <= limit
-    return _Landing(checked, targets, placed)
+    groups = side_by_side([t if target is None else None for target, t in zip(targets, tasks)], layout.inner_chunk_shape)
+    return _Landing(checked, targets, placed, tasks, tuple(groups))
 
 
-def _target_memory(layout: ArrayLayout, tasks: list[ReadTask], stored, destinations) -> torch.Tensor | None:
+def _target_memory(layout: ArrayLayout, tasks: tuple[ReadTask, ...], stored, destinations) -> torch.Tensor | None:
     """The memory the stored bytes of one inner chunk fill unchanged (as uint8), or None: the chunk is
     compressed, padded at the array's edge, split over several regions, or lands in memory that is
     strided, not on the CPU, of another dtype or with a lazy conjugate/negative bit."""
@@ -244,11 +256,11 @@ def _target_memory(layout: ArrayLayout, tasks: list[ReadTask], stored, destinati
     return region.detach().reshape(-1).view(torch.uint8)
 
 
-def _region(task: ReadTask, destinations: Mapping[KeyPath, list[torch.Tensor]]) -> torch.Tensor:
-    """The part of its destination tensor that ``task`` fills (the tensor itself when it fills all of it,
-    as one chunk fills a small tensor: no indexing)."""
-    dest = destinations[task.key][task.dest]
-    return dest if task.overlap == task.dest_box else dest[task.overlap.relative_to(task.dest_box)]
+def _region(task: ReadTask, destinations: Mapping[KeyPath, list[torch.Tensor]], box: Box | None = None) -> torch.Tensor:
+    """The part of its destination tensor that ``task`` fills, or ``box`` of it (the tensor itself when
+    that is all of it, as one chunk fills a small tensor: no indexing)."""
+    dest, box = destinations[task.key][task.dest], task.overlap if box is None else box
+    return dest if box == task.dest_box else dest[box.relative_to(task.dest_box)]
 
 
 def _start_landing(pool: ThreadPoolExecutor, storage: Storage, batch: list[_Landing], buffer, destinations, written) -> Future:
@@ -321,13 +333,34 @@ def _check_landed(storage: Storage, layout: ArrayLayout, landing: _Landing, slot
     if checked.index:
         where = f"{storage.key_url(checked.key)} (shard index of {fqn(run.key)!r})"
         check_index(layout, _data_end(checked.ranges) + checked.index, slots[-1], where, checked.ranges)
-    for (index, _, target), slot in zip(landing.chunks(), slots):
-        where = f"{storage.key_url(landing.checked.key)} inner chunk {index} of {fqn(run.key)!r}"
-        if target is not None:
-            check_crc(memoryview(target.numpy()), slot, where)
-            continue
-        values = decode_inner_chunk(layout, slot, where)
-        place([(t, values[t.overlap.relative_to(t.inner_box)]) for t in run.tasks if t.inner_index == index], destinations, written)
+    chunks, start = landing.chunks(), 0
+    for count in landing.groups:
+        group, start = range(start, start + count), start + count
+        values = []
+        for i in group:
+            index, _, target = chunks[i]
+            where = f"{storage.key_url(checked.key)} inner chunk {index} of {fqn(run.key)!r}"
+            if target is not None:
+                check_crc(memoryview(target.numpy()), slots[i], where)
+            else:
+                values.append(inner_chunk_values(layout, slots[i], where))
+        if values:
+            _place_chunks(layout, landing.tasks[group.start : group.stop], values, destinations, written)
+
+
+def _place_chunks(layout: ArrayLayout, chunk_tasks, values: list[memoryview], destinations, written) -> None:
+    """Copy verified inner chunks (their ``values``) out to their regions: a group of them side by side
+    (``side_by_side``) in one pass where ``copy_side_by_side`` can, else piece by piece."""
+    if len(values) > 1:
+        first = chunk_tasks[0][0]
+        box = Box(first.overlap.offsets, (*first.overlap.sizes[:-1], first.overlap.sizes[-1] * len(values)))
+        region = _region(first, destinations, box)
+        written.setdefault(fqn(first.key))
+        if copy_side_by_side(region, values, layout.dtype):
+            _count_write(region)
+            return
+    chunks = [inner_chunk_tensor(layout, v) for v in values]
+    place([(t, chunk[t.overlap.relative_to(t.inner_box)]) for tasks, chunk in zip(chunk_tasks, chunks) for t in tasks], destinations, written)
 
 
 def _fetch(storage: Storage, batch: list[CheckedRun], buffer) -> list[memoryview]:

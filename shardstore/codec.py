@@ -42,6 +42,8 @@ __all__ = [
     "check_index_bounds",
     "decode_index",
     "decode_inner_chunk",
+    "inner_chunk_tensor",
+    "inner_chunk_values",
     "encode_shard",
     "shard_parts",
     "index_nbytes",
@@ -363,6 +365,12 @@ def decode_inner_chunk(layout: ArrayLayout, raw: BytesLike, where: str) -> torch
     with ``raw`` when uncompressed; pass a writable buffer (``Storage`` returns ``bytearray``) so torch
     need not warn about a read-only one.
     """
+    return inner_chunk_tensor(layout, inner_chunk_values(layout, raw, where))
+
+
+def inner_chunk_values(layout: ArrayLayout, raw: BytesLike, where: str) -> memoryview:
+    """Verify one stored inner chunk (bytes + crc32c); its values as C-order bytes of the full inner shape
+    (a view of ``raw`` when uncompressed). ``decode_inner_chunk`` without making a tensor of them."""
     view = memoryview(raw).cast("B")
     nbytes = layout.inner_chunk_nbytes
     if len(view) < CRC_NBYTES or (layout.compressor is None and len(view) != nbytes + CRC_NBYTES):
@@ -372,9 +380,13 @@ def decode_inner_chunk(layout: ArrayLayout, raw: BytesLike, where: str) -> torch
         )
     _verify_crc(view, where)
     payload = view[:-CRC_NBYTES]
-    if layout.compressor is not None:
-        payload = _decompress(payload, nbytes, where)
-    flat = torch.frombuffer(payload, dtype=torch.uint8, count=nbytes)
+    return payload if layout.compressor is None else _decompress(payload, nbytes, where)
+
+
+def inner_chunk_tensor(layout: ArrayLayout, values: memoryview) -> torch.Tensor:
+    """An inner chunk's verified ``values`` (``inner_chunk_values``) as a tensor of the full inner shape,
+    sharing their memory."""
+    flat = torch.frombuffer(values, dtype=torch.uint8, count=layout.inner_chunk_nbytes)
     return flat.view(layout.dtype).reshape(layout.inner_chunk_shape)
 
 

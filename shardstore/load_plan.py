@@ -3,13 +3,13 @@
 ``load_targets(items)`` describes the regions this rank must fill, and ``plan_load(targets, stored)``
 checks them against the checkpoint (before any byte is read) and projects each region onto cells and
 inner chunks, so a rank reads only the inner chunks it needs; consecutive inner chunks of one object
-become one ranged read (``ReadRun``).
+become one ranged read (``ReadRun``). ``side_by_side`` groups a run's chunks that one copy can place.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from shardstore.flatten import KeyPath, fqn
 from shardstore.grid import cell_box, cells_overlapping, linear_index
 from shardstore.plan import Coords, dtype_name, layout_of_value
 
-__all__ = ["LoadRegion", "TargetTensor", "StoredArray", "ReadTask", "ReadRun", "LoadPlan", "load_targets", "plan_load"]
+__all__ = ["LoadRegion", "TargetTensor", "StoredArray", "ReadTask", "ReadRun", "LoadPlan", "load_targets", "plan_load", "side_by_side"]
 
 
 @dataclass(frozen=True)
@@ -206,3 +206,37 @@ def _runs(group: list[ReadTask]) -> Iterator[ReadRun]:
             first, last = group[start], group[i - 1]
             yield ReadRun(first.key, first.cell, first.inner_index, last.inner_index + 1, tuple(group[start:i]))
             start = i
+
+
+def side_by_side(chunk_tasks: Sequence[Sequence[ReadTask] | None], chunk_shape: tuple[int, ...]) -> list[int]:
+    """Consecutive inner chunks of a run, grouped where each goes whole to one region of a destination
+    and the group's regions lie side by side along the last dim, in order: the column bands of a row
+    block landing in a tensor that holds whole rows, copied then in one pass
+    (``memcopy.copy_side_by_side``). ``None`` marks a chunk that is not copied (it landed in place).
+    Returns the lengths of the groups, in order (1: a chunk on its own)."""
+    lengths: list[int] = []
+    first: ReadTask | None = None  # the current group's first chunk's task, None if it groups with none
+    for tasks in chunk_tasks:
+        task = _goes_whole(tasks, chunk_shape)
+        if first is not None and task is not None and _beside(first, task, lengths[-1]):
+            lengths[-1] += 1
+        else:
+            lengths.append(1)
+            first = task
+    return lengths
+
+
+def _goes_whole(tasks: Sequence[ReadTask] | None, chunk_shape: tuple[int, ...]) -> ReadTask | None:
+    """The task of a chunk copied whole into one region (unclipped), else None."""
+    if tasks is None or len(tasks) != 1:
+        return None
+    task = tasks[0]
+    return task if task.overlap == task.inner_box and task.inner_box.sizes == tuple(chunk_shape) else None
+
+
+def _beside(first: ReadTask, task: ReadTask, count: int) -> bool:
+    """Whether ``task``'s region lies right after the ``count`` regions from ``first``'s on, along the
+    last dim of the same destination."""
+    a, b = first.overlap, task.overlap
+    return (task.key, task.dest) == (first.key, first.dest) and b.offsets[:-1] == a.offsets[:-1] and \
+        b.offsets[-1] == a.offsets[-1] + count * a.sizes[-1]

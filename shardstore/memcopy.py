@@ -9,10 +9,12 @@ without the GIL, so the I/O threads keep the disk busy meanwhile.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-__all__ = ["as_bytes", "copy_bytes"]
+__all__ = ["as_bytes", "copy_bytes", "copy_side_by_side"]
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -30,7 +32,40 @@ def copy_bytes(dest: torch.Tensor, src: torch.Tensor) -> bool:
     return True
 
 
+def copy_side_by_side(dest: torch.Tensor, parts: list[memoryview], dtype: torch.dtype) -> bool:
+    """Copy ``parts`` into ``dest`` in one pass: C-order blocks of ``dtype`` values that fill it side by
+    side along its last dim (part ``j`` its ``j``-th slice of ``dest.shape[-1] // len(parts)``), lying at
+    equal distances in one buffer, as the column bands of a row block read back to back do. False,
+    copying nothing, where that does not apply: the caller copies part by part.
+
+    Why: one copy writes each row of ``dest`` whole, where part by part it is written a band at a time
+    in as many passes over its pages; the column bands of 1 GiB of fp32/bf16 tensors were copied in
+    0.43 s that way against 0.55 s band by band (one thread, rows of 256 B to 4 KiB)."""
+    count, item = len(parts), dest.element_size()
+    as_int = _SAME_SIZE_INT.get(item)
+    if count < 2 or as_int is None or dest.dtype != dtype or not _plain_cpu(dest) or dest.dim() == 0 or dest.shape[-1] % count:
+        return False
+    block = (*dest.shape[:-1], dest.shape[-1] // count)
+    nbytes = math.prod(block) * item
+    starts = [_address(part) for part in parts]
+    stride = starts[1] - starts[0]
+    if stride < nbytes or stride % item or any(len(p) != nbytes or a != starts[0] + j * stride for j, (p, a) in enumerate(zip(parts, starts))):
+        return False
+    numpy_int = np.dtype(_NUMPY_INT[item])
+    inner = tuple(math.prod(block[d + 1 :]) * item for d in range(len(block)))
+    # Every part lies ``stride`` bytes after the one before, inside one buffer: this view stays in it.
+    src = np.lib.stride_tricks.as_strided(np.frombuffer(parts[0], dtype=numpy_int), (count, *block), (stride, *inner), writeable=False)
+    out = dest.detach().view(as_int).numpy()
+    np.copyto(out.reshape(*block[:-1], count, block[-1]), np.moveaxis(src, 0, -2))
+    return True
+
+
+def _address(view: memoryview) -> int:
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data
+
+
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_NUMPY_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
 def _elements(t: torch.Tensor) -> np.ndarray:

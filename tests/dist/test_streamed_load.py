@@ -177,6 +177,29 @@ def test_a_cold_load_reads_runs_of_scratch_chunks_in_place(tmp_path, monkeypatch
         shardstore.load({k: torch.zeros_like(v) for k, v in values.items()}, url)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_the_column_bands_of_a_row_block_are_copied_in_one_pass(tmp_path, monkeypatch, dtype):
+    """Scratch chunks side by side in a target (a row block's column bands) are copied into it in one
+    pass, warm or cold; every value arrives. Past each chunk's 4-byte checksum, 8-byte values would lie
+    off their alignment: those chunks are copied one by one."""
+    from shardstore import chunk_reader
+    from tools.bench_common import evict
+
+    url = str(tmp_path / "ck")
+    values = {"bands": torch.randn(4096, 1024).to(dtype), "edges": torch.randn(1999, 520).to(dtype)}
+    shardstore.save(values, url)
+    calls = []
+    real = chunk_reader.copy_side_by_side
+    monkeypatch.setattr(chunk_reader, "copy_side_by_side", lambda dest, parts, dt: calls.append(real(dest, parts, dt)) or calls[-1])
+    for cold in (False, True):
+        sd = {k: torch.zeros_like(v) for k, v in values.items()}
+        if cold:
+            evict(url)
+        shardstore.load(sd, url)
+        assert all(torch.equal(sd[k], v) for k, v in values.items())
+    assert calls and all(calls) == (dtype != torch.float64) and any(calls) == (dtype != torch.float64)
+
+
 @pytest.mark.parametrize("compressor", [None, "zstd"])
 def test_a_streamed_load_reads_an_uncompressed_objects_index_with_its_data(tmp_path, small_inner_chunks, monkeypatch, compressor):
     """One read per uncompressed object: its size is checked (a stat), its index read with its chunks.

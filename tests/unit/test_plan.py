@@ -10,7 +10,7 @@ import torch
 
 from dtensor.placements import Box, Partial, Replicate, Shard
 from shardstore.errors import StateDictMismatchError
-from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
+from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load, side_by_side
 from shardstore.plan import local_save_plan, merge_save_plans
 from tests.planning import FakeDTensor, per_rank, read_counts, write_counts
 
@@ -249,6 +249,31 @@ def test_a_column_slice_reads_only_its_inner_chunks():
     task = plan.runs[1].tasks[0]
     assert (task.inner, task.inner_box, task.overlap, task.dest) == ((1, 1), Box((1, 2), (1, 2)), Box((1, 2), (1, 1)), 5)
     assert_exactly_once(read_counts(plan, targets))
+
+
+def chunk_tasks(run):
+    return [[t for t in run.tasks if t.inner_index == i] for i in range(run.start, run.stop)]
+
+
+def test_the_column_bands_of_a_row_block_are_grouped_side_by_side():
+    plan = plan_load(target_w(), stored_w())  # inner chunks (1, 2): each row block is two column bands
+    assert [side_by_side(chunk_tasks(run), (1, 2)) for run in plan.runs] == [[2, 2], [2, 2]]
+    a, b, c, d = chunk_tasks(plan.runs[0])
+    assert side_by_side([a, None, c, d], (1, 2)) == [1, 1, 2]  # one landed in place
+    assert side_by_side([b, a], (1, 2)) == [1, 1]  # out of order
+    assert side_by_side([a, d], (1, 2)) == [1, 1]  # another row
+    assert side_by_side([a, b], (2, 2)) == [1, 1]  # clipped: smaller than an inner chunk
+
+
+@pytest.mark.parametrize("regions", [
+    ((Box((0, 0), (4, 2)), 0), (Box((0, 2), (4, 2)), 1)),  # each band into a tensor of its own
+    ((Box((0, 0), (4, 3)), 0), (Box((0, 3), (4, 1)), 1)),  # the second band split between two
+    ((Box((0, 1), (4, 2)), 0),),  # a column slice: part of each band
+])
+def test_bands_not_filling_one_region_side_by_side_are_copied_one_by_one(regions):
+    targets = {("w",): TargetTensor(("w",), (4, 4), "float32", tuple(LoadRegion(box, dest) for box, dest in regions))}
+    for run in plan_load(targets, stored_w()).runs:
+        assert side_by_side(chunk_tasks(run), (1, 2)) == [1] * (run.stop - run.start)
 
 
 def test_reshard_row_sharded_save_onto_column_sharded_load():
