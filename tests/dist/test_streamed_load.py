@@ -265,7 +265,7 @@ def test_a_small_load_through_scratch_is_read_in_several_batches(tmp_path, monke
     url = str(tmp_path / "ck")
     values = {"bands": torch.randn(4096, 1024)}  # 16 MiB in column-band inner chunks: through scratch
     shardstore.save(values, url)
-    monkeypatch.setattr(chunk_reader, "_LANDING_PIECE", 1 << 20)
+    monkeypatch.setattr(chunk_reader, "_BATCH_MIN", 1 << 20)
     fetched = []
     real = chunk_reader._fetch_landing
     monkeypatch.setattr(chunk_reader, "_fetch_landing", lambda storage, batch, buffer: fetched.append(len(batch)) or real(storage, batch, buffer))
