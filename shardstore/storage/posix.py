@@ -14,6 +14,7 @@ import stat
 
 import numpy as np
 
+from shardstore.memcopy import address
 from shardstore.storage.base import HeldLock
 
 _RENAME_EXCHANGE = 2
@@ -230,10 +231,6 @@ def _after(views: list[memoryview], skip: int) -> list[memoryview]:
             out.append(view[skip:])
         skip = max(0, skip - len(view))
     return out
-
-
-def address(view: memoryview) -> int:
-    return np.frombuffer(view, dtype=np.uint8).ctypes.data if len(view) else 0
 
 
 def gone_is_fine(function, path: str, exc_info) -> None:
