@@ -23,6 +23,7 @@ __all__ = ["DirectIO", "bounce_buffer"]
 
 _ALIGN = posix.DIRECT_ALIGN
 _WRITE_MIN = 1 << 20  # below this, O_DIRECT gains nothing over the page cache
+_SYNC_WRITE_MIN = 8 << 20  # heads from this size are written O_DSYNC: durable as they land (``write_head``)
 _READ_MIN = 1 << 20  # reads from this size go around the page cache when it does not hold them
 _BOUNCE_BYTES = (4 << 20) + 2 * _ALIGN  # a 4 MiB range at any offset in one aligned O_DIRECT read
 
@@ -70,12 +71,23 @@ class DirectIO:
 
     def write_head(self, path: str, view: memoryview) -> int:
         """Write the block-aligned head of ``view`` to the new file ``path`` with ``O_DIRECT``; the bytes
-        written (0 where the data is small or unaligned, or the filesystem refuses O_DIRECT)."""
+        written (0 where the data is small or unaligned, or the filesystem refuses O_DIRECT). A head of
+        ``_SYNC_WRITE_MIN`` bytes or more is written ``O_DSYNC`` too: durable when the write returns.
+
+        Why: a device with a write cache (this project's VM disk) takes O_DIRECT writes into it at once
+        and persists them only when flushed, and a flush holds up the writes behind it; so a save whose
+        objects are all flushed at the end pays for encoding them, then for persisting them, one after
+        the other (1 GiB in one process: writes done 0.8-1.0 s in, then a 1.45 s flush). Written
+        ``O_DSYNC``, each object is persisted while the next ones are encoded: 1 GiB, fresh processes
+        alternating with the code before, first save 2.49 -> 2.26 s in one process, 2.45 -> 2.17 s on
+        2 ranks, 2.65 -> 2.31 s on 4 (medians of 3-4 starts). Smaller heads wait for ``sync()``: a
+        flush each cost more than it overlapped (1 GiB in 2 MiB writes: 2.6 s against 2.1 s)."""
         head = len(view) // _ALIGN * _ALIGN
         if head < _WRITE_MIN or posix.address(view) % _ALIGN or not self.ok:
             return 0
+        durable_now = os.O_DSYNC if head >= _SYNC_WRITE_MIN and hasattr(os, "O_DSYNC") else 0
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC | durable_now)
         except OSError as exc:
             self._refused(exc)
             return 0

@@ -12,8 +12,9 @@ exclusively and written in place, which spares a rename per object; a key that e
 gets a temporary and a rename. When durable,
 objects of ``_SYNC_AT_WRITE`` bytes or more written through the page cache are fsync'd by the writing
 thread before the rename (their flush overlaps other writes). Every other object (small ones, and big
-ones written with ``O_DIRECT``, whose bytes are on the device already: only a tail under one block and
-the inode wait in memory) and every directory whose entries changed (a rename landed in it, a
+ones written with ``O_DIRECT``, whose bytes have passed the page cache: only a tail under one block and
+the inode wait in memory, and a device's write cache may still hold the rest unless the head went
+``O_DSYNC``: ``DirectIO.write_head``) and every directory whose entries changed (a rename landed in it, a
 sub-directory was created in it) are remembered and made durable by ``sync()``: one ``syncfs`` of the
 filesystem when there are many (a save of a thousand small tensors makes thousands of files and
 directories, and one flush of the filesystem costs a fraction of an fsync each: an fsync per 1 MiB

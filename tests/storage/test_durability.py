@@ -132,6 +132,31 @@ def test_large_aligned_writes_go_around_the_page_cache_and_round_trip(tmp_path, 
     assert len(opened) == (1 if refused else 2)  # once refused, not tried again
 
 
+@pytest.mark.skipif(not hasattr(os, "O_DSYNC"), reason="no O_DSYNC on this system")
+def test_big_heads_are_durable_as_they_are_written_smaller_ones_wait_for_sync(tmp_path, monkeypatch, syncs):
+    """A head of 8 MiB or more is written O_DSYNC (persisted while the next objects are encoded); a
+    smaller O_DIRECT head is not, and every object still waits for ``sync()`` (its tail and inode)."""
+    flags_of = {}
+    real_open = os.open
+
+    def spy(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            flags_of[os.path.basename(path).split(".tmp-")[0]] = flags  # written as a temporary, then renamed
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(local.os, "open", spy)
+    buffer = mmap.mmap(-1, 9 << 20)
+    data = os.urandom(len(buffer) - 5)
+    buffer[: len(data)] = data
+    storage = local.LocalStorage(str(tmp_path / "s"))
+    storage.write("big", memoryview(buffer)[: len(data)])
+    storage.write("medium", memoryview(buffer)[: 2 << 20])
+    assert flags_of["big"] & os.O_DSYNC and not flags_of["medium"] & os.O_DSYNC
+    storage.sync()
+    assert syncs, "the objects still wait for sync()"
+    assert bytes(storage.read("big")) == data and bytes(storage.read("medium")) == data[: 2 << 20]
+
+
 def test_deferred_objects_of_64_kib_or_more_start_their_write_back_when_written(tmp_path, monkeypatch):
     """Objects left to the final sync start their write-back as soon as they are written (no wait), so the
     flush at the end finds less left; smaller ones, and saves that need not be durable, do not."""
