@@ -79,7 +79,7 @@ class DirectIO:
         objects are all flushed at the end pays for encoding them, then for persisting them, one after
         the other (1 GiB in one process: writes done 0.8-1.0 s in, then a 1.45 s flush). Written
         ``O_DSYNC``, each object is persisted while the next ones are encoded: 1 GiB, fresh processes
-        alternating with the code before, first save 2.49 -> 2.26 s in one process, 2.45 -> 2.17 s on
+        alternating with the code before, first save 2.57 -> 2.30 s in one process, 2.50 -> 2.27 s on
         2 ranks, 2.65 -> 2.31 s on 4 (medians of 3-4 starts). Smaller heads wait for ``sync()``: a
         flush each cost more than it overlapped (1 GiB in 2 MiB writes: 2.6 s against 2.1 s)."""
         head = len(view) // _ALIGN * _ALIGN
