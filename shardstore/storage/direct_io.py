@@ -74,7 +74,7 @@ class DirectIO:
         written (0 where the data is small or unaligned, or the filesystem refuses O_DIRECT). A head of
         ``_SYNC_WRITE_MIN`` bytes or more is written ``O_DSYNC`` too: durable when the write returns.
 
-        Why: a device with a write cache (this project's VM disk) takes O_DIRECT writes into it at once
+        Why: a device with a write cache (the benchmark VM's disk) takes O_DIRECT writes into it at once
         and persists them only when flushed, and a flush holds up the writes behind it; so a save whose
         objects are all flushed at the end pays for encoding them, then for persisting them, one after
         the other (1 GiB in one process: writes done 0.8-1.0 s in, then a 1.45 s flush). Written
