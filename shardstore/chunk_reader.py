@@ -162,10 +162,11 @@ def land_runs(
     that a chunk failing its checksum has already landed, so ``written`` gets each tensor's name before
     its first byte arrives and the caller raises ``PartialLoadError`` naming them.
     """
-    piece = min(budget // 2, _LANDING_PIECE, max(_BATCH_MIN, sum(c.nbytes for c in checked) // _BATCHES))
+    piece = min(_LANDING_PIECE, _batch_limit(budget, sum(c.nbytes for c in checked)))
     limit = piece - _ROOM_EXTRA if piece >= _PLACED_MIN + _ROOM_EXTRA else piece  # room for a run's slack
     parts = [_landing(part, layouts[part.run.key], destinations, limit) for c in checked for part in _split(c, limit)]
-    batches = _batches(parts, _batch_limit(parts, budget), size=lambda landing: landing.scratch_nbytes)
+    limit_of_batch = _batch_limit(budget, sum(landing.scratch_nbytes for landing in parts))
+    batches = _batches(parts, limit_of_batch, size=lambda landing: landing.scratch_nbytes)
     if not batches:
         return 0
     size = max(sum(landing.scratch_nbytes for landing in batch) for batch in batches)
@@ -405,13 +406,14 @@ def _sub_run(checked: CheckedRun, start: int, stop: int) -> CheckedRun:
     return CheckedRun(ReadRun(run.key, run.cell, start, stop, tasks), checked.key, checked.ranges, index)
 
 
-def _batch_limit(parts: list[_Landing], budget: int) -> int:
-    """Scratch bytes per batch: half the ``budget`` (two buffers), but a ``_BATCHES``-th of the scratch
-    the load needs where that is less (and at least ``_BATCH_MIN``), so a small load's first batch is
-    verified while the next is read (in one batch it read everything before verifying anything). A
-    chunk landing in place takes only its checksum's bytes: its verification is cheap, and splitting
-    such loads only added waits (1000 tensors from the page cache: 0.87 s against 0.84)."""
-    need = sum(landing.scratch_nbytes for landing in parts)
+def _batch_limit(budget: int, need: int) -> int:
+    """Bytes per batch of a load needing ``need`` bytes: half the ``budget`` (two buffers), but a
+    ``_BATCHES``-th of ``need`` where that is less (and at least ``_BATCH_MIN``), so a small load's first
+    batch is verified while the next is read (in one batch it read everything before verifying
+    anything). Batches count scratch bytes (``land_runs``): a chunk landing in place takes only its
+    checksum's bytes, as its verification is cheap, and splitting such loads only added waits (1000
+    tensors from the page cache: 0.87 s against 0.84). A read piece is at most one batch of the whole
+    load's bytes."""
     return min(budget // 2, max(_BATCH_MIN, need // _BATCHES))
 
 
