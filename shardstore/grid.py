@@ -66,11 +66,15 @@ def choose_chunk_shape(
 def _split_dims(chunks: list[int], cut: list[bool], itemsize: int, max_cell_bytes: int) -> None:
     """Split ``chunks`` along dims, outermost first, until a cell holds at most ``max_cell_bytes``.
 
-    A dim nobody cuts is split into equal pieces. A cut dim only by a divisor of its chunk (every box
-    boundary stays a cell boundary, so each cell keeps a single holder) of at least half the size that
-    would fit; else it is left whole (a prime-sized shard is not cut into slivers). Outermost first, so
-    a row-sharded tensor is split into row bands, which keep each column slice of a later load as
-    narrow as before."""
+    A cut dim only by a divisor of its chunk (every box boundary stays a cell boundary, so each cell
+    keeps a single holder) of at least half the size that would fit; else it is left whole (a
+    prime-sized shard is not cut into slivers). A dim nobody cuts by such a divisor too where it has one,
+    else into equal pieces. Outermost first, so a row-sharded tensor is split into row bands, which keep
+    each column slice of a later load as narrow as before.
+
+    Why a divisor where one fits: a shard of prime rows has its columns split instead, and 1024 columns
+    in three equal pieces (342 wide) met none of the quarter boundaries of a Shard(1) load on 4 ranks
+    (those ranks read up to 2x their bytes of such a tensor); four pieces of 256 are their quarters."""
     for d, is_cut in enumerate(cut):
         cell_bytes = math.prod(chunks) * itemsize
         if cell_bytes <= max_cell_bytes:
@@ -78,10 +82,10 @@ def _split_dims(chunks: list[int], cut: list[bool], itemsize: int, max_cell_byte
         fits = max(1, chunks[d] * max_cell_bytes // cell_bytes)
         if chunks[d] <= 1:
             continue
-        if not is_cut:
-            chunks[d] = -(-chunks[d] // -(-chunks[d] // fits))  # equal pieces, each at most `fits`
-        elif 2 * (part := largest_divisor_at_most(chunks[d], fits)) >= fits:
+        if 2 * (part := largest_divisor_at_most(chunks[d], fits)) >= fits:
             chunks[d] = part
+        elif not is_cut:
+            chunks[d] = -(-chunks[d] // -(-chunks[d] // fits))  # equal pieces, each at most `fits`
 
 
 def grid_shape(chunk_shape: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:

@@ -199,6 +199,8 @@ def test_layout_geometry():
     ((64, 1024, 1024), 4, (1, 256, 256)),  # leading dims shrink first, then the cut
     ((100, 1000, 100), 4, (10, 250, 100)),  # a quarter of 100 fp32 columns is under 512 bytes a row
     ((8191, 8192), 4, (8191, 128)),  # prime rows: split columns instead; no divisor near a quarter
+    ((23247, 512), 2, (2583, 256)),  # a quarter of 512 bf16 columns is under 512 bytes a row: halves
+    ((23247, 128), 4, (7749, 128)),  # halves of 128 fp32 columns are too narrow as well: whole columns
     ((3, 102400), 4, (3, 25600)),  # fewer rows than splits stay whole
     ((1 << 20,), 4, (1 << 18,)),  # 1-D over 1 MiB: a quarter
     ((2000006,), 4, (1000003,)),  # 2 x prime: one oversized-but-close chunk, not 1-element ones
@@ -282,6 +284,17 @@ def test_loads_splitting_a_saved_shard_up_to_4_ways_read_only_what_they_need(row
             assert read == needed
         else:
             assert needed <= read <= 2 * saved_shard and read % saved_shard == 0
+
+
+@pytest.mark.parametrize("rows,dtype", [(46494, torch.bfloat16), (66182, torch.bfloat16), (58762, torch.bfloat16),
+                                        (38570, torch.float32), (122132, torch.bfloat16)])
+@pytest.mark.parametrize("load_mesh", [2, 4])
+def test_column_sharded_loads_of_shards_split_for_want_of_a_row_divisor_read_only_what_they_need(rows, dtype, load_mesh):
+    """Big shards whose row counts have no divisor near what fits in a cell (prime 33091, 23247 = 3^4 x 7
+    x 41, 29381 = 11 x 2671, ...) are split along their columns: a Shard(1) load on 2
+    or 4 ranks reads exactly its bytes (these shapes made the 2 GiB benchmark read 1.06x)."""
+    for read, needed in _bytes_read(rows, dtype, load_mesh, 1, choose_inner_chunk_shape):
+        assert read == needed
 
 
 @pytest.mark.parametrize("rows,dtype", BENCHMARK_TENSORS + [(1000, torch.float32), (3000, torch.bfloat16), (96, torch.float32)])

@@ -58,7 +58,14 @@ def test_max_cell_bytes_splits_outer_dims_first_and_cut_dims_only_at_divisors():
     assert choose_chunk_shape(shape, sharded, itemsize=4, max_cell_bytes=10**9) == (250, 64)
     prime = boxes((1018, 64), (2,), (Shard(0),))  # shards of 509 rows: no divisor near 10, so columns are split
     assert choose_chunk_shape((1018, 64), prime, itemsize=4, max_cell_bytes=64 * 4 * 10) == (509, 1)
-    assert choose_chunk_shape((1000,), [Box((0,), (1000,))], max_cell_bytes=334) == (334,)
+    whole = [Box((0,), (1000,))]  # nobody cuts: a divisor within half of what fits, else equal pieces
+    assert choose_chunk_shape((1000,), whole, max_cell_bytes=334) == (250,)
+    assert choose_chunk_shape((1009,), [Box((0,), (1009,))], max_cell_bytes=334) == (253,)
+
+
+def test_columns_split_for_want_of_a_row_divisor_fall_on_the_quarters_of_a_column_sharded_load():
+    prime = boxes((1018, 1024), (2,), (Shard(0),))  # 509 rows each; 400 columns fit: 3 equal pieces were 342 wide
+    assert choose_chunk_shape((1018, 1024), prime, itemsize=2, max_cell_bytes=509 * 2 * 400) == (509, 256)
 
 
 def test_cell_box_clips_and_rejects_outside():
