@@ -28,7 +28,10 @@ from shardstore import format as fmt
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointChangedError, MissingChunkError, PartialLoadError, ShardstoreError
 from shardstore.cell_writer import cells_of
-from shardstore.chunk_reader import check_runs, land_runs, place, read_checked
+from shardstore.landing import land_runs
+from shardstore.object_check import check_runs
+from shardstore.placing import place
+from shardstore.staged_read import read_checked
 from shardstore.gc_pause import gc_paused
 from shardstore.flatten import KeyPath, display_names, fill_plain_values, flatten, fqn, is_tensor_like, unflatten
 from shardstore.hf import is_safetensors, load_safetensors

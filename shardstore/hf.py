@@ -17,7 +17,7 @@ from shardstore.convert.safetensors import SafetensorsSource
 from shardstore.convert.sources import SAFETENSORS_FILE, SAFETENSORS_INDEX
 from shardstore.coordinator import Coordinator
 from shardstore.errors import StateDictMismatchError, UnsupportedInputError
-from shardstore.chunk_reader import copy_into
+from shardstore.placing import copy_into
 from shardstore.flatten import flatten, fqn, is_tensor_like
 from shardstore.format import ZARR_JSON
 from shardstore.inputs import check_targets, local_tensor

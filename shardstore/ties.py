@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from shardstore.errors import StateDictMismatchError
-from shardstore.chunk_reader import copy_into
+from shardstore.placing import copy_into
 from shardstore.flatten import KeyPath, fqn
 
 __all__ = ["Destinations"]
@@ -38,7 +38,7 @@ class Destinations:
         return cls(targets, ties, scratch)
 
     def by_key(self) -> dict[KeyPath, list[torch.Tensor]]:
-        """What ``chunk_reader.place`` copies into, per key."""
+        """What ``placing.place`` copies into, per key."""
         return {k: [self.scratch.get(k, t)] for k, t in self.targets.items()}
 
     def check_ties(self) -> None:

@@ -16,7 +16,7 @@ from typing import Callable
 from shardstore import format as fmt
 from shardstore.codec import ArrayLayout, decode_inner_chunk
 from shardstore.errors import CorruptCheckpointError
-from shardstore.chunk_reader import read_index
+from shardstore.object_check import read_index
 from shardstore.format import object_key
 from shardstore.flatten import display_names, node_path
 from shardstore.storage import Storage

@@ -182,15 +182,15 @@ def test_the_column_bands_of_a_row_block_are_copied_in_one_pass(tmp_path, monkey
     """Scratch chunks side by side in a target (a row block's column bands) are copied into it in one
     pass, warm or cold, whatever the dtype; every value arrives. A target whose rows are not contiguous
     (a transposed one) gets them chunk by chunk."""
-    from shardstore import chunk_reader
+    from shardstore import landing
     from tools.bench_common import evict
 
     url = str(tmp_path / "ck")
     values = {"bands": torch.randn(4096, 1024).to(dtype), "edges": torch.randn(1999, 520).to(dtype)}
     shardstore.save(values, url)
     calls = []
-    real = chunk_reader.copy_side_by_side
-    monkeypatch.setattr(chunk_reader, "copy_side_by_side", lambda dest, parts, dt: calls.append(real(dest, parts, dt)) or calls[-1])
+    real = landing.copy_side_by_side
+    monkeypatch.setattr(landing, "copy_side_by_side", lambda dest, parts, dt: calls.append(real(dest, parts, dt)) or calls[-1])
     for cold in (False, True):
         sd = {k: torch.zeros_like(v) for k, v in values.items()}
         if cold:
@@ -228,15 +228,15 @@ def test_a_streamed_load_reads_an_uncompressed_objects_index_with_its_data(tmp_p
 def test_a_loads_scratch_is_kept_for_the_next_load_and_save(tmp_path, monkeypatch):
     """Column bands land through scratch memory; the process keeps it, so the next load lands in the
     same pages (no fresh memory) and the next save encodes into them."""
-    from shardstore import buffers, chunk_reader
+    from shardstore import buffers, landing
 
     url = str(tmp_path / "ck")
     values = {"bands": torch.randn(4096, 1024)}  # 16 MiB in column-band inner chunks
     shardstore.save(values, url)
     monkeypatch.setattr(buffers, "_kept", (0, None))  # nothing kept yet
     fresh = []
-    real = chunk_reader.staging_buffer
-    monkeypatch.setattr(chunk_reader, "staging_buffer", lambda n: fresh.append(n) or real(n))
+    real = landing.staging_buffer
+    monkeypatch.setattr(landing, "staging_buffer", lambda n: fresh.append(n) or real(n))
     for _ in range(2):
         sd = {"bands": torch.zeros(4096, 1024)}
         result = shardstore.load(sd, url)
@@ -264,15 +264,15 @@ def test_kept_memory_too_small_for_a_load_stays_kept(monkeypatch):
 def test_a_small_load_through_scratch_is_read_in_several_batches(tmp_path, monkeypatch):
     """Scratch chunks of a load far under ``staging_bytes`` still come in several batches, so the first
     is verified and copied while the next is read (one batch read everything before verifying any)."""
-    from shardstore import chunk_reader
+    from shardstore import landing
 
     url = str(tmp_path / "ck")
     values = {"bands": torch.randn(4096, 1024)}  # 16 MiB in column-band inner chunks: through scratch
     shardstore.save(values, url)
-    monkeypatch.setattr(chunk_reader, "_BATCH_MIN", 1 << 20)
+    monkeypatch.setattr(landing, "_BATCH_MIN", 1 << 20)
     fetched = []
-    real = chunk_reader._fetch_landing
-    monkeypatch.setattr(chunk_reader, "_fetch_landing", lambda storage, batch, buffer: fetched.append(len(batch)) or real(storage, batch, buffer))
+    real = landing._fetch_landing
+    monkeypatch.setattr(landing, "_fetch_landing", lambda storage, batch, buffer: fetched.append(len(batch)) or real(storage, batch, buffer))
     sd = {"bands": torch.zeros(4096, 1024)}
     result = shardstore.load(sd, url)
     assert torch.equal(sd["bands"], values["bands"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shardstore
-from shardstore import chunk_reader, saving
+from shardstore import landing, saving, staged_read
 from shardstore import format as fmt
 from shardstore.codec import ArrayLayout, ByteRange, check_index_bounds, decode_index, index_nbytes
 from shardstore.tiling import choose_inner_chunk_shape
@@ -30,10 +30,11 @@ def small_inner_chunks(monkeypatch):
 
 @pytest.fixture
 def staging(monkeypatch) -> list[int]:
-    """The sizes of every staging buffer a load allocates."""
+    """The sizes of every staging buffer a load allocates (streamed or all or nothing)."""
     sizes: list[int] = []
-    real = chunk_reader.staging_buffer
-    monkeypatch.setattr(chunk_reader, "staging_buffer", lambda n: sizes.append(n) or real(n))
+    for module in (landing, staged_read):
+        real = module.staging_buffer
+        monkeypatch.setattr(module, "staging_buffer", lambda n, real=real: sizes.append(n) or real(n))
     return sizes
 
 
@@ -75,7 +76,7 @@ def test_forged_index_entry_is_refused_before_anything_is_allocated(tmp_path, sm
 
 def _refused_as_it_lands(url: str, object_nbytes: int, staging: list[int]) -> str:
     """A streamed load reads an uncompressed object's index with its data, at the offsets its layout
-    implies, and checks it as it lands (``chunk_reader.check_runs``): nothing is sized by the forged
+    implies, and checks it as it lands (``object_check.check_runs``): nothing is sized by the forged
     entries, and the load fails once the object has landed, ``PartialLoadError`` naming the tensors
     already changed, its cause the forged index."""
     sd = target()

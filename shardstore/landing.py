@@ -1,16 +1,15 @@
-"""Carrying out a load plan: read, verify and place the chunks this rank needs.
+"""Landing a load's chunks: each run of inner chunks read straight into its targets, every chunk's
+crc32c verified as it lands (the default load).
 
-The plan (``load_plan.py``) says what; this module moves bytes. It first checks every object's shard
-index (``check_runs``: present, long enough, the layout the metadata promises, every entry inside the
-object, every needed inner chunk stored), then fetches each run of inner chunks lying back to back in the
-object with one ranged read: straight into the targets where a chunk lands unchanged, else through two
-reused scratch buffers, every chunk's crc32c verified as it lands (``land_runs``); or, all or nothing,
-every chunk into staging memory and verified before any is copied (``read_checked``, then ``place``).
+The objects were checked first (``object_check.py``). A chunk whose target is one contiguous stretch of
+memory is read into that memory itself; the others go through two reused scratch buffers, the next
+batch read while this one is verified and copied out (``placing.py``). Memory stays bounded and nothing
+is staged twice; the price is that a chunk failing its checksum has already landed, which the caller
+reports as ``PartialLoadError`` (all or nothing: ``staged_read.py``).
 """
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping
@@ -20,16 +19,15 @@ import torch
 from dtensor.placements import Box
 
 from shardstore.buffers import fault_in, keep, staging_buffer, take_kept
-from shardstore.codec import (CRC_NBYTES, ArrayLayout, check_crc, decode_index, decode_inner_chunk, index_nbytes, inner_chunk_ranges,
-                              inner_chunk_tensor, inner_chunk_values)
-from shardstore.errors import CorruptCheckpointError, MissingChunkError
+from shardstore.codec import CRC_NBYTES, ArrayLayout, check_crc, inner_chunk_tensor, inner_chunk_values
 from shardstore.flatten import KeyPath, fqn
-from shardstore.format import object_key
-from shardstore.load_plan import ReadRun, ReadTask, side_by_side
-from shardstore.memcopy import copy_bytes, copy_side_by_side
-from shardstore.storage import ROOM_ALIGN, ROOM_SLACK, Storage, io_map
+from shardstore.load_plan import ReadTask, side_by_side
+from shardstore.memcopy import copy_side_by_side
+from shardstore.object_check import CheckedRun, check_index, data_end, sub_run
+from shardstore.placing import count_write, place, target_region
+from shardstore.storage import ROOM_ALIGN, ROOM_SLACK, Storage
 
-__all__ = ["CheckedRun", "check_runs", "read_checked", "read_runs", "land_runs", "place", "copy_into", "read_index"]
+__all__ = ["land_runs"]
 
 _LANDING_PIECE = 32 << 20  # a landing load reads runs in pieces of at most this many bytes (and at most
 # half a scratch buffer, a ``_BATCHES``-th of the load), a batch's pieces concurrently: one sequential read
@@ -42,100 +40,6 @@ _BATCHES = 4  # a load's scratch chunks are read in at least this many batches (
 _CHECKERS = 2  # threads verifying and placing landed runs: with reads landing in place (O_DIRECT into the
 # scratch buffers) the read threads sit idle, and checksums and strided copies were one core's work
 
-
-@dataclass(frozen=True)
-class CheckedRun:
-    """A read run whose object was checked; ``ranges`` are its shard index's entries.
-
-    ``index`` is 0 when the index was read and checked already; else the object is uncompressed, its
-    size was checked against the ``ranges`` its layout implies, and its ``index`` bytes follow this run's
-    last chunk: they are read with the run and checked as it lands (``land_runs``)."""
-
-    run: ReadRun
-    key: str  # the object's storage key
-    ranges: tuple
-    index: int = 0
-
-    @property
-    def span(self) -> tuple[int, int]:
-        """The bytes of the run's inner chunks (without any index read with them)."""
-        return self.ranges[self.run.start].offset, self.ranges[self.run.stop - 1].stop
-
-    @property
-    def nbytes(self) -> int:
-        start, stop = self.span
-        return stop - start
-
-
-def check_runs(
-    storage: Storage,
-    runs: tuple[ReadRun, ...],
-    layouts: Mapping[KeyPath, ArrayLayout],
-    nodes: Mapping[KeyPath, str],
-    index_as_it_lands: bool = False,
-) -> list[CheckedRun]:
-    """Check every object the runs touch, concurrently: its size, then its shard index (a small read at
-    its end); runs come back split where their inner chunks are not back to back.
-
-    A missing or truncated object, or a needed inner chunk that is not stored, fails here, before any
-    data is read or any memory for it is allocated: every index entry lies inside its object, so the
-    bytes the runs need are backed by the objects. With ``index_as_it_lands``, an uncompressed object
-    that a run reads to the end of its chunks and whose size is the one its layout implies has its
-    index read with that run and checked as it lands (``CheckedRun.index``): one read of the object, not
-    two, for the price that a rewritten or forged index of the right size fails only once the run's
-    bytes have landed. Else a rewritten or forged index fails here too.
-    """
-    keys = [object_key(nodes[run.key], layouts[run.key], run.cell) for run in runs]
-    objects: dict[str, list[ReadRun]] = {}
-    for key, run in zip(keys, runs):
-        objects.setdefault(key, []).append(run)
-    found = io_map(lambda item: _object_ranges(storage, layouts[item[1][0].key], *item, index_as_it_lands), list(objects.items()))
-    ranges = dict(zip(objects, found))
-    checked = []
-    for run, key in zip(runs, keys):
-        stored, index = ranges[key]
-        _check_stored(storage, run, key, stored)
-        checked += _back_to_back(CheckedRun(run, key, stored, index if _reads_to_end(run, stored) else 0))
-    return checked
-
-
-def _object_ranges(storage: Storage, layout: ArrayLayout, key: str, runs: list[ReadRun], index_as_it_lands: bool) -> tuple[tuple, int]:
-    """The object's inner chunk ranges and how many index bytes its last run must read and check (0:
-    the index was read and checked here)."""
-    if index_as_it_lands and layout.compressor is None:
-        implied = tuple(inner_chunk_ranges(layout, runs[0].cell))
-        if any(_reads_to_end(run, implied) for run in runs) and storage.size(key) == _data_end(implied) + index_nbytes(layout):
-            return implied, index_nbytes(layout)
-    return read_index(storage, layout, key, runs[0].cell, fqn(runs[0].key)), 0
-
-
-def _reads_to_end(run: ReadRun, ranges: tuple) -> bool:
-    """Whether ``run`` reads the object's last stored inner chunk (its index follows that chunk)."""
-    last = ranges[run.stop - 1]
-    return last is not None and last.stop == _data_end(ranges)
-
-
-def _data_end(ranges: tuple) -> int:
-    return max((r.stop for r in ranges if r is not None), default=0)
-
-
-def read_checked(
-    storage: Storage, checked: list[CheckedRun], layouts: Mapping[KeyPath, ArrayLayout]
-) -> list[tuple[ReadTask, torch.Tensor]]:
-    """Fetch the data of ``checked`` runs into one fresh staging buffer and verify it; returns (task,
-    source values) pairs, which view the fetched bytes."""
-    buffer = staging_buffer(sum(c.nbytes for c in checked))
-    return _decode(storage, checked, _fetch(storage, checked, buffer), layouts)
-
-
-def read_runs(
-    storage: Storage,
-    runs: tuple[ReadRun, ...],
-    layouts: Mapping[KeyPath, ArrayLayout],
-    nodes: Mapping[KeyPath, str],
-) -> list[tuple[ReadTask, torch.Tensor]]:
-    """Fetch and verify every inner chunk the runs need (indices first); nothing is copied anywhere."""
-    return read_checked(storage, check_runs(storage, runs, layouts, nodes), layouts)
 
 
 def land_runs(
@@ -252,19 +156,12 @@ def _target_memory(layout: ArrayLayout, tasks: tuple[ReadTask, ...], stored, des
         return None
     if task.overlap != task.inner_box or task.inner_box.sizes != layout.inner_chunk_shape:
         return None
-    region = _region(task, destinations)
+    region = target_region(task, destinations)
     if region.device.type != "cpu" or region.dtype != layout.dtype or not region.is_contiguous():
         return None
     if region.is_conj() or region.is_neg():
         return None
     return region.detach().reshape(-1).view(torch.uint8)
-
-
-def _region(task: ReadTask, destinations: Mapping[KeyPath, list[torch.Tensor]], box: Box | None = None) -> torch.Tensor:
-    """The part of its destination tensor that ``task`` fills, or ``box`` of it (the tensor itself when
-    that is all of it, as one chunk fills a small tensor: no indexing)."""
-    dest, box = destinations[task.key][task.dest], task.overlap if box is None else box
-    return dest if box == task.dest_box else dest[box.relative_to(task.dest_box)]
 
 
 def _start_landing(pool: ThreadPoolExecutor, storage: Storage, batch: list[_Landing], buffer, destinations, written) -> Future:
@@ -273,15 +170,8 @@ def _start_landing(pool: ThreadPoolExecutor, storage: Storage, batch: list[_Land
         if any(target is not None for target in landing.targets):
             written.setdefault(fqn(landing.checked.run.key))
             for task in landing.checked.run.tasks:
-                _count_write(destinations[task.key][task.dest])
+                count_write(destinations[task.key][task.dest])
     return pool.submit(_fetch_landing, storage, batch, buffer)
-
-
-def _count_write(dest: torch.Tensor) -> None:
-    """Bump the version counter of memory written behind autograd's back, as ``copy_`` would, so a graph
-    that saved the old values refuses to run backward on the new ones (inference tensors have none)."""
-    if not dest.is_inference():
-        torch.autograd.graph.increment_version(dest)
 
 
 def _fetch_landing(storage: Storage, batch: list[_Landing], buffer) -> list[list[memoryview]]:
@@ -336,7 +226,7 @@ def _check_landed(storage: Storage, layout: ArrayLayout, landing: _Landing, slot
     run = checked.run
     if checked.index:
         where = f"{storage.key_url(checked.key)} (shard index of {fqn(run.key)!r})"
-        check_index(layout, _data_end(checked.ranges) + checked.index, slots[-1], where, checked.ranges)
+        check_index(layout, data_end(checked.ranges) + checked.index, slots[-1], where, checked.ranges)
     chunks, start = landing.chunks(), 0
     for count in landing.groups:
         group, start = range(start, start + count), start + count
@@ -358,23 +248,13 @@ def _place_chunks(layout: ArrayLayout, chunk_tasks, values: list[memoryview], de
     if len(values) > 1:
         first = chunk_tasks[0][0]
         box = Box(first.overlap.offsets, (*first.overlap.sizes[:-1], first.overlap.sizes[-1] * len(values)))
-        region = _region(first, destinations, box)
+        region = target_region(first, destinations, box)
         written.setdefault(fqn(first.key))
         if copy_side_by_side(region, values, layout.dtype):
-            _count_write(region)
+            count_write(region)
             return
     chunks = [inner_chunk_tensor(layout, v) for v in values]
     place([(t, chunk[t.overlap.relative_to(t.inner_box)]) for tasks, chunk in zip(chunk_tasks, chunks) for t in tasks], destinations, written)
-
-
-def _fetch(storage: Storage, batch: list[CheckedRun], buffer) -> list[memoryview]:
-    """The runs' bytes, read concurrently and packed one after another into ``buffer``."""
-    return storage.read_ranges_into([(c.key, *c.span) for c in batch], buffer)
-
-
-def _decode(storage: Storage, batch: list[CheckedRun], blobs, layouts: Mapping[KeyPath, ArrayLayout]) -> list:
-    """Verify every fetched inner chunk; (task, source values) pairs viewing the fetched bytes."""
-    return [p for c, blob in zip(batch, blobs) for p in _decode_run(storage, layouts[c.run.key], c.run, c.key, c.ranges, blob)]
 
 
 def _split(checked: CheckedRun, limit: int) -> list[CheckedRun]:
@@ -384,26 +264,9 @@ def _split(checked: CheckedRun, limit: int) -> list[CheckedRun]:
         stop = start + 1
         while stop < run.stop and checked.ranges[stop].stop - checked.ranges[start].offset <= limit:
             stop += 1
-        parts.append(_sub_run(checked, start, stop))
+        parts.append(sub_run(checked, start, stop))
         start = stop
     return parts
-
-
-def _back_to_back(checked: CheckedRun) -> list[CheckedRun]:
-    """A run as sub-runs whose inner chunks lie back to back in the object, each then one ranged read of
-    exactly its chunks (shardstore writes them so; another writer may order them otherwise)."""
-    run, ranges = checked.run, checked.ranges
-    cuts = [i for i in range(run.start + 1, run.stop) if ranges[i].offset != ranges[i - 1].stop]
-    bounds = [run.start, *cuts, run.stop]
-    return [checked] if not cuts else [_sub_run(checked, a, b) for a, b in zip(bounds, bounds[1:])]
-
-
-def _sub_run(checked: CheckedRun, start: int, stop: int) -> CheckedRun:
-    """Inner chunks ``start..stop-1`` of ``checked``; the last one reads the index, if ``checked`` does."""
-    run = checked.run
-    tasks = tuple(t for t in run.tasks if start <= t.inner_index < stop)
-    index = checked.index if stop == run.stop else 0
-    return CheckedRun(ReadRun(run.key, run.cell, start, stop, tasks), checked.key, checked.ranges, index)
 
 
 def _batch_limit(budget: int, need: int) -> int:
@@ -428,74 +291,3 @@ def _batches(items: list, limit: int, size) -> list[list]:
         batches[-1].append(item)
         total += size(item)
     return batches
-
-
-def read_index(storage: Storage, layout: ArrayLayout, key: str, cell: tuple[int, ...], name: str) -> tuple:
-    """The checked index of the object ``key`` (cell ``cell`` of tensor ``name``), read with the object's
-    size, so every entry is checked to lie inside it; uncompressed, it must be the index the layout
-    implies."""
-    where = f"{storage.key_url(key)} (shard index of {name!r})"
-    need = index_nbytes(layout)
-    size, tail = storage.read_suffix(key, need)
-    if size < need:
-        raise CorruptCheckpointError(
-            f"{where}: the object is {size} bytes, but the index of {math.prod(layout.inner_grid_shape)} inner "
-            f"chunks alone takes {need}; the object is truncated or the metadata was damaged — load an earlier "
-            "checkpoint or re-run the save"
-        )
-    implied = None if layout.compressor is not None else tuple(inner_chunk_ranges(layout, cell))
-    return check_index(layout, size, tail, where, implied)
-
-
-def check_index(layout: ArrayLayout, size: int, tail, where: str, implied: tuple | None) -> tuple:
-    """The entries of the index ``tail`` of an object of ``size`` bytes, checked (``decode_index``);
-    an uncompressed object's must be the ``implied`` ranges its layout gives (None: compressed)."""
-    stored = tuple(decode_index(layout, tail, where, size))
-    if implied is not None and stored != implied:
-        raise CorruptCheckpointError(f"{where}: the index does not match the array's layout; the object was damaged or "
-                                     "rewritten — load an earlier checkpoint or re-run the save")
-    return stored
-
-
-def _check_stored(storage: Storage, run: ReadRun, key: str, ranges: tuple) -> None:
-    for i in range(run.start, run.stop):
-        if ranges[i] is None:
-            raise MissingChunkError(f"{storage.key_url(key)}: inner chunk {i} of {fqn(run.key)!r} is not stored")
-
-
-def _decode_run(storage: Storage, layout: ArrayLayout, run: ReadRun, key: str, ranges, blob) -> list:
-    base = ranges[run.start].offset
-    chunks: dict[int, torch.Tensor] = {}
-    out = []
-    for task in run.tasks:
-        if task.inner_index not in chunks:
-            r = ranges[task.inner_index]
-            where = f"{storage.key_url(key)} inner chunk {task.inner_index} of {fqn(run.key)!r}"
-            chunks[task.inner_index] = decode_inner_chunk(layout, memoryview(blob)[r.offset - base : r.stop - base], where)
-        out.append((task, chunks[task.inner_index][task.overlap.relative_to(task.inner_box)]))
-    return out
-
-
-def copy_into(dest: torch.Tensor, values: torch.Tensor) -> None:
-    """``dest.copy_(values)`` outside autograd, so parameters that require grad load as
-    ``load_state_dict`` loads them (their version counter bumped), and inside inference mode for
-    inference tensors, which no other mode may write. Between CPU tensors of one dtype the bytes move
-    on this thread (``memcopy``)."""
-    if copy_bytes(dest, values):
-        _count_write(dest)
-        return
-    with torch.inference_mode() if dest.is_inference() else torch.no_grad():
-        dest.copy_(values)
-
-
-def place(
-    pieces: list[tuple[ReadTask, torch.Tensor]],
-    destinations: Mapping[KeyPath, list[torch.Tensor]],
-    written: dict[str, None] | None = None,
-) -> None:
-    """Copy every verified piece into its destination tensor (one host-to-device copy per piece), noting
-    in ``written`` (when given) the name of each tensor as it is first written."""
-    for task, values in pieces:
-        copy_into(_region(task, destinations), values)
-        if written is not None:
-            written.setdefault(fqn(task.key))
