@@ -66,14 +66,15 @@ MIN_ROW_BYTES = 512  # narrower inner chunk rows make scattered reads and copies
 
 def reshard_cut(tile: tuple[int, ...], outer: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     """``tile`` with each of its last two dims cut to its largest divisor of at most ``1 / RESHARD_SPLITS``
-    of that dim of ``outer``. A dim keeps the tile's size where that divisor is under an eighth of the
-    outer dim (prime-ish sizes: many tiny tiles that would not match the ranks' boundaries anyway), where
-    the outer dim is under ``RESHARD_SPLITS``, or, for the last dim, where the tile's rows would hold
-    fewer than ``MIN_ROW_BYTES``: then the last dim is cut in halves instead where those rows are wide
-    enough. Why halves: a save splits the columns of a big shard whose row count has no fitting divisor
-    (``grid._split_dims``); a 512-column bf16 cell of a 1024-column tensor, left whole, made each rank of
-    a Shard(1)-on-4 load read twice its bytes of it (1.06x over the whole 2 GiB benchmark state), where
-    its halves are exactly those ranks' quarters.
+    of that dim of ``outer``. Where that divisor is under an eighth of the outer dim (prime-ish sizes:
+    many tiny tiles that would not match the ranks' boundaries anyway) or, for the last dim, the tile's
+    rows would hold fewer than ``MIN_ROW_BYTES``, the dim is cut in halves instead where a divisor near
+    half fits (rows wide enough); else, and where the outer dim is under ``RESHARD_SPLITS``, it keeps
+    the tile's size. Why halves: a save splits the columns of a big shard whose row count has no fitting
+    divisor (``grid._split_dims``); a 512-column bf16 cell of a 1024-column tensor, left whole, made each
+    rank of a Shard(1)-on-4 load read twice its bytes of it (1.06x over the whole 2 GiB benchmark
+    state), where its halves are exactly those ranks' quarters. And 2 x prime columns (2018) have no
+    divisor near a quarter, but their halves are a Shard(1)-on-2 rank's share (each read them all).
 
     A tile a quarter of the columns wide also spans whole rows of a Shard(1)-on-4 rank's local tensor,
     so it lands there without a copy.
@@ -87,13 +88,11 @@ def reshard_cut(tile: tuple[int, ...], outer: tuple[int, ...], itemsize: int) ->
 
 def _cut(size: int, outer: int, row_itemsize: int | None) -> int:
     """One dim of ``reshard_cut``; ``row_itemsize`` is given for the last dim (its rows' byte floor)."""
+    if outer < RESHARD_SPLITS:
+        return size
     for splits in (RESHARD_SPLITS, 2):
-        if outer < splits:
-            return size
         part = largest_divisor_at_most(size, outer // splits)
-        if part * 2 * splits < outer:
-            return size
-        if row_itemsize is None or part * row_itemsize >= MIN_ROW_BYTES:
+        if part * 2 * splits >= outer and (row_itemsize is None or part * row_itemsize >= MIN_ROW_BYTES):
             return part
     return size
 

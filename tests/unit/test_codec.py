@@ -201,6 +201,7 @@ def test_layout_geometry():
     ((8191, 8192), 4, (8191, 128)),  # prime rows: split columns instead; no divisor near a quarter
     ((23247, 512), 2, (2583, 256)),  # a quarter of 512 bf16 columns is under 512 bytes a row: halves
     ((23247, 128), 4, (7749, 128)),  # halves of 128 fp32 columns are too narrow as well: whole columns
+    ((256, 2018), 4, (64, 1009)),  # 2 x prime columns: no divisor near a quarter, so halves
     ((3, 102400), 4, (3, 25600)),  # fewer rows than splits stay whole
     ((1 << 20,), 4, (1 << 18,)),  # 1-D over 1 MiB: a quarter
     ((2000006,), 4, (1000003,)),  # 2 x prime: one oversized-but-close chunk, not 1-element ones
@@ -252,10 +253,10 @@ def test_inner_chunks_of_powers_of_two_fit_a_4_way_split_of_the_last_two_dims(ex
 # -- bytes a load reads with these inner chunks ----------------------------------------------------------
 
 
-def _bytes_read(rows, dtype, load_mesh, load_dim, inner_chunks):
-    """Per rank: (bytes of the inner chunks a load reads, bytes it needs), for a rows x 1024 tensor saved
+def _bytes_read(rows, dtype, load_mesh, load_dim, inner_chunks, cols=1024):
+    """Per rank: (bytes of the inner chunks a load reads, bytes it needs), for a rows x cols tensor saved
     Shard(0) on 2 ranks and loaded Shard(load_dim) on load_mesh ranks. Planning only, no I/O."""
-    shape, key = (rows, 1024), ("w",)
+    shape, key = (rows, cols), ("w",)
     saved = merge_save_plans([local_save_plan(r, {key: t}) for r, t in enumerate(per_rank(shape, (2,), (Shard(0),), dtype))],
                              inner_chunks=inner_chunks)
     array = saved.arrays[0]
@@ -295,6 +296,17 @@ def test_column_sharded_loads_of_shards_split_for_want_of_a_row_divisor_read_onl
     or 4 ranks reads exactly its bytes (these shapes made the 2 GiB benchmark read 1.06x)."""
     for read, needed in _bytes_read(rows, dtype, load_mesh, 1, choose_inner_chunk_shape):
         assert read == needed
+
+
+@pytest.mark.parametrize("rows,cols", [(512, 2018), (1024, 2 * 521), (600, 2 * 1297)])
+def test_column_sharded_loads_of_two_prime_column_counts_read_halves(rows, cols):
+    """Columns with no divisor near a quarter (2 x prime) are cut in halves: a Shard(1) load on 2 ranks
+    reads exactly its bytes (each read every column before), one on 4 ranks reads less than before."""
+    halves = _bytes_read(rows, torch.float32, 2, 1, choose_inner_chunk_shape, cols)
+    assert all(read == needed for read, needed in halves), halves
+    old = _bytes_read(rows, torch.float32, 4, 1, lambda c, i: budget_tile(c, i, 4 << 20), cols)
+    new = _bytes_read(rows, torch.float32, 4, 1, choose_inner_chunk_shape, cols)
+    assert sum(n for n, _ in new) < sum(o for o, _ in old), (new, old)
 
 
 @pytest.mark.parametrize("rows,dtype", BENCHMARK_TENSORS + [(1000, torch.float32), (3000, torch.bfloat16), (96, torch.float32)])
