@@ -28,8 +28,9 @@ import json
 import uuid
 from dataclasses import dataclass
 
-from shardstore.errors import CheckpointExistsError, ConcurrentSaveError, MissingChunkError, NotACheckpointError
-from shardstore.format import FORMAT_NAME, ZARR_JSON, is_object_key
+from shardstore import format as fmt
+from shardstore.errors import CheckpointExistsError, ConcurrentSaveError, MissingChunkError, NotACheckpointError, ShardstoreError
+from shardstore.format import FORMAT_NAME, ZARR_JSON, is_chunk_key, is_object_key
 from shardstore.digests import DIGESTS
 from shardstore.storage import CURRENT, VERSION_PREFIX, HeldLock, Storage
 
@@ -128,9 +129,20 @@ def _is_shardstore_root(text: bytes | bytearray) -> bool:
 
 def _refuse_foreign(target: Storage, root_is_foreign: bool = False) -> None:
     """A checkpoint, or an interrupted save, holds only node ``zarr.json`` files, chunk objects and
-    temporaries; anything else (notes, other runs' checkpoints in sub-directories) is not ours to delete."""
+    temporaries; anything else (notes, other runs' checkpoints in sub-directories) is not ours to delete.
+
+    Where a checkpoint's root record can be read, only the nodes it names count as its own: a name
+    alone does not, as another checkpoint or a Zarr array kept in a sub-directory is made of
+    ``zarr.json`` files and chunk objects too."""
+    records: dict[str, _Nodes | None] = {}
+
+    def recorded(prefix: str) -> "_Nodes | None":
+        if prefix not in records:
+            records[prefix] = _recorded_nodes(target.child(prefix) if prefix else target)
+        return records[prefix]
+
     foreign = ([ZARR_JSON] if root_is_foreign else []) + [
-        k for k in target.list() if k != ZARR_JSON and not _looks_like_ours(k)]
+        k for k in target.list() if k != ZARR_JSON and not _looks_like_ours(k, recorded)]
     if foreign:
         raise NotACheckpointError(
             f"{target.url} holds files that are not part of a shardstore checkpoint (e.g. {foreign[:5]}); "
@@ -139,13 +151,43 @@ def _refuse_foreign(target: Storage, root_is_foreign: bool = False) -> None:
         )
 
 
-def _looks_like_ours(key: str) -> bool:
+@dataclass(frozen=True)
+class _Nodes:
+    """The array and group nodes a checkpoint's root record names."""
+
+    arrays: frozenset[str]
+    groups: frozenset[str]
+
+
+def _recorded_nodes(checkpoint: Storage) -> _Nodes | None:
+    """The nodes of the checkpoint at ``checkpoint`` by its root record; None where that cannot be read
+    (none, damaged, of a newer format): its files are then judged by their names."""
+    try:
+        root = fmt.read_root(checkpoint)
+    except (ShardstoreError, OSError):
+        return None
+    arrays = [record.path for record in root.tensors.values()]
+    return _Nodes(frozenset(arrays), frozenset(fmt.group_paths(arrays)))
+
+
+def _looks_like_ours(key: str, recorded) -> bool:
+    """Whether ``key`` is a file a checkpoint or a save of ours makes; ``recorded(prefix)`` gives the
+    nodes of the checkpoint at the root (``""``) or at a version's prefix, or None."""
     parts = key.split("/")
     name = parts[-1]
     in_version = parts[0].startswith(VERSION_PREFIX)
-    at_top = len(parts) == 1 or (in_version and len(parts) == 2)  # the checkpoint's root, or a version's
-    return (name in (ZARR_JSON, CLAIM, CURRENT) or is_object_key(key) or ".tmp-" in name
-            or (at_top and name == DIGESTS) or (in_version and name == OWNER))
+    rest = parts[1:] if in_version else parts  # the key inside its checkpoint
+    if name in (CLAIM, CURRENT) or ".tmp-" in name or (in_version and name == OWNER):
+        return True
+    if len(rest) == 1:  # the checkpoint's root, or a version's
+        return name in (ZARR_JSON, DIGESTS)
+    nodes = recorded(parts[0] if in_version else "")
+    if nodes is None:
+        return name == ZARR_JSON or is_object_key(key)
+    if name == ZARR_JSON:
+        node = "/".join(rest[:-1])
+        return node in nodes.arrays or node in nodes.groups
+    return any("/".join(rest[:i]) in nodes.arrays and is_chunk_key("/".join(rest[i:])) for i in range(len(rest)))
 
 
 def _claim_fresh(target: Storage, nonce: str) -> None:

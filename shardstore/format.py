@@ -77,6 +77,7 @@ __all__ = [
     "write_array",
     "write_group",
     "write_root",
+    "is_chunk_key",
 ]
 
 FORMAT_NAME = "shardstore"
@@ -84,6 +85,7 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: shard objects at ``c/0/1`` (a directory per chunk coordinate); 2: ``c.0.1``
 ZARR_JSON = "zarr.json"
 _OBJECT_NAME = re.compile(r"c(\.\d+)*")  # a shard object's name: ``c`` (0-d), ``c.0.1``
+_CHUNK_KEY = re.compile(r"c(\.\d+)*|c(/\d+)*")  # relative to its array: ``c.0.1``, or ``c/0/1`` (version 1)
 
 
 _INLINE = json.JSONEncoder(separators=(", ", ": "), allow_nan=False)  # the C encoder: one line
@@ -186,6 +188,11 @@ def is_object_key(key: str) -> bool:
     """Whether ``key`` names a shard object (``.../c.0.1``, ``.../c``, or ``.../c/0/1`` in version 1)."""
     parts = key.split("/")
     return parts[-1] != ZARR_JSON and (_OBJECT_NAME.fullmatch(parts[-1]) is not None or "c" in parts[:-1])
+
+
+def is_chunk_key(key: str) -> bool:
+    """Whether ``key``, relative to an array node, names one of its shard objects (``chunk_key``)."""
+    return _CHUNK_KEY.fullmatch(key) is not None
 
 
 def node_key(path: str, name: str = ZARR_JSON) -> str:

@@ -118,6 +118,24 @@ def test_overwrite_never_replaces_what_is_not_a_checkpoint(storage, layout):
     assert {k: bytes(storage.read(k)) for k in storage.list()} == files and _siblings(storage) == []
 
 
+@pytest.mark.parametrize("nested", [
+    {"other_run/zarr.json": b"{}", "other_run/p/zarr.json": b"{}", "other_run/p/c.0": b"x"},  # another checkpoint
+    {"eval/zarr.json": b"{}", "eval/c/0": b"x"},  # a Zarr array kept beside the tensors
+    {"w/extra/zarr.json": b"{}", "w/extra/c.0": b"x"},  # under a recorded array, not one of its objects
+])
+def test_overwrite_never_deletes_zarr_nodes_the_checkpoints_record_does_not_name(storage, nested):
+    """Names alone do not make files ours: another checkpoint or a Zarr array in a sub-directory is made
+    of ``zarr.json`` files and chunk objects too. Only the nodes the root record names are replaced."""
+    _commit(storage, 1)
+    for key, data in nested.items():
+        storage.write(key, data)
+    with pytest.raises(NotACheckpointError, match="not part of a shardstore checkpoint") as info:
+        commit.begin(storage, overwrite=True)
+    assert sorted(nested)[0] in str(info.value)
+    assert all(bytes(storage.read(k)) == data for k, data in nested.items())
+    assert fmt.read_root(storage.pinned()).tree == _root(1).tree and _siblings(storage) == []
+
+
 def test_an_interrupted_save_may_be_overwritten(storage):
     storage.write("w/zarr.json", b"{}")
     storage.write("w/c/0", b"half")
