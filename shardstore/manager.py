@@ -24,7 +24,7 @@ from typing import Any, Mapping
 from shardstore.api import SaveResult, load, save
 from shardstore.async_saver import async_save as start_async_save, prepare_async_save
 from shardstore.coordinator import Coordinator
-from shardstore.errors import CheckpointExistsError, CheckpointNotFoundError
+from shardstore.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
 from shardstore.steps import clear_incomplete, delete_step, list_steps, step_name, step_url, sweep_litter
 from shardstore.storage import Storage
 
@@ -90,7 +90,9 @@ class CheckpointManager:
         self._pending: tuple[int, Any] | None = None  # (step, handle) of the save in flight
         self._prepared = False  # whether the staging memory of the first async save is being faulted in
         self._closed = False
-        self._steps: list[int] = self._coord.decide("listing the checkpoints of the run", self._scan)
+        scanned = self._coord.decide("listing the checkpoints of the run", self._scan)
+        self._steps: list[int] = scanned[0]
+        self._unreadable: dict[int, str] = scanned[1]  # step -> why its root record does not read
 
     # -- queries (local: the agreed list) -----------------------------------------------------------
 
@@ -100,6 +102,10 @@ class CheckpointManager:
         return list(self._steps)
 
     def latest_step(self) -> int | None:
+        """The newest complete step (None where there is none). Raises ``CorruptCheckpointError`` where a
+        newer step is there but its root record does not read: None, or an older step, would make a
+        resuming script start afresh or go back in training unnoticed."""
+        self._refuse_skipping_unreadable()
         return self._steps[-1] if self._steps else None
 
     def should_save(self, step: int) -> bool:
@@ -122,6 +128,12 @@ class CheckpointManager:
             self._prepare(state_dict)
             return False
         self._collect()
+        if step in self._unreadable:
+            raise CheckpointExistsError(
+                f"step {step} at {step_url(self.root_url, step)} holds a checkpoint whose root record does not "
+                f"read ({self._unreadable[step]}); a manager never replaces it — save under a new step number, "
+                "or repair or remove that step first"
+            )
         if step in self._steps:
             raise CheckpointExistsError(
                 f"step {step} already has a complete checkpoint at {step_url(self.root_url, step)}; "
@@ -138,12 +150,15 @@ class CheckpointManager:
 
     def restore(self, state_dict: dict, step: int | None = None) -> int:
         """Load ``step`` (the latest complete one by default) into ``state_dict`` in place; returns it.
+        By default, refuses (``CorruptCheckpointError``) where a newer step is there but does not read.
 
         A resumed run saves what it restored: the staging memory of its first async save is prepared
         here, in the background (``_prepare``), so even with ``save_interval_steps=1`` that save does
         not stall on fresh memory."""
         self._check_open()
         self._collect()
+        if step is None:
+            self._refuse_skipping_unreadable()
         chosen = self._coord.decide("choosing the step to restore", lambda: self._pick(step))
         if chosen is None:
             raise self._not_found(step)
@@ -196,10 +211,12 @@ class CheckpointManager:
         doomed = self._coord.decide("deleting old checkpoints", self._prune)
         self._steps = [s for s in self._steps if s not in doomed]
 
-    def _scan(self) -> list[int]:
-        """Rank 0: clear what killed saves left, then the complete steps."""
+    def _scan(self) -> tuple[list[int], dict[int, str]]:
+        """Rank 0: clear what killed saves left, then the complete steps, and the steps whose root record
+        is there but does not read (with why)."""
         sweep_litter(self.root_url, self._options)
-        return [e.step for e in list_steps(self.root_url, self._options) if e.complete]
+        entries = list_steps(self.root_url, self._options)
+        return [e.step for e in entries if e.complete], {e.step: e.problem for e in entries if e.problem is not None}
 
     def _prune(self) -> list[int]:
         """Rank 0: delete the steps retention removes; returns them."""
@@ -223,6 +240,21 @@ class CheckpointManager:
             f"step {step} has no complete checkpoint under {self.root_url}; complete steps: {self._steps} — "
             "restore one of those, or the latest with step=None"
         )
+
+    def _refuse_skipping_unreadable(self) -> None:
+        """The latest step is what a resumed run expects: where a newer step than every complete one is
+        there but does not read, restoring an older one (or starting afresh, on ``CheckpointNotFoundError``)
+        would silently go back in training."""
+        newer = [s for s in self._unreadable if not self._steps or s > self._steps[-1]]
+        if newer:
+            step, latest = max(newer), (self._steps[-1] if self._steps else None)
+            instead = (f"pass step={latest} to restore the latest readable step deliberately" if latest is not None
+                       else "no step before it reads either")
+            raise CorruptCheckpointError(
+                f"step {step} at {step_url(self.root_url, step)} has a root record that does not read "
+                f"({self._unreadable[step]}); restoring an older step instead would silently go back in "
+                f"training — {instead}, or repair or remove that step (`shardstore verify` names what is wrong)"
+            )
 
     def _check_open(self) -> None:
         if self._closed:

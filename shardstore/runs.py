@@ -4,7 +4,8 @@
 function (``plan_gc``) before anything is deleted, so the rule is tested without files: keep the newest
 ``keep`` complete steps, delete older complete steps and incomplete steps older than the newest complete
 one. An incomplete step newer than every complete one may be a save still running, so it is spared; the
-newest complete step is never deleted. Deletes go through ``steps.delete_step``, one step at a time:
+newest complete step is never deleted, nor is a step whose root record is there but does not read
+(damaged, or of a newer format: it may be the run's newest state; a person decides). Deletes go through ``steps.delete_step``, one step at a time:
 each step's root marker goes first, so a prune cut short (a crash, a failing store) leaves at worst an
 incomplete step, never one listed as complete with objects missing; the next prune removes it.
 """
@@ -34,23 +35,27 @@ class StepSummary:
     nbytes: int
     objects: int
     modified: float | None  # POSIX seconds: the root zarr.json's, else the newest object's
+    problem: str | None = None  # why a root record that is there does not read (``StepEntry.problem``)
 
     def to_json(self) -> dict:
         return {"step": self.step, "url": self.url, "complete": self.complete, "nbytes": self.nbytes,
-                "objects": self.objects, "modified": self.modified}
+                "objects": self.objects, "modified": self.modified, "problem": self.problem}
 
 
 @dataclass(frozen=True)
 class GcPlan:
-    """What a prune keeps, deletes, and spares (incomplete steps newer than the newest complete one)."""
+    """What a prune keeps, deletes, and spares (incomplete steps newer than the newest complete one, and
+    ``unreadable`` steps: a root record there that does not read)."""
 
     keep: tuple[StepEntry, ...]
     delete: tuple[StepEntry, ...]
     spared: tuple[StepEntry, ...]
+    unreadable: tuple[StepEntry, ...] = ()
 
     def to_json(self) -> dict:
-        return {name: [{"step": e.step, "url": e.url, "complete": e.complete} for e in entries]
-                for name, entries in (("kept", self.keep), ("deleted", self.delete), ("spared", self.spared))}
+        groups = (("kept", self.keep), ("deleted", self.delete), ("spared", self.spared), ("unreadable", self.unreadable))
+        return {name: [{"step": e.step, "url": e.url, "complete": e.complete, "problem": e.problem} for e in entries]
+                for name, entries in groups}
 
 
 def summarize(root_url: str, storage_options: dict | None = None,
@@ -77,7 +82,7 @@ def _summary(root: Storage, entry: StepEntry) -> StepSummary:
         sizes = list(pool.map(step.size, keys))
         times = [] if entry.complete else list(pool.map(step.modified, keys))
     modified = step.modified(fmt.ZARR_JSON) if entry.complete else max((t for t in times if t is not None), default=None)
-    return StepSummary(entry.step, entry.url, entry.complete, sum(sizes), len(keys), modified)
+    return StepSummary(entry.step, entry.url, entry.complete, sum(sizes), len(keys), modified, entry.problem)
 
 
 def plan_gc(entries: Sequence[StepEntry], keep: int) -> GcPlan:
@@ -87,10 +92,12 @@ def plan_gc(entries: Sequence[StepEntry], keep: int) -> GcPlan:
     complete = sorted((e for e in entries if e.complete), key=lambda e: e.step)
     kept = complete[-keep:]
     newest = kept[-1].step if kept else None
+    incomplete = [e for e in entries if not e.complete and e.problem is None]
     delete = [e for e in entries if e.complete and e not in kept]
-    delete += [e for e in entries if not e.complete and newest is not None and e.step < newest]
-    spared = [e for e in entries if not e.complete and (newest is None or e.step > newest)]
-    return GcPlan(tuple(kept), tuple(sorted(delete, key=lambda e: e.step)), tuple(spared))
+    delete += [e for e in incomplete if newest is not None and e.step < newest]
+    spared = [e for e in incomplete if newest is None or e.step > newest]
+    unreadable = [e for e in entries if e.problem is not None]
+    return GcPlan(tuple(kept), tuple(sorted(delete, key=lambda e: e.step)), tuple(spared), tuple(unreadable))
 
 
 def collect(root_url: str, keep: int, storage_options: dict | None = None, *, dry_run: bool = False,

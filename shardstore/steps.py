@@ -4,7 +4,9 @@ The checkpoint manager writes and prunes them, and the ``shardstore ls`` / ``gc`
 so the naming, what counts as complete, and how a step or a killed save's litter is removed live here,
 once. A step is complete when its root record reads and validates (the commit made it visible); anything else under the root — staging and trash
 siblings of the commit protocol, a step whose save was killed, files of the user's — is not a complete
-step and is never reported as one.
+step and is never reported as one. A step whose root record is there but does not read (damaged, of a
+newer format, or the store failed to serve it) is neither: it is reported with the reason and never
+deleted, as it may be the run's newest state.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 from shardstore import commit
 from shardstore import format as fmt
-from shardstore.errors import ShardstoreError
+from shardstore.errors import CheckpointNotFoundError, IncompleteCheckpointError, ShardstoreError
 from shardstore.storage import Storage
 
 __all__ = [
@@ -32,6 +34,7 @@ class StepEntry:
     step: int
     url: str
     complete: bool  # the root record reads and validates
+    problem: str | None = None  # why a root record that is there does not read (then not complete either)
 
 
 def step_name(step: int) -> str:
@@ -60,16 +63,19 @@ def list_steps(root_url: str, storage_options: dict | None = None) -> list[StepE
     for name in root.list_names(STEP_PREFIX):
         step = parse_step(name)
         if step is not None:
-            entries.append(StepEntry(step, root.key_url(name), _is_complete(root.child(name))))
+            entries.append(StepEntry(step, root.key_url(name), *_state(root.child(name))))
     return sorted(entries, key=lambda e: e.step)
 
 
-def _is_complete(checkpoint: Storage) -> bool:
+def _state(checkpoint: Storage) -> tuple[bool, str | None]:
+    """(complete, problem): no root record is an incomplete save, one that does not read a problem."""
     try:
         fmt.read_root(checkpoint.pinned())
-    except (ShardstoreError, OSError, ValueError):
-        return False
-    return True
+    except (CheckpointNotFoundError, IncompleteCheckpointError):
+        return False, None
+    except (ShardstoreError, OSError, ValueError) as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, None
 
 
 def delete_step(checkpoint: Storage) -> None:
@@ -95,5 +101,5 @@ def sweep_litter(root_url: str, storage_options: dict | None = None) -> None:
     for step in sorted(steps - {None}):
         commit.sweep(root.child(step_name(step)))
     for entry in list_steps(root_url, storage_options):
-        if not entry.complete:
+        if not entry.complete and entry.problem is None:
             clear_incomplete(entry.url, storage_options)

@@ -1,7 +1,8 @@
 """Delete old and incomplete checkpoints under a run directory, keeping the newest N complete ones.
 
 Never deletes the newest complete step; an incomplete step newer than every complete one may be a save
-still running and is spared. --dry-run shows what would go."""
+still running and is spared; a step whose root record does not read (damaged, or of a newer format) is
+kept and reported. --dry-run shows what would go."""
 
 from __future__ import annotations
 
@@ -31,5 +32,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{verb} step {entry.step} ({'complete' if entry.complete else 'incomplete'}): {entry.url}")
     for entry in plan.spared:
         print(f"kept step {entry.step}: incomplete but newer than every complete step (a save may be running)")
+    for entry in plan.unreadable:
+        print(f"kept step {entry.step}: its root record does not read, so it is not deleted — check it with "
+              f"`shardstore verify {entry.url}`, then repair or remove it by hand ({entry.problem})")
     print(f"kept {len(plan.keep)} complete step(s): {[e.step for e in plan.keep]}; {verb} {len(plan.delete)}")
     return EXIT_OK

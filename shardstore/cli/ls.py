@@ -1,4 +1,6 @@
-"""List the checkpoints (step-<N>) under a run directory: step, size, time, complete or not."""
+"""List the checkpoints (step-<N>) under a run directory: step, size, time, and whether complete,
+incomplete (no root record: a save was cut short or is running) or unreadable (a root record that does not
+read: damaged, or of a newer format)."""
 
 from __future__ import annotations
 
@@ -24,11 +26,17 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{'STEP':>10}  {'SIZE':>10}  {'OBJECTS':>8}  {'TIME (UTC)':19}  STATE")
     for s in steps:
-        print(f"{s.step:>10}  {human_bytes(s.nbytes):>10}  {s.objects:>8}  {_time(s):19}  "
-              f"{'complete' if s.complete else 'INCOMPLETE'}")
+        print(f"{s.step:>10}  {human_bytes(s.nbytes):>10}  {s.objects:>8}  {_time(s):19}  {_state(s)}")
+    for s in steps:
+        if s.problem is not None:
+            print(f"step {s.step}: its root record does not read: {s.problem}")
     if not steps:
         print(f"(no step-<N> checkpoints under {args.root})")
     return EXIT_OK
+
+
+def _state(s: StepSummary) -> str:
+    return "complete" if s.complete else "INCOMPLETE" if s.problem is None else "UNREADABLE"
 
 
 def _time(s: StepSummary) -> str:

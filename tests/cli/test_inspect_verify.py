@@ -154,6 +154,32 @@ def test_plan_gc_never_deletes_the_newest_complete_step():
     assert only_incomplete.delete == () and [e.step for e in only_incomplete.spared] == [1]
 
 
+def test_plan_gc_never_deletes_a_step_whose_root_record_does_not_read():
+    entries = [StepEntry(1, "r/step-1", False, "damaged"), StepEntry(2, "r/step-2", True), StepEntry(3, "r/step-3", True),
+               StepEntry(4, "r/step-4", False, "newer format")]
+    plan = plan_gc(entries, 1)
+    assert [e.step for e in plan.keep] == [3] and [e.step for e in plan.delete] == [2]
+    assert [e.step for e in plan.unreadable] == [1, 4] and plan.spared == ()
+
+
+def test_gc_and_ls_keep_and_report_steps_whose_root_record_does_not_read(capsys, tmp_path):
+    from tests.storage.test_steps import damage_root
+
+    root = tmp_path / "run"
+    for step in (1, 2, 3):
+        shardstore.save({"w": torch.full((2,), float(step))}, str(root / f"step-{step}"))
+    damage_root(root / "step-1", "flipped")
+    damage_root(root / "step-3", "newer")
+    code, out, _ = cli(capsys, "ls", str(root))
+    assert code == 0 and [line.split()[-1] for line in out.splitlines()[1:4]] == ["UNREADABLE", "complete", "UNREADABLE"]
+    assert "step 3: its root record does not read" in out and "format version" in out
+    code, out, _ = cli(capsys, "gc", str(root), "--keep", "1")
+    assert code == 0 and "kept step 1: its root record does not read" in out and "kept step 3" in out
+    assert sorted(p.name for p in root.iterdir()) == ["step-1", "step-2", "step-3"]
+    code, doc = cli_json(capsys, "gc", str(root), "--keep", "1")
+    assert [d["step"] for d in doc["unreadable"]] == [1, 3] and doc["deleted"] == []
+
+
 def test_diff_reports_values_shapes_dtypes_and_missing_keys(capsys, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     base = torch.linspace(-1, 1, 50)

@@ -12,7 +12,7 @@ import torch
 import dtensor
 import shardstore
 from dtensor import Shard
-from shardstore.errors import CheckpointExistsError, CheckpointNotFoundError, UnsupportedInputError
+from shardstore.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError, UnsupportedInputError
 from shardstore.format import is_object_key
 from shardstore.manager import steps_to_delete
 from tests.ranks import mesh, run_ranks
@@ -141,6 +141,39 @@ def _restore_prepares_the_staging_memory(root: str, world: int):
 
 def test_a_restore_prepares_the_first_async_save_of_the_resumed_run(tmp_path):
     assert run_ranks(2, _restore_prepares_the_staging_memory, str(tmp_path / "run"), 2) == [(1, True)] * 2
+
+
+@pytest.mark.parametrize("how", ["flipped", "newer"])
+def test_a_newest_step_that_does_not_read_is_never_skipped_silently(tmp_path, how):
+    """Restoring the latest step refuses, naming it, where the newest step is there but its root record
+    does not read (resuming from an older one would go back in training unnoticed); an explicit older
+    step restores; the manager neither replaces nor prunes it."""
+    from tests.storage.test_steps import damage_root
+
+    root = str(tmp_path / "run")
+    with shardstore.CheckpointManager(root, async_save=False) as manager:
+        for step in (1, 2):
+            manager.save(step, {"w": torch.full((2,), float(step))})
+    damage_root(tmp_path / "run" / "step-2", how)
+    with shardstore.CheckpointManager(root, max_to_keep=1, async_save=False) as manager:
+        assert manager.all_steps() == [1]
+        with pytest.raises(CorruptCheckpointError, match="step 2 .* does not read"):
+            manager.latest_step()  # None or 1 would make a resuming script start afresh or go back
+        target = {"w": torch.zeros(2)}
+        with pytest.raises(CorruptCheckpointError, match="step 2 at .*step-2 has a root record that does not read") as info:
+            manager.restore(target)
+        assert "pass step=1" in str(info.value) and torch.equal(target["w"], torch.zeros(2))
+        assert manager.restore(target, step=1) == 1 and torch.equal(target["w"], torch.ones(2))
+        with pytest.raises(CheckpointExistsError, match="step 2 .* does not read"):
+            manager.save(2, {"w": torch.zeros(2)})
+        manager.save(3, {"w": torch.full((2,), 3.0)})
+    assert sorted(os.listdir(root)) == ["step-2", "step-3"]  # retention pruned step 1, never step 2
+    with shardstore.CheckpointManager(root, async_save=False) as manager:
+        assert manager.latest_step() == 3  # a complete step newer than the unreadable one
+    damage_root(tmp_path / "run" / "step-3", how)
+    with shardstore.CheckpointManager(root, async_save=False) as manager:
+        with pytest.raises(CorruptCheckpointError, match="no step before it reads either"):
+            manager.restore({"w": torch.zeros(2)})
 
 
 def test_steps_to_delete_is_pure_retention():

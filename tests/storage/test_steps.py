@@ -32,6 +32,43 @@ def test_list_steps_marks_only_committed_checkpoints_complete(tmp_path):
     entries = list_steps(str(root))
     assert [(e.step, e.complete) for e in entries] == [(2, True), (5, False), (7, False), (10, True)]
     assert entries[0].url == os.path.join(str(root), "step-2")
+    assert [e.step for e in entries if e.problem is not None] == [7]  # a root record there, unreadable
+    assert "step-7/zarr.json" in entries[2].problem
+
+
+def damage_root(checkpoint, how: str) -> None:
+    """Make a checkpoint's root record unreadable: a changed byte (its checksum no longer matches), or a
+    correctly sealed record of a newer format version."""
+    import json
+
+    from shardstore import format as fmt
+
+    path = os.path.join(str(checkpoint), "zarr.json")
+    with open(path) as f:
+        node = json.load(f)
+    block = node["attributes"]["shardstore"]
+    if how == "flipped":
+        block["commit_id"] = "f" + block["commit_id"][1:] if block["commit_id"][0] != "f" else "e" + block["commit_id"][1:]
+    else:
+        block["version"] = fmt.FORMAT_VERSION + 1
+        block["checksum"] = fmt.root_checksum(block)
+    with open(path, "w") as f:
+        json.dump(node, f)
+
+
+@pytest.mark.parametrize("how", ["flipped", "newer"])
+def test_a_step_whose_root_record_does_not_read_is_reported_and_never_swept(tmp_path, how):
+    from shardstore.steps import sweep_litter
+
+    root = tmp_path / "run"
+    for step in (1, 2):
+        shardstore.save({"w": torch.full((3,), float(step))}, step_url(str(root), step))
+    damage_root(root / "step-2", how)
+    sweep_litter(str(root))
+    entries = list_steps(str(root))
+    assert [(e.step, e.complete, e.problem is None) for e in entries] == [(1, True, True), (2, False, False)]
+    assert ("checksum" if how == "flipped" else "format version") in entries[1].problem
+    assert sorted(p.name for p in (root / "step-2").iterdir()) == ["w", "zarr.json"]
 
 
 def test_list_steps_of_a_missing_root_is_empty(tmp_path):
