@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
@@ -338,10 +338,11 @@ class Checkpoint:
         """The saved state dict with tensors replaced by their dotted names."""
         return unflatten(self._root.tree, {k: fqn(k) for k in self._stored})
 
-    def read(self, key: str, region: Sequence[slice | int] | slice | int | None = None, *,
+    def read(self, key: str, region: tuple[slice | int, ...] | slice | int | None = None, *,
              out: torch.Tensor | None = None) -> torch.Tensor:
-        """The whole saved tensor, or the part ``region`` selects, as torch indexing would: slices (step 1)
-        and ints for the leading dims, an int dropping its dim.
+        """The whole saved tensor, or the part ``region`` selects, as torch indexing would: a tuple of
+        slices (step 1) and ints for the leading dims, an int dropping its dim (a list, torch's advanced
+        indexing, is refused).
 
         A region over ``max_read_bytes`` is refused (the message says how to read it in parts), and no
         memory is allocated before the objects' indices show that they hold the bytes it needs. ``out``

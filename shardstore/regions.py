@@ -19,8 +19,13 @@ __all__ = ["region_box", "check_read_size"]
 
 
 def region_box(shape: tuple[int, ...], region, key: str) -> tuple[Box, tuple[int, ...]]:
-    """The box ``region`` selects and the shape of the result (an int index drops its dim, as in torch)."""
-    indices = () if region is None else tuple(region) if isinstance(region, (tuple, list)) else (region,)
+    """The box ``region`` selects and the shape of the result (an int index drops its dim, as in torch).
+    A list is refused: torch reads ``w[[0, 1]]`` as rows 0 and 1 (advanced indexing), not ``w[0, 1]``."""
+    if isinstance(region, list):
+        raise TypeError(f"read({key!r}): a list region {region!r} would be advanced indexing in torch (w[{region!r}] "
+                        f"picks those entries of dim 0), which read does not do; give a tuple with one slice (step 1) "
+                        f"or int per leading dim, e.g. {tuple(region)!r} for w[{', '.join(map(repr, region))}]")
+    indices = () if region is None else tuple(region) if isinstance(region, tuple) else (region,)
     if len(indices) > len(shape):
         raise IndexError(f"read({key!r}): too many indices for a tensor of dimension {len(shape)}: got "
                          f"{len(indices)} ({indices!r}); give at most one slice or int per dim")
