@@ -92,7 +92,13 @@ class SafetensorsSource(IndexedSource):
             header = json.loads(bytes(self.storage.read_range(file, 8, 8 + length)))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CorruptCheckpointError(f"{where}: the safetensors header is not JSON ({exc}); not a safetensors file") from exc
-        self.metadata.update(header.pop("__metadata__", None) or {})
+        if not isinstance(header, dict):
+            raise CorruptCheckpointError(f"{where}: the safetensors header is a JSON {type(header).__name__}, expected an "
+                                         "object of tensor entries; not a safetensors file")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise CorruptCheckpointError(f"{where}: the safetensors __metadata__ is {metadata!r}, expected an object of strings")
+        self.metadata.update(metadata)
         return {name: _entry(file, where, name, info, 8 + length) for name, info in header.items()}
 
 
@@ -121,14 +127,23 @@ def _byte_runs(shape: tuple[int, ...], box: Box, itemsize: int) -> list[tuple[in
 
 def _entry(file: str, where: str, name: str, info: dict, data_start: int) -> _Entry:
     try:
-        meta = TensorMeta(tuple(int(s) for s in info["shape"]), DTYPES[info["dtype"]])
-        begin, end = (int(o) for o in info["data_offsets"])
+        meta = TensorMeta(_counts(info["shape"]), DTYPES[info["dtype"]])
+        begin, end = _counts(info["data_offsets"], 2)
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has a malformed or unsupported header entry {info!r} "
-                                     f"(supported dtypes {sorted(DTYPES)})") from exc
+                                     f"(shape and data_offsets are lists of ints >= 0; supported dtypes {sorted(DTYPES)})") from exc
     if end - begin != meta.nbytes:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} spans {end - begin} bytes, its shape and dtype need {meta.nbytes}")
     return _Entry(file, meta, data_start + begin)
+
+
+def _counts(values, length: int | None = None) -> tuple[int, ...]:
+    """``values`` as a tuple of ints >= 0 (of ``length`` of them, where given); else ValueError."""
+    if not isinstance(values, list) or (length is not None and len(values) != length):
+        raise ValueError(f"expected a list of {length or 'any number of'} ints, got {values!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"expected ints >= 0, got {values!r}")
+    return tuple(values)
 
 
 def _index_files(storage: Storage) -> list[str]:

@@ -57,7 +57,8 @@ class LocalStorage(Storage):
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, durable: bool = True) -> None:
         if storage_options:
-            raise TypeError(f"{url}: storage_options {sorted(storage_options)} do not apply to a local path")
+            raise ValueError(f"{url}: storage_options {sorted(storage_options)} do not apply to a local path (they "
+                             "are fsspec options of remote URLs such as s3://); drop them for this one")
         url = strip_trailing_slash(url)
         path = url[len("file://"):] if url.startswith("file://") else url
         # A symlinked root (``latest -> step-100``) is the user's choice: resolve it once, here.

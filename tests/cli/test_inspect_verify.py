@@ -225,3 +225,9 @@ def test_fsspec_urls_and_storage_options(capsys):
     assert cli_json(capsys, "inspect", url, "-o", "skip_instance_cache=false")[1]["tensors"]["w"]["shape"] == [3, 2]
     assert key_value("anon=true") == ("anon", True) and key_value("endpoint_url=http://127.0.0.1:9") == ("endpoint_url", "http://127.0.0.1:9")
     assert cli(capsys, "inspect", url, "-o", "novalue")[0] == 2  # not KEY=VALUE: a usage error
+
+
+def test_storage_options_on_a_local_path_are_a_one_line_input_error(capsys, sharded):
+    code, _, err = cli(capsys, "verify", sharded, "-o", "anon=true")
+    assert code == 2 and "storage_options ['anon'] do not apply to a local path" in err
+    assert len(err.strip().splitlines()) == 1, err

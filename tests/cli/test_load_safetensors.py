@@ -83,3 +83,37 @@ def test_single_file_loads_and_mismatches_are_refused(tmp_path):
     result = shardstore.load(partial, str(path), strict=False)
     assert torch.equal(partial["model.norm.weight"], _weights()["model.norm.weight"])
     assert set(result.unexpected) == {"model.embed.weight", "model.proj.weight"}
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    """Replace the JSON header of the safetensors file at ``path`` with ``edit(header)``, data unchanged."""
+    import struct
+
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = edit(json.loads(raw[8:8 + length]))
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda h: [1], "the safetensors header is a JSON list, expected an object"),
+    (lambda h: {**h, "__metadata__": ["x"]}, "the safetensors __metadata__ is ['x']"),
+    (lambda h: {**h, "w": {**h["w"], "shape": [-3, -4]}}, "tensor 'w' has a malformed or unsupported header entry"),
+    (lambda h: {**h, "w": {**h["w"], "shape": [3.0, 4]}}, "shape and data_offsets are lists of ints >= 0"),
+    (lambda h: {**h, "w": {**h["w"], "data_offsets": [0]}}, "tensor 'w' has a malformed or unsupported header entry"),
+    (lambda h: {**h, "w": "F32"}, "tensor 'w' has a malformed or unsupported header entry"),
+])
+def test_malformed_safetensors_headers_are_refused_naming_the_file(tmp_path, edit, says):
+    """Headers that parse as JSON but are not safetensors headers (a list, negative dims whose product
+    still matches the bytes, non-int offsets) are refused as damaged, by load and convert alike."""
+    from shardstore.cli import main
+    from shardstore.errors import CorruptCheckpointError
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(12.0).reshape(3, 4)}, str(path))
+    _rewrite_header(path, edit)
+    with pytest.raises(CorruptCheckpointError, match="m.safetensors") as info:
+        shardstore.load({"w": torch.zeros(3, 4)}, str(path))
+    assert says in str(info.value)
+    assert main(["convert", str(path), str(tmp_path / "out"), "--to", "zarr"]) == 2
