@@ -1,5 +1,5 @@
 """``torch.save`` files of (nested) state dicts: read with ``weights_only=True`` and ``mmap=True`` (tensors
-stay in the file's pages until read, so memory stays bounded), written with ``torch.save`` (which needs
+stay in the file's pages until read, so memory stays bounded; a legacy non-zip file is read whole), written with ``torch.save`` (which needs
 every tensor in memory at once: the format has no streaming writer). Nesting and plain values are kept
 both ways (dict keys, str or int, included; tuple subclasses such as ``torch.Size`` come back as
 tuples). A URL of another store goes through a local copy (``localfiles``)."""
@@ -15,6 +15,7 @@ from shardstore.convert.localfiles import LocalCopy, local_target
 from shardstore.convert.sources import IndexedSource, Region, TensorMeta, TensorSource, apply_region, flatten_loaded
 from shardstore.errors import UnsupportedInputError
 from shardstore.flatten import unflatten
+from shardstore.inputs import check_sources
 
 __all__ = ["TorchSource", "write_torch", "unpickling_problem"]
 
@@ -31,18 +32,33 @@ class TorchSource(IndexedSource):
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         self._copy = LocalCopy(url, storage_options, directory=False)
         try:
-            loaded = torch.load(self._copy.path, map_location="cpu", weights_only=True, mmap=True)
+            loaded = _load(self._copy.path)
         except (pickle.UnpicklingError, RuntimeError) as exc:
             raise UnsupportedInputError(
                 f"torch.save file {url} cannot be read with torch.load(weights_only=True) ({unpickling_problem(exc)}): "
                 "shardstore reads only tensors and plain values (no pickled code). Check that it is a torch.save "
                 "file, or name the format with --from") from exc
         items, tree = flatten_loaded(loaded, url, "torch.save file")
+        try:
+            check_sources(items)  # as a save checks them, before any output is written
+        except UnsupportedInputError as exc:
+            raise UnsupportedInputError(f"torch.save file {url}: {exc}") from exc
         super().__init__(url, tree, {key: TensorMeta.of(t) for key, t in items.items()})
         self._tensors = {name: items[key] for name, key in self.key_paths.items()}
 
     def read(self, name: str, region: Region | None = None) -> torch.Tensor:
         return apply_region(self._tensors[name], region).clone()
+
+
+def _load(path: str):
+    """``torch.load`` with ``weights_only``, mapping the file where it can: a legacy (non-zip) file, which
+    ``mmap`` refuses, is read into memory whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap can only be used with files saved with" not in str(exc):
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def write_torch(source: TensorSource, url: str, storage_options: dict | None = None, *, progress=None) -> None:

@@ -106,6 +106,27 @@ def test_dcp_and_torch_save_written_by_torch_convert_to_zarr(capsys, tmp_path):
     assert torch.equal(back["model"]["layers"][0], nested["model"]["layers"][0])
 
 
+def test_a_legacy_torch_save_file_converts(capsys, tmp_path):
+    """A non-zip torch.save file (``_use_new_zipfile_serialization=False``) cannot be mapped; it is read
+    whole, still with ``weights_only``."""
+    state = {"w": torch.randn(4, 3), "step": 7}
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    code, _, err = cli(capsys, "convert", tmp_path / "legacy.pt", tmp_path / "z", "--to", "zarr", "--from", "torch")
+    assert code == 0, err
+    assert torch.equal(shardstore.open(str(tmp_path / "z")).read("w"), state["w"])
+
+
+@pytest.mark.parametrize("value, says", [
+    (torch.ones(3).to_sparse(), "state dict entry 'opt.x' cannot be saved: it is a sparse tensor"),
+    (torch.ones(3, dtype=torch.complex32), "state dict entry 'opt.x' cannot be saved: it is of dtype torch.complex32"),
+])
+def test_a_torch_save_file_holding_what_no_checkpoint_holds_is_refused_before_writing(capsys, tmp_path, value, says):
+    torch.save({"opt": {"x": value}, "w": torch.ones(2)}, tmp_path / "state.pt")
+    code, _, err = cli(capsys, "convert", tmp_path / "state.pt", tmp_path / "z", "--to", "zarr")
+    assert code == 2 and says in err and "state.pt" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "z").exists()
+
+
 def test_safetensors_reads_only_the_rows_asked_for(hf_file):
     source = SafetensorsSource(str(hf_file))
     rows = source.read("model.embed.weight", (slice(10, 20), slice(3, 5)))
