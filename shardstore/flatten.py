@@ -36,7 +36,7 @@ from shardstore.errors import CorruptCheckpointError, StateDictMismatchError, Un
 __all__ = [
     "KeyPath", "flatten", "unflatten", "fill_plain_values", "merge_skeletons", "is_tensor_like", "node_path",
     "mapping_node", "mapping_children", "node_children",
-    "keypath_from_node", "fqn", "display_names",
+    "keypath_from_node", "fqn", "display_names", "int_too_long",
 ]
 
 KeyPath = tuple[Union[str, int], ...]
@@ -45,6 +45,8 @@ _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345678
 _EMPTY = "%"  # a lone '%' never comes out of encoding a non-empty component, so it can stand for ""
 _RESERVED = {".": "%2E", "..": "%2E%2E", "zarr.json": "zarr%2Ejson"}
 _PLAIN = (bool, int, str, type(None))
+_INT_LIMIT = 10**4300  # Python's default limit of digits for int <-> str: JSON of a longer int neither writes nor reads back
+MAX_DEPTH = 100  # containers nested deeper are refused (a list that holds itself would never end)
 
 
 def is_tensor_like(value: Any) -> bool:
@@ -61,6 +63,16 @@ def flatten(state_dict: Mapping[str, Any]) -> tuple[dict[KeyPath, Any], dict]:
 
 
 def _encode(value: Any, path: KeyPath, items: dict[KeyPath, Any]) -> dict:
+    if len(path) > MAX_DEPTH:
+        raise UnsupportedInputError(
+            f"state dict entry {fqn(path[:3])!r}... is nested more than {MAX_DEPTH} containers deep (does a list or "
+            "dict hold itself?); a checkpoint holds a tree of containers: flatten it or store it as a str first"
+        )
+    if int_too_long(value):
+        raise UnsupportedInputError(
+            f"state dict entry {fqn(path)!r} is an int of more than 4300 digits, which JSON (the root zarr.json) "
+            "cannot carry back; store it as a str (str(x)) or a tensor first"
+        )
     if is_tensor_like(value):
         items[path] = value
         return {"tensor": list(path)}
@@ -86,12 +98,30 @@ def _dict_key(key: Any, path: KeyPath, mapping: Mapping) -> str | int:
             f"state dict key {key!r} under {fqn(path) or '<root>'!r} is a {type(key).__name__}; keys must be str "
             "or int: convert the keys to str"
         )
+    if isinstance(key, str) and not _is_unicode(key):
+        raise UnsupportedInputError(
+            f"state dict key {key!r} under {fqn(path) or '<root>'!r} is not valid Unicode (it holds a lone "
+            "surrogate), so it can name no file nor JSON entry; fix the key"
+        )
     if isinstance(key, int) and str(key) in mapping:
         raise UnsupportedInputError(
             f"state dict keys {key!r} and {str(key)!r} under {fqn(path) or '<root>'!r} would share one node name "
             "in the checkpoint; rename one of them"
         )
     return key
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def int_too_long(value: Any) -> bool:
+    """Whether ``value`` is an int with more digits than JSON here writes and reads back (4300)."""
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _INT_LIMIT
 
 
 def mapping_node(children: Mapping[str | int, dict]) -> dict:

@@ -22,7 +22,7 @@ from dtensor.api import DTensor
 from dtensor.checkpoint import get_tensor_shard
 from shardstore.dtypes import DTYPES
 from shardstore.errors import UnsupportedInputError
-from shardstore.flatten import KeyPath, fqn
+from shardstore.flatten import KeyPath, fqn, int_too_long
 from shardstore.plan import layout_of_value
 
 __all__ = ["local_tensor", "check_sources", "check_targets", "check_user_metadata"]
@@ -165,6 +165,8 @@ def _json_problem(value: Any, where: str) -> str | None:
         return next((p for i, v in enumerate(value) if (p := _json_problem(v, f"{where}[{i}]"))), None)
     if isinstance(value, float) and not math.isfinite(value):
         return f"{where} is {value!r}"
+    if int_too_long(value):
+        return f"{where} is an int of more than 4300 digits"
     if value is None or isinstance(value, (str, int, float)):
         return None
     return f"{where} is of type {type(value).__name__}"

@@ -342,6 +342,7 @@ NOT_JSON = {
     "int_key": ({"by_step": {3: "x"}}, "user_metadata['by_step'] has the key 3 of type int"),
     "tensor": ({"t": torch.ones(1)}, "user_metadata['t'] is of type Tensor"),
     "not_a_dict": (["run"], "user_metadata is not a dict"),
+    "huge_int": ({"seed": 10**4300}, "user_metadata['seed'] is an int of more than 4300 digits"),
 }
 
 

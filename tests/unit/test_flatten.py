@@ -91,6 +91,25 @@ def test_unsupported_leaf_names_its_path():
         flatten([torch.ones(1)])
 
 
+def test_what_json_cannot_carry_is_refused_naming_its_path():
+    """Refused up front (before a save writes a byte), naming the entry: a key that is not valid Unicode,
+    an int JSON cannot write and read back, containers nested without end (a list holding itself)."""
+    with pytest.raises(TypeError, match=r"key 'w\\ud800' under 'model' is not valid Unicode"):
+        flatten({"model": {"w\ud800": torch.ones(1)}})
+    with pytest.raises(TypeError, match=r"'meta.seed' is an int of more than 4300 digits"):
+        flatten({"meta": {"seed": 10**4300}})
+    assert flatten({"meta": {"seed": -(10**4300 - 1)}})[1]  # 4300 digits are fine
+    loop: list = []
+    loop.append(loop)
+    with pytest.raises(TypeError, match=r"nested more than 100 containers deep \(does a list or dict hold itself\?\)"):
+        flatten({"x": loop})
+    deep: dict = {}
+    node = deep
+    for _ in range(99):
+        node = node.setdefault("a", {})
+    assert flatten({"deep": deep})[1]  # 100 levels are fine
+
+
 def test_unflatten_reports_a_missing_tensor():
     _, skeleton = flatten({"a": {"b": torch.ones(1)}})
     with pytest.raises(KeyError, match="a.b"):
