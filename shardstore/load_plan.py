@@ -9,6 +9,7 @@ become one ranged read (``ReadRun``). ``side_by_side`` groups a run's chunks tha
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +137,13 @@ def plan_load(
     return LoadPlan(_coalesce(tasks), missing, unexpected)
 
 
+def _names(keys: list[KeyPath]) -> dict[KeyPath, str]:
+    """Each key's dotted name, or its key path written out where another key shares that name (``"a.b"``
+    and ``a -> b``; an int key 0 and a str key "0"), so a message names one entry unambiguously."""
+    counts = Counter(fqn(k) for k in set(keys))
+    return {k: fqn(k) if counts[fqn(k)] == 1 else f"{fqn(k)} (key path {k!r})" for k in keys}
+
+
 def _check_match(
     targets: Mapping[KeyPath, TargetTensor],
     stored: Mapping[KeyPath, StoredArray],
@@ -144,15 +152,16 @@ def _check_match(
     strict: bool,
 ) -> None:
     problems = []
+    name = _names([*targets, *stored])
     if strict and missing:
-        problems.append(f"missing from the checkpoint: {', '.join(fqn(k) for k in missing)}")
+        problems.append(f"missing from the checkpoint: {', '.join(name[k] for k in missing)}")
     if strict and unexpected:
-        problems.append(f"in the checkpoint but not in the state dict: {', '.join(fqn(k) for k in unexpected)}")
+        problems.append(f"in the checkpoint but not in the state dict: {', '.join(name[k] for k in unexpected)}")
     for key in [k for k in targets if k in stored]:
         for what in ("shape", "dtype"):
             want, found = getattr(targets[key], what), getattr(stored[key], what)
             if want != found:
-                problems.append(f"{fqn(key)}: {what} {want} in the state dict, {found} in the checkpoint")
+                problems.append(f"{name[key]}: {what} {want} in the state dict, {found} in the checkpoint")
     if problems:
         raise StateDictMismatchError(
             "the state dict does not match the checkpoint:\n  " + "\n  ".join(problems)

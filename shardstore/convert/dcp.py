@@ -154,6 +154,7 @@ class _FetchingPlanner(DefaultSavePlanner):
 
 def write_dcp(source: TensorSource, url: str, storage_options: dict | None = None, *, progress=None) -> None:
     """Write ``source`` (its tree: nesting, plain values, tensors) as a DCP checkpoint directory at ``url``."""
+    _check_dcp_names(source.tree(), url)
     metas = source.tensors()
     placeholders = {name: torch.empty(m.shape, dtype=m.dtype, device="meta") for name, m in metas.items()}
     state = unflatten(source.tree(), {source.key_paths[name]: t for name, t in placeholders.items()})
@@ -162,6 +163,22 @@ def write_dcp(source: TensorSource, url: str, storage_options: dict | None = Non
         dcp.save(state, storage_writer=dcp.FileSystemWriter(path, thread_count=1), planner=planner)
     if progress is not None:
         progress(sum(m.nbytes for m in metas.values()))
+
+
+def _check_dcp_names(tree: dict, url: str) -> None:
+    """Refuse, before anything is written, a tree two of whose leaves DCP would store under one dotted
+    name (``{"a.b": x}`` and ``{"a": {"b": y}}`` are both ``a.b`` to DCP, which a shardstore checkpoint
+    tells apart)."""
+    seen: dict[str, tuple] = {}
+    for path, node, _ in tree_nodes(tree):
+        if next(iter(node)) in ("dict", "map", "list", "tuple"):
+            continue
+        other = seen.setdefault(fqn(path), path)
+        if other != path:
+            raise UnsupportedInputError(
+                f"cannot write {url} as torch DCP: the keys {other!r} and {path!r} would both be stored as "
+                f"{fqn(path)!r} (DCP names every entry by its dotted path); rename one, or convert to zarr, "
+                "safetensors or torch instead")
 
 
 def dcp_dropped(tree: dict) -> list[str]:

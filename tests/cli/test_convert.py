@@ -127,6 +127,13 @@ def test_a_torch_save_file_holding_what_no_checkpoint_holds_is_refused_before_wr
     assert not (tmp_path / "z").exists()
 
 
+def test_keys_dcp_would_store_under_one_name_are_refused_before_writing(capsys, tmp_path):
+    shardstore.save({"a.b": torch.ones(2), "a": {"b": torch.zeros(2)}}, str(tmp_path / "ck"))
+    code, _, err = cli(capsys, "convert", tmp_path / "ck", tmp_path / "dcp", "--to", "dcp")
+    assert code == 2 and "the keys ('a.b',) and ('a', 'b') would both be stored as 'a.b'" in err, err
+    assert not (tmp_path / "dcp").exists()
+
+
 def test_safetensors_reads_only_the_rows_asked_for(hf_file):
     source = SafetensorsSource(str(hf_file))
     rows = source.read("model.embed.weight", (slice(10, 20), slice(3, 5)))

@@ -306,6 +306,20 @@ def test_state_dict_mismatch_names_the_key(tmp_path, change, says):
     assert says in str(info.value) and "strict=False" in str(info.value)
 
 
+@pytest.mark.parametrize("saved, target, says", [
+    ({"a.b": torch.ones(2), "a": {"b": torch.ones(2)}}, {"a": {"b": torch.ones(2)}},
+     "in the checkpoint but not in the state dict: a.b (key path ('a.b',))"),
+    ({"state": {0: torch.ones(2)}}, {"state": {"0": torch.ones(2)}},
+     "missing from the checkpoint: state.0 (key path ('state', '0'))\n  in the checkpoint but not in the state dict: "
+     "state.0 (key path ('state', 0))"),
+])
+def test_a_mismatch_names_keys_sharing_a_dotted_name_by_their_key_paths(tmp_path, saved, target, says):
+    shardstore.save(saved, str(tmp_path / "ck"))
+    with pytest.raises(StateDictMismatchError) as info:
+        shardstore.load(target, str(tmp_path / "ck"))
+    assert says in str(info.value)
+
+
 def test_non_strict_load_reports_and_loads_the_rest(tmp_path):
     url = _saved(tmp_path)
     sd = _zeros_state()
