@@ -248,7 +248,8 @@ def check_arrays(storage: Storage, records: list["TensorRecord"]) -> None:
 
 def _describe(layout: ArrayLayout) -> str:
     return (f"shape {list(layout.shape)} {dtype_info(layout.dtype).zarr_name}, chunks {list(layout.chunk_shape)}, "
-            f"inner chunks {list(layout.inner_chunk_shape)}, compressor {layout.compressor}")
+            f"inner chunks {list(layout.inner_chunk_shape)}, compressor {layout.compressor}, "
+            f"chunk key separator {layout.chunk_key_separator!r}")
 
 
 # -- the root record -----------------------------------------------------------------------------------

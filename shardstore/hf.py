@@ -29,14 +29,12 @@ __all__ = ["is_safetensors", "load_safetensors"]
 
 
 def is_safetensors(url: str, storage_options: dict | None = None) -> bool:
-    """A ``*.safetensors`` URL, or a directory holding a safetensors index or ``model.safetensors`` and
-    no shardstore checkpoint."""
-    if url.rstrip("/").endswith(".safetensors"):
-        return True
+    """A ``*.safetensors`` URL, or a directory holding a safetensors index or ``model.safetensors``; never
+    a shardstore checkpoint (a directory with a root ``zarr.json``), whatever its name."""
     here = Storage(url, storage_options)
     if here.exists(ZARR_JSON):
-        return False
-    return here.exists(SAFETENSORS_INDEX) or here.exists(SAFETENSORS_FILE)
+        return False  # a shardstore checkpoint, whatever its name
+    return url.rstrip("/").endswith(".safetensors") or here.exists(SAFETENSORS_INDEX) or here.exists(SAFETENSORS_FILE)
 
 
 def load_safetensors(state_dict: dict, url: str, *, storage_options: dict | None = None, process_group=None,

@@ -51,8 +51,8 @@ def get_field(node: dict[str, Any], key: str, kind: type, where: str) -> Any:
 
 def expect(ok: bool, where: str, what: str, got: Any) -> None:
     if not ok:
-        raise CorruptCheckpointError(f"{where}: expected {what}, got {got!r}; shardstore format 1 did not write "
-                                     "this (or the file is damaged) — load an earlier checkpoint or re-run the save")
+        raise CorruptCheckpointError(f"{where}: expected {what}, got {got!r}; no shardstore save wrote this (or the "
+                                     "file is damaged) — load an earlier checkpoint or re-run the save")
 
 
 def _node_of(text: bytes | bytearray | str, node_type: str, where: str) -> dict[str, Any]:

@@ -34,6 +34,8 @@ from shardstore.writer import ArraySpec, WriteResult, plan_layout, write_checkpo
 __all__ = ["PlacementRule", "parse_rules", "target_specs", "row_bands", "reshard", "DEFAULT_MEMORY_BUDGET", "CELL_COPIES"]
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
+MIN_MEMORY_BUDGET = 1 << 20
+MAX_MESH_RANKS = 1 << 18  # a mesh of 10^6 ranks took ~30 s and 1.7 GB to plan for three tiny tensors
 CELL_COPIES = 3  # a cell in memory: fetched chunk bytes, the region read from them, the encoded object
 MAX_THREADS = 4
 
@@ -96,6 +98,12 @@ def reshard(
     mesh_shape = tuple(int(n) for n in mesh_shape)
     if not mesh_shape or any(n < 1 for n in mesh_shape):
         raise ValueError(f"mesh shape {list(mesh_shape)}: give one size >= 1 per mesh dim, e.g. --mesh 8 or --mesh 2,4")
+    if math.prod(mesh_shape) > MAX_MESH_RANKS:
+        raise ValueError(f"mesh shape {list(mesh_shape)} has {math.prod(mesh_shape)} ranks, more than {MAX_MESH_RANKS}: "
+                         "planning one object per shard for that many takes minutes and gigabytes; check the shape")
+    if memory_budget < MIN_MEMORY_BUDGET:
+        raise ValueError(f"memory budget {memory_budget} bytes: give at least {MIN_MEMORY_BUDGET} (1 MiB), e.g. the default "
+                         f"{DEFAULT_MEMORY_BUDGET}")
     source = api.open(src, storage_options)
     root = fmt.read_root(Storage(src, storage_options).pinned())
     if root.commit_id != source.commit_id:

@@ -26,6 +26,7 @@ from shardstore import format as fmt
 from shardstore.tiling import choose_inner_chunk_shape
 from shardstore.coordinator import Coordinator
 from shardstore.cell_writer import WriteStats, layout_of, write_cells
+from shardstore.codec import COMPRESSORS
 from shardstore.flatten import KeyPath, flatten, is_tensor_like, merge_skeletons
 from shardstore.digests import StoredObject, write_digests
 from shardstore.incremental import IncrementalWriter, check_incremental
@@ -70,6 +71,9 @@ class SaveOptions:
 
     def __post_init__(self) -> None:
         check_incremental(self.incremental)
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"compressor={self.compressor!r}: expected one of {list(COMPRESSORS)} (None stores each inner "
+                             "chunk's bytes as they are, 'zstd' compresses them)")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from dtensor.placements import Box
 from shardstore.convert.sources import (
     SAFETENSORS_FILE, SAFETENSORS_INDEX, IndexedSource, Region, TensorMeta, TensorSource, row_blocks, split_url,
 )
-from shardstore.errors import CorruptCheckpointError, UnsupportedInputError
+from shardstore.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedInputError
 from shardstore.storage import Storage
 
 __all__ = ["SafetensorsSource", "write_safetensors", "DTYPES", "DEFAULT_MAX_SHARD_BYTES"]
@@ -59,6 +59,9 @@ class SafetensorsSource(IndexedSource):
         if url.rstrip("/").endswith(".safetensors"):
             parent, name = split_url(url)
             self.storage, files = Storage(parent, storage_options), [name]
+            if not self.storage.exists(name):
+                raise CheckpointNotFoundError(f"no safetensors file at {url}: nothing is stored there (or it is not "
+                                              "a regular file); check the path")
         else:
             self.storage = Storage(url, storage_options)
             files = _index_files(self.storage) if self.storage.exists(SAFETENSORS_INDEX) else [SAFETENSORS_FILE]

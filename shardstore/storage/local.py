@@ -153,12 +153,12 @@ class LocalStorage(Storage):
             except FileNotFoundError:
                 raise self._missing(key) from None
             if not stat.S_ISDIR(mode):
-                raise self._not_regular(rel, posix.kind_of(mode))
+                raise self._not_regular(rel, posix.kind_of(mode), "a directory")
             self._checked_dirs.add(rel)
 
-    def _not_regular(self, key: str, what: str) -> CorruptCheckpointError:
+    def _not_regular(self, key: str, what: str, expected: str = "a regular file") -> CorruptCheckpointError:
         return CorruptCheckpointError(
-            f"{self.key_url(key)} is {what}, not a regular file or directory: shardstore reads only the "
+            f"{self.key_url(key)} is {what} where {expected} was expected: shardstore reads only the "
             "checkpoint's own files and never follows links out of it; remove it or re-run the save"
         )
 

@@ -117,3 +117,15 @@ def test_malformed_safetensors_headers_are_refused_naming_the_file(tmp_path, edi
         shardstore.load({"w": torch.zeros(3, 4)}, str(path))
     assert says in str(info.value)
     assert main(["convert", str(path), str(tmp_path / "out"), "--to", "zarr"]) == 2
+
+
+def test_a_shardstore_checkpoint_named_like_safetensors_loads_and_a_missing_file_is_not_found(tmp_path):
+    from shardstore.errors import CheckpointNotFoundError
+
+    url = str(tmp_path / "model.safetensors")  # a directory: a shardstore checkpoint, whatever its name
+    shardstore.save({"w": torch.arange(3.0)}, url)
+    sd = {"w": torch.zeros(3)}
+    shardstore.load(sd, url)
+    assert torch.equal(sd["w"], torch.arange(3.0))
+    with pytest.raises(CheckpointNotFoundError, match="no safetensors file at .*typo.safetensors"):
+        shardstore.load({"w": torch.zeros(3)}, str(tmp_path / "typo.safetensors"))

@@ -181,6 +181,7 @@ ARRAY_EDITS = {
     "inner-chunk-shape": lambda n: n["codecs"][0]["configuration"].update(chunk_shape=[32, 32]),
     "compressor": lambda n: n["codecs"][0]["configuration"]["codecs"].insert(
         1, {"name": "zstd", "configuration": {"level": 3, "checksum": False}}),
+    "separator": lambda n: n["chunk_key_encoding"]["configuration"].update(separator="/"),
 }
 
 
@@ -191,6 +192,8 @@ def test_array_zarr_json_disagreeing_with_the_root_record_is_refused(tmp_path, r
     edit_json(_array_json(url), ARRAY_EDITS[case])
     msg = refused(reader, url, CorruptCheckpointError, tmp_path)
     assert f"{url}/model/w/zarr.json: describes" in msg and "but the root zarr.json says shape [64, 64] float32" in msg
+    described, said = msg.split("describes ", 1)[1].split(", but the root zarr.json says ", 1)
+    assert described != said.split(";")[0], msg  # the two descriptions show the difference
     assert "other Zarr readers would read other values than shardstore" in msg and FIX in msg
 
 

@@ -39,7 +39,7 @@ def _replace_with_link(path: Path, to: Path) -> None:
 
 def _assert_refused(url: Path, what: str, name: str) -> None:
     target = {"model": {"w": torch.zeros(8, 4), "b": torch.zeros(4)}, "step": -1}
-    with pytest.raises(CorruptCheckpointError, match=f"{name}.* is {what}") as info:
+    with pytest.raises(CorruptCheckpointError, match=f"{name}.* is {what} where a (regular file|directory) was expected") as info:
         shardstore.load(target, str(url))
     assert "never follows links" in str(info.value)
     assert target["step"] == -1 and not target["model"]["w"].any() and not target["model"]["b"].any()
@@ -89,3 +89,11 @@ def test_a_load_never_mixes_the_checkpoint_it_started_with_and_one_swapped_in(tm
     assert shardstore.open(url).read("model.w").eq(2).all()
     with pytest.raises(shardstore.CheckpointChangedError, match="another save committed there"):
         handle.read("model.w")
+
+
+def test_a_directory_in_place_of_a_chunk_says_a_regular_file_was_expected(pair):
+    _, b = pair
+    chunk = b / "model" / "w" / "c.0.0"
+    chunk.unlink()
+    chunk.mkdir()
+    _assert_refused(b, "a directory", "c.0.0")

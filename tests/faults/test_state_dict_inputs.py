@@ -389,3 +389,9 @@ def test_every_torch_dtype_round_trips_or_is_refused_before_any_byte_is_written(
     target = {"x": torch.zeros(6, dtype=torch.uint8 if dtype.itemsize == 1 else dtype).view(dtype)}
     shardstore.load(target, str(url))
     assert torch.equal(target["x"].view(torch.uint8), value.view(torch.uint8))
+
+
+def test_an_unknown_compressor_is_refused_naming_the_argument(tmp_path):
+    with pytest.raises(ValueError, match=r"compressor='lz4': expected one of \[None, 'zstd'\]"):
+        shardstore.save({"w": torch.ones(2)}, str(tmp_path / "ck"), compressor="lz4")
+    assert not (tmp_path / "ck").exists()
