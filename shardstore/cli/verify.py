@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from shardstore.cli.common import EXIT_FAILED, EXIT_OK, human_bytes, print_json, progress, storage_options
-from shardstore.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
+from shardstore.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError, UnsafeKeyError
 from shardstore.verify import DEFAULT_THREADS, verify
 
 NAME = "verify"
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
             report = verify(args.url, storage_options(args), threads=args.threads, progress=bar.update)
     except CheckpointNotFoundError:
         raise  # nothing there: an input error, not a failed check
-    except (IncompleteCheckpointError, CorruptCheckpointError) as exc:
+    except (IncompleteCheckpointError, CorruptCheckpointError, UnsafeKeyError) as exc:  # a forged path is damage too
         return _unusable(args, exc)
     if args.json:
         print_json(report.to_json())
@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _unusable(args: argparse.Namespace, exc: Exception) -> int:
-    """An incomplete checkpoint or a damaged root record: the check failed before any chunk."""
+    """An incomplete checkpoint or a damaged root record (one naming a path outside the checkpoint
+    among them): the check failed before any chunk."""
     if args.json:
         print_json({"url": args.url, "ok": False, "error": type(exc).__name__, "message": str(exc)})
     else:

@@ -97,6 +97,16 @@ def test_verify_incomplete_is_a_failed_check_and_nothing_is_an_input_error(capsy
     assert code == 2 and f"shardstore verify: error: no checkpoint at {tmp_path / 'nothing'}" in err
 
 
+def test_verify_of_a_record_naming_a_path_outside_the_checkpoint_is_a_failed_check(capsys, tmp_path):
+    from tests.faults.damage import edit_root
+
+    url = tmp_path / "forged"
+    shardstore.save({"w": torch.ones(2)}, str(url))
+    edit_root(str(url), lambda block: block["tensors"]["w"].update(path="../evil"))
+    code, out, _ = cli(capsys, "verify", str(url))
+    assert code == 1 and "FAILED: UnsafeKeyError" in out and "'../evil'" in out, out
+
+
 def test_usage_errors_exit_2_and_help_exits_0(capsys):
     assert cli(capsys, "inspect")[0] == 2
     assert cli(capsys, "gc", "/x")[0] == 2  # --keep is required
