@@ -34,7 +34,7 @@ from shardstore.format import FORMAT_NAME, ZARR_JSON, is_chunk_key, is_object_ke
 from shardstore.digests import DIGESTS
 from shardstore.storage import CURRENT, VERSION_PREFIX, HeldLock, Storage
 
-__all__ = ["Claim", "begin", "destination", "finish", "abandon", "sweep"]
+__all__ = ["Claim", "begin", "destination", "finish", "abandon", "sweep", "foreign_files"]
 
 OWNER = ".shardstore-owner"  # in a staging tree: locked by the saving process (removed before the swap)
 CLAIM = ".shardstore-claim"  # object stores: a fresh save's claim on the URL itself
@@ -127,9 +127,11 @@ def _is_shardstore_root(text: bytes | bytearray) -> bool:
     return isinstance(node, dict) and isinstance(node.get("attributes"), dict) and FORMAT_NAME in node["attributes"]
 
 
-def _refuse_foreign(target: Storage, root_is_foreign: bool = False) -> None:
-    """A checkpoint, or an interrupted save, holds only node ``zarr.json`` files, chunk objects and
-    temporaries; anything else (notes, other runs' checkpoints in sub-directories) is not ours to delete.
+def foreign_files(target: Storage) -> list[str]:
+    """The keys under ``target`` that no shardstore checkpoint or save of ours makes, so not ours to
+    delete. A checkpoint, or an interrupted save, holds only node ``zarr.json`` files, chunk objects and
+    temporaries; anything else (notes, other runs' checkpoints in sub-directories, another library's
+    checkpoint) is foreign.
 
     Where a checkpoint's root record can be read, only the nodes it names count as its own: a name
     alone does not, as another checkpoint or a Zarr array kept in a sub-directory is made of
@@ -141,8 +143,12 @@ def _refuse_foreign(target: Storage, root_is_foreign: bool = False) -> None:
             records[prefix] = _recorded_nodes(target.child(prefix) if prefix else target)
         return records[prefix]
 
-    foreign = ([ZARR_JSON] if root_is_foreign else []) + [
-        k for k in target.list() if k != ZARR_JSON and not _looks_like_ours(k, recorded)]
+    return [k for k in target.list() if k != ZARR_JSON and not _looks_like_ours(k, recorded)]
+
+
+def _refuse_foreign(target: Storage, root_is_foreign: bool = False) -> None:
+    """Refuse to replace what holds foreign files (``foreign_files``), or a root ``zarr.json`` not ours."""
+    foreign = ([ZARR_JSON] if root_is_foreign else []) + foreign_files(target)
     if foreign:
         raise NotACheckpointError(
             f"{target.url} holds files that are not part of a shardstore checkpoint (e.g. {foreign[:5]}); "

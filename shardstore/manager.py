@@ -92,7 +92,7 @@ class CheckpointManager:
         self._closed = False
         scanned = self._coord.decide("listing the checkpoints of the run", self._scan)
         self._steps: list[int] = scanned[0]
-        self._unreadable: dict[int, str] = scanned[1]  # step -> why its root record does not read
+        self._unreadable: dict[int, str] = scanned[1]  # step -> why it is there but not complete (``StepEntry.problem``)
 
     # -- queries (local: the agreed list) -----------------------------------------------------------
 
@@ -130,9 +130,9 @@ class CheckpointManager:
         self._collect()
         if step in self._unreadable:
             raise CheckpointExistsError(
-                f"step {step} at {step_url(self.root_url, step)} holds a checkpoint whose root record does not "
-                f"read ({self._unreadable[step]}); a manager never replaces it — save under a new step number, "
-                "or repair or remove that step first"
+                f"step {step} at {step_url(self.root_url, step)} is there but not a complete checkpoint "
+                f"({self._unreadable[step]}); a manager never replaces it — save under a new step number, "
+                "or repair or move that step first"
             )
         if step in self._steps:
             raise CheckpointExistsError(
@@ -213,7 +213,7 @@ class CheckpointManager:
 
     def _scan(self) -> tuple[list[int], dict[int, str]]:
         """Rank 0: clear what killed saves left, then the complete steps, and the steps whose root record
-        is there but does not read (with why)."""
+        is there but neither complete nor a save of ours cut short (with why)."""
         sweep_litter(self.root_url, self._options)
         entries = list_steps(self.root_url, self._options)
         return [e.step for e in entries if e.complete], {e.step: e.problem for e in entries if e.problem is not None}
@@ -251,9 +251,9 @@ class CheckpointManager:
             instead = (f"pass step={latest} to restore the latest readable step deliberately" if latest is not None
                        else "no step before it reads either")
             raise CorruptCheckpointError(
-                f"step {step} at {step_url(self.root_url, step)} has a root record that does not read "
-                f"({self._unreadable[step]}); restoring an older step instead would silently go back in "
-                f"training — {instead}, or repair or remove that step (`shardstore verify` names what is wrong)"
+                f"step {step} at {step_url(self.root_url, step)} is there but cannot be restored: "
+                f"{self._unreadable[step]}; restoring an older step instead would silently go back in training "
+                f"— {instead}, or repair or move that step (`shardstore verify` names what is wrong)"
             )
 
     def _check_open(self) -> None:

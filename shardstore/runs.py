@@ -5,7 +5,8 @@ function (``plan_gc``) before anything is deleted, so the rule is tested without
 ``keep`` complete steps, delete older complete steps and incomplete steps older than the newest complete
 one. An incomplete step newer than every complete one may be a save still running, so it is spared; the
 newest complete step is never deleted, nor is a step whose root record is there but does not read
-(damaged, or of a newer format: it may be the run's newest state; a person decides). Deletes go through ``steps.delete_step``, one step at a time:
+(damaged, or of a newer format: it may be the run's newest state) or that holds files no save of ours
+writes (not ours); a person decides. Deletes go through ``steps.delete_step``, one step at a time:
 each step's root marker goes first, so a prune cut short (a crash, a failing store) leaves at worst an
 incomplete step, never one listed as complete with objects missing; the next prune removes it.
 """
@@ -35,7 +36,7 @@ class StepSummary:
     nbytes: int
     objects: int
     modified: float | None  # POSIX seconds: the root zarr.json's, else the newest object's
-    problem: str | None = None  # why a root record that is there does not read (``StepEntry.problem``)
+    problem: str | None = None  # why the step is neither complete nor incomplete (``StepEntry.problem``)
 
     def to_json(self) -> dict:
         return {"step": self.step, "url": self.url, "complete": self.complete, "nbytes": self.nbytes,
@@ -45,7 +46,7 @@ class StepSummary:
 @dataclass(frozen=True)
 class GcPlan:
     """What a prune keeps, deletes, and spares (incomplete steps newer than the newest complete one, and
-    ``unreadable`` steps: a root record there that does not read)."""
+    ``unreadable`` steps: ``StepEntry.problem``)."""
 
     keep: tuple[StepEntry, ...]
     delete: tuple[StepEntry, ...]

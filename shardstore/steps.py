@@ -5,8 +5,9 @@ so the naming, what counts as complete, and how a step or a killed save's litter
 once. A step is complete when its root record reads and validates (the commit made it visible); anything else under the root — staging and trash
 siblings of the commit protocol, a step whose save was killed, files of the user's — is not a complete
 step and is never reported as one. A step whose root record is there but does not read (damaged, of a
-newer format, or the store failed to serve it) is neither: it is reported with the reason and never
-deleted, as it may be the run's newest state.
+newer format, or the store failed to serve it), or a ``step-<N>`` directory holding files no save of
+ours writes (another library's checkpoint), is neither complete nor incomplete: it is reported with the
+reason (``StepEntry.problem``) and never deleted, as it may be the run's newest state or not ours.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class StepEntry:
     step: int
     url: str
     complete: bool  # the root record reads and validates
-    problem: str | None = None  # why a root record that is there does not read (then not complete either)
+    problem: str | None = None  # why the step is neither complete nor a save of ours cut short: never deleted
 
 
 def step_name(step: int) -> str:
@@ -68,28 +69,42 @@ def list_steps(root_url: str, storage_options: dict | None = None) -> list[StepE
 
 
 def _state(checkpoint: Storage) -> tuple[bool, str | None]:
-    """(complete, problem): no root record is an incomplete save, one that does not read a problem."""
+    """(complete, problem): no root record is an incomplete save, unless the directory holds files no
+    save of ours writes (another library's checkpoint, a user's files); a root record that does not
+    read is a problem too."""
     try:
         fmt.read_root(checkpoint.pinned())
     except (CheckpointNotFoundError, IncompleteCheckpointError):
-        return False, None
+        foreign = commit.foreign_files(checkpoint)
+        return False, (f"not a shardstore checkpoint: it holds files no shardstore save writes (e.g. {foreign[:3]})"
+                       if foreign else None)
     except (ShardstoreError, OSError, ValueError) as exc:
-        return False, f"{type(exc).__name__}: {exc}"
+        return False, f"its root record does not read: {type(exc).__name__}: {exc}"
     return True, None
 
 
 def delete_step(checkpoint: Storage) -> None:
     """Delete one step: its root marker first, so a deletion cut short leaves an incomplete step (never
-    listed) rather than a listed one missing objects."""
+    listed) rather than a listed one missing objects. Files no save of ours writes (a user's notes
+    beside the arrays) are left where they are, with the directory."""
+    foreign = set(commit.foreign_files(checkpoint))  # judged by the root record, so before it goes
     checkpoint.delete(fmt.ZARR_JSON)
-    checkpoint.delete_prefix()
+    if not foreign:
+        return checkpoint.delete_prefix()
+    mixed = {key.split("/")[0] for key in foreign}  # top-level entries holding foreign files
+    for top in sorted({key.split("/")[0] for key in checkpoint.list()} - mixed):
+        checkpoint.delete_prefix(top)  # a whole node (or a top-level file) of ours
+    for key in checkpoint.list():
+        if key.split("/")[0] in mixed and key not in foreign:
+            checkpoint.delete(key)
 
 
 def clear_incomplete(url: str, storage_options: dict | None) -> None:
     """Remove a step directory that holds objects but no root marker (a save of it was killed or failed
-    on an object store, where saves write in place), so the step can be saved afresh."""
+    on an object store, where saves write in place), so the step can be saved afresh; one holding any
+    file no save of ours writes is left alone (the save then refuses the URL: ``NotACheckpointError``)."""
     checkpoint = Storage(url, storage_options)
-    if not checkpoint.is_empty() and not checkpoint.exists(fmt.ZARR_JSON):
+    if not checkpoint.is_empty() and not checkpoint.exists(fmt.ZARR_JSON) and not commit.foreign_files(checkpoint):
         checkpoint.delete_prefix()
 
 

@@ -1,8 +1,8 @@
 """Delete old and incomplete checkpoints under a run directory, keeping the newest N complete ones.
 
 Never deletes the newest complete step; an incomplete step newer than every complete one may be a save
-still running and is spared; a step whose root record does not read (damaged, or of a newer format) is
-kept and reported. --dry-run shows what would go."""
+still running and is spared; a step whose root record does not read (damaged, or of a newer format), or
+that holds files no shardstore save writes, is kept and reported. --dry-run shows what would go."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     for entry in plan.spared:
         print(f"kept step {entry.step}: incomplete but newer than every complete step (a save may be running)")
     for entry in plan.unreadable:
-        print(f"kept step {entry.step}: its root record does not read, so it is not deleted — check it with "
-              f"`shardstore verify {entry.url}`, then repair or remove it by hand ({entry.problem})")
+        print(f"kept step {entry.step}: {entry.problem} — not deleted; check it with `shardstore verify "
+              f"{entry.url}`, then repair or move it by hand")
     print(f"kept {len(plan.keep)} complete step(s): {[e.step for e in plan.keep]}; {verb} {len(plan.delete)}")
     return EXIT_OK

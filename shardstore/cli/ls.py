@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{s.step:>10}  {human_bytes(s.nbytes):>10}  {s.objects:>8}  {_time(s):19}  {_state(s)}")
     for s in steps:
         if s.problem is not None:
-            print(f"step {s.step}: its root record does not read: {s.problem}")
+            print(f"step {s.step}: {s.problem}")
     if not steps:
         print(f"(no step-<N> checkpoints under {args.root})")
     return EXIT_OK

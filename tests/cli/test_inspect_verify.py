@@ -121,8 +121,8 @@ def _run(tmp_path: Path) -> Path:
         shardstore.save({"w": torch.full((100,), float(step))}, step_url(str(root), step), user_metadata={"step": step})
     (root / "step-4").mkdir()  # killed save, older than the newest complete step
     (root / "step-4" / "w").mkdir()
-    (root / "step-9").mkdir()  # incomplete and newest: maybe a save in progress
-    (root / "step-9" / "partial").write_bytes(b"x")
+    (root / "step-9" / "w").mkdir(parents=True)  # incomplete and newest: maybe a save in progress
+    (root / "step-9" / "w" / "c.0").write_bytes(b"x")
     (root / "notes.txt").write_text("mine")
     return root
 

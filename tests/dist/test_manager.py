@@ -160,7 +160,7 @@ def test_a_newest_step_that_does_not_read_is_never_skipped_silently(tmp_path, ho
         with pytest.raises(CorruptCheckpointError, match="step 2 .* does not read"):
             manager.latest_step()  # None or 1 would make a resuming script start afresh or go back
         target = {"w": torch.zeros(2)}
-        with pytest.raises(CorruptCheckpointError, match="step 2 at .*step-2 has a root record that does not read") as info:
+        with pytest.raises(CorruptCheckpointError, match="step 2 at .*step-2 is there but cannot be restored: its root record does not read") as info:
             manager.restore(target)
         assert "pass step=1" in str(info.value) and torch.equal(target["w"], torch.zeros(2))
         assert manager.restore(target, step=1) == 1 and torch.equal(target["w"], torch.ones(2))

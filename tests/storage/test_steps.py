@@ -102,3 +102,30 @@ def test_delete_step_removes_the_marker_first(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="cut short"):
         delete_step(checkpoint)
     assert [(e.step, e.complete) for e in list_steps(str(tmp_path / "run"))] == [(4, False)]  # never listed half-deleted
+
+
+def test_step_directories_holding_files_no_save_of_ours_writes_are_never_deleted(tmp_path):
+    """A torch DCP checkpoint or a user's notes under a step-like name are not a save of ours cut short:
+    the sweep, a manager and ``clear_incomplete`` leave them; deleting a complete step leaves the user's
+    files beside its arrays."""
+    from shardstore.steps import clear_incomplete, delete_step, sweep_litter
+    from shardstore.storage import Storage
+
+    root = tmp_path / "run"
+    shardstore.save({"w": torch.ones(3)}, step_url(str(root), 5))
+    (root / "step-5" / "notes.txt").write_text("mine")  # beside a complete checkpoint's arrays
+    (root / "step-3").mkdir()
+    (root / "step-3" / ".metadata").write_bytes(b"dcp")  # another library's checkpoint
+    (root / "step-3" / "__0_0.distcp").write_bytes(b"dcp")
+    (root / "step-4" / "w").mkdir(parents=True)  # ours, cut short: removed
+    (root / "step-4" / "w" / "c.0").write_bytes(b"x")
+    sweep_litter(str(root))
+    clear_incomplete(step_url(str(root), 3), None)
+    with shardstore.CheckpointManager(str(root), async_save=False) as manager:
+        assert manager.all_steps() == [5]
+    entries = list_steps(str(root))
+    assert [(e.step, e.complete) for e in entries] == [(3, False), (5, True)]
+    assert "not a shardstore checkpoint" in entries[0].problem and "__0_0.distcp" in entries[0].problem
+    assert sorted(p.name for p in (root / "step-3").iterdir()) == [".metadata", "__0_0.distcp"]
+    delete_step(Storage(step_url(str(root), 5)))
+    assert [p.name for p in (root / "step-5").iterdir()] == ["notes.txt"]
