@@ -100,7 +100,7 @@ def save(
     start = time.perf_counter()
     options = SaveOptions(url, storage_options, overwrite, compressor, user_metadata, durable, incremental)
     coord = Coordinator(process_group)
-    job = plan_save(coord, state_dict, user_metadata)
+    job = plan_save(coord, state_dict, options.user_metadata)
     stats = write_and_commit(coord, job, options, cells_of(job.plan, job.rank, job.tensors), stable_cells=True)
     return SaveResult.of(url, stats, start)
 

@@ -88,7 +88,7 @@ def async_save(
     coord = Coordinator(process_group)
     _wait_for_previous(coord, wait_for_previous)
     background = coord.background()
-    job = plan_save(coord, state_dict, user_metadata)
+    job = plan_save(coord, state_dict, options.user_metadata)
     waves = plan_waves(_staged_sizes(job), max_staging_bytes)
     handoff = WaveHandoff(len(waves))
     future = _background().submit(_write_in_background, background, job, options, handoff, waves_stay_staged(waves), start)

@@ -36,7 +36,7 @@ from shardstore.errors import CorruptCheckpointError, StateDictMismatchError, Un
 __all__ = [
     "KeyPath", "flatten", "unflatten", "fill_plain_values", "merge_skeletons", "is_tensor_like", "node_path",
     "mapping_node", "mapping_children", "node_children",
-    "keypath_from_node", "fqn", "display_names", "int_too_long",
+    "keypath_from_node", "fqn", "display_names", "int_too_long", "MAX_DEPTH",
 ]
 
 KeyPath = tuple[Union[str, int], ...]

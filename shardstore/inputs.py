@@ -22,10 +22,10 @@ from dtensor.api import DTensor
 from dtensor.checkpoint import get_tensor_shard
 from shardstore.dtypes import DTYPES
 from shardstore.errors import UnsupportedInputError
-from shardstore.flatten import KeyPath, fqn, int_too_long
+from shardstore.flatten import MAX_DEPTH, KeyPath, fqn, int_too_long
 from shardstore.plan import layout_of_value
 
-__all__ = ["local_tensor", "check_sources", "check_targets", "check_user_metadata"]
+__all__ = ["local_tensor", "check_sources", "check_targets", "check_user_metadata", "snapshot_metadata"]
 
 _STORABLE = frozenset(info.torch_dtype for info in DTYPES)
 
@@ -155,14 +155,32 @@ def check_user_metadata(metadata: Any) -> None:
         )
 
 
-def _json_problem(value: Any, where: str) -> str | None:
+def snapshot_metadata(metadata: Any) -> Any:
+    """A copy of ``user_metadata``'s dicts and lists (its leaves are immutable where it is valid), so an
+    async save stores it as it was at the call however the caller changes it after; nesting deeper than
+    ``MAX_DEPTH`` is left as it is, for ``check_user_metadata`` to refuse."""
+    def copy(value: Any, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            return value
+        if isinstance(value, dict):
+            return {k: copy(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list):
+            return [copy(v, depth + 1) for v in value]
+        return value
+
+    return copy(metadata, 0)
+
+
+def _json_problem(value: Any, where: str, depth: int = 0) -> str | None:
+    if depth > MAX_DEPTH:
+        return f"{where} is nested more than {MAX_DEPTH} deep (does it hold itself?)"
     if isinstance(value, dict):
         bad = next((k for k in value if not isinstance(k, str)), None)
         if bad is not None:
             return f"{where} has the key {bad!r} of type {type(bad).__name__}"
-        return next((p for k, v in value.items() if (p := _json_problem(v, f"{where}[{k!r}]"))), None)
+        return next((p for k, v in value.items() if (p := _json_problem(v, f"{where}[{k!r}]", depth + 1))), None)
     if isinstance(value, list):
-        return next((p for i, v in enumerate(value) if (p := _json_problem(v, f"{where}[{i}]"))), None)
+        return next((p for i, v in enumerate(value) if (p := _json_problem(v, f"{where}[{i}]", depth + 1))), None)
     if isinstance(value, float) and not math.isfinite(value):
         return f"{where} is {value!r}"
     if int_too_long(value):

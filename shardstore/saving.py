@@ -30,7 +30,7 @@ from shardstore.codec import COMPRESSORS
 from shardstore.flatten import KeyPath, flatten, is_tensor_like, merge_skeletons
 from shardstore.digests import StoredObject, write_digests
 from shardstore.incremental import IncrementalWriter, check_incremental
-from shardstore.inputs import check_sources, check_user_metadata
+from shardstore.inputs import check_sources, check_user_metadata, snapshot_metadata
 from shardstore.plan import GlobalSavePlan, WriteTask, local_save_plan, merge_save_plans
 from shardstore.stateful import to_state_dict
 from shardstore.storage import Storage
@@ -71,6 +71,7 @@ class SaveOptions:
 
     def __post_init__(self) -> None:
         check_incremental(self.incremental)
+        object.__setattr__(self, "user_metadata", snapshot_metadata(self.user_metadata))  # as it is at the call
         if self.compressor not in COMPRESSORS:
             raise ValueError(f"compressor={self.compressor!r}: expected one of {list(COMPRESSORS)} (None stores each inner "
                              "chunk's bytes as they are, 'zstd' compresses them)")

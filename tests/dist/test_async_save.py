@@ -68,6 +68,17 @@ def _error_from_result(url: str, overwrite: bool) -> tuple[str, str]:
     return "no error", ""
 
 
+def test_user_metadata_changed_right_after_the_call_is_saved_as_it_was(tmp_path: Path):
+    """What is saved is the state at the moment of the call, user_metadata included: a change to it (or
+    a value no JSON holds, added after the up-front check) never reaches the checkpoint."""
+    meta = {"step": 1, "tags": ["a"], "nested": {"lr": 0.1}}
+    handle = shardstore.async_save({"w": torch.ones(4)}, str(tmp_path / "ck"), user_metadata=meta)
+    meta["step"], meta["nested"]["lr"] = 2, object()
+    meta["tags"].append("b")
+    handle.result()
+    assert shardstore.open(str(tmp_path / "ck")).user_metadata == {"step": 1, "tags": ["a"], "nested": {"lr": 0.1}}
+
+
 def test_an_unwritable_url_raises_from_result_on_every_rank(tmp_path: Path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the checkpoint's parent directory should be")
