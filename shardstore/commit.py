@@ -115,6 +115,11 @@ def _token(target: Storage) -> str | None:
         root = target.read(ZARR_JSON)
     except MissingChunkError:
         root = None
+    except NotADirectoryError:
+        raise NotACheckpointError(
+            f"{target.url} is a file, not a checkpoint directory; refusing to save there, even with "
+            "overwrite=True, since replacing it would delete it. Save to a path of its own"
+        ) from None
     _refuse_foreign(target, root_is_foreign=root is not None and not _is_shardstore_root(root))
     return "incomplete" if root is None else hashlib.sha256(root).hexdigest()
 

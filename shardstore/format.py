@@ -424,6 +424,11 @@ def read_root(storage: Storage) -> RootMetadata:
             f"checkpoint {storage.url} has no root zarr.json: it is incomplete (a save was interrupted "
             "or is still running); load an earlier checkpoint or re-run the save"
         ) from None
+    except NotADirectoryError:
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {storage.url}: it is a file, not a checkpoint directory (a torch.save file? "
+            "`shardstore convert` reads those); check the URL"
+        ) from None
     where = storage.key_url(ZARR_JSON)
     attributes = parse_group_json(text, where)
     return RootMetadata.from_json(attributes.get(FORMAT_NAME), where)

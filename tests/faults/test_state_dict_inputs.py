@@ -395,3 +395,18 @@ def test_an_unknown_compressor_is_refused_naming_the_argument(tmp_path):
     with pytest.raises(ValueError, match=r"compressor='lz4': expected one of \[None, 'zstd'\]"):
         shardstore.save({"w": torch.ones(2)}, str(tmp_path / "ck"), compressor="lz4")
     assert not (tmp_path / "ck").exists()
+
+
+def test_a_url_that_is_a_file_is_refused_by_save_and_not_found_by_load(tmp_path):
+    from shardstore.errors import CheckpointNotFoundError, NotACheckpointError
+
+    path = tmp_path / "ckpt"
+    path.write_text("not a checkpoint")
+    for overwrite in (False, True):
+        with pytest.raises(NotACheckpointError, match="is a file, not a checkpoint directory"):
+            shardstore.save({"w": torch.ones(2)}, str(path), overwrite=overwrite)
+    with pytest.raises(NotACheckpointError, match="is a file"):
+        shardstore.async_save({"w": torch.ones(2)}, str(path)).result()
+    with pytest.raises(CheckpointNotFoundError, match="it is a file, not a checkpoint directory"):
+        shardstore.load({"w": torch.ones(2)}, str(path))
+    assert path.read_text() == "not a checkpoint"
