@@ -314,9 +314,11 @@ class LocalStorage(Storage):
             tmp, fd = self._open_new(path, in_place)
         try:
             fill(fd, tmp)
-        except BaseException:
+        except BaseException as exc:
             os.close(fd)
             posix.unlink(tmp)
+            if isinstance(exc, OSError) and exc.filename is None:  # a full disk, an I/O error: say where
+                raise OSError(exc.errno, exc.strerror, path) from exc
             raise
         os.close(fd)
         return tmp

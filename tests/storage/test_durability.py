@@ -169,3 +169,23 @@ def test_deferred_objects_of_64_kib_or_more_start_their_write_back_when_written(
     started.clear()
     shardstore.save(state, str(tmp_path / "scratch"), durable=False)
     assert started == []
+
+
+def test_a_full_disk_names_the_object_and_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC (or EIO) from a write carries no file name; the error says which object, the temporary is
+    gone and the checkpoint saved before is untouched."""
+    import errno
+
+    url = str(tmp_path / "ck")
+    shardstore.save({"w": torch.ones(64, 64)}, url)
+
+    def full(fd, views, skip=0):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(posix, "write_all", full)
+    with pytest.raises(OSError, match=r"No space left on device: '.*ck\.staging-[0-9a-f]+/w/") as info:
+        shardstore.save({"w": torch.zeros(64, 64)}, url, overwrite=True)
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert torch.equal(shardstore.open(url).read("w"), torch.ones(64, 64))
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
