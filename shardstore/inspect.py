@@ -73,7 +73,7 @@ class CheckpointInfo:
 
 def describe(url: str, storage_options: dict | None = None) -> CheckpointInfo:
     """Read and validate the root record at ``url`` (one small read) and describe every tensor."""
-    root = fmt.read_root(Storage(url, storage_options))
+    root = fmt.read_root(Storage(url, storage_options).pinned())  # an overwritten one's current version
     keys = root.key_paths()
     names = display_names(keys[path] for path in root.tensors)
     by_key = {key: _tensor_info(name, root.tensors[node_path(key)]) for name, key in names.items()}

@@ -82,7 +82,7 @@ def _summary(root: Storage, entry: StepEntry) -> StepSummary:
     with ThreadPoolExecutor(_STAT_THREADS) as pool:
         sizes = list(pool.map(step.size, keys))
         times = [] if entry.complete else list(pool.map(step.modified, keys))
-    modified = step.modified(fmt.ZARR_JSON) if entry.complete else max((t for t in times if t is not None), default=None)
+    modified = step.pinned().modified(fmt.ZARR_JSON) if entry.complete else max((t for t in times if t is not None), default=None)
     return StepSummary(entry.step, entry.url, entry.complete, sum(sizes), len(keys), modified, entry.problem)
 
 

@@ -154,7 +154,7 @@ def detect_format(url: str, storage_options: dict | None = None) -> str:
     ``zarr.json``; any other file is taken for a ``torch.save`` file."""
     if url.rstrip("/").endswith(".safetensors"):
         return "safetensors"
-    here = Storage(url, storage_options)
+    here = Storage(url, storage_options).pinned()  # an overwritten checkpoint's current version
     for key, name in ((fmt.ZARR_JSON, "zarr"), (DCP_METADATA, "dcp"), (SAFETENSORS_INDEX, "safetensors"),
                       (SAFETENSORS_FILE, "safetensors")):
         if here.exists(key):

@@ -241,3 +241,23 @@ def test_storage_options_on_a_local_path_are_a_one_line_input_error(capsys, shar
     code, _, err = cli(capsys, "verify", sharded, "-o", "anon=true")
     assert code == 2 and "storage_options ['anon'] do not apply to a local path" in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_the_command_follows_an_object_stores_current_version_pointer(capsys, tmp_path):
+    """An overwrite on an object store commits through ``.shardstore-current`` (docs/format.md §5); ls,
+    inspect, diff and convert read the version it names, as load and verify do."""
+    import uuid
+
+    run = f"memory://cli-{uuid.uuid4().hex}/run"
+    shardstore.save({"w": torch.ones(4, 4), "step": 1}, f"{run}/step-1")
+    shardstore.save({"w": torch.ones(4, 4), "step": 1}, f"{run}/step-2")
+    shardstore.save({"w": torch.zeros(4, 4), "step": 2}, f"{run}/step-2", overwrite=True)
+    code, doc = cli_json(capsys, "ls", run)
+    assert code == 0 and [(d["step"], d["complete"]) for d in doc] == [(1, True), (2, True)]
+    code, doc = cli_json(capsys, "inspect", f"{run}/step-2")
+    assert code == 0 and doc["tensors"]["w"]["shape"] == [4, 4]
+    code, out, _ = cli(capsys, "diff", f"{run}/step-1", f"{run}/step-2")
+    assert code == 1 and "step: value differs: A 1, B 2" in out
+    code, _, err = cli(capsys, "convert", f"{run}/step-2", str(tmp_path / "out.pt"), "--to", "torch")
+    assert code == 0, err
+    assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True)["w"], torch.zeros(4, 4))
