@@ -67,8 +67,23 @@ class CheckpointInfo:
         return {
             "url": self.url, "commit_id": self.commit_id, "torch_version": self.torch_version,
             "shardstore_version": self.shardstore_version, "nbytes": self.nbytes, "user_metadata": self.user_metadata,
-            "tensors": {name: t.to_json() for name, t in self.tensors.items()},
+            "tensors": {name: t.to_json() for name, t in self.tensors.items()}, "tree": _json_tree(self.tree),
         }
+
+
+def _json_tree(node: Any) -> Any:
+    """``tree`` as JSON: each tensor as ``{"tensor": its name}`` (a key of ``tensors``), plain values as
+    saved (a non-finite float as its repr, a tuple as a list, dict keys as strings), so a script reads
+    the saved step or learning rate as the text output shows them."""
+    if isinstance(node, TensorInfo):
+        return {"tensor": node.name}
+    if isinstance(node, dict):
+        return {str(k): _json_tree(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_json_tree(v) for v in node]
+    if isinstance(node, float) and not math.isfinite(node):
+        return repr(node)
+    return node
 
 
 def describe(url: str, storage_options: dict | None = None) -> CheckpointInfo:

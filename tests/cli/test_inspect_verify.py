@@ -51,6 +51,7 @@ def test_inspect_one_key_and_json(capsys, sharded):
     assert doc["tensors"]["model.w"] == {
         "path": "model/w", "shape": [4, 6], "dtype": "float32", "nbytes": 96, "chunk_shape": [2, 3],
         "inner_chunk_shape": [2, 3], "compressor": None, "mesh_shape": [2, 2], "placements": ["S(0)", "S(1)"]}
+    assert doc["tree"] == {"model": {"w": {"tensor": "model.w"}, "b": {"tensor": "model.b"}}, "step": 7}
     code, out, _ = cli(capsys, "inspect", sharded, "model.w")
     assert code == 0 and out.startswith("model.w: float32[4, 6]") and "| 2      | 3      |" in out
     code, out, err = cli(capsys, "inspect", sharded, "model.nope")
