@@ -118,6 +118,7 @@ class CheckpointManager:
 
     def save(self, step: int, state_dict: Mapping[str, Any], force: bool = False) -> bool:
         """Save ``state_dict`` as ``step`` if ``should_save(step)`` (or ``force``); returns whether it did.
+        A step older than the newest saved one is refused, even with ``force`` (``ValueError``).
 
         The previous save is finished first (its errors raise here) and retention runs once it is
         complete. With ``async_save`` this returns once the state is staged; else once it is committed.
@@ -128,6 +129,12 @@ class CheckpointManager:
             self._prepare(state_dict)
             return False
         self._collect()
+        if self._steps and step < self._steps[-1]:
+            raise ValueError(
+                f"step {step} is older than the newest step saved under {self.root_url} ({self._steps[-1]}): a "
+                "manager saves steps in increasing order, and retention keeps the newest, so it would delete this "
+                "one first. After rolling back, move the newer steps away (or save the new branch under another root)"
+            )
         if step in self._unreadable:
             raise CheckpointExistsError(
                 f"step {step} at {step_url(self.root_url, step)} is there but not a complete checkpoint "

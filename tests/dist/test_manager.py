@@ -176,6 +176,18 @@ def test_a_newest_step_that_does_not_read_is_never_skipped_silently(tmp_path, ho
             manager.restore({"w": torch.zeros(2)})
 
 
+def test_a_forced_save_of_a_step_older_than_the_newest_is_refused(tmp_path):
+    """Retention keeps the newest steps: an older step saved after them would be the first deleted (with
+    max_to_keep=1 in the very call that wrote it), so the manager refuses it."""
+    root = str(tmp_path / "run")
+    with shardstore.CheckpointManager(root, max_to_keep=1, async_save=False) as manager:
+        manager.save(20, {"w": torch.ones(2)})
+        assert manager.save(15, {"w": torch.ones(2)}) is False  # not due: documented
+        with pytest.raises(ValueError, match="step 15 is older than the newest step saved .* \\(20\\)"):
+            manager.save(15, {"w": torch.ones(2)}, force=True)
+        assert manager.all_steps() == [20] and sorted(os.listdir(root)) == ["step-20"]
+
+
 def test_steps_to_delete_is_pure_retention():
     assert steps_to_delete([1, 2, 3], None, None) == []
     assert steps_to_delete([3, 1, 2], 1, None) == [1, 2]
