@@ -317,7 +317,7 @@ class LocalStorage(Storage):
         except BaseException as exc:
             os.close(fd)
             posix.unlink(tmp)
-            if isinstance(exc, OSError) and exc.filename is None:  # a full disk, an I/O error: say where
+            if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:  # a full disk: say where
                 raise OSError(exc.errno, exc.strerror, path) from exc
             raise
         os.close(fd)
