@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 import shardstore.api as api
-from dtensor.placements import Box, Placement, Shard
+from dtensor.placements import Box, Placement, Replicate, Shard
 from shardstore import format as fmt
 from shardstore.dtypes import dtype_info_by_name
 from shardstore.errors import CheckpointChangedError
@@ -58,6 +58,9 @@ def parse_rules(texts: Sequence[str], mesh_ndim: int) -> tuple[PlacementRule, ..
         if len(placements) != mesh_ndim:
             raise ValueError(f"placements {spec!r} give {len(placements)} placement(s) for a mesh of {mesh_ndim} "
                              "dim(s); give one placement per mesh dim")
+        if not all(isinstance(p, (Shard, Replicate)) for p in placements):
+            raise ValueError(f"placements {spec!r}: a checkpoint holds values, not pending sums, so only Shard(d) and "
+                             "Replicate() lay one out (a save refuses Partial tensors too); use Replicate()")
         rules.append(PlacementRule(pattern or "*", placements))
     return tuple(rules)
 

@@ -137,6 +137,8 @@ def test_reshard_refuses_bad_meshes_and_placements(capsys, resharded, tmp_path):
     assert code == 2 and "'model.bias' has 1 dim(s) (shape [40]), so it cannot be Shard(dim=1)" in err
     code, _, err = cli(capsys, "reshard", src, out, "--mesh", "2", "--placements", "Sharded(0)")
     assert code == 2 and "placement 'Sharded(0)' is not one of" in err
+    code, _, err = cli(capsys, "reshard", src, out, "--mesh", "2", "--placements", "Partial()")
+    assert code == 2 and "only Shard(d) and Replicate() lay one out" in err
     code, _, err = cli(capsys, "reshard", src, out, "--mesh", "1000,1000", "--placements", "Shard(0),Shard(1)")
     assert code == 2 and "has 1000000 ranks, more than 262144" in err
     code, _, err = cli(capsys, "reshard", src, out, "--mesh", "2", "--placements", "Shard(0)", "--memory-budget", "-5")
