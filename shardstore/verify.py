@@ -97,7 +97,7 @@ def verify(
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = list(pool.map(lambda o: _check_object(storage, o, progress), objects))
     bad += [b for r in results for b in r.bad]
-    return VerifyReport(storage.url, len(records), len(objects), sum(r.chunks for r in results),
+    return VerifyReport(url, len(records), len(objects), sum(r.chunks for r in results),
                         sum(r.nbytes for r in results), tuple(bad))
 
 

@@ -257,6 +257,8 @@ def test_the_command_follows_an_object_stores_current_version_pointer(capsys, tm
     assert code == 0 and [(d["step"], d["complete"]) for d in doc] == [(1, True), (2, True)]
     code, doc = cli_json(capsys, "inspect", f"{run}/step-2")
     assert code == 0 and doc["tensors"]["w"]["shape"] == [4, 4]
+    code, doc = cli_json(capsys, "verify", f"{run}/step-2")
+    assert code == 0 and doc["ok"] and doc["url"] == f"{run}/step-2"  # the URL asked about, not its version
     code, out, _ = cli(capsys, "diff", f"{run}/step-1", f"{run}/step-2")
     assert code == 1 and "step: value differs: A 1, B 2" in out
     code, _, err = cli(capsys, "convert", f"{run}/step-2", str(tmp_path / "out.pt"), "--to", "torch")
