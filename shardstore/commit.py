@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -188,8 +189,8 @@ def _looks_like_ours(key: str, recorded) -> bool:
     name = parts[-1]
     in_version = parts[0].startswith(VERSION_PREFIX)
     rest = parts[1:] if in_version else parts  # the key inside its checkpoint
-    if name in (CLAIM, CURRENT) or ".tmp-" in name or (in_version and name == OWNER):
-        return True
+    if name in (CLAIM, CURRENT) or ".tmp-" in name or (name == OWNER and len(rest) == 1):
+        return True  # OWNER: at the top of a staging tree or a version
     if len(rest) == 1:  # the checkpoint's root, or a version's
         return name in (ZARR_JSON, DIGESTS)
     nodes = recorded(parts[0] if in_version else "")
@@ -330,13 +331,20 @@ def _sweep(target: Storage) -> list[str]:
     out, or a new one whose ``finish`` was killed before its swap), an ownerless tree over ``YOUNG_S``
     old."""
     parent = target.parent()
-    for name in parent.list_names(f"{target.name}.staging-"):
+    for name in _siblings(parent, target.name, "staging"):
         try:
             if _is_dead(parent.child(name)):
                 parent.child(name).rename_tree(parent.child(f"{target.name}.trash-{uuid.uuid4().hex[:16]}"))
         except FileNotFoundError:
             continue  # removed meanwhile by its failed save (``abandon`` deletes without the commit lock)
-    return parent.list_names(f"{target.name}.trash-")
+    return _siblings(parent, target.name, "trash")
+
+
+def _siblings(parent: Storage, name: str, kind: str) -> list[str]:
+    """The ``<name>.<kind>-<id>`` siblings of the commit protocol: exactly the names it makes (16 hex
+    digits), so a user's ``ckpt.staging-old`` beside it is never taken for one."""
+    pattern = re.compile(rf"{re.escape(name)}\.{kind}-[0-9a-f]{{16}}")
+    return [n for n in parent.list_names(f"{name}.{kind}-") if pattern.fullmatch(n)]
 
 
 def _delete_trees(parent: Storage, names: list[str]) -> None:
@@ -345,6 +353,8 @@ def _delete_trees(parent: Storage, names: list[str]) -> None:
 
 
 def _is_dead(staging: Storage) -> bool:
+    if foreign_files(staging):
+        return False  # it holds files no save of ours writes: not a tree of ours
     if staging.exists(OWNER):
         try:
             staging.lock(OWNER, timeout=0).release()

@@ -199,3 +199,27 @@ def test_an_overwrite_keeps_the_old_checkpoint_loadable_until_it_commits(storage
     commit.finish(storage, _dest(storage, claim), claim)
     assert fmt.read_root(storage.pinned()).tree == _root(2).tree
     assert storage.pinned().read("w/c/0") == bytes([2]) * 8
+
+
+def test_a_users_directories_named_like_staging_siblings_are_never_swept(tmp_path):
+    """Only the names the protocol makes (``<name>.staging-<16 hex>``) and trees holding only files of
+    ours are taken for a dead save's litter."""
+    import os
+    import time
+
+    storage = Storage(str(tmp_path / "ckpt"))
+    mine = tmp_path / "ckpt.staging-old"  # not a name the protocol makes
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    theirs = tmp_path / f"ckpt.staging-{'0' * 16}"  # the protocol's name, but a user's files in it
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    dead = tmp_path / f"ckpt.staging-{'1' * 16}"  # a killed save's tree: objects, no owner, old
+    (dead / "w").mkdir(parents=True)
+    (dead / "w" / "c.0").write_bytes(b"x")
+    old = time.time() - 2 * commit.YOUNG_S
+    for path in (mine, theirs, dead, dead / "w"):
+        os.utime(path, (old, old))
+    _commit(storage, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", "ckpt.staging-old", theirs.name])
+    assert (mine / "notes.txt").read_text() == "mine" and (theirs / "notes.txt").read_text() == "mine"

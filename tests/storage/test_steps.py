@@ -80,8 +80,8 @@ def test_sweep_litter_removes_dead_saves_and_keeps_complete_damaged_and_foreign(
 
     root = tmp_path / "run"
     shardstore.save({"w": torch.ones(3)}, step_url(str(root), 1))
-    (root / "step-2.staging-0123" / "w").mkdir(parents=True)  # a killed save's tree: its owner lock is free
-    (root / "step-2.staging-0123" / ".shardstore-owner").write_bytes(b"")
+    (root / "step-2.staging-0123456789abcdef" / "w").mkdir(parents=True)  # a killed save's tree: its owner lock is free
+    (root / "step-2.staging-0123456789abcdef" / ".shardstore-owner").write_bytes(b"")
     (root / "step-3" / "w" / "c").mkdir(parents=True)  # an object-store style killed save: objects, no marker
     (root / "step-3" / "w" / "c" / "0").write_bytes(b"x")
     (root / "step-7").mkdir()
