@@ -162,7 +162,21 @@ def gather_shapes(shape: torch.Size, mesh: DeviceMesh) -> torch.Tensor:
 
 
 def wait(tensor: torch.Tensor) -> torch.Tensor:
-    """The finished value of a tensor a functional collective returned."""
+    """The finished value of a tensor a functional collective returned, in the autograd graph where the
+    tensor is: ``AsyncCollectiveTensor.wait()`` hands back its raw buffer, outside it (``full_tensor()`` of
+    an ``async_op`` redistribute, as tensor parallel's layers make, lost every gradient)."""
     if isinstance(tensor, funcol.AsyncCollectiveTensor):
-        return tensor.wait()
+        return _Waited.apply(tensor) if tensor.requires_grad and torch.is_grad_enabled() else tensor.wait()
     return tensor
+
+
+class _Waited(torch.autograd.Function):
+    """``wait()`` as an identity of autograd: the gradient of the finished value is the collective's."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.wait()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad

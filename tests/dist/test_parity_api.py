@@ -57,6 +57,35 @@ def test_distribute_tensor_of_a_tensor_that_requires_grad_is_a_leaf_that_require
     assert all(_run(_leaf_case))
 
 
+# ---------------------------------------------------------------- async results in the graph
+
+
+def _async_full_tensor(lib):
+    """``full_tensor()`` of an ``async_op`` redistribute, and of a layer whose parallel style
+    redistributes asynchronously (RowwiseParallel keeping a DTensor output): the gradients reach the
+    DTensor and the weights, as torch's do (ours were lost: None, zeros)."""
+    x = torch.arange(8.0).reshape(4, 2).requires_grad_()
+    d = lib.distribute_tensor(x, mesh((2,)), [lib.Shard(0)])
+    (d.redistribute(mesh((2,)), [lib.Replicate()], async_op=True).full_tensor() ** 2).sum().backward()
+    parallel = _parallel(lib)
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 2, bias=False)
+    parallel.parallelize_module(layer, mesh((2,)), parallel.RowwiseParallel(input_layouts=lib.Replicate(), use_local_output=False))
+    (layer(torch.ones(3, 4)).full_tensor() ** 2).sum().backward()
+    return d.grad.full_tensor(), layer.weight.grad.full_tensor()  # d: a leaf of its own (distribute_tensor)
+
+
+def _async_case():
+    ours, theirs = both(_async_full_tensor)
+    assert_same(ours, theirs, what="gradients through full_tensor() of an async result")
+    assert ours[0].abs().sum() > 0 and ours[1].abs().sum() > 0
+    return True
+
+
+def test_full_tensor_of_an_async_result_keeps_its_gradient():
+    assert all(_run(_async_case))
+
+
 # ---------------------------------------------------------------- meta device
 
 
