@@ -27,7 +27,8 @@ class DTensor(torch.Tensor):
 
     _local_tensor: torch.Tensor
     _spec: DTensorSpec
-    __slots__ = ("_local_tensor", "_spec")
+    _copied: bool  # a view made of a redistributed copy of its base: in-place writes to it are refused
+    __slots__ = ("_local_tensor", "_spec", "_copied")
 
     @staticmethod
     def __new__(cls, local_tensor: torch.Tensor, spec: DTensorSpec, *, requires_grad: bool = False) -> "DTensor":
@@ -44,6 +45,7 @@ class DTensor(torch.Tensor):
         )
         out._local_tensor = local_tensor
         out._spec = spec
+        out._copied = False
         _copy_lazy_bits(local_tensor, out)
         return out
 

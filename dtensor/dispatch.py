@@ -260,6 +260,8 @@ def _output_specs(meta_out, mesh, output: Placements | list[Placements]) -> list
 
 
 def _run(cls, func, flat: list, tree, mesh, plan: _Plan):
+    if plan.inplace:
+        _refuse_writes_into_copies(func, flat, cls)
     local_flat = [x._local_tensor if isinstance(x, cls) else x for x in flat]
     # Moved and waited for here, not on first use: a functional collective's result dropped unwaited (the
     # op raising, an argument left unused) corrupts the heap under gloo (a later malloc aborts).
@@ -272,7 +274,32 @@ def _run(cls, func, flat: list, tree, mesh, plan: _Plan):
     out = func(*local_args, **local_kwargs)
     if plan.inplace:  # the target, unless the op returns nothing (``_foreach_*_``)
         return None if out is None else _unflatten(flat, tree)[0][0]
-    return _wrap(cls, out, plan.outputs if plan.outputs is not None else _output_specs(out, mesh, strategy.output))
+    wrapped = _wrap(cls, out, plan.outputs if plan.outputs is not None else _output_specs(out, mesh, strategy.output))
+    if _returns_view(func) and isinstance(flat[0], cls) and (flat[0]._copied or any(i == 0 for i, _ in plan.moves)):
+        for view in pytree.tree_leaves(wrapped):  # views of a moved (so copied) input: writes would be lost
+            if isinstance(view, cls):
+                view._copied = True
+    return wrapped
+
+
+@functools.cache
+def _returns_view(func) -> bool:
+    returns = func._schema.returns
+    return bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+
+
+def _refuse_writes_into_copies(func, flat: list, cls) -> None:
+    """An in-place op on a view that had to be made of a redistributed copy (``d[1]`` of a ``Shard(0)``
+    tensor, a column of a ``Shard(1)`` one) would change the copy, not the tensor: refused, where it
+    would otherwise silently do nothing."""
+    target = flat[0]
+    if isinstance(target, cls) and target._copied:
+        raise RuntimeError(
+            f"{func}: an in-place write into a view of a DTensor that had to be redistributed to make the view "
+            f"(placements {list(target._spec.placements)}; e.g. d[i] of a Shard(0) tensor) would change a copy "
+            "and leave the tensor as it was. Write out of place (torch.where, index_put, cat) or redistribute "
+            "the tensor to Replicate() first and write into that"
+        )
 
 
 @functools.cache

@@ -127,6 +127,43 @@ def test_numbers_promote_alike_and_out_tensors_are_written_in_place():
     assert out["frexp_out"] == ((Shard(0),), True, True)
 
 
+def _writes_into_views():
+    """In-place writes into views: where the view is of the local shard, they land (as in plain torch);
+    where it had to be made of a redistributed copy, they are refused rather than silently lost."""
+    m = mesh((2,))
+    full = torch.arange(12.0).reshape(4, 3)
+    landed = {}
+    for name, placements, write in [
+        ("column of Shard(0)", [Shard(0)], lambda t: t[:, 1].fill_(100.0)),
+        ("row of Replicate", [Replicate()], lambda t: t.__setitem__(1, 100.0)),
+        ("rows of Shard(1)", [Shard(1)], lambda t: t[1:3].mul_(0.0)),
+    ]:
+        d, expected = distribute(full.clone(), m, placements), full.clone()
+        write(d)
+        write(expected)
+        landed[name] = torch.equal(d.full_tensor(), expected) and d.placements == tuple(placements)
+    refused = {}
+    for name, placements, write in [
+        ("d[1] = v on Shard(0)", [Shard(0)], lambda t: t.__setitem__(1, 100.0)),
+        ("d[-1] = v on Shard(0)", [Shard(0)], lambda t: t.__setitem__(-1, 100.0)),
+        ("d[:, 1] = v on Shard(1)", [Shard(1)], lambda t: t.__setitem__((slice(None), 1), 100.0)),
+        ("d[1].add_ on Shard(0)", [Shard(0)], lambda t: t[1].add_(5.0)),
+    ]:
+        d = distribute(full.clone(), m, placements)
+        try:
+            write(d)
+            refused[name] = "no error"
+        except RuntimeError as exc:
+            refused[name] = "would change a copy and leave the tensor as it was" in str(exc) and torch.equal(d.full_tensor(), full)
+    return landed, refused
+
+
+def test_in_place_writes_into_views_land_or_are_refused_never_lost():
+    landed, refused = run_ranks(2, _writes_into_views)[0]
+    assert all(landed.values()), landed
+    assert all(v is True for v in refused.values()), refused
+
+
 def test_ops_with_data_dependent_shapes_run_replicated():
     out = run_ranks(2, _data_dependent)[0]
     for name in ("masked_select", "bool_index", "nonzero"):
