@@ -152,6 +152,16 @@ def _to_copy_rule(func, specs, args, kwargs):
     return elementwise_rule(rows)(func, specs, args, kwargs)
 
 
+def _masked_fill_scalar(func, specs, args, kwargs):
+    """``x.masked_fill(mask, c)`` with a number ``c`` and a replicated mask: every rank writes ``c`` where
+    the mask is set, so a pending avg/max/min stays pending (``c`` is then each term), a pending sum only
+    where ``c`` is 0 (its terms add up to 0), as cross_entropy's label smoothing zeroes the ignored
+    targets' term of class-sharded logits."""
+    value = args[2] if len(args) > 2 else kwargs["value"]
+    rows = ((PA, PA, R), (PMAX, PMAX, R), (PMIN, PMIN, R)) + (((PS, PS, R),) if value == 0 else ())
+    return elementwise_rule(rows)(func, specs, args, kwargs)
+
+
 def _shift_by_scalar(func, specs, args, kwargs):
     """``x + c`` / ``x - c`` with a number ``c``: a Python number (``add.Scalar``, ``add_.Scalar``) or a
     plain 0-d tensor (``x.add_(eps)`` wraps ``eps`` into one), as in an RMS norm's ``mean(x*x) + eps``.
@@ -192,7 +202,7 @@ _TABLE = [
      "pow.Tensor_Scalar pow.Tensor_Tensor pow.Scalar pow_.Scalar pow_.Tensor reciprocal.default reciprocal_.default "
      "sin.default sin_.default cos.default cos_.default gelu.default gelu_.default silu.default silu_.default "
      "clamp.default clamp_.default clamp.Tensor clamp_.Tensor clamp_min.default clamp_min_.default "
-     "clamp_max.default clamp_max_.default where.self masked_fill.Scalar masked_fill_.Scalar masked_fill.Tensor "
+     "clamp_max.default clamp_max_.default where.self masked_fill.Tensor "
      "masked_fill_.Tensor lerp.Scalar lerp_.Scalar lerp.Tensor lerp_.Tensor addcmul.default addcmul_.default "
      "addcdiv.default addcdiv_.default log1p.default expm1.default erfinv.default floor.default ceil.default "
      "round.default trunc.default nan_to_num.default square.default atan2.default hypot.default "
@@ -246,6 +256,7 @@ GENERIC = elementwise_rule()  # any op torch tags pointwise and the table leaves
 RULES = {op: elementwise_rule(rows) for names, rows in _TABLE for op in _ops(names)}
 RULES.update({op: foreach_rule(rows) for names, rows in _FOREACH_TABLE for op in _ops(names)})
 RULES[aten._to_copy.default] = _to_copy_rule
+RULES.update({op: _masked_fill_scalar for op in _ops("masked_fill.Scalar masked_fill_.Scalar")})
 RULES.update({op: _shift_by_scalar for op in _ops("add.Scalar add_.Scalar sub.Scalar sub_.Scalar add.Tensor add_.Tensor "
                                                    "sub.Tensor sub_.Tensor")})
 HANDLERS: dict = {}

@@ -39,3 +39,27 @@ def _case(world: int, reduction: str):
 @pytest.mark.parametrize("world,reduction", [(2, "mean"), (2, "none"), (4, "mean"), (4, "sum")])
 def test_cross_entropy_under_loss_parallel_matches_torch(world, reduction):
     assert run_ranks(world, _case, world, reduction) == [[]] * world
+
+
+def _smoothed(world: int, ignore: bool):
+    """cross_entropy with label smoothing on class-sharded logits (torch masks the ignored targets'
+    smoothing term in place: a masked_fill_ of 0 on a pending sum), loss and gradient against plain torch."""
+    import dtensor
+
+    g = torch.Generator().manual_seed(3)
+    logits, targets = torch.randn(6, 7, generator=g, dtype=torch.float64), torch.tensor([0, 4, 2, 6, 1, 3])
+    if ignore:
+        targets[2] = -100
+    d = dtensor.distribute_tensor(logits, mesh((world,)), [dtensor.Shard(1)]).detach().requires_grad_()
+    t = dtensor.distribute_tensor(targets, mesh((world,)), [dtensor.Replicate()])
+    loss = F.cross_entropy(d, t, label_smoothing=0.2)
+    loss.backward()
+    plain = logits.clone().requires_grad_()
+    expected = F.cross_entropy(plain, targets, label_smoothing=0.2)
+    expected.backward()
+    return torch.allclose(loss.full_tensor(), expected) and torch.allclose(d.grad.full_tensor(), plain.grad)
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_label_smoothing_on_class_sharded_logits_matches_plain_torch(ignore):
+    assert all(run_ranks(2, _smoothed, 2, ignore))
