@@ -233,8 +233,8 @@ class CheckpointManager:
         return doomed
 
     def _pick(self, step: int | None) -> int | None:
-        if step is None:
-            return self.latest_step()
+        if step is None:  # restore() refused skipping an unreadable step before, on every rank
+            return self._steps[-1] if self._steps else None
         return step if step in self._steps else None
 
     def _not_found(self, step: int | None) -> CheckpointNotFoundError:

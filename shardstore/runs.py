@@ -93,7 +93,7 @@ def plan_gc(entries: Sequence[StepEntry], keep: int) -> GcPlan:
     complete = sorted((e for e in entries if e.complete), key=lambda e: e.step)
     kept = complete[-keep:]
     newest = kept[-1].step if kept else None
-    incomplete = [e for e in entries if not e.complete and e.problem is None]
+    incomplete = [e for e in entries if e.incomplete]
     delete = [e for e in entries if e.complete and e not in kept]
     delete += [e for e in incomplete if newest is not None and e.step < newest]
     spared = [e for e in incomplete if newest is None or e.step > newest]

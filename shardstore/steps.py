@@ -37,6 +37,11 @@ class StepEntry:
     complete: bool  # the root record reads and validates
     problem: str | None = None  # why the step is neither complete nor a save of ours cut short: never deleted
 
+    @property
+    def incomplete(self) -> bool:
+        """A save of ours cut short (or still running): no root marker, only files of ours."""
+        return not self.complete and self.problem is None
+
 
 def step_name(step: int) -> str:
     """The directory name of ``step`` (decimal, no padding: ``step-100``)."""
@@ -116,5 +121,5 @@ def sweep_litter(root_url: str, storage_options: dict | None = None) -> None:
     for step in sorted(steps - {None}):
         commit.sweep(root.child(step_name(step)))
     for entry in list_steps(root_url, storage_options):
-        if not entry.complete and entry.problem is None:
+        if entry.incomplete:
             clear_incomplete(entry.url, storage_options)
