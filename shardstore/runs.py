@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from shardstore import format as fmt
+from shardstore.errors import CheckpointNotFoundError
 from shardstore.steps import StepEntry, delete_step, list_steps
 from shardstore.storage import Storage
 
@@ -65,10 +66,21 @@ def summarize(root_url: str, storage_options: dict | None = None,
     (``progress(1)`` after each step)."""
     root = Storage(root_url, storage_options)
     out = []
-    for entry in list_steps(root_url, storage_options):
+    for entry in _listed(root_url, storage_options):
         out.append(_summary(root, entry))
         _tick(progress)
     return out
+
+
+def _listed(root_url: str, storage_options: dict | None) -> list[StepEntry]:
+    """The steps under ``root_url``. A root holding nothing at all is refused: it is far more often a
+    mistyped path or bucket prefix than a run with no steps yet, and "no checkpoints, exit 0" would hide
+    the typo from a script checking a run."""
+    entries = list_steps(root_url, storage_options)
+    if not entries and Storage(root_url, storage_options).is_empty():
+        raise CheckpointNotFoundError(f"nothing is stored under {root_url} (no step-<N> checkpoints, no files): "
+                                      "is the run directory right?")
+    return entries
 
 
 def _tick(progress: Callable[[int], None] | None) -> None:
@@ -105,7 +117,7 @@ def collect(root_url: str, keep: int, storage_options: dict | None = None, *, dr
             progress: Callable[[int], None] | None = None) -> GcPlan:
     """Delete what ``plan_gc`` chooses under ``root_url`` (nothing with ``dry_run``; ``progress(1)`` after
     each step deleted); returns the plan."""
-    plan = plan_gc(list_steps(root_url, storage_options), keep)
+    plan = plan_gc(_listed(root_url, storage_options), keep)
     if not dry_run:
         root = Storage(root_url, storage_options)
         for entry in plan.delete:

@@ -156,6 +156,15 @@ def test_gc_keeps_newest_complete_spares_in_progress_and_leaves_other_files(caps
     assert code == 2 and "keep must be an int >= 1" in err
 
 
+def test_ls_and_gc_of_a_root_holding_nothing_are_input_errors(capsys, tmp_path):
+    for command in (["ls"], ["gc", "--keep", "1"]):
+        code, out, err = cli(capsys, *command[:1], str(tmp_path / "typo"), *command[1:])
+        assert code == 2 and f"nothing is stored under {tmp_path / 'typo'}" in err and out == ""
+    (tmp_path / "run" / "other").mkdir(parents=True)  # a run directory with files but no steps yet
+    code, out, _ = cli(capsys, "ls", str(tmp_path / "run"))
+    assert code == 0 and "(no step-<N> checkpoints" in out
+
+
 def test_plan_gc_never_deletes_the_newest_complete_step():
     entries = [StepEntry(s, f"r/step-{s}", c) for s, c in [(1, True), (2, False), (3, True), (4, False)]]
     plan = plan_gc(entries, 1)
