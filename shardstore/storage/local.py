@@ -432,15 +432,18 @@ class LocalStorage(Storage):
 
     def link_from(self, source: "Storage", key: str) -> None:
         """A hard link to ``source``'s object (its bytes are already durable: only the new name needs a
-        directory sync); a copy where the two are on different filesystems or ``source`` is remote."""
+        directory sync); a copy where the two are on different filesystems or ``source`` is remote.
+        A pinned ``source`` is linked from its pinned tree, as it is read: by path, a save that swapped
+        another checkpoint in at its URL since would hand over that one's object under this one's digest."""
         if not isinstance(source, LocalStorage):
             return super().link_from(source, key)
         source.size(key)  # a regular file reached through real directories, or the error that says why not
+        name, dir_fd = source._locate(key)
         path = self._path(key)
         self._make_dirs(os.path.dirname(path))
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
-            os.link(source._path(key), tmp, follow_symlinks=False)
+            os.link(name, tmp, src_dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise

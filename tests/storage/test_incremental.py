@@ -116,6 +116,27 @@ def test_an_object_no_longer_of_its_recorded_size_is_written_not_linked(tmp_path
     assert torch.equal(_load(tmp_path / "b", _state(0))["frozen"], _state(1)["frozen"])
 
 
+def test_links_come_from_the_base_whose_digests_were_read_even_once_another_is_swapped_in(tmp_path, monkeypatch):
+    from shardstore.incremental import IncrementalWriter
+
+    shardstore.save(_state(1), str(tmp_path / "a"), incremental=True)
+    shardstore.save({k: v + 1 for k, v in _state(1).items()}, str(tmp_path / "other"), incremental=True)
+    for_save = IncrementalWriter.for_save.__func__
+
+    def then_swapped(cls, incremental, storage_options):  # another save commits at the base's URL meanwhile
+        writer = for_save(cls, incremental, storage_options)
+        (tmp_path / "a").rename(tmp_path / "a-old")
+        (tmp_path / "other").rename(tmp_path / "a")
+        return writer
+
+    monkeypatch.setattr(IncrementalWriter, "for_save", classmethod(then_swapped))
+    result = shardstore.save(_state(1), str(tmp_path / "b"), incremental=str(tmp_path / "a"))
+    assert result.chunks_linked == 2  # from the tree whose digests were read, not the one now at its URL
+    assert _ino(tmp_path / "b" / "frozen/c.0.0") == _ino(tmp_path / "a-old" / "frozen/c.0.0")
+    loaded = _load(tmp_path / "b", _state(0))
+    assert all(torch.equal(loaded[k], v) for k, v in _state(1).items())
+
+
 def test_a_base_without_digests_links_nothing(tmp_path):
     shardstore.save(_state(1), str(tmp_path / "a"))
     result = shardstore.save(_state(1), str(tmp_path / "b"), incremental=str(tmp_path / "a"))
