@@ -9,11 +9,14 @@ step of it is agreed by all ranks, so an error on any rank is raised by every ra
 rank waits for one that gave up. At most one async save is in flight per process: a second one waits for
 the first (or raises ``SaveInProgressError``), so no two writers ever share staging memory.
 ``prepare_async_save`` readies that staging memory on the background thread before the first save.
+A save still in flight when the interpreter exits is finished before it does (a failure is printed).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
@@ -49,7 +52,31 @@ class AsyncSave:
 
 
 _writer: tuple[int, ThreadPoolExecutor] | None = None
-_in_flight: AsyncSave | None = None  # this process's latest async save
+_in_flight: tuple[int, AsyncSave] | None = None  # (pid, save): the latest async save, and the process it runs in
+
+
+def _latest_here() -> AsyncSave | None:
+    """This process's latest async save; a forked child has none (its parent's writer thread is not
+    there, so the parent's save never ends in the child)."""
+    return _in_flight[1] if _in_flight is not None and _in_flight[0] == os.getpid() else None
+
+
+def _finish_at_exit() -> None:
+    """At interpreter exit, before thread pools refuse new work: finish the async save still in flight.
+    Why: its writer submits to thread pools, which refuse work once the interpreter shuts down, so a
+    script that ended without ``result()`` lost its last checkpoint without a word. A failure nobody
+    could have seen is printed."""
+    save = _latest_here()
+    if save is None or save.done():
+        return
+    try:
+        save.result()
+    except BaseException as exc:  # noqa: BLE001 - at exit: reported, not raised
+        print(f"shardstore: the async save to {save.url} failed at exit: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+# Run before concurrent.futures' own exit hook (registered earlier, so run later) stops its pools.
+threading._register_atexit(_finish_at_exit)
 
 
 def _background() -> ThreadPoolExecutor:
@@ -94,8 +121,8 @@ def async_save(
     future = _background().submit(_write_in_background, background, job, options, handoff, waves_stay_staged(waves), start)
     stage_waves(job.writes, job.tensors, waves, handoff, staging_pool())
     global _in_flight
-    _in_flight = AsyncSave(url, future)
-    return _in_flight
+    _in_flight = (os.getpid(), AsyncSave(url, future))
+    return _in_flight[1]
 
 
 def prepare_async_save(
@@ -132,7 +159,7 @@ def _check_budget(max_staging_bytes: int | None) -> None:
 def _wait_for_previous(coord: Coordinator, wait: bool) -> None:
     """Wait for this process's previous async save; or, not waiting, refuse on every rank if any rank
     still has one in flight (all ranks decide alike, so none goes on alone into the next collective)."""
-    previous = _in_flight
+    previous = _in_flight[1] if _in_flight is not None else None
     if wait:
         if previous is not None:
             wait_for([previous._future])
