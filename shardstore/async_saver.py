@@ -159,7 +159,7 @@ def _check_budget(max_staging_bytes: int | None) -> None:
 def _wait_for_previous(coord: Coordinator, wait: bool) -> None:
     """Wait for this process's previous async save; or, not waiting, refuse on every rank if any rank
     still has one in flight (all ranks decide alike, so none goes on alone into the next collective)."""
-    previous = _in_flight[1] if _in_flight is not None else None
+    previous = _latest_here()
     if wait:
         if previous is not None:
             wait_for([previous._future])

@@ -234,3 +234,25 @@ def test_a_save_that_fails_after_the_script_ended_says_so(tmp_path: Path):
     code = f"import torch, shardstore\nshardstore.async_save({{'w': torch.ones(4)}}, {url!r})\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert f"the async save to {url} failed at exit: CheckpointExistsError" in done.stderr
+
+
+def _async_save_in_a_child(url: str) -> None:
+    shardstore.async_save({"w": torch.ones(4)}, url).result(timeout=30)
+
+
+def test_a_child_forked_while_a_save_is_in_flight_saves_without_waiting_for_it(tmp_path: Path):
+    """The parent's writer thread is not in the child, so its save never ends there: not waited for."""
+    import multiprocessing
+
+    held = Storage(str(tmp_path / "parent"))
+    lock = held.parent().lock(f"{held.name}.lock", timeout=5)  # the parent's save stays in flight until released
+    parent = shardstore.async_save({"w": torch.zeros(4)}, str(tmp_path / "parent"))
+    child = multiprocessing.get_context("fork").Process(target=_async_save_in_a_child, args=(str(tmp_path / "child"),))
+    child.start()
+    child.join(30)
+    if child.is_alive():
+        child.kill()
+    lock.release()
+    parent.result(timeout=60)
+    assert child.exitcode == 0, "the forked child waited for its parent's save"
+    assert parent.done() and shardstore.open(str(tmp_path / "child")).read("w").tolist() == [1.0] * 4
