@@ -431,8 +431,9 @@ class LocalStorage(Storage):
         self.sync()
 
     def link_from(self, source: "Storage", key: str) -> None:
-        """A hard link to ``source``'s object (its bytes are already durable: only the new name needs a
-        directory sync); a copy where the two are on different filesystems or ``source`` is remote.
+        """A hard link to ``source``'s object, synced with this tree's own objects: its bytes are durable
+        only if ``source`` was saved with ``durable=True`` (on a clean file the fsync costs next to nothing);
+        a copy where the two are on different filesystems or ``source`` is remote.
         A pinned ``source`` is linked from its pinned tree, as it is read: by path, a save that swapped
         another checkpoint in at its URL since would hand over that one's object under this one's digest."""
         if not isinstance(source, LocalStorage):
@@ -448,7 +449,7 @@ class LocalStorage(Storage):
             if exc.errno != errno.EXDEV:
                 raise
             return super().link_from(source, key)
-        self._replace(tmp, path)
+        self._replace(tmp, path, deferred=True)
 
     def copy_to(self, key: str, dest: "Storage") -> None:
         with self._open_for_read(key) as f:

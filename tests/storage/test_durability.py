@@ -99,6 +99,19 @@ def test_durable_false_syncs_nothing(tmp_path, syncs):
     assert target["step"] == 4 and not target["model"]["b"].any()
 
 
+def test_objects_linked_from_a_base_saved_without_durable_are_synced(tmp_path, syncs):
+    """A hard link shares the base's bytes, which ``durable=False`` never synced: the durable save does."""
+    state = _state()
+    shardstore.save(state, str(tmp_path / "base"), durable=False, incremental=True)
+    assert syncs == []
+    result = shardstore.save(state, str(tmp_path / "ck"), incremental=str(tmp_path / "base"))
+    assert result.chunks_linked == 3
+    linked = {str(p.relative_to(tmp_path / "ck")) for p in (tmp_path / "ck").rglob("c.*")}
+    synced = {p.split(".staging-", 1)[1].split("/", 1)[-1].split(".tmp-")[0] for kind, p in syncs
+              if kind == "file" and ".staging-" in p}
+    assert any(kind == "fs" for kind, _ in syncs) or linked <= synced, linked - synced
+
+
 def test_the_commit_lock_and_claim_files_are_not_left_behind(tmp_path: Path):
     shardstore.save(_state(), str(tmp_path / "ck"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
