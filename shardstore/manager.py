@@ -155,9 +155,11 @@ class CheckpointManager:
             self._collect()
         return True
 
-    def restore(self, state_dict: dict, step: int | None = None) -> int:
+    def restore(self, state_dict: dict, step: int | None = None, *, strict: bool = True) -> int:
         """Load ``step`` (the latest complete one by default) into ``state_dict`` in place; returns it.
         By default, refuses (``CorruptCheckpointError``) where a newer step is there but does not read.
+        ``strict=False`` skips keys only one side has, as ``load``'s: a run resumed on fewer ranks leaves
+        out the per-rank keys (``rng.rank3``) of the ranks it no longer has.
 
         A resumed run saves what it restored: the staging memory of its first async save is prepared
         here, in the background (``_prepare``), so even with ``save_interval_steps=1`` that save does
@@ -169,7 +171,8 @@ class CheckpointManager:
         chosen = self._coord.decide("choosing the step to restore", lambda: self._pick(step))
         if chosen is None:
             raise self._not_found(step)
-        load(state_dict, step_url(self.root_url, chosen), storage_options=self._options, process_group=self._group)
+        load(state_dict, step_url(self.root_url, chosen), storage_options=self._options, process_group=self._group,
+             strict=strict)
         self._prepare(state_dict)
         return chosen
 

@@ -188,6 +188,23 @@ def test_a_forced_save_of_a_step_older_than_the_newest_is_refused(tmp_path):
         assert manager.all_steps() == [20] and sorted(os.listdir(root)) == ["step-20"]
 
 
+def _save_with_per_rank_state(root: str) -> None:
+    with shardstore.CheckpointManager(root, async_save=False) as manager:
+        manager.save(1, {**_state(2, 1), f"rng.rank{torch.distributed.get_rank()}": torch.full((3,), 7.0)})
+
+
+def test_a_run_with_per_rank_state_resumes_on_fewer_ranks_with_strict_false(tmp_path):
+    root = str(tmp_path / "run")
+    run_ranks(2, _save_with_per_rank_state, root)
+    manager = shardstore.CheckpointManager(root)
+    target = {"model": {"w": torch.zeros(8, 6)}, "step": -1, "rng.rank0": torch.zeros(3)}
+    with pytest.raises(shardstore.StateDictMismatchError, match="rng.rank1"):
+        manager.restore(target)  # rank 1's state has no rank to go to
+    assert manager.restore(target, strict=False) == 1 and target["step"] == 1
+    saved = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))  # _state(world, 1)'s values
+    assert torch.equal(target["model"]["w"], saved) and target["rng.rank0"].tolist() == [7.0] * 3
+
+
 def test_steps_to_delete_is_pure_retention():
     assert steps_to_delete([1, 2, 3], None, None) == []
     assert steps_to_delete([3, 1, 2], 1, None) == [1, 2]
