@@ -166,8 +166,18 @@ def _check_match(
         raise StateDictMismatchError(
             "the state dict does not match the checkpoint:\n  " + "\n  ".join(problems)
             + "\nload into a state dict built like the saved one (shapes and dtypes must match exactly); "
-            "pass strict=False to skip missing or unexpected keys"
+            "pass strict=False to skip missing or unexpected keys" + _empty_optimizer_hint(unexpected if strict else ())
         )
+
+
+def _empty_optimizer_hint(unexpected: tuple[KeyPath, ...]) -> str:
+    """Advice where the checkpoint holds optimizer state (``...state.<int>...``) the state dict lacks: an
+    optimizer before its first step has none, and strict=False would then resume with it empty, silently."""
+    if not any("state" in key[:-1] and isinstance(key[key.index("state") + 1], int) for key in unexpected):
+        return ""
+    return ("; but where the extra keys are an optimizer's state (an optimizer before its first step holds none), "
+            "skipping them resumes with that state empty: build the state first, e.g. with torch's "
+            "torch.distributed.checkpoint.state_dict.get_state_dict(model, optimizer), which creates it")
 
 
 def _read_tasks(target: TargetTensor, array: StoredArray) -> list[ReadTask]:

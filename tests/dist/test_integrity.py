@@ -320,6 +320,23 @@ def test_a_mismatch_names_keys_sharing_a_dotted_name_by_their_key_paths(tmp_path
     assert says in str(info.value)
 
 
+def test_a_mismatch_over_an_optimizer_without_state_says_strict_false_would_resume_it_empty(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    trained = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    trained.step()
+    shardstore.save({"optim": trained.state_dict()}, str(tmp_path / "ck"))
+    fresh = torch.optim.Adam(model.parameters()).state_dict()  # before its first step: no state
+    with pytest.raises(StateDictMismatchError) as info:
+        shardstore.load({"optim": fresh}, str(tmp_path / "ck"))
+    assert "in the checkpoint but not in the state dict: optim.state.0.step" in str(info.value)
+    assert "resumes with that state empty" in str(info.value) and "get_state_dict" in str(info.value)
+    shardstore.save({"optim": trained.state_dict(), "extra": torch.ones(1)}, str(tmp_path / "ck2"))
+    with pytest.raises(StateDictMismatchError) as info:  # other extra keys get no such advice
+        shardstore.load({"optim": trained.state_dict()}, str(tmp_path / "ck2"))
+    assert "not in the state dict: extra" in str(info.value) and "optimizer" not in str(info.value)
+
+
 def test_non_strict_load_reports_and_loads_the_rest(tmp_path):
     url = _saved(tmp_path)
     sd = _zeros_state()
