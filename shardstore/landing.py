@@ -22,7 +22,7 @@ from shardstore.buffers import fault_in, keep, staging_buffer, take_kept
 from shardstore.codec import CRC_NBYTES, ArrayLayout, check_crc, inner_chunk_tensor, inner_chunk_values
 from shardstore.flatten import KeyPath, fqn
 from shardstore.load_plan import ReadTask, side_by_side
-from shardstore.memcopy import copy_side_by_side
+from shardstore.memcopy import as_bytes, copy_side_by_side
 from shardstore.object_check import CheckedRun, check_index, data_end, sub_run
 from shardstore.placing import count_write, place, target_region
 from shardstore.storage import ROOM_ALIGN, ROOM_SLACK, Storage
@@ -161,7 +161,9 @@ def _target_memory(layout: ArrayLayout, tasks: tuple[ReadTask, ...], stored, des
         return None
     if region.is_conj() or region.is_neg():
         return None
-    return region.detach().reshape(-1).view(torch.uint8)
+    # As bytes first: a contiguous region may still have a step in a size-1 dim (``x[1::2]`` of length
+    # one), which ``reshape(-1)`` keeps, and a dtype view refuses.
+    return as_bytes(region.detach()).reshape(-1)
 
 
 def _start_landing(pool: ThreadPoolExecutor, storage: Storage, batch: list[_Landing], buffer, destinations, written) -> Future:

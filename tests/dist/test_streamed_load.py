@@ -298,3 +298,13 @@ def test_every_placed_read_of_a_cold_load_gets_block_aligned_room(tmp_path, monk
     shardstore.load(sd, url)
     assert all(torch.equal(sd[k], v) for k, v in values.items())
     assert len(rooms) >= 4 and [a % posix.DIRECT_ALIGN for a in rooms] == [0] * len(rooms)
+
+
+def test_a_one_element_target_with_a_step_lands_in_place(tmp_path):
+    """``x[1::2]`` of length one is contiguous (its one dim has size 1) yet its stride is 2: a dtype view
+    of it as bytes raised a RuntimeError before any value moved."""
+    url = str(tmp_path / "ck")
+    shardstore.save({"w": torch.tensor([3.0]), "c": torch.tensor([[1 + 2j]])}, url)
+    target = {"w": torch.zeros(3)[1::2], "c": torch.zeros(1, 4, dtype=torch.complex64)[:, 2:3]}
+    shardstore.load(target, url)
+    assert target["w"].tolist() == [3.0] and target["c"].tolist() == [[1 + 2j]]
