@@ -96,7 +96,10 @@ def _unsupported(tensor: Any) -> str | None:
 def _overlaps_itself(t: torch.Tensor) -> bool:
     """Whether two elements of ``t`` may share memory: going up the strides, each dim must step past
     everything the smaller ones span (a stride-0 dim of size > 1 never does). Conservative for exotic
-    ``as_strided`` interleavings, which are refused though disjoint."""
+    ``as_strided`` interleavings, which are refused though disjoint. A tensor without elements shares
+    nothing, whatever its strides (an empty channels_last tensor has a stride 0)."""
+    if t.numel() == 0:
+        return False
     extent = 1
     for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
         if stride < extent:

@@ -410,3 +410,14 @@ def test_a_url_that_is_a_file_is_refused_by_save_and_not_found_by_load(tmp_path)
     with pytest.raises(CheckpointNotFoundError, match="it is a file, not a checkpoint directory"):
         shardstore.load({"w": torch.ones(2)}, str(path))
     assert path.read_text() == "not a checkpoint"
+
+
+def test_an_empty_target_with_a_stride_0_loads(tmp_path):
+    """An empty channels_last tensor has a stride 0 (its batch dim steps over no elements): it was refused
+    as one whose elements share memory, though it has none."""
+    url = str(tmp_path / "ck")
+    shardstore.save({"w": torch.zeros(3, 2, 0, 5), "v": _t(1)}, url)
+    target = {"w": torch.empty(3, 2, 0, 5).to(memory_format=torch.channels_last), "v": _t(0)}
+    assert 0 in target["w"].stride()
+    shardstore.load(target, url)
+    assert torch.equal(target["v"], _t(1)) and target["w"].shape == (3, 2, 0, 5)
