@@ -406,12 +406,40 @@ def check_crc(data: BytesLike, crc: BytesLike, where: str) -> None:
 
 
 def _decompress(payload: memoryview, nbytes: int, where: str) -> memoryview:
+    """The ``nbytes`` an inner chunk decompresses to. numcodecs fills a too-large ``out`` with what the
+    frame holds and leaves the rest zero, so a frame that does not say it holds exactly ``nbytes`` (a
+    chunk of another layout, a dtype or shape changed in both records) is decompressed on its own and
+    its size compared: never zeros in place of values."""
     out = bytearray(nbytes)
     try:
-        _zstd().decode(payload, out=out)
+        if _frame_content_size(payload) == nbytes:
+            _zstd().decode(payload, out=out)  # a bigger content overflows ``out`` and raises
+        else:
+            data = _zstd().decode(payload)
+            if len(data) != nbytes:
+                raise ValueError(f"the chunk holds {len(data)} bytes")
+            out[:] = data
     except Exception as exc:  # numcodecs raises RuntimeError/ValueError variants
         raise CorruptCheckpointError(
             f"{where}: zstd decompression failed ({exc}) although the crc32c matched; the chunk was written "
             f"with another layout (expected {nbytes} bytes) — re-run the save"
         ) from exc
     return memoryview(out)
+
+
+_FCS_BYTES = (0, 2, 4, 8)  # a zstd frame's content size field, by the top two bits of its header byte
+
+
+def _frame_content_size(payload: memoryview) -> int | None:
+    """The content size the zstd frame header at the start of ``payload`` declares, or None (no zstd
+    frame, or it declares none). RFC 8878 section 3.1.1.1; a few bytes read, never the data."""
+    if len(payload) < 6 or bytes(payload[:4]) != b"\x28\xb5\x2f\xfd":
+        return None
+    flags = payload[4]
+    single_segment = flags >> 5 & 1
+    size_bytes = _FCS_BYTES[flags >> 6] or single_segment  # flag 0: one byte in a single segment, else none
+    start = 5 + (not single_segment) + (0, 1, 2, 4)[flags & 3]  # after the window and dictionary id fields
+    if not size_bytes or len(payload) < start + size_bytes:
+        return None
+    size = int.from_bytes(payload[start : start + size_bytes], "little")
+    return size + 256 if size_bytes == 2 else size

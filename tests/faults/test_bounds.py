@@ -95,6 +95,36 @@ def test_decompression_claim_beyond_what_zstd_can_expand_is_refused():
     check_index_bounds(layout, [ByteRange(0, 4000)], 4000, "w/c.0.0")  # 3996 bytes may expand that far
 
 
+
+@pytest.mark.parametrize("reader", ["load", "all_or_nothing", "read"])
+def test_a_compressed_chunk_holding_fewer_bytes_than_its_layout_is_refused_not_zero_filled(tmp_path, reader):
+    """float32 chunks whose records both say float64 (the checksum re-sealed): each chunk decompresses to
+    half an inner chunk, which numcodecs returns zero-padded; zarr-python refuses it, so must shardstore."""
+    from tests.faults.damage import edit_json
+
+    url = str(tmp_path / "ck")
+    shardstore.save({"w": torch.arange(1.0, 65.0).reshape(8, 8)}, url, compressor="zstd")
+    edit_json(tmp_path / "ck" / "w" / "zarr.json", lambda node: node.update(data_type="float64"))
+    edit_root(url, lambda block: block["tensors"]["w"].update(dtype="float64"))
+    target = {"w": torch.full((8, 8), -1.0, dtype=torch.float64)}
+    with pytest.raises(CorruptCheckpointError, match="the chunk holds 256 bytes.*expected 512 bytes"):
+        if reader == "read":
+            shardstore.open(url).read("w")
+        else:
+            shardstore.load(target, url, all_or_nothing=reader == "all_or_nothing")
+    assert torch.equal(target["w"], torch.full((8, 8), -1.0, dtype=torch.float64))
+
+
+def test_zstd_frame_content_size_is_read_from_the_header():
+    from numcodecs import Zstd
+
+    from shardstore.codec import _frame_content_size
+
+    for n in (1, 255, 256, 65791, 65792, 1 << 20):  # each width of the field
+        assert _frame_content_size(memoryview(Zstd(level=3).encode(np.zeros(n, dtype=np.uint8)))) == n
+    assert _frame_content_size(memoryview(b"not a zstd frame")) is None
+
+
 def _reorder_chunks(url: str, node: str = "model/w", cell: str = "c.0.0") -> None:
     """Store the inner chunks of one (compressed) object in reverse order, as another writer might."""
     import crc32c
