@@ -108,8 +108,11 @@ def _target(key: KeyPath, value: Any) -> TargetTensor:
         box = local_region(value)
         regions = () if box is None else (LoadRegion(box, 0),)
     elif hasattr(type(value), "__create_chunk_list__"):
+        # Empty chunks are left out: on a rank outside its sub-mesh, torch's DTensor lists one of shape
+        # (0,) at offset () whatever its dims, which no cell holds (as a save leaves it out: ``plan``).
         chunks = value.__create_chunk_list__()
-        regions = tuple(LoadRegion(Box(tuple(c.offsets), tuple(c.sizes)), i) for i, c in enumerate(chunks))
+        boxes = ((Box(tuple(c.offsets), tuple(c.sizes)), i) for i, c in enumerate(chunks))
+        regions = tuple(LoadRegion(box, i) for box, i in boxes if box.numel)
     else:
         regions = (LoadRegion(Box((0,) * value.dim(), tuple(value.shape)), 0),)
     return TargetTensor(key, tuple(value.shape), dtype_name(value.dtype), regions)
