@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from typing import Any, Mapping
@@ -39,12 +40,19 @@ class AsyncSave:
     def __init__(self, url: str, future: Future) -> None:
         self.url = url
         self._future = future
+        self._asked = False  # whether the caller has asked for the result (and so seen a failure)
 
     def result(self, timeout: float | None = None) -> SaveResult:
         """Wait (at most ``timeout`` seconds: ``TimeoutError`` after) until the checkpoint is committed and
         durable; returns this rank's ``SaveResult``, or raises the error that stopped the save (on every
         rank: a failure on another rank arrives as ``RemoteRankError`` naming it)."""
+        self._asked = True
         return self._future.result(timeout)
+
+    def unseen_failure(self) -> BaseException | None:
+        """The error that stopped this (ended) save where nobody asked for its result: a loop that starts
+        each save without checking the last one would otherwise never learn that it failed."""
+        return None if self._asked or not self._future.done() else self._future.exception()
 
     def done(self) -> bool:
         """Whether the save ended, committed or failed (``result()`` then returns at once)."""
@@ -163,6 +171,7 @@ def _wait_for_previous(coord: Coordinator, wait: bool) -> None:
     if wait:
         if previous is not None:
             wait_for([previous._future])
+            _warn_if_failed(previous)
         return
     busy = [r for r, b in enumerate(coord.all_gather(previous is not None and not previous.done())) if b]
     if busy:
@@ -170,6 +179,13 @@ def _wait_for_previous(coord: Coordinator, wait: bool) -> None:
             f"an async save (to {previous.url if previous else 'another URL'}) is still in flight on rank(s) "
             f"{busy}; wait for its result() first, or call async_save with wait_for_previous=True (the default)"
         )
+
+
+def _warn_if_failed(previous: AsyncSave) -> None:
+    failure = previous.unseen_failure()
+    if failure is not None:
+        warnings.warn(f"the previous async save, to {previous.url}, failed and its result() was never asked for: "
+                      f"{type(failure).__name__}: {failure}; that checkpoint was not written", RuntimeWarning, stacklevel=4)
 
 
 def _write_in_background(coord: Coordinator, job: SaveJob, options: SaveOptions, handoff: WaveHandoff,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,19 @@ def test_a_child_forked_while_a_save_is_in_flight_saves_without_waiting_for_it(t
     parent.result(timeout=60)
     assert child.exitcode == 0, "the forked child waited for its parent's save"
     assert parent.done() and shardstore.open(str(tmp_path / "child")).read("w").tolist() == [1.0] * 4
+
+
+def test_a_failed_save_nobody_asked_about_is_reported_by_the_next_one(tmp_path: Path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the checkpoint's parent directory should be")
+    state = {"w": torch.arange(6.0)}
+    shardstore.async_save(state, str(blocker / "ckpt"))  # fails in the background; result() never asked
+    with pytest.warns(RuntimeWarning, match=f"async save, to {blocker / 'ckpt'}, failed .* NotADirectoryError"):
+        second = shardstore.async_save(state, str(tmp_path / "ok"))
+    second.result(timeout=60)
+    failed = shardstore.async_save(state, str(blocker / "again"))
+    with pytest.raises(NotADirectoryError):
+        failed.result(timeout=60)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failure the caller has seen is not reported again
+        shardstore.async_save(state, str(tmp_path / "ok2")).result(timeout=60)
