@@ -70,6 +70,7 @@ def begin(target: Storage, overwrite: bool) -> Claim:
             "replace it (the old checkpoint stays loadable until the new one is complete), or save elsewhere"
         )
     if not target.can_rename_trees:
+        target.parent()  # where the commit lock goes: a bucket root has no such place, refused up front
         return _claim_on_object_store(target, expected, nonce)
     staging = _staging(target, nonce)
     with _commit_lock(target):  # so that no sweep sees the new tree before its owner holds it

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from fsspec.core import url_to_fs
 
-from shardstore.errors import CorruptCheckpointError, MissingChunkError
+from shardstore.errors import CorruptCheckpointError, MissingChunkError, UnsafeKeyError
 from shardstore.storage.base import CURRENT, VERSION_PREFIX, Blob, HeldLock, Storage, as_views, strip_trailing_slash
 from shardstore.storage.retry import retrying
 
@@ -240,8 +240,15 @@ class FsspecStorage(Storage):
     # -- derived storages ------------------------------------------------------------------------------
 
     def parent(self) -> "FsspecStorage":
+        """The prefix holding this root. A bucket (container) has none: its commit lock ``<url>.lock``
+        would have to be another bucket, so a checkpoint there is refused before anything is written."""
         name = self.name
-        return self._derived(self._root[: -len(name) - 1], self.url[: -len(name) - 1])
+        root = self._root[: -len(name) - 1]
+        if not root and not self._fs.root_marker:  # s3fs, gcsfs, adlfs: the root is a bucket itself
+            raise UnsafeKeyError(
+                f"{self.url} is a bucket root: a checkpoint needs a prefix of its own (its commit lock "
+                f"{self.url}.lock sits beside it); save to {self.url}/<name>")
+        return self._derived(root, self.url[: -len(name) - 1])
 
     def copy_to(self, key: str, dest: "Storage") -> None:
         if not isinstance(dest, FsspecStorage) or dest._fs is not self._fs:
