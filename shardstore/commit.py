@@ -241,13 +241,18 @@ def finish(target: Storage, dest: Storage, claim: Claim) -> None:
 
 
 def _finish_in_place(target: Storage, claim: Claim) -> None:
-    try:
-        owner = target.read(CLAIM).decode()
-    except (MissingChunkError, UnicodeDecodeError):
-        owner = None
-    if owner != claim.nonce:
-        raise _taken_over(target, target.key_url(CLAIM))
-    target.delete(CLAIM)
+    """A fresh save's root marker is written; it has committed if its claim is still its own and no
+    overwrite has pointed the URL at a version meanwhile. Checked under the commit lock: an overwrite
+    checks the URL and moves the pointer under it, so of the two exactly one sees the other's commit
+    (without the lock both could return, the fresh save's checkpoint hidden behind the pointer)."""
+    with _commit_lock(target):
+        try:
+            owner = target.read(CLAIM).decode()
+        except (MissingChunkError, UnicodeDecodeError):
+            owner = None
+        if owner != claim.nonce or target.exists(CURRENT):
+            raise _taken_over(target, target.key_url(CLAIM))
+        target.delete(CLAIM)
     target.sync()
 
 

@@ -3,14 +3,19 @@ a damaged pointer, or a URL it cannot commit at."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 import shardstore
-from shardstore.errors import UnsafeKeyError
+from shardstore import commit
+from shardstore import format as fmt
+from shardstore.errors import ConcurrentSaveError, UnsafeKeyError
 from shardstore.storage import Storage
 
 PROTOCOLS = ["s3", "gs", "az"]
+WAIT_S = 30.0
 
 
 @pytest.fixture(params=PROTOCOLS)
@@ -25,3 +30,71 @@ def test_a_bucket_root_is_refused_before_anything_is_written(server):
     with pytest.raises(UnsafeKeyError, match="bucket root: a checkpoint needs a prefix of its own"):
         shardstore.save({"w": torch.ones(3)}, url, storage_options=options)
     assert Storage(url, options).is_empty()
+
+
+def test_a_fresh_save_and_an_overwrite_racing_never_both_return(server, monkeypatch):
+    """A fresh save claims the URL and writes in place; an overwrite started meanwhile (it finds an
+    interrupted save) writes a version and moves the pointer. The overwrite checks the URL just before
+    the fresh save writes its root marker, and the fresh save checks its claim just before the overwrite
+    deletes it: both returned, and the fresh save's checkpoint was hidden behind the pointer, then
+    deleted."""
+    url, options = server.fresh_url(), server.storage_options()
+    fresh_claimed, checked, pointer_moved, fresh_done = (threading.Event() for _ in range(4))
+    claim_fresh, check_unchanged, delete_old, write_root = (
+        commit._claim_fresh, commit._check_unchanged, commit._delete_old_version, fmt.write_root)
+
+    def claimed(target, nonce):
+        claim_fresh(target, nonce)
+        fresh_claimed.set()
+
+    def check(target, claim):
+        check_unchanged(target, claim)
+        checked.set()
+
+    def root(dest, record):
+        if threading.current_thread().name == "fresh":
+            checked.wait(WAIT_S)
+        write_root(dest, record)
+
+    def delete_replaced(target, expected, keep):
+        pointer_moved.set()
+        fresh_done.wait(WAIT_S)
+        delete_old(target, expected, keep)
+
+    monkeypatch.setattr(commit, "_claim_fresh", claimed)
+    monkeypatch.setattr(commit, "_check_unchanged", check)
+    monkeypatch.setattr(commit, "_delete_old_version", delete_replaced)
+    monkeypatch.setattr(fmt, "write_root", root)
+    outcomes: dict[str, BaseException | None] = {}
+
+    def fresh() -> None:
+        try:
+            shardstore.save({"w": torch.full((4,), 1.0)}, url, storage_options=options)
+            outcomes["fresh"] = None
+        except Exception as exc:  # noqa: BLE001 - recorded and checked below
+            outcomes["fresh"] = exc
+        finally:
+            fresh_done.set()
+
+    def overwrite() -> None:
+        fresh_claimed.wait(WAIT_S)
+        try:
+            shardstore.save({"w": torch.full((4,), 2.0)}, url, storage_options=options, overwrite=True)
+            outcomes["overwrite"] = None
+        except Exception as exc:  # noqa: BLE001
+            outcomes["overwrite"] = exc
+        finally:
+            checked.set()
+            pointer_moved.set()
+
+    threads = [threading.Thread(target=f, name=f.__name__) for f in (fresh, overwrite)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    winners = [name for name, exc in outcomes.items() if exc is None]
+    assert len(outcomes) == 2 and len(winners) == 1, outcomes
+    assert all(isinstance(exc, ConcurrentSaveError) for exc in outcomes.values() if exc is not None), outcomes
+    state = {"w": torch.zeros(4)}
+    shardstore.load(state, url, storage_options=options)
+    assert torch.equal(state["w"], torch.full((4,), 1.0 if winners == ["fresh"] else 2.0))
