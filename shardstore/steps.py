@@ -93,6 +93,7 @@ def delete_step(checkpoint: Storage) -> None:
     listed) rather than a listed one missing objects. Files no save of ours writes (a user's notes
     beside the arrays) are left where they are, with the directory."""
     foreign = set(commit.foreign_files(checkpoint))  # judged by the root record, so before it goes
+    checkpoint.pinned().delete(fmt.ZARR_JSON)  # an overwritten step's marker: in the version its pointer names
     checkpoint.delete(fmt.ZARR_JSON)
     if not foreign:
         return checkpoint.delete_prefix()

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import shardstore
-from shardstore import commit
+from shardstore import commit, runs
 from shardstore import format as fmt
 from shardstore.errors import ConcurrentSaveError, UnsafeKeyError
+from shardstore.steps import list_steps
 from shardstore.storage import Storage
+from shardstore.storage.remote import FsspecStorage
 
 PROTOCOLS = ["s3", "gs", "az"]
 WAIT_S = 30.0
@@ -98,3 +100,22 @@ def test_a_fresh_save_and_an_overwrite_racing_never_both_return(server, monkeypa
     state = {"w": torch.zeros(4)}
     shardstore.load(state, url, storage_options=options)
     assert torch.equal(state["w"], torch.full((4,), 1.0 if winners == ["fresh"] else 2.0))
+
+
+def test_a_prune_cut_short_never_leaves_an_overwritten_step_listed_with_objects_missing(server, monkeypatch):
+    """An overwritten step's root marker is in the version its pointer names; deleting the step went for
+    the marker at the top (there is none) and then the rest in any order, so a store failing midway left
+    the step listed complete with a shard object gone."""
+    base, options = server.fresh_url(), server.storage_options()
+    shardstore.save({"w": torch.ones(4)}, f"{base}/step-1", storage_options=options)
+    shardstore.save({"w": torch.ones(4) * 2}, f"{base}/step-1", storage_options=options, overwrite=True)
+    shardstore.save({"w": torch.ones(4) * 3}, f"{base}/step-2", storage_options=options)
+
+    def fail_midway(self, prefix=""):
+        self.delete(next(key for key in self.list(prefix) if fmt.is_object_key(key)))
+        raise OSError(f"the store refused to delete the rest of {self.url}")
+
+    monkeypatch.setattr(FsspecStorage, "delete_prefix", fail_midway)
+    with pytest.raises(OSError, match="refused"):
+        runs.collect(base, keep=1, storage_options=options)
+    assert [(e.step, e.complete) for e in list_steps(base, options)] == [(1, False), (2, True)]
