@@ -41,6 +41,8 @@ OWNER = ".shardstore-owner"  # in a staging tree: locked by the saving process (
 CLAIM = ".shardstore-claim"  # object stores: a fresh save's claim on the URL itself
 LOCK_WAIT_S = 30.0  # how long ``finish`` waits for another save's commit (which takes milliseconds)
 YOUNG_S = 60.0  # a staging tree without an owner this recent may be one whose owner is being created
+# What ``finish`` writes into the pointer: a damaged one that names anything else names nothing to delete.
+_VERSION_NAME = re.compile(rf"{re.escape(VERSION_PREFIX)}[0-9a-f]{{16}}")
 
 _owners: dict[str, HeldLock] = {}  # nonce -> the owner lock rank 0 holds until finish/abandon
 
@@ -294,7 +296,7 @@ def _delete_old_version(target: Storage, expected: str | None, keep: str) -> Non
     when that was written in place, every object outside the versions (its marker first)."""
     if expected is not None and expected.startswith("version "):
         old = expected[len("version "):]
-        if old != keep and old.startswith(VERSION_PREFIX):
+        if old != keep and _VERSION_NAME.fullmatch(old):
             target.child(old).delete_prefix()
         return
     target.delete(ZARR_JSON)

@@ -13,7 +13,7 @@ from shardstore import commit, runs
 from shardstore import format as fmt
 from shardstore.errors import ConcurrentSaveError, UnsafeKeyError
 from shardstore.steps import list_steps
-from shardstore.storage import Storage
+from shardstore.storage import CURRENT, Storage
 from shardstore.storage.remote import FsspecStorage
 
 PROTOCOLS = ["s3", "gs", "az"]
@@ -119,3 +119,18 @@ def test_a_prune_cut_short_never_leaves_an_overwritten_step_listed_with_objects_
     with pytest.raises(OSError, match="refused"):
         runs.collect(base, keep=1, storage_options=options)
     assert [(e.step, e.complete) for e in list_steps(base, options)] == [(1, False), (2, True)]
+
+
+@pytest.mark.parametrize("pointer", [b".v-x/../..", b".v-a\\b", b".v-\0"])
+def test_an_overwrite_of_a_damaged_pointer_returns_once_committed(server, pointer):
+    """``overwrite=True`` replaces a damaged checkpoint. After moving the pointer, the save deleted the
+    version the damaged pointer named, taken as a key: it raised ``UnsafeKeyError`` although it had
+    committed."""
+    url, options = server.fresh_url(), server.storage_options()
+    shardstore.save({"w": torch.ones(4)}, url, storage_options=options)
+    shardstore.save({"w": torch.ones(4) * 2}, url, storage_options=options, overwrite=True)
+    Storage(url, options).write(CURRENT, pointer)
+    shardstore.save({"w": torch.ones(4) * 3}, url, storage_options=options, overwrite=True)
+    state = {"w": torch.zeros(4)}
+    shardstore.load(state, url, storage_options=options)
+    assert torch.equal(state["w"], torch.ones(4) * 3)
