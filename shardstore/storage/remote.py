@@ -251,7 +251,10 @@ class FsspecStorage(Storage):
         return self._derived(root, self.url[: -len(name) - 1])
 
     def copy_to(self, key: str, dest: "Storage") -> None:
-        if not isinstance(dest, FsspecStorage) or dest._fs is not self._fs:
+        """A server-side copy, where both are one store reached with the same options: fsspec's equality
+        (its instance token), not identity, since ``skip_instance_cache=True`` gives every ``Storage``
+        an instance of its own."""
+        if not isinstance(dest, FsspecStorage) or dest._fs != self._fs:
             raise NotImplementedError(f"copy from {self.url} to {dest.url} crosses filesystems")
         try:
             self._fs.copy(self._path(key), dest._path(key))

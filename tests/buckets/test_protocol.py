@@ -12,6 +12,7 @@ import shardstore
 from shardstore import commit, runs
 from shardstore import format as fmt
 from shardstore.errors import ConcurrentSaveError, UnsafeKeyError
+from shardstore.manager import CheckpointManager
 from shardstore.steps import list_steps
 from shardstore.storage import CURRENT, Storage
 from shardstore.storage.remote import FsspecStorage
@@ -134,3 +135,19 @@ def test_an_overwrite_of_a_damaged_pointer_returns_once_committed(server, pointe
     state = {"w": torch.zeros(4)}
     shardstore.load(state, url, storage_options=options)
     assert torch.equal(state["w"], torch.ones(4) * 3)
+
+
+def test_a_manager_links_unchanged_objects_with_an_uncached_client(server):
+    """The manager's saves are incremental: an unchanged object is a server-side copy from the previous
+    step. With ``skip_instance_cache=True`` (the options these tests use) each ``Storage`` has a client
+    of its own, and the copy was refused as crossing filesystems: every save after the first raised
+    ``NotImplementedError``."""
+    base, options = server.fresh_url(), server.storage_options()
+    assert options["skip_instance_cache"]
+    with CheckpointManager(base, max_to_keep=2, async_save=False, storage_options=options) as manager:
+        for step in range(3):
+            manager.save(step, {"w": torch.ones(64), "step": step})
+        assert manager.all_steps() == [1, 2]
+        state = {"w": torch.zeros(64), "step": -1}
+        assert manager.restore(state) == 2
+    assert torch.equal(state["w"], torch.ones(64)) and state["step"] == 2
