@@ -107,6 +107,12 @@ class FsspecStorage(Storage):
             if key is None:
                 raise
             raise self._missing(key) from None
+        except TypeError as exc:  # s3fs hands storage options to its client only at the first request
+            if "unexpected keyword argument" not in str(exc):
+                raise
+            scheme = self.url.split("://", 1)[0]
+            raise ValueError(f"{what}: the {scheme}:// filesystem refused a storage option ({exc}); "
+                             "check the storage_options (-o KEY=VALUE) for a misspelt name") from exc
 
     def pinned(self) -> "FsspecStorage":
         """The version ``.shardstore-current`` points at (a checkpoint replaced on an object store), else

@@ -253,6 +253,14 @@ def test_storage_options_on_a_local_path_are_a_one_line_input_error(capsys, shar
     assert len(err.strip().splitlines()) == 1, err
 
 
+def test_a_storage_option_the_filesystem_refuses_is_a_one_line_input_error(capsys):
+    pytest.importorskip("s3fs")  # it hands options to its client only at the first request
+    code, _, err = cli(capsys, "ls", "s3://bucket/run", "-o", "bogus=1", "-o", "endpoint_url=http://127.0.0.1:1",
+                       "-o", "key=k", "-o", "secret=s")
+    assert code == 2 and "the s3:// filesystem refused a storage option" in err and "'bogus'" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 def test_the_command_follows_an_object_stores_current_version_pointer(capsys, tmp_path):
     """An overwrite on an object store commits through ``.shardstore-current`` (docs/format.md §5); ls,
     inspect, diff and convert read the version it names, as load and verify do."""
