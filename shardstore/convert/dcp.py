@@ -3,7 +3,9 @@ from one process; a URL of another store goes through a local copy (``localfiles
 
 DCP flattens a state dict to dotted names and keeps each one's object path (``planner_data``); it stores
 tensors as tensors and every other leaf (a step count, a list of plain values, a tuple) as a pickled
-object. Reading rebuilds the nesting from those object paths as DCP's own loader does (a str component is
+object. Its ``.metadata`` file is a pickle too, which DCP's own reader unpickles with no restriction: it is
+read here with an unpickler that imports only DCP's metadata classes, and every data file it names must be
+a regular file inside the directory. Reading rebuilds the nesting from those object paths as DCP's own loader does (a str component is
 a dict key, an int one a list index) and unpickles the objects with ``weights_only=True`` (DCP's own
 planner does not), one tensor at a time: DCP reads whole saved items, so memory is one tensor, and the
 last one read is kept for the next region of it. Writing hands DCP the source's tree with meta tensors in
@@ -16,6 +18,7 @@ DCP's format itself turns dict keys into strings (``{0: ...}`` reads back as ``{
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import warnings
 from contextlib import contextmanager
@@ -24,15 +27,16 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 
 from shardstore.convert.localfiles import LocalCopy, local_target
 from shardstore.convert.sources import (
     DCP_METADATA, IndexedSource, Region, TensorMeta, TensorSource, apply_region, flatten_loaded, tree_nodes,
 )
 from shardstore.convert.torchfile import unpickling_problem
-from shardstore.errors import UnsupportedInputError
+from shardstore.errors import CorruptCheckpointError, UnsupportedInputError
 from shardstore.flatten import fqn, node_children, unflatten
+from shardstore.storage.base import check_key
 
 __all__ = ["DcpSource", "write_dcp", "dcp_dropped", "dcp_str_keys"]
 
@@ -48,7 +52,7 @@ def _one_process():
 class DcpSource(IndexedSource):
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         self._copy = LocalCopy(url, storage_options, directory=True)
-        metadata = dcp.FileSystemReader(self._copy.path).read_metadata()
+        metadata = _SafeReader(self._copy.path, url).read_metadata()
         entries = metadata.state_dict_metadata
         paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
         objects = self._load_objects(url, [k for k, m in entries.items() if isinstance(m, BytesStorageMetadata)])
@@ -72,7 +76,7 @@ class DcpSource(IndexedSource):
             return {}
         planner = _SafeObjectPlanner()
         with _one_process():
-            dcp.load(dict.fromkeys(names), storage_reader=dcp.FileSystemReader(self._copy.path), planner=planner)
+            dcp.load(dict.fromkeys(names), storage_reader=_SafeReader(self._copy.path, url), planner=planner)
         for name, exc in planner.refused.items():
             raise UnsupportedInputError(
                 f"torch DCP checkpoint {url}: entry {name!r} holds an object torch.load(weights_only=True) refuses "
@@ -89,9 +93,74 @@ class DcpSource(IndexedSource):
             fqn = self._fqns[id(held)]
             out = {fqn: torch.empty(held.shape, dtype=held.dtype)}
             with _one_process():
-                dcp.load(out, storage_reader=dcp.FileSystemReader(self._copy.path))
+                dcp.load(out, storage_reader=_SafeReader(self._copy.path, self.url))
             self._last = (name, out[fqn])
         return apply_region(self._last[1], region)
+
+
+# What a DCP ``.metadata`` pickle imports (module -> names): DCP's metadata dataclasses, torch.Size, a
+# layout by name, the path the checkpoint was saved under. Names are matched whole (a dotted name would
+# reach through a module's attributes), torch dtypes are checked by type.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "pathlib._local": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file importing nothing but ``_METADATA_GLOBALS`` and torch dtypes:
+    a checkpoint from elsewhere must not run code when it is opened."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _METADATA_GLOBALS.get(module, ()) or (
+                module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it imports {module}.{name}, which no DCP metadata holds")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """DCP's reader, but its metadata unpickled by ``_MetadataUnpickler`` and checked: each data file it
+    names is a relative path to a regular file inside the directory (no ``..``, no absolute path, no link)."""
+
+    def __init__(self, path: str, url: str) -> None:
+        super().__init__(path)
+        self._local, self._url = path, url
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        where = f"torch DCP checkpoint {self._url}: its {DCP_METADATA} file"
+        try:
+            with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+                OverflowError) as exc:
+            raise UnsupportedInputError(f"{where} cannot be read as DCP metadata ({exc}); shardstore does not run "
+                                        "pickled code. Check that it is a torch DCP checkpoint") from exc
+        if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+            raise CorruptCheckpointError(f"{where} holds {type(metadata).__name__}, not DCP metadata with storage data")
+        for info in metadata.storage_data.values():
+            self._check_file(getattr(info, "relative_path", None), where)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def _check_file(self, name: Any, where: str) -> None:
+        """``name`` is a data file DCP will open by joining it to the directory: only a relative path to a
+        regular file, reached through no link, stays inside."""
+        parts = check_key(name, self._url).split("/")
+        if any(os.path.islink(os.path.join(self._local, *parts[:i + 1])) for i in range(len(parts))):
+            raise UnsupportedInputError(f"{where} names {name!r}, a symbolic link: shardstore reads only the "
+                                        "checkpoint's own files and never follows links out of it")
+        path = os.path.join(self._local, *parts)
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise CorruptCheckpointError(f"{where} names {name!r}, which is not a regular file")
 
 
 class _SafeObjectPlanner(DefaultLoadPlanner):

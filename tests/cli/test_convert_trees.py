@@ -4,8 +4,12 @@ names what it cannot hold; DCP and torch.save sources and targets may be fsspec 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import pickle
+import shutil
 import uuid
 import warnings
 
@@ -161,6 +165,49 @@ def test_dcp_pickled_code_is_refused(capsys, tmp_path):
     assert code == 2 and f"torch DCP checkpoint {tmp_path / 'dcp'}: entry 'obj' holds an object " \
                           "torch.load(weights_only=True) refuses" in err and "shardstore does not run pickled code" in err
     assert not (tmp_path / "z").exists()
+
+
+class RunsCode:
+    """A pickle that runs code when unpickled: a ``.metadata`` file no DCP save writes."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def _dcp_with_metadata(tmp_path, edit) -> str:
+    """A DCP directory saved by torch, its ``.metadata`` pickle then replaced by ``edit(metadata)``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(2), "step": 3}, checkpoint_id=str(tmp_path / "dcp"))
+    path = tmp_path / "dcp" / ".metadata"
+    path.write_bytes(pickle.dumps(edit(pickle.loads(path.read_bytes()))))
+    return str(tmp_path / "dcp")
+
+
+def _relocated(metadata, relative_path: str):
+    metadata.storage_data = {k: dataclasses.replace(v, relative_path=relative_path) for k, v in metadata.storage_data.items()}
+    return metadata
+
+
+def test_a_dcp_metadata_pickle_is_never_run_and_names_no_file_outside(capsys, tmp_path):
+    marker = tmp_path / "ran"
+    src = _dcp_with_metadata(tmp_path, lambda m: RunsCode(marker))
+    for argv in (("convert", src, tmp_path / "z", "--to", "zarr"), ("diff", src, src)):
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and "its .metadata file cannot be read as DCP metadata" in err and "posix.mkdir" in err, err
+        assert not marker.exists() and not (tmp_path / "z").exists()
+    (tmp_path / "outside").mkdir()
+    torch.save(torch.ones(2), tmp_path / "outside" / "data")
+    for path, says in (("../outside/data", "'..' component"), (str(tmp_path / "outside" / "data"), "absolute"),
+                       ("link", "a symbolic link")):
+        shutil.rmtree(tmp_path / "dcp")
+        src = _dcp_with_metadata(tmp_path, lambda m: _relocated(m, path))
+        os.symlink(tmp_path / "outside" / "data", tmp_path / "dcp" / "link")
+        code, _, err = cli(capsys, "convert", src, tmp_path / "z", "--to", "zarr")
+        assert code == 2 and says in err and not (tmp_path / "z").exists(), err
 
 
 def test_torch_file_with_unsupported_values_is_refused(capsys, tmp_path):
