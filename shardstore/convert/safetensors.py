@@ -102,7 +102,9 @@ class SafetensorsSource(IndexedSource):
         if not isinstance(metadata, dict):
             raise CorruptCheckpointError(f"{where}: the safetensors __metadata__ is {metadata!r}, expected an object of strings")
         self.metadata.update(metadata)
-        return {name: _entry(file, where, name, info, 8 + length) for name, info in header.items()}
+        entries = {name: _entry(file, where, name, info, 8 + length) for name, info in header.items()}
+        _check_spans(entries, where, 8 + length, self.storage.size(file))
+        return entries
 
 
 def _box(shape: tuple[int, ...], region: Region | None) -> Box:
@@ -138,6 +140,22 @@ def _entry(file: str, where: str, name: str, info: dict, data_start: int) -> _En
     if end - begin != meta.nbytes:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} spans {end - begin} bytes, its shape and dtype need {meta.nbytes}")
     return _Entry(file, meta, data_start + begin)
+
+
+def _check_spans(entries: dict[str, _Entry], where: str, data_start: int, file_size: int) -> None:
+    """Every tensor's bytes lie inside the file and no two overlap (as the safetensors library requires):
+    a header pointing past the end would otherwise be planned as a tensor of any size before the first
+    read came up short. Offsets are named as the header gives them (from the end of the header)."""
+    spans = sorted((e.begin - data_start, e.begin - data_start + e.meta.nbytes, name) for name, e in entries.items())
+    for begin, end, name in spans:
+        if end > file_size - data_start:
+            raise CorruptCheckpointError(f"{where}: tensor {name!r} spans bytes [{begin}, {end}) of a data section of "
+                                         f"{file_size - data_start} bytes; the file is truncated or its header is wrong")
+    spans = [span for span in spans if span[1] > span[0]]
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CorruptCheckpointError(f"{where}: tensors {first!r} and {second!r} overlap in the file (a safetensors "
+                                         "header gives each tensor its own bytes); the header is wrong")
 
 
 def _counts(values, length: int | None = None) -> tuple[int, ...]:

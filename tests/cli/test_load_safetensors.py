@@ -119,6 +119,25 @@ def test_malformed_safetensors_headers_are_refused_naming_the_file(tmp_path, edi
     assert main(["convert", str(path), str(tmp_path / "out"), "--to", "zarr"]) == 2
 
 
+@pytest.mark.parametrize("edit, says", [
+    (lambda h: {**h, "w": {"dtype": "F32", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 1 << 82]}},
+     "tensor 'w' spans bytes [0, 4835703278458516698824704) of a"),
+    (lambda h: {**h, "w": {**h["w"], "data_offsets": [4, 52]}}, "tensor 'w' spans bytes [4, 52) of a"),
+    (lambda h: {**h, "v": {"dtype": "F32", "shape": [2], "data_offsets": [40, 48]}}, "tensors 'w' and 'v' overlap"),
+])
+def test_safetensors_offsets_past_the_end_or_overlapping_are_refused_before_anything_is_written(capsys, tmp_path, edit, says):
+    """Offsets are checked against the file's size: a header claiming a tensor of 2**82 bytes in a file of
+    a hundred was planned as such (MemoryError, a traceback) instead of refused."""
+    from tests.cli.helpers import cli
+
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(12.0).reshape(3, 4)}, str(path))
+    _rewrite_header(path, edit)
+    code, _, err = cli(capsys, "convert", path, tmp_path / "out", "--to", "zarr")
+    assert code == 2 and f"{path}: {says}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_shardstore_checkpoint_named_like_safetensors_loads_and_a_missing_file_is_not_found(tmp_path):
     from shardstore.errors import CheckpointNotFoundError
 
