@@ -56,20 +56,26 @@ class SafetensorsSource(IndexedSource):
     holds_values = False
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        weight_map: dict[str, str] | None = None
         if url.rstrip("/").endswith(".safetensors"):
             parent, name = split_url(url)
             self.storage, files = Storage(parent, storage_options), [name]
             if not self.storage.exists(name):
                 raise CheckpointNotFoundError(f"no safetensors file at {url}: nothing is stored there (or it is not "
                                               "a regular file); check the path")
+        elif (storage := Storage(url, storage_options)).exists(SAFETENSORS_INDEX):
+            self.storage, weight_map = storage, _weight_map(storage)
+            files = list(dict.fromkeys(weight_map.values()))
         else:
-            self.storage = Storage(url, storage_options)
-            files = _index_files(self.storage) if self.storage.exists(SAFETENSORS_INDEX) else [SAFETENSORS_FILE]
+            self.storage, files = storage, [SAFETENSORS_FILE]
         self.metadata: dict[str, str] = {}
         self.bytes_read = 0  # tensor bytes read so far (headers not counted)
         self._entries: dict[str, _Entry] = {}
         for file in files:
-            self._entries.update(self._read_header(file))
+            entries = self._read_header(file)
+            if weight_map is not None:
+                _check_against_index(entries, file, self._entries, weight_map, self.storage)
+            self._entries.update(entries)
         tree = {"dict": {name: {"tensor": [name]} for name in self._entries}}
         super().__init__(url, tree, {(name,): e.meta for name, e in self._entries.items()})
 
@@ -167,12 +173,36 @@ def _counts(values, length: int | None = None) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _index_files(storage: Storage) -> list[str]:
-    index = json.loads(bytes(storage.read(SAFETENSORS_INDEX)))
+def _weight_map(storage: Storage) -> dict[str, str]:
+    """The index's ``weight_map`` ({tensor name: file name}), refused naming the index unless it is one."""
+    where = storage.key_url(SAFETENSORS_INDEX)
+    try:
+        index = json.loads(bytes(storage.read(SAFETENSORS_INDEX)))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"{where}: not JSON ({exc}); not a safetensors index") from exc
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        raise CorruptCheckpointError(f"{storage.key_url(SAFETENSORS_INDEX)}: no 'weight_map' object; not a safetensors index")
-    return list(dict.fromkeys(weight_map.values()))
+        raise CorruptCheckpointError(f"{where}: no 'weight_map' object; not a safetensors index")
+    for name, file in weight_map.items():
+        if not isinstance(file, str):
+            raise CorruptCheckpointError(f"{where}: the 'weight_map' maps tensor {name!r} to {file!r}, expected a file name")
+    return weight_map
+
+
+def _check_against_index(entries: dict[str, _Entry], file: str, earlier: dict[str, _Entry], weight_map: dict[str, str],
+                         storage: Storage) -> None:
+    """The index and the headers of the files it names agree: every tensor it maps to ``file`` is there, and
+    no tensor of ``file`` is one it maps to another file or one an earlier file holds too (which copy is
+    meant cannot be told, so none is guessed)."""
+    where = storage.key_url(SAFETENSORS_INDEX)
+    for name, mapped in weight_map.items():
+        if mapped == file and name not in entries:
+            raise CorruptCheckpointError(f"{where} maps tensor {name!r} to {file}, whose header has no such tensor")
+    for name in entries:
+        if name in earlier or weight_map.get(name, file) != file:
+            other = earlier[name].file if name in earlier else weight_map[name]
+            raise CorruptCheckpointError(f"{where}: tensor {name!r} is in both {other} and {file}; the index and the "
+                                         "files it names disagree")
 
 
 def write_safetensors(

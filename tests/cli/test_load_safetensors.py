@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import dtensor
 import shardstore
@@ -136,6 +136,34 @@ def test_safetensors_offsets_past_the_end_or_overlapping_are_refused_before_anyt
     code, _, err = cli(capsys, "convert", path, tmp_path / "out", "--to", "zarr")
     assert code == 2 and f"{path}: {says}" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def _edit_index(directory: Path, edit) -> None:
+    path = directory / "model.safetensors.index.json"
+    path.write_text(edit(path.read_text()))
+
+
+@pytest.mark.parametrize("setup, says", [
+    (lambda d: save_file({**load_file(str(d / "model-00002-of-00002.safetensors")), "model.embed.weight": torch.zeros(50, 16)},
+                         str(d / "model-00002-of-00002.safetensors")),
+     "tensor 'model.embed.weight' is in both model-00001-of-00002.safetensors and model-00002-of-00002.safetensors"),
+    (lambda d: _edit_index(d, lambda t: t.replace('"model.norm.weight"', '"model.gone.weight"')),
+     "maps tensor 'model.gone.weight' to model-00002-of-00002.safetensors, whose header has no such tensor"),
+    (lambda d: _edit_index(d, lambda t: t[:-1]), "model.safetensors.index.json: not JSON ("),
+    (lambda d: _edit_index(d, lambda t: t.replace('"model-00001-of-00002.safetensors"', "[]")),
+     "maps tensor 'model.embed.weight' to [], expected a file name"),
+])
+def test_an_index_that_disagrees_with_its_files_is_refused(capsys, tmp_path, setup, says):
+    """The index says which file holds each tensor: a stale copy of a tensor in another file was read in
+    its place (the last file read won, the index unheeded), a tensor the index names but no file holds
+    was left out silently, and an index that is not JSON or maps to a list failed without naming it."""
+    from tests.cli.helpers import cli
+
+    _write_sharded(tmp_path)
+    setup(tmp_path)
+    code, _, err = cli(capsys, "convert", tmp_path, tmp_path / "out.pt", "--to", "torch")
+    assert code == 2 and says in err and "Traceback" not in err, err
+    assert not (tmp_path / "out.pt").exists()
 
 
 def test_a_shardstore_checkpoint_named_like_safetensors_loads_and_a_missing_file_is_not_found(tmp_path):
