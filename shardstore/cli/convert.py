@@ -5,7 +5,10 @@ weights_only=True). The source format is detected. Tensor values round-trip bit 
 torch keep the whole state dict (nesting and plain values such as a step count); safetensors holds
 tensors only, under dotted names: what it drops is named in a warning and in --json ("dropped").
 A torch DCP directory keeps dict keys as strings and no empty dicts (DCP's own format): both are named
-too ("str_keys", "dropped")."""
+too ("str_keys", "dropped").
+A dcp or safetensors directory is written only where nothing is (a new or empty directory); a local
+target is written beside DST and renamed into place once complete, so a failed or killed convert leaves
+DST as it was (a killed one may leave a DST.converting-<hex> to delete)."""
 
 from __future__ import annotations
 

@@ -4,13 +4,17 @@ torch DCP's ``FileSystemReader``/``FileSystemWriter`` and ``torch.load(mmap=True
 filesystem paths. A URL of any other store (``s3://``, ``memory://``) is therefore read from a temporary
 local copy and written to a temporary local file or directory that is then uploaded, all through the
 storage seam (``Storage``), in blocks, so memory stays one block whatever the file size. Disk use is the
-size of what is copied. A local path is used as it is.
+size of what is copied. A local target is written beside its path under a temporary name and renamed into
+place once complete, so a failed or killed convert never leaves a half-written file or directory at the
+destination (nor truncates a file there: the destination may be the source itself).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -18,7 +22,7 @@ from shardstore.convert.sources import split_url
 from shardstore.storage import Storage
 from shardstore.storage.base import is_local_url
 
-__all__ = ["LocalCopy", "local_target", "BLOCK_BYTES"]
+__all__ = ["LocalCopy", "local_target", "fresh_directory", "BLOCK_BYTES"]
 
 BLOCK_BYTES = 16 << 20
 
@@ -58,11 +62,13 @@ def _download_file(storage: Storage, key: str, path: str) -> None:
 
 @contextmanager
 def local_target(url: str, storage_options: dict | None, *, directory: bool, last: str | None = None) -> Iterator[str]:
-    """A local path to write the file or directory meant for ``url``; for a remote URL a temporary one,
-    uploaded when the block ends without an error (``last``, a file name, is uploaded after every other
-    file: the one whose presence tells readers the rest is there)."""
+    """A local path to write the file or directory meant for ``url``, put in place when the block ends
+    without an error: for a local URL a temporary sibling renamed over it (a directory target must not exist
+    or be empty: ``convert`` checks first), for a remote URL a temporary one uploaded (``last``, a file name,
+    is uploaded after every other file: the one whose presence tells readers the rest is there)."""
     if is_local_url(url):
-        yield url.removeprefix("file://")
+        with _sibling(url.removeprefix("file://"), directory) as path:
+            yield path
         return
     with tempfile.TemporaryDirectory(prefix="shardstore-out-") as tmp:
         if directory:
@@ -73,6 +79,40 @@ def local_target(url: str, storage_options: dict | None, *, directory: bool, las
             path = os.path.join(tmp, name)
             yield path
             Storage(parent, storage_options).write_parts(name, _blocks(path))
+
+
+@contextmanager
+def fresh_directory(url: str, storage_options: dict | None) -> Iterator[str]:
+    """The URL to write a new directory meant for ``url`` through the storage seam: a temporary local
+    sibling renamed into place once complete, or the remote URL itself (object stores have no renames)."""
+    if not is_local_url(url):
+        yield url
+        return
+    with _sibling(url.removeprefix("file://"), True) as path:
+        yield path
+
+
+@contextmanager
+def _sibling(path: str, directory: bool) -> Iterator[str]:
+    """A fresh ``<path>.converting-<hex>`` beside ``path``, renamed over it when the block ends without an
+    error (a file flushed to disk first), removed when it raises."""
+    path = os.path.abspath(path.rstrip("/") or "/")
+    tmp = f"{path}.converting-{uuid.uuid4().hex[:16]}"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if directory:
+        os.mkdir(tmp)
+    try:
+        yield tmp
+        if not directory:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)  # over an empty directory too
+    except BaseException:
+        if directory:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _upload(directory: str, storage: Storage, last: str | None) -> None:

@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 
 from dtensor.placements import Box
+from shardstore.convert.localfiles import fresh_directory
 from shardstore.convert.sources import (
     SAFETENSORS_FILE, SAFETENSORS_INDEX, IndexedSource, Region, TensorMeta, TensorSource, row_blocks, split_url,
 )
@@ -213,21 +214,24 @@ def write_safetensors(
     ``.safetensors``; else a directory with ``model.safetensors``, or shards of at most ``max_shard_bytes``
     and an index when the tensors do not fit in one. Returns the files written."""
     tensors = source.tensors()
+    for name, m in tensors.items():
+        _code(name, m.dtype)  # every dtype refused before any file is written
     meta = {"format": "pt", **(metadata or {})}
     if url.rstrip("/").endswith(".safetensors"):
         parent, name = split_url(url)
         Storage(parent, storage_options).write_parts(name, _parts(source, tensors, list(tensors), meta, progress))
         return [url]
-    storage = Storage(url, storage_options)
     groups = _shard_groups(tensors, max_shard_bytes)
     names = [SAFETENSORS_FILE] if len(groups) == 1 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    for name, group in zip(names, groups):
-        storage.write_parts(name, _parts(source, tensors, group, meta, progress))
-    if len(groups) > 1:
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-                 "weight_map": {t: name for name, group in zip(names, groups) for t in group}}
-        storage.write(SAFETENSORS_INDEX, json.dumps(index, indent=2).encode())
-    return [storage.key_url(n) for n in names]
+    with fresh_directory(url, storage_options) as target:
+        storage = Storage(target, storage_options)
+        for name, group in zip(names, groups):
+            storage.write_parts(name, _parts(source, tensors, group, meta, progress))
+        if len(groups) > 1:
+            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                     "weight_map": {t: name for name, group in zip(names, groups) for t in group}}
+            storage.write(SAFETENSORS_INDEX, json.dumps(index, indent=2).encode())
+    return [Storage(url, storage_options).key_url(n) for n in names]
 
 
 def _shard_groups(tensors: dict[str, TensorMeta], max_bytes: int) -> list[list[str]]:

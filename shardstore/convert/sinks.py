@@ -14,7 +14,9 @@ from typing import Callable
 from shardstore.convert.safetensors import DEFAULT_MAX_SHARD_BYTES, write_safetensors
 from shardstore.convert.sources import FORMATS, Region, TensorSource, ZarrSource, open_source, plain_entries
 from shardstore.convert.torchfile import write_torch
+from shardstore.errors import CheckpointExistsError
 from shardstore.plan import DEFAULT_MAX_CELL_BYTES
+from shardstore.storage import Storage
 from shardstore.writer import ArraySpec, plan_layout, write_checkpoint
 
 __all__ = ["Converted", "convert", "write_zarr"]
@@ -79,6 +81,8 @@ def convert(
     if to not in FORMATS:
         raise ValueError(f"unknown target format {to!r}; expected one of {FORMATS}")
     source = open_source(src, storage_options, src_format)
+    if to == "dcp" or (to == "safetensors" and not dst.rstrip("/").endswith(".safetensors")):
+        _check_fresh_directory(dst, to, storage_options)
     if to == "zarr":
         write_zarr(source, dst, storage_options, overwrite=overwrite, progress=progress)
     elif to == "safetensors":
@@ -90,3 +94,16 @@ def convert(
     metas, tree = source.tensors().values(), source.tree()
     str_keys = _dcp().dcp_str_keys(tree) if to == "dcp" else []
     return Converted(len(metas), sum(m.nbytes for m in metas), tuple(dropped_by(to, tree)), tuple(str_keys))
+
+
+def _check_fresh_directory(url: str, to: str, storage_options: dict | None) -> None:
+    """A directory target is written whole, never merged into what is there: files left from another
+    checkpoint (stale shards, another index, another DCP data file), or the source's own files when DST is
+    SRC, would be read with the new ones or overwritten while still being read."""
+    storage = Storage(url, storage_options)
+    if not storage.is_empty():
+        held = storage.list()[:3]
+        raise CheckpointExistsError(
+            f"{url} already holds files (e.g. {held}); convert --to {to} writes a new directory and never "
+            "writes into or over one. Choose a new DST, or remove this one first (if it is the source, convert "
+            "to another path and move it)")

@@ -151,3 +151,66 @@ def test_console_script_converts_in_a_subprocess(hf_file, tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["tensors"] == 8
     assert [d.status for d in diff_sources(open_source(str(hf_file)), open_source(str(tmp_path / "z")))] == ["same"] * 8
+
+
+def test_a_directory_target_is_never_written_into_what_is_there(capsys, hf_file, tmp_path):
+    """convert --to dcp onto its own source truncated the source's data file while reading it (a DCP
+    traceback, the source unreadable); --to safetensors into a sharded directory left its index, which
+    then named the old shards' values. Both are refused before anything is written."""
+    src = tmp_path / "dcp"
+    assert cli(capsys, "convert", hf_file, src, "--to", "dcp")[0] == 0
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    code, _, err = cli(capsys, "convert", src, src, "--to", "dcp")
+    assert code == 2 and f"{src} already holds files" in err and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    sharded = tmp_path / "hf"
+    assert cli(capsys, "convert", hf_file, sharded, "--to", "safetensors", "--max-shard-size", "40000")[0] == 0
+    save_file({"w": torch.ones(3)}, str(tmp_path / "other.safetensors"))
+    code, _, err = cli(capsys, "convert", tmp_path / "other.safetensors", sharded, "--to", "safetensors")
+    assert code == 2 and f"{sharded} already holds files" in err
+    _equal({k: v for k, v in load_file(str(next(sharded.glob("model-00001-*")))).items()},
+           {k: v for k, v in _tensors().items() if k in load_file(str(next(sharded.glob("model-00001-*"))))})
+    assert not (sharded / "model.safetensors").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli(capsys, "convert", hf_file, empty, "--to", "dcp")[0] == 0  # an empty directory is fresh
+    _equal({k: open_source(str(empty)).read(k) for k in _tensors()}, _tensors())
+
+
+@pytest.mark.parametrize("to, name", [("torch", "state.pt"), ("safetensors", "hf")])
+def test_a_convert_failing_mid_write_leaves_the_destination_as_it_was(capsys, monkeypatch, hf_file, tmp_path, to, name):
+    """Output is written beside DST and renamed into place once complete: a torch.save cut short truncated
+    an existing file at DST; a directory left half-written blocked the rerun."""
+    dst = tmp_path / name
+    if to == "torch":
+        torch.save({"old": torch.ones(2)}, dst)
+    before = dst.read_bytes() if dst.exists() else None
+    if to == "torch":
+        monkeypatch.setattr(torch, "save", _save_cut_short)
+    else:
+        monkeypatch.setattr(SafetensorsSource, "read", _fails_on_third_read(SafetensorsSource.read))
+    code, _, err = cli(capsys, "convert", hf_file, dst, "--to", to, "--max-shard-size", "40000")
+    assert code != 0
+    assert (dst.read_bytes() if dst.exists() else None) == before
+    assert [p.name for p in tmp_path.iterdir() if ".converting-" in p.name] == []
+    monkeypatch.undo()
+    assert cli(capsys, "convert", hf_file, dst, "--to", to, "--max-shard-size", "40000")[0] == 0
+    _equal({k: open_source(str(dst)).read(k) for k in _tensors()}, _tensors())
+
+
+def _fails_on_third_read(read):
+    calls = []
+
+    def failing(self, name, region=None):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return read(self, name, region)
+
+    return failing
+
+
+def _save_cut_short(obj, path) -> None:
+    with open(path, "wb") as f:
+        f.write(b"PK\x03\x04 half a zip")
+    raise OSError("disk full")
