@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 
@@ -34,7 +35,7 @@ from shardstore.convert.sources import (
     DCP_METADATA, IndexedSource, Region, TensorMeta, TensorSource, apply_region, flatten_loaded, tree_nodes,
 )
 from shardstore.convert.torchfile import unpickling_problem
-from shardstore.errors import CorruptCheckpointError, UnsupportedInputError
+from shardstore.errors import CorruptCheckpointError, ShardstoreError, UnsupportedInputError
 from shardstore.flatten import fqn, node_children, unflatten
 from shardstore.storage.base import check_key
 
@@ -47,6 +48,25 @@ def _one_process():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
         yield
+
+
+@contextmanager
+def _unwrapped(url: str, reading: bool):
+    """DCP reports any failure as a ``CheckpointException``, a ``BaseException`` whose message is the
+    traceback: unwrapped here so the command says what failed in one line. A read that fails (a data file
+    missing or cut short) is a damaged checkpoint; a write re-raises what failed (a full disk, a source
+    read refused)."""
+    try:
+        yield
+    except CheckpointException as exc:
+        inner = next((e for e, _ in exc.failures.values()), None)
+        if isinstance(inner, ShardstoreError) or (not reading and isinstance(inner, Exception)):
+            raise inner from exc
+        if reading and inner is not None:
+            what = f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
+            raise CorruptCheckpointError(f"torch DCP checkpoint {url}: reading its data failed ({what}); a data "
+                                         "file is missing, cut short or not DCP's") from exc
+        raise
 
 
 class DcpSource(IndexedSource):
@@ -75,7 +95,7 @@ class DcpSource(IndexedSource):
         if not names:
             return {}
         planner = _SafeObjectPlanner()
-        with _one_process():
+        with _one_process(), _unwrapped(url, reading=True):
             dcp.load(dict.fromkeys(names), storage_reader=_SafeReader(self._copy.path, url), planner=planner)
         for name, exc in planner.refused.items():
             raise UnsupportedInputError(
@@ -92,7 +112,7 @@ class DcpSource(IndexedSource):
             self._last = None  # drop the previous tensor before reading the next
             fqn = self._fqns[id(held)]
             out = {fqn: torch.empty(held.shape, dtype=held.dtype)}
-            with _one_process():
+            with _one_process(), _unwrapped(self.url, reading=True):
                 dcp.load(out, storage_reader=_SafeReader(self._copy.path, self.url))
             self._last = (name, out[fqn])
         return apply_region(self._last[1], region)
@@ -228,7 +248,8 @@ def write_dcp(source: TensorSource, url: str, storage_options: dict | None = Non
     placeholders = {name: torch.empty(m.shape, dtype=m.dtype, device="meta") for name, m in metas.items()}
     state = unflatten(source.tree(), {source.key_paths[name]: t for name, t in placeholders.items()})
     planner = _FetchingPlanner(source, {id(t): name for name, t in placeholders.items()})
-    with local_target(url, storage_options, directory=True, last=DCP_METADATA) as path, _one_process():
+    with local_target(url, storage_options, directory=True, last=DCP_METADATA) as path, _one_process(), \
+            _unwrapped(url, reading=False):
         dcp.save(state, storage_writer=dcp.FileSystemWriter(path, thread_count=1), planner=planner)
     if progress is not None:
         progress(sum(m.nbytes for m in metas.values()))

@@ -177,7 +177,7 @@ def test_a_directory_target_is_never_written_into_what_is_there(capsys, hf_file,
     _equal({k: open_source(str(empty)).read(k) for k in _tensors()}, _tensors())
 
 
-@pytest.mark.parametrize("to, name", [("torch", "state.pt"), ("safetensors", "hf")])
+@pytest.mark.parametrize("to, name", [("torch", "state.pt"), ("dcp", "dcp"), ("safetensors", "hf")])
 def test_a_convert_failing_mid_write_leaves_the_destination_as_it_was(capsys, monkeypatch, hf_file, tmp_path, to, name):
     """Output is written beside DST and renamed into place once complete: a torch.save cut short truncated
     an existing file at DST; a directory left half-written blocked the rerun."""
@@ -214,3 +214,16 @@ def _save_cut_short(obj, path) -> None:
     with open(path, "wb") as f:
         f.write(b"PK\x03\x04 half a zip")
     raise OSError("disk full")
+
+
+@pytest.mark.parametrize("damage", [lambda p: p.unlink(), lambda p: p.write_bytes(p.read_bytes()[:3000])])
+def test_a_dcp_data_file_missing_or_cut_short_is_a_one_line_error(capsys, hf_file, tmp_path, damage):
+    """DCP raises a CheckpointException (a BaseException whose message is a traceback): the command
+    printed DCP's traceback and exited 1."""
+    src = tmp_path / "dcp"
+    assert cli(capsys, "convert", hf_file, src, "--to", "dcp")[0] == 0
+    damage(next(src.glob("*.distcp")))
+    for argv in (("convert", src, tmp_path / "z", "--to", "zarr"), ("diff", src, hf_file)):
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and f"torch DCP checkpoint {src}: reading its data failed" in err, err
+        assert len(err.strip().splitlines()) == 1
