@@ -21,8 +21,11 @@ __all__ = ["TorchSource", "write_torch", "unpickling_problem"]
 
 
 def unpickling_problem(exc: Exception) -> str:
-    """The gist of a ``weights_only`` refusal: the class it would have had to import."""
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    """The gist of a ``weights_only`` refusal: the class it would have had to import. torch words it
+    "Unsupported global: GLOBAL x.y" for a class it merely does not allow, and "unsupported GLOBAL x.y whose
+    module x is blocked" for one of a module it blocks (``os``, ``subprocess``); its first line advises
+    ``weights_only=False``, which would run that code, so it is never shown alone when a name is found."""
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(exc))
     if found:
         return f"it pickles {found.group(1)}"
     return re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -210,6 +210,17 @@ def test_a_dcp_metadata_pickle_is_never_run_and_names_no_file_outside(capsys, tm
         assert code == 2 and says in err and not (tmp_path / "z").exists(), err
 
 
+def test_a_torch_save_file_pickling_code_is_refused_naming_what_it_would_run(capsys, tmp_path):
+    """torch words the refusal of a blocked module's function ("unsupported GLOBAL posix.mkdir whose
+    module posix is blocked") otherwise than that of a class it does not allow: the message fell back to
+    torch's first line, which advises re-running with weights_only=False."""
+    marker = tmp_path / "ran"
+    torch.save({"w": torch.ones(2), "x": RunsCode(marker)}, tmp_path / "s.pt")
+    code, _, err = cli(capsys, "convert", tmp_path / "s.pt", tmp_path / "z", "--to", "zarr")
+    assert code == 2 and "(it pickles posix.mkdir)" in err and "weights_only` set to `False`" not in err, err
+    assert not marker.exists() and not (tmp_path / "z").exists()
+
+
 def test_torch_file_with_unsupported_values_is_refused(capsys, tmp_path):
     torch.save({"w": torch.ones(2), "dtype": torch.float16}, tmp_path / "s.pt")
     code, _, err = cli(capsys, "convert", tmp_path / "s.pt", tmp_path / "z", "--to", "zarr")
