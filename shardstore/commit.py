@@ -68,8 +68,9 @@ def begin(target: Storage, overwrite: bool) -> Claim:
         if not target.can_rename_trees and target.exists(CLAIM):
             raise _claimed(target)
         raise CheckpointExistsError(
-            f"{target.url} already holds a checkpoint (or an interrupted save); pass overwrite=True to "
-            "replace it (the old checkpoint stays loadable until the new one is complete), or save elsewhere"
+            f"{target.url} already holds a checkpoint (or an interrupted save); pass overwrite=True (--overwrite "
+            "on the command line) to replace it (the old checkpoint stays loadable until the new one is complete), "
+            "or save elsewhere"
         )
     if not target.can_rename_trees:
         target.parent()  # where the commit lock goes: a bucket root has no such place, refused up front
@@ -215,7 +216,7 @@ def _claim_fresh(target: Storage, nonce: str) -> None:
 def _claimed(target: Storage) -> ConcurrentSaveError:
     return ConcurrentSaveError(
         f"another save is writing to {target.url} ({target.key_url(CLAIM)} exists); wait for it, or, if "
-        "no save is running, that one was interrupted: pass overwrite=True to replace it"
+        "no save is running, that one was interrupted: pass overwrite=True (--overwrite on the command line) to replace it"
     )
 
 

@@ -154,3 +154,11 @@ def test_reshard_between_stores(capsys, resharded):
     assert code == 0 and doc["dst"] == dst and doc["objects"] == 6
     assert cli(capsys, "diff", src, dst)[0] == 0 and cli(capsys, "verify", dst)[0] == 0
     assert shardstore.open(dst).state_dict_skeleton()["step"] == 5
+
+
+def test_an_existing_destination_is_refused_naming_the_flag_that_replaces_it(capsys, resharded, tmp_path):
+    """The refusal came from the library and said 'pass overwrite=True', which the command does not take."""
+    src, dst = resharded
+    for argv in (("reshard", src, dst, "--mesh", "2", "--placements", "Shard(0)"), ("convert", src, dst, "--to", "zarr")):
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and "already holds a checkpoint" in err and "--overwrite" in err, err
