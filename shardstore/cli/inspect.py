@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from shardstore.cli.common import EXIT_OK, human_bytes, print_json, storage_options
+from shardstore.cli.common import EXIT_OK, human_bytes, print_json, refuse_other_format, storage_options
+from shardstore.errors import IncompleteCheckpointError
 from shardstore.inspect import CheckpointInfo, TensorInfo, describe
 
 NAME = "inspect"
@@ -20,7 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = describe(args.url, storage_options(args))
+    try:
+        info = describe(args.url, storage_options(args))
+    except IncompleteCheckpointError:
+        refuse_other_format(args.url, storage_options(args), "inspect")
+        raise
     if args.key is not None:
         tensor = _tensor(info, args.key)
         if args.json:

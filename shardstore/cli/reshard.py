@@ -11,8 +11,11 @@ first match wins. 0-d tensors, and tensors no rule matches, are written whole.""
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
+from typing import Iterator
 
-from shardstore.cli.common import EXIT_OK, key_value, human_bytes, print_json, progress, storage_options
+from shardstore.cli.common import EXIT_OK, key_value, human_bytes, print_json, progress, refuse_other_format, storage_options
+from shardstore.errors import IncompleteCheckpointError
 from shardstore.reshard import DEFAULT_MEMORY_BUDGET, parse_rules, reshard
 
 NAME = "reshard"
@@ -39,9 +42,18 @@ def _mesh(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected a mesh shape like 8 or 2,4, got {text!r}") from None
 
 
+@contextmanager
+def _other_format_refused(args: argparse.Namespace) -> Iterator[None]:
+    try:
+        yield
+    except IncompleteCheckpointError:
+        refuse_other_format(args.src, storage_options(args), "reshard")
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
     rules = parse_rules(args.placements, len(args.mesh))
-    with progress(None, "resharding") as bar:
+    with progress(None, "resharding") as bar, _other_format_refused(args):
         result = reshard(args.src, args.dst, args.mesh, rules, storage_options=storage_options(args),
                          dst_storage_options=dict(args.dst_storage_option) or None, overwrite=args.overwrite,
                          memory_budget=args.memory_budget, progress=bar.update)

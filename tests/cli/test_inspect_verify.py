@@ -281,3 +281,15 @@ def test_the_command_follows_an_object_stores_current_version_pointer(capsys, tm
     code, _, err = cli(capsys, "convert", f"{run}/step-2", str(tmp_path / "out.pt"), "--to", "torch")
     assert code == 0, err
     assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True)["w"], torch.zeros(4, 4))
+
+
+def test_inspect_verify_and_reshard_of_a_dcp_or_safetensors_directory_say_what_it_is(capsys, tmp_path):
+    """Such a directory has no root zarr.json: it was reported as an interrupted save, and verify exited 1
+    (a failed check) on a sound checkpoint of another format."""
+    shardstore.save({"w": torch.arange(6.0)}, str(tmp_path / "z"))
+    for to, kind in (("dcp", "a torch DCP checkpoint"), ("safetensors", "a safetensors checkpoint")):
+        assert cli(capsys, "convert", tmp_path / "z", tmp_path / to, "--to", to)[0] == 0
+        for argv in (("inspect",), ("verify",), ("reshard", "--mesh", "2", "--placements", "Shard(0)")):
+            extra = (tmp_path / "out",) if argv[0] == "reshard" else ()
+            code, _, err = cli(capsys, argv[0], tmp_path / to, *extra, *argv[1:])
+            assert code == 2 and f"{tmp_path / to} is {kind}" in err and "interrupted" not in err, err
