@@ -111,10 +111,12 @@ class DTensor(torch.Tensor):
         return _FromLocal.apply(local_tensor, spec)
 
     def to_local(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
-        """This rank's shard as a plain tensor; its gradient comes back with ``grad_placements``."""
+        """This rank's shard as a plain tensor; its gradient comes back with ``grad_placements``, by default
+        this tensor's placements with Partial as Replicate (torch's guarantee: a local gradient of a
+        pending sum is every rank's whole gradient, not one term of it)."""
         if not torch.is_grad_enabled():
             return self._local_tensor
-        grad_spec = self._spec if grad_placements is None else self._spec.with_placements(grad_placements)
+        grad_spec = _gradient_spec(self._spec) if grad_placements is None else self._spec.with_placements(grad_placements)
         return _ToLocal.apply(self, grad_spec)
 
     def redistribute(

@@ -57,6 +57,28 @@ def test_distribute_tensor_of_a_tensor_that_requires_grad_is_a_leaf_that_require
     assert all(_run(_leaf_case))
 
 
+def _partial_to_local(lib, reduce_op: str):
+    """A Partial DTensor's local tensor in the graph: its gradient comes back as a Replicate one (each
+    rank's local gradient is the whole gradient), as torch's; ours was a Partial one, a world-size
+    multiple of torch's gradient."""
+    rank = torch.distributed.get_rank()
+    local = torch.arange(6.0, dtype=torch.float64).reshape(2, 3) + rank
+    d = lib.DTensor.from_local(local, mesh((2,)), [lib.Partial(reduce_op)]).detach().requires_grad_()
+    (d.to_local() * torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(2, 3)).sum().backward()
+    return d.grad
+
+
+def _partial_to_local_case():
+    for reduce_op in ("sum", "avg"):
+        ours, theirs = both(_partial_to_local, reduce_op)
+        assert_same(ours, theirs, what=f"gradient of to_local() of a Partial({reduce_op}) DTensor")
+    return True
+
+
+def test_to_local_of_a_partial_dtensor_gives_a_replicate_gradient_like_torch():
+    assert all(_run(_partial_to_local_case))
+
+
 # ---------------------------------------------------------------- async results in the graph
 
 
