@@ -89,9 +89,12 @@ class DTensor(torch.Tensor):
         run_check: bool = False,
         shape: Sequence[int] | None = None,
         stride: Sequence[int] | None = None,
+        grad_placements: Sequence[Placement] | None = None,
     ) -> "DTensor":
         """Wrap every rank's local shard into one DTensor (collective only with ``run_check``). Without
-        ``stride`` the global strides follow the local tensor's dim order, as torch's."""
+        ``stride`` the global strides follow the local tensor's dim order, as torch's. The local tensor's
+        gradient is the DTensor's gradient moved to ``grad_placements``, by default ``placements`` with
+        Partial as Replicate."""
         if isinstance(local_tensor, DTensor):
             raise RuntimeError(
                 "DTensor.from_local takes this rank's plain torch.Tensor, got a DTensor; use it as it is, "
@@ -108,7 +111,8 @@ class DTensor(torch.Tensor):
         if stride is None:
             stride = _global_stride(local_tensor, spec, global_shape)
         spec = DTensorSpec.create(device_mesh, spec.placements, global_shape, local_tensor.dtype, stride)
-        return _FromLocal.apply(local_tensor, spec)
+        grad_spec = _gradient_spec(spec) if grad_placements is None else spec.with_placements(grad_placements)
+        return _FromLocal.apply(local_tensor, spec, grad_spec)
 
     def to_local(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
         """This rank's shard as a plain tensor; its gradient comes back with ``grad_placements``, by default
@@ -248,18 +252,18 @@ def _gradient_spec(forward: DTensorSpec) -> DTensorSpec:
 
 class _FromLocal(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, local: torch.Tensor, spec: DTensorSpec) -> DTensor:
-        ctx.spec = spec
+    def forward(ctx, local: torch.Tensor, spec: DTensorSpec, grad_spec: DTensorSpec) -> DTensor:
+        ctx.grad_spec = grad_spec
         # view_as: the DTensor must not share autograd identity with the caller's tensor
         return DTensor(local.view_as(local), spec, requires_grad=local.requires_grad)
 
     @staticmethod
     def backward(ctx, grad: DTensor):
-        target = _gradient_spec(ctx.spec)
+        target = ctx.grad_spec
         local = grad._local_tensor
         if grad._spec.placements != target.placements:
             local = redistribute_local(local, grad._spec.mesh, grad._spec.shape, grad._spec.placements, target.placements)
-        return collectives.wait(local), None
+        return collectives.wait(local), None, None
 
 
 class _ToLocal(torch.autograd.Function):

@@ -79,6 +79,30 @@ def test_to_local_of_a_partial_dtensor_gives_a_replicate_gradient_like_torch():
     assert all(_run(_partial_to_local_case))
 
 
+def _from_local_grad_placements(lib, forward: str, grad: str | None):
+    """``from_local(..., grad_placements=)``: the local gradient is the DTensor's gradient moved there
+    (a Partial one stays this rank's term, no all-reduce); ours refused the argument (TypeError)."""
+    place = {"R": lib.Replicate(), "P": lib.Partial()}
+    rank = torch.distributed.get_rank()
+    local = (torch.arange(6.0, dtype=torch.float64).reshape(2, 3) + rank).requires_grad_()
+    kwargs = {} if grad is None else {"grad_placements": [place[grad]]}
+    d = lib.DTensor.from_local(local, mesh((2,)), [place[forward]], **kwargs)
+    out = (d * 3).to_local(grad_placements=[lib.Partial()])  # a gradient that is pending a sum
+    (out * (rank + 1)).sum().backward()
+    return local.grad
+
+
+def _from_local_grad_case():
+    for forward, grad in (("R", None), ("R", "P"), ("P", "P"), ("P", None)):
+        ours, theirs = both(_from_local_grad_placements, forward, grad)
+        assert_same(ours, theirs, what=f"local gradient of from_local({forward}, grad_placements={grad})")
+    return True
+
+
+def test_from_local_takes_grad_placements_like_torch():
+    assert all(_run(_from_local_grad_case))
+
+
 # ---------------------------------------------------------------- async results in the graph
 
 
