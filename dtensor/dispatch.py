@@ -36,7 +36,7 @@ from .placements import Placement, Replicate
 from .redistribute import local_as
 from .spec import DTensorSpec
 
-__all__ = ["Strategy", "dispatch", "apply_rule", "fallback_ops", "Placements", "implicit_replication_depth"]
+__all__ = ["Strategy", "dispatch", "apply_rule", "replicate_plain", "fallback_ops", "Placements", "implicit_replication_depth"]
 
 Placements = tuple[Placement, ...]
 fallback_ops: set[str] = set()  # ops that took the replicate-everything path, for tests and users to inspect
@@ -92,7 +92,7 @@ def apply_rule(cls, func, args: tuple, kwargs: dict, rule: Callable | None = Non
     flat, tree = _flatten(args, kwargs)
     key, specs, plain = _scan(func, flat, tree, cls)
     if plain:
-        flat = _replicate_plain(func, flat, specs[0].mesh, cls)
+        flat = replicate_plain(func, flat, specs[0].mesh, cls)
         args, kwargs = _unflatten(flat, tree)
         key, specs, _ = _scan(func, flat, tree, cls)
     plan = _cache.get(key) if key is not None else None
@@ -185,7 +185,7 @@ def _is_plain(x, cls) -> bool:
     return isinstance(x, torch.Tensor) and not isinstance(x, cls) and x.dim() > 0
 
 
-def _replicate_plain(func, flat: list, mesh, cls) -> list:
+def replicate_plain(func, flat: list, mesh, cls) -> list:
     """Plain tensors as Replicate DTensors where they are known to be the full value (module docstring)."""
     implicit = implicit_replication_depth > 0 or torch._C._current_autograd_node() is not None
     if not implicit and any(_is_plain(x, cls) and x.numel() != 1 for x in flat):

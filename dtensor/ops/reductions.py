@@ -33,7 +33,7 @@ import math
 import torch
 
 from .. import collectives
-from ..dispatch import Strategy
+from ..dispatch import Strategy, replicate_plain
 from ..placements import Partial, Placement, Replicate, Shard
 from ..redistribute import local_as, redistribute_local
 from ..spec import DTensorSpec, contiguous_strides
@@ -269,8 +269,17 @@ def _vector_norm(cls, func, args, kwargs):
 
 
 def _foreach_norm(cls, func, args, kwargs):
+    """Plain tensors in the list are refused, or replicated, as in every op (``clip_grad_norm_`` of a
+    model whose gradients are partly plain tensors); they have no layout to take a norm over."""
     named = bind_args(func, args, kwargs)
-    return _norms(cls, list(named["self"]), named.get("ord", 2), None, False, named.get("dtype"))
+    xs = list(named["self"])
+    mesh = next(x._spec.mesh for x in xs if isinstance(x, cls))
+    replicate = (Replicate(),) * mesh.ndim
+    xs = [  # 0-d tensors (scalar parameters) are left plain by replicate_plain: they are whole on every rank
+        x if isinstance(x, cls) else cls(x.detach(), DTensorSpec(mesh, replicate, x.shape, tuple(x.stride()), x.dtype))
+        for x in replicate_plain(func, xs, mesh, cls)
+    ]
+    return _norms(cls, xs, named.get("ord", 2), None, False, named.get("dtype"))
 
 
 RULES = {

@@ -103,6 +103,31 @@ def test_from_local_takes_grad_placements_like_torch():
     assert all(_run(_from_local_grad_case))
 
 
+def _clip_mixed(lib, scalar: bool):
+    """``clip_grad_norm_(foreach=True)`` over DTensor gradients and a plain one: a plain matrix is refused
+    with torch's error type (ours raised AttributeError '_spec' from inside the norm); a plain 0-d one
+    (a scalar parameter) counts as replicated."""
+    w = lib.distribute_tensor(torch.arange(12.0, dtype=torch.float64).reshape(4, 3), mesh((2,)), [lib.Shard(0)])
+    plain = torch.tensor(2.0, dtype=torch.float64) if scalar else torch.ones(3, 2, dtype=torch.float64)
+    params = [torch.nn.Parameter(w), torch.nn.Parameter(plain.clone())]
+    params[0].grad, params[1].grad = w.clone(), plain.clone()
+    try:
+        return torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True), params[0].grad
+    except Exception as e:  # noqa: BLE001 - the type is what is compared
+        return type(e).__name__
+
+
+def _clip_mixed_case():
+    for scalar in (False, True):
+        ours, theirs = both(_clip_mixed, scalar)
+        assert_same(ours, theirs, what=f"clip_grad_norm_ of DTensor and plain gradients (0-d: {scalar})")
+    return True
+
+
+def test_clip_grad_norm_over_dtensor_and_plain_gradients_acts_like_torch():
+    assert all(_run(_clip_mixed_case))
+
+
 # ---------------------------------------------------------------- async results in the graph
 
 
