@@ -28,7 +28,7 @@ from shardstore.errors import CheckpointChangedError
 from shardstore.buffers import staging_buffer
 from shardstore.flatten import KeyPath, display_names
 from shardstore.owners import parse_placements
-from shardstore.storage import Storage
+from shardstore.storage import Storage, refuse_nested
 from shardstore.writer import ArraySpec, WriteResult, plan_layout, write_checkpoint
 
 __all__ = ["PlacementRule", "parse_rules", "target_specs", "row_bands", "reshard", "DEFAULT_MEMORY_BUDGET", "CELL_COPIES"]
@@ -107,6 +107,7 @@ def reshard(
     if memory_budget < MIN_MEMORY_BUDGET:
         raise ValueError(f"memory budget {memory_budget} bytes: give at least {MIN_MEMORY_BUDGET} (1 MiB), e.g. the default "
                          f"{DEFAULT_MEMORY_BUDGET}")
+    refuse_nested(dst, src)
     source = api.open(src, storage_options)
     root = fmt.read_root(Storage(src, storage_options).pinned())
     if root.commit_id != source.commit_id:

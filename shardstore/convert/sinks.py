@@ -16,7 +16,7 @@ from shardstore.convert.sources import FORMATS, Region, TensorSource, ZarrSource
 from shardstore.convert.torchfile import write_torch
 from shardstore.errors import CheckpointExistsError
 from shardstore.plan import DEFAULT_MAX_CELL_BYTES
-from shardstore.storage import Storage
+from shardstore.storage import Storage, refuse_nested
 from shardstore.writer import ArraySpec, plan_layout, write_checkpoint
 
 __all__ = ["Converted", "convert", "write_zarr"]
@@ -80,6 +80,7 @@ def convert(
     ``dst``."""
     if to not in FORMATS:
         raise ValueError(f"unknown target format {to!r}; expected one of {FORMATS}")
+    refuse_nested(dst, src)
     source = open_source(src, storage_options, src_format)
     if to == "dcp" or (to == "safetensors" and not dst.rstrip("/").endswith(".safetensors")):
         _check_fresh_directory(dst, to, storage_options)

@@ -3,7 +3,7 @@ calls on a local filesystem, ``posix`` and ``direct_io`` below it; ``remote``: e
 reaches, the only fsspec user)."""
 
 from shardstore.storage.base import (
-    CURRENT, ROOM_ALIGN, ROOM_SLACK, VERSION_PREFIX, Blob, HeldLock, Storage, blob_nbytes, check_key, io_map,
+    CURRENT, ROOM_ALIGN, ROOM_SLACK, VERSION_PREFIX, Blob, HeldLock, Storage, blob_nbytes, check_key, io_map, refuse_nested,
 )
 
-__all__ = ["Storage", "Blob", "blob_nbytes", "HeldLock", "check_key", "CURRENT", "VERSION_PREFIX", "ROOM_ALIGN", "ROOM_SLACK", "io_map"]
+__all__ = ["Storage", "Blob", "blob_nbytes", "HeldLock", "check_key", "CURRENT", "VERSION_PREFIX", "ROOM_ALIGN", "ROOM_SLACK", "io_map", "refuse_nested"]

@@ -16,6 +16,7 @@ escape the root (``..``, absolute paths, backslashes, NUL, empty components rais
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
@@ -93,6 +94,21 @@ def strip_trailing_slash(url: str) -> str:
 def is_local_url(url: str) -> bool:
     """A plain path or a ``file://`` URL (no chained or remote protocol)."""
     return "://" not in url or (url.startswith("file://") and "::" not in url)
+
+
+def refuse_nested(dst: str, src: str) -> None:
+    """Refuse a destination that lies inside the source (``ck/sub`` of ``ck``): written there, its files
+    become files the source checkpoint does not own, so the source could then never be overwritten or
+    deleted as a whole (and a directory target would list the source's own files as its)."""
+    inner, outer = (_comparable(url) for url in (dst, src))
+    if inner.startswith(outer.rstrip("/") + "/"):
+        raise ValueError(f"the destination {dst} lies inside the source {src}; write it beside the source, not into it")
+
+
+def _comparable(url: str) -> str:
+    if is_local_url(url):
+        return os.path.realpath(url.removeprefix("file://"))
+    return strip_trailing_slash(url)
 
 
 class HeldLock:

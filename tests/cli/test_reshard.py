@@ -162,3 +162,16 @@ def test_an_existing_destination_is_refused_naming_the_flag_that_replaces_it(cap
     for argv in (("reshard", src, dst, "--mesh", "2", "--placements", "Shard(0)"), ("convert", src, dst, "--to", "zarr")):
         code, _, err = cli(capsys, *argv)
         assert code == 2 and "already holds a checkpoint" in err and "--overwrite" in err, err
+
+
+def test_a_destination_inside_the_source_is_refused_for_reshard_and_convert(capsys, tmp_path):
+    src = tmp_path / "ck"
+    shardstore.save({"w": torch.arange(8.0)}, str(src))
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    for argv in (["reshard", src, src / "sub", "--mesh", "2", "--placements", "S(0)"], ["convert", src, f"{src}/sub/", "--to", "zarr"],
+                 ["convert", f"file://{src}", src / "a" / "b.safetensors", "--to", "safetensors"]):
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and "lies inside the source" in err, (argv, err)
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+    code, _, _ = cli(capsys, "convert", src, tmp_path / "ck2", "--to", "zarr")  # a sibling sharing the prefix "ck"
+    assert code == 0 and shardstore.open(str(tmp_path / "ck2")).read("w").tolist() == list(range(8))
