@@ -80,8 +80,9 @@ def convert(
     ``dst``."""
     if to not in FORMATS:
         raise ValueError(f"unknown target format {to!r}; expected one of {FORMATS}")
-    refuse_nested(dst, src)
     source = open_source(src, storage_options, src_format)
+    if isinstance(source, ZarrSource):  # a file inside another format's directory belongs to nobody's record
+        refuse_nested(dst, src)
     if to == "dcp" or (to == "safetensors" and not dst.rstrip("/").endswith(".safetensors")):
         _check_fresh_directory(dst, to, storage_options)
     if to == "zarr":

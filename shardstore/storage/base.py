@@ -97,8 +97,8 @@ def is_local_url(url: str) -> bool:
 
 
 def refuse_nested(dst: str, src: str) -> None:
-    """Refuse a destination that lies inside the source (``ck/sub`` of ``ck``): written there, its files
-    become files the source checkpoint does not own, so the source could then never be overwritten or
+    """Refuse a destination that lies inside a source checkpoint (``ck/sub`` of ``ck``): written there, its
+    files become files the source's root record does not name, so the source could then never be overwritten or
     deleted as a whole (and a directory target would list the source's own files as its)."""
     inner, outer = (_comparable(url) for url in (dst, src))
     if inner.startswith(outer.rstrip("/") + "/"):
