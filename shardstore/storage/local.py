@@ -37,7 +37,7 @@ import uuid
 import weakref
 from typing import Any, Callable, Iterable
 
-from shardstore.errors import CorruptCheckpointError
+from shardstore.errors import CorruptCheckpointError, UnsafeKeyError
 from shardstore.storage import posix
 from shardstore.storage.base import Blob, Storage, as_views, check_key, io_map, strip_trailing_slash
 from shardstore.storage.direct_io import DirectIO
@@ -413,9 +413,23 @@ class LocalStorage(Storage):
 
     # -- derived storages and whole trees --------------------------------------------------------------
 
+    @property
+    def name(self) -> str:
+        """The last component of the directory the URL reaches, not of the URL: a save through a symlink
+        (``latest -> step-100``) or a URL ending in ``.`` or ``..`` then takes the same commit lock and
+        staging siblings as a save naming that directory itself (else two racing overwrites, each under
+        its own lock, could both commit, the second swapping out and deleting the first's checkpoint)."""
+        name = os.path.basename(self._root)
+        if not name:
+            raise UnsafeKeyError(f"{self.url} is a filesystem root: a checkpoint needs a directory of its own")
+        return name
+
     def parent(self) -> "LocalStorage":
+        """The directory holding the resolved root, named by its path (so a staging sibling's URL,
+        which every rank opens, names the directory ``begin`` made)."""
         self.name  # noqa: B018 - refuses a filesystem root
-        return self._derived(os.path.dirname(self._root), self.url.rsplit("/", 1)[0] if "/" in self.url else ".")
+        directory = os.path.dirname(self._root)
+        return self._derived(directory, f"file://{directory}" if self.url.startswith("file://") else directory)
 
     def rename_tree(self, dest: "Storage", *, exchange: bool = False) -> None:
         if not isinstance(dest, LocalStorage):

@@ -223,3 +223,49 @@ def test_a_users_directories_named_like_staging_siblings_are_never_swept(tmp_pat
     _commit(storage, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", "ckpt.staging-old", theirs.name])
     assert (mine / "notes.txt").read_text() == "mine" and (theirs / "notes.txt").read_text() == "mine"
+
+
+def test_overwrites_through_a_symlink_and_through_its_target_never_both_commit(tmp_path, monkeypatch):
+    """A save to ``latest -> step-1`` and one to ``step-1`` replace the same directory, so they take the
+    same commit lock: the one finishing second sees the first's commit and commits nothing (each under a
+    lock of its own, both committed, the second swapping out and deleting the first's checkpoint)."""
+    real = Storage(str(tmp_path / "step-1"))
+    _commit(real, 1)
+    (tmp_path / "latest").symlink_to("step-1")
+    via = Storage(str(tmp_path / "latest"))
+    first, second = commit.begin(via, overwrite=True), commit.begin(real, overwrite=True)
+    _save(Storage(first.dest_url), 5)
+    _save(Storage(second.dest_url), 6)
+    check, outcome = commit._check_unchanged, []
+
+    def check_then_race(target, claim):  # the second save finishes while the first holds its commit lock
+        check(target, claim)
+        if claim is first:
+            monkeypatch.setattr(commit, "LOCK_WAIT_S", 0.2)
+            try:
+                commit.finish(real, Storage(second.dest_url), second)
+                outcome.append("committed")
+            except ConcurrentSaveError:
+                outcome.append("refused")
+
+    monkeypatch.setattr(commit, "_check_unchanged", check_then_race)
+    commit.finish(via, Storage(first.dest_url), first)
+    commit.abandon(Storage(second.dest_url), second)
+    assert outcome == ["refused"]
+    assert fmt.read_root(real.pinned()).tree == _root(5).tree and real.pinned().read("w/c/0") == bytes([5]) * 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-1"]
+
+
+@pytest.mark.parametrize("suffix", ["new/.", "ckpt/sub/.."])
+def test_a_url_ending_in_dot_or_dotdot_saves_to_the_directory_it_names(tmp_path, suffix):
+    """Its staging sibling and lock sit beside that directory, not inside it (where the save wrote into
+    the checkpoint it replaces, then refused it as holding foreign files, or took its own staging tree
+    for a racing save's commit)."""
+    import shardstore
+
+    shardstore.save({"w": torch.zeros(3)}, str(tmp_path / "ckpt"))
+    shardstore.save({"w": torch.ones(3)}, f"{tmp_path}/{suffix}", overwrite=True)  # (pathlib drops a ".")
+    name = suffix.split("/")[0]
+    assert torch.equal(shardstore.open(str(tmp_path / name)).read("w"), torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"ckpt", name})
+    assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["w", "zarr.json"]
