@@ -248,16 +248,27 @@ def unlink(path: str) -> None:
 
 def fsync_file(fd: int, path: str) -> None:
     """Make a file's bytes durable (``path`` names it, for errors and for tests that record syncs)."""
-    os.fsync(fd)
+    _fsync(fd, path)
 
 
 def fsync_dir(directory: str) -> None:
     """Make a directory's entries (names created, renamed or removed in it) durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        _fsync(fd, directory)
     finally:
         os.close(fd)
+
+
+def _fsync(fd: int, path: str) -> None:
+    """``os.fsync``, whose error (EIO, ENOSPC: write-back failed) names no file; raised naming ``path``,
+    so a failed save says which file or directory did not reach the disk."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, path) from exc
 
 
 def fsync_path(path: str) -> None:

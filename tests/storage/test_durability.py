@@ -202,3 +202,28 @@ def test_a_full_disk_names_the_object_and_leaves_the_old_checkpoint(tmp_path, mo
     monkeypatch.undo()
     assert torch.equal(shardstore.open(url).read("w"), torch.ones(64, 64))
     assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+@pytest.mark.parametrize("failing", ["file", "directory"])
+def test_a_failed_fsync_names_what_did_not_reach_the_disk_and_leaves_the_old_checkpoint(tmp_path, monkeypatch, failing):
+    """``os.fsync``'s EIO (write-back failed) carries no file name; the error says which file or
+    directory, and the checkpoint saved before is untouched."""
+    import errno
+    import stat
+
+    url = str(tmp_path / "ck")
+    shardstore.save({"w": torch.ones(64, 64)}, url)
+    fsync = os.fsync
+
+    def failing_fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode) == (failing == "directory"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match=r"Input/output error: '.*ck\.staging-[0-9a-f]{16}") as info:
+        shardstore.save({"w": torch.zeros(64, 64)}, url, overwrite=True)
+    assert info.value.errno == errno.EIO
+    monkeypatch.undo()
+    assert torch.equal(shardstore.open(url).read("w"), torch.ones(64, 64))
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
