@@ -267,13 +267,24 @@ def _taken_over(target: Storage, what: str) -> ConcurrentSaveError:
 
 
 def _commit_lock(target: Storage) -> HeldLock:
+    """The commit lock of ``target``, beside it. Where taking it created the directories leading to the
+    URL (a first save into a new run directory), their entries are made durable here: the commit
+    syncs only the directory it renames into, so a returned save could otherwise vanish with them in
+    a power cut (nothing to sync, and no cost, where they existed)."""
+    parent = target.parent()
     try:
-        return target.parent().lock(f"{target.name}.lock", timeout=LOCK_WAIT_S)
+        lock = parent.lock(f"{target.name}.lock", timeout=LOCK_WAIT_S)
     except TimeoutError:
         raise ConcurrentSaveError(
             f"another save has been committing to {target.url} for over {LOCK_WAIT_S:.0f} s "
             f"({target.url}.lock is held); re-run the save once it is done"
         ) from None
+    try:
+        parent.sync()
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def _check_unchanged(target: Storage, claim: Claim) -> None:

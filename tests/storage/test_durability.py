@@ -227,3 +227,15 @@ def test_a_failed_fsync_names_what_did_not_reach_the_disk_and_leaves_the_old_che
     monkeypatch.undo()
     assert torch.equal(shardstore.open(url).read("w"), torch.ones(64, 64))
     assert sorted(os.listdir(tmp_path)) == ["ck"]
+
+
+def test_directories_a_save_creates_on_the_way_to_its_url_are_synced(tmp_path, syncs):
+    """The first save into a new run directory creates it (and its missing parents) with the commit
+    lock; the commit fsyncs only the directory it renames into, so their entries are synced too."""
+    shardstore.save(_state(), str(tmp_path / "new" / "run" / "ck"))
+    dirs = [path for kind, path in syncs if kind == "dir"]
+    assert str(tmp_path) in dirs and str(tmp_path / "new") in dirs and str(tmp_path / "new" / "run") in dirs
+    syncs.clear()
+    shardstore.save(_state(), str(tmp_path / "new" / "run" / "ck2"))  # the run directory exists: nothing more
+    dirs = [path for kind, path in syncs if kind == "dir"]
+    assert str(tmp_path) not in dirs and str(tmp_path / "new") not in dirs
