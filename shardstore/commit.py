@@ -368,8 +368,12 @@ def _siblings(parent: Storage, name: str, kind: str) -> list[str]:
 
 
 def _delete_trees(parent: Storage, names: list[str]) -> None:
+    """Delete the trash trees ``names``; one holding a file no save of ours writes was never moved there
+    by ``_sweep`` (which moves only trees of ours): a user's directory that merely has such a name, kept."""
     for name in names:
-        parent.child(name).delete_prefix()
+        tree = parent.child(name)
+        if not foreign_files(tree):
+            tree.delete_prefix()
 
 
 def _is_dead(staging: Storage) -> bool:

@@ -269,3 +269,19 @@ def test_a_url_ending_in_dot_or_dotdot_saves_to_the_directory_it_names(tmp_path,
     assert torch.equal(shardstore.open(str(tmp_path / name)).read("w"), torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"ckpt", name})
     assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["w", "zarr.json"]
+
+
+def test_a_users_directory_named_like_a_trash_sibling_is_never_deleted(tmp_path):
+    """A ``<name>.trash-<16 hex>`` holding files no save of ours writes is not a swept tree: kept, as a
+    staging-named one is; a real trash tree is deleted."""
+    storage = Storage(str(tmp_path / "ckpt"))
+    theirs = tmp_path / f"ckpt.trash-{'0' * 16}"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    ours = tmp_path / f"ckpt.trash-{'1' * 16}"  # a swept tree whose deletion was cut short
+    (ours / "w").mkdir(parents=True)
+    (ours / "w" / "c.0").write_bytes(b"x")
+    _commit(storage, 1)
+    commit.sweep(storage)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", theirs.name])
+    assert (theirs / "notes.txt").read_text() == "mine"
