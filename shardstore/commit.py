@@ -40,6 +40,7 @@ __all__ = ["Claim", "begin", "destination", "finish", "abandon", "sweep", "forei
 OWNER = ".shardstore-owner"  # in a staging tree: locked by the saving process (removed before the swap)
 CLAIM = ".shardstore-claim"  # object stores: a fresh save's claim on the URL itself
 LOCK_WAIT_S = 30.0  # how long ``finish`` waits for another save's commit (which takes milliseconds)
+_NAME_MAX = 255  # bytes in one file name on Linux filesystems (ext4, xfs, btrfs, tmpfs)
 YOUNG_S = 60.0  # a staging tree without an owner this recent may be one whose owner is being created
 # What ``finish`` writes into the pointer: a damaged one that names anything else names nothing to delete.
 _VERSION_NAME = re.compile(rf"{re.escape(VERSION_PREFIX)}[0-9a-f]{{16}}")
@@ -103,7 +104,13 @@ def _claim_on_object_store(target: Storage, expected: str | None, nonce: str) ->
 
 
 def _staging(target: Storage, nonce: str) -> Storage:
-    return target.parent().child(f"{target.name}.staging-{nonce}")
+    name = f"{target.name}.staging-{nonce}"
+    if len(name.encode(errors="surrogateescape")) > _NAME_MAX:  # else ENAMETOOLONG naming a path the user never gave
+        raise ValueError(
+            f"{target.url}: the checkpoint's name is {len(target.name.encode(errors='surrogateescape'))} bytes; a save "
+            f"writes beside it under the name plus '.staging-<16 hex>' (25 bytes), and file names hold at most "
+            f"{_NAME_MAX} bytes, so choose a name of at most {_NAME_MAX - 25} bytes")
+    return target.parent().child(name)
 
 
 def _token(target: Storage) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import shardstore
 from shardstore import commit
 from shardstore import format as fmt
 from shardstore.codec import ArrayLayout
@@ -285,3 +286,11 @@ def test_a_users_directory_named_like_a_trash_sibling_is_never_deleted(tmp_path)
     commit.sweep(storage)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", theirs.name])
     assert (theirs / "notes.txt").read_text() == "mine"
+
+
+def test_a_name_too_long_for_its_staging_sibling_is_refused_saying_why(tmp_path):
+    fits, too_long = tmp_path / ("c" * 230), tmp_path / ("c" * 231)
+    shardstore.save({"w": torch.ones(2)}, str(fits))
+    with pytest.raises(ValueError, match="the checkpoint's name is 231 bytes.*at most 230 bytes"):
+        shardstore.save({"w": torch.ones(2)}, str(too_long))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fits.name]
