@@ -54,6 +54,10 @@ def ones(*size, requires_grad=False, dtype=None, layout=torch.strided, device_me
 
 
 def full(size, fill_value, *, requires_grad=False, dtype=None, layout=torch.strided, device_mesh=None, placements=None) -> DTensor:
+    """Without ``dtype`` the fill value decides it, as ``torch.full``'s: int64 for an int, bool for a bool,
+    the default complex dtype for a complex number, the default dtype for a float."""
+    if dtype is None:
+        dtype = torch.full((), fill_value, device="meta").dtype
     return _make(_filled(fill_value), (size,), device_mesh, placements, dtype, requires_grad)
 
 

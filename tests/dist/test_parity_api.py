@@ -357,3 +357,26 @@ def _errors_case():
 
 def test_layout_errors_have_torch_types_and_name_the_fix():
     assert all(_run(_errors_case))
+
+
+# ---------------------------------------------------------------- factories
+
+
+def _full_dtypes(lib):
+    """``full`` without ``dtype`` takes the fill value's dtype, as ``torch.full`` (ours was float32)."""
+    m = mesh((2, 2))
+    return [
+        lib.full((5, 3), value, device_mesh=m, placements=[lib.Shard(0), lib.Shard(1)])
+        for value in (2, True, 2.5, 1 + 2j)
+    ] + [lib.full((5,), 2, dtype=torch.float64, device_mesh=m)]
+
+
+def _full_case():
+    ours, theirs = both(_full_dtypes)
+    assert_same(ours, theirs, what="full(size, fill_value)")
+    return [t.dtype for t in ours]
+
+
+def test_full_takes_the_fill_values_dtype_like_torch():
+    expected = [torch.int64, torch.bool, torch.float32, torch.complex64, torch.float64]
+    assert _run(_full_case, world=4) == [expected] * 4
