@@ -39,6 +39,13 @@ def _placement_from_torch(p: torch_dt.Placement) -> ours.Placement:
             raise ValueError(f"cannot convert torch placement {p!r}: only plain Shard/Replicate/Partial are supported")
         return ours.Shard(p.dim)
     if p.is_partial():
+        if type(p) is not _torch_dt().Partial:
+            # torch's Partial subclasses reduce otherwise than their reduce_op says (the 2-norm's partial
+            # norms, the masked vocab-parallel lookup): read as a plain Partial the value would be wrong
+            raise ValueError(
+                f"cannot convert torch placement {p!r}: only plain Shard/Replicate/Partial are supported; "
+                "redistribute torch's DTensor to Replicate (or Shard) first"
+            )
         return ours.Partial(p.reduce_op)
     return ours.Replicate()
 

@@ -5,6 +5,7 @@ bf16 casts, sub-mesh factories, and the error types torch raises for wrong layou
 
 import pytest
 import torch
+import torch.distributed.tensor as tdt
 from torch import nn
 
 import dtensor
@@ -380,3 +381,26 @@ def _full_case():
 def test_full_takes_the_fill_values_dtype_like_torch():
     expected = [torch.int64, torch.bool, torch.float32, torch.complex64, torch.float64]
     assert _run(_full_case, world=4) == [expected] * 4
+
+
+# ---------------------------------------------------------------- conversion from torch's DTensor
+
+
+def _converted_norms():
+    """torch's norm of a sharded DTensor is pending in a Partial subclass (partial 2-norms are combined as
+    a root of summed squares, not summed): converting it must refuse, not give the sum of the norms."""
+    m = mesh((2,))
+    theirs = tdt.distribute_tensor(torch.arange(1.0, 13.0).reshape(3, 4), m, [tdt.Shard(1)])
+    norm = torch.linalg.vector_norm(theirs)
+    with pytest.raises(ValueError, match="only plain Shard/Replicate/Partial are supported; redistribute"):
+        dtensor.from_torch(norm)
+    pending = dtensor.from_torch(tdt.DTensor.from_local(torch.ones(2), m, [tdt.Partial("max")]))
+    replicated = dtensor.from_torch(norm.redistribute(m, [tdt.Replicate()]))
+    return placement_names(pending.placements), replicated.full_tensor()
+
+
+def test_from_torch_refuses_torchs_partial_subclasses_it_would_misread():
+    expected = torch.linalg.vector_norm(torch.arange(1.0, 13.0))
+    for placements, norm in _run(_converted_norms):
+        assert placements == ("Partial(max)",)
+        assert torch.allclose(norm, expected)
