@@ -19,7 +19,7 @@ from .. import collectives
 from ..placements import Partial, Replicate
 from ..redistribute import local_as
 from ..spec import DTensorSpec
-from .common import bind_args
+from .common import bind_args, with_plain_replicated
 from .per_sample import batch_layout
 
 aten = torch.ops.aten
@@ -43,7 +43,9 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def _batch_norm(cls, func, args, kwargs):
-    named = bind_args(func, args, kwargs)
+    """Plain weight, bias or running statistics (a BatchNorm left undistributed) are refused or replicated
+    as in every op; replicated, the running statistics are still updated in place."""
+    named = bind_args(func, with_plain_replicated(cls, func, args), kwargs)
     x = named["input"]
     batch, replicate, split = _layouts(x)
     local = local_as(x, batch)
@@ -84,7 +86,7 @@ def _normalize(local, params, named, shape, mesh, split):
 
 
 def _batch_norm_backward(cls, func, args, kwargs):
-    named = bind_args(func, args, kwargs)
+    named = bind_args(func, with_plain_replicated(cls, func, args), kwargs)
     x = named["input"]
     batch, replicate, split = _layouts(x)
     g, local = local_as(named["grad_out"], batch), local_as(x, batch)

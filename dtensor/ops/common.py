@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from ..dispatch import Placements
+from ..dispatch import Placements, replicate_plain
 from ..placements import Partial, Placement, Replicate, Shard
 from ..spec import DTensorSpec
 
@@ -240,6 +240,14 @@ def is_inplace(func) -> bool:
 def mutable_args(func) -> set[str]:
     """Names of the arguments the op writes into."""
     return {a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+
+
+def with_plain_replicated(cls, func, args: tuple) -> tuple:
+    """A handler's arguments with plain tensors (a module's weight or buffer left undistributed) made
+    Replicate DTensors on the DTensor arguments' mesh, or refused with the error every op raises for
+    them (``dispatch.replicate_plain``); 0-d ones stay plain, as scalars."""
+    mesh = next(a._spec.mesh for a in args if isinstance(a, cls))
+    return tuple(replicate_plain(func, list(args), mesh, cls))
 
 
 def bind_args(func, args: tuple, kwargs: dict) -> dict:

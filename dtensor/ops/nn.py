@@ -40,7 +40,7 @@ from ..dispatch import Strategy
 from ..placements import Partial, Placement, Replicate, Shard, local_box
 from ..redistribute import local_as
 from ..spec import DTensorSpec
-from .common import bind_args, replicate_partials
+from .common import bind_args, replicate_partials, with_plain_replicated
 
 aten = torch.ops.aten
 
@@ -207,7 +207,9 @@ def _embedding_placements(weight: DTensorSpec, indices: DTensorSpec) -> tuple[tu
 
 def _embedding(cls, func, args, kwargs):
     """Rows outside this rank's range of a row-sharded weight contribute zeros (masked lookup). A plain
-    index tensor (a 0-d one, ``embedding(torch.tensor(3), w)``) is the same on every rank."""
+    index tensor (a 0-d one, ``embedding(torch.tensor(3), w)``) is the same on every rank; a plain weight
+    (an embedding left out of the plan) is refused or replicated as in every op."""
+    args = with_plain_replicated(cls, func, args)
     weight = args[0]
     indices = _replicated(cls, args[1], weight._spec.mesh)
     w_p, i_p, out_p = _embedding_placements(weight._spec, indices._spec)

@@ -404,3 +404,41 @@ def test_from_torch_refuses_torchs_partial_subclasses_it_would_misread():
     for placements, norm in _run(_converted_norms):
         assert placements == ("Partial(max)",)
         assert torch.allclose(norm, expected)
+
+
+# ---------------------------------------------------------------- plain module weights mixed with DTensors
+
+
+def _implicit(lib):
+    if lib is dtensor:
+        from dtensor.experimental import implicit_replication
+    else:
+        from torch.distributed.tensor.experimental import implicit_replication
+    return implicit_replication
+
+
+def _undistributed_weights(lib):
+    """An embedding or batch norm left out of a plan (plain weight, DTensor input) raises the RuntimeError
+    of every op, and runs replicated under implicit_replication, as torch's; ours raised AttributeError."""
+    m = mesh((2,))
+    tokens = lib.distribute_tensor(torch.tensor([[1, 2], [3, 0]]), m, [lib.Shard(0)])
+    x = lib.distribute_tensor(torch.linspace(-2, 2, 48, dtype=torch.float64).reshape(4, 3, 4).requires_grad_(), m, [lib.Shard(0)])
+    torch.manual_seed(0)
+    emb, norm = nn.Embedding(5, 3, dtype=torch.float64), nn.BatchNorm1d(3, dtype=torch.float64)
+    errors = [type(_error(lambda: emb(tokens))), type(_error(lambda: norm(x)))]
+    with _implicit(lib)():
+        out = emb(tokens).sum() + (norm(x) * torch.arange(4.0, dtype=torch.float64)).sum()
+        out.backward()
+    # x's gradient by value: ours keeps the batch split, torch's batch norm replicates it
+    return errors, out, emb.weight.grad, norm.weight.grad, x.grad.full_tensor(), norm.running_mean, norm.running_var
+
+
+def _undistributed_case():
+    ours, theirs = both(_undistributed_weights)
+    assert ours[0] == theirs[0] == [RuntimeError, RuntimeError], (ours[0], theirs[0])
+    assert_same(ours[1:], theirs[1:], atol=1e-12, what="embedding and batch norm with plain weights")
+    return True
+
+
+def test_plain_embedding_and_batch_norm_weights_with_dtensor_inputs_act_like_torch():
+    assert all(_run(_undistributed_case))
