@@ -442,3 +442,36 @@ def _undistributed_case():
 
 def test_plain_embedding_and_batch_norm_weights_with_dtensor_inputs_act_like_torch():
     assert all(_run(_undistributed_case))
+
+
+# ---------------------------------------------------------------- PrepareModuleInputOutput
+
+
+class _Scale(nn.Module):
+    def forward(self, x, *, s):
+        return x * s
+
+
+def _prepare_input_output(lib):
+    """One plan entry preparing a module's inputs (positional and keyword) and its output, as torch's."""
+    parallel = _parallel(lib)
+    local = torch.arange(12.0, dtype=torch.float64).reshape(2, 6).requires_grad_()
+    style = parallel.PrepareModuleInputOutput(
+        input_layouts=lib.Shard(0), desired_input_layouts=lib.Replicate(),
+        input_kwarg_layouts={"s": lib.Replicate()}, desired_input_kwarg_layouts={"s": lib.Shard(0)},
+        output_layouts=lib.Shard(1), desired_output_layouts=lib.Shard(0), use_local_output=False,
+    )
+    module = parallel.parallelize_module(_Scale(), mesh((2,)), {"": style})
+    out = module(local, s=torch.linspace(1, 2, 6, dtype=torch.float64))
+    out.sum().backward()
+    return out, local.grad
+
+
+def _prepare_input_output_case():
+    ours, theirs = both(_prepare_input_output)
+    assert_same(ours, theirs, what="PrepareModuleInputOutput")
+    return True
+
+
+def test_prepare_module_input_output_matches_torch():
+    assert all(_run(_prepare_input_output_case))

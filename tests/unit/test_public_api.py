@@ -39,6 +39,15 @@ def test_dtensor_submodules_mirror_torch():
     assert set(dtensor.experimental.__all__) <= set(dir(torch_experimental))
 
 
+def test_dtensor_parallel_exports_torchs_names():
+    import torch.distributed.tensor.parallel as torch_parallel
+
+    import dtensor.parallel
+
+    assert set(dtensor.parallel.__all__) == set(torch_parallel.__all__)
+    assert all(hasattr(dtensor.parallel, name) for name in torch_parallel.__all__)
+
+
 def test_shardstore_public_api_is_locked():
     assert set(shardstore.__all__) == SHARDSTORE_API
     assert all(hasattr(shardstore, name) for name in SHARDSTORE_API)
