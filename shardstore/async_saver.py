@@ -73,14 +73,15 @@ def _finish_at_exit() -> None:
     """At interpreter exit, before thread pools refuse new work: finish the async save still in flight.
     Why: its writer submits to thread pools, which refuse work once the interpreter shuts down, so a
     script that ended without ``result()`` lost its last checkpoint without a word. A failure nobody
-    could have seen is printed."""
+    could have seen (also of a save that failed earlier, its result never asked for) is printed."""
     save = _latest_here()
-    if save is None or save.done():
+    if save is None or (save.done() and save.unseen_failure() is None):
         return
     try:
         save.result()
     except BaseException as exc:  # noqa: BLE001 - at exit: reported, not raised
-        print(f"shardstore: the async save to {save.url} failed at exit: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"shardstore: the async save to {save.url} failed, its result() never asked for: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 # Run before concurrent.futures' own exit hook (registered earlier, so run later) stops its pools.
