@@ -35,7 +35,7 @@ from shardstore.format import FORMAT_NAME, ZARR_JSON, is_chunk_key, is_object_ke
 from shardstore.digests import DIGESTS
 from shardstore.storage import CURRENT, VERSION_PREFIX, HeldLock, Storage
 
-__all__ = ["Claim", "begin", "destination", "finish", "abandon", "sweep", "foreign_files"]
+__all__ = ["Claim", "begin", "destination", "finish", "abandon", "sweep", "clear_interrupted", "foreign_files"]
 
 OWNER = ".shardstore-owner"  # in a staging tree: locked by the saving process (removed before the swap)
 CLAIM = ".shardstore-claim"  # object stores: a fresh save's claim on the URL itself
@@ -349,6 +349,27 @@ def sweep(target: Storage) -> None:
     with _commit_lock(target):
         trash = _sweep(target)
     _delete_trees(target.parent(), trash)
+
+
+def clear_interrupted(target: Storage) -> bool:
+    """Delete an interrupted save written in place at ``target`` (objects, no root marker, only files a
+    save of ours writes) so the URL can be saved afresh. Returns whether the URL holds a save's claim
+    object: that save is kept, as it may still be writing (an object-store claim outlives a killed
+    save, so it cannot tell one from a live one); a save there must replace it with ``overwrite=True``
+    (a new version, committed only if the claimed save has not committed meanwhile).
+
+    Judged and deleted under the commit lock, which every commit takes, so no save commits at the URL
+    between the judgement and the deletion: one that began before finds the URL changed at its commit
+    and commits nothing (``ConcurrentSaveError``)."""
+    if target.is_empty():
+        return False
+    with _commit_lock(target):
+        if target.exists(ZARR_JSON) or target.exists(CURRENT) or foreign_files(target):
+            return False  # a checkpoint, or not ours: a save there refuses it
+        if target.exists(CLAIM):
+            return True
+        target.delete_prefix()
+    return False
 
 
 def _sweep(target: Storage) -> list[str]:

@@ -12,7 +12,9 @@ local, consistent on every rank, and cost no I/O.
 
 Retention (``max_to_keep``, ``keep_period``) runs only once a newer save is complete, and never deletes
 the latest complete step. A save killed midway never shows: its step has no root record (or lives only
-in a staging sibling), so it is not listed; the next manager on the root (after the crash) sweeps it.
+in a staging sibling), so it is not listed; the next manager on the root (after the crash) sweeps it, or,
+where it may be a save still writing (an object-store claim), saves that step over it
+(``steps.clear_incomplete``).
 With ``incremental`` (the default) each save links the shard objects whose cells (values and layout)
 equal the latest complete step's instead of rewriting them (``shardstore/incremental.py``).
 """
@@ -147,9 +149,10 @@ class CheckpointManager:
                 "a manager never replaces one — save under a new step number, or delete that step first"
             )
         url = step_url(self.root_url, step)
-        self._coord.decide("clearing an interrupted save of this step", lambda: clear_incomplete(url, self._options))
+        replace = self._coord.decide("clearing an interrupted save of this step", lambda: clear_incomplete(url, self._options))
         base = step_url(self.root_url, self._steps[-1]) if self._steps else True
-        kwargs = {"storage_options": self._options, "process_group": self._group, "incremental": self._incremental and base}
+        kwargs = {"storage_options": self._options, "process_group": self._group, "incremental": self._incremental and base,
+                  "overwrite": replace}
         self._pending = (step, self._start(state_dict, url, kwargs))
         if not self._async:
             self._collect()

@@ -105,13 +105,14 @@ def delete_step(checkpoint: Storage) -> None:
             checkpoint.delete(key)
 
 
-def clear_incomplete(url: str, storage_options: dict | None) -> None:
-    """Remove a step directory that holds objects but no root marker (a save of it was killed or failed
-    on an object store, where saves write in place), so the step can be saved afresh; one holding any
-    file no save of ours writes is left alone (the save then refuses the URL: ``NotACheckpointError``)."""
-    checkpoint = Storage(url, storage_options)
-    if not checkpoint.is_empty() and not checkpoint.exists(fmt.ZARR_JSON) and not commit.foreign_files(checkpoint):
-        checkpoint.delete_prefix()
+def clear_incomplete(url: str, storage_options: dict | None) -> bool:
+    """Remove a step directory that holds objects but no root marker (a save of it failed or was killed
+    where saves write in place) so the step can be saved afresh, safely against a save of that step
+    still running (``commit.clear_interrupted``). Returns whether a save of the step must replace what
+    is kept there (``overwrite=True``): an object-store save's claim, which may be a live save's. One
+    holding any file no save of ours writes is left alone (the save then refuses the URL:
+    ``NotACheckpointError``)."""
+    return commit.clear_interrupted(Storage(url, storage_options))
 
 
 def sweep_litter(root_url: str, storage_options: dict | None = None) -> None:

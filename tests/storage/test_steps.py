@@ -129,3 +129,69 @@ def test_step_directories_holding_files_no_save_of_ours_writes_are_never_deleted
     assert sorted(p.name for p in (root / "step-3").iterdir()) == [".metadata", "__0_0.distcp"]
     delete_step(Storage(step_url(str(root), 5)))
     assert [p.name for p in (root / "step-5").iterdir()] == ["notes.txt"]
+
+
+
+@pytest.fixture(params=["memory", "s3"])
+def bucket_root(request) -> tuple[str, dict | None]:
+    """A fresh run root on an object store, where a fresh save writes in place under a claim."""
+    if request.param == "memory":
+        import uuid
+
+        return f"memory://shardstore-steps-{uuid.uuid4().hex}/run", None
+    server = request.getfixturevalue("bucket_servers").get(request.param)
+    return f"{server.fresh_url()}/run", server.storage_options()
+
+
+def _claimed_and_half_written(url: str, options: dict | None):
+    """A fresh save of ``url`` claimed and midway through writing in place (the protocol's own calls)."""
+    from shardstore import commit
+    from shardstore.storage import Storage
+
+    target = Storage(url, options)
+    claim = commit.begin(target, overwrite=False)
+    dest = commit.destination(target, claim, options)
+    dest.write("w/zarr.json", b"{}")
+    dest.write("w/c/0", b"\x01" * 8)
+    return target, dest, claim
+
+
+def test_an_in_place_save_in_flight_survives_clearing_its_step(bucket_root):
+    """On object stores a fresh save writes in place: a claim, objects, no root marker yet. A manager
+    clearing that step meanwhile (restarted on another node while the old writer still runs, or a
+    second manager on the root) must leave it: the claim cannot tell a live save from a killed one.
+    The save then commits with every object it wrote."""
+    from shardstore import commit
+    from shardstore import format as fmt
+    from shardstore.steps import clear_incomplete
+    from tests.storage.test_commit import _root
+
+    root, options = bucket_root
+    url = step_url(root, 3)
+    target, dest, claim = _claimed_and_half_written(url, options)
+    clear_incomplete(url, options)
+    fmt.write_root(dest, _root(3))
+    commit.finish(target, dest, claim)
+    assert fmt.read_root(target) == _root(3) and target.read("w/c/0") == b"\x01" * 8
+    assert [(e.step, e.complete) for e in list_steps(root, options)] == [(3, True)]
+
+
+def test_a_manager_saves_again_a_step_whose_in_place_save_was_killed(bucket_root):
+    """The kept step does not block the run: the manager saves that step as a new version over it (§5
+    overwrite), which commits only if the claimed save has not committed meanwhile, and the killed
+    save's objects go."""
+    from shardstore import commit
+    from shardstore.storage import Storage
+
+    root, options = bucket_root
+    with shardstore.CheckpointManager(root, async_save=False, storage_options=options) as manager:
+        manager.save(1, {"w": torch.zeros(4)})
+    _claimed_and_half_written(step_url(root, 2), options)  # then killed
+    with shardstore.CheckpointManager(root, async_save=False, storage_options=options) as manager:
+        assert manager.all_steps() == [1]
+        assert manager.save(2, {"w": torch.ones(4)})
+        assert manager.all_steps() == [1, 2]
+        state = {"w": torch.zeros(4)}
+        assert manager.restore(state) == 2 and torch.equal(state["w"], torch.ones(4))
+    step = Storage(step_url(root, 2), options)
+    assert not step.exists(commit.CLAIM) and not step.exists("w/c/0")
