@@ -8,7 +8,9 @@ Collective safety: every rank must agree on which steps exist, which one to rest
 or ranks would load different checkpoints or wait on different collectives. Rank 0 decides (it lists
 the root, applies retention, picks the step) and broadcasts through the ``Coordinator``; only rank 0
 deletes. The manager keeps the agreed list of complete steps, so ``all_steps()``/``latest_step()`` are
-local, consistent on every rank, and cost no I/O.
+local, consistent on every rank, and cost no I/O. Steps can vanish behind its back (deleted by hand or
+by another tool), so the collective calls that act on the list refresh it first: ``restore`` lists the
+run again, and retention counts only the steps still there.
 
 Retention (``max_to_keep``, ``keep_period``) runs only once a newer save is complete, and never deletes
 the latest complete step. A save killed midway never shows: its step has no root record (or lives only
@@ -27,7 +29,7 @@ from shardstore.api import SaveResult, load, save
 from shardstore.async_saver import async_save as start_async_save, prepare_async_save
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
-from shardstore.steps import clear_incomplete, delete_step, list_steps, step_name, step_url, sweep_litter
+from shardstore.steps import clear_incomplete, delete_step, list_steps, step_name, step_numbers, step_url, sweep_litter
 from shardstore.storage import Storage
 
 __all__ = ["CheckpointManager", "steps_to_delete"]
@@ -99,8 +101,9 @@ class CheckpointManager:
     # -- queries (local: the agreed list) -----------------------------------------------------------
 
     def all_steps(self) -> list[int]:
-        """Every complete step, ascending. A save still in flight is not listed until a collective call
-        (``save``, ``wait_until_finished``, ``restore``, ``close``) has seen it complete."""
+        """Every complete step, ascending, as of the last collective call (``save``,
+        ``wait_until_finished``, ``restore``, ``close``): a save in flight is listed once one has seen it
+        complete, a step deleted by hand is dropped once one has seen it gone."""
         return list(self._steps)
 
     def latest_step(self) -> int | None:
@@ -169,11 +172,13 @@ class CheckpointManager:
         not stall on fresh memory."""
         self._check_open()
         self._collect()
+        listed = self._steps
+        self._steps, self._unreadable = self._coord.decide("listing the checkpoints of the run", self._list)
         if step is None:
             self._refuse_skipping_unreadable()
-        chosen = self._coord.decide("choosing the step to restore", lambda: self._pick(step))
+        chosen = self._pick(step)
         if chosen is None:
-            raise self._not_found(step)
+            raise self._not_found(step, gone=step in listed)
         load(state_dict, step_url(self.root_url, chosen), storage_options=self._options, process_group=self._group,
              strict=strict)
         self._prepare(state_dict)
@@ -221,29 +226,42 @@ class CheckpointManager:
         self._pending = None
         handle.result()
         self._steps = sorted({*self._steps, step})
-        doomed = self._coord.decide("deleting old checkpoints", self._prune)
-        self._steps = [s for s in self._steps if s not in doomed]
+        self._steps = self._coord.decide("deleting old checkpoints", self._prune)
 
     def _scan(self) -> tuple[list[int], dict[int, str]]:
-        """Rank 0: clear what killed saves left, then the complete steps, and the steps whose root record
-        is there but neither complete nor a save of ours cut short (with why)."""
+        """Rank 0: clear what killed saves left, then list the run (``_list``)."""
         sweep_litter(self.root_url, self._options)
+        return self._list()
+
+    def _list(self) -> tuple[list[int], dict[int, str]]:
+        """Rank 0: the complete steps, and the steps whose root record is there but neither complete nor a
+        save of ours cut short (with why)."""
         entries = list_steps(self.root_url, self._options)
         return [e.step for e in entries if e.complete], {e.step: e.problem for e in entries if e.problem is not None}
 
     def _prune(self) -> list[int]:
-        """Rank 0: delete the steps retention removes; returns them."""
-        doomed = steps_to_delete(self._steps, self.max_to_keep, self.keep_period)
+        """Rank 0: delete the steps retention removes, counting only the listed steps still there (one
+        deleted by hand is no longer kept: counting it would delete an older step in its place); returns
+        the steps left."""
+        there = step_numbers(self.root_url, self._options)
+        steps = [s for s in self._steps if s in there]
+        doomed = steps_to_delete(steps, self.max_to_keep, self.keep_period)
         for step in doomed:
             delete_step(Storage(step_url(self.root_url, step), self._options))
-        return doomed
+        return [s for s in steps if s not in doomed]
 
     def _pick(self, step: int | None) -> int | None:
         if step is None:  # restore() refused skipping an unreadable step before, on every rank
             return self._steps[-1] if self._steps else None
         return step if step in self._steps else None
 
-    def _not_found(self, step: int | None) -> CheckpointNotFoundError:
+    def _not_found(self, step: int | None, gone: bool) -> CheckpointNotFoundError:
+        if gone:
+            return CheckpointNotFoundError(
+                f"step {step} at {step_url(self.root_url, step)} is no longer a complete checkpoint (it was when "
+                f"this manager last listed {self.root_url}: deleted or moved since?); complete steps now: "
+                f"{self._steps} — restore one of those, or the latest with step=None"
+            )
         if step is None or not self._steps:
             return CheckpointNotFoundError(
                 f"{self.root_url} holds no complete checkpoint (no step-<N> with a root zarr.json); nothing to "

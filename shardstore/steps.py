@@ -21,7 +21,8 @@ from shardstore.errors import CheckpointNotFoundError, IncompleteCheckpointError
 from shardstore.storage import Storage
 
 __all__ = [
-    "StepEntry", "step_name", "parse_step", "step_url", "list_steps", "delete_step", "clear_incomplete", "sweep_litter",
+    "StepEntry", "step_name", "parse_step", "step_url", "list_steps", "step_numbers", "delete_step", "clear_incomplete",
+    "sweep_litter",
 ]
 
 STEP_PREFIX = "step-"
@@ -71,6 +72,13 @@ def list_steps(root_url: str, storage_options: dict | None = None) -> list[StepE
         if step is not None:
             entries.append(StepEntry(step, root.key_url(name), *_state(root.child(name))))
     return sorted(entries, key=lambda e: e.step)
+
+
+def step_numbers(root_url: str, storage_options: dict | None = None) -> set[int]:
+    """The steps that have a ``step-<N>`` entry under ``root_url``, complete or not: one listing, no
+    root record read (cheap enough to run before every prune)."""
+    names = Storage(root_url, storage_options).list_names(STEP_PREFIX)
+    return {step for step in map(parse_step, names) if step is not None}
 
 
 def _state(checkpoint: Storage) -> tuple[bool, str | None]:

@@ -188,6 +188,61 @@ def test_a_forced_save_of_a_step_older_than_the_newest_is_refused(tmp_path):
         assert manager.all_steps() == [20] and sorted(os.listdir(root)) == ["step-20"]
 
 
+
+def _restore_after_steps_deleted_by_hand(root: str, world: int):
+    """Steps 1-3 saved; then steps are deleted by hand (rank 0, as an operator would) behind the
+    manager's back: restore() of the latest after step 3 goes, of step 2 by number after it goes."""
+    import shutil
+
+    def delete_by_hand(step: int) -> None:
+        if torch.distributed.get_rank() == 0:
+            shutil.rmtree(os.path.join(root, f"step-{step}"))
+        torch.distributed.barrier()
+
+    with shardstore.CheckpointManager(root, async_save=False) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, _state(world, step))
+        delete_by_hand(3)
+        stale = manager.latest_step()
+        target = _zeros(world)
+        restored = manager.restore(target)
+        exact = target["step"] == 2 and torch.equal(_full(target), _full(_state(world, 2)))
+        latest = manager.latest_step()
+        delete_by_hand(2)
+        with pytest.raises(CheckpointNotFoundError) as missing:
+            manager.restore(target, step=2)  # the manager still lists it
+        return stale, restored, exact, latest, manager.all_steps(), str(missing.value)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_restore_lists_the_run_again_so_a_step_deleted_by_hand_is_never_chosen(tmp_path, world):
+    """The manager keeps the agreed list of steps (``latest_step()`` answers from it, no I/O); restore()
+    has rank 0 list the run again and every rank takes that list, so a step deleted since (by an
+    operator, another tool) is not restored: the latest one still there is, and asking for the deleted
+    one by number says what happened to it."""
+    root = str(tmp_path / "run")
+    for stale, restored, exact, latest, steps, missing in run_ranks(world, _restore_after_steps_deleted_by_hand, root, world):
+        assert stale == 3 and restored == 2 and exact and latest == 2 and steps == [1]
+        assert missing == (f"step 2 at {root}/step-2 is no longer a complete checkpoint (it was when this manager "
+                           f"last listed {root}: deleted or moved since?); complete steps now: [1] — restore one "
+                           "of those, or the latest with step=None")
+
+
+def test_retention_counts_only_the_steps_still_there(tmp_path):
+    """A kept step deleted by hand is no longer one of the ``max_to_keep`` kept: retention does not delete
+    an older step in its place (that left fewer steps than asked for), nor the one already gone."""
+    import shutil
+
+    root = tmp_path / "run"
+    with shardstore.CheckpointManager(str(root), max_to_keep=2, async_save=False) as manager:
+        for step in (1, 2):
+            manager.save(step, {"w": torch.full((2,), float(step))})
+        shutil.rmtree(root / "step-2")
+        manager.save(3, {"w": torch.full((2,), 3.0)})
+        assert manager.all_steps() == [1, 3] and sorted(os.listdir(root)) == ["step-1", "step-3"]
+        manager.save(4, {"w": torch.full((2,), 4.0)})
+        assert manager.all_steps() == [3, 4] and sorted(os.listdir(root)) == ["step-3", "step-4"]
+
 def _save_with_per_rank_state(root: str) -> None:
     with shardstore.CheckpointManager(root, async_save=False) as manager:
         manager.save(1, {**_state(2, 1), f"rng.rank{torch.distributed.get_rank()}": torch.full((3,), 7.0)})
