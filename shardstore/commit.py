@@ -304,10 +304,28 @@ def _check_unchanged(target: Storage, claim: Claim) -> None:
 
 
 def _swap_in(target: Storage, dest: Storage, claim: Claim) -> None:
+    """Move the staging tree in, then make the move durable. Once moved the save has committed, so a
+    failed sync raises saying so, and leaves the old tree (now under the staging name) to the next
+    save's sweep rather than to ``abandon``: if the move is lost in a crash, the URL holds it again."""
     if claim.expected is None:
         dest.rename_tree(target)  # onto nothing or an empty directory; never onto a checkpoint
-        return
-    dest.rename_tree(target, exchange=True)  # one atomic step: old or new at the URL, never neither
+    else:
+        dest.rename_tree(target, exchange=True)  # one atomic step: old or new at the URL, never neither
+    try:
+        dest.sync()
+    except OSError as exc:
+        del _owners[claim.nonce]
+        raise _not_durable(target, claim, exc) from exc
+
+
+def _not_durable(target: Storage, claim: Claim, exc: OSError) -> OSError:
+    before = "nothing" if claim.expected is None else "the checkpoint it replaced"
+    return OSError(exc.errno, (
+        f"the save committed: the checkpoint at {target.url} is the new one and reads now, but syncing "
+        f"{target.parent().url} after moving it there failed ({exc.strerror or exc}), so the commit may not be "
+        f"durable: after a crash or power cut {target.url} may hold {before} instead. Check the disk (the "
+        "kernel log names the failure), then re-run the save with overwrite=True: a second sync proves "
+        "nothing, as a failed write-back is reported once"))
 
 
 def _delete_old_version(target: Storage, expected: str | None, keep: str) -> None:

@@ -351,7 +351,9 @@ class Storage:
         return name
 
     def rename_tree(self, dest: "Storage", *, exchange: bool = False) -> None:
-        """Move this whole tree to ``dest`` atomically, durably (backends with ``can_rename_trees``).
+        """Move this whole tree to ``dest`` atomically (backends with ``can_rename_trees``); this
+        storage's next ``sync()`` makes the move durable, so a caller can tell a failed move from a
+        move made that failed to reach the disk.
 
         Without ``exchange``, ``dest`` must be absent or an empty directory (``OSError`` otherwise);
         with it, ``dest`` must exist and the two trees trade places in one step.

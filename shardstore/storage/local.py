@@ -442,7 +442,6 @@ class LocalStorage(Storage):
         dest._made_dirs.clear()
         for directory in dict.fromkeys((os.path.dirname(self._root), os.path.dirname(dest._root))):
             self._touched(directory)
-        self.sync()
 
     def link_from(self, source: "Storage", key: str) -> None:
         """A hard link to ``source``'s object, synced with this tree's own objects: its bytes are durable

@@ -239,3 +239,38 @@ def test_directories_a_save_creates_on_the_way_to_its_url_are_synced(tmp_path, s
     shardstore.save(_state(), str(tmp_path / "new" / "run" / "ck2"))  # the run directory exists: nothing more
     dirs = [path for kind, path in syncs if kind == "dir"]
     assert str(tmp_path) not in dirs and str(tmp_path / "new") not in dirs
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite"])
+def test_a_failed_sync_after_the_rename_says_the_checkpoint_is_in_place_but_may_not_be_durable(tmp_path, monkeypatch, overwrite):
+    """The rename (or exchange) that publishes a save is made durable by an fsync of the parent
+    directory. Where that fsync fails (EIO), the new checkpoint is already the one at the URL: the
+    error says so, and that a crash could bring back what was there before (which is kept until the
+    next save sweeps it), rather than that the save failed and nothing changed."""
+    import errno
+
+    url = tmp_path / "ck"
+    if overwrite:
+        shardstore.save({"w": torch.ones(4)}, str(url))
+    before = (url / "zarr.json").read_bytes() if overwrite else None
+    dir_sync = posix.fsync_dir
+
+    def fails_once_published(path):
+        published = (url / "zarr.json").exists() and (url / "zarr.json").read_bytes() != before
+        if path == str(tmp_path) and published:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return dir_sync(path)
+
+    monkeypatch.setattr(posix, "fsync_dir", fails_once_published)
+    with pytest.raises(OSError) as info:
+        shardstore.save({"w": torch.zeros(4)}, str(url), overwrite=overwrite)
+    message = str(info.value)
+    assert info.value.errno == errno.EIO and "nothing was committed" not in message
+    assert f"the save committed: the checkpoint at {url} is the new one" in message
+    assert "may not be durable" in message and str(tmp_path) in message
+    assert ("the checkpoint it replaced" if overwrite else "nothing") in message
+    assert "re-run the save with overwrite=True" in message
+    monkeypatch.undo()
+    assert torch.equal(shardstore.open(str(url)).read("w"), torch.zeros(4))
+    shardstore.save({"w": torch.full((4,), 2.0)}, str(url), overwrite=True)  # sweeps what the failed sync left
+    assert sorted(os.listdir(tmp_path)) == ["ck"]
