@@ -304,7 +304,8 @@ def distribute_tensor(
     src_data_rank: int | None = 0,
 ) -> DTensor:
     """Split a full tensor over the mesh: scattered from ``src_data_rank``, or, with None (or a tensor on
-    the meta device, which stays there), sliced locally."""
+    the meta device, which stays there), sliced locally. The DTensor keeps the input's strides (a
+    transposed or channels_last input stays so globally, as torch's); local shards are contiguous."""
     device_mesh = collectives.current_mesh(device_mesh, "distribute_tensor")
     if isinstance(tensor, DTensor):
         raise ValueError("distribute_tensor got a DTensor; use redistribute to change its placements")
@@ -312,7 +313,7 @@ def distribute_tensor(
     tensor = tensor.detach()
     if tensor.device.type not in (device_mesh.device_type, "meta"):
         tensor = tensor.to(device_mesh.device_type)
-    spec = DTensorSpec.create(device_mesh, placements, tensor.shape, tensor.dtype)
+    spec = DTensorSpec.create(device_mesh, placements, tensor.shape, tensor.dtype, tensor.stride())
     if device_mesh.get_coordinate() is None:
         local = tensor.new_empty(0)
     elif src_data_rank is None or tensor.is_meta:
@@ -343,7 +344,7 @@ def _from_source(local: torch.Tensor, p: Placement, spec: DTensorSpec, mesh_dim:
         pieces += [local.narrow(p.dim, 0, 0)] * (n - len(pieces))
         chunk = -(-local.size(p.dim) // n)
         padded = [pad_to(x, p.dim, chunk) for x in pieces]
-        out = torch.empty_like(padded[0])
+        out = padded[0].new_empty(padded[0].shape)  # contiguous: scatter writes raw memory, in row-major order
         collectives.scatter(out, padded, mesh, mesh_dim, src)
         return out.narrow(p.dim, 0, pieces[mesh.get_local_rank(mesh_dim)].size(p.dim))
     local = collectives.broadcast(local.contiguous().clone(), mesh, mesh_dim, src)
