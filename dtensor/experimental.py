@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 
 from . import dispatch
 from .api import DTensor
-from .placements import Placement
+from .placements import Placement, PlacementError
 
 __all__ = ["implicit_replication", "local_map"]
 
@@ -44,8 +44,10 @@ def local_map(
 
     DTensor arguments (flattened) become their local tensors, moved first to ``in_placements`` when
     ``redistribute_inputs``, else checked against them; their gradients come back with
-    ``in_grad_placements``. Tensor results become DTensors with ``out_placements`` (one per output; None
-    leaves that output a plain tensor)."""
+    ``in_grad_placements``. When any argument was a DTensor, tensor results become DTensors on its mesh
+    (or ``device_mesh``) with ``out_placements``: a tuple holds one entry per flattened output, anything
+    else is the single output's, and None means Replicate, as ``DTensor.from_local``'s default. Without a
+    DTensor argument the function's result is returned as it is (torch's rules)."""
     if func is None:
         return functools.partial(
             local_map, out_placements=out_placements, in_placements=in_placements,
@@ -60,10 +62,10 @@ def local_map(
         grads = list(in_grad_placements) if in_grad_placements is not None else [None] * len(flat)
         if not len(wanted) == len(grads) == len(flat):
             raise ValueError(f"local_map: in_placements/in_grad_placements need one entry per argument ({len(flat)})")
-        local = []
+        local, seen_dtensor = [], False
         for i, (x, want, grad) in enumerate(zip(flat, wanted, grads)):
             if isinstance(x, DTensor):
-                mesh = mesh or x.device_mesh
+                mesh, seen_dtensor = mesh or x.device_mesh, True
                 if want is not None and tuple(want) != x.placements:
                     if not redistribute_inputs:
                         raise ValueError(
@@ -74,21 +76,27 @@ def local_map(
                 x = x.to_local(grad_placements=grad)
             local.append(x)
         out = func(*pytree.tree_unflatten(local, tree), **kwargs)
-        if out_placements is None or mesh is None:
-            return out
-        return _wrap_outputs(out, out_placements, mesh)
+        return _wrap_outputs(out, out_placements, mesh) if seen_dtensor else out
 
     return wrapped
 
 
 def _wrap_outputs(out, out_placements, mesh):
     flat, tree = pytree.tree_flatten(out)
-    single = len(out_placements) == 0 or isinstance(out_placements[0], Placement)
-    per_output = [out_placements] * len(flat) if single else list(out_placements)
+    per_output = out_placements if _one_per_output(out_placements) else (out_placements,)
     if len(per_output) != len(flat):
-        raise ValueError(f"local_map: out_placements has {len(per_output)} entries for {len(flat)} outputs")
+        raise PlacementError(
+            f"local_map: out_placements gives {len(per_output)} entries for {len(flat)} outputs; pass a tuple "
+            "with one entry (placements, or None for Replicate) per output"
+        )
     wrapped = [
-        DTensor.from_local(o, mesh, p, run_check=False) if isinstance(o, torch.Tensor) and p is not None else o
+        DTensor.from_local(o, mesh, p, run_check=False) if isinstance(o, torch.Tensor) else o
         for o, p in zip(flat, per_output)
     ]
     return pytree.tree_unflatten(wrapped, tree)
+
+
+def _one_per_output(out_placements) -> bool:
+    """A tuple lists every output's placements, as in torch; a tuple of placements (``(Shard(0),)``),
+    which torch would misread, is taken as the one output's."""
+    return isinstance(out_placements, tuple) and not (out_placements and isinstance(out_placements[0], Placement))
