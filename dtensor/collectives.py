@@ -32,6 +32,7 @@ __all__ = [
     "wait",
     "is_initialized",
     "current_mesh",
+    "NoMeshError",
 ]
 
 
@@ -44,6 +45,10 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+class NoMeshError(ValueError, RuntimeError):
+    """No mesh given and none active: a ``ValueError``, and the ``RuntimeError`` torch raises for it."""
+
+
 def current_mesh(mesh: DeviceMesh | None, what: str) -> DeviceMesh:
     """``mesh``, else the one of the innermost ``with mesh:`` block (torch's default mesh)."""
     if mesh is not None:
@@ -51,7 +56,7 @@ def current_mesh(mesh: DeviceMesh | None, what: str) -> DeviceMesh:
     from torch.distributed.device_mesh import _mesh_resources
 
     if not _mesh_resources.mesh_stack:
-        raise ValueError(f"{what} needs a device_mesh: pass device_mesh=, or call it inside a `with mesh:` block")
+        raise NoMeshError(f"{what} needs a device_mesh: pass device_mesh=, or call it inside a `with mesh:` block")
     return _mesh_resources.mesh_stack[-1]
 
 

@@ -8,7 +8,7 @@ import torch
 
 from . import collectives, random
 from .api import DTensor
-from .placements import Box, Placement
+from .placements import Box, Placement, PlacementError
 from .spec import DTensorSpec
 
 __all__ = ["zeros", "ones", "empty", "full", "rand", "randn"]
@@ -27,9 +27,18 @@ def _make(
     placements: Sequence[Placement] | None,
     dtype: torch.dtype | None,
     requires_grad: bool,
+    layout: torch.layout,
 ) -> DTensor:
+    """The DTensor of ``make_local``'s shards. As torch's factories: strided tensors only (torch raises
+    an AssertionError for any other layout, hence ``PlacementError``), and no placements (None or
+    empty) mean Replicate on every mesh dim."""
+    if layout != torch.strided:
+        raise PlacementError(
+            f"layout value not supported! DTensor factories make torch.strided tensors, got layout={layout}; "
+            "make a strided DTensor and convert its local tensor (to_local()) if another layout is needed"
+        )
     device_mesh = collectives.current_mesh(device_mesh, "DTensor factories")
-    spec = DTensorSpec.create(device_mesh, placements, _size(size), dtype or torch.get_default_dtype())
+    spec = DTensorSpec.create(device_mesh, placements or None, _size(size), dtype or torch.get_default_dtype())
     box = spec.local_box()
     if box is None:  # a rank outside the mesh holds an empty 1-D tensor, as torch's
         local = torch.empty(0, dtype=spec.dtype, device=device_mesh.device_type)
@@ -46,11 +55,11 @@ def _filled(value) -> Callable:
 
 
 def zeros(*size, requires_grad=False, dtype=None, layout=torch.strided, device_mesh=None, placements=None) -> DTensor:
-    return _make(_filled(0), size, device_mesh, placements, dtype, requires_grad)
+    return _make(_filled(0), size, device_mesh, placements, dtype, requires_grad, layout)
 
 
 def ones(*size, requires_grad=False, dtype=None, layout=torch.strided, device_mesh=None, placements=None) -> DTensor:
-    return _make(_filled(1), size, device_mesh, placements, dtype, requires_grad)
+    return _make(_filled(1), size, device_mesh, placements, dtype, requires_grad, layout)
 
 
 def full(size, fill_value, *, requires_grad=False, dtype=None, layout=torch.strided, device_mesh=None, placements=None) -> DTensor:
@@ -58,14 +67,14 @@ def full(size, fill_value, *, requires_grad=False, dtype=None, layout=torch.stri
     the default complex dtype for a complex number, the default dtype for a float."""
     if dtype is None:
         dtype = torch.full((), fill_value, device="meta").dtype
-    return _make(_filled(fill_value), (size,), device_mesh, placements, dtype, requires_grad)
+    return _make(_filled(fill_value), (size,), device_mesh, placements, dtype, requires_grad, layout)
 
 
 def empty(*size, requires_grad=False, dtype=None, layout=torch.strided, device_mesh=None, placements=None) -> DTensor:
     def make(spec: DTensorSpec, box: Box) -> torch.Tensor:
         return torch.empty(box.sizes, dtype=spec.dtype, device=spec.mesh.device_type)
 
-    return _make(make, size, device_mesh, placements, dtype, requires_grad)
+    return _make(make, size, device_mesh, placements, dtype, requires_grad, layout)
 
 
 def _random(draw: Callable) -> Callable:
@@ -81,9 +90,9 @@ def _random(draw: Callable) -> Callable:
 
 def rand(*size, requires_grad=False, dtype=None, layout=torch.strided, device_mesh=None, placements=None) -> DTensor:
     """U[0, 1): shards differ, replicas agree, and the full tensor does not depend on the mesh."""
-    return _make(_random(random.uniform), size, device_mesh, placements, dtype, requires_grad)
+    return _make(_random(random.uniform), size, device_mesh, placements, dtype, requires_grad, layout)
 
 
 def randn(*size, requires_grad=False, dtype=None, layout=torch.strided, device_mesh=None, placements=None) -> DTensor:
     """N(0, 1): shards differ, replicas agree, and the full tensor does not depend on the mesh."""
-    return _make(_random(random.normal), size, device_mesh, placements, dtype, requires_grad)
+    return _make(_random(random.normal), size, device_mesh, placements, dtype, requires_grad, layout)

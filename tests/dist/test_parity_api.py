@@ -383,6 +383,43 @@ def test_full_takes_the_fill_values_dtype_like_torch():
     assert _run(_full_case, world=4) == [expected] * 4
 
 
+def _factory_calls(lib):
+    """Every factory with torch's keyword arguments: ``requires_grad``, ``dtype``, empty ``placements``
+    (Replicate, as torch's), ``placements`` on a 2-D mesh; and the calls torch refuses, by error type: a
+    layout other than strided (ours ignored it and made a strided tensor), no mesh (ours: ValueError)."""
+    m = mesh((2, 2))
+    out, errors = [], []
+    for name in ("zeros", "ones", "empty", "full"):
+        f = getattr(lib, name)
+        make = (lambda *size, **kw: f(size, 3.0, **kw)) if name == "full" else f  # noqa: B023
+        made = [
+            make(5, 3, requires_grad=True, device_mesh=m, placements=[lib.Shard(0), lib.Shard(1)]),
+            make(4, 2, dtype=torch.float64, device_mesh=m, placements=(lib.Replicate(), lib.Shard(1))),
+            make(4, 2, dtype=torch.int32, device_mesh=m, placements=[]),
+            make(4, 2, layout=torch.strided, device_mesh=m),
+        ]
+        if name == "empty":  # uninitialized: compare everything but the values
+            made = [(tuple(d.shape), tuple(d.stride()), d.dtype, placement_names(d.placements)) for d in made]
+        out.append((made, [(d.requires_grad, d.is_leaf) for d in made if not isinstance(d, tuple)]))
+        for layout in (torch.sparse_coo, torch.sparse_csr, torch._mkldnn):
+            errors.append(_error(lambda: make(4, 2, layout=layout, device_mesh=m)))  # noqa: B023
+        errors.append(_error(lambda: make(4, 2)))  # noqa: B023
+    return out, errors
+
+
+def _factories_case():
+    ours, theirs = both(_factory_calls)
+    assert_same(ours[0], theirs[0], what="factories")
+    for mine, torchs in zip(ours[1], theirs[1]):
+        assert isinstance(mine, type(torchs)), f"{mine!r} is not a {type(torchs).__name__} like torch's {torchs!r}"
+    assert "layout value not supported!" in str(ours[1][0]) and "needs a device_mesh" in str(ours[1][3])
+    return True
+
+
+def test_factories_take_torchs_keywords_and_refuse_what_torch_refuses():
+    assert all(_run(_factories_case, world=4))
+
+
 # ---------------------------------------------------------------- conversion from torch's DTensor
 
 
