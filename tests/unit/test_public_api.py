@@ -32,11 +32,14 @@ def test_dtensor_names_mirror_torch():
 
 
 def test_dtensor_submodules_mirror_torch():
+    import torch.distributed.tensor.debug as torch_debug
     import torch.distributed.tensor.experimental as torch_experimental
 
+    import dtensor.debug
     import dtensor.experimental
 
     assert set(dtensor.experimental.__all__) <= set(dir(torch_experimental))
+    assert set(dtensor.debug.__all__) == set(torch_debug.__all__)
 
 
 def test_dtensor_parallel_exports_torchs_names():
