@@ -1,8 +1,8 @@
 """Ops that copy, fill or make tensors like their input, and the ones that answer a Python value.
 
-Copies and detaches keep their input's layout (Partial too: a copy of every term). ``*_like`` and
-``new_*`` factories are sharded like their input when they have its shape, never Partial where their
-values would be summed (``ones_like`` of a pending sum is Replicate). ``equal`` and ``.item()`` return
+Detaches and aliases keep their input's layout (Partial too); copies (``clone``) reduce a Partial
+first, as torch's. ``*_like`` and ``new_*`` factories are sharded like their input when they have its
+shape, never Partial where their values would be summed (``ones_like`` of a pending sum is Replicate). ``equal`` and ``.item()`` return
 plain Python values every rank agrees on; they are handlers because their result is not a DTensor.
 """
 
@@ -16,7 +16,7 @@ from ..placements import Replicate
 from ..redistribute import redistribute_local
 from ..spec import DTensorSpec, contiguous_strides
 from .common import elementwise, replicate_partials, tensor_operands
-from .pointwise import COPY, KEEP, PA, PMAX, PMIN, elementwise_rule
+from .pointwise import COPY, GENERIC, KEEP, PA, PMAX, PMIN, elementwise_rule
 
 aten = torch.ops.aten
 
@@ -122,8 +122,10 @@ def _item(cls, func, args, kwargs):
 RULES = {
     aten.detach.default: _same_as_first,
     aten.alias.default: _same_as_first,
-    aten.clone.default: _same_as_first,
-    aten.contiguous.default: _same_as_first,
+    # torch tags clone pointwise and gives it no Partial rule: a pending reduction is carried out first
+    # (reduce-scattered where the input is sharded on another mesh dim), so x.clone().abs_() runs
+    aten.clone.default: GENERIC,
+    aten.contiguous.default: GENERIC,
     aten.empty_like.default: _same_as_first,
     aten.zeros_like.default: _like,
     aten.ones_like.default: _like,

@@ -1,0 +1,55 @@
+"""View-like and pointwise ops on ``Partial`` DTensors against torch's DTensor: placements, values and
+the collectives issued. ``clone`` carries a pending reduction out first, as torch's (ours kept it
+pending), so an in-place op that no Partial survives (``x.clone().abs_()``) runs as in torch instead of
+raising; views, scalings and monotone ops keep the reduction pending in both."""
+
+import math
+
+import pytest
+import torch
+
+from tests.parity import assert_same, both, comm_counts
+from tests.ranks import mesh, run_ranks
+
+OPS = {
+    "clone": lambda x: x.clone(),
+    "clone channels_last": lambda x: x[None, None].clone(memory_format=torch.channels_last),
+    "clone().abs_()": lambda x: x.clone().abs_(),
+    "clone().relu_()": lambda x: x.clone().relu_(),
+    "clone().mul_(-2)": lambda x: x.clone().mul_(-2),
+    "clone().neg_()": lambda x: x.clone().neg_(),
+    "clone().zero_()": lambda x: x.clone().zero_(),
+    "t": lambda x: x.t(),
+    "transpose": lambda x: x.transpose(0, 1),
+    "view": lambda x: x.view(2, 2, -1),
+    "permute": lambda x: x.permute(1, 0),
+    "unsqueeze": lambda x: x.unsqueeze(0),
+    "detach": lambda x: x.detach(),
+    "getitem": lambda x: x[1],
+    "neg": lambda x: -x,
+    "mul": lambda x: x * 3,
+    "abs": lambda x: x.abs(),
+    "exp": lambda x: x.exp(),
+    "relu": lambda x: x.relu(),
+}
+
+
+def _run(lib, op: str, reduce_op: str, mesh_shape):
+    rank = torch.distributed.get_rank()
+    local = torch.randn(4, 6, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    placements = [lib.Partial(reduce_op)] + [lib.Shard(1)] * (len(mesh_shape) - 1)
+    d = lib.DTensor.from_local(local, mesh(mesh_shape), placements)
+    return comm_counts(lib, OPS[op], d)
+
+
+def _case(mesh_shape):
+    for reduce_op in ("sum", "avg", "max", "min"):
+        for op in OPS:
+            ours, theirs = both(_run, op, reduce_op, mesh_shape)
+            assert_same(ours, theirs, atol=1e-12, what=f"{op} of a Partial({reduce_op}) DTensor on {mesh_shape}")
+    return True
+
+
+@pytest.mark.parametrize("mesh_shape", [(2,), (4,), (2, 2)])
+def test_ops_on_partial_dtensors_match_torch(mesh_shape):
+    assert all(run_ranks(math.prod(mesh_shape), _case, mesh_shape))
