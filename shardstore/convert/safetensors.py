@@ -13,8 +13,10 @@ block whatever the checkpoint size.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import operator
 import struct
 from dataclasses import dataclass
 from typing import Iterator
@@ -41,6 +43,7 @@ _CODES = {v: k for k, v in DTYPES.items()}
 DEFAULT_MAX_SHARD_BYTES = 5 << 30  # transformers' default max_shard_size
 _MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 BLOCK_BYTES = 64 << 20
+_MAX_COUNT = (1 << 63) - 1  # the most elements (and bytes) a torch tensor can have
 
 
 @dataclass(frozen=True)
@@ -94,24 +97,54 @@ class SafetensorsSource(IndexedSource):
         return out
 
     def _read_header(self, file: str) -> dict[str, _Entry]:
-        where = self.storage.key_url(file)
+        where, size = self.storage.key_url(file), self.storage.size(file)
+        if size < 8:
+            raise CorruptCheckpointError(f"{where}: a file of {size} bytes is too short for a safetensors file (it "
+                                         "starts with an 8-byte header length); the file is truncated or not safetensors")
         (length,) = struct.unpack("<Q", self.storage.read_range(file, 0, 8))
         if length > _MAX_HEADER_BYTES:
             raise CorruptCheckpointError(f"{where}: header of {length} bytes (at most {_MAX_HEADER_BYTES}); not a safetensors file")
-        try:
-            header = json.loads(bytes(self.storage.read_range(file, 8, 8 + length)))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptCheckpointError(f"{where}: the safetensors header is not JSON ({exc}); not a safetensors file") from exc
-        if not isinstance(header, dict):
-            raise CorruptCheckpointError(f"{where}: the safetensors header is a JSON {type(header).__name__}, expected an "
-                                         "object of tensor entries; not a safetensors file")
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict):
+        if 8 + length > size:
+            raise CorruptCheckpointError(f"{where}: a header of {length} bytes runs past the end of the file ({size} "
+                                         "bytes); the file is truncated or not safetensors")
+        header = _parse_header(bytes(self.storage.read_range(file, 8, 8 + length)), where)
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
             raise CorruptCheckpointError(f"{where}: the safetensors __metadata__ is {metadata!r}, expected an object of strings")
-        self.metadata.update(metadata)
+        self.metadata.update(metadata or {})
         entries = {name: _entry(file, where, name, info, 8 + length) for name, info in header.items()}
-        _check_spans(entries, where, 8 + length, self.storage.size(file))
+        _check_spans(entries, where, 8 + length, size)
         return entries
+
+
+def _parse_header(text: bytes, where: str) -> dict:
+    """The header as strict JSON, as the safetensors library parses it: UTF-8 without a BOM, no NaN or
+    Infinity, and no key twice in any object. The format forbids duplicate keys, and readers disagree on
+    which copy counts (Python's ``json`` keeps the last), so a file could be reviewed as one tensor and
+    loaded as another: none is guessed."""
+    def unique(pairs: list) -> dict:
+        seen: dict = {}
+        for key, value in pairs:
+            if key in seen:
+                what = "tensor" if isinstance(value, dict) and "dtype" in value else "key"
+                raise CorruptCheckpointError(f"{where}: the safetensors header names {what} {key!r} twice (the "
+                                             "format forbids duplicate keys); the file is damaged or crafted")
+            seen[key] = value
+        return seen
+
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=unique, parse_constant=no_constant)
+    except CorruptCheckpointError:
+        raise
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{where}: the safetensors header is not JSON ({exc}); not a safetensors file") from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{where}: the safetensors header is a JSON {type(header).__name__}, expected an "
+                                     "object of tensor entries; not a safetensors file")
+    return header
 
 
 def _box(shape: tuple[int, ...], region: Region | None) -> Box:
@@ -141,28 +174,40 @@ def _entry(file: str, where: str, name: str, info: dict, data_start: int) -> _En
     try:
         meta = TensorMeta(_counts(info["shape"]), DTYPES[info["dtype"]])
         begin, end = _counts(info["data_offsets"], 2)
+        if any(n > _MAX_COUNT for n in itertools.accumulate(meta.shape, operator.mul)):  # as the library, which
+            raise ValueError(f"the dims of {list(meta.shape)} multiply past {_MAX_COUNT}")  # also refuses [2**62, 2**62, 0]
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has a malformed or unsupported header entry {info!r} "
-                                     f"(shape and data_offsets are lists of ints >= 0; supported dtypes {sorted(DTYPES)})") from exc
+                                     "(shape and data_offsets are lists of ints >= 0 whose product fits in 63 bits; "
+                                     f"supported dtypes {sorted(DTYPES)})") from exc
     if end - begin != meta.nbytes:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} spans {end - begin} bytes, its shape and dtype need {meta.nbytes}")
     return _Entry(file, meta, data_start + begin)
 
 
 def _check_spans(entries: dict[str, _Entry], where: str, data_start: int, file_size: int) -> None:
-    """Every tensor's bytes lie inside the file and no two overlap (as the safetensors library requires):
-    a header pointing past the end would otherwise be planned as a tensor of any size before the first
-    read came up short. Offsets are named as the header gives them (from the end of the header)."""
+    """The tensors' bytes tile the data section exactly, as the safetensors library requires: every span
+    inside the file (a header pointing past the end would otherwise be planned as a tensor of any size
+    before the first read came up short), none overlapping another, and no byte left to no tensor (a
+    shifted offset would read the wrong bytes; data no tensor names is hidden in the file). Offsets are
+    named as the header gives them (from the end of the header)."""
+    data_size = file_size - data_start
     spans = sorted((e.begin - data_start, e.begin - data_start + e.meta.nbytes, name) for name, e in entries.items())
     for begin, end, name in spans:
-        if end > file_size - data_start:
+        if end > data_size:
             raise CorruptCheckpointError(f"{where}: tensor {name!r} spans bytes [{begin}, {end}) of a data section of "
-                                         f"{file_size - data_start} bytes; the file is truncated or its header is wrong")
-    spans = [span for span in spans if span[1] > span[0]]
-    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
-        if begin < end:
-            raise CorruptCheckpointError(f"{where}: tensors {first!r} and {second!r} overlap in the file (a safetensors "
-                                         "header gives each tensor its own bytes); the header is wrong")
+                                         f"{data_size} bytes; the file is truncated or its header is wrong")
+    covered, last = 0, None
+    for begin, end, name in spans + [(data_size, data_size, None)]:  # the end of the file closes the last gap
+        if begin < covered:
+            what = f"tensor {name!r} spans bytes [{begin}, {end}) inside {last!r}" if begin == end else \
+                f"tensors {last!r} and {name!r} overlap in the file"
+            raise CorruptCheckpointError(f"{where}: {what} (a safetensors header gives each tensor its own bytes, back "
+                                         "to back); the header is wrong")
+        if begin > covered:
+            raise CorruptCheckpointError(f"{where}: bytes [{covered}, {begin}) of the data section belong to no tensor "
+                                         "(safetensors tensors lie back to back); the header is wrong or the file altered")
+        covered, last = end, name
 
 
 def _counts(values, length: int | None = None) -> tuple[int, ...]:

@@ -120,8 +120,8 @@ def test_malformed_safetensors_headers_are_refused_naming_the_file(tmp_path, edi
 
 
 @pytest.mark.parametrize("edit, says", [
-    (lambda h: {**h, "w": {"dtype": "F32", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 1 << 82]}},
-     "tensor 'w' spans bytes [0, 4835703278458516698824704) of a"),
+    (lambda h: {**h, "w": {"dtype": "F32", "shape": [1 << 30, 1 << 30], "data_offsets": [0, 1 << 62]}},
+     "tensor 'w' spans bytes [0, 4611686018427387904) of a"),
     (lambda h: {**h, "w": {**h["w"], "data_offsets": [4, 52]}}, "tensor 'w' spans bytes [4, 52) of a"),
     (lambda h: {**h, "v": {"dtype": "F32", "shape": [2], "data_offsets": [40, 48]}}, "tensors 'w' and 'v' overlap"),
 ])
@@ -176,3 +176,82 @@ def test_a_shardstore_checkpoint_named_like_safetensors_loads_and_a_missing_file
     assert torch.equal(sd["w"], torch.arange(3.0))
     with pytest.raises(CheckpointNotFoundError, match="no safetensors file at .*typo.safetensors"):
         shardstore.load({"w": torch.zeros(3)}, str(tmp_path / "typo.safetensors"))
+
+
+def _raw_file(path: Path, header: bytes, data: bytes) -> None:
+    """A safetensors file with exactly ``header`` as its JSON text (duplicate keys and all), then ``data``."""
+    import struct
+
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+_W = b'"w":{"dtype":"F32","shape":[3,4],"data_offsets":[0,48]}'
+_DATA = torch.arange(12.0).numpy().tobytes()
+
+
+@pytest.mark.parametrize("header, data, says", [
+    (b"{" + _W + b"," + _W.replace(b"F32", b"I32") + b"}", _DATA, "tensor 'w' twice"),
+    (b"{" + _W + b"," + _W + b"}", _DATA, "tensor 'w' twice"),
+    (b'{"__metadata__":{"a":"1","a":"2"},' + _W + b"}", _DATA, "'a' twice"),
+    (b"{" + _W + b"}", _DATA + b"hidden", "bytes [48, 54) of the data section belong to no tensor"),
+    (b"{" + _W.replace(b"[0,48]", b"[4,52]") + b"}", bytes(4) + _DATA, "bytes [0, 4) of the data section belong to no tensor"),
+    (b'{"e":{"dtype":"F32","shape":[0],"data_offsets":[8,8]},' + _W + b"}", _DATA, "bytes [8, 8) inside 'w'"),
+    (b'{"__metadata__":{"format":1},' + _W + b"}", _DATA, "__metadata__ is {'format': 1}, expected an object of strings"),
+    (b'{"__metadata__":[],' + _W + b"}", _DATA, "__metadata__ is [], expected an object of strings"),
+    (b'{"__metadata__":{"x":NaN},' + _W + b"}", _DATA, "the safetensors header is not JSON"),
+    (b"\xef\xbb\xbf{" + _W + b"}", _DATA, "the safetensors header is not JSON"),
+    (b'{"w":{"dtype":"F32","shape":[4611686018427387904,4611686018427387904,0],"data_offsets":[0,0]}}', b"",
+     "shape and data_offsets are lists of ints >= 0 whose product fits in 63 bits"),
+], ids=["tensor-twice-differing", "tensor-twice", "metadata-key-twice", "trailing-bytes", "leading-gap",
+        "empty-tensor-inside-another", "metadata-int", "metadata-list", "nan", "bom", "dims-overflow"])
+def test_headers_the_safetensors_format_forbids_are_refused_as_safetensors_refuses_them(tmp_path, header, data, says):
+    """A header naming a key twice (the format forbids it: readers disagree on which copy counts, so a
+    file could pass review as one tensor and load as another; the safetensors library keeps one
+    silently), bytes no tensor covers (a shifted offset, or data hidden in the file), __metadata__ that
+    is not strings, and JSON that is not strict JSON were loaded as if sound; the safetensors library
+    refuses all but the duplicates, and load refuses them all."""
+    from safetensors import SafetensorError
+
+    from shardstore.errors import CorruptCheckpointError
+
+    path = tmp_path / "m.safetensors"
+    _raw_file(path, header, data)
+    if "twice" not in says:
+        with pytest.raises(SafetensorError):
+            load_file(str(path))
+    target = {"w": torch.zeros(3, 4)}
+    with pytest.raises(CorruptCheckpointError, match="m.safetensors") as info:
+        shardstore.load(target, str(path), strict=False)
+    assert says in str(info.value) and ("not JSON" in says or "not JSON" not in str(info.value))
+    assert not target["w"].any()
+
+
+@pytest.mark.parametrize("header, data", [
+    (b"  {" + _W + b"}   ", _DATA),  # leading and trailing spaces
+    (b'{"__metadata__":null,' + _W + b"}", _DATA),
+    (b'{"w":{"dtype":"F32","shape":[3,4],"data_offsets":[0,48],"extra":1}}', _DATA),
+    (b'{"e":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"z":{"dtype":"BF16","shape":[2,0],"data_offsets":[48,48]},' + _W + b"}", _DATA),
+    (b'{"w":{"dtype":"F32","shape":[3,4],"data_offsets":[4,52]},"v":{"dtype":"I32","shape":[1],"data_offsets":[0,4]}}', bytes(4) + _DATA),
+], ids=["spaces", "metadata-null", "extra-field", "empty-tensors", "out-of-order"])
+def test_headers_the_safetensors_library_accepts_load_the_same_values(tmp_path, header, data):
+    path = tmp_path / "m.safetensors"
+    _raw_file(path, header, data)
+    expected = load_file(str(path))
+    target = {k: torch.full_like(v, 7) for k, v in expected.items()}
+    shardstore.load(target, str(path))
+    assert all(torch.equal(target[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"", "a file of 0 bytes is too short for a safetensors file"),
+    (b"\x10\0\0\0\0\0\0\0{}", "a header of 16 bytes runs past the end of the file (10 bytes)"),
+], ids=["empty-file", "cut-header"])
+def test_files_too_short_for_their_header_say_so(tmp_path, content, says):
+    """A zero-length or cut file was reported as a truncated object of a save ('re-run the save')."""
+    from shardstore.errors import CorruptCheckpointError
+
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CorruptCheckpointError, match="m.safetensors") as info:
+        shardstore.load({"w": torch.zeros(3, 4)}, str(path))
+    assert says in str(info.value) and "re-run the save" not in str(info.value)
