@@ -72,6 +72,8 @@ def _plan(tensors: dict, source: SafetensorsSource, strict: bool, url: str) -> l
         if name not in stored:
             continue
         target = load_targets({key: tensors[key]})[key]
+        if not target.regions:
+            continue  # an empty shard (torch.chunk gives the last ranks none) or a rank outside the mesh
         if len(target.regions) != 1:
             raise UnsupportedInputError(f"{name!r}: a target holding {len(target.regions)} pieces on one rank cannot "
                                         "load from safetensors; convert the checkpoint to zarr and load that")

@@ -255,3 +255,24 @@ def test_files_too_short_for_their_header_say_so(tmp_path, content, says):
     with pytest.raises(CorruptCheckpointError, match="m.safetensors") as info:
         shardstore.load({"w": torch.zeros(3, 4)}, str(path))
     assert says in str(info.value) and "re-run the save" not in str(info.value)
+
+
+def _load_with_empty_shards(path: str) -> list[bool]:
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard as TorchShard, distribute_tensor
+
+    w = load_file(path)
+    uneven = distribute_tensor(torch.zeros(3, 5), mesh((4,)), [TorchShard(0)])  # torch.chunk: rank 3 holds 0 rows
+    sub = dtensor.zeros(6, 4, device_mesh=mesh((2,)), placements=[dtensor.Shard(0)])  # ranks 2 and 3 hold nothing
+    shardstore.load({"a": uneven, "c": sub}, path)
+    return [torch.equal(uneven.full_tensor(), w["a"]), torch.equal(sub.full_tensor(), w["c"]) if dist.get_rank() < 2 else True]
+
+
+def test_dtensor_targets_with_nothing_on_a_rank_load(tmp_path):
+    """A rank whose shard of a tensor is empty (3 rows over 4 ranks, as torch.chunk cuts them) or that is
+    outside the tensor's mesh has nothing to read; the load was refused as 'a target holding 0 pieces on
+    one rank cannot load from safetensors'."""
+    path = tmp_path / "m.safetensors"
+    g = torch.Generator().manual_seed(3)
+    save_file({"a": torch.randn(3, 5, generator=g), "c": torch.randn(6, 4, generator=g)}, str(path))
+    assert run_ranks(4, _load_with_empty_shards, str(path)) == [[True, True]] * 4
