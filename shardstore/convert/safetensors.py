@@ -28,8 +28,10 @@ from shardstore.convert.localfiles import fresh_directory
 from shardstore.convert.sources import (
     SAFETENSORS_FILE, SAFETENSORS_INDEX, IndexedSource, Region, TensorMeta, TensorSource, row_blocks, split_url,
 )
-from shardstore.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedInputError
-from shardstore.storage import Storage
+from shardstore.errors import (
+    CheckpointNotFoundError, CorruptCheckpointError, MissingChunkError, UnsafeKeyError, UnsupportedInputError,
+)
+from shardstore.storage import Storage, check_key
 
 __all__ = ["SafetensorsSource", "write_safetensors", "DTYPES", "DEFAULT_MAX_SHARD_BYTES"]
 
@@ -75,6 +77,8 @@ class SafetensorsSource(IndexedSource):
         self.metadata: dict[str, str] = {}
         self.bytes_read = 0  # tensor bytes read so far (headers not counted)
         self._entries: dict[str, _Entry] = {}
+        if weight_map is not None:
+            _check_files_exist(self.storage, weight_map, url)
         for file in files:
             entries = self._read_header(file)
             if weight_map is not None:
@@ -118,17 +122,25 @@ class SafetensorsSource(IndexedSource):
 
 
 def _parse_header(text: bytes, where: str) -> dict:
-    """The header as strict JSON, as the safetensors library parses it: UTF-8 without a BOM, no NaN or
+    header = _strict_json(text, where, "header")
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{where}: the safetensors header is a JSON {type(header).__name__}, expected an "
+                                     "object of tensor entries; not a safetensors file")
+    return header
+
+
+def _strict_json(text: bytes, where: str, what: str):
+    """``text`` as strict JSON, as the safetensors library parses a header: UTF-8 without a BOM, no NaN or
     Infinity, and no key twice in any object. The format forbids duplicate keys, and readers disagree on
     which copy counts (Python's ``json`` keeps the last), so a file could be reviewed as one tensor and
-    loaded as another: none is guessed."""
+    loaded as another, or an index send a tensor to either of two files: none is guessed."""
     def unique(pairs: list) -> dict:
         seen: dict = {}
         for key, value in pairs:
             if key in seen:
-                what = "tensor" if isinstance(value, dict) and "dtype" in value else "key"
-                raise CorruptCheckpointError(f"{where}: the safetensors header names {what} {key!r} twice (the "
-                                             "format forbids duplicate keys); the file is damaged or crafted")
+                kind = "tensor " if isinstance(value, dict) and "dtype" in value else ""
+                raise CorruptCheckpointError(f"{where}: the safetensors {what} names {kind}{key!r} twice (the format "
+                                             "forbids duplicate keys); the file is damaged or crafted")
             seen[key] = value
         return seen
 
@@ -136,15 +148,11 @@ def _parse_header(text: bytes, where: str) -> dict:
         raise ValueError(f"{name} is not JSON")
 
     try:
-        header = json.loads(text.decode("utf-8"), object_pairs_hook=unique, parse_constant=no_constant)
+        return json.loads(text.decode("utf-8"), object_pairs_hook=unique, parse_constant=no_constant)
     except CorruptCheckpointError:
         raise
     except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{where}: the safetensors header is not JSON ({exc}); not a safetensors file") from exc
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"{where}: the safetensors header is a JSON {type(header).__name__}, expected an "
-                                     "object of tensor entries; not a safetensors file")
-    return header
+        raise CorruptCheckpointError(f"{where}: the safetensors {what} is not JSON ({exc}); not a safetensors {what}") from exc
 
 
 def _box(shape: tuple[int, ...], region: Region | None) -> Box:
@@ -222,17 +230,34 @@ def _counts(values, length: int | None = None) -> tuple[int, ...]:
 def _weight_map(storage: Storage) -> dict[str, str]:
     """The index's ``weight_map`` ({tensor name: file name}), refused naming the index unless it is one."""
     where = storage.key_url(SAFETENSORS_INDEX)
-    try:
-        index = json.loads(bytes(storage.read(SAFETENSORS_INDEX)))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"{where}: not JSON ({exc}); not a safetensors index") from exc
+    index = _strict_json(bytes(storage.read(SAFETENSORS_INDEX)), where, "index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise CorruptCheckpointError(f"{where}: no 'weight_map' object; not a safetensors index")
     for name, file in weight_map.items():
         if not isinstance(file, str):
             raise CorruptCheckpointError(f"{where}: the 'weight_map' maps tensor {name!r} to {file!r}, expected a file name")
+        try:
+            check_key(file, storage.url)
+        except UnsafeKeyError:
+            raise UnsafeKeyError(f"{where} maps tensor {name!r} to {file!r}: a file outside the directory (or not a "
+                                 "relative path); expected a file name in it, such as 'model-00001-of-00002.safetensors'. "
+                                 "The index is damaged or crafted") from None
     return weight_map
+
+
+def _check_files_exist(storage: Storage, weight_map: dict[str, str], url: str) -> None:
+    """Every file the index names is there, checked before any header is read: a missing shard is named
+    as such, not as a copy of its tensors found in another file."""
+    first_tensor: dict[str, str] = {}
+    for name, file in weight_map.items():
+        first_tensor.setdefault(file, name)
+    for file, name in first_tensor.items():  # one size check per file (a request each on an object store)
+        try:
+            storage.size(file)
+        except MissingChunkError:
+            raise MissingChunkError(f"{storage.key_url(SAFETENSORS_INDEX)} maps tensor {name!r} to {file}, which does "
+                                    f"not exist in {url}; the download is incomplete or the index is wrong") from None
 
 
 def _check_against_index(entries: dict[str, _Entry], file: str, earlier: dict[str, _Entry], weight_map: dict[str, str],

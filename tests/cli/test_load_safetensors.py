@@ -149,7 +149,7 @@ def _edit_index(directory: Path, edit) -> None:
      "tensor 'model.embed.weight' is in both model-00001-of-00002.safetensors and model-00002-of-00002.safetensors"),
     (lambda d: _edit_index(d, lambda t: t.replace('"model.norm.weight"', '"model.gone.weight"')),
      "maps tensor 'model.gone.weight' to model-00002-of-00002.safetensors, whose header has no such tensor"),
-    (lambda d: _edit_index(d, lambda t: t[:-1]), "model.safetensors.index.json: not JSON ("),
+    (lambda d: _edit_index(d, lambda t: t[:-1]), "model.safetensors.index.json: the safetensors index is not JSON ("),
     (lambda d: _edit_index(d, lambda t: t.replace('"model-00001-of-00002.safetensors"', "[]")),
      "maps tensor 'model.embed.weight' to [], expected a file name"),
 ])
@@ -276,3 +276,38 @@ def test_dtensor_targets_with_nothing_on_a_rank_load(tmp_path):
     g = torch.Generator().manual_seed(3)
     save_file({"a": torch.randn(3, 5, generator=g), "c": torch.randn(6, 4, generator=g)}, str(path))
     assert run_ranks(4, _load_with_empty_shards, str(path)) == [[True, True]] * 4
+
+
+@pytest.mark.parametrize("mapped, error, says", [
+    ("../other.safetensors", "UnsafeKeyError", "maps tensor 'model.norm.weight' to '../other.safetensors': a file outside"),
+    ("/etc/other.safetensors", "UnsafeKeyError", "maps tensor 'model.norm.weight' to '/etc/other.safetensors': a file outside"),
+    ("model-00003-of-00002.safetensors", "MissingChunkError",
+     "maps tensor 'model.norm.weight' to model-00003-of-00002.safetensors, which does not exist"),
+], ids=["parent", "absolute", "missing"])
+def test_an_index_naming_a_file_outside_the_directory_or_missing_is_refused_naming_the_tensor(tmp_path, mapped, error, says):
+    """The messages named neither the index nor the tensor: 'unsafe key ... state-dict keys are
+    percent-encoded by shardstore.flatten', or a missing object of a save ('re-run the save')."""
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    save_file({"model.norm.weight": torch.ones(16)}, str(tmp_path / "other.safetensors"))
+    _write_sharded(directory)
+    _edit_index(directory, lambda t: t.replace('"model.norm.weight": "model-00002-of-00002.safetensors"',
+                                               f'"model.norm.weight": "{mapped}"'))
+    target = {k: torch.zeros_like(v) for k, v in _weights().items()}
+    with pytest.raises(Exception) as info:
+        shardstore.load(target, str(directory))
+    assert type(info.value).__name__ == error
+    assert f"{directory}/model.safetensors.index.json" in str(info.value) and says in str(info.value)
+    assert "re-run the save" not in str(info.value) and "percent-encoded" not in str(info.value)
+    assert not any(t.any() for t in target.values())
+
+
+def test_an_index_naming_a_tensor_twice_is_refused(tmp_path):
+    """JSON keeps the last of two entries for one key, so the tensor was read from whichever file the
+    index named last, the other never looked at."""
+    from shardstore.errors import CorruptCheckpointError
+
+    _write_sharded(tmp_path)
+    _edit_index(tmp_path, lambda t: t.replace('"weight_map": {', '"weight_map": {"model.embed.weight": "model-00002-of-00002.safetensors", '))
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors.index.json: .*'model.embed.weight' twice"):
+        shardstore.load({k: torch.zeros_like(v) for k, v in _weights().items()}, str(tmp_path))
