@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from shardstore.convert.safetensors import SafetensorsSource
-from shardstore.convert.sources import SAFETENSORS_FILE, SAFETENSORS_INDEX
+from shardstore.convert.sources import SAFETENSORS_FILE, SAFETENSORS_INDEX, has_entry
 from shardstore.coordinator import Coordinator
 from shardstore.errors import StateDictMismatchError, UnsupportedInputError
 from shardstore.placing import copy_into
@@ -34,7 +34,7 @@ def is_safetensors(url: str, storage_options: dict | None = None) -> bool:
     here = Storage(url, storage_options)
     if here.exists(ZARR_JSON):
         return False  # a shardstore checkpoint, whatever its name
-    return url.rstrip("/").endswith(".safetensors") or here.exists(SAFETENSORS_INDEX) or here.exists(SAFETENSORS_FILE)
+    return url.rstrip("/").endswith(".safetensors") or has_entry(here, SAFETENSORS_INDEX) or has_entry(here, SAFETENSORS_FILE)
 
 
 def load_safetensors(state_dict: dict, url: str, *, storage_options: dict | None = None, process_group=None,

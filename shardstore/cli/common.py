@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from shardstore.convert.sources import has_entry
 from shardstore.errors import NotACheckpointError, ShardstoreError
 from shardstore.format import ZARR_JSON
 from shardstore.storage import Storage
@@ -78,7 +79,7 @@ def refuse_other_format(url: str, options: dict | None, command: str) -> None:
     kinds = ((".metadata", "a torch DCP checkpoint"), ("model.safetensors.index.json", "a safetensors checkpoint"),
              ("model.safetensors", "a safetensors checkpoint"))
     for key, kind in kinds:
-        if storage.exists(key):
+        if has_entry(storage, key):
             raise NotACheckpointError(
                 f"{url} is {kind} ({key}), not a shardstore checkpoint: {command} reads shardstore checkpoints only; "
                 f"`shardstore convert {url} DST --to zarr` makes one (diff and convert read it as it is)")

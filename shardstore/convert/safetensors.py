@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import operator
+import os
 import struct
 from dataclasses import dataclass
 from typing import Iterator
@@ -32,6 +33,7 @@ from shardstore.errors import (
     CheckpointNotFoundError, CorruptCheckpointError, MissingChunkError, UnsafeKeyError, UnsupportedInputError,
 )
 from shardstore.storage import Storage, check_key
+from shardstore.storage.base import is_local_url
 
 __all__ = ["SafetensorsSource", "write_safetensors", "DTYPES", "DEFAULT_MAX_SHARD_BYTES"]
 
@@ -64,7 +66,7 @@ class SafetensorsSource(IndexedSource):
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         weight_map: dict[str, str] | None = None
         if url.rstrip("/").endswith(".safetensors"):
-            parent, name = split_url(url)
+            parent, name = split_url(_resolved(url))
             self.storage, files = Storage(parent, storage_options), [name]
             if not self.storage.exists(name):
                 raise CheckpointNotFoundError(f"no safetensors file at {url}: nothing is stored there (or it is not "
@@ -101,7 +103,7 @@ class SafetensorsSource(IndexedSource):
         return out
 
     def _read_header(self, file: str) -> dict[str, _Entry]:
-        where, size = self.storage.key_url(file), self.storage.size(file)
+        where, size = self.storage.key_url(file), _file_size(self.storage, file)
         if size < 8:
             raise CorruptCheckpointError(f"{where}: a file of {size} bytes is too short for a safetensors file (it "
                                          "starts with an 8-byte header length); the file is truncated or not safetensors")
@@ -246,6 +248,28 @@ def _weight_map(storage: Storage) -> dict[str, str]:
     return weight_map
 
 
+def _resolved(url: str) -> str:
+    """A local file URL with its links resolved: the file a user names is theirs to link, as a symlinked
+    checkpoint root is (``hf_hub_download`` returns a link into the cache's blobs). Links inside a
+    directory are never followed (``_file_size``)."""
+    return os.path.realpath(url.removeprefix("file://")) if is_local_url(url) else url
+
+
+def _file_size(storage: Storage, file: str) -> int:
+    """The size of ``file``, refused where it is a link or not a regular file, saying what to load instead."""
+    try:
+        return storage.size(file)
+    except MissingChunkError:
+        raise
+    except CorruptCheckpointError as exc:
+        what = str(exc).split(" where a regular file")[0]  # '<url> is a symbolic link' (or a FIFO, a directory)
+        raise CorruptCheckpointError(
+            f"{what}: files of a safetensors directory are read only as regular files in it, never through a link "
+            "that could lead out of it (a Hugging Face cache snapshot links each file to its blobs); load the "
+            f"{SAFETENSORS_FILE} file itself (a file you name may be a link), or download with local_dir= to get "
+            "real files") from None
+
+
 def _check_files_exist(storage: Storage, weight_map: dict[str, str], url: str) -> None:
     """Every file the index names is there, checked before any header is read: a missing shard is named
     as such, not as a copy of its tensors found in another file."""
@@ -254,7 +278,7 @@ def _check_files_exist(storage: Storage, weight_map: dict[str, str], url: str) -
         first_tensor.setdefault(file, name)
     for file, name in first_tensor.items():  # one size check per file (a request each on an object store)
         try:
-            storage.size(file)
+            _file_size(storage, file)
         except MissingChunkError:
             raise MissingChunkError(f"{storage.key_url(SAFETENSORS_INDEX)} maps tensor {name!r} to {file}, which does "
                                     f"not exist in {url}; the download is incomplete or the index is wrong") from None

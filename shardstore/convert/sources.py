@@ -19,7 +19,7 @@ from shardstore.storage import Storage
 from shardstore.validate import tree_tensor_keys
 
 __all__ = ["FORMATS", "TensorMeta", "TensorSource", "Region", "IndexedSource", "ZarrSource", "detect_format",
-           "open_source", "row_blocks", "split_url", "apply_region", "flatten_loaded", "tree_nodes", "plain_values",
+           "open_source", "has_entry", "row_blocks", "split_url", "apply_region", "flatten_loaded", "tree_nodes", "plain_values",
            "plain_entries"]
 
 FORMATS = ("zarr", "safetensors", "dcp", "torch")
@@ -148,6 +148,12 @@ def split_url(url: str) -> tuple[str, str]:
     return (parent if sep else "."), name
 
 
+def has_entry(storage: Storage, key: str) -> bool:
+    """Whether anything is named ``key`` at the root: a regular file (``exists``), or a link or other entry
+    that a read then refuses, naming it (a directory of links is still told apart from an empty one)."""
+    return storage.exists(key) or key in storage.list_names(key)
+
+
 def detect_format(url: str, storage_options: dict | None = None) -> str:
     """The format of the checkpoint at ``url``, from its names: a ``*.safetensors`` file or a directory
     with a safetensors index or file; a directory with DCP's ``.metadata``; a directory with a root
@@ -157,7 +163,7 @@ def detect_format(url: str, storage_options: dict | None = None) -> str:
     here = Storage(url, storage_options).pinned()  # an overwritten checkpoint's current version
     for key, name in ((fmt.ZARR_JSON, "zarr"), (DCP_METADATA, "dcp"), (SAFETENSORS_INDEX, "safetensors"),
                       (SAFETENSORS_FILE, "safetensors")):
-        if here.exists(key):
+        if has_entry(here, key):
             return name
     parent, name = split_url(url)
     if Storage(parent, storage_options).exists(name):

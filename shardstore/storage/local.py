@@ -226,7 +226,7 @@ class LocalStorage(Storage):
     def list_names(self, prefix: str) -> list[str]:
         try:
             return sorted(n for n in os.listdir(self._root) if n.startswith(prefix))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
 
     def is_empty(self) -> bool:

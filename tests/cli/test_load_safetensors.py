@@ -311,3 +311,32 @@ def test_an_index_naming_a_tensor_twice_is_refused(tmp_path):
     _edit_index(tmp_path, lambda t: t.replace('"weight_map": {', '"weight_map": {"model.embed.weight": "model-00002-of-00002.safetensors", '))
     with pytest.raises(CorruptCheckpointError, match="model.safetensors.index.json: .*'model.embed.weight' twice"):
         shardstore.load({k: torch.zeros_like(v) for k, v in _weights().items()}, str(tmp_path))
+
+
+def test_a_safetensors_file_reached_through_a_link_loads_but_links_inside_a_directory_are_refused(capsys, tmp_path):
+    """A file URL is the user's choice, as a symlinked checkpoint root is: ``hf_hub_download`` returns a
+    link into the cache's blobs, and it was reported as 'nothing is stored there'. Inside a directory
+    (a cache snapshot links every file out of it) links are never followed, and the refusal names the
+    link; the directory was taken for an interrupted shardstore save ('re-run the save')."""
+    from shardstore.errors import CorruptCheckpointError
+
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot.mkdir()
+    save_file(_weights(), str(blobs / "0123abcd"))
+    (snapshot / "model.safetensors").symlink_to(blobs / "0123abcd")
+    target = {k: torch.zeros_like(v) for k, v in _weights().items()}
+    shardstore.load(target, str(snapshot / "model.safetensors"))
+    assert all(torch.equal(target[k], v) for k, v in _weights().items())
+    for url in (snapshot, tmp_path / "link-to-snapshot"):
+        (tmp_path / "link-to-snapshot").is_symlink() or (tmp_path / "link-to-snapshot").symlink_to(snapshot)
+        with pytest.raises(CorruptCheckpointError, match="model.safetensors is a symbolic link") as info:
+            shardstore.load({k: torch.zeros_like(v) for k, v in _weights().items()}, str(url))
+        assert "re-run the save" not in str(info.value) and "model.safetensors file itself" in str(info.value)
+
+    from tests.cli.helpers import cli
+
+    code, _, err = cli(capsys, "verify", snapshot)
+    assert code == 2 and "is a safetensors checkpoint" in err, err
+    code, _, err = cli(capsys, "convert", snapshot, tmp_path / "out", "--to", "zarr")
+    assert code == 2 and "model.safetensors is a symbolic link" in err and "Traceback" not in err, err
