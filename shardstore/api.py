@@ -26,7 +26,9 @@ import torch
 
 from shardstore import format as fmt
 from shardstore.coordinator import Coordinator
-from shardstore.errors import CheckpointChangedError, MissingChunkError, PartialLoadError, ShardstoreError
+from shardstore.errors import (
+    CheckpointChangedError, IncompleteCheckpointError, MissingChunkError, PartialLoadError, ShardstoreError,
+)
 from shardstore.cell_writer import cells_of
 from shardstore.landing import land_runs
 from shardstore.object_check import check_runs
@@ -300,7 +302,13 @@ class Checkpoint:
         self._max_read_bytes = max_read_bytes
         self._fingerprint = self._root_fingerprint()  # before the record: a commit in between is then noticed
         self._storage = self._at_url.pinned()  # what reads go through
-        self._root = fmt.read_root(self._storage)
+        try:
+            self._root = fmt.read_root(self._storage)
+        except IncompleteCheckpointError:
+            from shardstore.convert.sources import refuse_other_format  # noqa: PLC0415 - it imports this module
+
+            refuse_other_format(url, storage_options, "shardstore.open")  # a DCP or safetensors checkpoint
+            raise
         self._stored, self._layouts, self._nodes = _stored_arrays(self._root)
         self._by_name = display_names(self._stored)
         self._agreeing: set[KeyPath] = set()  # arrays whose zarr.json was found to agree with the root record
@@ -378,7 +386,7 @@ class Checkpoint:
     def _root_fingerprint(self) -> str | None:
         try:
             return self._at_url.pinned().fingerprint(fmt.ZARR_JSON)  # the version now current there
-        except MissingChunkError:
+        except (MissingChunkError, NotADirectoryError):  # none, or a file at the URL: read_root says which
             return None
 
     def _check_unchanged(self) -> None:

@@ -426,8 +426,8 @@ def read_root(storage: Storage) -> RootMetadata:
         ) from None
     except NotADirectoryError:
         raise CheckpointNotFoundError(
-            f"no checkpoint at {storage.url}: it is a file, not a checkpoint directory (a torch.save file? "
-            "`shardstore convert` reads those); check the URL"
+            f"no checkpoint at {storage.url}: it is a file, not a checkpoint directory (a torch.save or safetensors "
+            "file? `shardstore convert` reads both, `shardstore.load` safetensors); check the URL"
         ) from None
     where = storage.key_url(ZARR_JSON)
     attributes = parse_group_json(text, where)

@@ -10,10 +10,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shardstore.convert.sources import has_entry
-from shardstore.errors import NotACheckpointError, ShardstoreError
-from shardstore.format import ZARR_JSON
-from shardstore.storage import Storage
+from shardstore.convert.sources import refuse_other_format
+from shardstore.errors import ShardstoreError
 
 __all__ = ["refuse_other_format", "EXIT_OK", "EXIT_FAILED", "EXIT_INPUT", "INPUT_ERRORS", "add_common_options", "error_text", "key_value", "storage_options",
            "print_json", "progress", "human_bytes"]
@@ -68,18 +66,3 @@ def human_bytes(n: int) -> str:
     while size >= 1024 and i < len(units) - 1:
         size, i = size / 1024, i + 1
     return f"{n} B" if i == 0 else f"{size:.1f} {units[i]}"
-
-
-def refuse_other_format(url: str, options: dict | None, command: str) -> None:
-    """Raise an input error when ``url``, read as a shardstore checkpoint with no root record, holds a torch
-    DCP or safetensors checkpoint instead: it is not an interrupted save (which the missing record says)."""
-    storage = Storage(url, options)
-    if storage.exists(ZARR_JSON):
-        return
-    kinds = ((".metadata", "a torch DCP checkpoint"), ("model.safetensors.index.json", "a safetensors checkpoint"),
-             ("model.safetensors", "a safetensors checkpoint"))
-    for key, kind in kinds:
-        if has_entry(storage, key):
-            raise NotACheckpointError(
-                f"{url} is {kind} ({key}), not a shardstore checkpoint: {command} reads shardstore checkpoints only; "
-                f"`shardstore convert {url} DST --to zarr` makes one (diff and convert read it as it is)")

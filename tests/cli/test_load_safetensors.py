@@ -340,3 +340,17 @@ def test_a_safetensors_file_reached_through_a_link_loads_but_links_inside_a_dire
     assert code == 2 and "is a safetensors checkpoint" in err, err
     code, _, err = cli(capsys, "convert", snapshot, tmp_path / "out", "--to", "zarr")
     assert code == 2 and "model.safetensors is a symbolic link" in err and "Traceback" not in err, err
+
+
+def test_open_of_a_safetensors_file_or_directory_says_what_it_is(tmp_path):
+    """``shardstore.open`` reads shardstore checkpoints only: a safetensors file raised a bare
+    NotADirectoryError ('[Errno 20] Not a directory: .../zarr.json'), and a safetensors directory was
+    called an interrupted save ('re-run the save')."""
+    from shardstore.errors import CheckpointNotFoundError, NotACheckpointError
+
+    save_file(_weights(), str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointNotFoundError, match="model.safetensors: it is a file, not a checkpoint directory.*safetensors"):
+        shardstore.open(str(tmp_path / "model.safetensors"))
+    with pytest.raises(NotACheckpointError, match=f"{tmp_path} is a safetensors checkpoint \\(model.safetensors\\), not a "
+                                                  "shardstore checkpoint: shardstore.open reads"):
+        shardstore.open(str(tmp_path))
