@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any, Iterable
 
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
 
 from shardstore.errors import CorruptCheckpointError, MissingChunkError, UnsafeKeyError
 from shardstore.storage.base import CURRENT, VERSION_PREFIX, Blob, HeldLock, Storage, as_views, strip_trailing_slash
@@ -41,6 +41,19 @@ def _seconds(stamp: Any) -> float | None:
     return None if stamp is None else float(stamp)
 
 
+def _filesystem(url: str, options: dict[str, Any]) -> tuple[Any, str]:
+    """The fsspec filesystem and root path of ``url``. A ``gs://`` URL with an ``endpoint_url`` (an
+    emulator, a private endpoint) gets gcsfs's plain client. Why: gcsfs's default client first asks
+    Google's storage-control API for the bucket's layout, which such endpoints do not serve; that
+    lookup times out after 60 s and is not remembered, so every call waited a minute."""
+    if split_protocol(url)[0] in ("gs", "gcs") and options.get("endpoint_url"):
+        from gcsfs.core import GCSFileSystem
+
+        fs = GCSFileSystem(**options)
+        return fs, fs._strip_protocol(url)
+    return url_to_fs(url, **options)
+
+
 class _ObjectLock(HeldLock):
     def __init__(self, storage: "FsspecStorage", key: str) -> None:
         self.storage, self.key, self.released = storage, key, False
@@ -58,7 +71,7 @@ class FsspecStorage(Storage):
     """Bytes by key under one fsspec URL."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, durable: bool = True) -> None:
-        fs, root = url_to_fs(url, **(storage_options or {}))
+        fs, root = _filesystem(url, storage_options or {})
         self._setup(fs, root, strip_trailing_slash(url), durable)
 
     def _setup(self, fs: Any, root: str, url: str, durable: bool) -> None:
