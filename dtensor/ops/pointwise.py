@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from ..dispatch import Strategy
 from ..placements import Partial, Replicate
-from .common import Operand, elementwise, is_inplace, mutable_args, tensor_operands
+from .common import Operand, bind_args, elementwise, is_inplace, mutable_args, tensor_operands
 
 aten = torch.ops.aten
 
@@ -26,7 +26,8 @@ R, PS, PA, PMAX, PMIN = Replicate(), Partial("sum"), Partial("avg"), Partial("ma
 # Partial rows, one mesh dim each: (output, operand 0, operand 1, ...); a row applies when its length fits.
 LINEAR = ((PS, PS), (PA, PA))  # f(sum a_i) = sum f(a_i): scaling by a number
 MONOTONE = ((PMAX, PMAX), (PMIN, PMIN))  # non-decreasing f commutes with max and min
-NEG = LINEAR + ((PMIN, PMAX), (PMAX, PMIN))
+DECREASING = ((PMIN, PMAX), (PMAX, PMIN))  # non-increasing f turns a max into a min
+NEG = LINEAR + DECREASING
 ADDITIVE = ((PS, PS, PS), (PA, PA, PA), (PA, PA, R), (PMAX, PMAX, R), (PMIN, PMIN, R), (PA, R, PA))
 MUL = LINEAR + ((PS, PS, R), (PA, PA, R), (PS, R, PS), (PA, R, PA))
 DIV = LINEAR + ((PS, PS, R), (PA, PA, R))
@@ -162,6 +163,13 @@ def _masked_fill_scalar(func, specs, args, kwargs):
     return elementwise_rule(rows)(func, specs, args, kwargs)
 
 
+def _threshold(func, specs, args, kwargs):
+    """``threshold(x, t, v)`` (``x`` where ``x > t``, else ``v``) is non-decreasing only for ``v <= t``;
+    torch keeps a pending max/min for any ``v``, which gives a wrong maximum where ``v > t``."""
+    named = bind_args(func, args, kwargs)
+    return elementwise_rule(MONOTONE if named["value"] <= named["threshold"] else ())(func, specs, args, kwargs)
+
+
 def _shift_by_scalar(func, specs, args, kwargs):
     """``x + c`` / ``x - c`` with a number ``c``: a Python number (``add.Scalar``, ``add_.Scalar``) or a
     plain 0-d tensor (``x.add_(eps)`` wraps ``eps`` into one), as in an RMS norm's ``mean(x*x) + eps``.
@@ -194,8 +202,15 @@ _TABLE = [
     ("neg.default neg_.default _neg_view.default", NEG),
     # conjugation is linear over the reals; resolving a lazy bit changes no value
     ("_conj.default _conj_physical.default conj_physical.default conj_physical_.default resolve_conj.default resolve_neg.default", KEEP),
+    # non-decreasing on their whole domain (rounding too: floor(max a_i) = max floor(a_i))
     ("exp.default exp_.default relu.default relu_.default sigmoid.default sigmoid_.default tanh.default "
-     "tanh_.default erf.default erf_.default sign.default sign_.default", MONOTONE),
+     "tanh_.default erf.default erf_.default sign.default sign_.default sgn.default sgn_.default floor.default "
+     "floor_.default ceil.default ceil_.default round.default round_.default round.decimals round_.decimals "
+     "trunc.default trunc_.default nan_to_num.default nan_to_num_.default expm1.default expm1_.default "
+     "exp2.default exp2_.default atan.default atan_.default sinh.default sinh_.default asinh.default "
+     "asinh_.default deg2rad.default deg2rad_.default rad2deg.default rad2deg_.default hardshrink.default "
+     "special_modified_bessel_i1.default", MONOTONE),
+    ("erfc.default erfc_.default special_erfcx.default", DECREASING),
     ("maximum.default clamp_min.Tensor clamp_min_.Tensor", MAXIMUM),
     ("minimum.default clamp_max.Tensor clamp_max_.Tensor", MINIMUM),
     ("abs.default abs_.default log.default log_.default sqrt.default sqrt_.default rsqrt.default rsqrt_.default "
@@ -204,8 +219,7 @@ _TABLE = [
      "clamp.default clamp_.default clamp.Tensor clamp_.Tensor clamp_min.default clamp_min_.default "
      "clamp_max.default clamp_max_.default where.self masked_fill.Tensor "
      "masked_fill_.Tensor lerp.Scalar lerp_.Scalar lerp.Tensor lerp_.Tensor addcmul.default addcmul_.default "
-     "addcdiv.default addcdiv_.default log1p.default expm1.default erfinv.default floor.default ceil.default "
-     "round.default trunc.default nan_to_num.default square.default atan2.default hypot.default "
+     "addcdiv.default addcdiv_.default log1p.default erfinv.default square.default atan2.default hypot.default "
      "threshold_backward.default gelu_backward.default sigmoid_backward.default tanh_backward.default "
      "silu_backward.default native_dropout_backward.default", ()),
     # elementwise, though torch does not tag them pointwise: activation backwards, rsub, complex builders
@@ -256,6 +270,7 @@ GENERIC = elementwise_rule()  # any op torch tags pointwise and the table leaves
 RULES = {op: elementwise_rule(rows) for names, rows in _TABLE for op in _ops(names)}
 RULES.update({op: foreach_rule(rows) for names, rows in _FOREACH_TABLE for op in _ops(names)})
 RULES[aten._to_copy.default] = _to_copy_rule
+RULES.update({op: _threshold for op in _ops("threshold.default threshold_.default")})
 RULES.update({op: _masked_fill_scalar for op in _ops("masked_fill.Scalar masked_fill_.Scalar")})
 RULES.update({op: _shift_by_scalar for op in _ops("add.Scalar add_.Scalar sub.Scalar sub_.Scalar add.Tensor add_.Tensor "
                                                    "sub.Tensor sub_.Tensor")})

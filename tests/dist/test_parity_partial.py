@@ -31,15 +31,38 @@ OPS = {
     "abs": lambda x: x.abs(),
     "exp": lambda x: x.exp(),
     "relu": lambda x: x.relu(),
+    # monotone on their whole domain: a pending max/min stays pending
+    "floor": lambda x: x.floor(),
+    "ceil": lambda x: x.ceil(),
+    "round": lambda x: x.round(),
+    "round(decimals=1)": lambda x: x.round(decimals=1),
+    "trunc": lambda x: x.trunc(),
+    "sgn": lambda x: x.sgn(),
+    "nan_to_num": lambda x: x.nan_to_num(),
+    "expm1": lambda x: x.expm1(),
+    "exp2": lambda x: x.exp2(),
+    "atan": lambda x: x.atan(),
+    "sinh": lambda x: x.sinh(),
+    "asinh": lambda x: x.asinh(),
+    "rad2deg": lambda x: x.rad2deg(),
+    "hardshrink": lambda x: torch.nn.functional.hardshrink(x),
+    "threshold(0, -1)": lambda x: torch.nn.functional.threshold(x, 0.0, -1.0),
+    "erfc": lambda x: x.erfc(),  # decreasing: max becomes min
+    "clone().floor_()": lambda x: x.clone().floor_(),
 }
+
+
+def _with_locals(out):
+    """The result and its local shards, so that ranks holding other pieces than torch's ranks fail."""
+    return out, [t.to_local() for t in (out if isinstance(out, tuple) else (out,))]
 
 
 def _run(lib, op: str, reduce_op: str, mesh_shape):
     rank = torch.distributed.get_rank()
-    local = torch.randn(4, 6, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    local = torch.randn(4, 6, generator=torch.Generator().manual_seed(rank), dtype=torch.float64) * 3
     placements = [lib.Partial(reduce_op)] + [lib.Shard(1)] * (len(mesh_shape) - 1)
     d = lib.DTensor.from_local(local, mesh(mesh_shape), placements)
-    return comm_counts(lib, OPS[op], d)
+    return comm_counts(lib, lambda x: _with_locals(OPS[op](x)), d)
 
 
 def _case(mesh_shape):

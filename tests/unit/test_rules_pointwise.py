@@ -96,3 +96,21 @@ def test_foreach_rule_chooses_per_element():
     func = torch.ops.aten._foreach_mul.Scalar
     strategy = RULES[func](func, [xs[0]._spec, ys[1]._spec], ([xs[0], ys[1]], 3.0), {})
     assert strategy.output == [(Shard(0),), (Shard(1),)]
+
+
+def test_monotone_ops_keep_a_pending_max_or_min():
+    from dtensor import DTensor
+
+    aten, pmax, pmin = torch.ops.aten, Partial("max"), Partial("min")
+    spec = op((4,), pmax).spec
+    x = DTensor(torch.empty(4, device="meta", dtype=spec.dtype), spec)
+
+    def output(func, *args):
+        return RULES[func](func, [spec], (x, *args), {}).output
+
+    for func in (aten.floor.default, aten.round.decimals, aten.sgn.default, aten.nan_to_num.default):
+        assert output(func) == (pmax,), func
+    assert output(aten.erfc.default) == (pmin,)  # decreasing
+    assert output(aten.threshold.default, 0.0, -1.0) == (pmax,)
+    # x > 0 ? x : 5 is not monotone: the max of 1 and -1 is 1, yet their images are 1 and 5 (torch keeps it)
+    assert output(aten.threshold.default, 0.0, 5.0) == (R,)
