@@ -7,10 +7,12 @@ dims), and ``linalg_cross`` and ``glu`` (elementwise over broadcast inputs excep
 The dims an op works along must be whole on every rank, so a ``Shard`` of one of them is replicated
 first; shards of any other dim stay, and every output (values and indices alike) keeps the input's
 placements. A pending reduction stays where the op commutes with it (``flip``/``roll`` only move data;
-zero padding and the triangles keep a sum or an average); otherwise it is reduce-scattered onto the first
-other dim every rank can hold a piece of, as torch does, and replicated only when there is none.
-``tril`` and ``triu`` keep even their own two dims sharded: a rank holding rows from ``r0`` and columns
-from ``c0`` keeps exactly the global triangle by shifting the diagonal by ``r0 - c0``.
+constant padding writes the same value on every rank, which an average, max or min keeps, and a sum
+only when it is 0); otherwise it is all-reduced first, as torch's scan and triangle rules do, or
+reduce-scattered onto another dim for the sorts, ``cummax``/``cummin`` and padding, as torch's costs pick.
+``tril`` and ``triu`` keep even their own two dims sharded (torch gathers them): a rank holding rows
+from ``r0`` and columns from ``c0`` keeps exactly the global triangle by shifting the diagonal by
+``r0 - c0``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..dispatch import Strategy
-from ..placements import Placement, Replicate, Shard, local_box
+from ..placements import Partial, Placement, Replicate, Shard, local_box
 from ..spec import DTensorSpec
 from .common import Operand, bind_args, elementwise, is_shardable, tensor_operands
 
@@ -44,35 +46,53 @@ def _sum_or_avg(named: dict, p: Placement) -> bool:
     return p.is_partial("sum") or p.is_partial("avg")
 
 
-def _zero_pad(named: dict, p: Placement) -> bool:
-    return named.get("value") in (None, 0) and _sum_or_avg(named, p)
+def _constant_pad(func, specs, args, kwargs):
+    """``constant_pad_nd`` is elementwise over the dims it does not pad, chosen as torch's single-dim
+    rule is (by cost, a Partial reduce-scattered where another mesh dim moves anyway). Every rank
+    writes the pad value, so an average, max or min of equal values stays pending, and a sum only
+    when the value is 0 (or nothing is padded)."""
+    spec = specs[0]
+    named = bind_args(func, args, kwargs)
+    ndim = len(spec.shape)
+    pad = list(named["pad"])
+    padded = tuple(ndim - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1])
+    kinds = ("avg", "max", "min") + (("sum",) if named.get("value") in (None, 0) or not any(pad) else ())
+    rows = tuple((Partial(k), Partial(k)) for k in kinds)
+    choice = elementwise((Operand(spec, tuple(spec.shape)),), rows, (), padded)
+    return Strategy(choice.dtensor_inputs(), choice.output)
 
 
-def _layout(spec: DTensorSpec, active: set[int], keeps: Callable[[Placement], bool]) -> tuple[Placement, ...]:
-    """The placements the op runs in (module docstring)."""
+def _layout(
+    spec: DTensorSpec, active: set[int], keeps: Callable[[Placement], bool], scatter: bool = False
+) -> tuple[Placement, ...]:
+    """The placements the op runs in (module docstring); ``scatter``: a pending reduction the op does not
+    keep is reduce-scattered onto the first other dim that every rank can hold a piece of and no later
+    mesh dim splits (torch's cheapest choice for sorts, which would otherwise nest the shards in another
+    order), else all-reduced."""
     out: list[Placement] = [
         Replicate() if isinstance(p, Shard) and p.dim in active or p.is_partial() and not keeps(p) else p
         for p in spec.placements
     ]
-    for m, p in enumerate(spec.placements):
+    for m, p in enumerate(spec.placements if scatter else ()):
         if p.is_partial() and not keeps(p):
             for d in (d for d in range(len(spec.shape)) if d not in active):
                 trial = out[:m] + [Shard(d)] + out[m + 1 :]
-                if is_shardable(spec.shape, trial, spec.mesh.shape):
+                if is_shardable(spec.shape, trial, spec.mesh.shape) and not any(q.is_shard(d) for q in out[m + 1 :]):
                     out = trial
                     break
     return tuple(out)
 
 
-def _along(active: Callable[[dict, int], Sequence[int]], outputs: int = 1, keeps: Keeps = _never):
-    """The rule of an op that works along ``active(named_args, ndim)`` dims; it has ``outputs`` tensors."""
+def _along(active: Callable[[dict, int], Sequence[int]], outputs: int = 1, keeps: Keeps = _never, scatter: bool = False):
+    """The rule of an op that works along ``active(named_args, ndim)`` dims; it has ``outputs`` tensors;
+    ``scatter`` as in ``_layout``."""
 
     def rule(func, specs, args, kwargs):
         spec = specs[0]
         ndim = len(spec.shape)
         named = bind_args(func, args, kwargs)
         dims = {d % ndim for d in active(named, ndim)} if ndim else set()
-        placements = _layout(spec, dims, lambda p: keeps(named, p))
+        placements = _layout(spec, dims, lambda p: keeps(named, p), scatter)
         return Strategy((placements,), placements if outputs == 1 else [placements] * outputs)
 
     return rule
@@ -84,10 +104,6 @@ def _dim(named: dict, ndim: int) -> Sequence[int]:
 
 def _dims(named: dict, ndim: int) -> Sequence[int]:
     return named["dims"] or range(ndim)  # roll with no dims rolls the flattened tensor
-
-
-def _padded(named: dict, ndim: int) -> Sequence[int]:
-    return range(ndim - len(named["pad"]) // 2, ndim)
 
 
 def _dim_list(named: dict, ndim: int) -> Sequence[int]:
@@ -147,12 +163,13 @@ def _repeat(func, specs, args, kwargs):
 
 
 def _diagonal(func, specs, args, kwargs):
-    """``diagonal`` views its two dims as one new last dim: shards of the other dims stay (renumbered)."""
+    """``diagonal`` views its two dims as one new last dim: shards of the other dims stay (renumbered), a
+    pending reduction is carried out first, as torch's."""
     spec = specs[0]
     named = bind_args(func, args, kwargs)
     ndim = len(spec.shape)
     pair = {named["dim1"] % ndim, named["dim2"] % ndim}
-    placements = _layout(spec, pair, lambda p: True)
+    placements = _layout(spec, pair, lambda p: False)
     out = tuple(Shard(p.dim - sum(d < p.dim for d in pair)) if isinstance(p, Shard) else p for p in placements)
     return Strategy((placements,), out)
 
@@ -160,7 +177,7 @@ def _diagonal(func, specs, args, kwargs):
 def _triangle(func, specs, args, kwargs):
     """``tril``/``triu`` on any sharding: each rank shifts the diagonal by its piece's offsets."""
     spec = specs[0]
-    placements = _layout(spec, set(), lambda p: _sum_or_avg({}, p))
+    placements = _layout(spec, set(), lambda p: False)  # a Partial is reduced first, as torch's
     coordinate = spec.mesh.get_coordinate()
     if coordinate is None or len(spec.shape) < 2:
         return Strategy((placements,), placements)
@@ -180,16 +197,16 @@ RULES = {
     aten.cumsum.default: _along(_dim),
     aten.cumprod.default: _along(_dim),
     aten.logcumsumexp.default: _along(_dim),
-    aten.cummax.default: _along(_dim, outputs=2),
-    aten.cummin.default: _along(_dim, outputs=2),
-    aten.sort.default: _along(_dim, outputs=2),
-    aten.sort.stable: _along(_dim, outputs=2),
-    aten.argsort.default: _along(_dim),
-    aten.argsort.stable: _along(_dim),
-    aten.topk.default: _along(_dim, outputs=2),
+    aten.cummax.default: _along(_dim, outputs=2, scatter=True),
+    aten.cummin.default: _along(_dim, outputs=2, scatter=True),
+    aten.sort.default: _along(_dim, outputs=2, scatter=True),
+    aten.sort.stable: _along(_dim, outputs=2, scatter=True),
+    aten.argsort.default: _along(_dim, scatter=True),
+    aten.argsort.stable: _along(_dim, scatter=True),
+    aten.topk.default: _along(_dim, outputs=2, scatter=True),
     aten.flip.default: _along(_dims, keeps=_always),
     aten.roll.default: _along(_dims, keeps=_always),
-    aten.constant_pad_nd.default: _along(_padded, keeps=_zero_pad),
+    aten.constant_pad_nd.default: _constant_pad,
     aten.repeat.default: _repeat,
     # the discrete Fourier transforms work along their dims and are linear
     aten._fft_c2c.default: _along(_dim_list, keeps=_sum_or_avg),

@@ -49,7 +49,27 @@ OPS = {
     "threshold(0, -1)": lambda x: torch.nn.functional.threshold(x, 0.0, -1.0),
     "erfc": lambda x: x.erfc(),  # decreasing: max becomes min
     "clone().floor_()": lambda x: x.clone().floor_(),
+    # along some dims: a pending reduction is all-reduced first unless the op keeps it
+    "cumsum(0)": lambda x: x.cumsum(0),
+    "cumsum(1)": lambda x: x.cumsum(1),
+    "cumprod": lambda x: x.cumprod(0),
+    "logcumsumexp": lambda x: x.logcumsumexp(0),
+    "cummax": lambda x: x.cummax(0),
+    "cummin": lambda x: x.cummin(0),
+    "sort": lambda x: x.sort(0),
+    "argsort": lambda x: x.argsort(0),
+    "topk": lambda x: x.topk(2, 0),
+    "diagonal": lambda x: x.diagonal(),
+    "tril": lambda x: x.tril(),
+    "triu": lambda x: x.triu(1),
+    "pad": lambda x: torch.nn.functional.pad(x, (1, 1)),
+    "pad(value=1)": lambda x: torch.nn.functional.pad(x, (1, 1), value=1.0),
+    "pad(value=1) of rows": lambda x: torch.nn.functional.pad(x, (0, 0, 1, 0), value=1.0),
+    "flip": lambda x: x.flip(0),
+    "roll": lambda x: x.roll(1, 0),
 }
+# tril/triu keep their input's shards (each rank shifts the diagonal), where torch gathers them
+WHOLE_ON_2D = {"tril", "triu"}
 
 
 def _with_locals(out):
@@ -60,7 +80,8 @@ def _with_locals(out):
 def _run(lib, op: str, reduce_op: str, mesh_shape):
     rank = torch.distributed.get_rank()
     local = torch.randn(4, 6, generator=torch.Generator().manual_seed(rank), dtype=torch.float64) * 3
-    placements = [lib.Partial(reduce_op)] + [lib.Shard(1)] * (len(mesh_shape) - 1)
+    second = lib.Replicate() if op in WHOLE_ON_2D else lib.Shard(1)
+    placements = [lib.Partial(reduce_op)] + [second] * (len(mesh_shape) - 1)
     d = lib.DTensor.from_local(local, mesh(mesh_shape), placements)
     return comm_counts(lib, lambda x: _with_locals(OPS[op](x)), d)
 
