@@ -6,9 +6,8 @@ sharding, with shard dims renumbered when ``keepdim=False`` drops the reduced di
 * ``sum``/``amax``/``amin``/``max``/``min`` reduce their local piece and leave the combination pending:
   the output is ``Partial("sum" | "max" | "min")`` on that mesh dim. A rank whose piece of a reduced dim
   is empty (uneven shards) reduces the op's identity instead, so max/min do not fail on it.
-* ``mean`` is ``sum / count`` (a handler over the sum rule): a mean of uneven shards is not the mean of
-  local means, while a sum of local sums divided by the global count is, so the output is
-  ``Partial("sum")`` (torch says ``Partial("avg")`` for even shards and replicates uneven ones).
+* ``mean`` reduces its local piece and leaves ``Partial("avg")`` pending, as torch's, where the pieces
+  are even; a mean of uneven pieces is not the mean of their means, so their reduced dims are gathered.
 * p-norms (``linalg_vector_norm``, ``norm``, ``_foreach_norm``) are handlers: each rank reduces its piece
   to sum(|x|^p) (max/min |x| for inf/-inf), one all-reduce per mesh dim that shards a reduced dim combines
   them (``_foreach_norm`` stacks every tensor's scalar into one all-reduce), and the p-th root is taken
@@ -23,7 +22,8 @@ sharding, with shard dims renumbered when ``keepdim=False`` drops the reduced di
   is ``amin`` and ``amax``, ``trace`` the sum of ``diagonal``.
 
 A pending reduction in the input survives only a reduction of the same kind (a sum of ``Partial("sum")``,
-an amax of ``Partial("max")``); any other is resolved first.
+an amax of ``Partial("max")``, a mean of ``Partial("avg")``); any other is resolved first, and then, as
+torch's, the reduced dims are gathered too (the reduction is not combinable).
 """
 
 from __future__ import annotations
@@ -61,21 +61,35 @@ def _renumber(dim: int, reduced: tuple[int, ...], keepdim: bool) -> int:
     return dim if keepdim else dim - sum(r < dim for r in reduced)
 
 
-def _layout(placements, reduced: tuple[int, ...], keepdim: bool, kind: str | None, of_partial: bool = True):
-    """(input placements wanted, output placements) of a reduction of ``kind`` (None: not combinable);
-    ``of_partial``: whether a pending reduction of the same kind passes through it."""
+def _layout(placements, reduced: tuple[int, ...], keepdim: bool, kind: str | None):
+    """(input placements wanted, output placements) of a reduction whose pieces combine as ``kind``
+    (None: not combinable, the reduced dims are gathered and pending reductions carried out)."""
     wanted, out = [], []
     for p in placements:
         if isinstance(p, Shard) and p.dim not in reduced:
             wanted.append(p)
             out.append(Shard(_renumber(p.dim, reduced, keepdim)))
-        elif kind is not None and (isinstance(p, Shard) or of_partial and p.is_partial(kind)):
+        elif kind is not None and (isinstance(p, Shard) or p.is_partial(kind)):
             wanted.append(p)
             out.append(Partial(kind))
         else:
             wanted.append(_R)
             out.append(_R)
     return tuple(wanted), tuple(out)
+
+
+def _combinable(spec: DTensorSpec, reduced: tuple[int, ...], kind: str | None, of_partial: bool) -> str | None:
+    """``kind`` where the pieces may combine as it, as torch's ``reduction_linear``: every pending
+    reduction is of the same kind (and passes, ``of_partial``), and an average's pieces are even (a mean
+    of uneven pieces is not the mean of their means); else None."""
+    if kind is None or any(p.is_partial() and not (of_partial and p.is_partial(kind)) for p in spec.placements):
+        return None
+    if kind == "avg":
+        for d in reduced:
+            pieces = math.prod(n for n, p in zip(spec.mesh.shape, spec.placements) if p.is_shard(d))
+            if spec.shape[d] % pieces:
+                return None
+    return kind
 
 
 def _identity(kind: str, dtype: torch.dtype):
@@ -101,8 +115,8 @@ def _fill_empty_pieces(global_shape: torch.Size, reduced: tuple[int, ...], kind:
 
 
 def _reduction_rule(kind: str | None, outputs: int = 1, of_partial: bool = True):
-    """The rule of a reduction whose pieces combine as ``kind`` ("sum"/"max"/"min"), or must not combine
-    (None). ``of_partial=False``: a pending sum does not pass through (``count_nonzero`` of a sum is not
+    """The rule of a reduction whose pieces combine as ``kind`` ("sum"/"avg"/"max"/"min"), or must not
+    combine (None). ``of_partial=False``: a pending sum does not pass through (``count_nonzero`` of a sum is not
     the sum of the counts)."""
 
     def rule(func, specs, args, kwargs):
@@ -110,25 +124,13 @@ def _reduction_rule(kind: str | None, outputs: int = 1, of_partial: bool = True)
             return None
         spec = specs[0]
         reduced, keepdim = _dims_and_keepdim(func, args, kwargs, len(spec.shape))
-        wanted, out = _layout(spec.placements, reduced, keepdim, kind, of_partial)
+        wanted, out = _layout(spec.placements, reduced, keepdim, _combinable(spec, reduced, kind, of_partial))
         local_args = None
         if kind in ("max", "min") and any(isinstance(p, Shard) and p.dim in reduced for p in wanted):
             local_args = _fill_empty_pieces(spec.shape, reduced, kind)
         return Strategy((wanted,), out if outputs == 1 else [out] * outputs, local_args)
 
     return rule
-
-
-# ---- mean: a sum and a division ------------------------------------------------------------------------
-
-
-def _mean(cls, func, args, kwargs):
-    x = args[0]
-    named = bind_args(func, args, kwargs)
-    func(torch.empty(x.shape, dtype=x.dtype, device="meta"), *args[1:], **kwargs)  # torch's own argument checks
-    reduced = _reduced_dims(named.get("dim"), x.dim())
-    total = aten.sum.dim_IntList(x, list(reduced), bool(named.get("keepdim", False)), dtype=named.get("dtype"))
-    return aten.div.Scalar(total, math.prod(x.shape[d] for d in reduced))
 
 
 # ---- variance: per-piece moments combined across ranks ------------------------------------------------------
@@ -285,6 +287,8 @@ def _foreach_norm(cls, func, args, kwargs):
 RULES = {
     aten.sum.default: _reduction_rule("sum"),
     aten.sum.dim_IntList: _reduction_rule("sum"),
+    aten.mean.default: _reduction_rule("avg"),
+    aten.mean.dim: _reduction_rule("avg"),
     aten.amax.default: _reduction_rule("max"),
     aten.amin.default: _reduction_rule("min"),
     aten.max.default: _reduction_rule("max"),
@@ -327,8 +331,6 @@ HANDLERS = {
     aten.std.correction: _variance,
     aten.var_mean.correction: _variance,
     aten.std_mean.correction: _variance,
-    aten.mean.default: _mean,
-    aten.mean.dim: _mean,
     aten.linalg_vector_norm.default: _vector_norm,
     aten.norm.Scalar: _vector_norm,
     aten.norm.ScalarOpt_dim: _vector_norm,

@@ -3,10 +3,8 @@ both mean the same thing; a p-norm costs one small all-reduce, not an all-gather
 
 Cases are drawn (seeded, the same on every rank) over 3-d shapes with uneven and empty shards and over
 input placements, many per ``run_ranks`` call. Known, intended differences from torch (see
-``dtensor/ops/reductions.py``): a mean over a sharded dim is ``Partial("sum")`` (torch: ``Partial("avg")``
-for even shards, Replicate for uneven ones); a norm over a sharded dim is already reduced, Replicate
-(torch: a pending ``_NormPartial``); a Partial input not matching the reduction is resolved on its own
-mesh dim only (torch also gathers the reduced dims); torch's DTensor is not asked about empty shards
+``dtensor/ops/reductions.py``): a norm over a sharded dim is already reduced, Replicate
+(torch: a pending ``_NormPartial``); torch's DTensor is not asked about empty shards
 (it can hang on them) nor about ``prod``/``all``/``any`` (its ``Partial("product")`` has no counterpart
 here; it leaves ``any`` a pending sum of bools, where ours replicates the reduced dims).
 """
@@ -61,7 +59,7 @@ OPS = {
     "torch_norm": lambda x: torch.norm(x),
     "foreach_norm": lambda x: torch._foreach_norm([x, x[0], x.sum(0)]),
 }
-_NO_TORCH = {"prod", "all", "any", "mean", "mean_dim", "mean_keepdim"}
+_NO_TORCH = {"prod", "all", "any"}
 _NORMS = {"norm", "norm_1_dim", "norm_inf", "norm_3_keepdim", "torch_norm", "foreach_norm"}
 _KEEPS_PARTIAL_SUM = {"sum", "sum_dim", "sum_keepdim"}
 
@@ -140,8 +138,8 @@ def test_means_partials_and_empty_shards():
     out = run_ranks(4, _means_and_partials)[0]
     R, P, S0 = Replicate(), Partial(), Shard(0)
     assert out == {
-        "mean_uneven": [(P,)],
-        "mean_all_empty_shard": [(P,)],
+        "mean_uneven": [(R,)],  # a mean of uneven pieces is not the mean of their means: gathered
+        "mean_all_empty_shard": [(R,)],
         "mean_kept_dim": [(S0,)],
         "sum_of_partial": [(P,)],
         "amax_of_partial": [(R,)],

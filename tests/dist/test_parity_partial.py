@@ -67,6 +67,15 @@ OPS = {
     "pad(value=1) of rows": lambda x: torch.nn.functional.pad(x, (0, 0, 1, 0), value=1.0),
     "flip": lambda x: x.flip(0),
     "roll": lambda x: x.roll(1, 0),
+    # reductions: a pending reduction of the same kind passes, any other is carried out and the
+    # reduced dims gathered
+    "sum": lambda x: x.sum(),
+    "sum(1)": lambda x: x.sum(1),
+    "amax(1)": lambda x: x.amax(1),
+    "amin(0)": lambda x: x.amin(0),
+    "mean": lambda x: x.mean(),
+    "mean(0)": lambda x: x.mean(0),
+    "mean(1)": lambda x: x.mean(1, keepdim=True),
 }
 # tril/triu keep their input's shards (each rank shifts the diagonal), where torch gathers them
 WHOLE_ON_2D = {"tril", "triu"}

@@ -81,3 +81,14 @@ def test_reduction_layouts():
     partial = _spec((8, 6, 4), [P], mesh=(2,))
     assert _reduce(aten.sum.default, partial) == ((P,), (P,))
     assert _reduce(aten.amax.default, partial, [0]) == ((R,), (R,))
+
+
+def test_mean_and_mismatched_partials_follow_torch():
+    avg = Partial("avg")
+    assert _reduce(aten.mean.dim, _spec((8, 6, 4), [S1], mesh=(2,)), [1]) == ((S1,), (avg,))
+    assert _reduce(aten.mean.dim, _spec((8, 5, 4), [S1], mesh=(2,)), [1]) == ((R,), (R,))  # uneven: gathered
+    assert _reduce(aten.mean.default, _spec((8, 6), [avg], mesh=(2,))) == ((avg,), (avg,))
+    assert _reduce(aten.mean.default, _spec((8, 6), [P], mesh=(2,))) == ((R,), (R,))
+    # a pending reduction of another kind is carried out, and the reduced dims gathered too
+    assert _reduce(aten.sum.dim_IntList, _spec((8, 6), [Partial("max"), S1], mesh=(2, 2)), [1]) == ((R, R), (R, R))
+    assert _reduce(aten.sum.dim_IntList, _spec((8, 6), [P, S1], mesh=(2, 2)), [1]) == ((P, S1), (P, P))
