@@ -3,23 +3,25 @@
 ``shardstore ls`` and ``shardstore gc`` sit on these. Which steps a prune deletes is decided by a pure
 function (``plan_gc``) before anything is deleted, so the rule is tested without files: keep the newest
 ``keep`` complete steps, delete older complete steps and incomplete steps older than the newest complete
-one. An incomplete step newer than every complete one may be a save still running, so it is spared; the
-newest complete step is never deleted, nor is a step whose root record is there but does not read
-(damaged, or of a newer format: it may be the run's newest state) or that holds files no save of ours
-writes (not ours); a person decides. Deletes go through ``steps.delete_step``, one step at a time:
-each step's root marker goes first, so a prune cut short (a crash, a failing store) leaves at worst an
-incomplete step, never one listed as complete with objects missing; the next prune removes it.
+one. An incomplete step newer than every complete one may be a save still running, so it is spared, as is
+one holding a save's claim (object stores); the newest complete step is never deleted, nor is a step
+whose root record is there but does not read (damaged, or of a newer format: it may be the run's newest
+state) or that holds files no save of ours writes (not ours); a person decides. Deletes go one step at a
+time: a complete step through ``steps.delete_step`` (its root marker first, so a prune cut short leaves
+at worst an incomplete step, never one listed as complete with objects missing; the next prune removes
+it), an incomplete one through ``steps.clear_incomplete``, which judges it again under its commit lock,
+so a save of that step that committed or claimed it since the listing keeps it.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from shardstore import format as fmt
 from shardstore.errors import CheckpointNotFoundError
-from shardstore.steps import StepEntry, delete_step, list_steps
+from shardstore.steps import StepEntry, clear_incomplete, delete_step, list_steps
 from shardstore.storage import Storage
 
 __all__ = ["StepSummary", "GcPlan", "summarize", "plan_gc", "collect"]
@@ -46,16 +48,19 @@ class StepSummary:
 
 @dataclass(frozen=True)
 class GcPlan:
-    """What a prune keeps, deletes, and spares (incomplete steps newer than the newest complete one, and
-    ``unreadable`` steps: ``StepEntry.problem``)."""
+    """What a prune keeps, deletes, and spares (incomplete steps newer than the newest complete one),
+    ``claimed`` (older incomplete steps a save holds: its claim, or a commit or claim since the listing)
+    and ``unreadable`` steps (``StepEntry.problem``)."""
 
     keep: tuple[StepEntry, ...]
     delete: tuple[StepEntry, ...]
     spared: tuple[StepEntry, ...]
     unreadable: tuple[StepEntry, ...] = ()
+    claimed: tuple[StepEntry, ...] = ()
 
     def to_json(self) -> dict:
-        groups = (("kept", self.keep), ("deleted", self.delete), ("spared", self.spared), ("unreadable", self.unreadable))
+        groups = (("kept", self.keep), ("deleted", self.delete), ("spared", self.spared), ("unreadable", self.unreadable),
+                  ("claimed", self.claimed))
         return {name: [{"step": e.step, "url": e.url, "complete": e.complete, "problem": e.problem} for e in entries]
                 for name, entries in groups}
 
@@ -106,21 +111,37 @@ def plan_gc(entries: Sequence[StepEntry], keep: int) -> GcPlan:
     kept = complete[-keep:]
     newest = kept[-1].step if kept else None
     incomplete = [e for e in entries if e.incomplete]
-    delete = [e for e in entries if e.complete and e not in kept]
-    delete += [e for e in incomplete if newest is not None and e.step < newest]
+    older = [e for e in incomplete if newest is not None and e.step < newest]
+    delete = [e for e in entries if e.complete and e not in kept] + [e for e in older if not e.claimed]
     spared = [e for e in incomplete if newest is None or e.step > newest]
     unreadable = [e for e in entries if e.problem is not None]
-    return GcPlan(tuple(kept), tuple(sorted(delete, key=lambda e: e.step)), tuple(spared), tuple(unreadable))
+    return GcPlan(tuple(kept), tuple(sorted(delete, key=lambda e: e.step)), tuple(spared), tuple(unreadable),
+                  tuple(e for e in older if e.claimed))
 
 
 def collect(root_url: str, keep: int, storage_options: dict | None = None, *, dry_run: bool = False,
             progress: Callable[[int], None] | None = None) -> GcPlan:
     """Delete what ``plan_gc`` chooses under ``root_url`` (nothing with ``dry_run``; ``progress(1)`` after
-    each step deleted); returns the plan."""
+    each step); returns the plan, with a step a save took since the listing moved to ``claimed``."""
     plan = plan_gc(_listed(root_url, storage_options), keep)
-    if not dry_run:
-        root = Storage(root_url, storage_options)
-        for entry in plan.delete:
-            delete_step(root.child(entry.url.rsplit("/", 1)[-1]))
-            _tick(progress)
-    return plan
+    if dry_run:
+        return plan
+    root = Storage(root_url, storage_options)
+    taken = []
+    for entry in plan.delete:
+        if not _delete(root.child(entry.url.rsplit("/", 1)[-1]), entry, storage_options):
+            taken.append(entry)
+        _tick(progress)
+    return replace(plan, delete=tuple(e for e in plan.delete if e not in taken), claimed=plan.claimed + tuple(taken))
+
+
+def _delete(step: Storage, entry: StepEntry, storage_options: dict | None) -> bool:
+    """Delete one step of the plan; returns whether it is gone. An incomplete step is cleared as a save of
+    it would clear it (``steps.clear_incomplete``: judged again under its commit lock), never deleted
+    blindly: a save that committed it since the listing would lose its checkpoint, and one still
+    writing it (a claim) its objects. Such a step stays, holding something."""
+    if entry.complete:
+        delete_step(step)
+        return True
+    clear_incomplete(entry.url, storage_options)
+    return step.is_empty()

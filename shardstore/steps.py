@@ -37,6 +37,7 @@ class StepEntry:
     url: str
     complete: bool  # the root record reads and validates
     problem: str | None = None  # why the step is neither complete nor a save of ours cut short: never deleted
+    claimed: bool = False  # incomplete and holding a save's claim (object stores): that save may still be writing
 
     @property
     def incomplete(self) -> bool:
@@ -81,19 +82,20 @@ def step_numbers(root_url: str, storage_options: dict | None = None) -> set[int]
     return {step for step in map(parse_step, names) if step is not None}
 
 
-def _state(checkpoint: Storage) -> tuple[bool, str | None]:
-    """(complete, problem): no root record is an incomplete save, unless the directory holds files no
-    save of ours writes (another library's checkpoint, a user's files); a root record that does not
-    read is a problem too."""
+def _state(checkpoint: Storage) -> tuple[bool, str | None, bool]:
+    """(complete, problem, claimed): no root record is an incomplete save, unless the directory holds
+    files no save of ours writes (another library's checkpoint, a user's files); a root record that
+    does not read is a problem too. An incomplete save holding its claim may be one still writing."""
     try:
         fmt.read_root(checkpoint.pinned())
     except (CheckpointNotFoundError, IncompleteCheckpointError):
         foreign = commit.foreign_files(checkpoint)
-        return False, (f"not a shardstore checkpoint: it holds files no shardstore save writes (e.g. {foreign[:3]})"
-                       if foreign else None)
+        if foreign:
+            return False, f"not a shardstore checkpoint: it holds files no shardstore save writes (e.g. {foreign[:3]})", False
+        return False, None, checkpoint.exists(commit.CLAIM)
     except (ShardstoreError, OSError, ValueError) as exc:
-        return False, f"its root record does not read: {type(exc).__name__}: {exc}"
-    return True, None
+        return False, f"its root record does not read: {type(exc).__name__}: {exc}", False
+    return True, None, False
 
 
 def delete_step(checkpoint: Storage) -> None:

@@ -1,8 +1,9 @@
 """Delete old and incomplete checkpoints under a run directory, keeping the newest N complete ones.
 
 Never deletes the newest complete step; an incomplete step newer than every complete one may be a save
-still running and is spared; a step whose root record does not read (damaged, or of a newer format), or
-that holds files no shardstore save writes, is kept and reported. --dry-run shows what would go."""
+still running and is spared, as is an older one a save has claimed (object stores); a step whose root
+record does not read (damaged, or of a newer format), or that holds files no shardstore save writes, is
+kept and reported. --dry-run shows what would go."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{verb} step {entry.step} ({'complete' if entry.complete else 'incomplete'}): {entry.url}")
     for entry in plan.spared:
         print(f"kept step {entry.step}: incomplete but newer than every complete step (a save may be running)")
+    for entry in plan.claimed:
+        print(f"kept step {entry.step}: incomplete, but a save claimed it and may still be writing it; "
+              "delete it by hand if no save is running")
     for entry in plan.unreadable:
         print(f"kept step {entry.step}: {entry.problem} — not deleted; check it with `shardstore verify "
               f"{entry.url}`, then repair or move it by hand")

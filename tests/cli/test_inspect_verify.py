@@ -174,6 +174,14 @@ def test_plan_gc_never_deletes_the_newest_complete_step():
     assert only_incomplete.delete == () and [e.step for e in only_incomplete.spared] == [1]
 
 
+def test_plan_gc_keeps_an_older_incomplete_step_a_save_has_claimed():
+    entries = [StepEntry(1, "r/step-1", False, claimed=True), StepEntry(2, "r/step-2", False), StepEntry(3, "r/step-3", True),
+               StepEntry(4, "r/step-4", False, claimed=True)]
+    plan = plan_gc(entries, 1)
+    assert [e.step for e in plan.delete] == [2] and [e.step for e in plan.claimed] == [1]
+    assert [e.step for e in plan.spared] == [4]
+
+
 def test_plan_gc_never_deletes_a_step_whose_root_record_does_not_read():
     entries = [StepEntry(1, "r/step-1", False, "damaged"), StepEntry(2, "r/step-2", True), StepEntry(3, "r/step-3", True),
                StepEntry(4, "r/step-4", False, "newer format")]

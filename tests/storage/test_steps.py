@@ -195,3 +195,60 @@ def test_a_manager_saves_again_a_step_whose_in_place_save_was_killed(bucket_root
         assert manager.restore(state) == 2 and torch.equal(state["w"], torch.ones(4))
     step = Storage(step_url(root, 2), options)
     assert not step.exists(commit.CLAIM) and not step.exists("w/c/0")
+
+
+@pytest.fixture(params=["local", "memory"])
+def any_root(request, tmp_path) -> str:
+    """A fresh run root on a local disk (saves rename a staging tree in) or in memory (saves write in place)."""
+    if request.param == "local":
+        return str(tmp_path / "run")
+    import uuid
+
+    return f"memory://shardstore-steps-{uuid.uuid4().hex}/run"
+
+
+def test_gc_keeps_an_interrupted_step_that_a_save_commits_after_the_listing(any_root, capsys, monkeypatch):
+    """``shardstore gc`` lists the run, then deletes the incomplete steps older than the newest complete
+    one. A save of such a step (a second writer, an old one still running) that commits between the two
+    must keep its checkpoint: the step is judged again under its commit lock, as ``clear_incomplete``
+    judges it, and reported kept."""
+    from shardstore import runs
+    from shardstore.storage import Storage
+    from tests.cli.helpers import cli
+
+    url = step_url(any_root, 2)
+    shardstore.save({"w": torch.zeros(4)}, step_url(any_root, 3))
+    Storage(url).write("w/c/0", b"x")  # a save of step 2 cut short: objects, no root marker
+    planned = runs.plan_gc
+
+    def planned_then_committed(entries, keep):
+        plan = planned(entries, keep)
+        shardstore.save({"w": torch.full((4,), 2.0)}, url, overwrite=True)  # returns: the checkpoint at its URL
+        return plan
+
+    monkeypatch.setattr(runs, "plan_gc", planned_then_committed)
+    code, out, _ = cli(capsys, "gc", any_root, "--keep", "1")
+    state = {"w": torch.zeros(4)}
+    shardstore.load(state, url)
+    assert torch.equal(state["w"], torch.full((4,), 2.0))
+    assert code == 0 and "kept step 2: incomplete, but a save claimed it" in out, out
+
+
+def test_gc_keeps_an_older_step_whose_in_place_save_is_still_writing(bucket_root):
+    """On object stores a fresh save writes in place under a claim. One still writing a step older than
+    the newest complete one (an old writer outliving a restart) keeps its objects through a gc, which
+    reports the step kept; the save then commits with every object it wrote."""
+    from shardstore import commit
+    from shardstore import format as fmt
+    from shardstore.runs import collect
+    from tests.storage.test_commit import _root
+
+    root, options = bucket_root
+    shardstore.save({"w": torch.zeros(4)}, step_url(root, 3), storage_options=options)
+    target, dest, claim = _claimed_and_half_written(step_url(root, 2), options)
+    plans = [collect(root, 1, options, dry_run=dry_run) for dry_run in (True, False)]
+    fmt.write_root(dest, _root(2))
+    commit.finish(target, dest, claim)
+    assert target.read("w/c/0") == b"\x01" * 8
+    assert [(e.step, e.complete) for e in list_steps(root, options)] == [(2, True), (3, True)]
+    assert all([e.step for e in plan.claimed] == [2] and plan.delete == () for plan in plans), plans
