@@ -35,7 +35,7 @@ from shardstore.format import FORMAT_NAME, ZARR_JSON, is_chunk_key, is_object_ke
 from shardstore.digests import DIGESTS
 from shardstore.storage import CURRENT, VERSION_PREFIX, HeldLock, Storage
 
-__all__ = ["Claim", "begin", "destination", "finish", "abandon", "sweep", "clear_interrupted", "foreign_files"]
+__all__ = ["Claim", "begin", "destination", "finish", "abandon", "sweep", "clear_interrupted", "commit_lock", "foreign_files"]
 
 OWNER = ".shardstore-owner"  # in a staging tree: locked by the saving process (removed before the swap)
 CLAIM = ".shardstore-claim"  # object stores: a fresh save's claim on the URL itself
@@ -77,7 +77,7 @@ def begin(target: Storage, overwrite: bool) -> Claim:
         target.parent()  # where the commit lock goes: a bucket root has no such place, refused up front
         return _claim_on_object_store(target, expected, nonce)
     staging = _staging(target, nonce)
-    with _commit_lock(target):  # so that no sweep sees the new tree before its owner holds it
+    with commit_lock(target):  # so that no sweep sees the new tree before its owner holds it
         trash = _sweep(target) if target.can_rename_trees else []
         _owners[nonce] = staging.lock(OWNER, timeout=0)
     _delete_trees(target.parent(), trash)
@@ -236,7 +236,7 @@ def finish(target: Storage, dest: Storage, claim: Claim) -> None:
     if not claim.staged:
         return _finish_in_place(target, claim)
     owner = _owners[claim.nonce]  # on failure ``abandon`` releases it and removes the tree
-    with _commit_lock(target):
+    with commit_lock(target):
         if not owner.held():
             raise _taken_over(target, dest.key_url(OWNER))
         _check_unchanged(target, claim)
@@ -255,7 +255,7 @@ def _finish_in_place(target: Storage, claim: Claim) -> None:
     overwrite has pointed the URL at a version meanwhile. Checked under the commit lock: an overwrite
     checks the URL and moves the pointer under it, so of the two exactly one sees the other's commit
     (without the lock both could return, the fresh save's checkpoint hidden behind the pointer)."""
-    with _commit_lock(target):
+    with commit_lock(target):
         try:
             owner = target.read(CLAIM).decode()
         except (MissingChunkError, UnicodeDecodeError):
@@ -273,9 +273,10 @@ def _taken_over(target: Storage, what: str) -> ConcurrentSaveError:
     )
 
 
-def _commit_lock(target: Storage) -> HeldLock:
-    """The commit lock of ``target``, beside it. Where taking it created the directories leading to the
-    URL (a first save into a new run directory), their entries are made durable here: the commit
+def commit_lock(target: Storage) -> HeldLock:
+    """The commit lock of ``target``, beside it: every commit takes it, so no commit lands while another
+    holder (a deletion of the checkpoint) is at work. Where taking it created the directories leading to
+    the URL (a first save into a new run directory), their entries are made durable here: the commit
     syncs only the directory it renames into, so a returned save could otherwise vanish with them in
     a power cut (nothing to sync, and no cost, where they existed)."""
     parent = target.parent()
@@ -364,7 +365,7 @@ def sweep(target: Storage) -> None:
     elsewhere there are no such siblings to judge."""
     if not target.can_rename_trees:
         return
-    with _commit_lock(target):
+    with commit_lock(target):
         trash = _sweep(target)
     _delete_trees(target.parent(), trash)
 
@@ -381,7 +382,7 @@ def clear_interrupted(target: Storage) -> bool:
     and commits nothing (``ConcurrentSaveError``)."""
     if target.is_empty():
         return False
-    with _commit_lock(target):
+    with commit_lock(target):
         if target.exists(ZARR_JSON) or target.exists(CURRENT) or foreign_files(target):
             return False  # a checkpoint, or not ours: a save there refuses it
         if target.exists(CLAIM):

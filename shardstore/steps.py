@@ -101,7 +101,17 @@ def _state(checkpoint: Storage) -> tuple[bool, str | None, bool]:
 def delete_step(checkpoint: Storage) -> None:
     """Delete one step: its root marker first, so a deletion cut short leaves an incomplete step (never
     listed) rather than a listed one missing objects. Files no save of ours writes (a user's notes
-    beside the arrays) are left where they are, with the directory."""
+    beside the arrays) are left where they are, with the directory.
+
+    Under the step's commit lock: a save overwriting the step (another process) then commits before the
+    deletion starts or finds the step changed at its commit and commits nothing. Without it, on object
+    stores, such a save could commit after the marker of the version its pointer names was deleted
+    (the pointer, which its commit checks, still there), return, and have its version deleted."""
+    with commit.commit_lock(checkpoint):
+        _delete_step(checkpoint)
+
+
+def _delete_step(checkpoint: Storage) -> None:
     foreign = set(commit.foreign_files(checkpoint))  # judged by the root record, so before it goes
     checkpoint.pinned().delete(fmt.ZARR_JSON)  # an overwritten step's marker: in the version its pointer names
     checkpoint.delete(fmt.ZARR_JSON)

@@ -34,11 +34,15 @@ class FileLock(HeldLock):
         return self.fd >= 0 and same_file(self.fd, self.path)
 
     def release(self) -> None:
+        """Remove the file and unlock it; unlocked even where the removal fails (a read-only or failing
+        disk), or the lock would be held until the process exits, and every later taker time out."""
         if self.fd >= 0:
-            if same_file(self.fd, self.path):
-                unlink(self.path)  # before unlocking, so a waiter never locks a removed file for good
-            os.close(self.fd)
-            self.fd = -1
+            try:
+                if same_file(self.fd, self.path):
+                    unlink(self.path)  # before unlocking, so a waiter never locks a removed file for good
+            finally:
+                os.close(self.fd)
+                self.fd = -1
 
 
 def try_flock(fd: int) -> bool:

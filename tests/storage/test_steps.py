@@ -252,3 +252,55 @@ def test_gc_keeps_an_older_step_whose_in_place_save_is_still_writing(bucket_root
     assert target.read("w/c/0") == b"\x01" * 8
     assert [(e.step, e.complete) for e in list_steps(root, options)] == [(2, True), (3, True)]
     assert all([e.step for e in plan.claimed] == [2] and plan.delete == () for plan in plans), plans
+
+
+def test_an_overwrite_committing_while_its_step_is_deleted_commits_nothing(bucket_root, monkeypatch):
+    """Retention or ``shardstore gc`` deletes a complete step, marker first; a save overwriting that step
+    (another process) may reach its commit meanwhile. On object stores an overwritten step is a version
+    its pointer names, and deleting the version's marker leaves the pointer, which is all the save's
+    commit checks: it moved the pointer to its own version and returned, and the deletion then took
+    that version (cut short, it could leave it listed complete with objects missing). The deletion
+    holds the step's commit lock, so such a save finds the step gone at its commit and commits nothing;
+    a save that returned is the checkpoint at its URL."""
+    import queue
+    import threading
+
+    from shardstore import format as fmt
+    from shardstore.runs import collect
+    from shardstore.storage.remote import FsspecStorage
+
+    root, options = bucket_root
+    url = step_url(root, 3)
+    for value in (1.0, 2.0):  # the second save is an overwrite: a version named by the pointer
+        shardstore.save({"w": torch.full((4,), value)}, url, overwrite=True, storage_options=options)
+    shardstore.save({"w": torch.zeros(4)}, step_url(root, 4), storage_options=options)
+    outcome: queue.Queue = queue.Queue()
+
+    def overwrite() -> None:
+        try:
+            shardstore.save({"w": torch.full((4,), 7.0)}, url, overwrite=True, storage_options=options)
+            outcome.put("ok")
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            outcome.put(type(exc).__name__)
+
+    deleting, racer = FsspecStorage.delete, threading.Thread(target=overwrite)
+
+    def delete_then_race(self, key):
+        deleting(self, key)
+        if key == fmt.ZARR_JSON and "/step-3/.v-" in self.url and not racer.is_alive() and outcome.empty():
+            racer.start()
+            try:
+                outcome.put(outcome.get(timeout=3))  # committed at once, or waiting for the commit lock
+            except queue.Empty:
+                pass
+
+    monkeypatch.setattr(FsspecStorage, "delete", delete_then_race)
+    collect(root, 1, options)
+    racer.join(60)
+    result = outcome.get(timeout=1)
+    assert result in ("ok", "ConcurrentSaveError"), result
+    if result == "ok":
+        state = {"w": torch.zeros(4)}
+        shardstore.load(state, url, storage_options=options)
+        assert torch.equal(state["w"], torch.full((4,), 7.0))
+    assert [(e.step, e.complete) for e in list_steps(root, options)] == [(4, True)]

@@ -152,6 +152,21 @@ def test_lock_excludes_and_is_removed_on_release(storage):
         assert again.held()
 
 
+def test_a_local_lock_whose_file_cannot_be_removed_is_still_released(tmp_path, monkeypatch):
+    """Releasing removes the lock file, then unlocks it. Where the removal fails (a failing disk), the
+    lock is unlocked all the same: held on, every later taker in this process would time out."""
+    from shardstore.storage import Storage, posix
+
+    storage = Storage(str(tmp_path))
+    held = storage.lock("x.lock", timeout=0)
+    monkeypatch.setattr(posix, "unlink", lambda path: (_ for _ in ()).throw(PermissionError(13, "injected", path)))
+    with pytest.raises(PermissionError, match="injected"):
+        held.release()
+    monkeypatch.undo()
+    with storage.lock("x.lock", timeout=0) as again:
+        assert again.held()
+
+
 def test_read_ranges_into_one_reused_buffer(storage):
     storage.write("a", bytes(range(10)))
     storage.write("b", bytes(range(100, 110)))
