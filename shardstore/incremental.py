@@ -29,7 +29,6 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import torch
 
 from shardstore.digests import CellHasher, StoredObject, read_digests
-from shardstore.errors import MissingChunkError
 from shardstore.cell_writer import WriteStats, layout_of
 from shardstore.format import object_key
 from shardstore.plan import GlobalSavePlan, WriteTask
@@ -117,13 +116,14 @@ class IncrementalWriter:
 
     def _link(self, dest: Storage, key: str, old: StoredObject) -> bool:
         """Link the previous checkpoint's object under ``key`` into ``dest`` if it is still there with the
-        recorded size (a server-side copy on object stores, so several run at once); whether it was."""
+        recorded size (a server-side copy on object stores, so several run at once); whether it was. One
+        gone by the time it is linked (its step deleted by hand while this save runs) is written instead."""
         try:
             if self.previous.size(key) != old.nbytes:
                 return False
-        except MissingChunkError:
+            dest.link_from(self.previous, key)
+        except FileNotFoundError:  # a MissingChunkError too
             return False
-        dest.link_from(self.previous, key)
         self._record(key, old, linked=True)
         return True
 

@@ -285,3 +285,48 @@ def test_links_from_the_version_an_overwritten_bucket_checkpoint_points_at():
         assert all(torch.equal(target[k], v) for k, v in _state(2).items())
     finally:
         fsspec.filesystem("memory").rm(root.split("://")[1], recursive=True)
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def run_root(request, tmp_path) -> tuple[str, dict | None]:
+    """A fresh run root: links are hard links locally, server-side copies on object stores."""
+    if request.param == "local":
+        return str(tmp_path / "run"), None
+    if request.param == "memory":
+        import uuid
+
+        return f"memory://shardstore-incremental-{uuid.uuid4().hex}/run", None
+    server = request.getfixturevalue("bucket_servers").get(request.param)
+    return f"{server.fresh_url()}/run", server.storage_options()
+
+
+def test_a_latest_step_deleted_by_hand_is_never_linked_from(run_root, monkeypatch):
+    """The manager's next save links from the latest step it listed. Deleted by hand before that save,
+    the step has no digests left and nothing is linked; deleted while the save links from it, each object
+    gone is written instead (a save failed with 'object ... does not exist ... the checkpoint is
+    damaged', naming the deleted step). Either way the new step is complete and loads."""
+    from shardstore.steps import list_steps, step_url
+    from shardstore.storage import Storage
+
+    root, options = run_root
+    state = _state(1)
+    backend = type(Storage(root, options))
+    linking = backend.link_from
+
+    def deleted_by_hand_meanwhile(self, source, key):
+        Storage(step_url(root, 3), options).delete_prefix()
+        return linking(self, source, key)
+
+    with shardstore.CheckpointManager(root, async_save=False, storage_options=options) as manager:
+        manager.save(1, state)
+        manager.save(2, state)
+        Storage(step_url(root, 2), options).delete_prefix()
+        manager.save(3, state)
+        monkeypatch.setattr(backend, "link_from", deleted_by_hand_meanwhile)
+        manager.save(4, state)
+        monkeypatch.undo()
+    assert [(e.step, e.complete) for e in list_steps(root, options)] == [(1, True), (4, True)]
+    for step in (1, 4):
+        loaded = {k: torch.zeros_like(v) for k, v in state.items()}
+        shardstore.load(loaded, step_url(root, step), storage_options=options)
+        assert all(torch.equal(loaded[k], state[k]) for k in state)
