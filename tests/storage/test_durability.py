@@ -196,12 +196,7 @@ def test_a_full_disk_names_the_object_and_leaves_the_old_checkpoint(tmp_path, mo
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(posix, "write_all", full)
-    with pytest.raises(OSError, match=r"No space left on device: '.*ck\.staging-[0-9a-f]+/w/") as info:
-        shardstore.save({"w": torch.zeros(64, 64)}, url, overwrite=True)
-    assert info.value.errno == errno.ENOSPC
-    monkeypatch.undo()
-    assert torch.equal(shardstore.open(url).read("w"), torch.ones(64, 64))
-    assert sorted(os.listdir(tmp_path)) == ["ck"]
+    _overwrite_fails_keeping_the_old(tmp_path, monkeypatch, r"No space left on device: '.*ck\.staging-[0-9a-f]+/w/", errno.ENOSPC)
 
 
 @pytest.mark.parametrize("failing", ["file", "directory"])
@@ -221,9 +216,16 @@ def test_a_failed_fsync_names_what_did_not_reach_the_disk_and_leaves_the_old_che
         return fsync(fd)
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
-    with pytest.raises(OSError, match=r"Input/output error: '.*ck\.staging-[0-9a-f]{16}") as info:
+    _overwrite_fails_keeping_the_old(tmp_path, monkeypatch, r"Input/output error: '.*ck\.staging-[0-9a-f]{16}", errno.EIO)
+
+
+def _overwrite_fails_keeping_the_old(tmp_path, monkeypatch, match: str, code: int) -> None:
+    """An overwrite of ``tmp_path/ck`` (ones) fails with OSError ``code`` matching ``match``; once the
+    fault is gone, the ones still load and nothing is left beside the checkpoint."""
+    url = str(tmp_path / "ck")
+    with pytest.raises(OSError, match=match) as info:
         shardstore.save({"w": torch.zeros(64, 64)}, url, overwrite=True)
-    assert info.value.errno == errno.EIO
+    assert info.value.errno == code
     monkeypatch.undo()
     assert torch.equal(shardstore.open(url).read("w"), torch.ones(64, 64))
     assert sorted(os.listdir(tmp_path)) == ["ck"]
