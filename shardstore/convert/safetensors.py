@@ -27,7 +27,8 @@ import torch
 from dtensor.placements import Box
 from shardstore.convert.localfiles import fresh_directory
 from shardstore.convert.sources import (
-    SAFETENSORS_FILE, SAFETENSORS_INDEX, IndexedSource, Region, TensorMeta, TensorSource, row_blocks, split_url,
+    SAFETENSORS_FILE, SAFETENSORS_INDEX, IndexedSource, Region, TensorMeta, TensorSource, has_entry, row_blocks,
+    split_url,
 )
 from shardstore.errors import (
     CheckpointNotFoundError, CorruptCheckpointError, MissingChunkError, UnsafeKeyError, UnsupportedInputError,
@@ -58,24 +59,26 @@ class _Entry:
 
 
 class SafetensorsSource(IndexedSource):
-    """One ``.safetensors`` file, or a directory holding ``model.safetensors`` or a sharded index: tensors
+    """One ``.safetensors`` file, or a directory holding ``model.safetensors`` (first) or a sharded index: tensors
     only, each a top-level key under its name as stored (``model.layers.0.w``)."""
 
     holds_values = False
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         weight_map: dict[str, str] | None = None
+        beside_index = False  # a directory's model.safetensors with an index next to it
         if url.rstrip("/").endswith(".safetensors"):
             parent, name = split_url(_resolved(url))
             self.storage, files = Storage(parent, storage_options), [name]
             if not self.storage.exists(name):
                 raise CheckpointNotFoundError(f"no safetensors file at {url}: nothing is stored there (or it is not "
                                               "a regular file); check the path")
-        elif (storage := Storage(url, storage_options)).exists(SAFETENSORS_INDEX):
-            self.storage, weight_map = storage, _weight_map(storage)
-            files = list(dict.fromkeys(weight_map.values()))
-        else:
-            self.storage, files = storage, [SAFETENSORS_FILE]
+        else:  # model.safetensors first, as transformers' from_pretrained looks for it before the index
+            self.storage = Storage(url, storage_options)
+            beside_index = self.storage.exists(SAFETENSORS_INDEX)
+            if beside_index and not has_entry(self.storage, SAFETENSORS_FILE):
+                beside_index, weight_map = False, _weight_map(self.storage)
+            files = [SAFETENSORS_FILE] if weight_map is None else list(dict.fromkeys(weight_map.values()))
         self.metadata: dict[str, str] = {}
         self.bytes_read = 0  # tensor bytes read so far (headers not counted)
         self._entries: dict[str, _Entry] = {}
@@ -86,6 +89,8 @@ class SafetensorsSource(IndexedSource):
             if weight_map is not None:
                 _check_against_index(entries, file, self._entries, weight_map, self.storage)
             self._entries.update(entries)
+        if beside_index:
+            _check_index_agrees(self.storage, self._entries)
         tree = {"dict": {name: {"tensor": [name]} for name in self._entries}}
         super().__init__(url, tree, {(name,): e.meta for name, e in self._entries.items()})
 
@@ -298,6 +303,19 @@ def _check_against_index(entries: dict[str, _Entry], file: str, earlier: dict[st
             other = earlier[name].file if name in earlier else weight_map[name]
             raise CorruptCheckpointError(f"{where}: tensor {name!r} is in both {other} and {file}; the index and the "
                                          "files it names disagree")
+
+
+def _check_index_agrees(storage: Storage, entries: dict[str, _Entry]) -> None:
+    """A directory holding both ``model.safetensors`` and an index loads the file (as transformers does),
+    but only where the index names the same tensors: otherwise one of them is stale (or they are two
+    models) and which one is meant cannot be told, so neither is guessed."""
+    indexed = set(_weight_map(storage))
+    differ = sorted(indexed.symmetric_difference(entries))
+    if differ:
+        raise CorruptCheckpointError(
+            f"{storage.url} holds both {SAFETENSORS_FILE} and {SAFETENSORS_INDEX}, and they disagree on which tensors "
+            f"exist ({len(differ)} in only one, e.g. {differ[:5]}); transformers would load {SAFETENSORS_FILE}. Remove "
+            f"the one that is stale, or load {storage.key_url(SAFETENSORS_FILE)} itself")
 
 
 def write_safetensors(

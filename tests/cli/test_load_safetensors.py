@@ -354,3 +354,26 @@ def test_open_of_a_safetensors_file_or_directory_says_what_it_is(tmp_path):
     with pytest.raises(NotACheckpointError, match=f"{tmp_path} is a safetensors checkpoint \\(model.safetensors\\), not a "
                                                   "shardstore checkpoint: shardstore.open reads"):
         shardstore.open(str(tmp_path))
+
+
+def test_a_directory_with_both_model_safetensors_and_an_index_loads_the_file_as_transformers_does(tmp_path):
+    """transformers' ``from_pretrained`` looks for ``model.safetensors`` before the index, so a directory
+    holding both (a model re-saved unsharded over a sharded one) loads that file; we loaded the shards the
+    index names, a different model from the one transformers gives. Where the two disagree on which
+    tensors exist, neither is guessed: the refusal names both and the tensors they disagree on."""
+    from shardstore.errors import CorruptCheckpointError
+
+    _write_sharded(tmp_path)
+    newer = {k: v + 1 for k, v in _weights().items()}
+    save_file(newer, str(tmp_path / "model.safetensors"))
+    target = {k: torch.zeros_like(v) for k, v in _weights().items()}
+    shardstore.load(target, str(tmp_path))
+    assert all(torch.equal(target[k], v) for k, v in newer.items())
+
+    save_file({**newer, "lm_head.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    target = {k: torch.zeros_like(v) for k, v in _weights().items()}
+    with pytest.raises(CorruptCheckpointError, match=r"both model.safetensors and model.safetensors.index.json.*'lm_head.weight'"):
+        shardstore.load(target, str(tmp_path), strict=False)
+    assert not any(t.any() for t in target.values())
+    shardstore.load(target, str(tmp_path / "model.safetensors"), strict=False)  # the file named: no question
+    assert all(torch.equal(target[k], v) for k, v in newer.items())
