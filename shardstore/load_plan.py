@@ -22,7 +22,8 @@ from shardstore.flatten import KeyPath, fqn
 from shardstore.grid import cell_box, cells_overlapping, linear_index
 from shardstore.plan import Coords, dtype_name, layout_of_value
 
-__all__ = ["LoadRegion", "TargetTensor", "StoredArray", "ReadTask", "ReadRun", "LoadPlan", "load_targets", "plan_load", "side_by_side"]
+__all__ = ["LoadRegion", "TargetTensor", "StoredArray", "ReadTask", "ReadRun", "LoadPlan", "load_targets", "plan_load", "match_keys",
+           "side_by_side"]
 
 
 @dataclass(frozen=True)
@@ -132,12 +133,26 @@ def plan_load(
     returned in the plan. ``wanted``: the keys any rank of the load asks for (default: this rank's); a
     stored key no rank wants is unexpected, one that only other ranks want (per-rank state) is not.
     """
+    missing, unexpected = match_keys(targets, stored, strict=strict, wanted=wanted)
+    tasks = [t for key, target in targets.items() if key in stored for t in _read_tasks(target, stored[key])]
+    return LoadPlan(_coalesce(tasks), missing, unexpected)
+
+
+def match_keys(
+    targets: Mapping[KeyPath, TargetTensor],
+    stored: Mapping[KeyPath, StoredArray],
+    *,
+    strict: bool = True,
+    wanted: Collection[KeyPath] | None = None,
+) -> tuple[tuple[KeyPath, ...], tuple[KeyPath, ...]]:
+    """This rank's (missing, unexpected) keys, after refusing every shape or dtype mismatch (and, with
+    ``strict``, any missing or unexpected key): the one rule every load format shares, so a key only some
+    ranks ask for (``wanted`` across ranks) is judged alike whatever was saved."""
     wanted = set(targets) if wanted is None else set(wanted)
     missing = tuple(k for k in targets if k not in stored)
     unexpected = tuple(k for k in stored if k not in wanted)
     _check_match(targets, stored, missing, unexpected, strict)
-    tasks = [t for key, target in targets.items() if key in stored for t in _read_tasks(target, stored[key])]
-    return LoadPlan(_coalesce(tasks), missing, unexpected)
+    return missing, unexpected
 
 
 def _names(keys: list[KeyPath]) -> dict[KeyPath, str]:

@@ -76,7 +76,7 @@ def test_single_file_loads_and_mismatches_are_refused(tmp_path):
     bad = {k: torch.zeros_like(v) for k, v in _weights().items()}
     bad["model.norm.weight"] = torch.zeros(17)
     bad["extra"] = torch.zeros(1)
-    with pytest.raises(StateDictMismatchError, match=r"'model.norm.weight': checkpoint float32\[16\], state dict float32\[17\]; 'extra' is not in the checkpoint"):
+    with pytest.raises(StateDictMismatchError, match=r"missing from the checkpoint: extra\n  model.norm.weight: shape \(17,\) in the state dict, \(16,\) in the checkpoint"):
         shardstore.load(bad, str(tmp_path))  # the directory holding model.safetensors
     assert all(not v.any() for v in bad.values())  # nothing was copied in
     partial = {"model.norm.weight": torch.zeros(16)}
@@ -377,3 +377,34 @@ def test_a_directory_with_both_model_safetensors_and_an_index_loads_the_file_as_
     assert not any(t.any() for t in target.values())
     shardstore.load(target, str(tmp_path / "model.safetensors"), strict=False)  # the file named: no question
     assert all(torch.equal(target[k], v) for k, v in newer.items())
+
+
+def _load_keys_held_by_some_ranks(file: str, zarr_url: str) -> dict:
+    """Rank 0 asks for every tensor, rank 1 for all but ``model.norm.weight``; then each rank also asks
+    for a tensor no file holds. Each load runs from safetensors and from the same tensors saved as zarr."""
+    rank = torch.distributed.get_rank()
+    shardstore.save(_weights(), zarr_url)
+    out = {}
+    for fmt, url in (("safetensors", file), ("zarr", zarr_url)):
+        names = [k for k in _weights() if rank == 0 or k != "model.norm.weight"]
+        target = {k: torch.zeros_like(_weights()[k]) for k in names}
+        result = shardstore.load(target, url)
+        out[fmt, "loaded"] = all(torch.equal(target[k], _weights()[k]) for k in names)
+        out[fmt, "unexpected"] = result.unexpected
+        target[f"only.rank{rank}"] = torch.zeros(1)
+        with pytest.raises(StateDictMismatchError) as info:
+            shardstore.load(target, url)
+        out[fmt, "refused"] = f"only.rank{rank}" in str(info.value)
+        out[fmt, "missing"] = shardstore.load(target, url, strict=False).missing
+    return out
+
+
+def test_strict_keys_are_checked_across_ranks_as_the_zarr_path_checks_them(tmp_path):
+    """A tensor only some ranks ask for is expected (another rank loads it), as ``load`` from zarr judges
+    it; each rank checked alone, so rank 1 refused the load with ``strict=True`` for a tensor rank 0
+    was loading."""
+    save_file(_weights(), str(tmp_path / "model.safetensors"))
+    for rank, out in enumerate(run_ranks(2, _load_keys_held_by_some_ranks, str(tmp_path / "model.safetensors"), str(tmp_path / "ck"))):
+        for fmt in ("safetensors", "zarr"):
+            assert out[fmt, "loaded"] and out[fmt, "unexpected"] == () and out[fmt, "refused"], (rank, fmt, out)
+            assert out[fmt, "missing"] == (f"only.rank{rank}",), (rank, fmt, out)
