@@ -231,9 +231,16 @@ def fill_plain_values(target: dict, skeleton: dict) -> None:
     lists are updated in place, tuples holding tensors are rebuilt around the same tensors (a tuple cannot
     change). An entry is replaced by the saved one only where neither holds a tensor; where both are the
     same kind of container the walk descends; anything else (a saved tensor where the target has none,
-    which ``strict=False`` reports as unexpected) leaves the target as it was.
+    which ``strict=False`` reports as unexpected) leaves the target as it was. The root is always filled
+    in place, entry by entry: it is the caller's dict, even where it holds no tensor.
     """
-    _filled(target, skeleton)
+    _fill_entries(target, mapping_children(skeleton) or {})
+
+
+def _fill_entries(value: dict, children: Mapping[str | int, dict]) -> None:
+    """Fill, in place, each entry of ``value`` the checkpoint has."""
+    for k in [k for k in value if k in children]:
+        value[k] = _filled(value[k], children[k])
 
 
 def _filled(value: Any, node: dict) -> Any:
@@ -242,9 +249,7 @@ def _filled(value: Any, node: dict) -> Any:
     if not _has_tensor(value) and not _node_has_tensor(node):
         return _decode(node, {})
     if kind in ("dict", "map") and isinstance(value, dict):
-        children = mapping_children(node)
-        for k in [k for k in value if k in children]:
-            value[k] = _filled(value[k], children[k])
+        _fill_entries(value, mapping_children(node))
     elif kind in ("list", "tuple") and isinstance(value, (list, tuple)):
         items = [_filled(v, body[i]) if i < len(body) else v for i, v in enumerate(value)]
         if isinstance(value, list):

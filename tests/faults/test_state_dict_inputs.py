@@ -39,7 +39,7 @@ def _describe(value):
     if isinstance(value, torch.Tensor):
         return ("tensor", value.tolist())
     if isinstance(value, dict):
-        return ("dict", {k: _describe(v) for k, v in value.items()})
+        return (type(value).__name__, {k: _describe(v) for k, v in value.items()})
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, [_describe(v) for v in value])
     return (type(value).__name__, value)
@@ -79,6 +79,14 @@ STRUCTURES = {
         {"a": None, "b": [None, 0], "c": {}, "d": [], "w": _t(0)},
         False,
         {"a": None, "b": [None, 5], "c": {}, "d": [], "w": _t(5)},
+    ),
+    # A state dict without a tensor (a step count, a scheduler's state) loaded nothing: the saved values were
+    # built into a new dict that was dropped.
+    "plain_values_only": lambda: (
+        {"step": 3, "sched": {"last_epoch": 7, "lrs": [0.1, 0.2]}},
+        {"step": 0, "sched": {"last_epoch": 0, "lrs": [0.0, 0.0]}},
+        True,
+        {"step": 3, "sched": {"last_epoch": 7, "lrs": [0.1, 0.2]}},
     ),
     "plain_saved_where_target_has_tensor": lambda: (
         {"w": 5, "v": _t(1), "m": {"x": 1}},
