@@ -15,7 +15,7 @@ Skeleton nodes are one-entry objects: ``{"dict": {key: node}}``, ``{"list": [nod
 ``{"float": "nan" | "inf" | "-inf"}``. A mapping with an ``int`` key (an optimizer's ``state``, keyed by
 parameter index) is ``{"map": [[key, node], ...]}``: JSON objects hold only string keys, and ``0`` must
 not come back as ``"0"``. Mappings come back as plain ``dict`` and tuple subclasses (``torch.Size``,
-named tuples) as plain ``tuple``.
+named tuples) as plain ``tuple`` from ``unflatten``; a load keeps the target's own types (``fill_plain_values``).
 
 Node names: each key path component is percent-encoded so that no key can name a path outside the
 checkpoint or a name Zarr reserves, and one too long for a file name gets a stable short form. See
@@ -24,6 +24,7 @@ checkpoint or a name Zarr reserves, and one too long for a file name gets a stab
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
@@ -247,7 +248,7 @@ def _filled(value: Any, node: dict) -> Any:
     """``value`` with ``node``'s plain values put in (see ``fill_plain_values``)."""
     (kind, body), = node.items()
     if not _has_tensor(value) and not _node_has_tensor(node):
-        return _decode(node, {})
+        return _retyped(value, _decode(node, {}))
     if kind in ("dict", "map") and isinstance(value, dict):
         _fill_entries(value, mapping_children(node))
     elif kind in ("list", "tuple") and isinstance(value, (list, tuple)):
@@ -255,8 +256,32 @@ def _filled(value: Any, node: dict) -> Any:
         if isinstance(value, list):
             value[:] = items
         elif any(new is not old for new, old in zip(items, value)):
-            return type(value)._make(items) if hasattr(type(value), "_make") else type(value)(items)
+            return _tuple_like(value, items)
     return value
+
+
+def _retyped(old: Any, new: Any) -> Any:
+    """``new``, a saved value as decoded (plain dicts, lists and tuples), in ``old``'s container types where
+    ``old`` is the same kind of container: the skeleton records only dict, list and tuple, and a load gives
+    back the structure it was given (a named tuple, an ``OrderedDict``, a ``torch.Size`` stay one)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        new = {k: _retyped(old[k], v) if k in old else v for k, v in new.items()}
+        if type(old) is dict:
+            return new
+        out = copy.copy(old)  # keeps what the type carries (a defaultdict's factory)
+        out.clear()
+        out.update(new)
+        return out
+    if isinstance(old, list) and isinstance(new, list):
+        return [_retyped(o, n) for o, n in zip(old, new)] + new[len(old):]
+    if isinstance(old, tuple) and isinstance(new, tuple) and len(old) == len(new):
+        return _tuple_like(old, [_retyped(o, n) for o, n in zip(old, new)])
+    return new
+
+
+def _tuple_like(old: tuple, items: list) -> tuple:
+    """``items`` as a tuple of ``old``'s type (a named tuple is built from its fields, not from a list)."""
+    return type(old)._make(items) if hasattr(type(old), "_make") else type(old)(items)
 
 
 def _has_tensor(value: Any) -> bool:

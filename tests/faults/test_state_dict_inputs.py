@@ -7,7 +7,7 @@ Multi-rank bodies put the odd entry on the last rank only: one bad rank must fai
 from __future__ import annotations
 
 import os
-from collections import namedtuple
+from collections import OrderedDict, namedtuple
 from pathlib import Path
 
 import pytest
@@ -87,6 +87,13 @@ STRUCTURES = {
         {"step": 0, "sched": {"last_epoch": 0, "lrs": [0.0, 0.0]}},
         True,
         {"step": 3, "sched": {"last_epoch": 7, "lrs": [0.1, 0.2]}},
+    ),
+    # Containers holding no tensor came back as the skeleton's plain dict and tuple, not the target's types.
+    "plain_containers_keep_the_targets_types": lambda: (
+        {"w": _t(1), "nt": Pair(_t(2), 2), "cfg": OrderedDict(b=1, a=[Pair(1, 2)]), "size": torch.Size([2, 3])},
+        {"w": _t(0), "nt": Pair(_t(0), 0), "cfg": OrderedDict(b=0, a=[Pair(0, 0)]), "size": torch.Size([0, 0])},
+        True,
+        {"w": _t(1), "nt": Pair(_t(2), 2), "cfg": OrderedDict(b=1, a=[Pair(1, 2)]), "size": torch.Size([2, 3])},
     ),
     "plain_saved_where_target_has_tensor": lambda: (
         {"w": 5, "v": _t(1), "m": {"x": 1}},

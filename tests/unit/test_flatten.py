@@ -3,13 +3,13 @@
 import json
 import math
 import posixpath
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict, namedtuple
 
 import pytest
 import torch
 
 from shardstore.errors import CorruptCheckpointError, StateDictMismatchError
-from shardstore.flatten import flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, node_path, unflatten
+from shardstore.flatten import fill_plain_values, flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, node_path, unflatten
 
 HOSTILE = ["..", ".", "/etc/passwd", "a/../../b", "\\", "..\\..\\x", "\x00", "", "é", "日本", "__x", "__",
            "zarr.json", "%", "%2E", "a b", "~", "c", "-", "___"]
@@ -53,6 +53,17 @@ def test_non_finite_floats_survive_strict_json():
 def test_mappings_and_tuple_subclasses_come_back_plain():
     back, _ = round_trip({"od": OrderedDict(x=1), "size": torch.Size([2, 3])})
     assert type(back["od"]) is dict and back["size"] == (2, 3) and type(back["size"]) is tuple
+
+
+def test_a_load_keeps_the_targets_container_types():
+    """The skeleton records only dict, list and tuple; filled into a state dict, saved values take its types,
+    nested ones too, a defaultdict keeping its factory; a saved value of another kind replaces the entry."""
+    pair = namedtuple("pair", "a b")
+    target = {"d": defaultdict(list, a=[pair(0, 0)]), "size": torch.Size([0]), "t": (0, 0), "swap": (0,)}
+    fill_plain_values(target, flatten({"d": {"a": [(1, 2)], "b": 3}, "size": (4,), "t": (1, 2), "swap": [5]})[1])
+    assert target == {"d": {"a": [(1, 2)], "b": 3}, "size": (4,), "t": (1, 2), "swap": [5]}
+    assert type(target["d"]) is defaultdict and target["d"].default_factory is list and type(target["d"]["a"][0]) is pair
+    assert type(target["size"]) is torch.Size and type(target["swap"]) is list
 
 
 def test_hook_objects_are_tensors():
