@@ -83,18 +83,29 @@ def _encode(value: Any, path: KeyPath, items: dict[KeyPath, Any]) -> dict:
     if isinstance(value, (list, tuple)):
         kind = "list" if isinstance(value, list) else "tuple"
         return {kind: [_encode(v, path + (i,), items) for i, v in enumerate(value)]}
-    if isinstance(value, float):
+    if type(value) is float:
         return {"value": value} if math.isfinite(value) else {"float": repr(value)}
-    if isinstance(value, _PLAIN):
+    if type(value) in _PLAIN:
         return {"value": value}
-    raise UnsupportedInputError(
-        f"state dict entry {fqn(path)!r} is a {type(value).__name__}; a checkpoint holds tensors, "
-        "int, float, str, bool, None and dicts/lists/tuples of them: convert it (e.g. to a tensor or str) first"
-    )
+    raise UnsupportedInputError(_unsupported_leaf(value, path))
+
+
+def _unsupported_leaf(value: Any, path: KeyPath) -> str:
+    """Why ``value`` cannot be a leaf. Subclasses of the plain types (an IntEnum, numpy.float64) are refused
+    too: JSON stores the value of the base type, so the load would give that back, the type silently lost."""
+    kind = type(value)
+    name = f"numpy.{kind.__name__}" if kind.__module__ == "numpy" else kind.__name__
+    base = next((t for t in (int, float, str) if isinstance(value, t)), None)
+    if base is not None:
+        return (f"state dict entry {fqn(path)!r} is a {name}, a subclass of {base.__name__} that would load back as "
+                f"a plain {base.__name__}, its type lost: store {base.__name__}(x) (or a tensor) and convert it back")
+    hint = " (x.item() for a numpy scalar, torch.from_numpy(x) for an array)" if kind.__module__ == "numpy" else ""
+    return (f"state dict entry {fqn(path)!r} is a {name}; a checkpoint holds tensors, int, float, str, bool, None "
+            f"and dicts/lists/tuples of them: convert it (e.g. to a tensor or str) first{hint}")
 
 
 def _dict_key(key: Any, path: KeyPath, mapping: Mapping) -> str | int:
-    if not isinstance(key, (str, int)) or isinstance(key, bool):
+    if type(key) not in (str, int):  # a subclass (an IntEnum) would come back as its base type
         raise TypeError(
             f"state dict key {key!r} under {fqn(path) or '<root>'!r} is a {type(key).__name__}; keys must be str "
             "or int: convert the keys to str"

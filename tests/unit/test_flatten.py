@@ -102,6 +102,28 @@ def test_unsupported_leaf_names_its_path():
         flatten([torch.ones(1)])
 
 
+def test_subclasses_of_plain_values_are_refused_naming_their_type():
+    """An IntEnum, a str Enum or a numpy.float64 was stored as the int, str or float it subclasses and came
+    back as that, its type gone; torch.save keeps it. Keys too."""
+    import enum
+
+    import numpy as np
+
+    class Level(enum.IntEnum):
+        HIGH = 2
+
+    class Mode(str, enum.Enum):
+        TRAIN = "train"
+
+    for value, says in ((Level.HIGH, "Level"), (Mode.TRAIN, "Mode"), (np.float64(0.5), "numpy.float64")):
+        with pytest.raises(TypeError, match=rf"'cfg.x' is a {says}, a subclass of (int|str|float) that would load back as"):
+            flatten({"cfg": {"x": value}})
+    with pytest.raises(TypeError, match=r"key <Level.HIGH: 2> under 'cfg' is a Level"):
+        flatten({"cfg": {Level.HIGH: 1}})
+    with pytest.raises(TypeError, match=r"'x' is a numpy.float32; .*x.item\(\)"):
+        flatten({"x": np.float32(1)})
+
+
 def test_what_json_cannot_carry_is_refused_naming_its_path():
     """Refused up front (before a save writes a byte), naming the entry: a key that is not valid Unicode,
     an int JSON cannot write and read back, containers nested without end (a list holding itself)."""
