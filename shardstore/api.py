@@ -138,8 +138,8 @@ def load(
         return load_safetensors(state_dict, url, storage_options=storage_options, process_group=process_group, strict=strict)
     start = time.perf_counter()
     coord = Coordinator(process_group)
-    storage = Storage(url, storage_options).pinned()
-    target, items = coord.agree("reading the state dict", lambda: _flatten_target(state_dict))
+    storage, (target, items) = coord.agree("reading the state dict",
+                                           lambda: (Storage(url, storage_options).pinned(), _flatten_target(state_dict)))
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     wanted = {k for keys in coord.all_gather(tuple(tensors)) for k in keys}  # per-rank keys: wanted somewhere
     job = coord.agree("checking the checkpoint", lambda: _plan_here(tensors, storage, strict, wanted, staging_bytes, all_or_nothing))

@@ -45,8 +45,9 @@ def load_safetensors(state_dict: dict, url: str, *, storage_options: dict | None
 
     start = time.perf_counter()
     coord = Coordinator(process_group)
-    source = SafetensorsSource(url, storage_options)
-    tensors = {k: v for k, v in flatten(state_dict)[0].items() if is_tensor_like(v)}
+    # Inside an agreed step: a state dict or file refused on one rank fails every rank, none left waiting.
+    source, tensors = coord.agree("reading the state dict and the safetensors header",
+                                  lambda: (SafetensorsSource(url, storage_options), _tensors(state_dict)))
     wanted = {(fqn(k),) for keys in coord.all_gather(tuple(tensors)) for k in keys}  # per-rank keys: wanted somewhere
     plan, missing, unexpected = coord.agree("checking the state dict against the safetensors",
                                             lambda: _plan(tensors, source, strict, wanted))
@@ -55,6 +56,10 @@ def load_safetensors(state_dict: dict, url: str, *, storage_options: dict | None
     return LoadResult(bytes_read=source.bytes_read, chunks_read=len(plan), elapsed_s=time.perf_counter() - start,
                       missing=tuple(map(fqn, missing)), unexpected=tuple(map(fqn, unexpected)),
                       staged_bytes=source.bytes_read, streamed=False, bytes_fetched=source.bytes_read)
+
+
+def _tensors(state_dict: dict) -> dict:
+    return {k: v for k, v in flatten(state_dict)[0].items() if is_tensor_like(v)}
 
 
 def _copy_all(pieces: list) -> None:

@@ -4,6 +4,7 @@ only its slices (bytes counted at the storage layer)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -408,3 +409,24 @@ def test_strict_keys_are_checked_across_ranks_as_the_zarr_path_checks_them(tmp_p
         for fmt in ("safetensors", "zarr"):
             assert out[fmt, "loaded"] and out[fmt, "unexpected"] == () and out[fmt, "refused"], (rank, fmt, out)
             assert out[fmt, "missing"] == (f"only.rank{rank}",), (rank, fmt, out)
+
+
+def _load_with_a_bad_state_dict_on_rank_1(file: str) -> str:
+    """Rank 1's state dict holds a value no load takes (a set): every rank must raise, none wait."""
+    target = {k: torch.zeros_like(v) for k, v in _weights().items()}
+    if torch.distributed.get_rank() == 1:
+        target["bad"] = {1, 2}
+    with pytest.raises(Exception) as info:
+        shardstore.load(target, file)
+    return f"{type(info.value).__name__}: {info.value}"
+
+
+def test_a_state_dict_refused_on_one_rank_fails_the_load_on_every_rank(tmp_path):
+    """The state dict is read inside the first agreed step: read before it, rank 1's refusal left rank 0
+    waiting in a collective until its timeout."""
+    save_file(_weights(), str(tmp_path / "model.safetensors"))
+    start = time.monotonic()
+    errors = run_ranks(2, _load_with_a_bad_state_dict_on_rank_1, str(tmp_path / "model.safetensors"), timeout=60)
+    assert errors[1].startswith("UnsupportedInputError") and "'bad'" in errors[1], errors
+    assert "'bad'" in errors[0] and "rank 1" in errors[0], errors  # rank 0 learns rank 1's error
+    assert time.monotonic() - start < 20
