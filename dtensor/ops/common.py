@@ -20,8 +20,9 @@ from typing import Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from ..dispatch import Placements, replicate_plain
+from ..dispatch import Placements, Strategy, replicate_plain
 from ..placements import Partial, Placement, Replicate, Shard
+from ..redistribute import partial_share
 from ..spec import DTensorSpec
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "Operand",
     "Choice",
     "elementwise",
+    "plain_as_replicate",
+    "split_plain",
     "tensor_operands",
     "is_inplace",
     "mutable_args",
@@ -214,6 +217,34 @@ def _price(operands, inputs, output, keep, mesh_shape) -> tuple[int, float] | No
     if math.isinf(cost):
         return None
     return (0, 0.0) if not moved else (1, 0.0) if cost == 0 else (2, cost)
+
+
+def plain_as_replicate(rows: Sequence[PartialRule], operands: Sequence[Operand]) -> tuple[PartialRule, ...]:
+    """torch's Partial ``rows`` for ``operands`` some of which are plain 0-d tensors, which torch moves to
+    the Partial of its row and we keep whole: an average, max or min of equal terms is the tensor itself,
+    so their Partial reads Replicate; a sum's share is taken locally (``split_plain``). Only for tables
+    where a row with a Partial("sum") output has every operand a Partial("sum") (additive ops, fills)."""
+    plain = [o.spec is None for o in operands]
+    return tuple((r[0], *(Replicate() if q else p for q, p in zip(plain, r[1:]))) for r in rows if len(r) == len(operands) + 1)
+
+
+def split_plain(strategy: Strategy, mesh, args: tuple, kwargs: dict) -> Strategy:
+    """``strategy`` with the plain 0-d tensors of (args, kwargs) split evenly into the terms of the
+    output's pending sum, as torch's Replicate -> Partial("sum") splits a value (``x + eps`` with a plain
+    ``eps`` adds ``eps / n`` on each of n ranks; see ``plain_as_replicate``)."""
+    from ..api import DTensor
+
+    n = math.prod(mesh.shape[m] for m, p in enumerate(strategy.output) if p.is_partial("sum"))
+    if n == 1:
+        return strategy
+    leaves = pytree.tree_leaves((args, kwargs))
+    plain = {i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and not isinstance(x, DTensor)}
+
+    def shared(local_args: tuple, local_kwargs: dict) -> tuple[tuple, dict]:
+        flat, tree = pytree.tree_flatten((local_args, local_kwargs))
+        return pytree.tree_unflatten([partial_share(x, "sum", n) if i in plain else x for i, x in enumerate(flat)], tree)
+
+    return Strategy(strategy.inputs, strategy.output, shared)
 
 
 def tensor_operands(specs: Sequence[DTensorSpec], args: tuple, kwargs: dict) -> list[Operand]:

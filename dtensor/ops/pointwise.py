@@ -17,7 +17,16 @@ from torch.utils import _pytree as pytree
 
 from ..dispatch import Strategy
 from ..placements import Partial, Replicate
-from .common import Operand, bind_args, elementwise, is_inplace, mutable_args, tensor_operands
+from .common import (
+    Operand,
+    bind_args,
+    elementwise,
+    is_inplace,
+    mutable_args,
+    plain_as_replicate,
+    split_plain,
+    tensor_operands,
+)
 
 aten = torch.ops.aten
 
@@ -36,7 +45,6 @@ MAXIMUM = _MONOTONE2 + ((PMAX, PMAX, PMAX),)
 MINIMUM = _MONOTONE2 + ((PMIN, PMIN, PMIN),)
 COPY = tuple((p, p, p) for p in (PS, PA, PMAX, PMIN))  # dst.copy_(src): a copy of every term
 KEEP = tuple((p, p) for p in (PS, PA, PMAX, PMIN))  # zero_: zeros are a term of every reduction
-SHIFT = KEEP  # x + c, c a number: avg/max/min shift with every term; a sum adds c to one term (_shift_by_scalar)
 
 
 def _ops(names: str) -> list:
@@ -170,29 +178,14 @@ def _threshold(func, specs, args, kwargs):
     return elementwise_rule(MONOTONE if named["value"] <= named["threshold"] else ())(func, specs, args, kwargs)
 
 
-def _shift_by_scalar(func, specs, args, kwargs):
-    """``x + c`` / ``x - c`` with a number ``c``: a Python number (``add.Scalar``, ``add_.Scalar``) or a
-    plain 0-d tensor (``x.add_(eps)`` wraps ``eps`` into one), as in an RMS norm's ``mean(x*x) + eps``.
-    A pending avg/max/min shifts with every term; a pending sum keeps pending when only the ranks at
-    coordinate 0 of its mesh dims add ``c`` and the others add 0."""
-    operands = tensor_operands(specs, args, kwargs)
-    if operands[0].spec is None or any(o.spec is not None for o in operands[1:]):
-        return _ADDITIVE_RULE(func, specs, args, kwargs)  # DTensors on both sides (or the number first)
-    strategy = _SHIFT_RULE(func, specs, args, kwargs)
-    sums = [m for m, p in enumerate(strategy.output) if p.is_partial("sum")]
-    coordinate = specs[0].mesh.get_coordinate()
-    if not sums or all(coordinate[m] == 0 for m in sums):
-        return strategy
-
-    def add_zero(local_args: tuple, local_kwargs: dict) -> tuple[tuple, dict]:
-        named = "other" in local_kwargs
-        c = local_kwargs["other"] if named else local_args[1]
-        zero = torch.zeros_like(c) if isinstance(c, torch.Tensor) else type(c)(0)  # same type: same promotion
-        if named:
-            return local_args, {**local_kwargs, "other": zero}
-        return (local_args[0], zero, *local_args[2:]), local_kwargs
-
-    return Strategy(strategy.inputs, strategy.output, add_zero)
+def _additive(func, specs, args, kwargs):
+    """``add``/``sub`` under torch's rows (``ADDITIVE``). A Python number (``x + 1``, ``x.add_(1)``) is no
+    operand, so no row applies and a pending reduction is carried out first (in place: refused), as in
+    torch. A plain 0-d tensor (``mean(x * x) + eps`` in an RMS norm) torch moves to the Partial of the
+    other side; we keep it whole and split it into the terms of a sum locally (``plain_as_replicate``)."""
+    rows = plain_as_replicate(ADDITIVE, tensor_operands(specs, args, kwargs))
+    strategy = elementwise_rule(rows)(func, specs, args, kwargs)
+    return split_plain(strategy, specs[0].mesh, args, kwargs)
 
 
 _TABLE = [
@@ -264,14 +257,12 @@ _FOREACH_TABLE = [
      "_fused_sgd_.default _fused_sgd_.tensor_lr", ()),
 ]
 
-_SHIFT_RULE = elementwise_rule(SHIFT + ((PS, PS, R), (PA, PA, R), (PMAX, PMAX, R), (PMIN, PMIN, R)))
-_ADDITIVE_RULE = elementwise_rule(ADDITIVE)
 GENERIC = elementwise_rule()  # any op torch tags pointwise and the table leaves out (see ops.rule_for)
 RULES = {op: elementwise_rule(rows) for names, rows in _TABLE for op in _ops(names)}
 RULES.update({op: foreach_rule(rows) for names, rows in _FOREACH_TABLE for op in _ops(names)})
 RULES[aten._to_copy.default] = _to_copy_rule
 RULES.update({op: _threshold for op in _ops("threshold.default threshold_.default")})
 RULES.update({op: _masked_fill_scalar for op in _ops("masked_fill.Scalar masked_fill_.Scalar")})
-RULES.update({op: _shift_by_scalar for op in _ops("add.Scalar add_.Scalar sub.Scalar sub_.Scalar add.Tensor add_.Tensor "
+RULES.update({op: _additive for op in _ops("add.Scalar add_.Scalar sub.Scalar sub_.Scalar add.Tensor add_.Tensor "
                                                    "sub.Tensor sub_.Tensor")})
 HANDLERS: dict = {}

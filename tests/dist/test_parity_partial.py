@@ -1,7 +1,8 @@
 """View-like and pointwise ops on ``Partial`` DTensors against torch's DTensor: placements, values and
 the collectives issued. ``clone`` carries a pending reduction out first, as torch's (ours kept it
 pending), so an in-place op that no Partial survives (``x.clone().abs_()``) runs as in torch instead of
-raising; views, scalings and monotone ops keep the reduction pending in both."""
+raising; views, scalings and monotone ops keep the reduction pending in both. An in-place op that
+torch refuses on a Partial target (``add_`` of a number) raises a ``RuntimeError`` in both."""
 
 import math
 
@@ -76,7 +77,22 @@ OPS = {
     "mean": lambda x: x.mean(),
     "mean(0)": lambda x: x.mean(0),
     "mean(1)": lambda x: x.mean(1, keepdim=True),
+    # add/sub: a number is no operand, so a pending reduction is carried out first; a plain 0-d tensor is
+    # a term of the reduction (counted once in a sum), on either side
+    "x + 2": lambda x: x + 2,
+    "x - 2.5": lambda x: x - 2.5,
+    "2 + x": lambda x: 2 + x,
+    "add(x, 2, alpha=3)": lambda x: torch.add(x, 2, alpha=3),
+    "x + 0-d": lambda x: x + torch.tensor(2.0, dtype=torch.float64),
+    "x - 0-d": lambda x: x - torch.tensor(2.0),
+    "0-d + x": lambda x: torch.tensor(2.0, dtype=torch.float64) + x,
+    "0-d - x": lambda x: torch.tensor(2.0, dtype=torch.float64) - x,
+    "add_(0-d)": lambda x: x.add_(torch.tensor(2.0, dtype=torch.float64)),
+    "add_(2)": lambda x: x.add_(2),
+    "sub_(2)": lambda x: x.sub_(2.0),
 }
+# in place: torch refuses to change the target's placements
+REFUSABLE = {"add_(2)", "sub_(2)"}
 # tril/triu keep their input's shards (each rank shifts the diagonal), where torch gathers them
 WHOLE_ON_2D = {"tril", "triu"}
 
@@ -92,7 +108,12 @@ def _run(lib, op: str, reduce_op: str, mesh_shape):
     second = lib.Replicate() if op in WHOLE_ON_2D else lib.Shard(1)
     placements = [lib.Partial(reduce_op)] + [second] * (len(mesh_shape) - 1)
     d = lib.DTensor.from_local(local, mesh(mesh_shape), placements)
-    return comm_counts(lib, lambda x: _with_locals(OPS[op](x)), d)
+    try:
+        return comm_counts(lib, lambda x: _with_locals(OPS[op](x)), d)
+    except RuntimeError:
+        if op not in REFUSABLE:
+            raise
+        return "refused"
 
 
 def _case(mesh_shape):
