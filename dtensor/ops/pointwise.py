@@ -162,10 +162,11 @@ def _to_copy_rule(func, specs, args, kwargs):
 
 
 def _masked_fill_scalar(func, specs, args, kwargs):
-    """``x.masked_fill(mask, c)`` with a number ``c`` and a replicated mask: every rank writes ``c`` where
+    """``x.masked_fill_(mask, c)`` with a number ``c`` and a replicated mask: every rank writes ``c`` where
     the mask is set, so a pending avg/max/min stays pending (``c`` is then each term), a pending sum only
-    where ``c`` is 0 (its terms add up to 0), as cross_entropy's label smoothing zeroes the ignored
-    targets' term of class-sharded logits."""
+    where ``c`` is 0 (its terms add up to 0). torch refuses any in-place op on a Partial; cross_entropy's
+    label smoothing needs this one, zeroing the ignored targets' term of class-sharded logits in place.
+    Out of place, as torch's rule, no Partial survives (``_TABLE``)."""
     value = args[2] if len(args) > 2 else kwargs["value"]
     rows = ((PA, PA, R), (PMAX, PMAX, R), (PMIN, PMIN, R)) + (((PS, PS, R),) if value == 0 else ())
     return elementwise_rule(rows)(func, specs, args, kwargs)
@@ -210,7 +211,7 @@ _TABLE = [
      "pow.Tensor_Scalar pow.Tensor_Tensor pow.Scalar pow_.Scalar pow_.Tensor reciprocal.default reciprocal_.default "
      "sin.default sin_.default cos.default cos_.default gelu.default gelu_.default silu.default silu_.default "
      "clamp.default clamp_.default clamp.Tensor clamp_.Tensor clamp_min.default clamp_min_.default "
-     "clamp_max.default clamp_max_.default where.self masked_fill.Tensor "
+     "clamp_max.default clamp_max_.default where.self masked_fill.Tensor masked_fill.Scalar "
      "masked_fill_.Tensor lerp.Scalar lerp_.Scalar lerp.Tensor lerp_.Tensor addcmul.default addcmul_.default "
      "addcdiv.default addcdiv_.default log1p.default erfinv.default square.default atan2.default hypot.default "
      "threshold_backward.default gelu_backward.default sigmoid_backward.default tanh_backward.default "
@@ -262,7 +263,7 @@ RULES = {op: elementwise_rule(rows) for names, rows in _TABLE for op in _ops(nam
 RULES.update({op: foreach_rule(rows) for names, rows in _FOREACH_TABLE for op in _ops(names)})
 RULES[aten._to_copy.default] = _to_copy_rule
 RULES.update({op: _threshold for op in _ops("threshold.default threshold_.default")})
-RULES.update({op: _masked_fill_scalar for op in _ops("masked_fill.Scalar masked_fill_.Scalar")})
+RULES.update({op: _masked_fill_scalar for op in _ops("masked_fill_.Scalar")})
 RULES.update({op: _additive for op in _ops("add.Scalar add_.Scalar sub.Scalar sub_.Scalar add.Tensor add_.Tensor "
                                                    "sub.Tensor sub_.Tensor")})
 HANDLERS: dict = {}

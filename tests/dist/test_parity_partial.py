@@ -8,10 +8,20 @@ import math
 
 import pytest
 import torch
+import torch.distributed.tensor as tdt
+
+import dtensor
 
 from tests.parity import assert_same, both, comm_counts
 from tests.ranks import mesh, run_ranks
 
+def _replicated(x, t: torch.Tensor):
+    """``t`` as a Replicate DTensor of ``x``'s library on ``x``'s mesh (masks and indices)."""
+    lib = dtensor if isinstance(x, dtensor.DTensor) else tdt
+    return lib.DTensor.from_local(t, x.device_mesh, [lib.Replicate()] * x.device_mesh.ndim)
+
+
+ROWS = (torch.arange(4) % 2 == 0)[:, None]
 OPS = {
     "clone": lambda x: x.clone(),
     "clone channels_last": lambda x: x[None, None].clone(memory_format=torch.channels_last),
@@ -90,6 +100,9 @@ OPS = {
     "add_(0-d)": lambda x: x.add_(torch.tensor(2.0, dtype=torch.float64)),
     "add_(2)": lambda x: x.add_(2),
     "sub_(2)": lambda x: x.sub_(2.0),
+    # masked_fill of a number: no Partial survives out of place, as torch's rule
+    "masked_fill(2)": lambda x: x.masked_fill(_replicated(x, ROWS), 2.0),
+    "masked_fill(0)": lambda x: x.masked_fill(_replicated(x, ROWS), 0.0),
 }
 # in place: torch refuses to change the target's placements
 REFUSABLE = {"add_(2)", "sub_(2)"}
