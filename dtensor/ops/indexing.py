@@ -1,5 +1,5 @@
 """Gather/scatter-style ops: ``gather``, ``scatter`` (+ ``scatter_add``, ``scatter_reduce``, in place too),
-``index_select``, ``index_add`` (+ ``index_copy``, ``index_reduce``), ``index_fill``, ``slice_scatter``,
+``index_select``, ``index_add`` (+ ``index_copy``, ``index_reduce``), ``index_fill`` (its own rule below), ``slice_scatter``,
 advanced indexing ``x[idx]`` with one integer index (the ops MoE routing and embedding-like code, and
 their backward, run on), and the lookups ``bucketize``/``searchsorted``/``isin`` (values keep their
 shards, the table is whole).
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import Strategy
-from ..placements import Placement, Replicate, Shard
-from .common import bind_args, is_inplace
+from ..placements import Partial, Placement, Replicate, Shard
+from .common import bind_args, elementwise, is_inplace, plain_as_replicate, split_plain, tensor_operands
 
 aten = torch.ops.aten
 
@@ -101,6 +101,30 @@ def _index(func, specs, args, kwargs):
     return Strategy((tuple(x_p), tuple(idx_p)), tuple(out))
 
 
+# index_fill's Partial rows (output, self[, value]): every rank writes a number, which an average, max
+# or min of equal terms keeps; a 0-d tensor value is a term of any reduction, so all four stay
+_FILL_NUMBER = tuple((Partial(k),) * 2 for k in ("avg", "max", "min"))
+_FILL_TENSOR = tuple((Partial(k),) * 3 for k in ("sum", "avg", "max", "min"))
+
+
+def _index_fill(func, specs, args, kwargs):
+    """``index_fill`` is elementwise over every dim but ``dim`` (kept whole), chosen by cost as torch's
+    single-dim rule: a pending reduction stays where a row of ``_FILL_*`` allows it (a sum filled with a
+    number is reduce-scattered onto another dim where one is sharded, else all-reduced); the index is
+    replicated, a plain 0-d value split into a sum's terms as torch's (``plain_as_replicate``)."""
+    named = bind_args(func, args, kwargs)
+    ndim = len(specs[0].shape)
+    self, index, *value = tensor_operands(specs, args, kwargs)
+    operands = (self, *value)
+    rows = plain_as_replicate(_FILL_TENSOR if value else _FILL_NUMBER, operands)
+    choice = elementwise(operands, rows, (0,) if is_inplace(func) else (), (named["dim"] % ndim,) if ndim else ())
+    if choice is None:
+        return None  # in place, the target's own layout cannot run it: the fallback explains
+    inputs = (choice.inputs[0], (Replicate(),) * len(choice.output) if index.spec is not None else None, *choice.inputs[1:])
+    strategy = Strategy(tuple(p for p in inputs if p is not None), choice.output)
+    return split_plain(strategy, specs[0].mesh, args, kwargs)
+
+
 def _lookup(values: str):
     """``bucketize``, ``searchsorted`` (1-d sequence), ``isin``: each element of ``values`` is looked up
     in a whole table (boundaries, a sorted sequence, test elements), so ``values`` keeps its shards and
@@ -126,7 +150,6 @@ _SCATTER = _rule(("self", "index", "src"))
 _SCATTER_VALUE = _rule(("self", "index"))
 _INDEX_SELECT = _rule(("self",), ("index",))
 _INDEX_ADD = _rule(("self", "source"), ("index",))
-_INDEX_FILL = _rule(("self",), ("index", "value"))
 
 RULES = {
     aten.gather.default: _GATHER,
@@ -147,9 +170,9 @@ RULES = {
     aten.bucketize.Tensor: _lookup("self"),
     aten.searchsorted.Tensor: _lookup("self"),
     aten.isin.Tensor_Tensor: _lookup("elements"),
-    aten.index_fill.int_Tensor: _INDEX_FILL,
-    aten.index_fill.int_Scalar: _INDEX_FILL,
-    aten.index_fill_.int_Tensor: _INDEX_FILL,
-    aten.index_fill_.int_Scalar: _INDEX_FILL,
+    aten.index_fill.int_Tensor: _index_fill,
+    aten.index_fill.int_Scalar: _index_fill,
+    aten.index_fill_.int_Tensor: _index_fill,
+    aten.index_fill_.int_Scalar: _index_fill,
 }
 HANDLERS: dict = {}

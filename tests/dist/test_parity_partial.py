@@ -21,7 +21,7 @@ def _replicated(x, t: torch.Tensor):
     return lib.DTensor.from_local(t, x.device_mesh, [lib.Replicate()] * x.device_mesh.ndim)
 
 
-ROWS = (torch.arange(4) % 2 == 0)[:, None]
+ROWS, PICKED = (torch.arange(4) % 2 == 0)[:, None], torch.tensor([1, 2])
 OPS = {
     "clone": lambda x: x.clone(),
     "clone channels_last": lambda x: x[None, None].clone(memory_format=torch.channels_last),
@@ -103,9 +103,15 @@ OPS = {
     # masked_fill of a number: no Partial survives out of place, as torch's rule
     "masked_fill(2)": lambda x: x.masked_fill(_replicated(x, ROWS), 2.0),
     "masked_fill(0)": lambda x: x.masked_fill(_replicated(x, ROWS), 0.0),
+    # index_fill: elementwise over the other dims, a number kept by avg/max/min, a 0-d tensor by all four
+    "index_fill(0, 2)": lambda x: x.index_fill(0, _replicated(x, PICKED), 2.0),
+    "index_fill(1, 0)": lambda x: x.index_fill(1, _replicated(x, PICKED), 0.0),
+    "index_fill(1, 0-d)": lambda x: x.index_fill(1, _replicated(x, PICKED), torch.tensor(2.0, dtype=torch.float64)),
+    "index_fill_(0, 2)": lambda x: x.index_fill_(0, _replicated(x, PICKED), 2.0),
+    "index_fill_(1, 2)": lambda x: x.index_fill_(1, _replicated(x, PICKED), 2.0),
 }
 # in place: torch refuses to change the target's placements
-REFUSABLE = {"add_(2)", "sub_(2)"}
+REFUSABLE = {"add_(2)", "sub_(2)", "index_fill_(0, 2)", "index_fill_(1, 2)"}
 # tril/triu keep their input's shards (each rank shifts the diagonal), where torch gathers them
 WHOLE_ON_2D = {"tril", "triu"}
 
