@@ -109,6 +109,9 @@ OPS = {
     "index_fill(1, 0-d)": lambda x: x.index_fill(1, _replicated(x, PICKED), torch.tensor(2.0, dtype=torch.float64)),
     "index_fill_(0, 2)": lambda x: x.index_fill_(0, _replicated(x, PICKED), 2.0),
     "index_fill_(1, 2)": lambda x: x.index_fill_(1, _replicated(x, PICKED), 2.0),
+    "repeat_interleave(2, 0)": lambda x: x.repeat_interleave(2, 0),
+    "repeat_interleave(2, 1)": lambda x: x.repeat_interleave(2, 1),
+    "repeat_interleave(2)": lambda x: x.repeat_interleave(2),
 }
 # in place: torch refuses to change the target's placements
 REFUSABLE = {"add_(2)", "sub_(2)", "index_fill_(0, 2)", "index_fill_(1, 2)"}
