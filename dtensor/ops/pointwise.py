@@ -45,6 +45,7 @@ MAXIMUM = _MONOTONE2 + ((PMAX, PMAX, PMAX),)
 MINIMUM = _MONOTONE2 + ((PMIN, PMIN, PMIN),)
 COPY = tuple((p, p, p) for p in (PS, PA, PMAX, PMIN))  # dst.copy_(src): a copy of every term
 KEEP = tuple((p, p) for p in (PS, PA, PMAX, PMIN))  # zero_: zeros are a term of every reduction
+SHIFT = ((PA, PA), (PMAX, PMAX), (PMIN, PMIN))  # x.add_(c), c a number: every term shifts by c
 
 
 def _ops(names: str) -> list:
@@ -180,12 +181,14 @@ def _threshold(func, specs, args, kwargs):
 
 
 def _additive(func, specs, args, kwargs):
-    """``add``/``sub`` under torch's rows (``ADDITIVE``). A Python number (``x + 1``, ``x.add_(1)``) is no
-    operand, so no row applies and a pending reduction is carried out first (in place: refused), as in
-    torch. A plain 0-d tensor (``mean(x * x) + eps`` in an RMS norm) torch moves to the Partial of the
+    """``add``/``sub`` under torch's rows (``ADDITIVE``). A Python number (``x + 1``) is no operand, so no
+    row applies and a pending reduction is carried out first, as in torch; in place (``x.add_(1)``) torch
+    refuses a Partial target, and we shift every term of an average, max or min by the number (``SHIFT``:
+    ``F.rms_norm`` over a sharded dim adds its eps to a pending mean so), refusing only a sum, which would
+    count it once per term. A plain 0-d tensor (``mean(x * x) + eps``) torch moves to the Partial of the
     other side; we keep it whole and split it into the terms of a sum locally (``plain_as_replicate``)."""
-    rows = plain_as_replicate(ADDITIVE, tensor_operands(specs, args, kwargs))
-    strategy = elementwise_rule(rows)(func, specs, args, kwargs)
+    rows = ADDITIVE + (SHIFT if is_inplace(func) else ())
+    strategy = elementwise_rule(plain_as_replicate(rows, tensor_operands(specs, args, kwargs)))(func, specs, args, kwargs)
     return split_plain(strategy, specs[0].mesh, args, kwargs)
 
 

@@ -2,7 +2,8 @@
 the collectives issued. ``clone`` carries a pending reduction out first, as torch's (ours kept it
 pending), so an in-place op that no Partial survives (``x.clone().abs_()``) runs as in torch instead of
 raising; views, scalings and monotone ops keep the reduction pending in both. An in-place op that
-torch refuses on a Partial target (``add_`` of a number) raises a ``RuntimeError`` in both."""
+torch refuses on a Partial target raises a ``RuntimeError`` in both, except ``add_``/``sub_`` of a number
+on an average, max or min, which we shift (their value is then torch's out-of-place op's)."""
 
 import math
 
@@ -99,7 +100,7 @@ OPS = {
     "0-d - x": lambda x: torch.tensor(2.0, dtype=torch.float64) - x,
     "add_(0-d)": lambda x: x.add_(torch.tensor(2.0, dtype=torch.float64)),
     "add_(2)": lambda x: x.add_(2),
-    "sub_(2)": lambda x: x.sub_(2.0),
+    "sub_(2.5)": lambda x: x.sub_(2.5),
     # masked_fill of a number: no Partial survives out of place, as torch's rule
     "masked_fill(2)": lambda x: x.masked_fill(_replicated(x, ROWS), 2.0),
     "masked_fill(0)": lambda x: x.masked_fill(_replicated(x, ROWS), 0.0),
@@ -113,8 +114,9 @@ OPS = {
     "repeat_interleave(2, 1)": lambda x: x.repeat_interleave(2, 1),
     "repeat_interleave(2)": lambda x: x.repeat_interleave(2),
 }
-# in place: torch refuses to change the target's placements
-REFUSABLE = {"add_(2)", "sub_(2)", "index_fill_(0, 2)", "index_fill_(1, 2)"}
+# in place: torch refuses to change the target's placements; we shift an avg/max/min by a number
+SHIFTED_IN_PLACE = {"add_(2)": "x + 2", "sub_(2.5)": "x - 2.5"}
+REFUSABLE = {"index_fill_(0, 2)", "index_fill_(1, 2)", *SHIFTED_IN_PLACE}
 # tril/triu keep their input's shards (each rank shifts the diagonal), where torch gathers them
 WHOLE_ON_2D = {"tril", "triu"}
 
@@ -138,10 +140,23 @@ def _run(lib, op: str, reduce_op: str, mesh_shape):
         return "refused"
 
 
+def _assert_shifted(ours, op: str, reduce_op: str, mesh_shape) -> None:
+    """``op`` in place where torch refuses: the target keeps its pending reduction and gets the value of
+    torch's out-of-place op."""
+    (out, _), _ = ours
+    (expected, _), _ = _run(tdt, SHIFTED_IN_PLACE[op], reduce_op, mesh_shape)
+    assert out.placements[0] == dtensor.Partial(reduce_op), (op, reduce_op, out.placements)
+    assert torch.allclose(out.full_tensor(), expected.full_tensor(), atol=1e-12, rtol=0), (op, reduce_op)
+
+
 def _case(mesh_shape):
     for reduce_op in ("sum", "avg", "max", "min"):
         for op in OPS:
             ours, theirs = both(_run, op, reduce_op, mesh_shape)
+            if op in SHIFTED_IN_PLACE and reduce_op != "sum":
+                assert theirs == "refused", (op, reduce_op, theirs)
+                _assert_shifted(ours, op, reduce_op, mesh_shape)
+                continue
             assert_same(ours, theirs, atol=1e-12, what=f"{op} of a Partial({reduce_op}) DTensor on {mesh_shape}")
     return True
 
