@@ -430,3 +430,29 @@ def test_a_state_dict_refused_on_one_rank_fails_the_load_on_every_rank(tmp_path)
     assert errors[1].startswith("UnsupportedInputError") and "'bad'" in errors[1], errors
     assert "'bad'" in errors[0] and "rank 1" in errors[0], errors  # rank 0 learns rank 1's error
     assert time.monotonic() - start < 20
+
+
+def _load_with_a_refused_storage_option_on(bad_rank: int, url: str) -> str:
+    """One rank passes a storage option a local path refuses: every rank must raise, none wait."""
+    target = {k: torch.zeros_like(v) for k, v in _weights().items()}
+    options = {"anon": True} if torch.distributed.get_rank() == bad_rank else None
+    with pytest.raises(Exception) as info:
+        shardstore.load(target, url, storage_options=options)
+    return f"{type(info.value).__name__}: {info.value}"
+
+
+@pytest.mark.parametrize("bad_rank", [0, 1])
+@pytest.mark.parametrize("saved_as", ["safetensors", "zarr"])
+def test_a_url_refused_on_one_rank_fails_the_load_on_every_rank(tmp_path, bad_rank, saved_as):
+    """Whether a URL holds safetensors is told before the first collective: told by each rank alone, a
+    rank whose check raised left the others waiting in the load's first collective until its timeout."""
+    url = str(tmp_path / "model.safetensors") if saved_as == "safetensors" else str(tmp_path / "ck")
+    if saved_as == "safetensors":
+        save_file(_weights(), url)
+    else:
+        shardstore.save(_weights(), url)
+    start = time.monotonic()
+    errors = run_ranks(2, _load_with_a_refused_storage_option_on, bad_rank, url, timeout=60)
+    assert all("anon" in e for e in errors), errors  # every rank learns what was refused
+    assert "rank 0" in errors[1 - bad_rank] or "rank 1" in errors[1 - bad_rank], errors
+    assert time.monotonic() - start < 20
