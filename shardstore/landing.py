@@ -10,6 +10,7 @@ reports as ``PartialLoadError`` (all or nothing: ``staged_read.py``).
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping
@@ -61,7 +62,7 @@ def land_runs(
     go through two reused scratch buffers of about ``budget / 2`` bytes each (a single inner chunk may
     need more; the process's kept staging memory where it is big enough, and kept for its next save or
     load: ``buffers.keep``), the next batch being read while this one is verified and copied in (by
-    ``_CHECKERS`` threads, a run each); a run of scratch chunks only is one placed read (``read_range_placed``).
+    ``_CHECKERS`` threads taking its runs in turn); a run of scratch chunks only is one placed read (``read_range_placed``).
     Memory stays bounded and no fresh memory is touched for the bytes that land directly; the price is
     that a chunk failing its checksum has already landed, so ``written`` gets each tensor's name before
     its first byte arrives and the caller raises ``PartialLoadError`` naming them.
@@ -91,10 +92,10 @@ def land_runs(
             previous: list[Future] = []
             for i, batch in enumerate(batches):
                 slots = fetching.result()
-                checks = [
-                    checkers.submit(_check_landed, storage, layouts[landing.checked.run.key], landing, run_slots, destinations, written)
+                checks = _in_turn(checkers, _CHECKERS, [
+                    (storage, layouts[landing.checked.run.key], landing, run_slots, destinations, written)
                     for landing, run_slots in zip(batch, slots)
-                ]
+                ], _check_landed)
                 for check in previous:  # the batch before is done with the buffer the next fetch reuses
                     check.result()
                 if i + 1 < len(batches):
@@ -211,6 +212,24 @@ def _fetch_landing(storage: Storage, batch: list[_Landing], buffer) -> list[list
         if batch[i].checked.index:
             slots[i].append(view[stop - start :])
     return [slots[i] for i in range(len(batch))]
+
+
+def _in_turn(pool: ThreadPoolExecutor, workers: int, items: list[tuple], fn) -> list[Future]:
+    """``fn(*item)`` for every item, on at most ``workers`` tasks of ``pool`` each taking the next item
+    as it finishes one: a task per item cost a thread hand-off each, which for a thousand small runs
+    took longer than checking them. A task stops at its item's error, which its future raises."""
+    taken = iter(items)
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                item = next(taken, None)
+            if item is None:
+                return
+            fn(*item)
+
+    return [pool.submit(work) for _ in range(min(workers, len(items)))]
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -54,7 +54,7 @@ class DirectIO:
                 return posix.pread_direct(f.fd, start, views, bounce_buffer())
             except OSError as exc:
                 self._refused(exc)
-        return _pread_buffered(f.fd, start, views)
+        return _pread_buffered(f, start, views)
 
     def pread_placed(self, f: posix.OpenFile, start: int, length: int, room: memoryview) -> memoryview:
         """``pread`` of one range into ``room`` wherever in it suits (``Storage.read_range_placed``): a direct
@@ -67,7 +67,7 @@ class DirectIO:
                 return posix.pread_direct_placed(f.fd, start, length, room)
             except OSError as exc:
                 self._refused(exc)
-        return room[: _pread_buffered(f.fd, start, [room[:length]])]
+        return room[: _pread_buffered(f, start, [room[:length]])]
 
     def write_head(self, path: str, view: memoryview) -> int:
         """Write the block-aligned head of ``view`` to the new file ``path`` with ``O_DIRECT``; the bytes
@@ -107,7 +107,10 @@ class DirectIO:
         self.ok = False
 
 
-def _pread_buffered(fd: int, start: int, views: list[memoryview]) -> int:
-    """Fill ``views`` through the page cache, asking for exactly their bytes (no readahead)."""
-    posix.no_readahead(fd)
-    return posix.preadv_all(fd, start, views)
+def _pread_buffered(f: posix.OpenFile, start: int, views: list[memoryview]) -> int:
+    """Fill ``views`` through the page cache, asking for exactly their bytes: no readahead, unless they
+    reach the file's end, past which there is nothing to read ahead (a small object read whole; each
+    call that releases the GIL costs a thousand-object load a wait for it on every read thread)."""
+    if start + sum(len(v) for v in views) < f.size:
+        posix.no_readahead(f.fd)
+    return posix.preadv_all(f.fd, start, views)
