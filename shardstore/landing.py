@@ -10,7 +10,6 @@ reports as ``PartialLoadError`` (all or nothing: ``staged_read.py``).
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Mapping
@@ -27,6 +26,7 @@ from shardstore.memcopy import as_bytes, copy_side_by_side
 from shardstore.object_check import CheckedRun, check_index, data_end, sub_run
 from shardstore.placing import count_write, place, target_region
 from shardstore.storage import ROOM_ALIGN, ROOM_SLACK, Storage
+from shardstore.workers import map_in_turn
 
 __all__ = ["land_runs"]
 
@@ -92,10 +92,11 @@ def land_runs(
             previous: list[Future] = []
             for i, batch in enumerate(batches):
                 slots = fetching.result()
-                checks = _in_turn(checkers, _CHECKERS, [
-                    (storage, layouts[landing.checked.run.key], landing, run_slots, destinations, written)
-                    for landing, run_slots in zip(batch, slots)
-                ], _check_landed)
+                runs = [(storage, layouts[landing.checked.run.key], landing, run_slots, destinations, written)
+                        for landing, run_slots in zip(batch, slots)]
+                # One task taking the runs in turn with a helper, not a task per run: a thread hand-off
+                # each took longer than checking a thousand small runs.
+                checks = [checkers.submit(map_in_turn, checkers, _CHECKERS, lambda run: _check_landed(*run), runs)]
                 for check in previous:  # the batch before is done with the buffer the next fetch reuses
                     check.result()
                 if i + 1 < len(batches):
@@ -212,24 +213,6 @@ def _fetch_landing(storage: Storage, batch: list[_Landing], buffer) -> list[list
         if batch[i].checked.index:
             slots[i].append(view[stop - start :])
     return [slots[i] for i in range(len(batch))]
-
-
-def _in_turn(pool: ThreadPoolExecutor, workers: int, items: list[tuple], fn) -> list[Future]:
-    """``fn(*item)`` for every item, on at most ``workers`` tasks of ``pool`` each taking the next item
-    as it finishes one: a task per item cost a thread hand-off each, which for a thousand small runs
-    took longer than checking them. A task stops at its item's error, which its future raises."""
-    taken = iter(items)
-    lock = threading.Lock()
-
-    def work() -> None:
-        while True:
-            with lock:
-                item = next(taken, None)
-            if item is None:
-                return
-            fn(*item)
-
-    return [pool.submit(work) for _ in range(min(workers, len(items)))]
 
 
 def _round_up(n: int, multiple: int) -> int:
