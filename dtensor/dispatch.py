@@ -36,7 +36,7 @@ from .placements import Placement, Replicate
 from .redistribute import local_as
 from .spec import DTensorSpec
 
-__all__ = ["Strategy", "dispatch", "apply_rule", "replicate_plain", "fallback_ops", "Placements", "implicit_replication_depth"]
+__all__ = ["Strategy", "dispatch", "apply_rule", "forget_plans", "replicate_plain", "fallback_ops", "Placements", "implicit_replication_depth"]
 
 Placements = tuple[Placement, ...]
 fallback_ops: set[str] = set()  # ops that took the replicate-everything path, for tests and users to inspect
@@ -77,13 +77,19 @@ def dispatch(cls, func, args: tuple, kwargs: dict):
     # compared, so an id reused by a new op (after a scoped library dropped the old one) is not confused.
     seen, handler = _handlers.get(id(func), _UNSEEN)
     if seen is not func:
-        from .ops import HANDLERS
+        from .ops import handler_for
 
-        handler = HANDLERS.get(func)
+        handler = handler_for(func)
         _handlers[id(func)] = (func, handler)
     if handler is not None:
         return handler(cls, func, args, kwargs)
     return apply_rule(cls, func, args, kwargs)
+
+
+def forget_plans() -> None:
+    """Drop every cached plan and handler lookup: a rule was registered (``experimental.register_sharding``)."""
+    _cache.clear()
+    _handlers.clear()
 
 
 def apply_rule(cls, func, args: tuple, kwargs: dict, rule: Callable | None = None):

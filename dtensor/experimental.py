@@ -3,6 +3,8 @@
 ``implicit_replication()`` lets plain tensors take part in DTensor ops as ``Replicate`` DTensors: the
 caller promises each holds the same full value on every rank (a mask, a position table, a constant).
 ``local_map`` runs a function written for local tensors on the shards of DTensor arguments.
+``register_sharding`` gives an op (a custom op, or an aten op whose default layout does not suit) the
+shardings it accepts; ``context_parallel`` is not provided.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import functools
 from typing import Callable, Iterator, Sequence
 
 import torch
+from torch._ops import OpOverload
 from torch.utils import _pytree as pytree
 
-from . import dispatch
+from . import dispatch, ops
 from .api import DTensor
+from .ops.registered import registered_rule
 from .placements import Placement, PlacementError
 
-__all__ = ["implicit_replication", "local_map"]
+__all__ = ["implicit_replication", "local_map", "register_sharding"]
 
 
 @contextlib.contextmanager
@@ -100,3 +104,25 @@ def _one_per_output(out_placements) -> bool:
     """A tuple lists every output's placements, as in torch; a tuple of placements (``(Shard(0),)``),
     which torch would misread, is taken as the one output's."""
     return isinstance(out_placements, tuple) and not (out_placements and isinstance(out_placements[0], Placement))
+
+
+def register_sharding(op: OpOverload | list[OpOverload]) -> Callable:
+    """A decorator registering the shardings ``op`` (an overload, or a list of them) accepts, with torch's
+    signature: the decorated function takes the op's arguments, each DTensor replaced by its
+    ``DTensorSpec`` (``.shape``, ``.ndim``, ``.placements``, ``.mesh``), and returns pairs
+    ``(output placements, input placements)`` for one mesh dim — one placement per tensor output, one
+    per argument, None for arguments that are not tensors. Every combination over the mesh dims is a
+    candidate; the inputs move to the one torch would pick (``ops/registered.py``). A registration
+    replaces the op's own rule, here as in torch, for the rest of the process."""
+    overloads = op if isinstance(op, list) else [op]
+    for overload in overloads:
+        if not isinstance(overload, OpOverload):
+            raise TypeError(f"register_sharding takes an op overload (torch.ops.aten.add.Tensor), or a list of them; got {overload!r}")
+
+    def register(shardings_of: Callable) -> Callable:
+        for overload in overloads:
+            ops.REGISTERED[overload] = registered_rule(shardings_of)
+        dispatch.forget_plans()
+        return shardings_of
+
+    return register

@@ -45,6 +45,10 @@ class DTensorSpec:
         placements = normalize_placements(placements, mesh.ndim, len(shape))
         return cls(mesh, placements, shape, tuple(stride) if stride is not None else contiguous_strides(shape), dtype)
 
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
     def with_placements(self, placements: Sequence[Placement]) -> "DTensorSpec":
         return replace(self, placements=normalize_placements(placements, self.mesh.ndim, len(self.shape)))
 

@@ -50,9 +50,20 @@ def _copy_variants(rules: dict) -> dict:
 RULES.update(_copy_variants(RULES))
 
 
+# Rules registered at run time (``dtensor.experimental.register_sharding``): they come before the
+# families' rules and handlers, as a registration in torch replaces its default strategy.
+REGISTERED: dict = {}
+
+
 def rule_for(func):
-    """The op's sharding rule: its family's, else the elementwise one for ops tagged pointwise, else None."""
-    rule = RULES.get(func)
+    """The op's sharding rule: a registered one, its family's, else the elementwise one for ops tagged
+    pointwise, else None."""
+    rule = REGISTERED.get(func) or RULES.get(func)
     if rule is None and torch.Tag.pointwise in func.tags:
         rule = pointwise.GENERIC
     return rule
+
+
+def handler_for(func):
+    """The op's handler, unless a rule was registered for it (``REGISTERED``)."""
+    return None if func in REGISTERED else HANDLERS.get(func)

@@ -33,6 +33,7 @@ __all__ = [
     "Operand",
     "Choice",
     "elementwise",
+    "cheapest",
     "plain_as_replicate",
     "split_plain",
     "tensor_operands",
@@ -185,14 +186,27 @@ def elementwise(
     mesh = next(o.spec.mesh for o in operands if o.spec is not None)
     out_shape = tuple(torch.broadcast_shapes(*[o.shape for o in operands]))
     options = _single_dim_options(operands, out_shape, rules, whole)
+    candidates = (
+        (tuple(tuple(c[1][k] for c in combo) for k in range(len(operands))), tuple(c[0] for c in combo))
+        for combo in itertools.product(options, repeat=mesh.ndim)
+    )
+    best = cheapest(operands, candidates, keep)
+    if best is None:
+        return None
+    inputs, output = best
+    return Choice(tuple(p if o.spec is not None else None for o, p in zip(operands, inputs)), output)
+
+
+def cheapest(operands: Sequence[Operand], candidates, keep: tuple[int, ...] = ()):
+    """The first of ``candidates`` — ``(placements per operand, output placements)`` pairs, the output
+    any value — that torch would pick: one moving nothing, else one moving only for free (a local
+    chunk), else the cheapest; None when none is allowed (``keep``: as in ``elementwise``)."""
+    mesh_shape = next(o.spec.mesh.shape for o in operands if o.spec is not None)
     best, best_key = None, None
-    for combo in itertools.product(options, repeat=mesh.ndim):
-        output = tuple(c[0] for c in combo)
-        inputs = tuple(tuple(c[1][k] for c in combo) for k in range(len(operands)))
-        key = _price(operands, inputs, output, keep, mesh.shape)
+    for inputs, output in candidates:
+        key = _price(operands, inputs, output, keep, mesh_shape)
         if key is not None and (best_key is None or key < best_key):
-            best_key = key
-            best = Choice(tuple(p if o.spec is not None else None for o, p in zip(operands, inputs)), output)
+            best, best_key = (inputs, output), key
     return best
 
 
