@@ -19,6 +19,8 @@ from torch.utils import _pytree as pytree
 
 import dtensor
 from dtensor.debug import CommDebugMode
+from dtensor.dispatch import fallback_ops
+from tests.ranks import run_ranks
 
 LIBS = {"ours": dtensor, "torch": tdt}
 
@@ -72,3 +74,29 @@ def _assert_leaf(x, y, atol: float, where: str) -> None:
         assert torch.allclose(x, y, atol=atol, rtol=0, equal_nan=True), f"{where}: values differ\n{x}\n{y}"
     else:
         assert x == y, f"{where}: {x!r}, torch's DTensor gives {y!r}"
+
+
+def _no_fallback(body, *args):
+    """``body(*args)`` on every rank, plus the ops that fell back while it ran (must be none)."""
+    seen = set(fallback_ops)
+    out = body(*args)
+    return out, sorted(fallback_ops - seen)
+
+
+def run_without_fallback(body, *args, world: int = 2) -> list:
+    """``body(*args)`` on ``world`` ranks (``run_ranks``), asserting no op took the replicate fallback;
+    the per-rank results."""
+    results = run_ranks(world, _no_fallback, body, *args)
+    for out, fell_back in results:
+        assert fell_back == [], f"ops took the replicate fallback: {fell_back}"
+    return [out for out, _ in results]
+
+
+def raised(fn: Callable) -> Exception:
+    """The error ``fn()`` raises (an AssertionError when it raises none): scenarios return it, so its
+    type can be compared with the one torch's DTensor raises."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the type is what is compared
+        return e
+    raise AssertionError("no error raised")

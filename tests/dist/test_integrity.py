@@ -2,9 +2,8 @@
 
 Each damage case is checked through both readers, ``shardstore.load`` (in place) and
 ``shardstore.open(url).read``, and each error is asserted by type (``shardstore.errors``) and by what its
-message names: the key, the object URL (and inner chunk), and what to do. Single-process saves are used
-where ranks add nothing; one 2-rank job with our DTensor and torch's checks the load side across ranks
-(a corrupt chunk read by one rank must leave every rank's tensors untouched) and Partial placements.
+message names: the key, the object URL (and inner chunk), and what to do. Single-process saves: ranks
+add nothing here (across ranks: test_integrity_ranks.py).
 """
 
 from __future__ import annotations
@@ -16,15 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.tensor as tdt
 
-import dtensor
 import shardstore
 from shardstore import saving
 from shardstore import format as fmt
 from shardstore.codec import decode_index, index_nbytes
 from shardstore.tiling import choose_inner_chunk_shape
-from shardstore.coordinator import RemoteRankError
 from shardstore.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -37,7 +33,6 @@ from shardstore.errors import (
 )
 from shardstore.flatten import flatten, fqn
 from shardstore.storage import Storage
-from tests.ranks import mesh, run_ranks
 
 READERS = ["load", "read"]
 FIX = ("load an earlier checkpoint", "re-run the save")
@@ -423,85 +418,3 @@ def test_save_over_an_interrupted_save_needs_overwrite(tmp_path):
     shardstore.load(sd, url)
     assert torch.equal(sd["model"]["w"], _values()["w"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
-
-
-# -- two ranks: DTensors on the load side, Partial placements -------------------------------------------
-
-DIST_SHAPES = {"a": (8, 6), "b": (10, 4), "z_last": (6, 5)}
-
-
-def _dist_values() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(2)
-    return {k: torch.randn(s, generator=g) for k, s in DIST_SHAPES.items()}
-
-
-def _dist_state(values: dict[str, torch.Tensor]) -> dict:
-    m = mesh((2,))
-    model = {}
-    for i, (k, v) in enumerate(values.items()):
-        if i % 2:
-            model[k] = tdt.distribute_tensor(v, m, [tdt.Shard(0)], src_data_rank=None)
-        else:
-            model[k] = dtensor.distribute_tensor(v, m, [dtensor.Shard(0)], src_data_rank=None)
-    return {"model": model, "step": 1}
-
-
-def _dist_save(url: str) -> None:
-    shardstore.save(_dist_state(_dist_values()), url)
-
-
-def _dist_failed_load(url: str) -> tuple[str, str, bool]:
-    sd = _dist_state({k: torch.full_like(v, 7.0) for k, v in _dist_values().items()})
-    before = {k: v.to_local().clone() for k, v in sd["model"].items()}
-    try:
-        shardstore.load(sd, url, all_or_nothing=True)
-    except Exception as exc:  # noqa: BLE001 - reported to the test process
-        outcome = (type(exc).__name__, str(exc))
-    else:
-        outcome = ("no error", "")
-    untouched = all(torch.equal(before[k], v.to_local()) for k, v in sd["model"].items())
-    return (*outcome, untouched)
-
-
-def _partial_state(kind: str) -> dict:
-    m = mesh((2,))
-    local = torch.ones(4, 4)
-    if kind == "ours":
-        return {"model": {"p": dtensor.DTensor.from_local(local, m, [dtensor.Partial()])}}
-    return {"model": {"p": tdt.DTensor.from_local(local, m, [tdt.Partial()])}}
-
-
-def _dist_partial(save_url: str, load_url: str, kind: str) -> list[tuple[str, str]]:
-    out = []
-    for step in (lambda: shardstore.save(_partial_state(kind), save_url),
-                 lambda: shardstore.load(_partial_state(kind), load_url)):
-        try:
-            step()
-            out.append(("no error", ""))
-        except Exception as exc:  # noqa: BLE001
-            out.append((type(exc).__name__, str(exc)))
-    return out
-
-
-def test_all_or_nothing_two_ranks_corrupt_chunk_on_one_rank_leaves_every_rank_untouched(tmp_path):
-    url = str(tmp_path / "ck")
-    run_ranks(2, _dist_save, url)
-    shards = sorted(p.name for p in (Path(url) / "model/z_last").iterdir())
-    assert shards == ["c.0.0", "c.1.0", "zarr.json"], shards  # one shard object per rank's half
-    _flip(_shard(url, "model/z_last", "c.1.0"), 0)  # the half rank 1 loads
-    (kind0, msg0, untouched0), (kind1, msg1, untouched1) = run_ranks(2, _dist_failed_load, url)
-    assert kind1 == "CorruptCheckpointError" and f"{url}/model/z_last/c.1.0 inner chunk 0 of 'model.z_last'" in msg1
-    assert kind0 == RemoteRankError.__name__ and "rank(s) [1]" in msg0 and "model/z_last/c.1.0" in msg0
-    assert untouched1, "rank 1 changed its tensors although its load failed"
-    assert untouched0, "rank 0 changed its tensors although the load failed on rank 1"
-
-
-@pytest.mark.parametrize("kind", ["ours", "torch"])
-def test_partial_dtensor_is_refused_naming_the_key(tmp_path, kind):
-    url = str(tmp_path / "ck")
-    shardstore.save({"model": {"p": torch.ones(4, 4)}}, url)
-    for rank_outcome in run_ranks(2, _dist_partial, str(tmp_path / "new"), url, kind):
-        for name, msg in rank_outcome:
-            assert name in ("ValueError", "StateDictMismatchError"), (name, msg)
-            assert "'model.p'" in msg and "Partial" in msg and "redistribute" in msg, msg
-    assert not (tmp_path / "new").exists()

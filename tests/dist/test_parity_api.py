@@ -1,17 +1,16 @@
 """The DTensor API against torch's DTensor, scenario by scenario (tests/parity.py runs each on both):
 leaves that require grad, meta tensors and meta-initialised modules, ``from_local`` checks and derived
 strides, ``as_strided``, one-element plain tensors, ``with mesh:``, redistribute in another dtype,
-bf16 casts, sub-mesh factories, and the error types torch raises for wrong layouts."""
+bf16 casts, sub-mesh factories, the error types torch raises for wrong layouts, plain module weights
+beside DTensors and ``PrepareModuleInputOutput``. Factories and conversion: test_parity_factories.py."""
 
 import pytest
 import torch
-import torch.distributed.tensor as tdt
 from torch import nn
 
 import dtensor
-from dtensor.dispatch import fallback_ops
-from tests.parity import assert_same, both, placement_names
-from tests.ranks import mesh, run_ranks
+from tests.parity import assert_same, both, placement_names, raised, run_without_fallback
+from tests.ranks import mesh
 
 
 def _parallel(lib):
@@ -20,20 +19,6 @@ def _parallel(lib):
     else:
         import torch.distributed.tensor.parallel as parallel
     return parallel
-
-
-def _no_fallback(body, *args):
-    """``body(*args)`` on every rank, plus the ops that fell back while it ran (must be none)."""
-    seen = set(fallback_ops)
-    out = body(*args)
-    return out, sorted(fallback_ops - seen)
-
-
-def _run(body, *args, world: int = 2):
-    results = run_ranks(world, _no_fallback, body, *args)
-    for out, fell_back in results:
-        assert fell_back == [], f"ops took the replicate fallback: {fell_back}"
-    return [out for out, _ in results]
 
 
 # ---------------------------------------------------------------- leaves and autograd
@@ -55,7 +40,7 @@ def _leaf_case():
 
 
 def test_distribute_tensor_of_a_tensor_that_requires_grad_is_a_leaf_that_requires_grad():
-    assert all(_run(_leaf_case))
+    assert all(run_without_fallback(_leaf_case))
 
 
 def _partial_to_local(lib, reduce_op: str):
@@ -77,7 +62,7 @@ def _partial_to_local_case():
 
 
 def test_to_local_of_a_partial_dtensor_gives_a_replicate_gradient_like_torch():
-    assert all(_run(_partial_to_local_case))
+    assert all(run_without_fallback(_partial_to_local_case))
 
 
 def _from_local_grad_placements(lib, forward: str, grad: str | None):
@@ -101,7 +86,7 @@ def _from_local_grad_case():
 
 
 def test_from_local_takes_grad_placements_like_torch():
-    assert all(_run(_from_local_grad_case))
+    assert all(run_without_fallback(_from_local_grad_case))
 
 
 def _clip_mixed(lib, scalar: bool):
@@ -126,7 +111,7 @@ def _clip_mixed_case():
 
 
 def test_clip_grad_norm_over_dtensor_and_plain_gradients_acts_like_torch():
-    assert all(_run(_clip_mixed_case))
+    assert all(run_without_fallback(_clip_mixed_case))
 
 
 # ---------------------------------------------------------------- async results in the graph
@@ -155,7 +140,7 @@ def _async_case():
 
 
 def test_full_tensor_of_an_async_result_keeps_its_gradient():
-    assert all(_run(_async_case))
+    assert all(run_without_fallback(_async_case))
 
 
 # ---------------------------------------------------------------- meta device
@@ -197,7 +182,7 @@ def _meta_case():
 
 
 def test_meta_tensors_stay_on_meta_and_meta_modules_initialise_after_to_empty():
-    assert all(_run(_meta_case))
+    assert all(run_without_fallback(_meta_case))
 
 
 # ---------------------------------------------------------------- from_local
@@ -224,7 +209,7 @@ def _strides_case(mesh_shape, seed: int):
 
 @pytest.mark.parametrize("mesh_shape", [(2,), (2, 2)])
 def test_from_local_derives_global_strides_like_torch(mesh_shape):
-    assert all(_run(_strides_case, mesh_shape, 5, world=4))
+    assert all(run_without_fallback(_strides_case, mesh_shape, 5, world=4))
 
 
 def _from_dtensor(lib):
@@ -241,7 +226,7 @@ def _from_dtensor_case():
 
 
 def test_from_local_of_a_dtensor_raises_like_torch():
-    assert all(_run(_from_dtensor_case))
+    assert all(run_without_fallback(_from_dtensor_case))
 
 
 # ---------------------------------------------------------------- ops with plain and odd arguments
@@ -279,7 +264,7 @@ def _ops_case():
 
 
 def test_as_strided_one_element_tensors_and_dtype_casts_match_torch():
-    assert all(_run(_ops_case))
+    assert all(run_without_fallback(_ops_case))
 
 
 # ---------------------------------------------------------------- default mesh, dtypes, sub-meshes
@@ -319,29 +304,21 @@ def _mesh_case():
 
 
 def test_default_mesh_redistribute_dtypes_and_sub_mesh_factories_match_torch():
-    assert _run(_mesh_case) == [((4, 3), (4, 3), (4, 3)), ((0,), (0,), (4, 3))]
+    assert run_without_fallback(_mesh_case) == [((4, 3), (4, 3), (4, 3)), ((0,), (0,), (4, 3))]
 
 
 # ---------------------------------------------------------------- errors
-
-
-def _error(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - the type is what is compared
-        return e
-    raise AssertionError("no error raised")
 
 
 def _errors(lib):
     parallel, m = _parallel(lib), mesh((2,))
     x = torch.ones(4, 6)
     return [
-        _error(lambda: lib.distribute_tensor(x, m, [lib.Shard(0), lib.Shard(1)])),
-        _error(lambda: lib.distribute_tensor(x, m, [lib.Shard(3)])),
-        _error(lambda: parallel.PrepareModuleInput(input_layouts=(lib.Shard(0),), desired_input_layouts=(lib.Replicate(),) * 2)),
-        _error(lambda: parallel.PrepareModuleInput(input_kwarg_layouts={"a": lib.Shard(0)}, desired_input_kwarg_layouts={})),
-        _error(lambda: parallel.PrepareModuleOutput(output_layouts=(lib.Shard(0),), desired_output_layouts=(lib.Replicate(),) * 2)),
+        raised(lambda: lib.distribute_tensor(x, m, [lib.Shard(0), lib.Shard(1)])),
+        raised(lambda: lib.distribute_tensor(x, m, [lib.Shard(3)])),
+        raised(lambda: parallel.PrepareModuleInput(input_layouts=(lib.Shard(0),), desired_input_layouts=(lib.Replicate(),) * 2)),
+        raised(lambda: parallel.PrepareModuleInput(input_kwarg_layouts={"a": lib.Shard(0)}, desired_input_kwarg_layouts={})),
+        raised(lambda: parallel.PrepareModuleOutput(output_layouts=(lib.Shard(0),), desired_output_layouts=(lib.Replicate(),) * 2)),
     ]
 
 
@@ -357,90 +334,7 @@ def _errors_case():
 
 
 def test_layout_errors_have_torch_types_and_name_the_fix():
-    assert all(_run(_errors_case))
-
-
-# ---------------------------------------------------------------- factories
-
-
-def _full_dtypes(lib):
-    """``full`` without ``dtype`` takes the fill value's dtype, as ``torch.full`` (ours was float32)."""
-    m = mesh((2, 2))
-    return [
-        lib.full((5, 3), value, device_mesh=m, placements=[lib.Shard(0), lib.Shard(1)])
-        for value in (2, True, 2.5, 1 + 2j)
-    ] + [lib.full((5,), 2, dtype=torch.float64, device_mesh=m)]
-
-
-def _full_case():
-    ours, theirs = both(_full_dtypes)
-    assert_same(ours, theirs, what="full(size, fill_value)")
-    return [t.dtype for t in ours]
-
-
-def test_full_takes_the_fill_values_dtype_like_torch():
-    expected = [torch.int64, torch.bool, torch.float32, torch.complex64, torch.float64]
-    assert _run(_full_case, world=4) == [expected] * 4
-
-
-def _factory_calls(lib):
-    """Every factory with torch's keyword arguments: ``requires_grad``, ``dtype``, empty ``placements``
-    (Replicate, as torch's), ``placements`` on a 2-D mesh; and the calls torch refuses, by error type: a
-    layout other than strided (ours ignored it and made a strided tensor), no mesh (ours: ValueError)."""
-    m = mesh((2, 2))
-    out, errors = [], []
-    for name in ("zeros", "ones", "empty", "full"):
-        f = getattr(lib, name)
-        make = (lambda *size, **kw: f(size, 3.0, **kw)) if name == "full" else f  # noqa: B023
-        made = [
-            make(5, 3, requires_grad=True, device_mesh=m, placements=[lib.Shard(0), lib.Shard(1)]),
-            make(4, 2, dtype=torch.float64, device_mesh=m, placements=(lib.Replicate(), lib.Shard(1))),
-            make(4, 2, dtype=torch.int32, device_mesh=m, placements=[]),
-            make(4, 2, layout=torch.strided, device_mesh=m),
-        ]
-        if name == "empty":  # uninitialized: compare everything but the values
-            made = [(tuple(d.shape), tuple(d.stride()), d.dtype, placement_names(d.placements)) for d in made]
-        out.append((made, [(d.requires_grad, d.is_leaf) for d in made if not isinstance(d, tuple)]))
-        for layout in (torch.sparse_coo, torch.sparse_csr, torch._mkldnn):
-            errors.append(_error(lambda: make(4, 2, layout=layout, device_mesh=m)))  # noqa: B023
-        errors.append(_error(lambda: make(4, 2)))  # noqa: B023
-    return out, errors
-
-
-def _factories_case():
-    ours, theirs = both(_factory_calls)
-    assert_same(ours[0], theirs[0], what="factories")
-    for mine, torchs in zip(ours[1], theirs[1]):
-        assert isinstance(mine, type(torchs)), f"{mine!r} is not a {type(torchs).__name__} like torch's {torchs!r}"
-    assert "layout value not supported!" in str(ours[1][0]) and "needs a device_mesh" in str(ours[1][3])
-    return True
-
-
-def test_factories_take_torchs_keywords_and_refuse_what_torch_refuses():
-    assert all(_run(_factories_case, world=4))
-
-
-# ---------------------------------------------------------------- conversion from torch's DTensor
-
-
-def _converted_norms():
-    """torch's norm of a sharded DTensor is pending in a Partial subclass (partial 2-norms are combined as
-    a root of summed squares, not summed): converting it must refuse, not give the sum of the norms."""
-    m = mesh((2,))
-    theirs = tdt.distribute_tensor(torch.arange(1.0, 13.0).reshape(3, 4), m, [tdt.Shard(1)])
-    norm = torch.linalg.vector_norm(theirs)
-    with pytest.raises(ValueError, match="only plain Shard/Replicate/Partial are supported; redistribute"):
-        dtensor.from_torch(norm)
-    pending = dtensor.from_torch(tdt.DTensor.from_local(torch.ones(2), m, [tdt.Partial("max")]))
-    replicated = dtensor.from_torch(norm.redistribute(m, [tdt.Replicate()]))
-    return placement_names(pending.placements), replicated.full_tensor()
-
-
-def test_from_torch_refuses_torchs_partial_subclasses_it_would_misread():
-    expected = torch.linalg.vector_norm(torch.arange(1.0, 13.0))
-    for placements, norm in _run(_converted_norms):
-        assert placements == ("Partial(max)",)
-        assert torch.allclose(norm, expected)
+    assert all(run_without_fallback(_errors_case))
 
 
 # ---------------------------------------------------------------- plain module weights mixed with DTensors
@@ -462,7 +356,7 @@ def _undistributed_weights(lib):
     x = lib.distribute_tensor(torch.linspace(-2, 2, 48, dtype=torch.float64).reshape(4, 3, 4).requires_grad_(), m, [lib.Shard(0)])
     torch.manual_seed(0)
     emb, norm = nn.Embedding(5, 3, dtype=torch.float64), nn.BatchNorm1d(3, dtype=torch.float64)
-    errors = [type(_error(lambda: emb(tokens))), type(_error(lambda: norm(x)))]
+    errors = [type(raised(lambda: emb(tokens))), type(raised(lambda: norm(x)))]
     with _implicit(lib)():
         out = emb(tokens).sum() + (norm(x) * torch.arange(4.0, dtype=torch.float64)).sum()
         out.backward()
@@ -478,7 +372,7 @@ def _undistributed_case():
 
 
 def test_plain_embedding_and_batch_norm_weights_with_dtensor_inputs_act_like_torch():
-    assert all(_run(_undistributed_case))
+    assert all(run_without_fallback(_undistributed_case))
 
 
 # ---------------------------------------------------------------- PrepareModuleInputOutput
@@ -511,4 +405,4 @@ def _prepare_input_output_case():
 
 
 def test_prepare_module_input_output_matches_torch():
-    assert all(_run(_prepare_input_output_case))
+    assert all(run_without_fallback(_prepare_input_output_case))
