@@ -134,13 +134,13 @@ def load(
     so a failure leaves every state dict unchanged, at the cost of that memory and a second copy.
     Parameters that require grad load (written outside autograd, their version counters bumped).
     """
+    start = time.perf_counter()
     coord = Coordinator(process_group)
     # Rank 0 tells what is stored, so every rank takes the same path even where one could not tell (a
     # refused argument, a file only some ranks see): a rank deciding alone raised before any collective
     # while the others waited for it.
     if coord.decide("telling what is stored at the URL", lambda: is_safetensors(url, storage_options)):
         return load_safetensors(state_dict, url, storage_options=storage_options, process_group=process_group, strict=strict)
-    start = time.perf_counter()
     storage, (target, items) = coord.agree("reading the state dict",
                                            lambda: (Storage(url, storage_options).pinned(), _flatten_target(state_dict)))
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
