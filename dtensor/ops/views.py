@@ -10,7 +10,8 @@ Reshapes (``view``, ``_unsafe_view``, ``reshape``) are planned by two pure funct
 cuts the shapes into groups of input dims and output dims with equal element counts, and
 ``view_placements`` decides, per sharded dim, whether it can stay sharded (it must be the outermost dim
 of its group, and every rank's piece must be exactly its ``torch.chunk`` piece of the output's
-outermost dim) or must be replicated. Ops whose arguments hold global sizes (view shapes, ``expand``,
+outermost dim), can move to its group's outermost dim (an all-to-all, where that piece is then exact),
+or must be replicated. Ops whose arguments hold global sizes (view shapes, ``expand``,
 ``*_backward`` input sizes) get them rewritten to the local shape through ``Strategy.local_args``.
 """
 
@@ -88,6 +89,7 @@ def view_placements(
     """(placements the input must have, placements of the output) for reshaping ``src`` into ``dst``."""
     target: dict[int, int | None] = {}  # sharded input dim -> the output dim it stays sharded on, or None
     sharded = {p.dim for p in placements if isinstance(p, Shard)}
+    placements = tuple(placements)
     for group in view_groups(src, dst):
         ins, outs = group
         for k, d in enumerate(ins):
@@ -95,9 +97,28 @@ def view_placements(
                 outermost = k == 0 and bool(outs) and math.prod(src) > 0
                 keep = outermost and _exact(src, dst, mesh_shape, placements, group, d)
                 target[d] = outs[0] if keep else None
+        moved = _to_outermost(src, dst, mesh_shape, placements, group, sharded)
+        if moved is not None:
+            placements, target[ins[0]] = moved, outs[0]
     inputs = tuple(Replicate() if isinstance(p, Shard) and target[p.dim] is None else p for p in placements)
     output = tuple(Shard(target[p.dim]) if isinstance(p, Shard) else p for p in inputs)
     return inputs, output
+
+
+def _to_outermost(src, dst, mesh_shape, placements: tuple, group: Group, sharded: set) -> tuple | None:
+    """``placements`` with the one sharded inner dim of a merge (``view(-1)`` of a ``Shard(1)`` tensor)
+    sharding the group's outermost dim instead, where every rank's piece then is exactly its
+    ``torch.chunk`` piece of the output; else None. One all-to-all to that layout keeps the view
+    sharded, where replicating it gathered the whole tensor on every rank (torch keeps such a dim
+    sharded as a ``_StridedShard``, a placement we lack)."""
+    ins, outs = group
+    inner = [d for d in ins[1:] if d in sharded]
+    if len(inner) != 1 or not outs or ins[0] in sharded or math.prod(src) == 0:
+        return None
+    d, o = inner[0], ins[0]
+    moved = tuple(Shard(o) if p == Shard(d) else p for p in placements)
+    pieces = math.prod(n for n, p in zip(mesh_shape, moved) if p == Shard(o))
+    return moved if src[o] >= pieces and _exact(src, dst, mesh_shape, moved, group, o) else None
 
 
 def _infer_size(size: Sequence[int], numel: int) -> list[int]:

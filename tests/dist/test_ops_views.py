@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from dtensor import Partial, Replicate, Shard
+from dtensor import Partial, Replicate, Shard, distribute_tensor
 from tests.dist.opcheck import check_op
 from tests.ranks import mesh, run_ranks
 
@@ -149,8 +149,9 @@ def _differences(records):
 
 # Where we knowingly differ from torch 2.13 (both layouts are correct; the results are checked equal):
 #  - reshapes: torch keeps a non-outermost merged dim sharded as _StridedShard (we have no such
-#    placement: we replicate it), and we keep a shard torch replicates when every rank's piece is still
-#    exactly its torch.chunk piece (checked rank by rank) though a size is not divisible by the mesh.
+#    placement: we move the shard to the merge's outermost dim, or replicate it), and we keep a shard
+#    torch replicates when every rank's piece is still exactly its torch.chunk piece (checked rank by
+#    rank) though a size is not divisible by the mesh; so do the reshapes that copy (``contiguous_view``).
 #  - cat/stack of inputs placed differently: we move every input to the most sharded input's layout;
 #    torch picks by its cost model (sometimes Replicate).
 #  - a reshape that copies (``clone``, not a view op) of a Partial: our clone keeps Partial, torch's
@@ -166,7 +167,7 @@ def _explained(record) -> bool:
     if name in _JOINS:
         first, second = placements[1:-1].split("], [")
         return first + "]" != "[" + second
-    return name in _RESHAPES or (name in _COPIES and "Partial" in placements)
+    return name in _RESHAPES or name in _COPIES
 
 
 def _check(records):
@@ -181,3 +182,25 @@ def test_view_ops_on_two_ranks():
 
 def test_view_ops_on_four_ranks():
     _check(run_ranks(4, _body, [(4,), (2, 2)], 1, 1)[0])
+
+
+def _flattened_inner_shard():
+    """``view(-1, 5)`` of a ``Shard(1)`` tensor (sequence-parallel activations flattened for a loss):
+    one all-to-all to Shard(0), then each rank holds its half; the gradient is right."""
+    from dtensor.debug import CommDebugMode
+
+    full, m = torch.arange(120.0).view(4, 6, 5), mesh((2,))
+    x = distribute_tensor(full, m, [Shard(1)]).requires_grad_()
+    with CommDebugMode() as comms:
+        y = x.view(-1, 5)
+    (y * distribute_tensor(torch.arange(5.0), m, [Replicate()])).sum().backward()
+    counts = {str(k).split(".")[-1]: v for k, v in comms.get_comm_counts().items()}
+    return (y.placements, tuple(y.to_local().shape), torch.equal(y.full_tensor(), full.view(-1, 5)), counts,
+            torch.equal(x.grad.full_tensor(), torch.arange(5.0).expand(4, 6, 5)))
+
+
+def test_flattening_an_inner_shard_moves_it_instead_of_gathering():
+    for placements, local, equal, counts, grad_equal in run_ranks(2, _flattened_inner_shard):
+        assert placements == (Shard(0),) and local == (12, 5) and equal
+        assert counts == {"all_to_all_single": 1}, counts
+        assert grad_equal

@@ -119,6 +119,9 @@ SHIFTED_IN_PLACE = {"add_(2)": "x + 2", "sub_(2.5)": "x - 2.5"}
 REFUSABLE = {"index_fill_(0, 2)", "index_fill_(1, 2)", *SHIFTED_IN_PLACE}
 # tril/triu keep their input's shards (each rank shifts the diagonal), where torch gathers them
 WHOLE_ON_2D = {"tril", "triu"}
+# flattening merges the Shard(1) of the second mesh dim into dim 0: we move it there (one all-to-all)
+# and keep the result sharded, where torch replicates it; the values are compared
+FLATTENED_ON_2D = {"repeat_interleave(2)"}
 
 
 def _with_locals(out):
@@ -157,6 +160,8 @@ def _case(mesh_shape):
                 assert theirs == "refused", (op, reduce_op, theirs)
                 _assert_shifted(ours, op, reduce_op, mesh_shape)
                 continue
+            if op in FLATTENED_ON_2D and len(mesh_shape) == 2:
+                ours, theirs = ours[0][0].full_tensor(), theirs[0][0].full_tensor()
             assert_same(ours, theirs, atol=1e-12, what=f"{op} of a Partial({reduce_op}) DTensor on {mesh_shape}")
     return True
 

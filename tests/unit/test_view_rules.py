@@ -34,8 +34,14 @@ def test_view_groups(src, dst, groups):
     "src,dst,mesh,placements,inputs,output",
     [
         ((4, 6, 5), (24, 5), (2,), [Shard(0)], [Shard(0)], [Shard(0)]),  # outermost of a merge: kept
-        ((4, 6, 5), (24, 5), (2,), [Shard(1)], [R], [R]),  # inner dim of a merge: replicated
-        ((4, 6, 5), (4, 30), (2,), [Shard(2)], [R], [R]),
+        # the inner dim of a merge: sharded on the merge's outermost dim first, where that comes out exact
+        ((4, 6, 5), (24, 5), (2,), [Shard(1)], [Shard(0)], [Shard(0)]),
+        ((4, 6, 5), (4, 30), (2,), [Shard(2)], [Shard(1)], [Shard(1)]),
+        ((3, 4, 5), (12, 5), (2,), [Shard(1)], [R], [R]),  # 3 rows -> 2, 1: not chunk-exact, replicated
+        ((1, 4, 5), (4, 5), (2,), [Shard(1)], [Shard(1)], [Shard(0)]),  # a vanishing size-1 dim
+        ((4, 6), (24,), (2, 2), [R, Shard(1)], [R, Shard(0)], [R, Shard(0)]),
+        ((4, 6), (24,), (2, 2), [Shard(1), Shard(1)], [Shard(0), Shard(0)], [Shard(0), Shard(0)]),
+        ((2, 6), (12,), (4,), [Shard(1)], [R], [R]),  # 2 rows for 4 ranks
         ((5, 3, 4), (15, 4), (2,), [Shard(0)], [R], [R]),  # 5 rows -> 3, 2; 15 -> 8, 7: not chunk-exact
         ((12,), (4, 3), (2,), [Shard(0)], [Shard(0)], [Shard(0)]),  # split: kept on the outer part
         ((10,), (5, 2), (2,), [Shard(0)], [R], [R]),  # 5, 5 rows vs 3, 2 -> 6, 4 elements
