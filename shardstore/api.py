@@ -35,7 +35,7 @@ from shardstore.object_check import check_runs
 from shardstore.placing import place
 from shardstore.staged_read import read_checked
 from shardstore.gc_pause import gc_paused
-from shardstore.flatten import KeyPath, display_names, fill_plain_values, flatten, fqn, is_tensor_like, unflatten
+from shardstore.flatten import KeyPath, display_names, fill_plain_values, flatten, missing_plain_values, fqn, is_tensor_like, unflatten
 from shardstore.hf import is_safetensors, load_safetensors
 from shardstore.inputs import check_targets, local_tensor
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
@@ -145,7 +145,7 @@ def load(
                                            lambda: (Storage(url, storage_options).pinned(), _flatten_target(state_dict)))
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     wanted = {k for keys in coord.all_gather(tuple(tensors)) for k in keys}  # per-rank keys: wanted somewhere
-    job = coord.agree("checking the checkpoint", lambda: _plan_here(tensors, storage, strict, wanted, staging_bytes, all_or_nothing))
+    job = coord.agree("checking the checkpoint", lambda: _plan_here(target, tensors, storage, strict, wanted, staging_bytes, all_or_nothing))
     streamed = not all_or_nothing
     if all_or_nothing:
         _check_staging_fits(coord.all_gather((job.needed, staging_bytes)))
@@ -185,15 +185,18 @@ class _LoadJob:
     dests: Destinations  # where the chunks go
 
 
-def _plan_here(tensors: dict, storage: Storage, strict: bool, wanted: set, staging_bytes: int, all_or_nothing: bool) -> _LoadJob:
-    """Check this rank's targets, plan its reads and check every object it reads (no data read yet; a
-    streamed load checks most shard indexes as they land, with the data: ``check_runs``)."""
+def _plan_here(target: Mapping[str, Any], tensors: dict, storage: Storage, strict: bool, wanted: set, staging_bytes: int,
+               all_or_nothing: bool) -> _LoadJob:
+    """Check this rank's targets (its tensors, and which plain values of ``target`` the checkpoint
+    lacks), plan its reads and check every object it reads (no data read yet; a streamed load checks
+    most shard indexes as they land, with the data: ``check_runs``)."""
     if not isinstance(staging_bytes, int) or isinstance(staging_bytes, bool) or staging_bytes < 0:
         raise ValueError(f"staging_bytes must be a number of bytes (an int >= 0), got {staging_bytes!r}")
     root = fmt.read_root(storage)
     stored, layouts, nodes = _stored_arrays(root)
     check_targets({k: v for k, v in tensors.items() if k in stored})  # the rest is left as it is
-    plan = plan_load(load_targets(tensors), stored, strict=strict, wanted=wanted)
+    plain_missing = tuple(missing_plain_values(target, root.tree))
+    plan = plan_load(load_targets(tensors), stored, strict=strict, wanted=wanted, plain_missing=plain_missing)
     fmt.check_arrays(storage, [root.tensors[nodes[k]] for k in tensors if k in stored])
     checked = check_runs(storage, plan.runs, layouts, nodes, index_as_it_lands=not all_or_nothing)
     tasks = [task for run in plan.runs for task in run.tasks]

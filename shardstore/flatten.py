@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
@@ -35,7 +36,7 @@ import torch
 from shardstore.errors import CorruptCheckpointError, StateDictMismatchError, UnsupportedInputError
 
 __all__ = [
-    "KeyPath", "flatten", "unflatten", "fill_plain_values", "merge_skeletons", "is_tensor_like", "node_path",
+    "KeyPath", "flatten", "unflatten", "fill_plain_values", "missing_plain_values", "merge_skeletons", "is_tensor_like", "node_path",
     "mapping_node", "mapping_children", "node_children",
     "keypath_from_node", "fqn", "display_names", "int_too_long", "MAX_DEPTH",
 ]
@@ -241,10 +242,13 @@ def fill_plain_values(target: dict, skeleton: dict) -> None:
 
     The target keeps its structure: its tensors are loaded elsewhere and stay the same objects; dicts and
     lists are updated in place, tuples holding tensors are rebuilt around the same tensors (a tuple cannot
-    change). An entry is replaced by the saved one only where neither holds a tensor; where both are the
-    same kind of container the walk descends; anything else (a saved tensor where the target has none,
-    which ``strict=False`` reports as unexpected) leaves the target as it was. The root is always filled
-    in place, entry by entry: it is the caller's dict, even where it holds no tensor.
+    change). Dicts are filled key by key, the root as every other: the target's keys only, so keys only
+    the checkpoint has are not added (another rank's per-rank entries) and keys only the target has keep
+    their values (``missing_plain_values`` names them first). An empty dict is a placeholder: where
+    neither holds a tensor it takes the saved entries, as any other entry is replaced by the saved one
+    where neither holds a tensor (a list of another length too); where both are lists or tuples the walk
+    descends; anything else (a saved tensor where the target has none, which ``strict=False`` reports
+    as unexpected) leaves the target as it was.
     """
     _fill_entries(target, mapping_children(skeleton) or {})
 
@@ -258,10 +262,10 @@ def _fill_entries(value: dict, children: Mapping[str | int, dict]) -> None:
 def _filled(value: Any, node: dict) -> Any:
     """``value`` with ``node``'s plain values put in (see ``fill_plain_values``)."""
     (kind, body), = node.items()
-    if not _has_tensor(value) and not _node_has_tensor(node):
-        return _retyped(value, _decode(node, {}))
-    if kind in ("dict", "map") and isinstance(value, dict):
+    if kind in ("dict", "map") and isinstance(value, dict) and (value or _node_has_tensor(node)):
         _fill_entries(value, mapping_children(node))
+    elif not _has_tensor(value) and not _node_has_tensor(node):
+        return _retyped(value, _decode(node, {}))
     elif kind in ("list", "tuple") and isinstance(value, (list, tuple)):
         items = [_filled(v, body[i]) if i < len(body) else v for i, v in enumerate(value)]
         if isinstance(value, list):
@@ -269,6 +273,32 @@ def _filled(value: Any, node: dict) -> Any:
         elif any(new is not old for new, old in zip(items, value)):
             return _tuple_like(value, items)
     return value
+
+
+def missing_plain_values(target: dict, skeleton: dict) -> list[KeyPath]:
+    """Key paths of the target's tensor-free dict entries that the checkpoint lacks, where
+    ``fill_plain_values`` walks: they would keep their values (a per-rank entry of a rank the
+    checkpoint had not, a setting added since the save). Tensors are matched by the load plan."""
+    missing: list[KeyPath] = []
+    _missing_entries(target, mapping_children(skeleton) or {}, (), missing)
+    return missing
+
+
+def _missing_entries(value: dict, children: Mapping[str | int, dict], path: KeyPath, missing: list) -> None:
+    for k, v in value.items():
+        if k in children:
+            _missing_in(v, children[k], (*path, k), missing)
+        elif not _has_tensor(v):
+            missing.append((*path, k))
+
+
+def _missing_in(value: Any, node: dict, path: KeyPath, missing: list) -> None:
+    (kind, body), = node.items()
+    if kind in ("dict", "map") and isinstance(value, dict):
+        _missing_entries(value, mapping_children(node), path, missing)
+    elif kind in ("list", "tuple") and isinstance(value, (list, tuple)) and (_has_tensor(value) or _node_has_tensor(node)):
+        for i, v in enumerate(value[: len(body)]):
+            _missing_in(v, body[i], (*path, i), missing)
 
 
 def _retyped(old: Any, new: Any) -> Any:
@@ -322,12 +352,17 @@ def fqn(keypath: KeyPath) -> str:
 
 def display_names(keys: Iterable[KeyPath]) -> dict[str, KeyPath]:
     """Dotted names for key paths (as users and DCP spell them); where two key paths share one
-    (``"a.b"`` vs ``a -> b``), their node paths instead, so every name means one tensor."""
+    (``"a.b"`` vs ``a -> b``), their node paths instead, so every name means one tensor. A node path
+    taken so may be another key's dotted name (``a -> b`` becomes ``"a/b"``, the dotted name of the key
+    ``"a/b"``): that key takes its node path too, until no two names agree (node paths never do)."""
     keys = list(keys)
-    counts: dict[str, int] = {}
-    for key in keys:
-        counts[fqn(key)] = counts.get(fqn(key), 0) + 1
-    return {(fqn(k) if counts[fqn(k)] == 1 else node_path(k)): k for k in keys}
+    names = {k: fqn(k) for k in keys}
+    while True:
+        counts = Counter(names.values())
+        clashing = [k for k in keys if counts[names[k]] > 1 and names[k] != node_path(k)]
+        if not clashing:
+            return {name: k for k, name in names.items()}
+        names.update((k, node_path(k)) for k in clashing)
 
 
 MAX_NAME_BYTES = 200

@@ -24,6 +24,7 @@ from shardstore.dtypes import DTYPES
 from shardstore.errors import UnsupportedInputError
 from shardstore.flatten import MAX_DEPTH, KeyPath, fqn, int_too_long
 from shardstore.plan import layout_of_value
+from shardstore.ties import view_identity
 
 __all__ = ["local_tensor", "check_sources", "check_targets", "check_user_metadata", "snapshot_metadata"]
 
@@ -115,7 +116,7 @@ def _check_disjoint(tensors: Mapping[KeyPath, torch.Tensor]) -> None:
         for other_device, other_start, _, other in spans[i + 1 :]:
             if other_device != device or other_start >= stop:
                 break
-            if _same_view(tensors[key], tensors[other]) or not _share_elements(tensors[key], tensors[other]):
+            if view_identity(tensors[key]) == view_identity(tensors[other]) or not _share_elements(tensors[key], tensors[other]):
                 continue
             raise UnsupportedInputError(
                 f"state dict entries {fqn(key)!r} and {fqn(other)!r} share memory (one views elements of the "
@@ -126,10 +127,6 @@ def _check_disjoint(tensors: Mapping[KeyPath, torch.Tensor]) -> None:
 
 def _end(t: torch.Tensor) -> int:
     return t.data_ptr() + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
-
-
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.data_ptr(), a.shape, a.stride(), a.dtype) == (b.data_ptr(), b.shape, b.stride(), b.dtype)
 
 
 def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -125,6 +125,7 @@ def plan_load(
     *,
     strict: bool = True,
     wanted: Collection[KeyPath] | None = None,
+    plain_missing: tuple[KeyPath, ...] = (),
 ) -> LoadPlan:
     """Which inner chunks this rank reads and where each part goes.
 
@@ -132,8 +133,9 @@ def plan_load(
     ``strict``) when a key is missing on either side; with ``strict=False`` those keys are skipped and
     returned in the plan. ``wanted``: the keys any rank of the load asks for (default: this rank's); a
     stored key no rank wants is unexpected, one that only other ranks want (per-rank state) is not.
+    ``plain_missing``: the state dict's plain values the checkpoint lacks, judged alike.
     """
-    missing, unexpected = match_keys(targets, stored, strict=strict, wanted=wanted)
+    missing, unexpected = match_keys(targets, stored, strict=strict, wanted=wanted, plain_missing=plain_missing)
     tasks = [t for key, target in targets.items() if key in stored for t in _read_tasks(target, stored[key])]
     return LoadPlan(_coalesce(tasks), missing, unexpected)
 
@@ -144,12 +146,14 @@ def match_keys(
     *,
     strict: bool = True,
     wanted: Collection[KeyPath] | None = None,
+    plain_missing: tuple[KeyPath, ...] = (),
 ) -> tuple[tuple[KeyPath, ...], tuple[KeyPath, ...]]:
     """This rank's (missing, unexpected) keys, after refusing every shape or dtype mismatch (and, with
     ``strict``, any missing or unexpected key): the one rule every load format shares, so a key only some
-    ranks ask for (``wanted`` across ranks) is judged alike whatever was saved."""
+    ranks ask for (``wanted`` across ranks) is judged alike whatever was saved. ``plain_missing`` (plain
+    values) count as missing too: left as they were, they would resume silently from other values."""
     wanted = set(targets) if wanted is None else set(wanted)
-    missing = tuple(k for k in targets if k not in stored)
+    missing = tuple(k for k in targets if k not in stored) + tuple(plain_missing)
     unexpected = tuple(k for k in stored if k not in wanted)
     _check_match(targets, stored, missing, unexpected, strict)
     return missing, unexpected
@@ -170,7 +174,7 @@ def _check_match(
     strict: bool,
 ) -> None:
     problems = []
-    name = _names([*targets, *stored])
+    name = _names([*targets, *stored, *missing])
     if strict and missing:
         problems.append(f"missing from the checkpoint: {', '.join(name[k] for k in missing)}")
     if strict and unexpected:

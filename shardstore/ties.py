@@ -66,8 +66,14 @@ def _ties(targets: Mapping[KeyPath, torch.Tensor], loaded: Collection[KeyPath]) 
     groups: dict[tuple, list[KeyPath]] = {}
     for key in (k for k in targets if k in loaded and targets[k].numel()):
         t = targets[key]
-        groups.setdefault((t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype), []).append(key)
+        groups.setdefault(view_identity(t), []).append(key)
     return tuple(tuple(keys) for keys in groups.values() if len(keys) > 1)
+
+
+def view_identity(t: torch.Tensor) -> tuple:
+    """What makes two tensors one view of one memory: where it starts, its layout and how it reads
+    (``w`` and ``w.conj()`` share memory but read other values: they are not tied, they overlap)."""
+    return t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.is_conj(), t.is_neg()
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -226,6 +226,22 @@ def test_diff_reports_values_shapes_dtypes_and_missing_keys(capsys, tmp_path):
     assert cli(capsys, "diff", a, a)[0] == 0
 
 
+def test_keys_whose_names_meet_are_each_listed_verified_and_compared(capsys, tmp_path):
+    """``a.b``, ``a -> b`` and ``a/b``: the second's fallback name was the third's dotted name, so one
+    of them vanished from ``open``, ``verify`` (a damaged one passed) and ``diff`` (a change went unseen)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    shardstore.save({"a.b": torch.ones(2), "a": {"b": torch.full((2,), 2.0)}, "a/b": torch.full((2,), 3.0)}, a)
+    shardstore.save({"a.b": torch.ones(2), "a": {"b": torch.full((2,), 9.0)}, "a/b": torch.full((2,), 3.0)}, b)
+    ckpt = shardstore.open(a)
+    assert {float(ckpt.read(k)[0]) for k in ckpt.keys()} == {1.0, 2.0, 3.0}
+    code, out, _ = cli(capsys, "diff", a, b)
+    assert code == 1 and "a/b: values differ" in out and "2 of 3 tensors are the same" in out
+    obj = tmp_path / "a" / "a" / "b" / "c.0"
+    obj.write_bytes(bytes([obj.read_bytes()[0] ^ 0xFF]) + obj.read_bytes()[1:])
+    code, out, _ = cli(capsys, "verify", a)
+    assert code == 1 and "BAD a/b chunk" in out
+
+
 def test_console_script_runs_in_a_subprocess(sharded, tmp_path):
     url = _damaged_copy(sharded, tmp_path)
     done = run_script("verify", url)

@@ -10,6 +10,7 @@ import torch
 
 import dtensor
 import shardstore
+from shardstore.coordinator import RemoteRankError
 from shardstore.errors import StateDictMismatchError
 from tests.ranks import mesh, run_ranks
 
@@ -37,7 +38,7 @@ def _save_and_load(url: str):
     shardstore.load(target, url)
     return (
         torch.equal(target["rng"][f"rank{rank}"], _rng(rank)),
-        target["dataloader"][f"rank{rank}"],
+        target["dataloader"],
         target["step"],
         torch.equal(target["model"]["w"].full_tensor(), torch.arange(12.0).reshape(6, 2)),
     )
@@ -46,14 +47,51 @@ def _save_and_load(url: str):
 def test_per_rank_keys_round_trip_each_to_its_rank(tmp_path):
     url = str(tmp_path / "ck")
     out = run_ranks(2, _save_and_load, url)
-    assert out[0] == (True, {"position": 0}, 7, True)
-    assert out[1] == (True, {"position": 100}, 7, True)
+    assert out[0] == (True, {"rank0": {"position": 0}}, 7, True)  # never the other rank's entries
+    assert out[1] == (True, {"rank1": {"position": 100}}, 7, True)
     # one process asking for rank 0's state only: rank 1's is unexpected (strict) or reported
     one = {"rng": {"rank0": torch.zeros_like(_rng(0))}}
     with pytest.raises(StateDictMismatchError, match="rng.rank1"):
         shardstore.load(one, url)
     result = shardstore.load(one, url, strict=False)
     assert "rng.rank1" in result.unexpected and torch.equal(one["rng"]["rank0"], _rng(0))
+
+
+def _plain(rank: int, position: int) -> dict:
+    return {"w": torch.ones(4), "loader": {f"pos.rank{rank}": position}, f"seed.rank{rank}": position}
+
+
+def _save_plain(url: str) -> None:
+    rank = torch.distributed.get_rank()
+    shardstore.save(_plain(rank, 10 + rank), url)
+
+
+def _resume(url: str, strict: bool, again: str):
+    """Load per-rank plain values saved on 2 ranks; with ``again``, advance this rank's position and save."""
+    rank = torch.distributed.get_rank()
+    target = _plain(rank, -1)
+    try:
+        result = shardstore.load(target, url, strict=strict)
+    except (StateDictMismatchError, RemoteRankError) as exc:  # on rank 2 / on the ranks it failed with
+        return "refused", str(exc)
+    target["loader"][f"pos.rank{rank}"] += 1
+    if again:
+        shardstore.save(target, again)
+    return target["loader"], target[f"seed.rank{rank}"], result.missing
+
+
+def test_per_rank_plain_values_load_each_to_its_rank_on_any_number_of_ranks(tmp_path):
+    """Each rank gets its own entries back, never the others' (a loader dict holding every rank's keys
+    made the next save refuse them as differing across ranks); a rank the checkpoint has no entries
+    for is refused under strict, and told which keys kept their values otherwise."""
+    url = str(tmp_path / "ck")
+    run_ranks(2, _save_plain, url)
+    out = run_ranks(2, _resume, url, True, str(tmp_path / "again"))
+    assert out == [({"pos.rank0": 11}, 10, ()), ({"pos.rank1": 12}, 11, ())]
+    assert run_ranks(2, _resume, str(tmp_path / "again"), True, "")[1][:2] == ({"pos.rank1": 13}, 11)
+    refused = run_ranks(3, _resume, url, True, "")
+    assert all(r[0] == "refused" and "missing from the checkpoint: loader.pos.rank2, seed.rank2" in r[1] for r in refused)
+    assert run_ranks(3, _resume, url, False, "")[2] == ({"pos.rank2": 0}, -1, ("loader.pos.rank2", "seed.rank2"))
 
 
 def _save_diverging(url: str, what: str):

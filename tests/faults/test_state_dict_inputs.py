@@ -149,11 +149,13 @@ def _target(case: str) -> dict:
         model["a"], model["c"] = base[:8], base[4:]
     elif case == "sparse":
         model["w"] = torch.zeros(3, 4).to_sparse()
+    elif case == "negated_view":  # one memory, read negated: not a tie (b would load as -a)
+        model["b"] = torch._neg_view(model["a"])
     return {"model": model, "step": -1}
 
 
 LOADABLE = ("parameter", "inference", "transposed", "tied")
-REFUSED = {"expanded": "model.w", "meta": "model.w", "overlapping": "model.a", "sparse": "model.w"}
+REFUSED = {"expanded": "model.w", "meta": "model.w", "overlapping": "model.a", "sparse": "model.w", "negated_view": "model.a"}
 
 
 def _snapshot(sd: dict) -> dict[str, torch.Tensor]:

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from shardstore.errors import CorruptCheckpointError, StateDictMismatchError
-from shardstore.flatten import fill_plain_values, flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, node_path, unflatten
+from shardstore.flatten import (
+    display_names, fill_plain_values, flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, missing_plain_values,
+    node_path, unflatten,
+)
 
 HOSTILE = ["..", ".", "/etc/passwd", "a/../../b", "\\", "..\\..\\x", "\x00", "", "é", "日本", "__x", "__",
            "zarr.json", "%", "%2E", "a b", "~", "c", "-", "___"]
@@ -60,10 +63,41 @@ def test_a_load_keeps_the_targets_container_types():
     nested ones too, a defaultdict keeping its factory; a saved value of another kind replaces the entry."""
     pair = namedtuple("pair", "a b")
     target = {"d": defaultdict(list, a=[pair(0, 0)]), "size": torch.Size([0]), "t": (0, 0), "swap": (0,)}
-    fill_plain_values(target, flatten({"d": {"a": [(1, 2)], "b": 3}, "size": (4,), "t": (1, 2), "swap": [5]})[1])
-    assert target == {"d": {"a": [(1, 2)], "b": 3}, "size": (4,), "t": (1, 2), "swap": [5]}
+    fill_plain_values(target, flatten({"d": {"a": [(1, 2)]}, "size": (4,), "t": (1, 2), "swap": [5]})[1])
+    assert target == {"d": {"a": [(1, 2)]}, "size": (4,), "t": (1, 2), "swap": [5]}
     assert type(target["d"]) is defaultdict and target["d"].default_factory is list and type(target["d"]["a"][0]) is pair
     assert type(target["size"]) is torch.Size and type(target["swap"]) is list
+
+
+def test_dicts_are_filled_with_the_targets_keys_only():
+    """A dict gets the saved values of its own keys, never the checkpoint's other keys (another rank's
+    per-rank entries), nested or not, holding tensors or not; the keys the checkpoint lacks keep their
+    values and are named by ``missing_plain_values``. Lists are values: replaced whole."""
+    saved = flatten({"loader": {"pos.rank0": 10, "pos.rank1": 11}, "seed.rank0": 100, "seed.rank1": 101,
+                     "opt": {"lr": 0.1, "w": torch.ones(1)}, "hist": [1, 2, 3]})[1]
+    target = {"loader": {"pos.rank2": -1}, "seed.rank2": -1, "opt": {"lr": 0.5, "new": 1, "w": torch.zeros(1)},
+              "hist": [0], "sched": {"epoch": 0}}
+    assert missing_plain_values(target, saved) == [("loader", "pos.rank2"), ("seed.rank2",), ("opt", "new"), ("sched",)]
+    fill_plain_values(target, saved)
+    assert target["loader"] == {"pos.rank2": -1} and target["seed.rank2"] == -1 and "seed.rank0" not in target
+    assert target["opt"]["lr"] == 0.1 and target["opt"]["new"] == 1 and target["hist"] == [1, 2, 3]
+    placeholder = {"loader": {}}  # an empty dict takes what was saved
+    assert missing_plain_values(placeholder, saved) == []
+    fill_plain_values(placeholder, saved)
+    assert placeholder == {"loader": {"pos.rank0": 10, "pos.rank1": 11}}
+    mine = {"loader": {"pos.rank1": -1}, "seed.rank1": -1}
+    assert missing_plain_values(mine, saved) == []
+    fill_plain_values(mine, saved)
+    assert mine == {"loader": {"pos.rank1": 11}, "seed.rank1": 101}
+
+
+def test_display_names_never_give_two_tensors_one_name():
+    """``a.b`` and ``a -> b`` share a dotted name, so both take their node paths; ``a -> b``'s, ``a/b``,
+    is the dotted name of the key ``a/b``, which then takes its own node path."""
+    keys = [("a.b",), ("a", "b"), ("a/b",), ("m", 0), ("m.0",), ("m/0",), ("x",)]
+    names = display_names(keys)
+    assert names == {"a.b": ("a.b",), "a/b": ("a", "b"), "a%2Fb": ("a/b",), "m/0": ("m", 0), "m.0": ("m.0",),
+                     "m%2F0": ("m/0",), "x": ("x",)}
 
 
 def test_hook_objects_are_tensors():
