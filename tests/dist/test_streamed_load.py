@@ -14,9 +14,6 @@ import torch
 import shardstore
 from shardstore.errors import CorruptCheckpointError, PartialLoadError
 from tests.dist.test_integrity import (  # noqa: F401 - small_inner_chunks is a fixture
-    _dist_save,
-    _dist_state,
-    _dist_values,
     _flip,
     _many_values,
     _saved,
@@ -30,6 +27,7 @@ from tests.dist.test_integrity import (  # noqa: F401 - small_inner_chunks is a 
     _zeros_state,
     small_inner_chunks,
 )
+from tests.dist.test_integrity_ranks import _dist_save, _dist_state, _dist_values
 from tests.ranks import run_ranks
 
 STAGING = 3000  # bytes: a couple of ~1 KiB inner chunks per buffer, so five 4 KiB tensors take many batches
