@@ -35,7 +35,7 @@ from shardstore.object_check import check_runs
 from shardstore.placing import place
 from shardstore.staged_read import read_checked
 from shardstore.gc_pause import gc_paused
-from shardstore.flatten import KeyPath, display_names, fill_plain_values, flatten, missing_plain_values, fqn, is_tensor_like, unflatten
+from shardstore.flatten import KeyPath, display_names, fill_plain_values, flatten, fqn, is_tensor_like, missing_plain_values, unflatten
 from shardstore.hf import is_safetensors, load_safetensors
 from shardstore.inputs import check_targets, local_tensor
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
