@@ -35,10 +35,10 @@ from shardstore.object_check import check_runs
 from shardstore.placing import place
 from shardstore.staged_read import read_checked
 from shardstore.gc_pause import gc_paused
-from shardstore.flatten import KeyPath, display_names, fill_plain_values, flatten, fqn, is_tensor_like, missing_plain_values, unflatten
+from shardstore.flatten import KeyPath, display_names, fill_plain_values, flatten, fqn, is_tensor_like, plain_differences, unflatten
 from shardstore.hf import is_safetensors, load_safetensors
 from shardstore.inputs import check_targets, local_tensor
-from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, load_targets, plan_load
+from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, check_unexpected_values, load_targets, plan_load
 from shardstore.plan import dtype_name
 from shardstore.regions import check_read_size, region_box
 from shardstore.saving import SaveOptions, SaveResult, plan_save, write_and_commit
@@ -146,6 +146,11 @@ def load(
     tensors = {k: v for k, v in items.items() if is_tensor_like(v)}
     wanted = {k for keys in coord.all_gather(tuple(tensors)) for k in keys}  # per-rank keys: wanted somewhere
     job = coord.agree("checking the checkpoint", lambda: _plan_here(target, tensors, storage, strict, wanted, staging_bytes, all_or_nothing))
+    # A plain value only the checkpoint has is unexpected where no rank's state dict holds it (every rank
+    # judges the same gathered lists alike, so all refuse together, before any tensor changes).
+    extras = [set(e) for e in coord.all_gather(job.plain_extra)]
+    unexpected_values = tuple(k for k in job.plain_extra if all(k in e for e in extras))
+    check_unexpected_values(unexpected_values, strict)
     streamed = not all_or_nothing
     if all_or_nothing:
         _check_staging_fits(coord.all_gather((job.needed, staging_bytes)))
@@ -161,7 +166,8 @@ def load(
             raise  # this rank's state dict is unchanged: the plain error says why
         raise PartialLoadError(_partly_loaded(exc, written, streamed)) from exc
     coord.agree("handing loaded state to Stateful values", lambda: apply_loaded(state_dict, target))
-    return LoadResult(job.nbytes, job.chunks, time.perf_counter() - start, job.missing, job.unexpected, staged, streamed, job.needed)
+    return LoadResult(job.nbytes, job.chunks, time.perf_counter() - start, job.missing,
+                      job.unexpected + tuple(fqn(k) for k in unexpected_values), staged, streamed, job.needed)
 
 
 def _flatten_target(state_dict: dict) -> tuple[Mapping[str, Any], dict]:
@@ -183,6 +189,7 @@ class _LoadJob:
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
     dests: Destinations  # where the chunks go
+    plain_extra: tuple[KeyPath, ...]  # the checkpoint's plain values this rank's state dict lacks
 
 
 def _plan_here(target: Mapping[str, Any], tensors: dict, storage: Storage, strict: bool, wanted: set, staging_bytes: int,
@@ -195,8 +202,8 @@ def _plan_here(target: Mapping[str, Any], tensors: dict, storage: Storage, stric
     root = fmt.read_root(storage)
     stored, layouts, nodes = _stored_arrays(root)
     check_targets({k: v for k, v in tensors.items() if k in stored})  # the rest is left as it is
-    plain_missing = tuple(missing_plain_values(target, root.tree))
-    plan = plan_load(load_targets(tensors), stored, strict=strict, wanted=wanted, plain_missing=plain_missing)
+    plain_missing, plain_extra = plain_differences(target, root.tree)
+    plan = plan_load(load_targets(tensors), stored, strict=strict, wanted=wanted, plain_missing=tuple(plain_missing))
     fmt.check_arrays(storage, [root.tensors[nodes[k]] for k in tensors if k in stored])
     checked = check_runs(storage, plan.runs, layouts, nodes, index_as_it_lands=not all_or_nothing)
     tasks = [task for run in plan.runs for task in run.tasks]
@@ -205,7 +212,7 @@ def _plan_here(target: Mapping[str, Any], tensors: dict, storage: Storage, stric
     dests = Destinations.of({k: local_tensor(k, v) for k, v in tensors.items()}, {t.key for t in tasks})
     return _LoadJob(
         root, checked, layouts, needed, nbytes, len(tasks),
-        tuple(fqn(k) for k in plan.missing), tuple(fqn(k) for k in plan.unexpected), dests,
+        tuple(fqn(k) for k in plan.missing), tuple(fqn(k) for k in plan.unexpected), dests, tuple(plain_extra),
     )
 
 

@@ -36,7 +36,7 @@ import torch
 from shardstore.errors import CorruptCheckpointError, StateDictMismatchError, UnsupportedInputError
 
 __all__ = [
-    "KeyPath", "flatten", "unflatten", "fill_plain_values", "missing_plain_values", "merge_skeletons", "is_tensor_like", "node_path",
+    "KeyPath", "flatten", "unflatten", "fill_plain_values", "plain_differences", "merge_skeletons", "is_tensor_like", "node_path",
     "mapping_node", "mapping_children", "node_children",
     "keypath_from_node", "fqn", "display_names", "int_too_long", "MAX_DEPTH",
 ]
@@ -244,7 +244,7 @@ def fill_plain_values(target: dict, skeleton: dict) -> None:
     lists are updated in place, tuples holding tensors are rebuilt around the same tensors (a tuple cannot
     change). Dicts are filled key by key, the root as every other: the target's keys only, so keys only
     the checkpoint has are not added (another rank's per-rank entries) and keys only the target has keep
-    their values (``missing_plain_values`` names them first). An empty dict is a placeholder: where
+    their values (``plain_differences`` names both first). An empty dict is a placeholder: where
     neither holds a tensor it takes the saved entries, as any other entry is replaced by the saved one
     where neither holds a tensor (a list of another length too); where both are lists or tuples the walk
     descends; anything else (a saved tensor where the target has none, which ``strict=False`` reports
@@ -275,30 +275,34 @@ def _filled(value: Any, node: dict) -> Any:
     return value
 
 
-def missing_plain_values(target: dict, skeleton: dict) -> list[KeyPath]:
-    """Key paths of the target's tensor-free dict entries that the checkpoint lacks, where
-    ``fill_plain_values`` walks: they would keep their values (a per-rank entry of a rank the
-    checkpoint had not, a setting added since the save). Tensors are matched by the load plan."""
+def plain_differences(target: dict, skeleton: dict) -> tuple[list[KeyPath], list[KeyPath]]:
+    """(missing, extra): key paths of the target's tensor-free dict entries that the checkpoint lacks,
+    and of the checkpoint's that the target lacks, where ``fill_plain_values`` walks. A missing one
+    keeps its value (a per-rank entry of a rank the checkpoint had not, a setting added since the
+    save); an extra one is not loaded (another rank's per-rank entry, or state the target dropped).
+    Tensors are matched by the load plan."""
     missing: list[KeyPath] = []
-    _missing_entries(target, mapping_children(skeleton) or {}, (), missing)
-    return missing
+    extra: list[KeyPath] = []
+    _entry_differences(target, mapping_children(skeleton) or {}, (), missing, extra)
+    return missing, extra
 
 
-def _missing_entries(value: dict, children: Mapping[str | int, dict], path: KeyPath, missing: list) -> None:
+def _entry_differences(value: dict, children: Mapping[str | int, dict], path: KeyPath, missing: list, extra: list) -> None:
     for k, v in value.items():
         if k in children:
-            _missing_in(v, children[k], (*path, k), missing)
+            _differences(v, children[k], (*path, k), missing, extra)
         elif not _has_tensor(v):
             missing.append((*path, k))
+    extra += [(*path, k) for k, node in children.items() if k not in value and not _node_has_tensor(node)]
 
 
-def _missing_in(value: Any, node: dict, path: KeyPath, missing: list) -> None:
+def _differences(value: Any, node: dict, path: KeyPath, missing: list, extra: list) -> None:
     (kind, body), = node.items()
-    if kind in ("dict", "map") and isinstance(value, dict):
-        _missing_entries(value, mapping_children(node), path, missing)
+    if kind in ("dict", "map") and isinstance(value, dict) and (value or _node_has_tensor(node)):
+        _entry_differences(value, mapping_children(node), path, missing, extra)
     elif kind in ("list", "tuple") and isinstance(value, (list, tuple)) and (_has_tensor(value) or _node_has_tensor(node)):
         for i, v in enumerate(value[: len(body)]):
-            _missing_in(v, body[i], (*path, i), missing)
+            _differences(v, body[i], (*path, i), missing, extra)
 
 
 def _retyped(old: Any, new: Any) -> Any:

@@ -22,7 +22,7 @@ from shardstore.flatten import KeyPath, fqn
 from shardstore.grid import cell_box, cells_overlapping, linear_index
 from shardstore.plan import Coords, dtype_name, layout_of_value
 
-__all__ = ["LoadRegion", "TargetTensor", "StoredArray", "ReadTask", "ReadRun", "LoadPlan", "load_targets", "plan_load", "match_keys",
+__all__ = ["LoadRegion", "TargetTensor", "StoredArray", "ReadTask", "ReadRun", "LoadPlan", "load_targets", "plan_load", "match_keys", "check_unexpected_values",
            "side_by_side"]
 
 
@@ -185,11 +185,24 @@ def _check_match(
             if want != found:
                 problems.append(f"{name[key]}: {what} {want} in the state dict, {found} in the checkpoint")
     if problems:
-        raise StateDictMismatchError(
-            "the state dict does not match the checkpoint:\n  " + "\n  ".join(problems)
-            + "\nload into a state dict built like the saved one (shapes and dtypes must match exactly); "
-            "pass strict=False to skip missing or unexpected keys" + _empty_optimizer_hint(unexpected if strict else ())
-        )
+        _refuse(problems, unexpected if strict else ())
+
+
+def check_unexpected_values(unexpected: tuple[KeyPath, ...], strict: bool) -> None:
+    """Refuse (with ``strict``) the checkpoint's plain values that no rank's state dict holds, as
+    unexpected tensors are: left out, they would not be loaded, silently (per-rank entries that some
+    rank holds are expected)."""
+    if strict and unexpected:
+        names = _names(list(unexpected))
+        _refuse([f"in the checkpoint but not in the state dict: {', '.join(names[k] for k in unexpected)}"], ())
+
+
+def _refuse(problems: list[str], unexpected: tuple[KeyPath, ...]) -> None:
+    raise StateDictMismatchError(
+        "the state dict does not match the checkpoint:\n  " + "\n  ".join(problems)
+        + "\nload into a state dict built like the saved one (shapes and dtypes must match exactly); "
+        "pass strict=False to skip missing or unexpected keys" + _empty_optimizer_hint(unexpected)
+    )
 
 
 def _empty_optimizer_hint(unexpected: tuple[KeyPath, ...]) -> str:

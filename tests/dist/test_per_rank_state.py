@@ -92,6 +92,22 @@ def test_per_rank_plain_values_load_each_to_its_rank_on_any_number_of_ranks(tmp_
     refused = run_ranks(3, _resume, url, True, "")
     assert all(r[0] == "refused" and "missing from the checkpoint: loader.pos.rank2, seed.rank2" in r[1] for r in refused)
     assert run_ranks(3, _resume, url, False, "")[2] == ({"pos.rank2": 0}, -1, ("loader.pos.rank2", "seed.rank2"))
+    # on one rank, rank 1's entries are held by no rank: unexpected, as a tensor would be
+    kind, message = run_ranks(1, _resume, url, True, "")[0]
+    assert kind == "refused" and "in the checkpoint but not in the state dict: loader.pos.rank1, seed.rank1" in message
+
+
+def test_plain_values_only_the_checkpoint_has_are_refused_before_any_tensor_changes(tmp_path):
+    """A saved setting the state dict dropped would silently not load: refused with strict (the tensors
+    untouched), loaded around and reported with strict=False."""
+    url = str(tmp_path / "ck")
+    shardstore.save({"w": torch.ones(3), "step": 3, "cfg": {"lr": 0.1, "warmup": 10}}, url)
+    target = {"w": torch.zeros(3), "step": 0, "cfg": {"lr": 0.5}}
+    with pytest.raises(StateDictMismatchError, match="in the checkpoint but not in the state dict: cfg.warmup"):
+        shardstore.load(target, url)
+    assert torch.equal(target["w"], torch.zeros(3)) and target["step"] == 0
+    result = shardstore.load(target, url, strict=False)
+    assert result.unexpected == ("cfg.warmup",) and target["cfg"] == {"lr": 0.1} and target["step"] == 3
 
 
 def _save_diverging(url: str, what: str):

@@ -10,7 +10,7 @@ import torch
 
 from shardstore.errors import CorruptCheckpointError, StateDictMismatchError
 from shardstore.flatten import (
-    display_names, fill_plain_values, flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, missing_plain_values,
+    display_names, fill_plain_values, flatten, fqn, is_tensor_like, keypath_from_node, merge_skeletons, plain_differences,
     node_path, unflatten,
 )
 
@@ -72,21 +72,24 @@ def test_a_load_keeps_the_targets_container_types():
 def test_dicts_are_filled_with_the_targets_keys_only():
     """A dict gets the saved values of its own keys, never the checkpoint's other keys (another rank's
     per-rank entries), nested or not, holding tensors or not; the keys the checkpoint lacks keep their
-    values and are named by ``missing_plain_values``. Lists are values: replaced whole."""
+    values; ``plain_differences`` names them, and the checkpoint's entries the target lacks. Lists are values: replaced whole."""
     saved = flatten({"loader": {"pos.rank0": 10, "pos.rank1": 11}, "seed.rank0": 100, "seed.rank1": 101,
                      "opt": {"lr": 0.1, "w": torch.ones(1)}, "hist": [1, 2, 3]})[1]
     target = {"loader": {"pos.rank2": -1}, "seed.rank2": -1, "opt": {"lr": 0.5, "new": 1, "w": torch.zeros(1)},
               "hist": [0], "sched": {"epoch": 0}}
-    assert missing_plain_values(target, saved) == [("loader", "pos.rank2"), ("seed.rank2",), ("opt", "new"), ("sched",)]
+    assert plain_differences(target, saved) == (
+        [("loader", "pos.rank2"), ("seed.rank2",), ("opt", "new"), ("sched",)],
+        [("loader", "pos.rank0"), ("loader", "pos.rank1"), ("seed.rank0",), ("seed.rank1",)],
+    )
     fill_plain_values(target, saved)
     assert target["loader"] == {"pos.rank2": -1} and target["seed.rank2"] == -1 and "seed.rank0" not in target
     assert target["opt"]["lr"] == 0.1 and target["opt"]["new"] == 1 and target["hist"] == [1, 2, 3]
     placeholder = {"loader": {}}  # an empty dict takes what was saved
-    assert missing_plain_values(placeholder, saved) == []
+    assert plain_differences(placeholder, saved) == ([], [("seed.rank0",), ("seed.rank1",), ("hist",)])
     fill_plain_values(placeholder, saved)
     assert placeholder == {"loader": {"pos.rank0": 10, "pos.rank1": 11}}
     mine = {"loader": {"pos.rank1": -1}, "seed.rank1": -1}
-    assert missing_plain_values(mine, saved) == []
+    assert plain_differences(mine, saved) == ([], [("loader", "pos.rank0"), ("seed.rank0",), ("hist",)])
     fill_plain_values(mine, saved)
     assert mine == {"loader": {"pos.rank1": 11}, "seed.rank1": 101}
 
