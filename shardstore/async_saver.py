@@ -46,8 +46,10 @@ class AsyncSave:
         """Wait (at most ``timeout`` seconds: ``TimeoutError`` after) until the checkpoint is committed and
         durable; returns this rank's ``SaveResult``, or raises the error that stopped the save (on every
         rank: a failure on another rank arrives as ``RemoteRankError`` naming it)."""
-        self._asked = True
-        return self._future.result(timeout)
+        try:
+            return self._future.result(timeout)
+        finally:  # a poll that timed out has seen nothing yet: a later failure still gets reported
+            self._asked = self._asked or self._future.done()
 
     def unseen_failure(self) -> BaseException | None:
         """The error that stopped this (ended) save where nobody asked for its result: a loop that starts

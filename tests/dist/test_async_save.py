@@ -274,3 +274,29 @@ def test_a_failed_save_nobody_asked_about_is_reported_by_the_next_one(tmp_path: 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failure the caller has seen is not reported again
         shardstore.async_save(state, str(tmp_path / "ok2")).result(timeout=60)
+
+
+def test_a_poll_that_timed_out_does_not_count_as_seeing_the_failure(tmp_path: Path, monkeypatch):
+    """``result(timeout=...)`` raising TimeoutError saw nothing: the save failing afterwards is still
+    reported by the next save (it was taken as seen, so the checkpoint went missing silently)."""
+    from shardstore import async_saver
+
+    go = threading.Event()
+    real = async_saver.write_and_commit
+
+    def failing_later(*args, **kwargs):
+        if not go.wait(60):
+            raise AssertionError("never released")
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(async_saver, "write_and_commit", failing_later)
+    url, state = str(tmp_path / "ck"), {"w": torch.arange(6.0)}
+    pending = shardstore.async_save(state, url)
+    with pytest.raises(TimeoutError):
+        pending.result(timeout=0.2)
+    go.set()
+    with pytest.raises(OSError, match="disk gone"):
+        pending._future.result(timeout=60)  # ended, unseen by the caller
+    monkeypatch.setattr(async_saver, "write_and_commit", real)
+    with pytest.warns(RuntimeWarning, match=f"async save, to {url}, failed .* disk gone"):
+        shardstore.async_save(state, str(tmp_path / "ok")).result(timeout=60)
