@@ -23,12 +23,13 @@ equal the latest complete step's instead of rewriting them (``shardstore/increme
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 from shardstore.api import SaveResult, load, save
 from shardstore.async_saver import async_save as start_async_save, prepare_async_save
 from shardstore.coordinator import Coordinator
-from shardstore.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
+from shardstore.errors import CheckpointExistsError, CheckpointNotFoundError, ConcurrentSaveError, CorruptCheckpointError
 from shardstore.steps import clear_incomplete, delete_step, list_steps, step_name, step_numbers, step_url, sweep_litter
 from shardstore.storage import Storage
 
@@ -246,9 +247,25 @@ class CheckpointManager:
         there = step_numbers(self.root_url, self._options)
         steps = [s for s in self._steps if s in there]
         doomed = steps_to_delete(steps, self.max_to_keep, self.keep_period)
-        for step in doomed:
+        kept = [step for step in doomed if not self._deleted(step)]
+        return [s for s in steps if s not in doomed or s in kept]
+
+    def _deleted(self, step: int) -> bool:
+        """Rank 0: delete ``step``, or keep it with a warning where its commit lock is held past the wait
+        (a save committing to it, or a lock left by a process killed while deleting it, which never
+        expires on object stores): the save that just committed stays a success, and retention tries
+        again after the next one."""
+        try:
             delete_step(Storage(step_url(self.root_url, step), self._options))
-        return [s for s in steps if s not in doomed]
+        except ConcurrentSaveError:
+            url = step_url(self.root_url, step)
+            warnings.warn(
+                f"retention kept step {step}: its lock {url}.lock stayed held while it waited; if no process is "
+                "saving to or deleting that step, a killed process left the lock: delete it by hand",
+                RuntimeWarning, stacklevel=2,
+            )
+            return False
+        return True
 
     def _pick(self, step: int | None) -> int | None:
         if step is None:  # restore() refused skipping an unreadable step before, on every rank
