@@ -262,7 +262,7 @@ def _fill_entries(value: dict, children: Mapping[str | int, dict]) -> None:
 def _filled(value: Any, node: dict) -> Any:
     """``value`` with ``node``'s plain values put in (see ``fill_plain_values``)."""
     (kind, body), = node.items()
-    if kind in ("dict", "map") and isinstance(value, dict) and (value or _node_has_tensor(node)):
+    if _filled_by_key(value, node):
         _fill_entries(value, mapping_children(node))
     elif not _has_tensor(value) and not _node_has_tensor(node):
         return _retyped(value, _decode(node, {}))
@@ -273,6 +273,12 @@ def _filled(value: Any, node: dict) -> Any:
         elif any(new is not old for new, old in zip(items, value)):
             return _tuple_like(value, items)
     return value
+
+
+def _filled_by_key(value: Any, node: dict) -> bool:
+    """Whether ``fill_plain_values`` fills ``value`` key by key from ``node`` (``plain_differences``
+    walks the same way): a dict facing a saved dict, unless it is an empty placeholder holding no tensor."""
+    return next(iter(node)) in ("dict", "map") and isinstance(value, dict) and bool(value or _node_has_tensor(node))
 
 
 def plain_differences(target: dict, skeleton: dict) -> tuple[list[KeyPath], list[KeyPath]]:
@@ -298,7 +304,7 @@ def _entry_differences(value: dict, children: Mapping[str | int, dict], path: Ke
 
 def _differences(value: Any, node: dict, path: KeyPath, missing: list, extra: list) -> None:
     (kind, body), = node.items()
-    if kind in ("dict", "map") and isinstance(value, dict) and (value or _node_has_tensor(node)):
+    if _filled_by_key(value, node):
         _entry_differences(value, mapping_children(node), path, missing, extra)
     elif kind in ("list", "tuple") and isinstance(value, (list, tuple)) and (_has_tensor(value) or _node_has_tensor(node)):
         for i, v in enumerate(value[: len(body)]):

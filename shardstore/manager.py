@@ -247,8 +247,8 @@ class CheckpointManager:
         there = step_numbers(self.root_url, self._options)
         steps = [s for s in self._steps if s in there]
         doomed = steps_to_delete(steps, self.max_to_keep, self.keep_period)
-        kept = [step for step in doomed if not self._deleted(step)]
-        return [s for s in steps if s not in doomed or s in kept]
+        deleted = {step for step in doomed if self._deleted(step)}
+        return [s for s in steps if s not in deleted]
 
     def _deleted(self, step: int) -> bool:
         """Rank 0: delete ``step``, or keep it with a warning where its commit lock is held past the wait

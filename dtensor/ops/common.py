@@ -33,6 +33,7 @@ __all__ = [
     "Operand",
     "Choice",
     "elementwise",
+    "mesh_candidates",
     "cheapest",
     "plain_as_replicate",
     "split_plain",
@@ -186,15 +187,18 @@ def elementwise(
     mesh = next(o.spec.mesh for o in operands if o.spec is not None)
     out_shape = tuple(torch.broadcast_shapes(*[o.shape for o in operands]))
     options = _single_dim_options(operands, out_shape, rules, whole)
-    candidates = (
-        (tuple(tuple(c[1][k] for c in combo) for k in range(len(operands))), tuple(c[0] for c in combo))
-        for combo in itertools.product(options, repeat=mesh.ndim)
-    )
-    best = cheapest(operands, candidates, keep)
+    best = cheapest(operands, mesh_candidates(options, mesh.ndim, len(operands)), keep)
     if best is None:
         return None
     inputs, output = best
     return Choice(tuple(p if o.spec is not None else None for o, p in zip(operands, inputs)), output)
+
+
+def mesh_candidates(options: Sequence[tuple], ndim: int, inputs: int):
+    """Every choice of one of ``options`` — ``(output, placements per input)`` for one mesh dim — on each
+    of ``ndim`` mesh dims, as ``(placements of each input, output of each mesh dim)``."""
+    for combo in itertools.product(options, repeat=ndim):
+        yield tuple(tuple(c[1][k] for c in combo) for k in range(inputs)), tuple(c[0] for c in combo)
 
 
 def cheapest(operands: Sequence[Operand], candidates, keep: tuple[int, ...] = ()):

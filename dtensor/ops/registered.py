@@ -11,7 +11,6 @@ else the cheapest).
 
 from __future__ import annotations
 
-import itertools
 from typing import Callable, Sequence
 
 from torch.utils import _pytree as pytree
@@ -19,7 +18,7 @@ from torch.utils import _pytree as pytree
 from ..dispatch import Strategy
 from ..placements import Placement
 from ..spec import DTensorSpec
-from .common import Operand, cheapest, is_inplace
+from .common import Operand, cheapest, is_inplace, mesh_candidates
 
 __all__ = ["registered_rule"]
 
@@ -68,11 +67,7 @@ def _choose(func, specs: list[DTensorSpec], accepted: list) -> Strategy:
                          "give one per tensor output in every one")
     outputs = counts.pop() if counts else 0
     operands = [Operand(s, tuple(s.shape)) for s in specs]
-    candidates = (
-        (tuple(tuple(c[1][k] for c in combo) for k in range(len(specs))),
-         tuple(tuple(c[0][k] for c in combo) for k in range(outputs)))
-        for combo in itertools.product(accepted, repeat=specs[0].mesh.ndim)
-    )
+    candidates = ((inputs, tuple(zip(*per_dim))) for inputs, per_dim in mesh_candidates(accepted, specs[0].mesh.ndim, len(specs)))
     if outputs <= 1:  # one output: its placements themselves, which an in-place target's must equal (an op
         # returning nothing, ``add_`` in a custom op, leaves its target as it is)
         candidates = ((inputs, out[0] if out else inputs[0]) for inputs, out in candidates)
