@@ -37,6 +37,7 @@ from shardstore.staged_read import read_checked
 from shardstore.gc_pause import gc_paused
 from shardstore.flatten import KeyPath, display_names, fill_plain_values, flatten, fqn, is_tensor_like, plain_differences, unflatten
 from shardstore.hf import is_safetensors, load_safetensors
+from shardstore.other_contents import refuse_other_contents
 from shardstore.inputs import check_targets, local_tensor
 from shardstore.load_plan import LoadRegion, StoredArray, TargetTensor, check_unexpected_values, load_targets, plan_load
 from shardstore.plan import dtype_name
@@ -199,7 +200,7 @@ def _plan_here(target: Mapping[str, Any], tensors: dict, storage: Storage, stric
     most shard indexes as they land, with the data: ``check_runs``)."""
     if not isinstance(staging_bytes, int) or isinstance(staging_bytes, bool) or staging_bytes < 0:
         raise ValueError(f"staging_bytes must be a number of bytes (an int >= 0), got {staging_bytes!r}")
-    root = fmt.read_root(storage)
+    root = _read_root(storage, "shardstore.load")
     stored, layouts, nodes = _stored_arrays(root)
     check_targets({k: v for k, v in tensors.items() if k in stored})  # the rest is left as it is
     plain_missing, plain_extra = plain_differences(target, root.tree)
@@ -282,6 +283,16 @@ def _land(storage: Storage, job: _LoadJob, staging_bytes: int, written: dict, ra
             written.pop(fqn(key), None)
 
 
+def _read_root(storage: Storage, command: str) -> fmt.RootMetadata:
+    """The root record; where there is none, an input error for a URL that holds no save of ours at all
+    (another format, a run directory, a user's files) rather than "a save was interrupted"."""
+    try:
+        return fmt.read_root(storage)
+    except IncompleteCheckpointError:
+        refuse_other_contents(storage, command)
+        raise
+
+
 def _stored_arrays(root: fmt.RootMetadata):
     """What the (validated) root record says of each tensor, by key path: planning view, layout, node."""
     stored, layouts, nodes = {}, {}, {}
@@ -315,13 +326,7 @@ class Checkpoint:
         self._max_read_bytes = max_read_bytes
         self._fingerprint = self._root_fingerprint()  # before the record: a commit in between is then noticed
         self._storage = self._at_url.pinned()  # what reads go through
-        try:
-            self._root = fmt.read_root(self._storage)
-        except IncompleteCheckpointError:
-            from shardstore.convert.sources import refuse_other_format  # noqa: PLC0415 - it imports this module
-
-            refuse_other_format(url, storage_options, "shardstore.open")  # a DCP or safetensors checkpoint
-            raise
+        self._root = _read_root(self._storage, "shardstore.open")
         self._stored, self._layouts, self._nodes = _stored_arrays(self._root)
         self._by_name = display_names(self._stored)
         self._agreeing: set[KeyPath] = set()  # arrays whose zarr.json was found to agree with the root record

@@ -15,7 +15,8 @@ from __future__ import annotations
 import time
 
 from shardstore.convert.safetensors import SafetensorsSource
-from shardstore.convert.sources import SAFETENSORS_FILE, SAFETENSORS_INDEX, has_entry
+from shardstore.convert.sources import SAFETENSORS_FILE, SAFETENSORS_INDEX
+from shardstore.other_contents import has_entry
 from shardstore.coordinator import Coordinator
 from shardstore.errors import UnsupportedInputError
 from shardstore.placing import copy_into

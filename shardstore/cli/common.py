@@ -10,10 +10,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shardstore.convert.sources import refuse_other_format
+from shardstore.other_contents import refuse_other_contents
 from shardstore.errors import ShardstoreError
 
-__all__ = ["refuse_other_format", "EXIT_OK", "EXIT_FAILED", "EXIT_INPUT", "INPUT_ERRORS", "add_common_options", "error_text", "key_value", "storage_options",
+__all__ = ["refuse_other_contents", "EXIT_OK", "EXIT_FAILED", "EXIT_INPUT", "INPUT_ERRORS", "add_common_options", "error_text", "key_value", "storage_options",
            "print_json", "progress", "human_bytes"]
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from shardstore.cli.common import EXIT_OK, human_bytes, print_json, refuse_other_format, storage_options
+from shardstore.storage import Storage
+from shardstore.cli.common import EXIT_OK, human_bytes, print_json, refuse_other_contents, storage_options
 from shardstore.errors import IncompleteCheckpointError
 from shardstore.inspect import CheckpointInfo, TensorInfo, describe
 
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         info = describe(args.url, storage_options(args))
     except IncompleteCheckpointError:
-        refuse_other_format(args.url, storage_options(args), "inspect")
+        refuse_other_contents(Storage(args.url, storage_options(args)), "inspect")
         raise
     if args.key is not None:
         tensor = _tensor(info, args.key)

@@ -14,7 +14,8 @@ import argparse
 from contextlib import contextmanager
 from typing import Iterator
 
-from shardstore.cli.common import EXIT_OK, key_value, human_bytes, print_json, progress, refuse_other_format, storage_options
+from shardstore.storage import Storage
+from shardstore.cli.common import EXIT_OK, key_value, human_bytes, print_json, progress, refuse_other_contents, storage_options
 from shardstore.errors import IncompleteCheckpointError
 from shardstore.reshard import DEFAULT_MEMORY_BUDGET, parse_rules, reshard
 
@@ -47,7 +48,7 @@ def _other_format_refused(args: argparse.Namespace) -> Iterator[None]:
     try:
         yield
     except IncompleteCheckpointError:
-        refuse_other_format(args.src, storage_options(args), "reshard")
+        refuse_other_contents(Storage(args.src, storage_options(args)), "reshard")
         raise
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 
+from shardstore.storage import Storage
 from shardstore.cli.common import (
-    EXIT_FAILED, EXIT_OK, human_bytes, print_json, progress, refuse_other_format, storage_options,
+    EXIT_FAILED, EXIT_OK, human_bytes, print_json, progress, refuse_other_contents, storage_options,
 )
 from shardstore.errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError, UnsafeKeyError
 from shardstore.verify import DEFAULT_THREADS, verify
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         raise  # nothing there: an input error, not a failed check
     except (IncompleteCheckpointError, CorruptCheckpointError, UnsafeKeyError) as exc:  # a forged path is damage too
         if isinstance(exc, IncompleteCheckpointError):
-            refuse_other_format(args.url, storage_options(args), "verify")
+            refuse_other_contents(Storage(args.url, storage_options(args)), "verify")
         return _unusable(args, exc)
     if args.json:
         print_json(report.to_json())

@@ -26,8 +26,9 @@ import torch
 
 from dtensor.placements import Box
 from shardstore.convert.localfiles import fresh_directory
+from shardstore.other_contents import has_entry
 from shardstore.convert.sources import (
-    SAFETENSORS_FILE, SAFETENSORS_INDEX, IndexedSource, Region, TensorMeta, TensorSource, has_entry, row_blocks,
+    SAFETENSORS_FILE, SAFETENSORS_INDEX, IndexedSource, Region, TensorMeta, TensorSource, row_blocks,
     split_url,
 )
 from shardstore.errors import (

@@ -13,13 +13,14 @@ import torch
 import shardstore.api as api
 from shardstore import format as fmt
 from shardstore.dtypes import dtype_info_by_name
-from shardstore.errors import CheckpointNotFoundError, NotACheckpointError, UnsupportedInputError
+from shardstore.errors import CheckpointNotFoundError, UnsupportedInputError
+from shardstore.other_contents import has_entry
 from shardstore.flatten import KeyPath, display_names, flatten, fqn, node_children, unflatten
 from shardstore.storage import Storage
 from shardstore.validate import tree_tensor_keys
 
 __all__ = ["FORMATS", "TensorMeta", "TensorSource", "Region", "IndexedSource", "ZarrSource", "detect_format",
-           "open_source", "has_entry", "refuse_other_format", "row_blocks", "split_url", "apply_region", "flatten_loaded", "tree_nodes", "plain_values",
+           "open_source", "row_blocks", "split_url", "apply_region", "flatten_loaded", "tree_nodes", "plain_values",
            "plain_entries"]
 
 FORMATS = ("zarr", "safetensors", "dcp", "torch")
@@ -146,28 +147,6 @@ def split_url(url: str) -> tuple[str, str]:
     """(the directory URL, the file name) of a file URL."""
     parent, sep, name = url.rstrip("/").rpartition("/")
     return (parent if sep else "."), name
-
-
-def has_entry(storage: Storage, key: str) -> bool:
-    """Whether anything is named ``key`` at the root: a regular file (``exists``), or a link or other entry
-    that a read then refuses, naming it (a directory of links is still told apart from an empty one)."""
-    return storage.exists(key) or key in storage.list_names(key)
-
-
-def refuse_other_format(url: str, options: dict | None, command: str) -> None:
-    """Raise an input error when ``url``, read as a shardstore checkpoint with no root record, holds a torch
-    DCP or safetensors checkpoint instead: it is not an interrupted save (which the missing record says)."""
-    storage = Storage(url, options)
-    if storage.exists(fmt.ZARR_JSON):
-        return
-    kinds = ((".metadata", "a torch DCP checkpoint"), ("model.safetensors.index.json", "a safetensors checkpoint"),
-             ("model.safetensors", "a safetensors checkpoint"))
-    for key, kind in kinds:
-        if has_entry(storage, key):
-            also = ", and shardstore.load" if "safetensors" in kind else ""
-            raise NotACheckpointError(
-                f"{url} is {kind} ({key}), not a shardstore checkpoint: {command} reads shardstore checkpoints only; "
-                f"`shardstore convert {url} DST --to zarr` makes one (diff and convert read it as it is{also})")
 
 
 def detect_format(url: str, storage_options: dict | None = None) -> str:

@@ -317,3 +317,28 @@ def test_inspect_verify_and_reshard_of_a_dcp_or_safetensors_directory_say_what_i
             extra = (tmp_path / "out",) if argv[0] == "reshard" else ()
             code, _, err = cli(capsys, argv[0], tmp_path / to, *extra, *argv[1:])
             assert code == 2 and f"{tmp_path / to} is {kind}" in err and "interrupted" not in err, err
+
+
+def test_a_run_directory_or_a_directory_of_foreign_files_is_not_called_an_interrupted_save(capsys, tmp_path):
+    """Neither has a root zarr.json, and each was reported as a save that was interrupted or still
+    running (verify exiting 1, a failed check); a step directory holding an interrupted save and a
+    user's note still is one."""
+    run = tmp_path / "run"
+    for step in (3, 5):
+        shardstore.save({"w": torch.ones(2)}, str(run / f"step-{step}"))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.txt").write_text("not a checkpoint")
+    expected = {run: f"{run} is a run directory holding 2 step checkpoint(s) (step-3 .. step-5)",
+                notes: f"{notes} holds no shardstore checkpoint"}
+    for url, text in expected.items():
+        for argv in (("inspect",), ("verify",), ("reshard", "--mesh", "2", "--placements", "Shard(0)")):
+            extra = (tmp_path / "out",) if argv[0] == "reshard" else ()
+            code, _, err = cli(capsys, argv[0], url, *extra, *argv[1:])
+            assert code == 2 and text in err and "interrupted" not in err, err
+        with pytest.raises(shardstore.NotACheckpointError, match="step-5|README.txt"):
+            shardstore.load({"w": torch.zeros(2)}, str(url))
+    os.remove(run / "step-5" / "zarr.json")
+    (run / "step-5" / "NOTE").write_text("mine")
+    code, out, _ = cli(capsys, "verify", run / "step-5")
+    assert code == 1 and "FAILED: IncompleteCheckpointError" in out and "interrupted" in out, out
