@@ -273,18 +273,20 @@ def _taken_over(target: Storage, what: str) -> ConcurrentSaveError:
     )
 
 
-def commit_lock(target: Storage) -> HeldLock:
-    """The commit lock of ``target``, beside it: every commit takes it, so no commit lands while another
-    holder (a deletion of the checkpoint) is at work. Where taking it created the directories leading to
+def commit_lock(target: Storage, wait: float | None = None) -> HeldLock:
+    """The commit lock of ``target``, beside it, waiting up to ``wait`` seconds (default ``LOCK_WAIT_S``)
+    for another holder: every commit takes it, so no commit lands while another holder (a deletion of
+    the checkpoint) is at work. Where taking it created the directories leading to
     the URL (a first save into a new run directory), their entries are made durable here: the commit
     syncs only the directory it renames into, so a returned save could otherwise vanish with them in
     a power cut (nothing to sync, and no cost, where they existed)."""
     parent = target.parent()
+    wait = LOCK_WAIT_S if wait is None else wait
     try:
-        lock = parent.lock(f"{target.name}.lock", timeout=LOCK_WAIT_S)
+        lock = parent.lock(f"{target.name}.lock", timeout=wait)
     except TimeoutError:
         raise ConcurrentSaveError(
-            f"another save has been committing to {target.url} for over {LOCK_WAIT_S:.0f} s "
+            f"another save has been committing to {target.url} for over {wait:g} s "
             f"({target.url}.lock is held); re-run the save once it is done"
         ) from None
     try:

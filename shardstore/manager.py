@@ -35,6 +35,8 @@ from shardstore.storage import Storage
 
 __all__ = ["CheckpointManager", "steps_to_delete"]
 
+RETENTION_LOCK_WAIT_S = 1.0  # how long retention waits for an old step's commit lock before keeping the step
+
 
 def steps_to_delete(steps: list[int], max_to_keep: int | None, keep_period: int | None) -> list[int]:
     """The complete steps retention removes: all but the ``max_to_keep`` newest, except every multiple of
@@ -251,16 +253,18 @@ class CheckpointManager:
         return [s for s in steps if s not in deleted]
 
     def _deleted(self, step: int) -> bool:
-        """Rank 0: delete ``step``, or keep it with a warning where its commit lock is held past the wait
-        (a save committing to it, or a lock left by a process killed while deleting it, which never
-        expires on object stores): the save that just committed stays a success, and retention tries
-        again after the next one."""
+        """Rank 0: delete ``step``, or keep it with a warning where its commit lock is held past
+        ``RETENTION_LOCK_WAIT_S`` (a save committing to it, or a lock left by a process killed while
+        deleting it, which never expires on object stores): the save that just committed stays a
+        success, and retention tries again after the next one. Why not wait as a commit does (30 s):
+        a commit holds the lock for milliseconds, and keeping a step costs only its bytes until the
+        next save, while each save (a training step) waited out the whole wait behind a stale lock."""
         try:
-            delete_step(Storage(step_url(self.root_url, step), self._options))
+            delete_step(Storage(step_url(self.root_url, step), self._options), RETENTION_LOCK_WAIT_S)
         except ConcurrentSaveError:
             url = step_url(self.root_url, step)
             warnings.warn(
-                f"retention kept step {step}: its lock {url}.lock stayed held while it waited; if no process is "
+                f"retention kept step {step}: its lock {url}.lock stayed held for {RETENTION_LOCK_WAIT_S:g} s; if no process is "
                 "saving to or deleting that step, a killed process left the lock: delete it by hand",
                 RuntimeWarning, stacklevel=2,
             )

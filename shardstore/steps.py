@@ -98,7 +98,7 @@ def _state(checkpoint: Storage) -> tuple[bool, str | None, bool]:
     return True, None, False
 
 
-def delete_step(checkpoint: Storage) -> None:
+def delete_step(checkpoint: Storage, lock_wait: float | None = None) -> None:
     """Delete one step: its root marker first, so a deletion cut short leaves an incomplete step (never
     listed) rather than a listed one missing objects. Files no save of ours writes (a user's notes
     beside the arrays) are left where they are, with the directory.
@@ -106,8 +106,9 @@ def delete_step(checkpoint: Storage) -> None:
     Under the step's commit lock: a save overwriting the step (another process) then commits before the
     deletion starts or finds the step changed at its commit and commits nothing. Without it, on object
     stores, such a save could commit after the marker of the version its pointer names was deleted
-    (the pointer, which its commit checks, still there), return, and have its version deleted."""
-    with commit.commit_lock(checkpoint):
+    (the pointer, which its commit checks, still there), return, and have its version deleted.
+    ``lock_wait``: how long to wait for that lock (``commit.commit_lock``); past it, ``ConcurrentSaveError``."""
+    with commit.commit_lock(checkpoint, lock_wait):
         _delete_step(checkpoint)
 
 

@@ -247,18 +247,19 @@ def test_retention_counts_only_the_steps_still_there(tmp_path):
 def test_a_step_whose_lock_is_held_is_kept_by_retention_and_the_save_still_succeeds(tmp_path, monkeypatch):
     """A lock left on an old step (a process killed while deleting it; on object stores it never
     expires) made every later save commit, then raise ConcurrentSaveError ("re-run the save") from
-    retention: the save is a success, the step is kept with a warning naming the lock, and deleted by
-    the first retention after the lock is gone."""
+    retention, after waiting 30 s each: the save is a success, retention waits for the lock no longer
+    than a second, the step is kept with a warning naming the lock, and deleted by the first retention
+    after the lock is gone."""
     from shardstore import commit
     from shardstore.storage import Storage
 
-    monkeypatch.setattr(commit, "LOCK_WAIT_S", 0.3)
+    monkeypatch.setattr(commit, "LOCK_WAIT_S", 60.0)  # a commit waits it; retention must not
     root = tmp_path / "run"
     with shardstore.CheckpointManager(str(root), max_to_keep=1, async_save=False) as manager:
         manager.save(1, {"w": torch.full((2,), 1.0)})
         held = Storage(str(root / "step-1"))
         lock = held.parent().lock(f"{held.name}.lock", timeout=5)
-        with pytest.warns(RuntimeWarning, match=f"retention kept step 1: its lock {root / 'step-1'}.lock stayed held"):
+        with pytest.warns(RuntimeWarning, match=f"retention kept step 1: its lock {root / 'step-1'}.lock stayed held for 1 s"):
             manager.save(2, {"w": torch.full((2,), 2.0)})
         assert manager.all_steps() == [1, 2] and manager.latest_step() == 2
         lock.release()
