@@ -3,7 +3,7 @@
 A registered function takes the op's arguments, every DTensor replaced by its ``DTensorSpec``, and
 returns the shardings it accepts on one mesh dim: pairs ``(output placements, input placements)``, one
 output placement per tensor output and one input placement per argument (None for an argument that is
-not a DTensor). As in torch, every combination of them over the mesh dims is a candidate; a candidate
+not a DTensor; a ``Tensor[]`` argument arrives as a tuple of specs and takes one placement per tensor). As in torch, every combination of them over the mesh dims is a candidate; a candidate
 that would cut a dim into fewer elements than shards, or change an in-place target's layout, is
 dropped, and the one torch would pick wins (``common.cheapest``: nothing moves, else only free moves,
 else the cheapest).
@@ -31,10 +31,19 @@ def registered_rule(shardings_of: Callable[..., Sequence[Sharding]]) -> Callable
     def rule(func, specs: list[DTensorSpec], args: tuple, kwargs: dict) -> Strategy:
         it = iter(specs)
         as_specs = pytree.tree_map(lambda x: next(it) if _is_dtensor(x) else x, (args, kwargs))
-        accepted = [_single_dim(func, s, len(specs)) for s in shardings_of(*as_specs[0], **as_specs[1])]
+        args_given = tuple(_tensor_list_as_tuple(a) for a in as_specs[0])
+        kwargs_given = {k: _tensor_list_as_tuple(v) for k, v in as_specs[1].items()}
+        accepted = [_single_dim(func, s, len(specs)) for s in shardings_of(*args_given, **kwargs_given)]
         return _choose(func, specs, accepted)
 
     return rule
+
+
+def _tensor_list_as_tuple(value):
+    """A ``Tensor[]`` argument as torch hands it to the function: a tuple of specs (other lists stay)."""
+    if isinstance(value, list) and any(isinstance(v, DTensorSpec) for v in value):
+        return tuple(value)
+    return value
 
 
 def _is_dtensor(x) -> bool:

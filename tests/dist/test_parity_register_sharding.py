@@ -7,10 +7,12 @@ Registrations last for the process, so these bodies run in workers of their own 
 
 import pytest
 import torch
+from torch.distributed.tensor._dtensor_spec import DTensorSpec as TorchSpec
 from torch.distributed.tensor.experimental import register_sharding as torch_register_sharding
 
 import dtensor
 from dtensor.experimental import register_sharding
+from dtensor.spec import DTensorSpec as OurSpec
 from tests.parity import assert_same, both
 from tests.ranks import close_pool, mesh, run_ranks
 
@@ -51,6 +53,17 @@ def _(x):
     return x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], x.shape[1] - n)
 
 
+@torch.library.custom_op("shardstore_test::side_by_side", mutates_args=())
+def side_by_side(xs: list[torch.Tensor], scale: float) -> torch.Tensor:
+    """The tensors of a list, scaled and concatenated along dim 1 (a ``Tensor[]`` argument)."""
+    return torch.cat(xs, dim=1) * scale
+
+
+@side_by_side.register_fake
+def _(xs, scale):
+    return xs[0].new_empty(xs[0].shape[0], sum(x.shape[1] for x in xs))
+
+
 @torch.library.custom_op("shardstore_test::add_one_", mutates_args=("x",))
 def add_one_(x: torch.Tensor) -> None:
     x.add_(1)
@@ -72,6 +85,12 @@ def _register(lib) -> None:
     @register(torch.ops.shardstore_test.halves.default)
     def _halves(x):
         return [([R, R], [R]), ([S(0), S(0)], [S(0)])]
+
+    @register(torch.ops.shardstore_test.side_by_side.default)
+    def _side_by_side(xs, scale):
+        # As torch gives it: the list as a tuple of specs, and one input placement per tensor in it.
+        assert isinstance(xs, tuple) and all(isinstance(x, OurSpec if lib is dtensor else TorchSpec) for x in xs), xs
+        return [([R], [R] * len(xs) + [None]), ([S(0)], [S(0)] * len(xs) + [None])]
 
     @register(torch.ops.shardstore_test.add_one_.default)
     def _add_one(x):
@@ -101,6 +120,7 @@ def _calls(lib, mesh_shape, x_at, y_at):
         "scaled_add": torch.ops.shardstore_test.scaled_add(x, y, 0.5),
         "halves": torch.ops.shardstore_test.halves(x),
         "add_one_": inplace,
+        "side_by_side": torch.ops.shardstore_test.side_by_side([x, y, x], 2.0),
         "softmax dim 0": torch.softmax(x, 0),
         "softmax dim 1": torch.softmax(y, -1),
     }
