@@ -337,3 +337,25 @@ def test_round_trip_property(layout, seed):
     x = random_tensor(layout.shape, layout.dtype, seed)
     assert torch.equal(bits(decode_all(layout, encode_all(layout, x))), bits(x))
     _check_parts(layout, x)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 9), st.integers(1, 4), st.integers(1, 3)), min_size=0, max_size=3), st.data())
+def test_uncompressed_inner_chunk_ranges_skip_exactly_the_inner_chunks_past_the_array(dims, data):
+    """Computed without boxes (a load asks it of every object), the ranges must still be None exactly
+    where an inner chunk lies past the array's end, the stored ones back to back in C order."""
+    shape = tuple(d[0] for d in dims)
+    inner = tuple(min(d[2], s) for d, s in zip(dims, shape))
+    chunk = tuple(min(i * d[1], max(s, 1)) // i * i for i, d, s in zip(inner, dims, shape))
+    layout = ArrayLayout(shape, torch.float32, chunk, inner)
+    coords = tuple(data.draw(st.integers(0, n - 1)) for n in layout.grid_shape)
+    stride = layout.inner_chunk_nbytes + 4
+    boxes = layout.inner_boxes(coords)
+    expected, pos = [], 0
+    for box in boxes:
+        expected.append(None if box is None else (pos, stride))
+        pos += 0 if box is None else stride
+    got = [None if r is None else (r.offset, r.nbytes) for r in inner_chunk_ranges(layout, coords)]
+    assert got == expected
+    with pytest.raises(IndexError):
+        inner_chunk_ranges(layout, tuple(n for n in layout.grid_shape) or (1,))
