@@ -35,7 +35,7 @@ from shardstore.format import FORMAT_NAME, ZARR_JSON, is_chunk_key, is_object_ke
 from shardstore.digests import DIGESTS
 from shardstore.storage import CURRENT, VERSION_PREFIX, HeldLock, Storage
 
-__all__ = ["Claim", "begin", "destination", "finish", "abandon", "sweep", "clear_interrupted", "commit_lock", "foreign_files"]
+__all__ = ["Claim", "begin", "destination", "finish", "abandon", "sweep", "clear_interrupted", "commit_lock", "foreign_files", "is_shardstore_root"]
 
 OWNER = ".shardstore-owner"  # in a staging tree: locked by the saving process (removed before the swap)
 CLAIM = ".shardstore-claim"  # object stores: a fresh save's claim on the URL itself
@@ -132,11 +132,11 @@ def _token(target: Storage) -> str | None:
             f"{target.url} is a file, not a checkpoint directory; refusing to save there, even with "
             "overwrite=True, since replacing it would delete it. Save to a path of its own"
         ) from None
-    _refuse_foreign(target, root_is_foreign=root is not None and not _is_shardstore_root(root))
+    _refuse_foreign(target, root_is_foreign=root is not None and not is_shardstore_root(root))
     return "incomplete" if root is None else hashlib.sha256(root).hexdigest()
 
 
-def _is_shardstore_root(text: bytes | bytearray) -> bool:
+def is_shardstore_root(text: bytes | bytearray) -> bool:
     try:
         node = json.loads(text)
     except ValueError:

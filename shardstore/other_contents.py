@@ -5,9 +5,9 @@ or only a user's files. Each gets an input error that says what it is and what t
 from __future__ import annotations
 
 from shardstore import format as fmt
-from shardstore.commit import foreign_files
-from shardstore.errors import NotACheckpointError
-from shardstore.steps import STEP_PREFIX, parse_step, step_url
+from shardstore.commit import foreign_files, is_shardstore_root
+from shardstore.errors import CheckpointNotFoundError, NotACheckpointError, ShardstoreError
+from shardstore.steps import STEP_PREFIX, parse_step, step_name, step_url
 from shardstore.storage import Storage
 
 __all__ = ["has_entry", "refuse_other_contents"]
@@ -21,8 +21,9 @@ def has_entry(storage: Storage, key: str) -> bool:
 
 def refuse_other_contents(storage: Storage, command: str) -> None:
     """Raise an input error when ``storage``, read as a shardstore checkpoint with no root record, is not an
-    interrupted save (which the missing record says) but a torch DCP or safetensors checkpoint, a run
-    directory of step checkpoints, or a directory of files no shardstore save writes."""
+    interrupted save (which the missing record says) but a torch DCP or safetensors checkpoint (naming
+    ``command``), a run directory (a ``step-<N>`` entry holding a checkpoint: a save's own node may be
+    called so), or files no shardstore save writes only."""
     url = storage.url
     if storage.exists(fmt.ZARR_JSON):
         return
@@ -35,13 +36,24 @@ def refuse_other_contents(storage: Storage, command: str) -> None:
                 f"{url} is {kind} ({key}), not a shardstore checkpoint: {command} reads shardstore checkpoints only; "
                 f"`shardstore convert {url} DST --to zarr` makes one (diff and convert read it as it is{also})")
     steps = sorted(s for s in map(parse_step, storage.list_names(STEP_PREFIX)) if s is not None)
-    if steps:
+    complete = next((s for s in reversed(steps) if _holds_checkpoint(storage, step_name(s))), None)
+    if complete is not None:  # not a save's node that happens to be called step-<N>: a step of a run
+        held = f"step-{steps[0]}" + (f" to step-{steps[-1]}, {len(steps)} steps" if len(steps) > 1 else "")
         raise NotACheckpointError(
-            f"{url} is a run directory holding {len(steps)} step checkpoint(s) (step-{steps[0]} .. step-{steps[-1]}), "
-            f"not a checkpoint: {command} reads one step, e.g. {step_url(url, steps[-1])}; `shardstore ls {url}` "
-            "lists them and tells which are complete")
+            f"{url} is a run directory of step checkpoints ({held}), not a checkpoint: give one step's URL, e.g. "
+            f"{step_url(url, complete)} (the newest complete one); `shardstore ls {url}` lists them")
     foreign = foreign_files(storage)
+    if foreign == [""]:  # an object store lists an object at the URL itself under the empty key
+        raise CheckpointNotFoundError(f"no checkpoint at {url}: it is an object, not a prefix holding a checkpoint; check the URL")
     if foreign and len(foreign) == len([k for k in storage.list() if k != fmt.ZARR_JSON]):
         raise NotACheckpointError(
             f"{url} holds no shardstore checkpoint: its files are none that a shardstore save writes (e.g. "
             f"{foreign[:5]}); check the URL")
+
+
+def _holds_checkpoint(storage: Storage, name: str) -> bool:
+    """Whether the entry ``name`` holds a shardstore root record (one read)."""
+    try:
+        return is_shardstore_root(storage.read(f"{name}/{fmt.ZARR_JSON}"))
+    except (ShardstoreError, OSError):
+        return False

@@ -329,7 +329,8 @@ def test_a_run_directory_or_a_directory_of_foreign_files_is_not_called_an_interr
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "README.txt").write_text("not a checkpoint")
-    expected = {run: f"{run} is a run directory holding 2 step checkpoint(s) (step-3 .. step-5)",
+    expected = {run: f"{run} is a run directory of step checkpoints (step-3 to step-5, 2 steps), not a checkpoint: "
+                     f"give one step's URL, e.g. {run}/step-5",
                 notes: f"{notes} holds no shardstore checkpoint"}
     for url, text in expected.items():
         for argv in (("inspect",), ("verify",), ("reshard", "--mesh", "2", "--placements", "Shard(0)")):
@@ -342,3 +343,12 @@ def test_a_run_directory_or_a_directory_of_foreign_files_is_not_called_an_interr
     (run / "step-5" / "NOTE").write_text("mine")
     code, out, _ = cli(capsys, "verify", run / "step-5")
     assert code == 1 and "FAILED: IncompleteCheckpointError" in out and "interrupted" in out, out
+    code, _, err = cli(capsys, "verify", run)  # the newest complete step is named
+    assert code == 2 and f"e.g. {run}/step-3 (the newest complete one)" in err, err
+    # A save whose state dict has a key called step-1 makes a node of that name: cut short, it is an
+    # interrupted save, not a run.
+    half = tmp_path / "half"
+    shardstore.save({"step-1": torch.ones(2), "w": torch.ones(2)}, str(half))
+    os.remove(half / "zarr.json")
+    code, out, _ = cli(capsys, "verify", half)
+    assert code == 1 and "FAILED: IncompleteCheckpointError" in out, out

@@ -4,6 +4,7 @@ changes nothing, and incremental saves (unchanged objects hard-linked, the newer
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -259,8 +260,10 @@ def test_a_step_whose_lock_is_held_is_kept_by_retention_and_the_save_still_succe
         manager.save(1, {"w": torch.full((2,), 1.0)})
         held = Storage(str(root / "step-1"))
         lock = held.parent().lock(f"{held.name}.lock", timeout=5)
+        start = time.monotonic()
         with pytest.warns(RuntimeWarning, match=f"retention kept step 1: its lock {root / 'step-1'}.lock stayed held for 1 s"):
             manager.save(2, {"w": torch.full((2,), 2.0)})
+        assert time.monotonic() - start < 30  # not the commit's 60 s
         assert manager.all_steps() == [1, 2] and manager.latest_step() == 2
         lock.release()
         manager.save(3, {"w": torch.full((2,), 3.0)})
