@@ -332,8 +332,12 @@ def _join(func, specs, args, kwargs):
     tensors = args[0]
     ndim = len(specs[0].shape)
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-    if len(specs) != len(tensors) or any(len(s.shape) != ndim for s in specs):
-        return None  # legacy cat of empty 1-D tensors, or plain tensors mixed in: replicate
+    if any(len(s.shape) != ndim for s in specs):
+        return None  # legacy cat of empty 1-D tensors: replicate
+    if len(specs) != len(tensors):  # plain one-element tensors, which the dispatcher leaves plain as whole on
+        # every rank: autograd's 0-d zero gradients in the backward of a 1-D tensor's unbind
+        replicate = (Replicate(),) * specs[0].mesh.ndim
+        return Strategy(tuple(replicate for _ in specs), replicate)
     stack = func is aten.stack.default
     dim = _norm(dim, ndim + 1) if stack else _norm(dim, ndim) if ndim else 0
     per_input = [_unshard(s.placements, [] if stack else [dim]) for s in specs]

@@ -373,3 +373,24 @@ def _attention_of_pending_reductions():
 
 def test_attention_of_pending_reductions():
     assert run_ranks(2, _attention_of_pending_reductions) == [{"avg": True, "sum": True}] * 2
+
+
+def _unbind_backward_of_a_vector():
+    """The backward of a 1-D tensor's ``unbind`` stacks autograd's plain 0-d zeros with the one 0-d
+    gradient: a join of scalars whole on every rank, not an op without a rule (it fell back, warning)."""
+    from dtensor.dispatch import fallback_ops
+
+    m = mesh((2,))
+    x = torch.arange(5.0, dtype=torch.float64)
+    out = {}
+    for at in ([Shard(0)], [Replicate()]):
+        leaf = distribute(x, m, at).requires_grad_()
+        fallback_ops.discard("aten.stack.default")  # a worker records each op once: forget an earlier test's
+        (torch.unbind(leaf, 0)[1] * 3).backward()
+        out[str(at)] = ("aten.stack.default" in fallback_ops, leaf.grad.full_tensor().tolist())
+    return out
+
+
+def test_the_backward_of_unbinding_a_vector_needs_no_fallback():
+    expected = [0.0, 3.0, 0.0, 0.0, 0.0]
+    assert run_ranks(2, _unbind_backward_of_a_vector) == [{"[Shard(dim=0)]": (False, expected), "[Replicate()]": (False, expected)}] * 2
