@@ -23,7 +23,7 @@ def refuse_other_contents(storage: Storage, command: str) -> None:
     """Raise an input error when ``storage``, read as a shardstore checkpoint with no root record, is not an
     interrupted save (which the missing record says) but a torch DCP or safetensors checkpoint (naming
     ``command``), a run directory (a ``step-<N>`` entry holding a checkpoint: a save's own node may be
-    called so), or files no shardstore save writes only."""
+    called so), or only files no shardstore save writes."""
     url = storage.url
     if storage.exists(fmt.ZARR_JSON):
         return
