@@ -64,12 +64,13 @@ def diff_values(a: TensorSource, b: TensorSource) -> list[ValueDiff]:
 
 
 def diff_sources(a: TensorSource, b: TensorSource, progress: Callable[[int], None] | None = None) -> list[TensorDiff]:
-    """Every tensor of either source and how it differs, A's order first, then B's extra keys.
-    ``progress(n)`` gets the bytes of A compared, block by block."""
+    """Every tensor of either source and how it differs, A's order first, then B's extra keys (named as
+    A names them where both hold it). ``progress(n)`` gets the bytes of A compared, block by block."""
     ta, tb = a.tensors(), b.tensors()
     out = []
-    for name in [*ta, *(n for n in tb if n not in ta)]:
-        ma, mb = ta.get(name), tb.get(name)
+    for name_a, name_b in _pairs(a, b):
+        ma, mb = ta.get(name_a), tb.get(name_b)
+        name = name_a if name_a is not None else name_b
         if ma is None or mb is None:
             out.append(TensorDiff(name, "only_a" if mb is None else "only_b", ma, mb))
         elif ma.shape != mb.shape:
@@ -77,15 +78,33 @@ def diff_sources(a: TensorSource, b: TensorSource, progress: Callable[[int], Non
         elif ma.dtype != mb.dtype:
             out.append(TensorDiff(name, "dtype", ma, mb))
         else:
-            out.append(_compare(name, a, b, ma, mb, progress))
+            out.append(_compare(name, name_b, a, b, ma, mb, progress))
     return out
 
 
-def _compare(name: str, a: TensorSource, b: TensorSource, ma: TensorMeta, mb: TensorMeta, progress) -> TensorDiff:
+def _pairs(a: TensorSource, b: TensorSource) -> list[tuple[str | None, str | None]]:
+    """Each tensor of A with the one of B it is compared to (None: the other has none), A's order first.
+
+    By key path first, then by name: a name is made unique within one checkpoint only (``a.b`` beside
+    ``a -> b`` names the second by its node path ``a/b``), so where only one side holds both, pairing by
+    name alone compared ``a -> b`` with the other side's ``a.b``. Names still pair what key paths cannot
+    across formats (a flat ``"l.w"`` key against a nested ``l -> w``)."""
+    by_path = {key: name for name, key in b.key_paths.items()}
+    pairs = {name: by_path.get(key) for name, key in a.key_paths.items()}
+    taken = set(pairs.values())
+    left = {name for name in b.key_paths if name not in taken}
+    for name, other in pairs.items():
+        if other is None and name in left:
+            pairs[name] = name
+            left.discard(name)
+    return [*pairs.items(), *((None, name) for name in b.key_paths if name in left)]
+
+
+def _compare(name: str, name_b: str, a: TensorSource, b: TensorSource, ma: TensorMeta, mb: TensorMeta, progress) -> TensorDiff:
     same, max_abs, max_rel = True, 0.0, 0.0
     for rows in row_blocks(ma, BLOCK_BYTES):
         region = None if rows is None else (rows,)
-        x, y = a.read(name, region), b.read(name, region)
+        x, y = a.read(name, region), b.read(name_b, region)
         if progress is not None:
             progress(x.numel() * x.element_size())
         if _bitwise_equal(x, y):

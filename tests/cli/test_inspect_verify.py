@@ -226,6 +226,19 @@ def test_diff_reports_values_shapes_dtypes_and_missing_keys(capsys, tmp_path):
     assert cli(capsys, "diff", a, a)[0] == 0
 
 
+def test_diff_pairs_tensors_by_key_path_where_only_one_side_has_names_that_meet(capsys, tmp_path):
+    """A holds ``a.b`` and ``a -> b`` (named ``a.b`` and ``a/b``), B only ``a -> b`` (named ``a.b``): paired
+    by name, A's ``a.b`` was compared with B's ``a -> b`` ("values differ") and A's ``a -> b`` was "only in
+    A"; the two ``a -> b`` are the same tensor."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    shardstore.save({"a.b": torch.ones(2), "a": {"b": torch.zeros(2)}}, a)
+    shardstore.save({"a": {"b": torch.zeros(2)}}, b)
+    code, out, _ = cli(capsys, "diff", a, b)
+    assert code == 1 and "a.b: only in A" in out and "values differ" not in out and "1 of 2 tensors are the same" in out, out
+    code, out, _ = cli(capsys, "diff", b, a)
+    assert code == 1 and "a.b: only in B" in out and "values differ" not in out, out
+
+
 def test_keys_whose_names_meet_are_each_listed_verified_and_compared(capsys, tmp_path):
     """``a.b``, ``a -> b`` and ``a/b``: the second's fallback name was the third's dotted name, so one
     of them vanished from ``open``, ``verify`` (a damaged one passed) and ``diff`` (a change went unseen)."""
