@@ -12,6 +12,8 @@ from shardstore.storage import Storage
 
 __all__ = ["has_entry", "refuse_other_contents"]
 
+_LOOKED_INTO = 64  # top-level entries checked for a checkpoint of their own (a read each, on object stores a GET)
+
 
 def has_entry(storage: Storage, key: str) -> bool:
     """Whether anything is named ``key`` at the root: a regular file (``exists``), or a link or other entry
@@ -23,7 +25,9 @@ def refuse_other_contents(storage: Storage, command: str) -> None:
     """Raise an input error when ``storage``, read as a shardstore checkpoint with no root record, is not an
     interrupted save (which the missing record says) but a torch DCP or safetensors checkpoint (naming
     ``command``), a run directory (a ``step-<N>`` entry holding a checkpoint: a save's own node may be
-    called so), or only files no shardstore save writes."""
+    called so), a directory of checkpoints otherwise named (among its first ``_LOOKED_INTO`` entries: an
+    interrupted save of many top-level keys costs that many reads, not one per key), or only files no
+    shardstore save writes."""
     url = storage.url
     if storage.exists(fmt.ZARR_JSON):
         return
@@ -42,6 +46,12 @@ def refuse_other_contents(storage: Storage, command: str) -> None:
         raise NotACheckpointError(
             f"{url} is a run directory of step checkpoints ({held}), not a checkpoint: give one step's URL, e.g. "
             f"{step_url(url, complete)} (the newest complete one); `shardstore ls {url}` lists them")
+    names = storage.list_names("")
+    inner = [n for n in names[:_LOOKED_INTO] if _holds_checkpoint(storage, n)]
+    if inner:
+        raise NotACheckpointError(
+            f"{url} holds checkpoints in sub-directories ({', '.join(inner[:5])}{', ...' if len(inner) > 5 else ''}), "
+            f"not a checkpoint itself: give one of their URLs, e.g. {url.rstrip('/')}/{inner[0]}")
     foreign = foreign_files(storage)
     if foreign == [""]:  # an object store lists an object at the URL itself under the empty key
         raise CheckpointNotFoundError(f"no checkpoint at {url}: it is an object, not a prefix holding a checkpoint; check the URL")

@@ -358,6 +358,12 @@ def test_a_run_directory_or_a_directory_of_foreign_files_is_not_called_an_interr
     assert code == 1 and "FAILED: IncompleteCheckpointError" in out and "interrupted" in out, out
     code, _, err = cli(capsys, "verify", run)  # the newest complete step is named
     assert code == 2 and f"e.g. {run}/step-3 (the newest complete one)" in err, err
+    parent = tmp_path / "ckpts"  # checkpoints otherwise named, and a user's file
+    for name in ("epoch1", "epoch2"):
+        shardstore.save({"w": torch.ones(2)}, str(parent / name))
+    (parent / "notes.txt").write_text("mine")
+    code, _, err = cli(capsys, "inspect", parent)
+    assert code == 2 and f"{parent} holds checkpoints in sub-directories (epoch1, epoch2)" in err, err
     # A save whose state dict has a key called step-1 makes a node of that name: cut short, it is an
     # interrupted save, not a run.
     half = tmp_path / "half"
