@@ -7,7 +7,7 @@ from __future__ import annotations
 from shardstore import format as fmt
 from shardstore.commit import foreign_files, is_shardstore_root
 from shardstore.errors import CheckpointNotFoundError, NotACheckpointError, ShardstoreError
-from shardstore.steps import STEP_PREFIX, parse_step, step_name, step_url
+from shardstore.steps import parse_step, step_name, step_url
 from shardstore.storage import Storage
 
 __all__ = ["has_entry", "refuse_other_contents"]
@@ -39,15 +39,16 @@ def refuse_other_contents(storage: Storage, command: str) -> None:
             raise NotACheckpointError(
                 f"{url} is {kind} ({key}), not a shardstore checkpoint: {command} reads shardstore checkpoints only; "
                 f"`shardstore convert {url} DST --to zarr` makes one (diff and convert read it as it is{also})")
-    steps = sorted(s for s in map(parse_step, storage.list_names(STEP_PREFIX)) if s is not None)
+    names = storage.list_names("")
+    steps = sorted(s for s in map(parse_step, names) if s is not None)
     complete = next((s for s in reversed(steps) if _holds_checkpoint(storage, step_name(s))), None)
     if complete is not None:  # not a save's node that happens to be called step-<N>: a step of a run
         held = f"step-{steps[0]}" + (f" to step-{steps[-1]}, {len(steps)} steps" if len(steps) > 1 else "")
         raise NotACheckpointError(
             f"{url} is a run directory of step checkpoints ({held}), not a checkpoint: give one step's URL, e.g. "
             f"{step_url(url, complete)} (the newest complete one); `shardstore ls {url}` lists them")
-    names = storage.list_names("")
-    inner = [n for n in names[:_LOOKED_INTO] if _holds_checkpoint(storage, n)]
+    others = [n for n in names if parse_step(n) is None]  # the step entries were read above: none holds one
+    inner = [n for n in others[:_LOOKED_INTO] if _holds_checkpoint(storage, n)]
     if inner:
         raise NotACheckpointError(
             f"{url} holds checkpoints in sub-directories ({', '.join(inner[:5])}{', ...' if len(inner) > 5 else ''}), "

@@ -3,10 +3,10 @@
 A registered function takes the op's arguments, every DTensor replaced by its ``DTensorSpec``, and
 returns the shardings it accepts on one mesh dim: pairs ``(output placements, input placements)``, one
 output placement per tensor output and one input placement per argument (None for an argument that is
-not a DTensor; a ``Tensor[]`` argument arrives as a tuple of specs and takes one placement per tensor). As in torch, every combination of them over the mesh dims is a candidate; a candidate
-that would cut a dim into fewer elements than shards, or change an in-place target's layout, is
-dropped, and the one torch would pick wins (``common.cheapest``: nothing moves, else only free moves,
-else the cheapest).
+not a DTensor; a ``Tensor[]`` argument arrives as a tuple of specs and takes one placement per tensor).
+As in torch, every combination of them over the mesh dims is a candidate; a candidate that would cut a
+dim into fewer elements than shards, or change an in-place target's layout, is dropped, and the one
+torch would pick wins (``common.cheapest``: nothing moves, else only free moves, else the cheapest).
 """
 
 from __future__ import annotations
