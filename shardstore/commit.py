@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ from shardstore.format import FORMAT_NAME, ZARR_JSON, is_chunk_key, is_object_ke
 from shardstore.digests import DIGESTS
 from shardstore.storage import CURRENT, VERSION_PREFIX, HeldLock, Storage
 
-__all__ = ["Claim", "begin", "destination", "finish", "abandon", "sweep", "clear_interrupted", "commit_lock", "foreign_files", "is_shardstore_root"]
+__all__ = ["Claim", "begin", "destination", "finish", "abandon", "sweep", "clear_interrupted", "commit_lock", "lock_age", "unlock", "foreign_files", "is_shardstore_root"]
 
 OWNER = ".shardstore-owner"  # in a staging tree: locked by the saving process (removed before the swap)
 CLAIM = ".shardstore-claim"  # object stores: a fresh save's claim on the URL itself
@@ -283,11 +284,11 @@ def commit_lock(target: Storage, wait: float | None = None) -> HeldLock:
     parent = target.parent()
     wait = LOCK_WAIT_S if wait is None else wait
     try:
-        lock = parent.lock(f"{target.name}.lock", timeout=wait)
+        lock = parent.lock(_lock_key(target), timeout=wait)
     except TimeoutError:
         raise ConcurrentSaveError(
             f"another save has been committing to {target.url} for over {wait:g} s "
-            f"({target.url}.lock is held); re-run the save once it is done"
+            f"({target.url}.lock is held); re-run the save once it is done{_left_behind(target)}"
         ) from None
     try:
         parent.sync()
@@ -295,6 +296,66 @@ def commit_lock(target: Storage, wait: float | None = None) -> HeldLock:
         lock.release()
         raise
     return lock
+
+
+def _lock_key(target: Storage) -> str:
+    return f"{target.name}.lock"
+
+
+def _left_behind(target: Storage) -> str:
+    """What to say of a held lock object: its age, and how to remove it if a killed process left it (an
+    object outlives its holder; a local lock dies with its process, so nothing is said there)."""
+    if target.can_rename_trees:
+        return ""
+    age = lock_age(target)
+    return "" if age is None else (
+        f". The lock was created {age:.0f} s ago; a commit holds it for milliseconds and a deletion of the "
+        f"checkpoint as long as that takes. If neither is running, a killed process left it: "
+        f"`shardstore unlock {target.url}` removes it")
+
+
+def lock_age(target: Storage) -> float | None:
+    """Seconds since ``target``'s commit lock was taken, by the store's clock against this host's (None
+    when nobody holds it). Where clocks disagree the age is off by as much."""
+    parent = target.parent()
+    try:
+        created = parent.modified(_lock_key(target))
+    except MissingChunkError:
+        return None
+    return None if created is None else max(0.0, time.time() - created)
+
+
+def unlock(target: Storage, older_than: float) -> float | None:
+    """Remove ``target``'s commit lock where a killed process left it; returns its age (None: nobody
+    held it). A lock object on an object store outlives a process killed while committing or deleting
+    the checkpoint, and every later commit to the URL then waits and fails. Only a lock at least
+    ``older_than`` seconds old is removed (younger: ``ConcurrentSaveError``): a commit holds it for
+    milliseconds, so an old one is a dead holder's unless a long deletion is running, which only a
+    person can rule out. Locally a lock dies with its process: a held one is a live process's and is
+    never removed (``ConcurrentSaveError``), a free one is gone once taken and released here.
+
+    Not atomic with the holder: a holder releasing the lock between the age check and the removal,
+    and another process taking it in that instant, would lose it; that is why old locks only."""
+    parent = target.parent()
+    if target.can_rename_trees:
+        if not parent.exists(_lock_key(target)):
+            return None  # (taking it would create the directories leading to the URL)
+        try:
+            parent.lock(_lock_key(target), timeout=0).release()
+        except TimeoutError:
+            raise ConcurrentSaveError(f"{target.url}.lock is held by a running process (a local lock is "
+                                      "released by the kernel when its process dies); not removed") from None
+        return None
+    age = lock_age(target)
+    if age is None:
+        return None
+    if age < older_than:
+        raise ConcurrentSaveError(
+            f"{target.url}.lock was created {age:.0f} s ago, under the {older_than:g} s asked for: a save "
+            "committing to it or a deletion of it may still be running; not removed (if you know that no "
+            "process is, run again with a smaller --older-than)")
+    parent.delete(_lock_key(target))
+    return age
 
 
 def _check_unchanged(target: Storage, claim: Claim) -> None:
@@ -372,7 +433,7 @@ def sweep(target: Storage) -> None:
     _delete_trees(target.parent(), trash)
 
 
-def clear_interrupted(target: Storage) -> bool:
+def clear_interrupted(target: Storage, lock_wait: float | None = None) -> bool:
     """Delete an interrupted save written in place at ``target`` (objects, no root marker, only files a
     save of ours writes) so the URL can be saved afresh. Returns whether the URL holds a save's claim
     object: that save is kept, as it may still be writing (an object-store claim outlives a killed
@@ -381,10 +442,10 @@ def clear_interrupted(target: Storage) -> bool:
 
     Judged and deleted under the commit lock, which every commit takes, so no save commits at the URL
     between the judgement and the deletion: one that began before finds the URL changed at its commit
-    and commits nothing (``ConcurrentSaveError``)."""
+    and commits nothing (``ConcurrentSaveError``). ``lock_wait``: as ``commit_lock``'s ``wait``."""
     if target.is_empty():
         return False
-    with commit_lock(target):
+    with commit_lock(target, lock_wait):
         if target.exists(ZARR_JSON) or target.exists(CURRENT) or foreign_files(target):
             return False  # a checkpoint, or not ours: a save there refuses it
         if target.exists(CLAIM):

@@ -30,12 +30,10 @@ from shardstore.api import SaveResult, load, save
 from shardstore.async_saver import async_save as start_async_save, prepare_async_save
 from shardstore.coordinator import Coordinator
 from shardstore.errors import CheckpointExistsError, CheckpointNotFoundError, ConcurrentSaveError, CorruptCheckpointError
-from shardstore.steps import clear_incomplete, delete_step, list_steps, step_name, step_numbers, step_url, sweep_litter
+from shardstore.steps import PRUNE_LOCK_WAIT_S, clear_incomplete, delete_step, list_steps, step_name, step_numbers, step_url, sweep_litter
 from shardstore.storage import Storage
 
 __all__ = ["CheckpointManager", "steps_to_delete"]
-
-RETENTION_LOCK_WAIT_S = 1.0  # how long retention waits for an old step's commit lock before keeping the step
 
 
 def steps_to_delete(steps: list[int], max_to_keep: int | None, keep_period: int | None) -> list[int]:
@@ -254,18 +252,18 @@ class CheckpointManager:
 
     def _deleted(self, step: int) -> bool:
         """Rank 0: delete ``step``, or keep it with a warning where its commit lock is held past
-        ``RETENTION_LOCK_WAIT_S`` (a save committing to it, or a lock left by a process killed while
+        ``PRUNE_LOCK_WAIT_S`` (a save committing to it, or a lock left by a process killed while
         deleting it, which never expires on object stores): the save that just committed stays a
         success, and retention tries again after the next one. Why not wait as a commit does (30 s):
         a commit holds the lock for milliseconds, and keeping a step costs only its bytes until the
         next save, while each save (a training step) waited out the whole wait behind a stale lock."""
         try:
-            delete_step(Storage(step_url(self.root_url, step), self._options), RETENTION_LOCK_WAIT_S)
+            delete_step(Storage(step_url(self.root_url, step), self._options), PRUNE_LOCK_WAIT_S)
         except ConcurrentSaveError:
             url = step_url(self.root_url, step)
             warnings.warn(
-                f"retention kept step {step}: its lock {url}.lock stayed held for {RETENTION_LOCK_WAIT_S:g} s; if no process is "
-                "saving to or deleting that step, a killed process left the lock: delete it by hand",
+                f"retention kept step {step}: its lock {url}.lock stayed held for {PRUNE_LOCK_WAIT_S:g} s; if no process is "
+                f"saving to or deleting that step, a killed process left the lock: `shardstore unlock {url}` removes it",
                 RuntimeWarning, stacklevel=2,
             )
             return False

@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from shardstore import format as fmt
-from shardstore.errors import CheckpointNotFoundError
-from shardstore.steps import StepEntry, clear_incomplete, delete_step, list_steps
+from shardstore.errors import CheckpointNotFoundError, ConcurrentSaveError
+from shardstore.steps import PRUNE_LOCK_WAIT_S, StepEntry, clear_incomplete, delete_step, list_steps
 from shardstore.storage import Storage
 
 __all__ = ["StepSummary", "GcPlan", "summarize", "plan_gc", "collect"]
@@ -49,18 +49,20 @@ class StepSummary:
 @dataclass(frozen=True)
 class GcPlan:
     """What a prune keeps, deletes, and spares (incomplete steps newer than the newest complete one),
-    ``claimed`` (older incomplete steps a save holds: its claim, or a commit or claim since the listing)
-    and ``unreadable`` steps (``StepEntry.problem``)."""
+    ``claimed`` (older incomplete steps a save holds: its claim, or a commit or claim since the listing),
+    ``unreadable`` steps (``StepEntry.problem``) and ``locked`` ones (their commit lock stayed held:
+    found only when deleting, ``collect``)."""
 
     keep: tuple[StepEntry, ...]
     delete: tuple[StepEntry, ...]
     spared: tuple[StepEntry, ...]
     unreadable: tuple[StepEntry, ...] = ()
     claimed: tuple[StepEntry, ...] = ()
+    locked: tuple[StepEntry, ...] = ()
 
     def to_json(self) -> dict:
         groups = (("kept", self.keep), ("deleted", self.delete), ("spared", self.spared), ("unreadable", self.unreadable),
-                  ("claimed", self.claimed))
+                  ("claimed", self.claimed), ("locked", self.locked))
         return {name: [{"step": e.step, "url": e.url, "complete": e.complete, "problem": e.problem} for e in entries]
                 for name, entries in groups}
 
@@ -122,26 +124,32 @@ def plan_gc(entries: Sequence[StepEntry], keep: int) -> GcPlan:
 def collect(root_url: str, keep: int, storage_options: dict | None = None, *, dry_run: bool = False,
             progress: Callable[[int], None] | None = None) -> GcPlan:
     """Delete what ``plan_gc`` chooses under ``root_url`` (nothing with ``dry_run``; ``progress(1)`` after
-    each step); returns the plan, with a step a save took since the listing moved to ``claimed``."""
+    each step); returns the plan, with a step a save took since the listing moved to ``claimed`` and one
+    whose commit lock stayed held to ``locked`` (the others are still deleted)."""
     plan = plan_gc(_listed(root_url, storage_options), keep)
     if dry_run:
         return plan
     root = Storage(root_url, storage_options)
-    taken = []
+    outcome = {}
     for entry in plan.delete:
-        if not _delete(root.child(entry.url.rsplit("/", 1)[-1]), entry, storage_options):
-            taken.append(entry)
+        outcome[entry] = _delete(root.child(entry.url.rsplit("/", 1)[-1]), entry, storage_options)
         _tick(progress)
-    return replace(plan, delete=tuple(e for e in plan.delete if e not in taken), claimed=plan.claimed + tuple(taken))
+    return replace(plan, delete=tuple(e for e in plan.delete if outcome[e] == "deleted"),
+                   claimed=plan.claimed + tuple(e for e in plan.delete if outcome[e] == "claimed"),
+                   locked=tuple(e for e in plan.delete if outcome[e] == "locked"))
 
 
-def _delete(step: Storage, entry: StepEntry, storage_options: dict | None) -> bool:
-    """Delete one step of the plan; returns whether it is gone. An incomplete step is cleared as a save of
-    it would clear it (``steps.clear_incomplete``: judged again under its commit lock), never deleted
-    blindly: a save that committed it since the listing would lose its checkpoint, and one still
-    writing it (a claim) its objects. Such a step stays, holding something."""
-    if entry.complete:
-        delete_step(step)
-        return True
-    clear_incomplete(entry.url, storage_options)
-    return step.is_empty()
+def _delete(step: Storage, entry: StepEntry, storage_options: dict | None) -> str:
+    """Delete one step of the plan; returns "deleted", "claimed" or "locked". An incomplete step is cleared
+    as a save of it would clear it (``steps.clear_incomplete``: judged again under its commit lock), never
+    deleted blindly: a save that committed it since the listing would lose its checkpoint, and one still
+    writing it (a claim) its objects. Such a step stays, holding something. A step whose commit lock
+    stays held ``PRUNE_LOCK_WAIT_S`` is kept, as retention keeps it."""
+    try:
+        if entry.complete:
+            delete_step(step, PRUNE_LOCK_WAIT_S)
+            return "deleted"
+        clear_incomplete(entry.url, storage_options, PRUNE_LOCK_WAIT_S)
+    except ConcurrentSaveError:
+        return "locked"
+    return "deleted" if step.is_empty() else "claimed"

@@ -22,10 +22,14 @@ from shardstore.storage import Storage
 
 __all__ = [
     "StepEntry", "step_name", "parse_step", "step_url", "list_steps", "step_numbers", "delete_step", "clear_incomplete",
-    "sweep_litter",
+    "sweep_litter", "PRUNE_LOCK_WAIT_S",
 ]
 
 STEP_PREFIX = "step-"
+# How long pruning (retention, ``shardstore gc``) waits for an old step's commit lock before keeping the
+# step: a commit holds it for milliseconds, so a lock held longer is a deletion at work or one a killed
+# process left (``shardstore unlock``); waiting out a commit's 30 s would gain nothing.
+PRUNE_LOCK_WAIT_S = 1.0
 _STEP_NAME = re.compile(r"step-(0|[1-9][0-9]*)")  # canonical decimal only: one name per step
 
 
@@ -107,7 +111,8 @@ def delete_step(checkpoint: Storage, lock_wait: float | None = None) -> None:
     deletion starts or finds the step changed at its commit and commits nothing. Without it, on object
     stores, such a save could commit after the marker of the version its pointer names was deleted
     (the pointer, which its commit checks, still there), return, and have its version deleted.
-    ``lock_wait``: how long to wait for that lock (``commit.commit_lock``); past it, ``ConcurrentSaveError``."""
+    ``lock_wait``: how long to wait for that lock (None: a commit's ``commit.LOCK_WAIT_S``; pruning
+    passes ``PRUNE_LOCK_WAIT_S``); past it, ``ConcurrentSaveError``."""
     with commit.commit_lock(checkpoint, lock_wait):
         _delete_step(checkpoint)
 
@@ -126,14 +131,14 @@ def _delete_step(checkpoint: Storage) -> None:
             checkpoint.delete(key)
 
 
-def clear_incomplete(url: str, storage_options: dict | None) -> bool:
+def clear_incomplete(url: str, storage_options: dict | None, lock_wait: float | None = None) -> bool:
     """Remove a step directory that holds objects but no root marker (a save of it failed or was killed
     where saves write in place) so the step can be saved afresh, safely against a save of that step
     still running (``commit.clear_interrupted``). Returns whether a save of the step must replace what
     is kept there (``overwrite=True``): an object-store save's claim, which may be a live save's. One
     holding any file no save of ours writes is left alone (the save then refuses the URL:
-    ``NotACheckpointError``)."""
-    return commit.clear_interrupted(Storage(url, storage_options))
+    ``NotACheckpointError``). Its commit lock is waited for as ``delete_step`` waits."""
+    return commit.clear_interrupted(Storage(url, storage_options), lock_wait)
 
 
 def sweep_litter(root_url: str, storage_options: dict | None = None) -> None:

@@ -14,17 +14,17 @@ import sys
 from typing import Sequence
 
 from shardstore.cli import common
-from shardstore.cli import convert, diff, gc, inspect, ls, reshard, verify
+from shardstore.cli import convert, diff, gc, inspect, ls, reshard, unlock, verify
 
 __all__ = ["main"]
 
-COMMANDS = (inspect, verify, ls, gc, diff, convert, reshard)
+COMMANDS = (inspect, verify, ls, gc, unlock, diff, convert, reshard)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardstore",
-        description="Inspect, verify, list, prune, compare, convert and reshard shardstore checkpoints. "
+        description="Inspect, verify, list, prune, unlock, compare, convert and reshard shardstore checkpoints. "
         "Every URL may be a local path or any fsspec URL (s3://, gs://, memory://, ...).",
         epilog="Exit status: 0 ok, 1 a check failed, 2 a usage or input error.",
     )

@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     for entry in plan.claimed:
         print(f"kept step {entry.step}: incomplete, but a save claimed it and may still be writing it; "
               "delete it by hand if no save is running")
+    for entry in plan.locked:
+        print(f"kept step {entry.step}: its commit lock {entry.url}.lock is held (a save committing to it, or "
+              f"left by a killed process: `shardstore unlock {entry.url}` removes that one)")
     for entry in plan.unreadable:
         print(f"kept step {entry.step}: {entry.problem} — not deleted; check it with `shardstore verify "
               f"{entry.url}`, then repair or move it by hand")

@@ -157,6 +157,7 @@ class FsspecStorage(Storage):
 
     def modified(self, key: str) -> float | None:
         path = self._path(key)
+        self._fs.invalidate_cache(path)  # fresh, not what an earlier listing saw
         info = self._retry(f"looking up {self.key_url(key)}", lambda: self._fs.info(path), key)
         return _seconds(next((info[k] for k in _TIME_FIELDS if info.get(k) is not None), None))
 
@@ -229,8 +230,8 @@ class FsspecStorage(Storage):
                 raise
 
     def lock(self, key: str, timeout: float) -> "_ObjectLock":
-        """An exclusively created object. Unlike a local lock it outlives a killed holder: delete it
-        by hand if no save is running."""
+        """An exclusively created object. Unlike a local lock it outlives a killed holder
+        (``commit.unlock``, ``shardstore unlock``, removes such a one)."""
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -151,3 +151,22 @@ def test_a_manager_links_unchanged_objects_with_an_uncached_client(server):
         state = {"w": torch.zeros(64), "step": -1}
         assert manager.restore(state) == 2
     assert torch.equal(state["w"], torch.ones(64)) and state["step"] == 2
+
+
+def test_a_lock_left_by_a_killed_deleter_is_told_and_removed_by_unlock(server, monkeypatch):
+    """A lock object outlives its holder: the overwrite that meets it names its age (the store's
+    timestamp, read correctly whatever its format and time zone) and the way out; ``unlock`` removes it."""
+    url, options = server.fresh_url(), server.storage_options()
+    shardstore.save({"w": torch.zeros(4)}, url, storage_options=options)
+    target = Storage(url, options)
+    target.parent().lock(f"{target.name}.lock", timeout=0)  # never released: its holder was killed
+    assert 0 <= commit.lock_age(target) < 120
+    monkeypatch.setattr(commit, "LOCK_WAIT_S", 0.5)
+    with pytest.raises(ConcurrentSaveError, match=rf"created \d+ s ago.*shardstore unlock {url}"):
+        shardstore.save({"w": torch.ones(4)}, url, storage_options=options, overwrite=True)
+    with pytest.raises(ConcurrentSaveError, match="not removed"):
+        commit.unlock(target, older_than=3600)
+    assert 0 <= commit.unlock(target, older_than=0) < 120
+    assert commit.lock_age(target) is None and commit.unlock(target, older_than=0) is None
+    shardstore.save({"w": torch.ones(4)}, url, storage_options=options, overwrite=True)
+    assert torch.equal(shardstore.open(url, storage_options=options).read("w"), torch.ones(4))

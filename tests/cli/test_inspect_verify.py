@@ -111,7 +111,7 @@ def test_verify_of_a_record_naming_a_path_outside_the_checkpoint_is_a_failed_che
 def test_usage_errors_exit_2_and_help_exits_0(capsys):
     assert cli(capsys, "inspect")[0] == 2
     assert cli(capsys, "gc", "/x")[0] == 2  # --keep is required
-    for command in ("inspect", "verify", "ls", "gc", "diff", "convert", "reshard"):
+    for command in ("inspect", "verify", "ls", "gc", "unlock", "diff", "convert", "reshard"):
         code, out, _ = cli(capsys, command, "--help")
         assert code == 0 and "--json" in out and "--storage-option" in out, command
 
