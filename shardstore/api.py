@@ -71,8 +71,9 @@ class LoadResult:
 
 
 DEFAULT_STAGING_BYTES = 2 << 30  # per rank: the most an all_or_nothing load may stage
-LANDING_SCRATCH_BYTES = 128 << 20  # what a host's loading ranks share for chunks that cannot land in place (``_land``)
+LANDING_SCRATCH_BYTES = 256 << 20  # what a host's loading ranks share for chunks that cannot land in place (``_land``)
 LANDING_SCRATCH_MIN = 16 << 20  # the least a rank's share of it is
+LANDING_SCRATCH_MAX = 128 << 20  # the most
 DEFAULT_MAX_READ_BYTES = 4 << 30  # one Checkpoint.read; bigger regions are read in parts
 
 
@@ -273,10 +274,15 @@ def _land(storage: Storage, job: _LoadJob, staging_bytes: int, written: dict, ra
     Why a host's share: a process's first load faults its scratch in, and the kernel clears every
     page first; four ranks on two cores spent ~0.25 s of system time each doing so for 128 MiB each,
     a third of their first load (1 GiB on 4 ranks, 8 alternating fresh starts: first load 1.47 s with
-    128 MiB a rank against 1.09 s with 32 MiB, later loads 0.88 against 0.93 s). One rank keeps the
-    whole: with fewer reads in flight a batch, its later loads were ~10% slower at 32 MiB."""
+    128 MiB a rank against 1.09 s with 32 MiB, later loads 0.88 against 0.93 s). Why not less: the
+    scratch bounds the reads in flight (a batch is half of it), and a cold disk wants several. 2 GiB
+    cold in fresh ranks, 3 rounds alternating with the code before (4 loads each): two ranks' first
+    load 1.33-1.49 s with 128 MiB each against 1.60-1.73 s with 64 MiB, later loads 1.38-1.46 against
+    1.36-1.77 s (medians ~1.40 against ~1.51); four ranks' first 1.72-1.91 s with 64 MiB each against
+    1.84-1.94 s with 32 MiB, later ones alike. One rank keeps 128 MiB: 256 measured no faster."""
     try:
-        scratch = min(staging_bytes, max(LANDING_SCRATCH_MIN, LANDING_SCRATCH_BYTES // ranks_here))
+        share = max(LANDING_SCRATCH_MIN, min(LANDING_SCRATCH_MAX, LANDING_SCRATCH_BYTES // ranks_here))
+        scratch = min(staging_bytes, share)
         return land_runs(storage, job.checked, job.layouts, job.dests.by_key(), scratch, written, spare_core(ranks_here))
     finally:
         for key in job.dests.scratch:  # tied targets were filled into scratch memory only, so far

@@ -25,14 +25,16 @@ def _values() -> dict[str, torch.Tensor]:
     return {f"w{i}": torch.randn(4096, 512, generator=g) for i in range(6)}  # 8 MiB each, column bands
 
 
-def _save_then_load(url: str) -> tuple[bool, int, int]:
-    """Save, then load, 48 MiB Shard(0) over every rank, each host budget set to ``HOST_BUDGET``: whether
-    every value arrived, the encode slab the save kept and the scratch the load used."""
+def _save_then_load(url: str, rank_max: int = HOST_BUDGET) -> tuple[bool, int, int]:
+    """Save, then load, 48 MiB Shard(0) over every rank, each host budget set to ``HOST_BUDGET`` (a rank's
+    landing scratch to at most ``rank_max``): whether every value arrived, the encode slab the save kept
+    and the scratch the load used."""
     from shardstore import api, buffers, cell_writer
 
     values = _values()
-    saved = cell_writer._SLAB_BYTES, api.LANDING_SCRATCH_BYTES, api.LANDING_SCRATCH_MIN, buffers._kept
+    saved = cell_writer._SLAB_BYTES, api.LANDING_SCRATCH_BYTES, api.LANDING_SCRATCH_MIN, api.LANDING_SCRATCH_MAX, buffers._kept
     cell_writer._SLAB_BYTES, api.LANDING_SCRATCH_BYTES, api.LANDING_SCRATCH_MIN = HOST_BUDGET, HOST_BUDGET, 1 << 20
+    api.LANDING_SCRATCH_MAX = rank_max
     buffers._kept = (0, None)  # nothing kept from an earlier test
     try:
         shardstore.save({k: _sharded(v) for k, v in values.items()}, url)
@@ -40,7 +42,7 @@ def _save_then_load(url: str) -> tuple[bool, int, int]:
         sd = {k: _sharded(torch.zeros_like(v)) for k, v in values.items()}
         result = shardstore.load(sd, url)
     finally:
-        cell_writer._SLAB_BYTES, api.LANDING_SCRATCH_BYTES, api.LANDING_SCRATCH_MIN, buffers._kept = saved
+        cell_writer._SLAB_BYTES, api.LANDING_SCRATCH_BYTES, api.LANDING_SCRATCH_MIN, api.LANDING_SCRATCH_MAX, buffers._kept = saved
     arrived = all(torch.equal(sd[k].full_tensor(), v) for k, v in values.items())
     return arrived, 0 if slab is None else slab.numel(), result.staged_bytes
 
@@ -54,3 +56,11 @@ def test_the_ranks_on_a_host_share_its_encode_slab_and_landing_scratch(tmp_path,
     assert all(arrived for arrived, _, _ in out), out
     assert all(share // 2 < slab <= share for _, slab, _ in out), (share, out)
     assert all(share // 2 < staged <= share for _, _, staged in out), (share, out)
+
+
+def test_a_ranks_landing_scratch_is_capped_where_its_host_share_is_bigger(tmp_path):
+    """Fewer ranks than the host budget is meant for: each takes at most ``LANDING_SCRATCH_MAX``."""
+    cap = HOST_BUDGET // 4
+    out = run_ranks(2, _save_then_load, str(tmp_path / "ck"), cap)
+    assert all(arrived for arrived, _, _ in out), out
+    assert all(cap // 2 < staged <= cap for _, _, staged in out), (cap, out)
