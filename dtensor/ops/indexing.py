@@ -1,7 +1,7 @@
 """Gather/scatter-style ops: ``gather``, ``scatter`` (+ ``scatter_add``, ``scatter_reduce``, in place too),
 ``index_select``, ``index_add`` (+ ``index_copy``, ``index_reduce``), ``index_fill`` (its own rule below), ``slice_scatter``,
-advanced indexing ``x[idx]`` with one integer index (the ops MoE routing and embedding-like code, and
-their backward, run on), and the lookups ``bucketize``/``searchsorted``/``isin`` (values keep their
+advanced indexing ``x[idx]`` and ``x[idx] = v`` (``index_put``) with one integer index (the ops MoE
+routing and embedding-like code, and their backward, run on), and the lookups ``bucketize``/``searchsorted``/``isin`` (values keep their
 shards, the table is whole).
 
 These ops pick positions along one dim (``dim``) and keep every other dim position for position, so a
@@ -101,6 +101,47 @@ def _index(func, specs, args, kwargs):
     return Strategy((tuple(x_p), tuple(idx_p)), tuple(out))
 
 
+def _index_put(func, specs, args, kwargs):
+    """``x[..., idx, ...] = v`` and ``+=`` (``index_put``; also the backward of ``x[idx]``, which puts the
+    gradient into whole zeros) with one integer index at dim k, chosen per mesh dim as torch chooses: a
+    split of x along a dim other than k splits v's matching dim alike; else (out of place) v's split
+    cuts x to match (no data moves where x is whole: the backward's zeros); else x's pending reduction
+    makes v a term of it (a put is linear and keeps a max or min, an accumulation is linear: sum and
+    avg); else (out of place) the first other dim every rank can hold a piece of, else v's pending
+    reduction as x's; else both whole. The index is always whole; in place, x's own layout decides. v of another shape
+    (broadcast), boolean or several indices, and in place where x's layout cannot run it: the fallback."""
+    named = bind_args(func, args, kwargs)
+    given = [k for k, t in enumerate(named["indices"]) if t is not None]
+    if len(given) != 1 or len(specs) != 3 or specs[1].dtype in (torch.bool, torch.uint8):
+        return None
+    k, (x, idx, v) = given[0], specs
+    shift, inplace = len(idx.shape) - 1, is_inplace(func)
+    if tuple(v.shape) != (*x.shape[:k], *idx.shape, *x.shape[k + 1:]):
+        return None
+    v_dim = {d: d if d < k else d + shift for d in range(len(x.shape)) if d != k}  # x's dim -> v's
+    x_dim = {e: d for d, e in v_dim.items()}
+    linear = ("sum", "avg") if named.get("accumulate", False) else ("sum", "avg", "max", "min")
+    x_p, v_p = [], []
+    for m, (p, q) in enumerate(zip(x.placements, v.placements)):
+        free = [d for d in v_dim if x.shape[d] >= x.mesh.size(m)]
+        if isinstance(p, Shard) and p.dim != k:
+            q = Shard(v_dim[p.dim])
+        elif isinstance(q, Shard) and q.dim in x_dim and not inplace:
+            p = Shard(x_dim[q.dim])
+        elif p.is_partial() and p.reduce_op in linear:
+            q = p
+        elif free and not inplace:
+            p, q = Shard(free[0]), Shard(v_dim[free[0]])
+        elif q.is_partial() and q.reduce_op in linear and not inplace:
+            p = q
+        else:
+            p, q = Replicate(), Replicate()
+        x_p.append(p), v_p.append(q)
+    if inplace and tuple(x_p) != tuple(x.placements):
+        return None  # the target's own layout cannot run it: the fallback explains
+    return Strategy((tuple(x_p), (Replicate(),) * len(x_p), tuple(v_p)), tuple(x_p))
+
+
 # index_fill's Partial rows (output, self[, value]): every rank writes a number, which an average, max
 # or min of equal terms keeps; a 0-d tensor value is a term of any reduction, so all four stay
 _FILL_NUMBER = tuple((Partial(k),) * 2 for k in ("avg", "max", "min"))
@@ -167,6 +208,10 @@ RULES = {
     aten.scatter_reduce.two: _SCATTER,
     aten.slice_scatter.default: _rule(("self", "src")),
     aten.index.Tensor: _index,
+    aten.index_put.default: _index_put,
+    aten.index_put_.default: _index_put,
+    aten._index_put_impl_.default: _index_put,
+    aten._unsafe_index_put.default: _index_put,
     aten.bucketize.Tensor: _lookup("self"),
     aten.searchsorted.Tensor: _lookup("self"),
     aten.isin.Tensor_Tensor: _lookup("elements"),

@@ -70,7 +70,6 @@ XFAIL: dict[str, str] = {
     "_unsafe_masked_index_put_accumulate": _NO_RULE,
     "block_diag": _NO_RULE,
     "cdist": _NO_RULE,
-    "index_put": _NO_RULE,
     "multinomial": _NO_RULE,
     "nn.functional.bilinear": _NO_RULE,
     "nn.functional.ctc_loss": _NO_RULE,

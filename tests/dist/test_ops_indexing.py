@@ -1,4 +1,4 @@
-"""gather / scatter / scatter_add / index_select / index_add / ``x[idx]`` on real gloo ranks: results equal
+"""gather / scatter / scatter_add / index_select / index_add / ``x[idx]`` / ``index_put`` on real gloo ranks: results equal
 the op on full tensors (float64), no fallback, other dims stay sharded; placements equal torch's DTensor's
 except where ours stay sharded and torch's are replicated (as ``opcheck.stays_more_sharded``), or where both are split
 on a mesh dim but along different tensor dims (a tie torch breaks by its cost model, ours by operand
@@ -7,6 +7,7 @@ order: e.g. a gather from a row-split source with a column-split index)."""
 import torch
 
 from dtensor import Partial, Replicate, Shard
+from dtensor.dispatch import fallback_ops
 from tests.dist.opcheck import check_case, distribute, seeded_mesh
 from tests.ranks import run_ranks
 
@@ -24,6 +25,8 @@ def _cases(rng):
     idx = _index((n, c), 1, c, rng.randrange(1000))
     rows = _index((3,), 0, n, rng.randrange(1000))
     source = torch.randn(3, c, dtype=torch.float64)
+    g = torch.Generator().manual_seed(rng.randrange(1000))
+    unique_rows, unique_cols = torch.randperm(n, generator=g)[:3], torch.randperm(c, generator=g)[:2]
     return [
         ("gather", lambda a, i: torch.gather(a, 1, i), [x, idx]),
         ("scatter", lambda a, i, s: torch.scatter(a, 1, i, s), [x, idx, src]),
@@ -35,7 +38,16 @@ def _cases(rng):
         ("getitem_rows", lambda a, i: a[i], [x, rows]),
         ("index_fill", lambda a, i: a.index_fill(0, i, -1.0), [x, rows]),
         ("getitem_cols", lambda a, i: a[:, i], [x, _index((2, 2), 0, c, rng.randrange(1000))]),
+        ("index_put", lambda a, i, v: a.index_put((i,), v), [x, unique_rows, source]),
+        ("index_put_accumulate", lambda a, i, v: a.index_put((i,), v, accumulate=True), [x, rows, source]),
+        ("setitem_cols_", _set_columns, [x, unique_cols, torch.randn(n, 2, dtype=torch.float64)]),
     ]
+
+
+def _set_columns(a, cols, values):
+    out = a.clone()
+    out[:, cols] = values  # index_put_ with indices (None, cols)
+    return out
 
 
 def _random(mesh_shape, count, seed):
@@ -83,17 +95,20 @@ def _gradients():
     for name, fn, placements in [
         ("index_select", lambda t: t.index_select(0, distribute(rows, m, [Replicate()])), [Shard(1)]),
         ("gather", lambda t: t.gather(1, distribute(idx, m, [Shard(0)])), [Shard(0)]),
+        ("getitem", lambda t: t[distribute(rows, m, [Replicate()])], [Shard(1)]),  # backward: index_put
     ]:
         leaf = distribute(x, m, placements).requires_grad_()
         (fn(leaf) ** 2).sum().backward()
         ref = x.clone().requires_grad_()
-        plain = {"index_select": lambda t: t.index_select(0, rows), "gather": lambda t: t.gather(1, idx)}[name]
+        plain = {"index_select": lambda t: t.index_select(0, rows), "gather": lambda t: t.gather(1, idx),
+                 "getitem": lambda t: t[rows]}[name]
         (plain(ref) ** 2).sum().backward()
         out[name] = (tuple(leaf.grad.placements), torch.allclose(leaf.grad.full_tensor(), ref.grad))
-    return out
+    return out, sorted(fallback_ops)
 
 
-def test_gradients_of_gather_and_index_select_stay_sharded():
-    out = run_ranks(2, _gradients)[0]
+def test_gradients_of_gather_index_select_and_indexing_stay_sharded():
+    out, fallbacks = run_ranks(2, _gradients)[0]
     assert out["index_select"] == ((Shard(1),), True)
     assert out["gather"] == ((Shard(0),), True)
+    assert out["getitem"] == ((Shard(1),), True) and not fallbacks, fallbacks
