@@ -1,8 +1,8 @@
 """Gather/scatter-style ops: ``gather``, ``scatter`` (+ ``scatter_add``, ``scatter_reduce``, in place too),
 ``index_select``, ``index_add`` (+ ``index_copy``, ``index_reduce``), ``index_fill`` (its own rule below), ``slice_scatter``,
 advanced indexing ``x[idx]`` and ``x[idx] = v`` (``index_put``) with one integer index (the ops MoE
-routing and embedding-like code, and their backward, run on), and the lookups ``bucketize``/``searchsorted``/``isin`` (values keep their
-shards, the table is whole).
+routing and embedding-like code, and their backward, run on), and the lookups
+``bucketize``/``searchsorted``/``isin`` (values keep their shards, the table is whole).
 
 These ops pick positions along one dim (``dim``) and keep every other dim position for position, so a
 mesh dim may split any other dim as long as every tensor operand is split the same way there (same size
@@ -108,8 +108,9 @@ def _index_put(func, specs, args, kwargs):
     cuts x to match (no data moves where x is whole: the backward's zeros); else x's pending reduction
     makes v a term of it (a put is linear and keeps a max or min, an accumulation is linear: sum and
     avg); else (out of place) the first other dim every rank can hold a piece of, else v's pending
-    reduction as x's; else both whole. The index is always whole; in place, x's own layout decides. v of another shape
-    (broadcast), boolean or several indices, and in place where x's layout cannot run it: the fallback."""
+    reduction as x's; else both whole. The index is always whole; in place, x's own layout decides.
+    v of another shape (broadcast), boolean or several indices, and in place where x's layout cannot
+    run it: the fallback."""
     named = bind_args(func, args, kwargs)
     given = [k for k, t in enumerate(named["indices"]) if t is not None]
     if len(given) != 1 or len(specs) != 3 or specs[1].dtype in (torch.bool, torch.uint8):
