@@ -269,13 +269,15 @@ def _copy_in(state_dict: dict, storage: Storage, job: _LoadJob, pieces, staging_
 
 def _land(storage: Storage, job: _LoadJob, staging_bytes: int, written: dict, ranks_here: int) -> int:
     """Stream the chunks into their targets through at most ``staging_bytes`` of scratch, and at most
-    this rank's share of ``LANDING_SCRATCH_BYTES`` with the others on its host.
+    this rank's share of ``LANDING_SCRATCH_BYTES`` with the others on its host (no less than
+    ``LANDING_SCRATCH_MIN``, no more than ``LANDING_SCRATCH_MAX``).
 
     Why a host's share: a process's first load faults its scratch in, and the kernel clears every
     page first; four ranks on two cores spent ~0.25 s of system time each doing so for 128 MiB each,
     a third of their first load (1 GiB on 4 ranks, 8 alternating fresh starts: first load 1.47 s with
-    128 MiB a rank against 1.09 s with 32 MiB, later loads 0.88 against 0.93 s). Why not less: the
-    scratch bounds the reads in flight (a batch is half of it), and a cold disk wants several. 2 GiB
+    128 MiB a rank against 1.09 s with 32 MiB, later loads 0.88 against 0.93 s); 64 MiB each, between
+    the two, measured faster than 32 (below). Why not less: the scratch bounds the reads in flight (a
+    batch is half of it), and a cold disk wants several. 2 GiB
     cold in fresh ranks, 3 rounds alternating with the code before (4 loads each): two ranks' first
     load 1.33-1.49 s with 128 MiB each against 1.60-1.73 s with 64 MiB, later loads 1.38-1.46 against
     1.36-1.77 s (medians ~1.40 against ~1.51); four ranks' first 1.72-1.91 s with 64 MiB each against

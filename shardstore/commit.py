@@ -307,7 +307,10 @@ def _left_behind(target: Storage) -> str:
     object outlives its holder; a local lock dies with its process, so nothing is said there)."""
     if target.can_rename_trees:
         return ""
-    age = lock_age(target)
+    try:
+        age = lock_age(target)
+    except (ShardstoreError, OSError):
+        return ""  # the error being raised is the one to report
     return "" if age is None else (
         f". The lock was created {age:.0f} s ago; a commit holds it for milliseconds and a deletion of the "
         f"checkpoint as long as that takes. If neither is running, a killed process left it: "
@@ -316,13 +319,14 @@ def _left_behind(target: Storage) -> str:
 
 def lock_age(target: Storage) -> float | None:
     """Seconds since ``target``'s commit lock was taken, by the store's clock against this host's (None
-    when nobody holds it). Where clocks disagree the age is off by as much."""
+    when nobody holds it). Where clocks disagree the age is off by as much; a store that reports no
+    time gives 0 (so ``unlock`` removes such a lock only when told to regardless of age)."""
     parent = target.parent()
     try:
         created = parent.modified(_lock_key(target))
     except MissingChunkError:
         return None
-    return None if created is None else max(0.0, time.time() - created)
+    return 0.0 if created is None else max(0.0, time.time() - created)
 
 
 def unlock(target: Storage, older_than: float) -> float | None:
@@ -334,8 +338,9 @@ def unlock(target: Storage, older_than: float) -> float | None:
     person can rule out. Locally a lock dies with its process: a held one is a live process's and is
     never removed (``ConcurrentSaveError``), a free one is gone once taken and released here.
 
-    Not atomic with the holder: a holder releasing the lock between the age check and the removal,
-    and another process taking it in that instant, would lose it; that is why old locks only."""
+    Not atomic with the holder: a holder releasing the lock between the last look and the removal, and
+    another process taking it in that instant, would lose it; that is why old locks only, and the
+    lock's content (each holder's own id) is read again just before the removal."""
     parent = target.parent()
     if target.can_rename_trees:
         if not parent.exists(_lock_key(target)):
@@ -346,6 +351,10 @@ def unlock(target: Storage, older_than: float) -> float | None:
             raise ConcurrentSaveError(f"{target.url}.lock is held by a running process (a local lock is "
                                       "released by the kernel when its process dies); not removed") from None
         return None
+    try:
+        held_by = parent.read(_lock_key(target))
+    except MissingChunkError:
+        return None
     age = lock_age(target)
     if age is None:
         return None
@@ -354,6 +363,12 @@ def unlock(target: Storage, older_than: float) -> float | None:
             f"{target.url}.lock was created {age:.0f} s ago, under the {older_than:g} s asked for: a save "
             "committing to it or a deletion of it may still be running; not removed (if you know that no "
             "process is, run again with a smaller --older-than)")
+    try:
+        if parent.read(_lock_key(target)) != held_by:
+            raise ConcurrentSaveError(f"{target.url}.lock was released and taken again while being looked at: "
+                                      "a process is at work on that URL; not removed")
+    except MissingChunkError:
+        return None  # released meanwhile
     parent.delete(_lock_key(target))
     return age
 

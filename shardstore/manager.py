@@ -263,7 +263,8 @@ class CheckpointManager:
             url = step_url(self.root_url, step)
             warnings.warn(
                 f"retention kept step {step}: its lock {url}.lock stayed held for {PRUNE_LOCK_WAIT_S:g} s; if no process is "
-                f"saving to or deleting that step, a killed process left the lock: `shardstore unlock {url}` removes it",
+                f"saving to or deleting that step, a killed process left the lock on the object store: `shardstore unlock {url}` "
+                "removes it",
                 RuntimeWarning, stacklevel=2,
             )
             return False

@@ -103,12 +103,14 @@ def _index(func, specs, args, kwargs):
 
 def _index_put(func, specs, args, kwargs):
     """``x[..., idx, ...] = v`` and ``+=`` (``index_put``; also the backward of ``x[idx]``, which puts the
-    gradient into whole zeros) with one integer index at dim k, chosen per mesh dim as torch chooses: a
-    split of x along a dim other than k splits v's matching dim alike; else (out of place) v's split
-    cuts x to match (no data moves where x is whole: the backward's zeros); else x's pending reduction
-    makes v a term of it (a put is linear and keeps a max or min, an accumulation is linear: sum and
-    avg); else (out of place) the first other dim every rank can hold a piece of, else v's pending
-    reduction as x's; else both whole. The index is always whole; in place, x's own layout decides.
+    gradient into whole zeros) with one integer index at dim k, per mesh dim in this order of preference
+    (which gave torch's placements, or more sharded ones, in every case tested): a split of x along a
+    dim other than k splits v's matching dim alike; else (out of place) v's split cuts x to match (no
+    data moves where x is whole: the backward's zeros); else x's pending reduction makes v a term of it
+    (a put selects element by element, so any reduction passes it; an accumulation adds, so a sum or
+    average does); else (out of place) the first other dim every rank can hold a piece of, else v's
+    pending reduction as x's; else both whole. Integer tensors keep no pending sum or average: a
+    replicated value made a term of one is divided (torch's convention), which changes its dtype. The index is always whole; in place, x's own layout decides.
     v of another shape (broadcast), boolean or several indices, and in place where x's layout cannot
     run it: the fallback."""
     named = bind_args(func, args, kwargs)
@@ -121,7 +123,8 @@ def _index_put(func, specs, args, kwargs):
         return None
     v_dim = {d: d if d < k else d + shift for d in range(len(x.shape)) if d != k}  # x's dim -> v's
     x_dim = {e: d for d, e in v_dim.items()}
-    linear = ("sum", "avg") if named.get("accumulate", False) else ("sum", "avg", "max", "min")
+    summed = ("sum", "avg") if x.dtype.is_floating_point or x.dtype.is_complex else ()
+    linear = summed if named.get("accumulate", False) else summed + ("max", "min")
     x_p, v_p = [], []
     for m, (p, q) in enumerate(zip(x.placements, v.placements)):
         free = [d for d in v_dim if x.shape[d] >= x.mesh.size(m)]

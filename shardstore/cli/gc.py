@@ -2,8 +2,8 @@
 
 Never deletes the newest complete step; an incomplete step newer than every complete one may be a save
 still running and is spared, as is an older one a save has claimed (object stores); a step whose root
-record does not read (damaged, or of a newer format), or that holds files no shardstore save writes, is
-kept and reported. --dry-run shows what would go."""
+record does not read (damaged, or of a newer format), that holds files no shardstore save writes, or
+whose commit lock stays held for a second, is kept and reported. --dry-run shows what would go."""
 
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"kept step {entry.step}: incomplete, but a save claimed it and may still be writing it; "
               "delete it by hand if no save is running")
     for entry in plan.locked:
-        print(f"kept step {entry.step}: its commit lock {entry.url}.lock is held (a save committing to it, or "
-              f"left by a killed process: `shardstore unlock {entry.url}` removes that one)")
+        print(f"kept step {entry.step}: its commit lock {entry.url}.lock is held (a save committing to it or a "
+              f"deletion at work; on an object store maybe a lock a killed process left, which "
+              f"`shardstore unlock {entry.url}` removes)")
     for entry in plan.unreadable:
         print(f"kept step {entry.step}: {entry.problem} — not deleted; check it with `shardstore verify "
               f"{entry.url}`, then repair or move it by hand")

@@ -75,3 +75,19 @@ def test_a_local_lock_held_by_a_live_process_is_never_removed(capsys, tmp_path):
 def test_unlock_of_a_url_with_nothing_beside_it_creates_nothing(capsys, tmp_path):
     code, out, _ = cli(capsys, "unlock", str(tmp_path / "run" / "step-1"))
     assert code == 0 and "no lock held" in out and not (tmp_path / "run").exists()
+
+
+def test_a_lock_released_and_taken_again_while_looked_at_is_not_removed(monkeypatch, bucket_url):
+    target = Storage(bucket_url)
+    _left_lock(bucket_url)
+    real = commit.lock_age
+
+    def retaken(t):  # between unlock's first look and its removal, the holder finishes and another takes it
+        target.parent().delete("step-1.lock")
+        _left_lock(bucket_url)
+        return real(t)
+
+    monkeypatch.setattr(commit, "lock_age", retaken)
+    with pytest.raises(ConcurrentSaveError, match="released and taken again"):
+        commit.unlock(target, older_than=0)
+    assert real(target) is not None  # the new holder keeps its lock

@@ -113,3 +113,19 @@ def test_gradients_of_gather_index_select_and_indexing_stay_sharded():
     assert out["index_select"] == ((Shard(1),), True)
     assert out["gather"] == ((Shard(0),), True)
     assert out["getitem"] == ((Shard(1),), True) and not fallbacks, fallbacks
+
+
+def _integer_pending_sum():
+    """An integer Partial(sum) x: a replicated v made a term of the sum would be divided (turned float)."""
+    from dtensor import DTensor
+
+    m, _ = seeded_mesh((2,), 5)
+    full, rows, values = torch.arange(24).reshape(6, 4), torch.tensor([1, 4]), torch.full((2, 4), 7)
+    x = DTensor.from_local(full if torch.distributed.get_rank() == 0 else torch.zeros_like(full), m, [Partial()])
+    r, v = distribute(rows, m, [Replicate()]), distribute(values, m, [Replicate()])
+    return [torch.equal(x.index_put((r,), v, accumulate=acc).full_tensor(), full.index_put((rows,), values, accumulate=acc))
+            for acc in (False, True)]
+
+
+def test_index_put_of_an_integer_pending_sum():
+    assert run_ranks(2, _integer_pending_sum)[0] == [True, True]
