@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from shardstore import commit
+from shardstore.commit_lock import commit_lock
 from shardstore import format as fmt
 from shardstore.errors import CheckpointNotFoundError, IncompleteCheckpointError, ShardstoreError
 from shardstore.storage import Storage
@@ -111,9 +112,9 @@ def delete_step(checkpoint: Storage, lock_wait: float | None = None) -> None:
     deletion starts or finds the step changed at its commit and commits nothing. Without it, on object
     stores, such a save could commit after the marker of the version its pointer names was deleted
     (the pointer, which its commit checks, still there), return, and have its version deleted.
-    ``lock_wait``: how long to wait for that lock (None: a commit's ``commit.LOCK_WAIT_S``; pruning
+    ``lock_wait``: how long to wait for that lock (None: a commit's ``commit_lock.LOCK_WAIT_S``; pruning
     passes ``PRUNE_LOCK_WAIT_S``); past it, ``ConcurrentSaveError``."""
-    with commit.commit_lock(checkpoint, lock_wait):
+    with commit_lock(checkpoint, lock_wait):
         _delete_step(checkpoint)
 
 

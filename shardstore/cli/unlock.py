@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from shardstore.cli.common import EXIT_OK, print_json, storage_options
-from shardstore.commit import unlock
+from shardstore.commit_lock import unlock
 from shardstore.storage import Storage
 
 NAME = "unlock"

@@ -231,7 +231,7 @@ class FsspecStorage(Storage):
 
     def lock(self, key: str, timeout: float) -> "_ObjectLock":
         """An exclusively created object. Unlike a local lock it outlives a killed holder
-        (``commit.unlock``, ``shardstore unlock``, removes such a one)."""
+        (``commit_lock.unlock``, ``shardstore unlock``, removes such a one)."""
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import shardstore
-from shardstore import commit, runs
+from shardstore import commit, commit_lock, runs
 from shardstore import format as fmt
 from shardstore.errors import ConcurrentSaveError, UnsafeKeyError
 from shardstore.manager import CheckpointManager
@@ -160,13 +160,13 @@ def test_a_lock_left_by_a_killed_deleter_is_told_and_removed_by_unlock(server, m
     shardstore.save({"w": torch.zeros(4)}, url, storage_options=options)
     target = Storage(url, options)
     target.parent().lock(f"{target.name}.lock", timeout=0)  # never released: its holder was killed
-    assert 0 <= commit.lock_age(target) < 120
-    monkeypatch.setattr(commit, "LOCK_WAIT_S", 0.5)
+    assert 0 <= commit_lock.lock_age(target) < 120
+    monkeypatch.setattr(commit_lock, "LOCK_WAIT_S", 0.5)
     with pytest.raises(ConcurrentSaveError, match=rf"created \d+ s ago.*shardstore unlock {url}"):
         shardstore.save({"w": torch.ones(4)}, url, storage_options=options, overwrite=True)
     with pytest.raises(ConcurrentSaveError, match="not removed"):
-        commit.unlock(target, older_than=3600)
-    assert 0 <= commit.unlock(target, older_than=0) < 120
-    assert commit.lock_age(target) is None and commit.unlock(target, older_than=0) is None
+        commit_lock.unlock(target, older_than=3600)
+    assert 0 <= commit_lock.unlock(target, older_than=0) < 120
+    assert commit_lock.lock_age(target) is None and commit_lock.unlock(target, older_than=0) is None
     shardstore.save({"w": torch.ones(4)}, url, storage_options=options, overwrite=True)
     assert torch.equal(shardstore.open(url, storage_options=options).read("w"), torch.ones(4))

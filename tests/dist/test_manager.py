@@ -251,10 +251,10 @@ def test_a_step_whose_lock_is_held_is_kept_by_retention_and_the_save_still_succe
     retention, after waiting 30 s each: the save is a success, retention waits for the lock no longer
     than a second, the step is kept with a warning naming the lock, and deleted by the first retention
     after the lock is gone."""
-    from shardstore import commit
+    from shardstore import commit_lock
     from shardstore.storage import Storage
 
-    monkeypatch.setattr(commit, "LOCK_WAIT_S", 60.0)  # a commit waits it; retention must not
+    monkeypatch.setattr(commit_lock, "LOCK_WAIT_S", 60.0)  # a commit waits it; retention must not
     root = tmp_path / "run"
     with shardstore.CheckpointManager(str(root), max_to_keep=1, async_save=False) as manager:
         manager.save(1, {"w": torch.full((2,), 1.0)})

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import shardstore
-from shardstore import commit
+from shardstore import commit, commit_lock
 from shardstore import format as fmt
 from shardstore.codec import ArrayLayout
 from shardstore.errors import (
@@ -242,7 +242,7 @@ def test_overwrites_through_a_symlink_and_through_its_target_never_both_commit(t
     def check_then_race(target, claim):  # the second save finishes while the first holds its commit lock
         check(target, claim)
         if claim is first:
-            monkeypatch.setattr(commit, "LOCK_WAIT_S", 0.2)
+            monkeypatch.setattr(commit_lock, "LOCK_WAIT_S", 0.2)
             try:
                 commit.finish(real, Storage(second.dest_url), second)
                 outcome.append("committed")
